@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# visii-web: the one entry point. Installs what is missing, builds native + wasm, serves, tests, benches.
+#
+#   ./build.sh serve      build the wasm module and serve the app on http://127.0.0.1:${PORT:-8080}
+#   ./build.sh test       install what is missing, run the native tests (ndarray + wgpu), build the wasm
+#                         crate, run the browser smoke test
+#   ./build.sh bench      full-size UNet forward: wgpu vs ndarray (prints times, memory and the ratio)
+#   ./build.sh deps       only install the toolchain pieces
+#   ./build.sh fixtures   regenerate tests/fixtures with Python (diffusers/transformers; see the script)
+#
+# Environment: CARGO_TARGET_DIR (native target dir; default ./target), VISII_WASM_TARGET_DIR
+# (default: the native one + "-wasm"), PORT, VISII_SKIP_BROWSER=1 to skip the browser test.
+set -euo pipefail
+cd "$(dirname "$0")"
+ROOT=$PWD
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+WASM_TARGET_DIR=${VISII_WASM_TARGET_DIR:-${CARGO_TARGET_DIR%/}-wasm}
+TOOLS=${VISII_TOOLS:-$HOME/.cache/visii/tools}
+PORT=${PORT:-8080}
+DIST=$ROOT/dist
+mkdir -p "$TOOLS"
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+have() { command -v "$1" >/dev/null 2>&1; }
+
+SUDO=""
+if [ "$(id -u)" != 0 ] && have sudo; then SUDO="sudo"; fi
+APT_UPDATED=""
+apt_install() {
+  have apt-get || die "need the Debian packages: $* (no apt-get here; install them by hand)"
+  if [ -z "$APT_UPDATED" ]; then log "apt-get update"; $SUDO apt-get update -qq; APT_UPDATED=1; fi
+  log "apt-get install $*"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$@" >/dev/null
+}
+
+# --- native: Vulkan on the CPU (lavapipe) so the wgpu tests run anywhere
+deps_native() {
+  have cargo || die "cargo not found: install Rust from https://rustup.rs"
+  if ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1 && ! ls /usr/share/vulkan/icd.d/*.json >/dev/null 2>&1; then
+    apt_install mesa-vulkan-drivers libvulkan1
+  fi
+}
+
+# --- wasm toolchain: rustup's wasm32 target where installed, else Debian's rustc-web + build-std
+WASM_CARGO=(cargo)
+WASM_ENV=()
+WASM_FLAGS=()
+deps_wasm() {
+  if have rustup && rustup target list --installed 2>/dev/null | grep -q '^wasm32-unknown-unknown$'; then
+    WASM_CARGO=(cargo)
+    return
+  fi
+  if [ ! -x /usr/bin/cargo ] || ! /usr/bin/rustc --version 2>/dev/null | grep -q . || [ ! -d /usr/lib/rustlib/src/rust/library ] || [ ! -x /usr/lib/llvm-22/bin/wasm-ld ]; then
+    apt_install rustc-web cargo-web rust-web-src lld-22
+  fi
+  [ -d /usr/lib/rustlib/src/rust/library ] || die "rust-web-src did not provide /usr/lib/rustlib/src/rust/library"
+  WASM_CARGO=(/usr/bin/cargo)
+  WASM_ENV=(PATH=/usr/bin:$PATH RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc RUSTC_BOOTSTRAP=1
+            CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_LINKER=/usr/lib/llvm-22/bin/wasm-ld)
+  WASM_FLAGS=(-Zbuild-std=std,panic_abort)
+}
+
+# --- wasm-bindgen-cli pinned to Cargo.lock's wasm-bindgen
+WASM_BINDGEN=""
+deps_bindgen() {
+  [ -f Cargo.lock ] || cargo generate-lockfile
+  local v
+  v=$(awk '/^name = "wasm-bindgen"$/{getline; gsub(/version = |"/,""); print; exit}' Cargo.lock)
+  [ -n "$v" ] || die "wasm-bindgen is not in Cargo.lock"
+  WASM_BINDGEN=$TOOLS/wasm-bindgen-$v/bin/wasm-bindgen
+  if [ ! -x "$WASM_BINDGEN" ]; then
+    log "cargo install wasm-bindgen-cli $v"
+    CARGO_TARGET_DIR=$TOOLS/build cargo install --quiet --locked wasm-bindgen-cli --version "$v" --root "$TOOLS/wasm-bindgen-$v"
+  fi
+}
+
+# --- Node tools: binaryen's wasm-opt and playwright-core (Debian's chromium is the browser)
+deps_node() {
+  have npm || apt_install nodejs npm
+  if [ ! -d "$TOOLS/node/node_modules/playwright-core" ] || [ ! -d "$TOOLS/node/node_modules/binaryen" ]; then
+    log "npm install playwright-core binaryen"
+    mkdir -p "$TOOLS/node"
+    (cd "$TOOLS/node" && npm init -y >/dev/null && npm install --silent --no-audit --no-fund playwright-core@1.64.1 binaryen@132.0.0 >/dev/null)
+  fi
+}
+deps_browser() {
+  [ -x /usr/bin/chromium ] || apt_install chromium
+  deps_node
+}
+
+build_wasm() {
+  deps_wasm
+  log "building the wasm crate (wasm32-unknown-unknown)"
+  env "${WASM_ENV[@]}" CARGO_TARGET_DIR="$WASM_TARGET_DIR" "${WASM_CARGO[@]}" build -p visii-web \
+    --target wasm32-unknown-unknown --profile wasm "${WASM_FLAGS[@]}"
+  WASM=$WASM_TARGET_DIR/wasm32-unknown-unknown/wasm/visii_web.wasm
+  [ -f "$WASM" ] || die "wasm build produced no $WASM"
+}
+
+package_wasm() {
+  build_wasm
+  deps_bindgen
+  log "wasm-bindgen -> dist/pkg"
+  rm -rf "$DIST/pkg"; mkdir -p "$DIST/pkg"
+  "$WASM_BINDGEN" --target web --out-dir "$DIST/pkg" "$WASM"
+  deps_node
+  local opt=$TOOLS/node/node_modules/binaryen/bin/wasm-opt
+  if [ -x "$opt" ]; then
+    log "wasm-opt -Oz"
+    "$opt" -Oz --enable-bulk-memory --enable-nontrapping-float-to-int --enable-sign-ext --enable-mutable-globals \
+      "$DIST/pkg/visii_web_bg.wasm" -o "$DIST/pkg/visii_web_bg.opt.wasm" && mv "$DIST/pkg/visii_web_bg.opt.wasm" "$DIST/pkg/visii_web_bg.wasm"
+  fi
+  local raw gz
+  raw=$(stat -c %s "$DIST/pkg/visii_web_bg.wasm"); gz=$(gzip -9c "$DIST/pkg/visii_web_bg.wasm" | wc -c)
+  log "shipped wasm: $((raw / 1024)) KiB, $((gz / 1024)) KiB gzipped"
+}
+
+serve_dir() {
+  python3 - "$PORT" <<'PY'
+import http.server, sys, functools
+class H(http.server.SimpleHTTPRequestHandler):
+    extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map,
+                      ".wasm": "application/wasm", ".js": "text/javascript", ".mjs": "text/javascript",
+                      ".json": "application/json", ".safetensors": "application/octet-stream"}
+    def end_headers(self):
+        self.send_header("Cache-Control", "no-cache")
+        super().end_headers()
+    def log_message(self, *a): pass
+port = int(sys.argv[1])
+srv = http.server.ThreadingHTTPServer(("127.0.0.1", port), H)
+print(f"visii is served on http://127.0.0.1:{port}/  (Ctrl-C to stop)", flush=True)
+srv.serve_forever()
+PY
+}
+
+run_tests() {
+  deps_native
+  log "native tests (ndarray + wgpu on $(ls /usr/share/vulkan/icd.d/ 2>/dev/null | tr '\n' ' '))"
+  cargo test --workspace -- --test-threads=2
+  package_wasm
+  if [ "${VISII_SKIP_BROWSER:-}" != 1 ]; then
+    deps_browser
+    log "browser smoke test (headless Chromium, WebGPU on SwiftShader)"
+    NODE_PATH=$TOOLS/node/node_modules node tests/browser/smoke.mjs
+  fi
+  log "all tests passed"
+}
+
+cmd=${1:-help}
+case "$cmd" in
+  deps) deps_native; deps_wasm; deps_bindgen; deps_browser ;;
+  native) deps_native; cargo build --workspace ;;
+  wasm) package_wasm ;;
+  test) run_tests ;;
+  serve) package_wasm; serve_dir ;;
+  bench) deps_native; cargo run -p visii-cli -- bench "${@:2}" ;;
+  fixtures) python3 tests/fixtures/generate.py ;;
+  *) sed -n '2,14p' "$0"; [ "$cmd" = help ] || exit 2 ;;
+esac

@@ -1,0 +1,195 @@
+//! `visii`: the native command line on the same pipeline as the web app.
+
+#![allow(deprecated)] // Device::ndarray is deprecated in burn 0.22 but is our reference CPU backend.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use burn::tensor::{Device, DeviceKind, Distribution, Tensor};
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::json;
+use visii_models::{presets, ClipFolder, Ip2pFolder, UNet2DConditionModel, Weights};
+
+#[derive(Parser)]
+#[command(name = "visii", version, about = "Learn an image edit from one before/after pair and repeat it (Visual Instruction Inversion)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Debug)]
+enum Backend {
+    /// burn's wgpu backend (a GPU, or Mesa lavapipe on the CPU)
+    Wgpu,
+    /// burn's ndarray backend (CPU)
+    Ndarray,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load every component of a model and print its key config values and parameter count.
+    Inspect {
+        /// An InstructPix2Pix folder in the diffusers layout (model_index.json, unet/, vae/, ...).
+        #[arg(long)]
+        model: std::path::PathBuf,
+        /// A transformers CLIPModel folder (e.g. openai/clip-vit-large-patch14).
+        #[arg(long)]
+        clip: Option<std::path::PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Where to load the weights.
+        #[arg(long, value_enum, default_value = "ndarray")]
+        backend: Backend,
+    },
+    /// Time one forward pass of the full-size InstructPix2Pix UNet (random weights) per backend.
+    Bench {
+        /// Latent side (32 = 256 px images).
+        #[arg(long, default_value_t = 32)]
+        latent: usize,
+        /// Backends to measure, in order.
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "wgpu,ndarray")]
+        backends: Vec<Backend>,
+        /// Forward passes after the warm-up one.
+        #[arg(long, default_value_t = 1)]
+        runs: usize,
+    },
+}
+
+fn device(b: Backend) -> Device {
+    match b {
+        Backend::Wgpu => Device::wgpu(DeviceKind::DefaultDevice),
+        Backend::Ndarray => Device::ndarray(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Inspect { model, clip, json, backend } => inspect(&model, clip.as_deref(), json, device(backend)),
+        Command::Bench { latent, backends, runs } => bench(latent, &backends, runs),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn inspect(model: &std::path::Path, clip: Option<&std::path::Path>, as_json: bool, dev: Device) -> Result<(), Box<dyn std::error::Error>> {
+    let folder = Ip2pFolder::open(model)?;
+    let unet = folder.unet(&dev)?;
+    let u = &unet.config;
+    let mut report = serde_json::Map::new();
+    report.insert(
+        "unet".into(),
+        json!({"params": unet.params, "in_channels": u.in_channels, "out_channels": u.out_channels,
+               "block_out_channels": u.block_out_channels, "layers_per_block": u.layers_per_block,
+               "cross_attention_dim": u.cross_attention_dim, "attention_heads": (0..u.block_out_channels.len()).map(|i| u.heads(i)).collect::<Vec<_>>(),
+               "use_linear_projection": u.use_linear_projection, "norm_num_groups": u.norm_num_groups}),
+    );
+    drop(unet);
+    let vae = folder.vae(&dev)?;
+    let v = &vae.config;
+    report.insert(
+        "vae".into(),
+        json!({"params": vae.params, "block_out_channels": v.block_out_channels, "layers_per_block": v.layers_per_block,
+               "latent_channels": v.latent_channels, "scaling_factor": v.scaling_factor, "downscale": v.downscale()}),
+    );
+    drop(vae);
+    let te = folder.text_encoder(&dev)?;
+    let t = &te.config;
+    let tok = folder.tokenizer()?;
+    report.insert(
+        "text_encoder".into(),
+        json!({"params": te.params, "hidden_size": t.hidden_size, "layers": t.num_hidden_layers, "heads": t.num_attention_heads,
+               "max_positions": t.max_position_embeddings, "vocab_size": t.vocab_size, "hidden_act": t.hidden_act,
+               "tokenizer_vocab": tok.vocab_size(), "pad_id": tok.pad_id}),
+    );
+    drop(te);
+    if let Some(c) = clip {
+        let cf = ClipFolder::open(c)?;
+        let parts = cf.vision(&dev)?;
+        let vc = &parts.config.vision_config;
+        report.insert(
+            "clip_vision".into(),
+            json!({"params": parts.model.vision_params, "hidden_size": vc.hidden_size, "layers": vc.num_hidden_layers,
+                   "heads": vc.num_attention_heads, "patch_size": vc.patch_size, "image_size": vc.image_size,
+                   "projection_dim": parts.config.projection_dim.unwrap_or(vc.projection_dim),
+                   "text_projection_params": parts.model.text_projection_params}),
+        );
+    }
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::Value::Object(report))?);
+    } else {
+        println!("{:<14} {:>14}  config", "component", "parameters");
+        for (k, v) in &report {
+            let mut rest = v.as_object().unwrap().clone();
+            let p = rest.remove("params").and_then(|p| p.as_u64()).unwrap_or(0);
+            println!("{:<14} {:>14}  {}", k, group_digits(p), serde_json::Value::Object(rest));
+        }
+    }
+    Ok(())
+}
+
+fn group_digits(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Peak resident memory of this process (Linux), in bytes.
+fn peak_rss() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+fn bench(latent: usize, backends: &[Backend], runs: usize) -> Result<(), Box<dyn std::error::Error>> {
+    let cfg = presets::ip2p_unet();
+    println!("full-size InstructPix2Pix UNet (random weights), batch 1, {latent}x{latent} latents, 77 x 768 text states");
+    let mut rows = vec![];
+    for &b in backends {
+        let dev = device(b);
+        let t0 = Instant::now();
+        let w = Weights::random(0, &dev);
+        let unet = UNet2DConditionModel::load(&w, &cfg)?;
+        let load_s = t0.elapsed().as_secs_f64();
+        let x = Tensor::<4>::random([1, cfg.in_channels, latent, latent], Distribution::Normal(0.0, 1.0), &dev);
+        let ctx = Tensor::<3>::random([1, 77, 768], Distribution::Normal(0.0, 1.0), &dev);
+        let t1 = Instant::now();
+        let out = unet.forward(x.clone(), &[500.0], ctx.clone());
+        let _ = out.into_data();
+        let first_s = t1.elapsed().as_secs_f64();
+        let mut best = f64::INFINITY;
+        for _ in 0..runs {
+            let t = Instant::now();
+            let _ = unet.forward(x.clone(), &[500.0], ctx.clone()).into_data();
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        let gpu = dev.memory_pool_usage().map(|u| u.bytes_reserved);
+        println!(
+            "{:<8} params {:>12}  build {:>6.1} s  first forward {:>7.2} s  forward {:>7.2} s  device pool {}  peak RSS {}",
+            format!("{b:?}").to_lowercase(),
+            group_digits(w.param_count() as u64),
+            load_s,
+            first_s,
+            best,
+            gpu.map(|g| format!("{:.2} GiB", g as f64 / (1u64 << 30) as f64)).unwrap_or_else(|| "n/a".into()),
+            peak_rss().map(|r| format!("{:.2} GiB", r as f64 / (1u64 << 30) as f64)).unwrap_or_else(|| "n/a".into()),
+        );
+        rows.push((b, best));
+    }
+    if rows.len() == 2 {
+        println!("ratio {:?}/{:?} forward time: {:.2}", rows[0].0, rows[1].0, rows[0].1 / rows[1].1);
+    }
+    Ok(())
+}

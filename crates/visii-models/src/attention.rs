@@ -1,0 +1,191 @@
+//! diffusers `Attention` (`attention_processor.py`), `BasicTransformerBlock` (`attention.py`) and
+//! `Transformer2DModel` for continuous inputs (`transformer_2d.py`).
+
+use burn::module::Module;
+use burn::nn::conv::Conv2d;
+use burn::nn::{GroupNorm, LayerNorm, Linear};
+use burn::tensor::activation::gelu;
+use burn::tensor::Tensor;
+
+use crate::error::{ModelError, Result};
+use crate::nn::{attention, conv2d, group_norm, layer_norm, linear};
+use crate::weights::Vb;
+
+/// `Attention`: q from the query states, k/v from the context (itself for self-attention).
+#[derive(Module, Debug)]
+pub struct Attention {
+    pub to_q: Linear,
+    pub to_k: Linear,
+    pub to_v: Linear,
+    /// `to_out.0` (the `.1` is dropout).
+    pub to_out: Vec<Linear>,
+    pub heads: usize,
+}
+
+impl Attention {
+    /// `bias` applies to q/k/v (the UNet has none, the VAE has them); `to_out.0` always has one.
+    pub fn load(vb: &Vb, query_dim: usize, context_dim: usize, heads: usize, head_dim: usize, bias: bool) -> Result<Self> {
+        let inner = heads * head_dim;
+        Ok(Self {
+            to_q: linear(&vb.pp("to_q"), query_dim, inner, bias)?,
+            to_k: linear(&vb.pp("to_k"), context_dim, inner, bias)?,
+            to_v: linear(&vb.pp("to_v"), context_dim, inner, bias)?,
+            to_out: vec![linear(&vb.pp("to_out").pp(0), inner, query_dim, true)?],
+            heads,
+        })
+    }
+
+    pub fn forward(&self, x: Tensor<3>, context: Option<Tensor<3>>) -> Tensor<3> {
+        let ctx = context.unwrap_or_else(|| x.clone());
+        let h = attention(self.to_q.forward(x), self.to_k.forward(ctx.clone()), self.to_v.forward(ctx), self.heads, false);
+        self.to_out[0].forward(h)
+    }
+}
+
+/// The VAE mid-block attention: group norm, single-head attention over pixels, residual.
+#[derive(Module, Debug)]
+pub struct SpatialAttention {
+    pub group_norm: GroupNorm,
+    pub attn: Attention,
+}
+
+impl SpatialAttention {
+    pub fn load(vb: &Vb, channels: usize, head_dim: usize, groups: usize, eps: f64) -> Result<Self> {
+        if head_dim == 0 || channels % head_dim != 0 {
+            return Err(ModelError::Unsupported(format!("VAE attention: {channels} channels, head dim {head_dim}")));
+        }
+        Ok(Self {
+            group_norm: group_norm(&vb.pp("group_norm"), groups, channels, eps)?,
+            attn: Attention::load(vb, channels, channels, channels / head_dim, head_dim, true)?,
+        })
+    }
+
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let [b, c, h, w] = x.dims();
+        let y = self.group_norm.forward(x.clone()).reshape([b, c, h * w]).swap_dims(1, 2);
+        let y = self.attn.forward(y, None);
+        x + y.swap_dims(1, 2).reshape([b, c, h, w])
+    }
+}
+
+/// `FeedForward` with GEGLU: `net.0.proj` -> (hidden, gate) -> hidden * gelu(gate) -> `net.2`.
+#[derive(Module, Debug)]
+pub struct FeedForward {
+    pub geglu_proj: Linear,
+    pub out: Linear,
+}
+
+/// `BasicTransformerBlock`: self-attention, cross-attention, GEGLU feed-forward, each pre-norm + residual.
+#[derive(Module, Debug)]
+pub struct BasicTransformerBlock {
+    pub norm1: LayerNorm,
+    pub attn1: Attention,
+    pub norm2: LayerNorm,
+    pub attn2: Attention,
+    pub norm3: LayerNorm,
+    pub ff: FeedForward,
+}
+
+impl BasicTransformerBlock {
+    pub fn load(vb: &Vb, dim: usize, heads: usize, head_dim: usize, cross_dim: usize) -> Result<Self> {
+        let inner_ff = dim * 4;
+        Ok(Self {
+            norm1: layer_norm(&vb.pp("norm1"), dim, 1e-5)?,
+            attn1: Attention::load(&vb.pp("attn1"), dim, dim, heads, head_dim, false)?,
+            norm2: layer_norm(&vb.pp("norm2"), dim, 1e-5)?,
+            attn2: Attention::load(&vb.pp("attn2"), dim, cross_dim, heads, head_dim, false)?,
+            norm3: layer_norm(&vb.pp("norm3"), dim, 1e-5)?,
+            ff: FeedForward {
+                geglu_proj: linear(&vb.pp("ff.net.0.proj"), dim, inner_ff * 2, true)?,
+                out: linear(&vb.pp("ff.net.2"), inner_ff, dim, true)?,
+            },
+        })
+    }
+
+    pub fn forward(&self, x: Tensor<3>, context: &Tensor<3>) -> Tensor<3> {
+        let x = x.clone() + self.attn1.forward(self.norm1.forward(x), None);
+        let x = x.clone() + self.attn2.forward(self.norm2.forward(x), Some(context.clone()));
+        let h = self.ff.geglu_proj.forward(self.norm3.forward(x.clone()));
+        let half = h.dims()[2] / 2;
+        let [b, n, _] = h.dims();
+        let hidden = h.clone().slice([0..b, 0..n, 0..half]);
+        let gate = h.slice([0..b, 0..n, half..half * 2]);
+        x + self.ff.out.forward(hidden * gelu(gate))
+    }
+}
+
+/// `proj_in` / `proj_out`: a 1x1 conv (SD1.x) or a linear layer (`use_linear_projection`, SD2.x).
+#[derive(Module, Debug)]
+pub struct Projection {
+    pub conv: Option<Conv2d>,
+    pub linear: Option<Linear>,
+}
+
+impl Projection {
+    fn load(vb: &Vb, c_in: usize, c_out: usize, use_linear: bool) -> Result<Self> {
+        Ok(if use_linear {
+            Self { conv: None, linear: Some(linear(vb, c_in, c_out, true)?) }
+        } else {
+            Self { conv: Some(conv2d(vb, c_in, c_out, 1, 1, 0)?), linear: None }
+        })
+    }
+}
+
+/// `Transformer2DModel` (continuous input): group norm, proj_in, transformer blocks, proj_out, residual.
+#[derive(Module, Debug)]
+pub struct Transformer2DModel {
+    pub norm: GroupNorm,
+    pub proj_in: Projection,
+    pub transformer_blocks: Vec<BasicTransformerBlock>,
+    pub proj_out: Projection,
+}
+
+impl Transformer2DModel {
+    #[allow(clippy::too_many_arguments)]
+    pub fn load(
+        vb: &Vb,
+        channels: usize,
+        heads: usize,
+        cross_dim: usize,
+        groups: usize,
+        layers: usize,
+        use_linear: bool,
+    ) -> Result<Self> {
+        if heads == 0 || channels % heads != 0 {
+            return Err(ModelError::Unsupported(format!("{}: {channels} channels are not divisible by {heads} attention heads", vb.prefix())));
+        }
+        let head_dim = channels / heads;
+        Ok(Self {
+            norm: group_norm(&vb.pp("norm"), groups, channels, 1e-6)?,
+            proj_in: Projection::load(&vb.pp("proj_in"), channels, channels, use_linear)?,
+            transformer_blocks: (0..layers)
+                .map(|i| BasicTransformerBlock::load(&vb.pp("transformer_blocks").pp(i), channels, heads, head_dim, cross_dim))
+                .collect::<Result<_>>()?,
+            proj_out: Projection::load(&vb.pp("proj_out"), channels, channels, use_linear)?,
+        })
+    }
+
+    pub fn forward(&self, x: Tensor<4>, context: &Tensor<3>) -> Tensor<4> {
+        let [b, c, h, w] = x.dims();
+        let residual = x.clone();
+        let mut y = self.norm.forward(x);
+        let to_seq = |t: Tensor<4>| t.reshape([b, c, h * w]).swap_dims(1, 2);
+        let mut s = match (&self.proj_in.conv, &self.proj_in.linear) {
+            (Some(conv), _) => {
+                y = conv.forward(y);
+                to_seq(y)
+            }
+            (None, Some(lin)) => lin.forward(to_seq(y)),
+            _ => unreachable!("projection has a conv or a linear layer"),
+        };
+        for block in &self.transformer_blocks {
+            s = block.forward(s, context);
+        }
+        let out = match (&self.proj_out.conv, &self.proj_out.linear) {
+            (Some(conv), _) => conv.forward(s.swap_dims(1, 2).reshape([b, c, h, w])),
+            (None, Some(lin)) => lin.forward(s).swap_dims(1, 2).reshape([b, c, h, w]),
+            _ => unreachable!("projection has a conv or a linear layer"),
+        };
+        out + residual
+    }
+}

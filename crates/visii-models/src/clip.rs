@@ -1,0 +1,251 @@
+//! CLIP text and vision transformers, mirroring transformers' `CLIPTextModel`, `CLIPVisionModel` and
+//! the projections of `CLIPModel` (`modeling_clip.py`). Shapes come from `config.json`.
+
+use burn::module::{Module, Param};
+use burn::nn::conv::Conv2d;
+use burn::nn::{LayerNorm, Linear, PaddingConfig2d};
+use burn::tensor::activation::{gelu, sigmoid};
+use burn::tensor::module::embedding;
+use burn::tensor::{Int, Tensor};
+use serde::Deserialize;
+
+use crate::error::{ModelError, Result};
+use crate::nn::{attention, conv2d_padded, layer_norm, linear};
+use crate::weights::{Vb, Weights};
+
+/// `CLIPTextConfig` (defaults are transformers' own, used when a config omits a field).
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(default)]
+pub struct ClipTextConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    pub hidden_act: String,
+    pub layer_norm_eps: f64,
+    pub projection_dim: usize,
+}
+
+impl Default for ClipTextConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: 49408,
+            hidden_size: 512,
+            intermediate_size: 2048,
+            num_hidden_layers: 12,
+            num_attention_heads: 8,
+            max_position_embeddings: 77,
+            hidden_act: "quick_gelu".into(),
+            layer_norm_eps: 1e-5,
+            projection_dim: 512,
+        }
+    }
+}
+
+/// `CLIPVisionConfig`.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(default)]
+pub struct ClipVisionConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_channels: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub hidden_act: String,
+    pub layer_norm_eps: f64,
+    pub projection_dim: usize,
+}
+
+impl Default for ClipVisionConfig {
+    fn default() -> Self {
+        Self {
+            hidden_size: 768,
+            intermediate_size: 3072,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            num_channels: 3,
+            image_size: 224,
+            patch_size: 32,
+            hidden_act: "quick_gelu".into(),
+            layer_norm_eps: 1e-5,
+            projection_dim: 512,
+        }
+    }
+}
+
+/// `CLIPConfig` of a `CLIPModel` folder.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, Default)]
+#[serde(default)]
+pub struct ClipConfig {
+    pub text_config: ClipTextConfig,
+    pub vision_config: ClipVisionConfig,
+    pub projection_dim: Option<usize>,
+}
+
+fn check_act(act: &str) -> Result<bool> {
+    match act {
+        "quick_gelu" => Ok(true),
+        "gelu" => Ok(false),
+        other => Err(ModelError::Unsupported(format!("CLIP hidden_act `{other}` (expected quick_gelu or gelu)"))),
+    }
+}
+
+/// `CLIPAttention`: q/k/v/out projections with biases.
+#[derive(Module, Debug)]
+pub struct ClipAttention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub out_proj: Linear,
+    pub heads: usize,
+}
+
+/// `CLIPMLP`: fc1 -> activation -> fc2.
+#[derive(Module, Debug)]
+pub struct ClipMlp {
+    pub fc1: Linear,
+    pub fc2: Linear,
+    pub quick_gelu: bool,
+}
+
+/// `CLIPEncoderLayer` (pre-norm).
+#[derive(Module, Debug)]
+pub struct ClipEncoderLayer {
+    pub self_attn: ClipAttention,
+    pub layer_norm1: LayerNorm,
+    pub mlp: ClipMlp,
+    pub layer_norm2: LayerNorm,
+}
+
+impl ClipEncoderLayer {
+    fn load(vb: &Vb, hidden: usize, inter: usize, heads: usize, eps: f64, quick_gelu: bool) -> Result<Self> {
+        let a = vb.pp("self_attn");
+        Ok(Self {
+            self_attn: ClipAttention {
+                q_proj: linear(&a.pp("q_proj"), hidden, hidden, true)?,
+                k_proj: linear(&a.pp("k_proj"), hidden, hidden, true)?,
+                v_proj: linear(&a.pp("v_proj"), hidden, hidden, true)?,
+                out_proj: linear(&a.pp("out_proj"), hidden, hidden, true)?,
+                heads,
+            },
+            layer_norm1: layer_norm(&vb.pp("layer_norm1"), hidden, eps)?,
+            mlp: ClipMlp {
+                fc1: linear(&vb.pp("mlp").pp("fc1"), hidden, inter, true)?,
+                fc2: linear(&vb.pp("mlp").pp("fc2"), inter, hidden, true)?,
+                quick_gelu,
+            },
+            layer_norm2: layer_norm(&vb.pp("layer_norm2"), hidden, eps)?,
+        })
+    }
+
+    fn forward(&self, x: Tensor<3>, causal: bool) -> Tensor<3> {
+        let h = self.layer_norm1.forward(x.clone());
+        let a = &self.self_attn;
+        let h = attention(a.q_proj.forward(h.clone()), a.k_proj.forward(h.clone()), a.v_proj.forward(h), a.heads, causal);
+        let x = x + a.out_proj.forward(h);
+        let h = self.mlp.fc1.forward(self.layer_norm2.forward(x.clone()));
+        let h = if self.mlp.quick_gelu { h.clone() * sigmoid(h.mul_scalar(1.702)) } else { gelu(h) };
+        x + self.mlp.fc2.forward(h)
+    }
+}
+
+fn load_layers(vb: &Vb, n: usize, hidden: usize, inter: usize, heads: usize, eps: f64, qg: bool) -> Result<Vec<ClipEncoderLayer>> {
+    if heads == 0 || hidden % heads != 0 {
+        return Err(ModelError::Unsupported(format!("hidden size {hidden} is not divisible by {heads} heads")));
+    }
+    (0..n).map(|i| ClipEncoderLayer::load(&vb.pp("encoder.layers").pp(i), hidden, inter, heads, eps, qg)).collect()
+}
+
+/// `CLIPTextTransformer`: output = last hidden state after the final layer norm, [b, positions, hidden].
+#[derive(Module, Debug)]
+pub struct ClipTextTransformer {
+    pub token_embedding: Param<Tensor<2>>,
+    pub position_embedding: Param<Tensor<2>>,
+    pub layers: Vec<ClipEncoderLayer>,
+    pub final_layer_norm: LayerNorm,
+}
+
+impl ClipTextTransformer {
+    /// Load from weights whose names start with `text_model.` (2023 checkpoints, `CLIPModel`) or
+    /// carry no prefix (transformers 5 `CLIPTextModel`): both are accepted.
+    pub fn load(w: &Weights, cfg: &ClipTextConfig) -> Result<Self> {
+        let qg = check_act(&cfg.hidden_act)?;
+        let vb = w.root().pp("text_model");
+        let e = vb.pp("embeddings");
+        Ok(Self {
+            token_embedding: Param::from_tensor(e.pp("token_embedding").get("weight", [cfg.vocab_size, cfg.hidden_size])?),
+            position_embedding: Param::from_tensor(
+                e.pp("position_embedding").get("weight", [cfg.max_position_embeddings, cfg.hidden_size])?,
+            ),
+            layers: load_layers(&vb, cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.layer_norm_eps, qg)?,
+            final_layer_norm: layer_norm(&vb.pp("final_layer_norm"), cfg.hidden_size, cfg.layer_norm_eps)?,
+        })
+    }
+
+    /// Token ids [b, n] (n <= max positions) -> hidden states [b, n, hidden].
+    pub fn forward(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        let [_, n] = ids.dims();
+        let pos = self.position_embedding.val().slice([0..n]).unsqueeze::<3>();
+        let mut x = embedding(self.token_embedding.val(), ids) + pos;
+        for layer in &self.layers {
+            x = layer.forward(x, true);
+        }
+        self.final_layer_norm.forward(x)
+    }
+}
+
+/// `CLIPVisionTransformer` + `visual_projection`: pixel values -> pooled output and image embeddings.
+#[derive(Module, Debug)]
+pub struct ClipVision {
+    pub class_embedding: Param<Tensor<1>>,
+    pub patch_embedding: Conv2d,
+    pub position_embedding: Param<Tensor<2>>,
+    pub pre_layrnorm: LayerNorm,
+    pub layers: Vec<ClipEncoderLayer>,
+    pub post_layernorm: LayerNorm,
+    pub visual_projection: Linear,
+}
+
+impl ClipVision {
+    /// Load `vision_model.*` and `visual_projection` (a `CLIPModel` or `CLIPVisionModelWithProjection` file).
+    pub fn load(w: &Weights, cfg: &ClipVisionConfig, projection_dim: usize) -> Result<Self> {
+        let qg = check_act(&cfg.hidden_act)?;
+        let h = cfg.hidden_size;
+        let vb = w.root().pp("vision_model");
+        let e = vb.pp("embeddings");
+        let grid = cfg.image_size / cfg.patch_size;
+        Ok(Self {
+            class_embedding: Param::from_tensor(e.get("class_embedding", [h])?),
+            patch_embedding: conv2d_padded(&e.pp("patch_embedding"), cfg.num_channels, h, cfg.patch_size, cfg.patch_size, PaddingConfig2d::Valid, false)?,
+            position_embedding: Param::from_tensor(e.pp("position_embedding").get("weight", [grid * grid + 1, h])?),
+            pre_layrnorm: layer_norm(&vb.pp("pre_layrnorm"), h, cfg.layer_norm_eps)?,
+            layers: load_layers(&vb, cfg.num_hidden_layers, h, cfg.intermediate_size, cfg.num_attention_heads, cfg.layer_norm_eps, qg)?,
+            post_layernorm: layer_norm(&vb.pp("post_layernorm"), h, cfg.layer_norm_eps)?,
+            visual_projection: linear(&w.root().pp("visual_projection"), h, projection_dim, false)?,
+        })
+    }
+
+    /// Pixel values [b, 3, S, S] -> pooled output [b, hidden] (post-layer-norm of the class token).
+    pub fn pooled(&self, pixels: Tensor<4>) -> Tensor<2> {
+        let p = self.patch_embedding.forward(pixels);
+        let [b, c, gh, gw] = p.dims();
+        let p = p.reshape([b, c, gh * gw]).swap_dims(1, 2);
+        let cls = self.class_embedding.val().reshape([1, 1, c]).expand([b, 1, c]);
+        let mut x = Tensor::cat(vec![cls, p], 1) + self.position_embedding.val().unsqueeze::<3>();
+        x = self.pre_layrnorm.forward(x);
+        for layer in &self.layers {
+            x = layer.forward(x, false);
+        }
+        let first = x.slice([0..b, 0..1, 0..c]).reshape([b, c]);
+        self.post_layernorm.forward(first)
+    }
+
+    /// Pixel values -> image embeddings [b, projection_dim] (`get_image_features`).
+    pub fn image_embeds(&self, pixels: Tensor<4>) -> Tensor<2> {
+        self.visual_projection.forward(self.pooled(pixels))
+    }
+}

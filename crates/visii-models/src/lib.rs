@@ -1,0 +1,30 @@
+//! visii-models: the four frozen networks of visii (InstructPix2Pix UNet and VAE, CLIP text and
+//! vision encoders) in burn, mirroring diffusers / transformers, shapes read from each checkpoint's
+//! own `config.json`, weights loaded by the checkpoints' tensor names.
+
+pub mod attention;
+pub mod clip;
+pub mod error;
+pub mod loader;
+pub mod nn;
+pub mod preprocess;
+pub mod presets;
+pub mod resnet;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;
+pub mod weights;
+
+pub use clip::{ClipConfig, ClipTextConfig, ClipTextTransformer, ClipVision, ClipVisionConfig};
+pub use error::{ModelError, Result};
+pub use loader::{ClipFolder, Ip2pFolder, Loaded};
+pub use preprocess::ClipPreprocessConfig;
+pub use tokenizer::ClipTokenizer;
+pub use unet::{UNet2DConditionModel, UNetConfig};
+pub use vae::{AutoencoderKL, VaeConfig};
+pub use weights::{WeightFile, Weights};
+
+/// The crate version (also what the wasm module reports).
+pub fn version() -> &'static str {
+    env!("CARGO_PKG_VERSION")
+}

@@ -1,0 +1,368 @@
+//! diffusers `UNet2DConditionModel` (`unet_2d_condition.py`, `unet_2d_blocks.py`) for SD1.x/2.x-shaped
+//! configs such as InstructPix2Pix's (`in_channels = 8`). Every shape comes from `config.json`.
+
+use burn::module::Module;
+use burn::nn::conv::Conv2d;
+use burn::nn::{GroupNorm, Linear};
+use burn::tensor::activation::silu;
+use burn::tensor::{Tensor, TensorData};
+use serde::Deserialize;
+
+use crate::attention::Transformer2DModel;
+use crate::error::{ModelError, Result};
+use crate::nn::{conv2d, group_norm, linear};
+use crate::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
+use crate::weights::{Vb, Weights};
+
+/// An int or a per-block list (diffusers writes both).
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(untagged)]
+pub enum PerBlock {
+    One(usize),
+    Each(Vec<usize>),
+}
+
+impl PerBlock {
+    fn get(&self, i: usize) -> usize {
+        match self {
+            PerBlock::One(v) => *v,
+            PerBlock::Each(v) => v[i.min(v.len() - 1)],
+        }
+    }
+}
+
+/// `UNet2DConditionModel` config (diffusers defaults where a field is absent, as in 2023 configs).
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(default)]
+pub struct UNetConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub flip_sin_to_cos: bool,
+    pub freq_shift: f64,
+    pub down_block_types: Vec<String>,
+    pub mid_block_type: Option<String>,
+    pub up_block_types: Vec<String>,
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: PerBlock,
+    pub downsample_padding: usize,
+    pub norm_num_groups: usize,
+    pub norm_eps: f64,
+    pub cross_attention_dim: PerBlock,
+    pub transformer_layers_per_block: PerBlock,
+    /// SD1.x writes the number of heads here (a historical misnomer diffusers keeps).
+    pub attention_head_dim: PerBlock,
+    pub num_attention_heads: Option<PerBlock>,
+    pub use_linear_projection: bool,
+    pub only_cross_attention: serde_json::Value,
+    pub upcast_attention: bool,
+    pub class_embed_type: Option<String>,
+    pub addition_embed_type: Option<String>,
+    pub time_embedding_type: String,
+    pub resnet_time_scale_shift: String,
+    pub conv_in_kernel: usize,
+    pub conv_out_kernel: usize,
+    pub sample_size: Option<usize>,
+    pub center_input_sample: bool,
+    pub mid_block_scale_factor: f64,
+}
+
+impl Default for UNetConfig {
+    fn default() -> Self {
+        Self {
+            in_channels: 4,
+            out_channels: 4,
+            flip_sin_to_cos: true,
+            freq_shift: 0.0,
+            down_block_types: vec!["CrossAttnDownBlock2D".into(), "CrossAttnDownBlock2D".into(), "CrossAttnDownBlock2D".into(), "DownBlock2D".into()],
+            mid_block_type: Some("UNetMidBlock2DCrossAttn".into()),
+            up_block_types: vec!["UpBlock2D".into(), "CrossAttnUpBlock2D".into(), "CrossAttnUpBlock2D".into(), "CrossAttnUpBlock2D".into()],
+            block_out_channels: vec![320, 640, 1280, 1280],
+            layers_per_block: PerBlock::One(2),
+            downsample_padding: 1,
+            norm_num_groups: 32,
+            norm_eps: 1e-5,
+            cross_attention_dim: PerBlock::One(1280),
+            transformer_layers_per_block: PerBlock::One(1),
+            attention_head_dim: PerBlock::One(8),
+            num_attention_heads: None,
+            use_linear_projection: false,
+            only_cross_attention: serde_json::Value::Bool(false),
+            upcast_attention: false,
+            class_embed_type: None,
+            addition_embed_type: None,
+            time_embedding_type: "positional".into(),
+            resnet_time_scale_shift: "default".into(),
+            conv_in_kernel: 3,
+            conv_out_kernel: 3,
+            sample_size: None,
+            center_input_sample: false,
+            mid_block_scale_factor: 1.0,
+        }
+    }
+}
+
+impl UNetConfig {
+    /// Reject configs outside what this implementation mirrors, with a message naming the field.
+    pub fn validate(&self) -> Result<()> {
+        let n = self.block_out_channels.len();
+        let bad = |m: String| Err(ModelError::Unsupported(format!("UNet config: {m}")));
+        if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
+            return bad("down_block_types, up_block_types and block_out_channels must have the same length".into());
+        }
+        for t in &self.down_block_types {
+            if t != "CrossAttnDownBlock2D" && t != "DownBlock2D" {
+                return bad(format!("down block type `{t}`"));
+            }
+        }
+        for t in &self.up_block_types {
+            if t != "CrossAttnUpBlock2D" && t != "UpBlock2D" {
+                return bad(format!("up block type `{t}`"));
+            }
+        }
+        if let Some(m) = &self.mid_block_type {
+            if m != "UNetMidBlock2DCrossAttn" {
+                return bad(format!("mid block type `{m}`"));
+            }
+        }
+        if self.class_embed_type.is_some() || self.addition_embed_type.is_some() {
+            return bad("class / addition embeddings (SDXL-style conditioning) are not supported".into());
+        }
+        if self.time_embedding_type != "positional" || self.resnet_time_scale_shift != "default" {
+            return bad(format!("time_embedding_type `{}` / resnet_time_scale_shift `{}`", self.time_embedding_type, self.resnet_time_scale_shift));
+        }
+        if self.only_cross_attention != serde_json::Value::Bool(false) {
+            return bad("only_cross_attention".into());
+        }
+        if self.conv_in_kernel % 2 == 0 || self.conv_out_kernel % 2 == 0 {
+            return bad("even conv kernels".into());
+        }
+        Ok(())
+    }
+
+    /// Heads of block `i` (down order): `num_attention_heads`, or `attention_head_dim` as SD1.x means it.
+    pub fn heads(&self, i: usize) -> usize {
+        self.num_attention_heads.as_ref().unwrap_or(&self.attention_head_dim).get(i)
+    }
+
+    /// Width of the time embedding (`block_out_channels[0] * 4`).
+    pub fn time_embed_dim(&self) -> usize {
+        self.block_out_channels[0] * 4
+    }
+}
+
+/// A down block: `CrossAttnDownBlock2D` (with attentions) or `DownBlock2D` (without).
+#[derive(Module, Debug)]
+pub struct DownBlock {
+    pub resnets: Vec<ResnetBlock2D>,
+    pub attentions: Vec<Transformer2DModel>,
+    pub downsamplers: Vec<Downsample2D>,
+}
+
+/// An up block: `CrossAttnUpBlock2D` or `UpBlock2D`; each resnet consumes one skip connection.
+#[derive(Module, Debug)]
+pub struct UpBlock {
+    pub resnets: Vec<ResnetBlock2D>,
+    pub attentions: Vec<Transformer2DModel>,
+    pub upsamplers: Vec<Upsample2D>,
+}
+
+/// `UNetMidBlock2DCrossAttn`: resnet, then (attention, resnet) per layer.
+#[derive(Module, Debug)]
+pub struct MidBlock {
+    pub resnets: Vec<ResnetBlock2D>,
+    pub attentions: Vec<Transformer2DModel>,
+}
+
+/// The UNet.
+#[derive(Module, Debug)]
+pub struct UNet2DConditionModel {
+    pub time_linear_1: Linear,
+    pub time_linear_2: Linear,
+    pub conv_in: Conv2d,
+    pub down_blocks: Vec<DownBlock>,
+    pub mid_block: Option<MidBlock>,
+    pub up_blocks: Vec<UpBlock>,
+    pub conv_norm_out: GroupNorm,
+    pub conv_out: Conv2d,
+    pub time_proj_dim: usize,
+    pub flip_sin_to_cos: bool,
+    pub freq_shift: f64,
+}
+
+fn transformer(vb: &Vb, cfg: &UNetConfig, ch: usize, i: usize) -> Result<Transformer2DModel> {
+    Transformer2DModel::load(
+        vb,
+        ch,
+        cfg.heads(i),
+        cfg.cross_attention_dim.get(i),
+        cfg.norm_num_groups,
+        cfg.transformer_layers_per_block.get(i),
+        cfg.use_linear_projection,
+    )
+}
+
+impl UNet2DConditionModel {
+    pub fn load(w: &Weights, cfg: &UNetConfig) -> Result<Self> {
+        cfg.validate()?;
+        let vb = w.root();
+        let ch = &cfg.block_out_channels;
+        let n = ch.len();
+        let (groups, eps, temb) = (cfg.norm_num_groups, cfg.norm_eps, cfg.time_embed_dim());
+
+        // 1. time
+        let te = vb.pp("time_embedding");
+        let time_linear_1 = linear(&te.pp("linear_1"), ch[0], temb, true)?;
+        let time_linear_2 = linear(&te.pp("linear_2"), temb, temb, true)?;
+        // 2. stem
+        let conv_in = conv2d(&vb.pp("conv_in"), cfg.in_channels, ch[0], cfg.conv_in_kernel, 1, cfg.conv_in_kernel / 2)?;
+
+        // 3. down
+        let mut down_blocks = Vec::with_capacity(n);
+        let mut c_out = ch[0];
+        for (i, kind) in cfg.down_block_types.iter().enumerate() {
+            let b = vb.pp("down_blocks").pp(i);
+            let c_in = c_out;
+            c_out = ch[i];
+            let layers = cfg.layers_per_block.get(i);
+            let resnets = (0..layers)
+                .map(|j| ResnetBlock2D::load(&b.pp("resnets").pp(j), if j == 0 { c_in } else { c_out }, c_out, Some(temb), groups, eps))
+                .collect::<Result<Vec<_>>>()?;
+            let attentions = if kind == "CrossAttnDownBlock2D" {
+                (0..layers).map(|j| transformer(&b.pp("attentions").pp(j), cfg, c_out, i)).collect::<Result<Vec<_>>>()?
+            } else {
+                vec![]
+            };
+            let downsamplers = if i + 1 < n { vec![Downsample2D::load(&b.pp("downsamplers").pp(0), c_out, cfg.downsample_padding)?] } else { vec![] };
+            down_blocks.push(DownBlock { resnets, attentions, downsamplers });
+        }
+
+        // 4. mid
+        let mid_block = match cfg.mid_block_type {
+            Some(_) => {
+                let b = vb.pp("mid_block");
+                let c = ch[n - 1];
+                Some(MidBlock {
+                    resnets: (0..2).map(|j| ResnetBlock2D::load(&b.pp("resnets").pp(j), c, c, Some(temb), groups, eps)).collect::<Result<_>>()?,
+                    attentions: vec![transformer(&b.pp("attentions").pp(0), cfg, c, n - 1)?],
+                })
+            }
+            None => None,
+        };
+
+        // 5. up (block index i counts in up order; per-block lists are read reversed)
+        let mut up_blocks = Vec::with_capacity(n);
+        let rev: Vec<usize> = ch.iter().rev().copied().collect();
+        let mut c_out = rev[0];
+        for (i, kind) in cfg.up_block_types.iter().enumerate() {
+            let b = vb.pp("up_blocks").pp(i);
+            let down_i = n - 1 - i;
+            let c_prev = c_out;
+            c_out = rev[i];
+            let c_skip_in = rev[(i + 1).min(n - 1)];
+            let layers = cfg.layers_per_block.get(down_i) + 1;
+            let resnets = (0..layers)
+                .map(|j| {
+                    let skip = if j == layers - 1 { c_skip_in } else { c_out };
+                    let res_in = if j == 0 { c_prev } else { c_out };
+                    ResnetBlock2D::load(&b.pp("resnets").pp(j), res_in + skip, c_out, Some(temb), groups, eps)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let attentions = if kind == "CrossAttnUpBlock2D" {
+                (0..layers).map(|j| transformer(&b.pp("attentions").pp(j), cfg, c_out, down_i)).collect::<Result<Vec<_>>>()?
+            } else {
+                vec![]
+            };
+            let upsamplers = if i + 1 < n { vec![Upsample2D::load(&b.pp("upsamplers").pp(0), c_out)?] } else { vec![] };
+            up_blocks.push(UpBlock { resnets, attentions, upsamplers });
+        }
+
+        // 6. head
+        Ok(Self {
+            time_linear_1,
+            time_linear_2,
+            conv_in,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out: group_norm(&vb.pp("conv_norm_out"), groups, ch[0], eps)?,
+            conv_out: conv2d(&vb.pp("conv_out"), ch[0], cfg.out_channels, cfg.conv_out_kernel, 1, cfg.conv_out_kernel / 2)?,
+            time_proj_dim: ch[0],
+            flip_sin_to_cos: cfg.flip_sin_to_cos,
+            freq_shift: cfg.freq_shift,
+        })
+    }
+
+    /// Sinusoidal timestep features [b, dim] (`get_timestep_embedding`), fractional timesteps allowed.
+    pub fn time_proj(&self, timesteps: &[f32], device: &burn::tensor::Device) -> Tensor<2> {
+        let dim = self.time_proj_dim;
+        let half = dim / 2;
+        let mut out = Vec::with_capacity(timesteps.len() * dim);
+        // f32 throughout, in the order torch computes it, so fractional timesteps match closely.
+        let freqs: Vec<f32> = (0..half)
+            .map(|k| (-(10000f32).ln() * k as f32 / (half as f32 - self.freq_shift as f32)).exp())
+            .collect();
+        for &t in timesteps {
+            let (sin, cos): (Vec<f32>, Vec<f32>) = freqs.iter().map(|f| ((t * f).sin(), (t * f).cos())).unzip();
+            if self.flip_sin_to_cos {
+                out.extend(cos);
+                out.extend(sin);
+            } else {
+                out.extend(sin);
+                out.extend(cos);
+            }
+            if dim % 2 == 1 {
+                out.push(0.0);
+            }
+        }
+        Tensor::from_data(TensorData::new(out, [timesteps.len(), dim]), device)
+    }
+
+    /// Noise prediction. sample [b, in, h, w], one timestep per row, context [b, seq, cross_dim].
+    pub fn forward(&self, sample: Tensor<4>, timesteps: &[f32], context: Tensor<3>) -> Tensor<4> {
+        let device = sample.device();
+        // 1. time
+        let t = self.time_proj(timesteps, &device);
+        let temb = self.time_linear_2.forward(silu(self.time_linear_1.forward(t)));
+        let temb = Some(&temb);
+        // 2. stem
+        let mut x = self.conv_in.forward(sample);
+        let mut skips = vec![x.clone()];
+        // 3. down
+        for block in &self.down_blocks {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                x = resnet.forward(x, temb);
+                if let Some(attn) = block.attentions.get(j) {
+                    x = attn.forward(x, &context);
+                }
+                skips.push(x.clone());
+            }
+            for down in &block.downsamplers {
+                x = down.forward(x);
+                skips.push(x.clone());
+            }
+        }
+        // 4. mid
+        if let Some(mid) = &self.mid_block {
+            x = mid.resnets[0].forward(x, temb);
+            for (attn, resnet) in mid.attentions.iter().zip(&mid.resnets[1..]) {
+                x = resnet.forward(attn.forward(x, &context), temb);
+            }
+        }
+        // 5. up
+        for block in &self.up_blocks {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                let skip = skips.pop().expect("one skip connection per up resnet");
+                x = resnet.forward(Tensor::cat(vec![x, skip], 1), temb);
+                if let Some(attn) = block.attentions.get(j) {
+                    x = attn.forward(x, &context);
+                }
+            }
+            for up in &block.upsamplers {
+                let [_, _, h, w] = skips.last().expect("skip for the next block").dims();
+                x = up.forward(x, Some([h, w]));
+            }
+        }
+        // 6. head
+        self.conv_out.forward(silu(self.conv_norm_out.forward(x)))
+    }
+}

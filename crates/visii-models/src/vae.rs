@@ -1,0 +1,244 @@
+//! diffusers `AutoencoderKL` (`autoencoder_kl.py`, `vae.py`): encoder -> latent distribution
+//! (mean, logvar; `mode` = mean), decoder. The 2023 checkpoints name the mid-block attention
+//! `query/key/value/proj_attn`; today's diffusers writes `to_q/to_k/to_v/to_out.0`: both load.
+
+use burn::module::Module;
+use burn::nn::conv::Conv2d;
+use burn::nn::GroupNorm;
+use burn::tensor::activation::silu;
+use burn::tensor::Tensor;
+use serde::Deserialize;
+
+use crate::attention::SpatialAttention;
+use crate::error::{ModelError, Result};
+use crate::nn::{conv2d, group_norm};
+use crate::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
+use crate::weights::{Vb, Weights};
+
+/// `AutoencoderKL` config (diffusers defaults for absent fields).
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(default)]
+pub struct VaeConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub down_block_types: Vec<String>,
+    pub up_block_types: Vec<String>,
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: usize,
+    pub latent_channels: usize,
+    pub norm_num_groups: usize,
+    pub scaling_factor: f64,
+    pub use_quant_conv: bool,
+    pub use_post_quant_conv: bool,
+    pub mid_block_add_attention: bool,
+    pub sample_size: Option<usize>,
+}
+
+impl Default for VaeConfig {
+    fn default() -> Self {
+        Self {
+            in_channels: 3,
+            out_channels: 3,
+            down_block_types: vec!["DownEncoderBlock2D".into()],
+            up_block_types: vec!["UpDecoderBlock2D".into()],
+            block_out_channels: vec![64],
+            layers_per_block: 1,
+            latent_channels: 4,
+            norm_num_groups: 32,
+            scaling_factor: 0.18215,
+            use_quant_conv: true,
+            use_post_quant_conv: true,
+            mid_block_add_attention: true,
+            sample_size: None,
+        }
+    }
+}
+
+impl VaeConfig {
+    /// Spatial downsampling factor between image and latent (8 for Stable Diffusion VAEs).
+    pub fn downscale(&self) -> usize {
+        1 << (self.block_out_channels.len() - 1)
+    }
+}
+
+const EPS: f64 = 1e-6;
+
+/// `UNetMidBlock2D` with one attention: resnet, attention, resnet.
+#[derive(Module, Debug)]
+pub struct VaeMidBlock {
+    pub resnets: Vec<ResnetBlock2D>,
+    pub attentions: Vec<SpatialAttention>,
+}
+
+impl VaeMidBlock {
+    fn load(vb: &Vb, c: usize, groups: usize, attention: bool) -> Result<Self> {
+        Ok(Self {
+            resnets: (0..2).map(|j| ResnetBlock2D::load(&vb.pp("resnets").pp(j), c, c, None, groups, EPS)).collect::<Result<_>>()?,
+            // diffusers: attention_head_dim = channels, i.e. one head.
+            attentions: if attention { vec![SpatialAttention::load(&vb.pp("attentions").pp(0), c, c, groups, EPS)?] } else { vec![] },
+        })
+    }
+
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let mut x = self.resnets[0].forward(x, None);
+        if let Some(a) = self.attentions.first() {
+            x = a.forward(x);
+        }
+        self.resnets[1].forward(x, None)
+    }
+}
+
+/// `DownEncoderBlock2D` / `UpDecoderBlock2D`: resnets and an optional resampler.
+#[derive(Module, Debug)]
+pub struct VaeBlock {
+    pub resnets: Vec<ResnetBlock2D>,
+    pub downsamplers: Vec<Downsample2D>,
+    pub upsamplers: Vec<Upsample2D>,
+}
+
+/// The encoder plus `quant_conv`.
+#[derive(Module, Debug)]
+pub struct Encoder {
+    pub conv_in: Conv2d,
+    pub down_blocks: Vec<VaeBlock>,
+    pub mid_block: VaeMidBlock,
+    pub conv_norm_out: GroupNorm,
+    pub conv_out: Conv2d,
+    pub quant_conv: Option<Conv2d>,
+}
+
+/// `post_quant_conv` plus the decoder.
+#[derive(Module, Debug)]
+pub struct Decoder {
+    pub post_quant_conv: Option<Conv2d>,
+    pub conv_in: Conv2d,
+    pub mid_block: VaeMidBlock,
+    pub up_blocks: Vec<VaeBlock>,
+    pub conv_norm_out: GroupNorm,
+    pub conv_out: Conv2d,
+}
+
+/// `AutoencoderKL`.
+#[derive(Module, Debug)]
+pub struct AutoencoderKL {
+    pub encoder: Encoder,
+    pub decoder: Decoder,
+    pub scaling_factor: f64,
+    pub latent_channels: usize,
+}
+
+impl AutoencoderKL {
+    /// Load, accepting both attention spellings (see the module doc).
+    pub fn load(w: &Weights, cfg: &VaeConfig) -> Result<Self> {
+        let ch = &cfg.block_out_channels;
+        let n = ch.len();
+        if n == 0 || cfg.down_block_types.len() != n || cfg.up_block_types.len() != n {
+            return Err(ModelError::Unsupported("VAE config: block types and block_out_channels differ in length".into()));
+        }
+        if cfg.down_block_types.iter().any(|t| t != "DownEncoderBlock2D") || cfg.up_block_types.iter().any(|t| t != "UpDecoderBlock2D") {
+            return Err(ModelError::Unsupported("VAE config: only DownEncoderBlock2D / UpDecoderBlock2D blocks".into()));
+        }
+        let (g, lat) = (cfg.norm_num_groups, cfg.latent_channels);
+        let vb = w.root();
+
+        // Encoder: conv_in, down blocks (last without downsampler), mid, norm, conv_out -> 2 * latent.
+        let e = vb.pp("encoder");
+        let mut down_blocks = vec![];
+        let mut c_out = ch[0];
+        for i in 0..n {
+            let b = e.pp("down_blocks").pp(i);
+            let c_in = c_out;
+            c_out = ch[i];
+            down_blocks.push(VaeBlock {
+                resnets: (0..cfg.layers_per_block)
+                    .map(|j| ResnetBlock2D::load(&b.pp("resnets").pp(j), if j == 0 { c_in } else { c_out }, c_out, None, g, EPS))
+                    .collect::<Result<_>>()?,
+                downsamplers: if i + 1 < n { vec![Downsample2D::load(&b.pp("downsamplers").pp(0), c_out, 0)?] } else { vec![] },
+                upsamplers: vec![],
+            });
+        }
+        let encoder = Encoder {
+            conv_in: conv2d(&e.pp("conv_in"), cfg.in_channels, ch[0], 3, 1, 1)?,
+            down_blocks,
+            mid_block: VaeMidBlock::load(&e.pp("mid_block"), ch[n - 1], g, cfg.mid_block_add_attention)?,
+            conv_norm_out: group_norm(&e.pp("conv_norm_out"), g, ch[n - 1], EPS)?,
+            conv_out: conv2d(&e.pp("conv_out"), ch[n - 1], 2 * lat, 3, 1, 1)?,
+            quant_conv: if cfg.use_quant_conv { Some(conv2d(&vb.pp("quant_conv"), 2 * lat, 2 * lat, 1, 1, 0)?) } else { None },
+        };
+
+        // Decoder: conv_in, mid, up blocks over reversed channels (layers + 1 resnets), norm, conv_out.
+        let d = vb.pp("decoder");
+        let rev: Vec<usize> = ch.iter().rev().copied().collect();
+        let mut up_blocks = vec![];
+        let mut c_out = rev[0];
+        for i in 0..n {
+            let b = d.pp("up_blocks").pp(i);
+            let c_prev = c_out;
+            c_out = rev[i];
+            up_blocks.push(VaeBlock {
+                resnets: (0..cfg.layers_per_block + 1)
+                    .map(|j| ResnetBlock2D::load(&b.pp("resnets").pp(j), if j == 0 { c_prev } else { c_out }, c_out, None, g, EPS))
+                    .collect::<Result<_>>()?,
+                downsamplers: vec![],
+                upsamplers: if i + 1 < n { vec![Upsample2D::load(&b.pp("upsamplers").pp(0), c_out)?] } else { vec![] },
+            });
+        }
+        let decoder = Decoder {
+            post_quant_conv: if cfg.use_post_quant_conv { Some(conv2d(&vb.pp("post_quant_conv"), lat, lat, 1, 1, 0)?) } else { None },
+            conv_in: conv2d(&d.pp("conv_in"), lat, rev[0], 3, 1, 1)?,
+            mid_block: VaeMidBlock::load(&d.pp("mid_block"), rev[0], g, cfg.mid_block_add_attention)?,
+            up_blocks,
+            conv_norm_out: group_norm(&d.pp("conv_norm_out"), g, ch[0], EPS)?,
+            conv_out: conv2d(&d.pp("conv_out"), ch[0], cfg.out_channels, 3, 1, 1)?,
+        };
+        Ok(Self { encoder, decoder, scaling_factor: cfg.scaling_factor, latent_channels: lat })
+    }
+
+    /// Image in [-1, 1], [b, 3, H, W] -> (mean, logvar) of the latent distribution, [b, latent, H/8, W/8].
+    pub fn encode(&self, x: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+        let e = &self.encoder;
+        let mut x = e.conv_in.forward(x);
+        for block in &e.down_blocks {
+            for r in &block.resnets {
+                x = r.forward(x, None);
+            }
+            for dsm in &block.downsamplers {
+                x = dsm.forward(x);
+            }
+        }
+        x = e.mid_block.forward(x);
+        x = e.conv_out.forward(silu(e.conv_norm_out.forward(x)));
+        if let Some(q) = &e.quant_conv {
+            x = q.forward(x);
+        }
+        let [b, c, h, w] = x.dims();
+        let half = c / 2;
+        let mean = x.clone().slice([0..b, 0..half, 0..h, 0..w]);
+        let logvar = x.slice([0..b, half..c, 0..h, 0..w]).clamp(-30.0, 20.0);
+        (mean, logvar)
+    }
+
+    /// The distribution's mode (= mean): what InstructPix2Pix uses.
+    pub fn encode_mode(&self, x: Tensor<4>) -> Tensor<4> {
+        self.encode(x).0
+    }
+
+    /// Latent (unscaled) [b, latent, h, w] -> image in about [-1, 1], [b, 3, 8h, 8w].
+    pub fn decode(&self, z: Tensor<4>) -> Tensor<4> {
+        let d = &self.decoder;
+        let mut x = match &d.post_quant_conv {
+            Some(c) => c.forward(z),
+            None => z,
+        };
+        x = d.mid_block.forward(d.conv_in.forward(x));
+        for block in &d.up_blocks {
+            for r in &block.resnets {
+                x = r.forward(x, None);
+            }
+            for u in &block.upsamplers {
+                x = u.forward(x, None);
+            }
+        }
+        d.conv_out.forward(silu(d.conv_norm_out.forward(x)))
+    }
+}

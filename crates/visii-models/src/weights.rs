@@ -1,0 +1,275 @@
+//! Safetensors weights from bytes (the browser has no files) or files, looked up by the checkpoints'
+//! own tensor names, converted from f32 / f16 / bf16 to f32 tensors on a device.
+//!
+//! Naming variants between 2023 checkpoints and today's writers are handled by *aliases*: when a name
+//! is missing, each alias rule `(from, to)` is tried by replacing `from` with `to` once.
+
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use burn::tensor::{Device, Tensor, TensorData};
+use safetensors::tensor::{Dtype, TensorInfo};
+use safetensors::SafeTensors;
+
+use crate::error::{ModelError, Result};
+
+/// One safetensors file held in memory: the bytes and the parsed header.
+#[derive(Clone)]
+pub struct WeightFile {
+    name: String,
+    bytes: Arc<[u8]>,
+    data_start: usize,
+    tensors: HashMap<String, TensorInfo>,
+}
+
+impl WeightFile {
+    /// Parse a safetensors buffer; `name` is used in error messages.
+    pub fn from_bytes(name: impl Into<String>, bytes: impl Into<Arc<[u8]>>) -> Result<Self> {
+        let name = name.into();
+        let bytes: Arc<[u8]> = bytes.into();
+        let (header_len, metadata) = SafeTensors::read_metadata(&bytes)
+            .map_err(|e| ModelError::BadSafetensors { source_name: name.clone(), message: e.to_string() })?;
+        let tensors = metadata.tensors().into_iter().map(|(k, v)| (k, v.clone())).collect();
+        Ok(Self { name, bytes, data_start: 8 + header_len, tensors })
+    }
+
+    /// Read a safetensors file from disk.
+    pub fn from_path(path: impl AsRef<std::path::Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path)
+            .map_err(|e| ModelError::Io { path: path.display().to_string(), message: e.to_string() })?;
+        Self::from_bytes(path.display().to_string(), bytes)
+    }
+
+    /// Names of all tensors in the file.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// Shape of a tensor, if present.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.tensors.get(name).map(|t| t.shape.as_slice())
+    }
+
+    /// The tensor's values as f32, whatever float dtype it is stored in.
+    pub fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
+        let info = self.tensors.get(name).ok_or_else(|| ModelError::MissingTensor {
+            source_name: self.name.clone(),
+            name: name.into(),
+            expected: vec![],
+        })?;
+        let (a, b) = info.data_offsets;
+        let raw = &self.bytes[self.data_start + a..self.data_start + b];
+        let out = match info.dtype {
+            Dtype::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Dtype::F16 => raw.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            Dtype::BF16 => raw.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            other => {
+                return Err(ModelError::UnsupportedDtype {
+                    source_name: self.name.clone(),
+                    name: name.into(),
+                    dtype: format!("{other:?}"),
+                })
+            }
+        };
+        Ok(out)
+    }
+}
+
+/// The weights of one component (possibly split over several files), with alias rules, usage
+/// tracking (to find tensors the architecture did not consume) and a parameter count.
+pub struct Weights {
+    files: Vec<WeightFile>,
+    /// Synthetic weights (benchmarks, full-size configs without a checkpoint): seed and a counter.
+    random: Option<(u64, RefCell<u64>)>,
+    aliases: Vec<(String, String)>,
+    used: RefCell<BTreeSet<String>>,
+    params: RefCell<usize>,
+    device: Device,
+}
+
+impl Weights {
+    pub fn new(files: Vec<WeightFile>, device: &Device) -> Self {
+        Self { files, random: None, aliases: vec![], used: RefCell::new(BTreeSet::new()), params: RefCell::new(0), device: device.clone() }
+    }
+
+    /// Random weights of whatever shapes the config asks for: uniform in +-1/sqrt(fan_in) for
+    /// matrices and kernels, 1 for norm scales, 0 for biases. For benchmarks and memory
+    /// measurements of full-size configs; never for results.
+    pub fn random(seed: u64, device: &Device) -> Self {
+        let mut w = Self::new(vec![], device);
+        w.random = Some((seed, RefCell::new(0)));
+        w
+    }
+
+    fn random_values(&self, name: &str, shape: &[usize]) -> Vec<f32> {
+        let (seed, counter) = self.random.as_ref().expect("random weights");
+        let n: usize = shape.iter().product();
+        if shape.len() == 1 {
+            let v = if name.ends_with("weight") && !name.contains("embedding") { 1.0 } else { 0.0 };
+            return vec![v; n];
+        }
+        let fan_in: usize = shape[1..].iter().product::<usize>().max(1);
+        let bound = if name.contains("embedding") { 1.0 } else { 1.0 / (fan_in as f32).sqrt() };
+        let mut c = counter.borrow_mut();
+        *c += 1;
+        let mut state = seed ^ (*c).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+        (0..n)
+            .map(|_| {
+                // xorshift64*: cheap and good enough for synthetic weights.
+                state ^= state >> 12;
+                state ^= state << 25;
+                state ^= state >> 27;
+                let r = state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40;
+                (r as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * bound
+            })
+            .collect()
+    }
+
+    /// Add a naming-variant rule: when `name` is missing, try `name` with `from` replaced by `to`.
+    pub fn with_alias(mut self, from: &str, to: &str) -> Self {
+        self.aliases.push((from.into(), to.into()));
+        self
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Root builder (empty prefix).
+    pub fn root(&self) -> Vb<'_> {
+        Vb { w: self, prefix: String::new() }
+    }
+
+    fn source_name(&self) -> String {
+        self.files.iter().map(|f| f.name.as_str()).collect::<Vec<_>>().join(" + ")
+    }
+
+    /// Find `name` (or an alias of it): the file holding it and the name it has there.
+    fn locate(&self, name: &str) -> Option<(&WeightFile, String)> {
+        let mut candidates = vec![name.to_string()];
+        for (from, to) in &self.aliases {
+            if name.contains(from.as_str()) {
+                candidates.push(name.replacen(from.as_str(), to, 1));
+            }
+        }
+        for c in candidates {
+            if let Some(f) = self.files.iter().find(|f| f.tensors.contains_key(&c)) {
+                return Some((f, c));
+            }
+        }
+        None
+    }
+
+    /// Whether a tensor of this name (or an alias) exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.random.is_some() || self.locate(name).is_some()
+    }
+
+    /// Load a tensor as f32 values, checking its shape; `shape` may differ only by trailing 1s
+    /// (e.g. a 1x1 conv stored for a linear layer) when the element count matches.
+    pub fn values(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        if self.random.is_some() {
+            let v = self.random_values(name, shape);
+            *self.params.borrow_mut() += v.len();
+            return Ok(v);
+        }
+        let (file, found_name) = self.locate(name).ok_or_else(|| ModelError::MissingTensor {
+            source_name: self.source_name(),
+            name: name.into(),
+            expected: shape.to_vec(),
+        })?;
+        let found = &file.tensors[&found_name].shape;
+        let squeeze = |s: &[usize]| -> Vec<usize> {
+            let mut v = s.to_vec();
+            while v.len() > 1 && v.last() == Some(&1) {
+                v.pop();
+            }
+            v
+        };
+        if found.as_slice() != shape && squeeze(found) != squeeze(shape) {
+            return Err(ModelError::ShapeMismatch {
+                source_name: file.name.clone(),
+                name: found_name,
+                found: found.clone(),
+                expected: shape.to_vec(),
+            });
+        }
+        let v = file.read_f32(&found_name)?;
+        self.used.borrow_mut().insert(found_name);
+        *self.params.borrow_mut() += v.len();
+        Ok(v)
+    }
+
+    /// Load a tensor onto the device.
+    pub fn tensor<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<D>> {
+        let v = self.values(name, &shape)?;
+        Ok(Tensor::from_data(TensorData::new(v, shape), &self.device))
+    }
+
+    /// Number of parameters loaded so far.
+    pub fn param_count(&self) -> usize {
+        *self.params.borrow()
+    }
+
+    /// Error on any tensor that was not consumed, except those `ignore` accepts (known buffers, or
+    /// parts of a file that another component uses).
+    pub fn finish(&self, component: &str, ignore: impl Fn(&str) -> bool) -> Result<()> {
+        let used = self.used.borrow();
+        for f in &self.files {
+            let mut names: Vec<&String> = f.tensors.keys().collect();
+            names.sort();
+            for n in names {
+                if !used.contains(n) && !ignore(n) {
+                    return Err(ModelError::UnexpectedTensor {
+                        source_name: f.name.clone(),
+                        name: n.clone(),
+                        component: component.into(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A prefix into [`Weights`], as in the state-dict path (`down_blocks.0.resnets.1`).
+#[derive(Clone)]
+pub struct Vb<'a> {
+    w: &'a Weights,
+    prefix: String,
+}
+
+impl<'a> Vb<'a> {
+    /// Descend one path segment.
+    pub fn pp(&self, segment: impl std::fmt::Display) -> Vb<'a> {
+        let prefix = if self.prefix.is_empty() { segment.to_string() } else { format!("{}.{}", self.prefix, segment) };
+        Vb { w: self.w, prefix }
+    }
+
+    fn path(&self, name: &str) -> String {
+        if self.prefix.is_empty() { name.into() } else { format!("{}.{}", self.prefix, name) }
+    }
+
+    pub fn get<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<D>> {
+        self.w.tensor(&self.path(name), shape)
+    }
+
+    pub fn values(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        self.w.values(&self.path(name), shape)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.w.contains(&self.path(name))
+    }
+
+    pub fn device(&self) -> &Device {
+        self.w.device()
+    }
+
+    /// The state-dict path this builder points at.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+}
