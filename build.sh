@@ -137,7 +137,7 @@ PY
 run_tests() {
   deps_native
   log "native tests (ndarray + wgpu on $(ls /usr/share/vulkan/icd.d/ 2>/dev/null | tr '\n' ' '))"
-  cargo test --workspace -- --test-threads=2
+  cargo test -- --test-threads=2
   package_wasm
   if [ "${VISII_SKIP_BROWSER:-}" != 1 ]; then
     deps_browser
@@ -150,7 +150,7 @@ run_tests() {
 cmd=${1:-help}
 case "$cmd" in
   deps) deps_native; deps_wasm; deps_bindgen; deps_browser ;;
-  native) deps_native; cargo build --workspace ;;
+  native) deps_native; cargo build ;;
   wasm) package_wasm ;;
   test) run_tests ;;
   serve) package_wasm; serve_dir ;;

@@ -27,6 +27,7 @@ use crate::vae::{AutoencoderKL, VaeConfig};
 use crate::weights::{WeightFile, Weights};
 
 /// A loaded component with its config and the number of parameters read from the weights.
+#[derive(Debug)]
 pub struct Loaded<M, C> {
     pub model: M,
     pub config: C,
@@ -82,6 +83,7 @@ pub fn text_encoder_from_parts(config: &str, files: Vec<WeightFile>, device: &De
 }
 
 /// The CLIP vision side used by the CLIP loss: vision tower + `visual_projection`, and `text_projection`.
+#[derive(Debug)]
 pub struct ClipVisionParts {
     pub vision: ClipVision,
     pub text_projection: burn::nn::Linear,

@@ -80,8 +80,9 @@ pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, causal:
     let (q, k, v) = (split(q, n), split(k, m), split(v, m));
     let mut scores = q.matmul(k.swap_dims(2, 3)).mul_scalar((d as f64).powf(-0.5));
     if causal {
-        let mask = Tensor::<2, burn::tensor::Bool>::triu_mask([n, m], 1, &scores.device());
-        scores = scores.mask_fill(mask.unsqueeze::<4>(), f32::NEG_INFINITY);
+        // burn's tril_mask is true *outside* the lower triangle: exactly the future positions.
+        let mask = Tensor::<2, burn::tensor::Bool>::tril_mask([n, m], 0, &scores.device());
+        scores = scores.mask_fill(mask.unsqueeze::<4>().expand([b, heads, n, m]), f32::NEG_INFINITY);
     }
     let probs = softmax(scores, 3);
     probs.matmul(v).swap_dims(1, 2).reshape([b, n, inner])
