@@ -42,7 +42,8 @@ enum Command {
         #[arg(long, value_enum, default_value = "ndarray")]
         backend: Backend,
     },
-    /// Time one forward pass of the full-size InstructPix2Pix UNet (random weights) per backend.
+    /// Time one forward pass of the full-size InstructPix2Pix UNet (random weights) per backend,
+    /// each backend in its own process (clean peak memory), and print the ratio.
     Bench {
         /// Latent side (32 = 256 px images).
         #[arg(long, default_value_t = 32)]
@@ -52,6 +53,16 @@ enum Command {
         backends: Vec<Backend>,
         /// Forward passes after the warm-up one.
         #[arg(long, default_value_t = 1)]
+        runs: usize,
+    },
+    /// One backend of `bench` (what `bench` runs in a child process); prints one JSON line.
+    #[command(hide = true)]
+    BenchOne {
+        #[arg(long)]
+        latent: usize,
+        #[arg(long, value_enum)]
+        backend: Backend,
+        #[arg(long)]
         runs: usize,
     },
 }
@@ -68,6 +79,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Inspect { model, clip, json, backend } => inspect(&model, clip.as_deref(), json, device(backend)),
         Command::Bench { latent, backends, runs } => bench(latent, &backends, runs),
+        Command::BenchOne { latent, backend, runs } => bench_one(latent, backend, runs),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -154,42 +166,57 @@ fn peak_rss() -> Option<u64> {
 }
 
 fn bench(latent: usize, backends: &[Backend], runs: usize) -> Result<(), Box<dyn std::error::Error>> {
-    let cfg = presets::ip2p_unet();
-    println!("full-size InstructPix2Pix UNet (random weights), batch 1, {latent}x{latent} latents, 77 x 768 text states");
-    let mut rows = vec![];
+    println!("full-size InstructPix2Pix UNet (859.5 M parameters, random weights), batch 1, {latent}x{latent} latents, 77 x 768 text states");
+    println!("{:<8} {:>10} {:>14} {:>12} {:>14} {:>12}", "backend", "build s", "first fwd s", "fwd s", "device pool", "peak RSS");
+    let gib = |b: &serde_json::Value| b.as_f64().map(|v| format!("{:.2} GiB", v / (1u64 << 30) as f64)).unwrap_or_else(|| "n/a".into());
+    let mut times = vec![];
     for &b in backends {
-        let dev = device(b);
-        let t0 = Instant::now();
-        let w = Weights::random(0, &dev);
-        let unet = UNet2DConditionModel::load(&w, &cfg)?;
-        let load_s = t0.elapsed().as_secs_f64();
-        let x = Tensor::<4>::random([1, cfg.in_channels, latent, latent], Distribution::Normal(0.0, 1.0), &dev);
-        let ctx = Tensor::<3>::random([1, 77, 768], Distribution::Normal(0.0, 1.0), &dev);
-        let t1 = Instant::now();
-        let out = unet.forward(x.clone(), &[500.0], ctx.clone());
-        let _ = out.into_data();
-        let first_s = t1.elapsed().as_secs_f64();
-        let mut best = f64::INFINITY;
-        for _ in 0..runs {
-            let t = Instant::now();
-            let _ = unet.forward(x.clone(), &[500.0], ctx.clone()).into_data();
-            best = best.min(t.elapsed().as_secs_f64());
+        let name = format!("{b:?}").to_lowercase();
+        let out = std::process::Command::new(std::env::current_exe()?)
+            .args(["bench-one", "--latent", &latent.to_string(), "--backend", &name, "--runs", &runs.to_string()])
+            .stderr(std::process::Stdio::inherit())
+            .output()?;
+        if !out.status.success() {
+            return Err(format!("the {name} run failed").into());
         }
-        let gpu = dev.memory_pool_usage().map(|u| u.bytes_reserved);
+        let line = String::from_utf8_lossy(&out.stdout);
+        let r: serde_json::Value = serde_json::from_str(line.lines().last().unwrap_or(""))?;
         println!(
-            "{:<8} params {:>12}  build {:>6.1} s  first forward {:>7.2} s  forward {:>7.2} s  device pool {}  peak RSS {}",
-            format!("{b:?}").to_lowercase(),
-            group_digits(w.param_count() as u64),
-            load_s,
-            first_s,
-            best,
-            gpu.map(|g| format!("{:.2} GiB", g as f64 / (1u64 << 30) as f64)).unwrap_or_else(|| "n/a".into()),
-            peak_rss().map(|r| format!("{:.2} GiB", r as f64 / (1u64 << 30) as f64)).unwrap_or_else(|| "n/a".into()),
+            "{:<8} {:>10.1} {:>14.2} {:>12.2} {:>14} {:>12}",
+            name, r["build_s"].as_f64().unwrap_or(0.0), r["first_forward_s"].as_f64().unwrap_or(0.0),
+            r["forward_s"].as_f64().unwrap_or(0.0), gib(&r["device_pool_bytes"]), gib(&r["peak_rss_bytes"])
         );
-        rows.push((b, best));
+        times.push((name, r["forward_s"].as_f64().unwrap_or(f64::NAN)));
     }
-    if rows.len() == 2 {
-        println!("ratio {:?}/{:?} forward time: {:.2}", rows[0].0, rows[1].0, rows[0].1 / rows[1].1);
+    for w in times.windows(2) {
+        println!("forward time ratio {}/{}: {:.2}", w[0].0, w[1].0, w[0].1 / w[1].1);
     }
+    Ok(())
+}
+
+fn bench_one(latent: usize, backend: Backend, runs: usize) -> Result<(), Box<dyn std::error::Error>> {
+    let cfg = presets::ip2p_unet();
+    let dev = device(backend);
+    let t0 = Instant::now();
+    let w = Weights::random(0, &dev);
+    let unet = UNet2DConditionModel::load(&w, &cfg)?;
+    let build_s = t0.elapsed().as_secs_f64();
+    let x = Tensor::<4>::random([1, cfg.in_channels, latent, latent], Distribution::Normal(0.0, 1.0), &dev);
+    let ctx = Tensor::<3>::random([1, 77, 768], Distribution::Normal(0.0, 1.0), &dev);
+    let t1 = Instant::now();
+    let _ = unet.forward(x.clone(), &[500.0], ctx.clone()).into_data();
+    let first_s = t1.elapsed().as_secs_f64();
+    let mut best = first_s;
+    for _ in 0..runs {
+        let t = Instant::now();
+        let _ = unet.forward(x.clone(), &[500.0], ctx.clone()).into_data();
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    let report = json!({
+        "backend": format!("{backend:?}").to_lowercase(), "params": w.param_count(), "build_s": build_s,
+        "first_forward_s": first_s, "forward_s": best,
+        "device_pool_bytes": dev.memory_pool_usage().map(|u| u.bytes_reserved), "peak_rss_bytes": peak_rss(),
+    });
+    println!("{report}");
     Ok(())
 }

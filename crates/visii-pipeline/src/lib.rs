@@ -1,1 +1,1 @@
-
+//! visii-pipeline (in progress).

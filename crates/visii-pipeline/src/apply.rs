@@ -1,0 +1,141 @@
+//! Applying an instruction: InstructPix2Pix sampling with Euler-ancestral steps and three-row
+//! classifier-free guidance (`e_C + g (e_A - e_B) + g_img (e_B - e_C)`), as diffusers'
+//! `StableDiffusionInstructPix2PixPipeline` does. Noise comes from our seeded RNG or is injected.
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use visii_models::{AutoencoderKL, ClipTextTransformer, ClipTokenizer, Ip2pFolder, UNet2DConditionModel};
+
+use crate::error::{PipelineError, Result};
+use crate::image::{vae_output_to_unit, RgbImage};
+use crate::rng::NoiseRng;
+use crate::scheduler::{EulerAncestral, SchedulerConfig};
+
+/// The InstructPix2Pix networks and tokenizer, loaded once.
+pub struct Ip2p {
+    pub unet: UNet2DConditionModel,
+    pub vae: AutoencoderKL,
+    pub text: ClipTextTransformer,
+    pub tokenizer: ClipTokenizer,
+    pub scheduler: SchedulerConfig,
+    pub device: Device,
+}
+
+/// Sampling controls.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct ApplyOptions {
+    pub steps: usize,
+    pub guidance: f32,
+    pub image_guidance: f32,
+    pub seed: u64,
+}
+
+impl Default for ApplyOptions {
+    fn default() -> Self {
+        Self { steps: 20, guidance: 7.5, image_guidance: 1.5, seed: 0 }
+    }
+}
+
+/// Where the sampler's noise comes from.
+pub enum Noise {
+    /// Our RNG: the initial latent from stream `INIT_STREAM`, step `i` from `STEP_STREAM + i`.
+    Seeded(u64),
+    /// Explicit tensors (parity tests): the initial noise and one per step, each [1, 4, h, w].
+    Given { init: Vec<f32>, steps: Vec<Vec<f32>> },
+}
+
+pub const INIT_STREAM: u64 = 1 << 32;
+pub const STEP_STREAM: u64 = 2 << 32;
+
+impl Ip2p {
+    pub fn from_folder(folder: &Ip2pFolder, device: &Device) -> Result<Self> {
+        Ok(Self {
+            unet: folder.unet(device)?.model,
+            vae: folder.vae(device)?.model,
+            text: folder.text_encoder(device)?.model,
+            tokenizer: folder.tokenizer()?,
+            scheduler: SchedulerConfig::from_json(&folder.scheduler_config()?)?,
+            device: device.clone(),
+        })
+    }
+
+    /// Token ids of a prompt, padded to 77.
+    pub fn token_ids(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.tokenizer.encode(text)?)
+    }
+
+    /// Text -> conditioning [1, 77, hidden] (last hidden state).
+    pub fn encode_text(&self, text: &str) -> Result<Tensor<3>> {
+        let ids: Vec<i64> = self.token_ids(text)?.into_iter().map(i64::from).collect();
+        let n = ids.len();
+        Ok(self.text.forward(Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &self.device)))
+    }
+
+    /// Image -> unscaled latent mode [1, 4, H/8, W/8] (InstructPix2Pix's image conditioning).
+    pub fn encode_image(&self, image: &RgbImage) -> Tensor<4> {
+        self.vae.encode_mode(image.to_tensor(&self.device))
+    }
+
+    /// Scaled latents -> floats in [0, 1], [1, 3, H, W].
+    pub fn decode(&self, latents: Tensor<4>) -> Tensor<4> {
+        vae_output_to_unit(self.vae.decode(latents.div_scalar(self.vae.scaling_factor)))
+    }
+
+    /// Sample an edit of `image` (already at its working size, multiples of 8) with conditioning
+    /// `cond` [1, 77, hidden]. `progress(step, steps)` returning false cancels.
+    pub fn apply(
+        &self,
+        image: &RgbImage,
+        cond: Tensor<3>,
+        opts: &ApplyOptions,
+        noise: &Noise,
+        progress: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<Tensor<4>> {
+        if image.width % 8 != 0 || image.height % 8 != 0 {
+            return Err(PipelineError::Config(format!("image size {}x{} is not a multiple of 8", image.width, image.height)));
+        }
+        let dev = &self.device;
+        let sched = EulerAncestral::new(&self.scheduler, opts.steps)?;
+        let z_img = self.encode_image(image);
+        let [_, c, h, w] = z_img.dims();
+        let lat_c = self.unet_out_channels();
+        let noise_tensor = |v: Vec<f32>| -> Result<Tensor<4>> {
+            if v.len() != lat_c * h * w {
+                return Err(PipelineError::Config(format!("noise has {} values, expected {}", v.len(), lat_c * h * w)));
+            }
+            Ok(Tensor::from_data(TensorData::new(v, [1, lat_c, h, w]), dev))
+        };
+        let draw = |seed: u64, stream: u64| NoiseRng::new(seed, stream).normal(lat_c * h * w);
+        let init = match noise {
+            Noise::Seeded(seed) => draw(*seed, INIT_STREAM),
+            Noise::Given { init, .. } => init.clone(),
+        };
+        let mut latents = noise_tensor(init)?.mul_scalar(sched.init_noise_sigma(&self.scheduler));
+        // Rows: A = instruction + image, B = empty text + image, C = empty text + no image.
+        let uncond = self.encode_text("")?;
+        let context = Tensor::cat(vec![cond, uncond.clone(), uncond], 0);
+        let image_rows = Tensor::cat(vec![z_img.clone(), z_img, Tensor::zeros([1, c, h, w], dev)], 0);
+        let steps = sched.timesteps.len();
+        for (i, &t) in sched.timesteps.iter().enumerate() {
+            if !progress(i, steps) {
+                return Err(PipelineError::Cancelled);
+            }
+            let x = sched.scale_model_input(latents.clone(), i);
+            let input = Tensor::cat(vec![Tensor::cat(vec![x.clone(), x.clone(), x], 0), image_rows.clone()], 1);
+            let e = self.unet.forward(input, &[t, t, t], context.clone());
+            let row = |r: usize| e.clone().slice([r..r + 1, 0..lat_c, 0..h, 0..w]);
+            let (ea, eb, ec) = (row(0), row(1), row(2));
+            let guided = ec.clone() + (ea - eb.clone()).mul_scalar(opts.guidance) + (eb - ec).mul_scalar(opts.image_guidance);
+            let step_noise = match noise {
+                Noise::Seeded(seed) => draw(*seed, STEP_STREAM + i as u64),
+                Noise::Given { steps, .. } => steps.get(i).cloned().ok_or_else(|| PipelineError::Config(format!("no noise for step {i}")))?,
+            };
+            latents = sched.step(guided, i, latents, noise_tensor(step_noise)?);
+        }
+        progress(steps, steps);
+        Ok(self.decode(latents))
+    }
+
+    fn unet_out_channels(&self) -> usize {
+        self.unet.conv_out.weight.dims()[0]
+    }
+}

@@ -1,0 +1,15 @@
+//! Typed errors of the pipeline.
+
+use visii_models::ModelError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+pub type Result<T, E = PipelineError> = std::result::Result<T, E>;

@@ -1,0 +1,160 @@
+//! Schedulers from `scheduler/scheduler_config.json`: the training noise schedule (scaled-linear
+//! betas, sigma space) and diffusers' `EulerAncestralDiscreteScheduler` for sampling. Noise is always
+//! an argument: nothing here draws random numbers, so every step can be golden-tested.
+
+use burn::tensor::Tensor;
+use serde::Deserialize;
+
+use crate::error::{PipelineError, Result};
+
+/// The fields of `scheduler_config.json` we use (diffusers defaults otherwise).
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(default)]
+pub struct SchedulerConfig {
+    pub num_train_timesteps: usize,
+    pub beta_start: f64,
+    pub beta_end: f64,
+    pub beta_schedule: String,
+    pub prediction_type: String,
+    pub timestep_spacing: String,
+    pub steps_offset: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            num_train_timesteps: 1000,
+            beta_start: 0.00085,
+            beta_end: 0.012,
+            beta_schedule: "scaled_linear".into(),
+            prediction_type: "epsilon".into(),
+            timestep_spacing: "linspace".into(),
+            steps_offset: 1,
+        }
+    }
+}
+
+impl SchedulerConfig {
+    pub fn from_json(text: &str) -> Result<Self> {
+        let c: Self = serde_json::from_str(text).map_err(|e| PipelineError::Config(format!("scheduler_config.json: {e}")))?;
+        if c.prediction_type != "epsilon" {
+            return Err(PipelineError::Config(format!("prediction_type `{}` (only epsilon is supported)", c.prediction_type)));
+        }
+        if c.num_train_timesteps < 2 {
+            return Err(PipelineError::Config("num_train_timesteps must be at least 2".into()));
+        }
+        Ok(c)
+    }
+
+    /// `alphas_cumprod`, computed in f32 as diffusers does.
+    pub fn alphas_cumprod(&self) -> Result<Vec<f32>> {
+        let n = self.num_train_timesteps;
+        let betas: Vec<f32> = match self.beta_schedule.as_str() {
+            "scaled_linear" => {
+                let (a, b) = ((self.beta_start as f32).sqrt(), (self.beta_end as f32).sqrt());
+                (0..n).map(|i| a + (b - a) * i as f32 / (n - 1) as f32).map(|v| v * v).collect()
+            }
+            "linear" => (0..n).map(|i| self.beta_start as f32 + (self.beta_end - self.beta_start) as f32 * i as f32 / (n - 1) as f32).collect(),
+            other => return Err(PipelineError::Config(format!("beta_schedule `{other}` (scaled_linear or linear)"))),
+        };
+        let mut acc = 1f32;
+        Ok(betas.iter().map(|b| {
+            acc *= 1.0 - b;
+            acc
+        }).collect())
+    }
+
+    /// Training sigmas `sqrt((1 - abar_t) / abar_t)` for t = 0..T-1.
+    pub fn train_sigmas(&self) -> Result<Vec<f32>> {
+        Ok(self.alphas_cumprod()?.iter().map(|a| ((1.0 - a) / a).sqrt()).collect())
+    }
+}
+
+/// Euler-ancestral sampling over `steps` inference steps (diffusers' arithmetic).
+#[derive(Debug, Clone)]
+pub struct EulerAncestral {
+    /// Timesteps passed to the UNet (fractional with `linspace` spacing).
+    pub timesteps: Vec<f32>,
+    /// One sigma per timestep, then 0.
+    pub sigmas: Vec<f32>,
+}
+
+impl EulerAncestral {
+    pub fn new(cfg: &SchedulerConfig, steps: usize) -> Result<Self> {
+        if steps == 0 {
+            return Err(PipelineError::Config("at least one sampling step is needed".into()));
+        }
+        let t_max = (cfg.num_train_timesteps - 1) as f32;
+        let timesteps: Vec<f32> = match cfg.timestep_spacing.as_str() {
+            "linspace" => (0..steps)
+                .rev()
+                .map(|i| if steps == 1 { 0.0 } else { (i as f64 * t_max as f64 / (steps - 1) as f64) as f32 })
+                .collect(),
+            "leading" => {
+                let ratio = cfg.num_train_timesteps / steps;
+                (0..steps).rev().map(|i| (i * ratio + cfg.steps_offset) as f32).collect()
+            }
+            "trailing" => {
+                let ratio = cfg.num_train_timesteps as f64 / steps as f64;
+                (0..steps).map(|i| (cfg.num_train_timesteps as f64 - i as f64 * ratio).round() as f32 - 1.0).collect()
+            }
+            other => return Err(PipelineError::Config(format!("timestep_spacing `{other}`"))),
+        };
+        let train = cfg.train_sigmas()?;
+        let mut sigmas: Vec<f32> = timesteps
+            .iter()
+            .map(|&t| {
+                // np.interp over integer positions
+                let t = (t as f64).clamp(0.0, (train.len() - 1) as f64);
+                let i = t.floor() as usize;
+                let j = (i + 1).min(train.len() - 1);
+                let f = t - i as f64;
+                (train[i] as f64 * (1.0 - f) + train[j] as f64 * f) as f32
+            })
+            .collect();
+        sigmas.push(0.0);
+        Ok(Self { timesteps, sigmas })
+    }
+
+    /// The initial latent is `noise * init_noise_sigma` (the largest sigma for linspace / trailing).
+    pub fn init_noise_sigma(&self, cfg: &SchedulerConfig) -> f32 {
+        let max = self.sigmas.iter().cloned().fold(0f32, f32::max);
+        if cfg.timestep_spacing == "linspace" || cfg.timestep_spacing == "trailing" { max } else { (max * max + 1.0).sqrt() }
+    }
+
+    /// `sample / sqrt(sigma_i^2 + 1)`: the UNet's input at step `i`.
+    pub fn scale_model_input(&self, sample: Tensor<4>, i: usize) -> Tensor<4> {
+        let s = self.sigmas[i];
+        sample.div_scalar((s * s + 1.0).sqrt())
+    }
+
+    /// One ancestral step from `sample` with the noise prediction `eps` and the injected `noise`.
+    pub fn step(&self, eps: Tensor<4>, i: usize, sample: Tensor<4>, noise: Tensor<4>) -> Tensor<4> {
+        let (from, to) = (self.sigmas[i], self.sigmas[i + 1]);
+        let sigma_up = ((to * to * (from * from - to * to)) / (from * from)).sqrt();
+        let sigma_down = (to * to - sigma_up * sigma_up).sqrt();
+        // x0 = sample - sigma * eps; derivative = (sample - x0) / sigma = eps
+        let dt = sigma_down - from;
+        sample + eps.mul_scalar(dt) + noise.mul_scalar(sigma_up)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ip2p_schedule_values() {
+        let cfg = SchedulerConfig::default();
+        let s = cfg.train_sigmas().unwrap();
+        // diffusers: sigmas[0] = 0.02916753, sigmas[999] = 14.6146 for the SD scaled-linear schedule.
+        assert!((s[0] - 0.029167).abs() < 1e-5, "{}", s[0]);
+        assert!((s[999] - 14.6146).abs() < 1e-3, "{}", s[999]);
+        let e = EulerAncestral::new(&cfg, 20).unwrap();
+        assert_eq!(e.timesteps.len(), 20);
+        assert_eq!(e.timesteps[0], 999.0);
+        assert!((e.timesteps[1] - 946.4211).abs() < 1e-3, "{}", e.timesteps[1]);
+        assert_eq!(*e.sigmas.last().unwrap(), 0.0);
+        assert!((e.init_noise_sigma(&cfg) - 14.6146).abs() < 1e-3);
+    }
+}
