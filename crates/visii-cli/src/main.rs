@@ -9,6 +9,7 @@ use burn::tensor::{Device, DeviceKind, Distribution, Tensor};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 use visii_models::{presets, ClipFolder, Ip2pFolder, UNet2DConditionModel, Weights};
+use visii_pipeline::{ApplyOptions, Ip2p, Noise, RgbImage};
 
 #[derive(Parser)]
 #[command(name = "visii", version, about = "Learn an image edit from one before/after pair and repeat it (Visual Instruction Inversion)")]
@@ -55,6 +56,34 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         runs: usize,
     },
+    /// Edit an image with an InstructPix2Pix instruction given as text.
+    Apply {
+        /// An InstructPix2Pix folder in the diffusers layout.
+        #[arg(long)]
+        model: std::path::PathBuf,
+        /// The image to edit (PNG or JPEG).
+        #[arg(long)]
+        image: std::path::PathBuf,
+        /// The instruction, e.g. "turn it into a watercolor painting".
+        #[arg(long)]
+        text: String,
+        /// Output PNG.
+        #[arg(short, long)]
+        output: std::path::PathBuf,
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        #[arg(long, default_value_t = 7.5)]
+        guidance: f32,
+        #[arg(long, default_value_t = 1.5)]
+        image_guidance: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Longer side of the working size (rounded down to a multiple of 8).
+        #[arg(long, default_value_t = 512)]
+        max_size: usize,
+        #[arg(long, value_enum, default_value = "wgpu")]
+        backend: Backend,
+    },
     /// One backend of `bench` (what `bench` runs in a child process); prints one JSON line.
     #[command(hide = true)]
     BenchOne {
@@ -80,6 +109,10 @@ fn main() -> ExitCode {
         Command::Inspect { model, clip, json, backend } => inspect(&model, clip.as_deref(), json, device(backend)),
         Command::Bench { latent, backends, runs } => bench(latent, &backends, runs),
         Command::BenchOne { latent, backend, runs } => bench_one(latent, backend, runs),
+        Command::Apply { model, image, text, output, steps, guidance, image_guidance, seed, max_size, backend } => {
+            let opts = ApplyOptions { steps, guidance, image_guidance, seed };
+            apply(&model, &image, &text, &output, &opts, max_size, device(backend))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -143,6 +176,38 @@ fn inspect(model: &std::path::Path, clip: Option<&std::path::Path>, as_json: boo
             println!("{:<14} {:>14}  {}", k, group_digits(p), serde_json::Value::Object(rest));
         }
     }
+    Ok(())
+}
+
+fn apply(
+    model: &std::path::Path,
+    image: &std::path::Path,
+    text: &str,
+    output: &std::path::Path,
+    opts: &ApplyOptions,
+    max_size: usize,
+    dev: Device,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let bytes = std::fs::read(image).map_err(|e| format!("cannot read {}: {e}", image.display()))?;
+    let input = RgbImage::decode(&bytes).map_err(|e| format!("{}: {e}", image.display()))?;
+    let t0 = Instant::now();
+    let ip2p = Ip2p::from_folder(&Ip2pFolder::open(model)?, &dev)?;
+    let (w, h) = input.working_size(max_size);
+    eprintln!("loaded {} in {:.1} s; editing at {w}x{h}", model.display(), t0.elapsed().as_secs_f64());
+    let work = input.resized(w, h);
+    let cond = ip2p.encode_text(text)?;
+    let t1 = Instant::now();
+    let out = ip2p.apply(&work, cond, opts, &Noise::Seeded(opts.seed), &mut |i, n| {
+        let el = t1.elapsed().as_secs_f64();
+        let eta = if i > 0 { el / i as f64 * (n - i) as f64 } else { 0.0 };
+        eprint!("\r  step {i}/{n}  {el:.1} s elapsed, ETA {eta:.1} s   ");
+        true
+    })?;
+    eprintln!();
+    let v: Vec<f32> = out.into_data().to_vec().map_err(|e| format!("{e:?}"))?;
+    let result = RgbImage::from_unit_floats(&v, w, h);
+    std::fs::write(output, result.to_png()?).map_err(|e| format!("cannot write {}: {e}", output.display()))?;
+    eprintln!("wrote {}", output.display());
     Ok(())
 }
 

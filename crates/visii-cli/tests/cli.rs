@@ -47,3 +47,25 @@ fn inspect_table_and_errors() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not an InstructPix2Pix diffusers folder") && err.contains("model_index.json"), "{err}");
 }
+
+#[test]
+fn apply_writes_an_edited_png() {
+    let f = fixtures();
+    let out_path = std::env::temp_dir().join(format!("visii-apply-{}.png", std::process::id()));
+    let out = visii(&[
+        "apply", "--model", f.join("tiny-ip2p").to_str().unwrap(), "--image", f.join("images/tall.png").to_str().unwrap(),
+        "--text", "make it snowy", "-o", out_path.to_str().unwrap(), "--steps", "2", "--backend", "ndarray",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let img = image::open(&out_path).unwrap().to_rgb8();
+    assert_eq!(img.dimensions(), (40, 72));
+    let input = image::open(f.join("images/tall.png")).unwrap().to_rgb8();
+    let diff: u64 = img.as_raw().iter().zip(input.as_raw()).map(|(a, b)| (*a as i64 - *b as i64).unsigned_abs()).sum();
+    assert!(diff > 1000, "the result equals the input");
+    // A file that is not an image: exit code 2, a message naming the file.
+    let out = visii(&["apply", "--model", f.join("tiny-ip2p").to_str().unwrap(), "--image", f.join("goldens/goldens.json").to_str().unwrap(),
+        "--text", "x", "-o", out_path.to_str().unwrap(), "--backend", "ndarray"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a readable PNG or JPEG"));
+    let _ = std::fs::remove_file(out_path);
+}

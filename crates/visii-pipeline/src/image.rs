@@ -60,6 +60,18 @@ impl RgbImage {
         Self { width, height, data }
     }
 
+    /// Channel-major floats in [0, 1] ([3, H, W]).
+    pub fn to_unit_floats(&self) -> Vec<f32> {
+        let n = self.width * self.height;
+        let mut v = vec![0f32; 3 * n];
+        for c in 0..3 {
+            for i in 0..n {
+                v[c * n + i] = self.data[i * 3 + c] as f32 / 255.0;
+            }
+        }
+        v
+    }
+
     /// PNG bytes.
     pub fn to_png(&self) -> Result<Vec<u8>> {
         let mut out = std::io::Cursor::new(Vec::new());

@@ -1,1 +1,14 @@
-//! visii-pipeline (in progress).
+//! visii-pipeline: what visii computes, generic over the burn device: the seeded noise, the
+//! schedulers, and (in progress) the sampler ("apply"), the inverter ("learn") and instruction files.
+
+pub mod apply;
+pub mod error;
+pub mod image;
+pub mod rng;
+pub mod scheduler;
+
+pub use error::{PipelineError, Result};
+pub use apply::{ApplyOptions, Ip2p, Noise};
+pub use image::RgbImage;
+pub use rng::NoiseRng;
+pub use scheduler::{EulerAncestral, SchedulerConfig};
