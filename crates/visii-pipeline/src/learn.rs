@@ -1,0 +1,144 @@
+//! Learning an instruction (Visual Instruction Inversion): optimise the conditional text-encoder
+//! output `c` [1, 77, hidden] so that InstructPix2Pix turns *before* into *after*.
+//!
+//! Per step (algorithm.md): `z_t = z_y + sigma_t n`, UNet input `z_t / sqrt(sigma_t^2 + 1)`; rows B
+//! (empty text + image) and C (empty text, no image) run without autodiff, row A (c + image) with
+//! autodiff on `c` only (same gradient as the reference, a third of the activations); guided
+//! `e = e_C + g (e_A - e_B) + g_img (e_B - e_C)`; loss `4 mse(e, n) - 0.1 clamp(cos(d, p), -1, 0.5)`
+//! with `p = text_projection(mean of c's rows)`; gradient clipped by value; AdamW; positions outside
+//! `1..eos` reset to their initial values.
+
+use burn::nn::Linear;
+use burn::tensor::{Tensor, TensorData};
+
+use crate::apply::Ip2p;
+
+/// AdamW hyper-parameters (torch defaults except the learning rate).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct AdamWConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }
+    }
+}
+
+/// What stays fixed while learning from one before/after pair.
+pub struct PairLatents {
+    /// `scaling_factor * mode(VAE(after))`: the target latent.
+    pub z_after: Tensor<4>,
+    /// `mode(VAE(before))`, unscaled: the image conditioning.
+    pub z_before: Tensor<4>,
+}
+
+/// The optimiser state and the instruction being learned.
+pub struct Inversion {
+    pub c: Tensor<3>,
+    pub c0: Tensor<3>,
+    pub uncond: Tensor<3>,
+    /// Normalised CLIP image-embedding direction, [proj].
+    pub direction: Tensor<1>,
+    pub eos: usize,
+    pub clip_value: f32,
+    pub adam: AdamWConfig,
+    pub guidance: f32,
+    pub image_guidance: f32,
+    m: Tensor<3>,
+    v: Tensor<3>,
+    step: i32,
+}
+
+/// Values of one step, measured before the update.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct StepStats {
+    pub t: usize,
+    pub mse: f32,
+    pub cos: f32,
+    pub loss: f32,
+}
+
+impl Inversion {
+    pub fn new(c0: Tensor<3>, uncond: Tensor<3>, direction: Tensor<1>, eos: usize, adam: AdamWConfig) -> Self {
+        let clip_value = c0.clone().max().into_scalar::<f32>();
+        Self {
+            c: c0.clone(),
+            m: c0.zeros_like(),
+            v: c0.zeros_like(),
+            c0,
+            uncond,
+            direction,
+            eos,
+            clip_value,
+            adam,
+            guidance: 7.5,
+            image_guidance: 1.5,
+            step: 0,
+        }
+    }
+
+    /// One optimisation step at training timestep `t` with noise `n` [1, 4, h, w] and that
+    /// timestep's `sigma`.
+    pub fn step(&mut self, model: &Ip2p, text_projection: &Linear, pair: &PairLatents, t: usize, sigma: f32, n: Tensor<4>) -> StepStats {
+        let [_, lc, h, w] = n.dims();
+        let inp = (pair.z_after.clone() + n.clone().mul_scalar(sigma)).div_scalar((sigma * sigma + 1.0).sqrt());
+        let tf = t as f32;
+        // Rows B and C: no graph.
+        let rows_bc = model.unet.forward(
+            Tensor::cat(vec![Tensor::cat(vec![inp.clone(), pair.z_before.clone()], 1), Tensor::cat(vec![inp.clone(), pair.z_before.zeros_like()], 1)], 0),
+            &[tf, tf],
+            Tensor::cat(vec![self.uncond.clone(), self.uncond.clone()], 0),
+        );
+        let e_b = rows_bc.clone().slice([0..1, 0..lc, 0..h, 0..w]).autodiff();
+        let e_c = rows_bc.slice([1..2, 0..lc, 0..h, 0..w]).autodiff();
+        // Row A: autodiff through c only.
+        let c = self.c.clone().autodiff().require_grad();
+        let e_a = model.unet.forward(Tensor::cat(vec![inp, pair.z_before.clone()], 1).autodiff(), &[tf], c.clone());
+        let e = e_c.clone() + (e_a - e_b.clone()).mul_scalar(self.guidance) + (e_b - e_c).mul_scalar(self.image_guidance);
+        let mse = (e - n.autodiff()).powi_scalar(2).mean();
+        let [_, rows, hidden] = c.dims();
+        let p = text_projection.forward(c.clone().mean_dim(1).reshape([1, hidden]));
+        let p = p.clone().div(p.powi_scalar(2).sum().sqrt().reshape([1, 1]));
+        let cos = (p.reshape([self.direction.dims()[0]]) * self.direction.clone().autodiff()).sum();
+        let loss = mse.clone().mul_scalar(4.0) - cos.clone().clamp(-1.0, 0.5).mul_scalar(0.1);
+        let stats = StepStats {
+            t,
+            mse: mse.clone().into_scalar::<f32>(),
+            cos: cos.clone().into_scalar::<f32>(),
+            loss: loss.clone().into_scalar::<f32>(),
+        };
+        let grads = loss.backward();
+        let g = c.grad(&grads).expect("gradient w.r.t. the instruction").clamp(-self.clip_value, self.clip_value);
+        self.adamw(g);
+        self.reset_outside_span(rows);
+        stats
+    }
+
+    fn adamw(&mut self, g: Tensor<3>) {
+        let a = &self.adam;
+        self.step += 1;
+        let c = self.c.clone().mul_scalar(1.0 - a.lr * a.weight_decay);
+        self.m = self.m.clone().mul_scalar(a.beta1) + g.clone().mul_scalar(1.0 - a.beta1);
+        self.v = self.v.clone().mul_scalar(a.beta2) + g.powi_scalar(2).mul_scalar(1.0 - a.beta2);
+        let bc1 = 1.0 - a.beta1.powi(self.step);
+        let bc2 = 1.0 - a.beta2.powi(self.step);
+        let denom = self.v.clone().sqrt().div_scalar(bc2.sqrt()).add_scalar(a.eps);
+        self.c = c - self.m.clone().div(denom).mul_scalar(a.lr / bc1);
+    }
+
+    /// Positions 0 (BOS) and eos.. (EOS and padding) return to their initial values.
+    fn reset_outside_span(&mut self, rows: usize) {
+        let hidden = self.c.dims()[2];
+        let mut keep = vec![0f32; rows];
+        for k in keep.iter_mut().take(self.eos).skip(1) {
+            *k = 1.0;
+        }
+        let mask = Tensor::<3>::from_data(TensorData::new(keep, [1, rows, 1]), &self.c.device()).expand([1, rows, hidden]);
+        self.c = self.c.clone() * mask.clone() + self.c0.clone() * (mask.neg().add_scalar(1.0));
+    }
+}
