@@ -9,6 +9,7 @@ use burn::tensor::{Device, DeviceKind, Distribution, Tensor};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 use visii_models::{presets, ClipFolder, Ip2pFolder, UNet2DConditionModel, Weights};
+use visii_pipeline::learn::{learn, AdamWConfig, LearnOptions};
 use visii_pipeline::{ApplyOptions, Ip2p, Noise, RgbImage};
 
 #[derive(Parser)]
@@ -64,9 +65,12 @@ enum Command {
         /// The image to edit (PNG or JPEG).
         #[arg(long)]
         image: std::path::PathBuf,
-        /// The instruction, e.g. "turn it into a watercolor painting".
-        #[arg(long)]
-        text: String,
+        /// A plain-text instruction, e.g. "turn it into a watercolor painting".
+        #[arg(long, required_unless_present = "instruction")]
+        text: Option<String>,
+        /// A learned instruction file (.visii.safetensors).
+        #[arg(long, conflicts_with = "text")]
+        instruction: Option<std::path::PathBuf>,
         /// Output PNG.
         #[arg(short, long)]
         output: std::path::PathBuf,
@@ -81,6 +85,41 @@ enum Command {
         /// Longer side of the working size (rounded down to a multiple of 8).
         #[arg(long, default_value_t = 512)]
         max_size: usize,
+        #[arg(long, value_enum, default_value = "wgpu")]
+        backend: Backend,
+    },
+    /// Learn an instruction from before/after pairs and write it as NAME.visii.safetensors.
+    Learn {
+        #[arg(long)]
+        model: std::path::PathBuf,
+        /// A transformers CLIPModel folder (openai/clip-vit-large-patch14 layout).
+        #[arg(long)]
+        clip: std::path::PathBuf,
+        /// Before image(s); pair i is (--before i, --after i).
+        #[arg(long, required = true)]
+        before: Vec<std::path::PathBuf>,
+        #[arg(long, required = true)]
+        after: Vec<std::path::PathBuf>,
+        #[arg(short, long)]
+        output: std::path::PathBuf,
+        /// Initial caption of the after image.
+        #[arg(long, default_value = "a photo")]
+        init: String,
+        #[arg(long, default_value_t = 300)]
+        steps: usize,
+        /// Longer side of the working size.
+        #[arg(long, default_value_t = 256)]
+        size: usize,
+        #[arg(long, default_value_t = 1e-3)]
+        lr: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Stop after this many steps without a new best MSE (0: never).
+        #[arg(long, default_value_t = 100)]
+        patience: usize,
+        /// Write one JSON line per step here.
+        #[arg(long)]
+        log: Option<std::path::PathBuf>,
         #[arg(long, value_enum, default_value = "wgpu")]
         backend: Backend,
     },
@@ -109,9 +148,13 @@ fn main() -> ExitCode {
         Command::Inspect { model, clip, json, backend } => inspect(&model, clip.as_deref(), json, device(backend)),
         Command::Bench { latent, backends, runs } => bench(latent, &backends, runs),
         Command::BenchOne { latent, backend, runs } => bench_one(latent, backend, runs),
-        Command::Apply { model, image, text, output, steps, guidance, image_guidance, seed, max_size, backend } => {
+        Command::Apply { model, image, text, instruction, output, steps, guidance, image_guidance, seed, max_size, backend } => {
             let opts = ApplyOptions { steps, guidance, image_guidance, seed };
-            apply(&model, &image, &text, &output, &opts, max_size, device(backend))
+            apply(&model, &image, text.as_deref(), instruction.as_deref(), &output, &opts, max_size, device(backend))
+        }
+        Command::Learn { model, clip, before, after, output, init, steps, size, lr, seed, patience, log, backend } => {
+            let opts = LearnOptions { steps, size, seed, patience, adam: AdamWConfig { lr, ..AdamWConfig::default() } };
+            learn_cmd(&model, &clip, &before, &after, &output, &init, &opts, log.as_deref(), device(backend))
         }
     };
     match result {
@@ -179,23 +222,78 @@ fn inspect(model: &std::path::Path, clip: Option<&std::path::Path>, as_json: boo
     Ok(())
 }
 
+fn read_image(p: &std::path::Path) -> Result<RgbImage, Box<dyn std::error::Error>> {
+    let bytes = std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+    Ok(RgbImage::decode(&bytes).map_err(|e| format!("{}: {e}", p.display()))?)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn learn_cmd(
+    model: &std::path::Path,
+    clip: &std::path::Path,
+    before: &[std::path::PathBuf],
+    after: &[std::path::PathBuf],
+    output: &std::path::Path,
+    init: &str,
+    opts: &LearnOptions,
+    log: Option<&std::path::Path>,
+    dev: Device,
+) -> Result<(), Box<dyn std::error::Error>> {
+    if before.len() != after.len() {
+        return Err(format!("{} --before images but {} --after images: give them in pairs", before.len(), after.len()).into());
+    }
+    let pairs = before.iter().zip(after).map(|(b, a)| Ok((read_image(b)?, read_image(a)?))).collect::<Result<Vec<_>, Box<dyn std::error::Error>>>()?;
+    let ip2p = Ip2p::from_folder(&Ip2pFolder::open(model)?, &dev)?;
+    let cf = ClipFolder::open(clip)?;
+    let parts = cf.vision(&dev)?.model;
+    let pre = cf.preprocess_config()?;
+    let mut log_file = log.map(std::fs::File::create).transpose()?;
+    let t0 = Instant::now();
+    let learned = learn(&ip2p, &parts, &pre, &pairs, init, opts, &mut |s, best| {
+        let k = s.step + 1;
+        let el = t0.elapsed().as_secs_f64();
+        eprint!("\r  step {k}/{}  t={:<4} mse {:.4} cos {:+.3} loss {:.4} best {:.4}  ETA {:.0} s   ", opts.steps, s.t, s.mse, s.cos, s.loss, best, el / k as f64 * (opts.steps - k) as f64);
+        if let Some(f) = log_file.as_mut() {
+            use std::io::Write;
+            let _ = writeln!(f, "{}", serde_json::to_string(s).unwrap_or_default());
+        }
+        true
+    })?;
+    eprintln!();
+    let name = model.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let bytes = visii_pipeline::instruction::save(&learned, &[("model", name)])?;
+    std::fs::write(output, bytes).map_err(|e| format!("cannot write {}: {e}", output.display()))?;
+    eprintln!("{} steps, best mse {:.4}: wrote {}", learned.steps_run, learned.best_mse, output.display());
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
 fn apply(
     model: &std::path::Path,
     image: &std::path::Path,
-    text: &str,
+    text: Option<&str>,
+    instruction: Option<&std::path::Path>,
     output: &std::path::Path,
     opts: &ApplyOptions,
     max_size: usize,
     dev: Device,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let bytes = std::fs::read(image).map_err(|e| format!("cannot read {}: {e}", image.display()))?;
-    let input = RgbImage::decode(&bytes).map_err(|e| format!("{}: {e}", image.display()))?;
+    let input = read_image(image)?;
     let t0 = Instant::now();
     let ip2p = Ip2p::from_folder(&Ip2pFolder::open(model)?, &dev)?;
     let (w, h) = input.working_size(max_size);
     eprintln!("loaded {} in {:.1} s; editing at {w}x{h}", model.display(), t0.elapsed().as_secs_f64());
     let work = input.resized(w, h);
-    let cond = ip2p.encode_text(text)?;
+    let cond = match (text, instruction) {
+        (Some(t), _) => ip2p.encode_text(t)?,
+        (None, Some(p)) => {
+            let bytes = std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+            let hidden = ip2p.text.final_layer_norm.gamma.dims()[0];
+            let ins = visii_pipeline::instruction::load(&bytes, hidden).map_err(|e| format!("{}: {e}", p.display()))?;
+            burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(ins.rows, [1, ins.positions, ins.hidden]), &dev)
+        }
+        (None, None) => return Err("give --text or --instruction".into()),
+    };
     let t1 = Instant::now();
     let out = ip2p.apply(&work, cond, opts, &Noise::Seeded(opts.seed), &mut |i, n| {
         let el = t1.elapsed().as_secs_f64();

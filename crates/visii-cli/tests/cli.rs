@@ -69,3 +69,48 @@ fn apply_writes_an_edited_png() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a readable PNG or JPEG"));
     let _ = std::fs::remove_file(out_path);
 }
+
+#[test]
+fn learn_then_apply_the_instruction_file() {
+    let f = fixtures();
+    let dir = std::env::temp_dir().join(format!("visii-learn-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ins = dir.join("edit.visii.safetensors");
+    let log = dir.join("log.jsonl");
+    let out = visii(&[
+        "learn", "--model", f.join("tiny-ip2p").to_str().unwrap(), "--clip", f.join("tiny-clip").to_str().unwrap(),
+        "--before", f.join("images/before.png").to_str().unwrap(), "--after", f.join("images/after.png").to_str().unwrap(),
+        "-o", ins.to_str().unwrap(), "--steps", "4", "--size", "64", "--init", "a watercolor painting", "--seed", "5",
+        "--log", log.to_str().unwrap(), "--backend", "ndarray",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 4);
+    assert!(lines.iter().all(|l| l["mse"].as_f64().unwrap().is_finite() && l["t"].as_u64().unwrap() < 1000));
+    // The file validates and carries its metadata.
+    let bytes = std::fs::read(&ins).unwrap();
+    let loaded = visii_pipeline::instruction::load(&bytes, 32).unwrap();
+    assert_eq!((loaded.positions, loaded.hidden), (77, 32));
+    assert_eq!(loaded.metadata["init_caption"], "a watercolor painting");
+    assert_eq!(loaded.metadata["seed"], "5");
+    assert_eq!(loaded.metadata["steps_run"], "4");
+    // A model of another width refuses it, naming the model it needs.
+    let err = visii_pipeline::instruction::load(&bytes, 768).unwrap_err().to_string();
+    assert!(err.contains("width 32") && err.contains("tiny-ip2p"), "{err}");
+
+    let png = dir.join("out.png");
+    let out = visii(&[
+        "apply", "--model", f.join("tiny-ip2p").to_str().unwrap(), "--image", f.join("images/tall.png").to_str().unwrap(),
+        "--instruction", ins.to_str().unwrap(), "-o", png.to_str().unwrap(), "--steps", "2", "--backend", "ndarray",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(image::open(&png).unwrap().to_rgb8().dimensions(), (40, 72));
+    // A safetensors file that is not an instruction is refused with a clear message.
+    let out = visii(&[
+        "apply", "--model", f.join("tiny-ip2p").to_str().unwrap(), "--image", f.join("images/tall.png").to_str().unwrap(),
+        "--instruction", f.join("goldens/goldens.safetensors").to_str().unwrap(), "-o", png.to_str().unwrap(), "--backend", "ndarray",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a visii instruction"), "{}", String::from_utf8_lossy(&out.stderr));
+    let _ = std::fs::remove_dir_all(dir);
+}

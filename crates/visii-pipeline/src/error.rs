@@ -8,6 +8,8 @@ pub enum PipelineError {
     Model(#[from] ModelError),
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error("instruction file: {0}")]
+    Instruction(String),
     #[error("cancelled")]
     Cancelled,
 }

@@ -57,6 +57,8 @@ pub struct Inversion {
 /// Values of one step, measured before the update.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct StepStats {
+    /// Step index (0-based) in the learning loop.
+    pub step: usize,
     pub t: usize,
     pub mse: f32,
     pub cos: f32,
@@ -107,6 +109,7 @@ impl Inversion {
         let cos = (p.reshape([self.direction.dims()[0]]) * self.direction.clone().autodiff()).sum();
         let loss = mse.clone().mul_scalar(4.0) - cos.clone().clamp(-1.0, 0.5).mul_scalar(0.1);
         let stats = StepStats {
+            step: self.step as usize,
             t,
             mse: mse.clone().into_scalar::<f32>(),
             cos: cos.clone().into_scalar::<f32>(),
@@ -141,4 +144,145 @@ impl Inversion {
         let mask = Tensor::<3>::from_data(TensorData::new(keep, [1, rows, 1]), &self.c.device()).expand([1, rows, hidden]);
         self.c = self.c.clone() * mask.clone() + self.c0.clone() * (mask.neg().add_scalar(1.0));
     }
+}
+
+// ------------------------------------------------------------------ the learning loop
+
+use crate::error::{PipelineError, Result};
+use crate::image::RgbImage;
+use crate::rng::NoiseRng;
+use visii_models::loader::ClipVisionParts;
+use visii_models::ClipPreprocessConfig;
+
+/// Knobs of the shortened in-browser inversion (defaults: 256 px, 300 steps, stop after 100 steps
+/// without a new best MSE).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct LearnOptions {
+    pub steps: usize,
+    /// Longer side of the working size (multiple of 8).
+    pub size: usize,
+    pub seed: u64,
+    pub patience: usize,
+    pub adam: AdamWConfig,
+}
+
+impl Default for LearnOptions {
+    fn default() -> Self {
+        Self { steps: 300, size: 256, seed: 0, patience: 100, adam: AdamWConfig::default() }
+    }
+}
+
+/// A learned instruction: the conditional rows and how it was made.
+#[derive(Clone, Debug)]
+pub struct Learned {
+    /// [77, hidden], row-major.
+    pub rows: Vec<f32>,
+    pub positions: usize,
+    pub hidden: usize,
+    pub eos: usize,
+    pub init_caption: String,
+    pub seed: u64,
+    pub steps_run: usize,
+    pub best_mse: f32,
+    pub final_loss: f32,
+    pub history: Vec<StepStats>,
+}
+
+pub const TIMESTEP_STREAM: u64 = 3 << 32;
+pub const LEARN_NOISE_STREAM: u64 = 4 << 32;
+
+/// Timesteps for `steps` steps: one uniform draw from each of `steps` equal strata of 0..T, in a
+/// shuffled order, so the whole range is covered whatever the step count.
+pub fn stratified_timesteps(steps: usize, train_timesteps: usize, seed: u64) -> Vec<usize> {
+    let mut rng = NoiseRng::new(seed, TIMESTEP_STREAM);
+    let mut ts: Vec<usize> = (0..steps)
+        .map(|k| {
+            let lo = k * train_timesteps / steps;
+            let hi = ((k + 1) * train_timesteps / steps).max(lo + 1);
+            lo + rng.below((hi - lo) as u64) as usize
+        })
+        .collect();
+    for i in (1..ts.len()).rev() {
+        ts.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    ts
+}
+
+/// Learn an instruction from before/after pairs (cycled per step). `progress(stats, best_mse)`
+/// returning false stops early (the best instruction so far is kept).
+pub fn learn(
+    model: &Ip2p,
+    clip: &ClipVisionParts,
+    clip_pre: &ClipPreprocessConfig,
+    pairs: &[(RgbImage, RgbImage)],
+    init_caption: &str,
+    opts: &LearnOptions,
+    progress: &mut dyn FnMut(&StepStats, f32) -> bool,
+) -> Result<Learned> {
+    if pairs.is_empty() {
+        return Err(PipelineError::Config("at least one before/after pair is needed".into()));
+    }
+    let dev = &model.device;
+    // CLIP direction: mean over pairs of (after - before) image embeddings, normalised.
+    let embed = |img: &RgbImage| -> Result<Tensor<2>> {
+        let (px, [c, h, w]) = clip_pre.apply(&img.data, img.width, img.height)?;
+        Ok(clip.vision.image_embeds(Tensor::from_data(TensorData::new(px, [1, c, h, w]), dev)))
+    };
+    let mut diff: Option<Tensor<2>> = None;
+    let mut latents = vec![];
+    for (before, after) in pairs {
+        let d = embed(after)? - embed(before)?;
+        diff = Some(match diff { Some(acc) => acc + d, None => d });
+        let (w, h) = before.working_size(opts.size);
+        latents.push(PairLatents {
+            z_after: model.encode_image(&after.resized(w, h)).mul_scalar(model.vae.scaling_factor),
+            z_before: model.encode_image(&before.resized(w, h)),
+        });
+    }
+    let d = diff.expect("one pair at least");
+    let proj = d.dims()[1];
+    let d = d.reshape([proj]);
+    let direction = d.clone().div_scalar(d.powi_scalar(2).sum().sqrt().into_scalar::<f32>().max(1e-12));
+
+    let ids = model.token_ids(init_caption)?;
+    let eos = model.tokenizer.eos_position(&ids);
+    let c0 = model.encode_text(init_caption)?;
+    let [_, positions, hidden] = c0.dims();
+    let mut inv = Inversion::new(c0, model.encode_text("")?, direction, eos, opts.adam.clone());
+    let sigmas = model.scheduler.train_sigmas()?;
+    let ts = stratified_timesteps(opts.steps, sigmas.len(), opts.seed);
+    let (mut best, mut best_c, mut since_best) = (f32::INFINITY, inv.c.clone(), 0usize);
+    let mut history = vec![];
+    for (k, &t) in ts.iter().enumerate() {
+        let pair = &latents[k % latents.len()];
+        let [_, lc, h, w] = pair.z_after.dims();
+        let noise = Tensor::from_data(TensorData::new(NoiseRng::new(opts.seed, LEARN_NOISE_STREAM + k as u64).normal(lc * h * w), [1, lc, h, w]), dev);
+        let before_update = inv.c.clone();
+        let s = inv.step(model, &clip.text_projection, pair, t, sigmas[t], noise);
+        // The MSE is measured for the instruction before this update.
+        if s.mse < best {
+            best = s.mse;
+            best_c = before_update;
+            since_best = 0;
+        } else {
+            since_best += 1;
+        }
+        history.push(s.clone());
+        if !progress(&s, best) || (opts.patience > 0 && since_best >= opts.patience) {
+            break;
+        }
+    }
+    let rows: Vec<f32> = best_c.into_data().try_to_vec::<f32>().map_err(|e| PipelineError::Config(format!("{e:?}")))?;
+    Ok(Learned {
+        rows,
+        positions,
+        hidden,
+        eos,
+        init_caption: init_caption.into(),
+        seed: opts.seed,
+        steps_run: history.len(),
+        best_mse: best,
+        final_loss: history.last().map(|s| s.loss).unwrap_or(f32::NAN),
+        history,
+    })
 }

@@ -4,6 +4,7 @@
 pub mod apply;
 pub mod error;
 pub mod image;
+pub mod instruction;
 pub mod learn;
 pub mod rng;
 pub mod scheduler;
