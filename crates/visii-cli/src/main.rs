@@ -66,7 +66,7 @@ enum Command {
         #[arg(long)]
         image: std::path::PathBuf,
         /// A plain-text instruction, e.g. "turn it into a watercolor painting".
-        #[arg(long, required_unless_present = "instruction")]
+        #[arg(long = "prompt", alias = "text", required_unless_present = "instruction")]
         text: Option<String>,
         /// A learned instruction file (.visii.safetensors).
         #[arg(long, conflicts_with = "text")]
@@ -302,7 +302,7 @@ fn apply(
         true
     })?;
     eprintln!();
-    let v: Vec<f32> = out.into_data().to_vec().map_err(|e| format!("{e:?}"))?;
+    let v: Vec<f32> = out.into_data().try_to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
     let result = RgbImage::from_unit_floats(&v, w, h);
     std::fs::write(output, result.to_png()?).map_err(|e| format!("cannot write {}: {e}", output.display()))?;
     eprintln!("wrote {}", output.display());

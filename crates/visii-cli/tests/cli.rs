@@ -54,7 +54,7 @@ fn apply_writes_an_edited_png() {
     let out_path = std::env::temp_dir().join(format!("visii-apply-{}.png", std::process::id()));
     let out = visii(&[
         "apply", "--model", f.join("tiny-ip2p").to_str().unwrap(), "--image", f.join("images/tall.png").to_str().unwrap(),
-        "--text", "make it snowy", "-o", out_path.to_str().unwrap(), "--steps", "2", "--backend", "ndarray",
+        "--prompt", "make it snowy", "-o", out_path.to_str().unwrap(), "--steps", "2", "--backend", "ndarray",
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let img = image::open(&out_path).unwrap().to_rgb8();
@@ -64,7 +64,7 @@ fn apply_writes_an_edited_png() {
     assert!(diff > 1000, "the result equals the input");
     // A file that is not an image: exit code 2, a message naming the file.
     let out = visii(&["apply", "--model", f.join("tiny-ip2p").to_str().unwrap(), "--image", f.join("goldens/goldens.json").to_str().unwrap(),
-        "--text", "x", "-o", out_path.to_str().unwrap(), "--backend", "ndarray"]);
+        "--prompt", "x", "-o", out_path.to_str().unwrap(), "--backend", "ndarray"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a readable PNG or JPEG"));
     let _ = std::fs::remove_file(out_path);
