@@ -37,7 +37,8 @@ apt_install() {
 # --- native: Vulkan on the CPU (lavapipe) so the wgpu tests run anywhere
 deps_native() {
   have cargo || die "cargo not found: install Rust from https://rustup.rs"
-  if ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1 && ! ls /usr/share/vulkan/icd.d/*.json >/dev/null 2>&1; then
+  # lavapipe (Mesa's CPU Vulkan) and the Vulkan loader: what the wgpu tests run on without a GPU.
+  if ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1 || ! ldconfig -p 2>/dev/null | grep -q 'libvulkan.so.1'; then
     apt_install mesa-vulkan-drivers libvulkan1
   fi
 }
