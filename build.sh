@@ -101,6 +101,12 @@ build_wasm() {
 
 package_wasm() {
   build_wasm
+  local sum
+  sum=$(sha256sum "$WASM" | cut -d' ' -f1)
+  if [ -f "$DIST/pkg/visii_web_bg.wasm" ] && [ "$(cat "$DIST/pkg/.source-sha256" 2>/dev/null)" = "$sum" ]; then
+    log "dist/pkg is up to date"
+    return
+  fi
   deps_bindgen
   log "wasm-bindgen -> dist/pkg"
   rm -rf "$DIST/pkg"; mkdir -p "$DIST/pkg"
@@ -115,6 +121,7 @@ package_wasm() {
   local raw gz
   raw=$(stat -c %s "$DIST/pkg/visii_web_bg.wasm"); gz=$(gzip -9c "$DIST/pkg/visii_web_bg.wasm" | wc -c)
   log "shipped wasm: $((raw / 1024)) KiB, $((gz / 1024)) KiB gzipped"
+  echo "$sum" > "$DIST/pkg/.source-sha256"
 }
 
 serve_dir() {
