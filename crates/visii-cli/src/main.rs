@@ -29,11 +29,14 @@ enum Backend {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load every component of a model and print its key config values and parameter count.
+    /// Load every component of a model and print its key config values and parameter count, or
+    /// print an instruction file's metadata (`visii inspect EDIT.visii.safetensors`).
     Inspect {
+        /// An instruction file to describe.
+        file: Option<std::path::PathBuf>,
         /// An InstructPix2Pix folder in the diffusers layout (model_index.json, unet/, vae/, ...).
-        #[arg(long)]
-        model: std::path::PathBuf,
+        #[arg(long, required_unless_present = "file")]
+        model: Option<std::path::PathBuf>,
         /// A transformers CLIPModel folder (e.g. openai/clip-vit-large-patch14).
         #[arg(long)]
         clip: Option<std::path::PathBuf>,
@@ -82,9 +85,15 @@ enum Command {
         image_guidance: f32,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Longer side of the working size (rounded down to a multiple of 8).
-        #[arg(long, default_value_t = 512)]
-        max_size: usize,
+        /// Working size: `WxH` (multiples of 8), or one number for the longer side.
+        #[arg(long, default_value = "512")]
+        size: String,
+        /// Extra words for a learned instruction (hybrid: "<learned> + a husky").
+        #[arg(long, requires = "instruction")]
+        extra: Option<String>,
+        /// Explicit sampling noises (safetensors: `init` [1, 4, h, w], `step_noise` [steps, 4, h, w]).
+        #[arg(long)]
+        noise: Option<std::path::PathBuf>,
         #[arg(long, value_enum, default_value = "wgpu")]
         backend: Backend,
     },
@@ -107,11 +116,14 @@ enum Command {
         init: String,
         #[arg(long, default_value_t = 300)]
         steps: usize,
-        /// Longer side of the working size.
-        #[arg(long, default_value_t = 256)]
-        size: usize,
+        /// Working size: `WxH` (multiples of 8), or one number for the longer side.
+        #[arg(long, default_value = "256")]
+        size: String,
         #[arg(long, default_value_t = 1e-3)]
         lr: f64,
+        /// Explicit timesteps and noises (safetensors: `timesteps` [N] int64, `noises` [N, 4, h, w]).
+        #[arg(long)]
+        schedule: Option<std::path::PathBuf>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Stop after this many steps without a new best MSE (0: never).
@@ -145,16 +157,24 @@ fn device(b: Backend) -> Device {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Inspect { model, clip, json, backend } => inspect(&model, clip.as_deref(), json, device(backend)),
+        Command::Inspect { file: Some(f), .. } => inspect_instruction(&f),
+        Command::Inspect { file: None, model, clip, json, backend } => {
+            inspect(model.as_deref().expect("clap requires --model"), clip.as_deref(), json, device(backend))
+        }
         Command::Bench { latent, backends, runs } => bench(latent, &backends, runs),
         Command::BenchOne { latent, backend, runs } => bench_one(latent, backend, runs),
-        Command::Apply { model, image, text, instruction, output, steps, guidance, image_guidance, seed, max_size, backend } => {
+        Command::Apply { model, image, text, instruction, output, steps, guidance, image_guidance, seed, size, extra, noise, backend } => {
             let opts = ApplyOptions { steps, guidance, image_guidance, seed };
-            apply(&model, &image, text.as_deref(), instruction.as_deref(), &output, &opts, max_size, device(backend))
+            parse_size(&size).and_then(|size| {
+                let how = ApplyInputs { text: text.as_deref(), instruction: instruction.as_deref(), extra: extra.as_deref(), noise: noise.as_deref(), size };
+                apply(&model, &image, &how, &output, &opts, device(backend))
+            })
         }
-        Command::Learn { model, clip, before, after, output, init, steps, size, lr, seed, patience, log, backend } => {
-            let opts = LearnOptions { steps, size, seed, patience, adam: AdamWConfig { lr, ..AdamWConfig::default() } };
-            learn_cmd(&model, &clip, &before, &after, &output, &init, &opts, log.as_deref(), device(backend))
+        Command::Learn { model, clip, before, after, output, init, steps, size, lr, schedule, seed, patience, log, backend } => {
+            parse_size(&size).and_then(|(side, exact)| {
+                let opts = LearnOptions { steps, size: side, exact_size: exact, seed, patience, adam: AdamWConfig { lr, ..AdamWConfig::default() } };
+                learn_cmd(&model, &clip, &before, &after, &output, &init, &opts, schedule.as_deref(), log.as_deref(), device(backend))
+            })
         }
     };
     match result {
@@ -236,9 +256,16 @@ fn learn_cmd(
     output: &std::path::Path,
     init: &str,
     opts: &LearnOptions,
+    schedule: Option<&std::path::Path>,
     log: Option<&std::path::Path>,
     dev: Device,
 ) -> Result<(), Box<dyn std::error::Error>> {
+    let schedule = match schedule {
+        Some(p) => Some(visii_pipeline::repro::read_schedule(&std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?)
+            .map_err(|e| format!("{}: {e}", p.display()))?),
+        None => None,
+    };
+    let total = schedule.as_ref().map(|s| s.timesteps.len()).unwrap_or(opts.steps);
     if before.len() != after.len() {
         return Err(format!("{} --before images but {} --after images: give them in pairs", before.len(), after.len()).into());
     }
@@ -249,10 +276,10 @@ fn learn_cmd(
     let pre = cf.preprocess_config()?;
     let mut log_file = log.map(std::fs::File::create).transpose()?;
     let t0 = Instant::now();
-    let learned = learn(&ip2p, &parts, &pre, &pairs, init, opts, &mut |s, best| {
+    let learned = learn(&ip2p, &parts, &pre, &pairs, init, opts, schedule.as_ref(), &mut |s, best| {
         let k = s.step + 1;
         let el = t0.elapsed().as_secs_f64();
-        eprint!("\r  step {k}/{}  t={:<4} mse {:.4} cos {:+.3} loss {:.4} best {:.4}  ETA {:.0} s   ", opts.steps, s.t, s.mse, s.cos, s.loss, best, el / k as f64 * (opts.steps - k) as f64);
+        eprint!("\r  step {k}/{}  t={:<4} mse {:.4} cos {:+.3} loss {:.4} best {:.4}  ETA {:.0} s   ", total, s.t, s.mse, s.cos, s.loss, best, el / k as f64 * total.saturating_sub(k) as f64);
         if let Some(f) = log_file.as_mut() {
             use std::io::Write;
             let _ = writeln!(f, "{}", serde_json::to_string(s).unwrap_or_default());
@@ -261,27 +288,67 @@ fn learn_cmd(
     })?;
     eprintln!();
     let name = model.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-    let bytes = visii_pipeline::instruction::save(&learned, &[("model", name)])?;
+    let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let bytes = visii_pipeline::instruction::save(
+        &learned,
+        &[("model", name), ("created_at_unix", created.to_string()), ("hyper_parameters", serde_json::to_string(opts)?)],
+    )?;
     std::fs::write(output, bytes).map_err(|e| format!("cannot write {}: {e}", output.display()))?;
     eprintln!("{} steps, best mse {:.4}: wrote {}", learned.steps_run, learned.best_mse, output.display());
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
+/// `N` (longer side) or `WxH` (exact, multiples of 8).
+fn parse_size(s: &str) -> Result<(usize, Option<(usize, usize)>), Box<dyn std::error::Error>> {
+    let bad = || format!("--size {s:?}: give WxH with multiples of 8 (e.g. 512x384) or one number for the longer side");
+    if let Some((w, h)) = s.split_once(['x', 'X']) {
+        let (w, h): (usize, usize) = (w.trim().parse().map_err(|_| bad())?, h.trim().parse().map_err(|_| bad())?);
+        if w == 0 || h == 0 || w % 8 != 0 || h % 8 != 0 {
+            return Err(bad().into());
+        }
+        Ok((w.max(h), Some((w, h))))
+    } else {
+        let n: usize = s.trim().parse().map_err(|_| bad())?;
+        if n < 8 {
+            return Err(bad().into());
+        }
+        Ok((n, None))
+    }
+}
+
+struct ApplyInputs<'a> {
+    text: Option<&'a str>,
+    instruction: Option<&'a std::path::Path>,
+    extra: Option<&'a str>,
+    noise: Option<&'a std::path::Path>,
+    size: (usize, Option<(usize, usize)>),
+}
+
+fn inspect_instruction(path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let ins = visii_pipeline::instruction::peek(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut keys: Vec<_> = ins.metadata.iter().collect();
+    keys.sort();
+    println!("{}: instruction [{} x {}], learned span 1..{}", path.display(), ins.positions, ins.hidden, ins.eos);
+    for (k, v) in keys {
+        println!("  {k:<18} {v}");
+    }
+    Ok(())
+}
+
 fn apply(
     model: &std::path::Path,
     image: &std::path::Path,
-    text: Option<&str>,
-    instruction: Option<&std::path::Path>,
+    how: &ApplyInputs,
     output: &std::path::Path,
     opts: &ApplyOptions,
-    max_size: usize,
     dev: Device,
 ) -> Result<(), Box<dyn std::error::Error>> {
+    let (text, instruction) = (how.text, how.instruction);
     let input = read_image(image)?;
     let t0 = Instant::now();
     let ip2p = Ip2p::from_folder(&Ip2pFolder::open(model)?, &dev)?;
-    let (w, h) = input.working_size(max_size);
+    let (w, h) = how.size.1.unwrap_or_else(|| input.working_size(how.size.0));
     eprintln!("loaded {} in {:.1} s; editing at {w}x{h}", model.display(), t0.elapsed().as_secs_f64());
     let work = input.resized(w, h);
     let cond = match (text, instruction) {
@@ -290,12 +357,30 @@ fn apply(
             let bytes = std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
             let hidden = ip2p.text.final_layer_norm.gamma.dims()[0];
             let ins = visii_pipeline::instruction::load(&bytes, hidden).map_err(|e| format!("{}: {e}", p.display()))?;
-            burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(ins.rows, [1, ins.positions, ins.hidden]), &dev)
+            let cond = burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(ins.rows, [1, ins.positions, ins.hidden]), &dev);
+            match how.extra {
+                Some(extra) => {
+                    let (e, e_eos) = ip2p.encode_text_with_eos(extra)?;
+                    visii_pipeline::hybrid(cond, ins.eos, e, e_eos)
+                }
+                None => cond,
+            }
         }
         (None, None) => return Err("give --text or --instruction".into()),
     };
     let t1 = Instant::now();
-    let out = ip2p.apply(&work, cond, opts, &Noise::Seeded(opts.seed), &mut |i, n| {
+    let noise = match how.noise {
+        Some(p) => {
+            let (noise, n) = visii_pipeline::repro::read_noise(&std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?)
+                .map_err(|e| format!("{}: {e}", p.display()))?;
+            if n < opts.steps {
+                return Err(format!("{}: {n} step noises for {} steps", p.display(), opts.steps).into());
+            }
+            noise
+        }
+        None => Noise::Seeded(opts.seed),
+    };
+    let out = ip2p.apply(&work, cond, opts, &noise, &mut |i, n| {
         let el = t1.elapsed().as_secs_f64();
         let eta = if i > 0 { el / i as f64 * (n - i) as f64 } else { 0.0 };
         eprint!("\r  step {i}/{n}  {el:.1} s elapsed, ETA {eta:.1} s   ");

@@ -114,3 +114,69 @@ fn learn_then_apply_the_instruction_file() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a visii instruction"), "{}", String::from_utf8_lossy(&out.stderr));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `learn --schedule` with the reference's timesteps and noises reproduces its per-step losses;
+/// `apply --noise` with diffusers' noises reproduces its image (the "done when").
+#[test]
+fn reproducibility_files_reproduce_the_references() {
+    let f = fixtures();
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(f.join("goldens/goldens.json")).unwrap()).unwrap();
+    let dir = std::env::temp_dir().join(format!("visii-repro-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ins, log) = (dir.join("r.visii.safetensors"), dir.join("r.jsonl"));
+    let out = visii(&[
+        "learn", "--model", f.join("tiny-ip2p").to_str().unwrap(), "--clip", f.join("tiny-clip").to_str().unwrap(),
+        "--before", f.join("images/before.png").to_str().unwrap(), "--after", f.join("images/after.png").to_str().unwrap(),
+        "-o", ins.to_str().unwrap(), "--size", "80x56", "--init", meta["learn"]["init"].as_str().unwrap(),
+        "--schedule", f.join("goldens/learn_schedule.safetensors").to_str().unwrap(), "--log", log.to_str().unwrap(), "--backend", "ndarray",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let want = meta["learn"]["stats_mse_cos_loss"].as_array().unwrap();
+    assert_eq!(lines.len(), want.len());
+    for (k, (got, w)) in lines.iter().zip(want).enumerate() {
+        assert_eq!(got["step"], k);
+        for (i, key) in ["mse", "cos", "loss"].iter().enumerate() {
+            let (a, b) = (got[key].as_f64().unwrap(), w[i].as_f64().unwrap());
+            assert!((a - b).abs() <= 1e-4 * b.abs().max(0.1), "step {k} {key}: {a} vs reference {b}");
+        }
+    }
+    // inspect FILE describes the instruction.
+    let out = visii(&["inspect", ins.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("init_caption") && text.contains("a photo of a cat") && text.contains("[77 x 32]"), "{text}");
+
+    let png = dir.join("r.png");
+    let a = &meta["apply"];
+    let out = visii(&[
+        "apply", "--model", f.join("tiny-ip2p").to_str().unwrap(), "--image", f.join("images/before.png").to_str().unwrap(),
+        "--prompt", a["prompt"].as_str().unwrap(), "--steps", &a["steps"].to_string(), "--size", "80x56",
+        "--noise", f.join("goldens/apply_noise.safetensors").to_str().unwrap(), "-o", png.to_str().unwrap(), "--backend", "ndarray",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let img = image::open(&png).unwrap().to_rgb8();
+    let g = visii_models::WeightFile::from_path(f.join("goldens/goldens.safetensors")).unwrap();
+    let want = g.read_f32("apply.output").unwrap();
+    let (w, h) = img.dimensions();
+    let n = (w * h) as usize;
+    let mut worst = 0f32;
+    for (i, p) in img.pixels().enumerate() {
+        for c in 0..3 {
+            worst = worst.max((p[c] as f32 - want[c * n + i] * 255.0).abs());
+        }
+    }
+    assert!(worst <= 0.51, "pixels differ from diffusers' by up to {worst} levels");
+
+    // Hybrid: a learned instruction plus extra words runs and changes the result.
+    let hy = dir.join("h.png");
+    let out = visii(&[
+        "apply", "--model", f.join("tiny-ip2p").to_str().unwrap(), "--image", f.join("images/before.png").to_str().unwrap(),
+        "--instruction", ins.to_str().unwrap(), "--extra", "a husky", "--steps", "2", "-o", hy.to_str().unwrap(), "--backend", "ndarray",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = visii(&["apply", "--model", "x", "--image", "y", "--prompt", "z", "-o", "o.png", "--size", "81x56"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("multiples of 8"));
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -70,6 +70,12 @@ impl Ip2p {
         Ok(self.text.forward(Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &self.device)))
     }
 
+    /// Text -> (conditioning, position of its EOS).
+    pub fn encode_text_with_eos(&self, text: &str) -> Result<(Tensor<3>, usize)> {
+        let ids = self.token_ids(text)?;
+        Ok((self.encode_text(text)?, self.tokenizer.eos_position(&ids)))
+    }
+
     /// Image -> unscaled latent mode [1, 4, H/8, W/8] (InstructPix2Pix's image conditioning).
     pub fn encode_image(&self, image: &RgbImage) -> Tensor<4> {
         self.vae.encode_mode(image.to_tensor(&self.device))
@@ -138,4 +144,18 @@ impl Ip2p {
     fn unet_out_channels(&self) -> usize {
         self.unet.conv_out.weight.dims()[0]
     }
+}
+
+/// Hybrid instruction: the extra text's own token rows (positions `1..extra_eos` of its encoding)
+/// written into the learned `cond` starting 2 positions after the learned span's EOS (algorithm.md),
+/// cut at the last position. `cond` and `extra` are [1, positions, hidden].
+pub fn hybrid(cond: Tensor<3>, eos: usize, extra: Tensor<3>, extra_eos: usize) -> Tensor<3> {
+    let [_, positions, hidden] = cond.dims();
+    let start = eos + 2;
+    if start >= positions || extra_eos <= 1 {
+        return cond;
+    }
+    let n = (extra_eos - 1).min(positions - start);
+    let rows = extra.slice([0..1, 1..1 + n, 0..hidden]);
+    cond.slice_assign([0..1, start..start + n, 0..hidden], rows)
 }

@@ -51,6 +51,13 @@ pub fn save(learned: &Learned, extra: &[(&str, String)]) -> Result<Vec<u8>> {
     safetensors::serialize([("instruction", view)], Some(meta)).map_err(|e| bad(e.to_string()))
 }
 
+/// Parse and validate an instruction file without a model at hand (its own width is used).
+pub fn peek(bytes: &[u8]) -> Result<Instruction> {
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|_| bad("this is not a visii instruction file (not safetensors data)"))?;
+    let hidden = st.tensor("instruction").map(|t| t.shape().get(1).copied().unwrap_or(0)).unwrap_or(0);
+    load(bytes, hidden)
+}
+
 /// Parse and validate an instruction file for a text encoder of width `hidden`.
 pub fn load(bytes: &[u8], hidden: usize) -> Result<Instruction> {
     if bytes.len() > MAX_BYTES {

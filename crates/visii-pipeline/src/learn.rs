@@ -161,6 +161,8 @@ pub struct LearnOptions {
     pub steps: usize,
     /// Longer side of the working size (multiple of 8).
     pub size: usize,
+    /// An exact working size (W, H) instead of `size`.
+    pub exact_size: Option<(usize, usize)>,
     pub seed: u64,
     pub patience: usize,
     pub adam: AdamWConfig,
@@ -168,7 +170,7 @@ pub struct LearnOptions {
 
 impl Default for LearnOptions {
     fn default() -> Self {
-        Self { steps: 300, size: 256, seed: 0, patience: 100, adam: AdamWConfig::default() }
+        Self { steps: 300, size: 256, exact_size: None, seed: 0, patience: 100, adam: AdamWConfig::default() }
     }
 }
 
@@ -217,6 +219,7 @@ pub fn learn(
     pairs: &[(RgbImage, RgbImage)],
     init_caption: &str,
     opts: &LearnOptions,
+    schedule: Option<&crate::repro::Schedule>,
     progress: &mut dyn FnMut(&StepStats, f32) -> bool,
 ) -> Result<Learned> {
     if pairs.is_empty() {
@@ -233,7 +236,11 @@ pub fn learn(
     for (before, after) in pairs {
         let d = embed(after)? - embed(before)?;
         diff = Some(match diff { Some(acc) => acc + d, None => d });
-        let (w, h) = before.working_size(opts.size);
+        let (w, h) = match opts.exact_size {
+            Some((w, h)) if w % 8 == 0 && h % 8 == 0 && w > 0 && h > 0 => (w, h),
+            Some((w, h)) => return Err(PipelineError::Config(format!("size {w}x{h}: both sides must be positive multiples of 8"))),
+            None => before.working_size(opts.size),
+        };
         latents.push(PairLatents {
             z_after: model.encode_image(&after.resized(w, h)).mul_scalar(model.vae.scaling_factor),
             z_before: model.encode_image(&before.resized(w, h)),
@@ -250,13 +257,31 @@ pub fn learn(
     let [_, positions, hidden] = c0.dims();
     let mut inv = Inversion::new(c0, model.encode_text("")?, direction, eos, opts.adam.clone());
     let sigmas = model.scheduler.train_sigmas()?;
-    let ts = stratified_timesteps(opts.steps, sigmas.len(), opts.seed);
+    let ts = match schedule {
+        Some(s) => {
+            if let Some(t) = s.timesteps.iter().find(|&&t| t >= sigmas.len()) {
+                return Err(PipelineError::Config(format!("schedule timestep {t} is outside 0..{}", sigmas.len())));
+            }
+            s.timesteps.clone()
+        }
+        None => stratified_timesteps(opts.steps, sigmas.len(), opts.seed),
+    };
     let (mut best, mut best_c, mut since_best) = (f32::INFINITY, inv.c.clone(), 0usize);
     let mut history = vec![];
     for (k, &t) in ts.iter().enumerate() {
         let pair = &latents[k % latents.len()];
         let [_, lc, h, w] = pair.z_after.dims();
-        let noise = Tensor::from_data(TensorData::new(NoiseRng::new(opts.seed, LEARN_NOISE_STREAM + k as u64).normal(lc * h * w), [1, lc, h, w]), dev);
+        let values = match schedule {
+            Some(s) => {
+                let v = s.noises[k].clone();
+                if v.len() != lc * h * w {
+                    return Err(PipelineError::Config(format!("schedule noise {k} has {} values; the latents need {lc}x{h}x{w}", v.len())));
+                }
+                v
+            }
+            None => NoiseRng::new(opts.seed, LEARN_NOISE_STREAM + k as u64).normal(lc * h * w),
+        };
+        let noise = Tensor::from_data(TensorData::new(values, [1, lc, h, w]), dev);
         let before_update = inv.c.clone();
         let s = inv.step(model, &clip.text_projection, pair, t, sigmas[t], noise);
         // The MSE is measured for the instruction before this update.

@@ -6,11 +6,12 @@ pub mod error;
 pub mod image;
 pub mod instruction;
 pub mod learn;
+pub mod repro;
 pub mod rng;
 pub mod scheduler;
 
 pub use error::{PipelineError, Result};
-pub use apply::{ApplyOptions, Ip2p, Noise};
+pub use apply::{hybrid, ApplyOptions, Ip2p, Noise};
 pub use image::RgbImage;
 pub use rng::NoiseRng;
 pub use scheduler::{EulerAncestral, SchedulerConfig};

@@ -79,3 +79,27 @@ fn seeded_apply_is_reproducible_and_seed_dependent() {
     let err = model.apply(&image, cond, &opts, &Noise::Seeded(1), &mut |i, _| i < 1).unwrap_err();
     assert!(err.to_string().contains("cancelled"));
 }
+
+#[test]
+fn hybrid_writes_extra_rows_after_the_learned_span() {
+    let device = Device::ndarray();
+    let model = Ip2p::from_folder(&Ip2pFolder::open(fixtures().join("tiny-ip2p")).unwrap(), &device).unwrap();
+    let (cond, eos) = model.encode_text_with_eos("a watercolor painting").unwrap();
+    let (extra, extra_eos) = model.encode_text_with_eos("a husky").unwrap();
+    assert_eq!((eos, extra_eos), (4, 3));
+    let mixed = visii_pipeline::hybrid(cond.clone(), eos, extra.clone(), extra_eos);
+    let (c, e, m): (Vec<f32>, Vec<f32>, Vec<f32>) = (
+        cond.into_data().to_vec().unwrap(),
+        extra.into_data().to_vec().unwrap(),
+        mixed.into_data().to_vec().unwrap(),
+    );
+    let row = |v: &[f32], i: usize| v[i * 32..(i + 1) * 32].to_vec();
+    for i in 0..eos + 2 {
+        assert_eq!(row(&m, i), row(&c, i), "row {i} keeps the learned instruction");
+    }
+    assert_eq!(row(&m, eos + 2), row(&e, 1), "first extra token");
+    assert_eq!(row(&m, eos + 3), row(&e, 2), "second extra token");
+    for i in eos + 4..77 {
+        assert_eq!(row(&m, i), row(&c, i), "row {i} after the extra tokens");
+    }
+}
