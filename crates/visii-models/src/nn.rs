@@ -1,7 +1,7 @@
 //! Layer loaders (weights by state-dict name -> burn modules) and the attention shared by every
 //! network. PyTorch stores Linear weights as [out, in]; burn wants [in, out]: transposed on load.
 
-use burn::module::{Module, Param};
+use burn::module::Param;
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, LayerNorm, LayerNormConfig, Linear, PaddingConfig2d};
 use burn::tensor::activation::softmax;
@@ -86,9 +86,4 @@ pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, causal:
     }
     let probs = softmax(scores, 3);
     probs.matmul(v).swap_dims(1, 2).reshape([b, n, inner])
-}
-
-/// A module's parameter count (used by `inspect` as a cross-check of what the loader consumed).
-pub fn num_params<M: Module>(m: &M) -> usize {
-    m.num_params()
 }

@@ -108,13 +108,12 @@ impl Inversion {
         let p = p.clone().div(p.powi_scalar(2).sum().sqrt().reshape([1, 1]));
         let cos = (p.reshape([self.direction.dims()[0]]) * self.direction.clone().autodiff()).sum();
         let loss = mse.clone().mul_scalar(4.0) - cos.clone().clamp(-1.0, 0.5).mul_scalar(0.1);
-        let stats = StepStats {
-            step: self.step as usize,
-            t,
-            mse: mse.clone().into_scalar::<f32>(),
-            cos: cos.clone().into_scalar::<f32>(),
-            loss: loss.clone().into_scalar::<f32>(),
-        };
+        // One readback for the three values (not three).
+        let vals: Vec<f32> = Tensor::cat(vec![mse.clone(), cos.clone(), loss.clone()], 0)
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap_or_else(|_| vec![f32::NAN; 3]);
+        let stats = StepStats { step: self.step as usize, t, mse: vals[0], cos: vals[1], loss: vals[2] };
         let grads = loss.backward();
         let g = c.grad(&grads).expect("gradient w.r.t. the instruction").clamp(-self.clip_value, self.clip_value);
         self.adamw(g);
@@ -249,7 +248,7 @@ pub fn learn(
     let d = diff.expect("one pair at least");
     let proj = d.dims()[1];
     let d = d.reshape([proj]);
-    let direction = d.clone().div_scalar(d.powi_scalar(2).sum().sqrt().into_scalar::<f32>().max(1e-12));
+    let direction = d.clone().div(d.powi_scalar(2).sum().sqrt().clamp_min(1e-12));
 
     let ids = model.token_ids(init_caption)?;
     let eos = model.tokenizer.eos_position(&ids);
