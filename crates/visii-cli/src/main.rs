@@ -9,11 +9,17 @@ use burn::tensor::{Device, DeviceKind, Distribution, Tensor};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 use visii_models::{presets, ClipFolder, Ip2pFolder, UNet2DConditionModel, Weights};
+use visii_pipeline::caption::CaptionOptions;
+use visii_pipeline::instruction::SaveInfo;
 use visii_pipeline::learn::{learn, AdamWConfig, LearnOptions};
-use visii_pipeline::{ApplyOptions, Ip2p, Noise, RgbImage};
+use visii_pipeline::{ApplyOptions, Ip2p, ModelIdentity, Noise, RgbImage};
 
 #[derive(Parser)]
-#[command(name = "visii", version, about = "Learn an image edit from one before/after pair and repeat it (Visual Instruction Inversion)")]
+#[command(
+    name = "visii",
+    version,
+    about = "Learn an image edit from one before/after pair and repeat it (Visual Instruction Inversion)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -54,7 +60,12 @@ enum Command {
         #[arg(long, default_value_t = 32)]
         latent: usize,
         /// Backends to measure, in order.
-        #[arg(long, value_enum, value_delimiter = ',', default_value = "wgpu,ndarray")]
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "wgpu,ndarray"
+        )]
         backends: Vec<Backend>,
         /// Forward passes after the warm-up one.
         #[arg(long, default_value_t = 1)]
@@ -69,7 +80,11 @@ enum Command {
         #[arg(long)]
         image: std::path::PathBuf,
         /// A plain-text instruction, e.g. "turn it into a watercolor painting".
-        #[arg(long = "prompt", alias = "text", required_unless_present = "instruction")]
+        #[arg(
+            long = "prompt",
+            alias = "text",
+            required_unless_present = "instruction"
+        )]
         text: Option<String>,
         /// A learned instruction file (.visii.safetensors).
         #[arg(long, conflicts_with = "text")]
@@ -94,6 +109,12 @@ enum Command {
         /// Explicit sampling noises (safetensors: `init` [1, 4, h, w], `step_noise` [steps, 4, h, w]).
         #[arg(long)]
         noise: Option<std::path::PathBuf>,
+        /// Sample with the noises the instruction was learned with (the paper's noise reuse).
+        #[arg(long, requires = "instruction", conflicts_with = "noise")]
+        reuse_noise: bool,
+        /// Apply an instruction even though it was learned on another model.
+        #[arg(long)]
+        allow_foreign_model: bool,
         #[arg(long, value_enum, default_value = "wgpu")]
         backend: Backend,
     },
@@ -111,9 +132,12 @@ enum Command {
         after: Vec<std::path::PathBuf>,
         #[arg(short, long)]
         output: std::path::PathBuf,
-        /// Initial caption of the after image.
-        #[arg(long, default_value = "a photo")]
-        init: String,
+        /// Initial caption of the after image (default: searched automatically with CLIP).
+        #[arg(long)]
+        init: Option<String>,
+        /// Iterations of the automatic caption search (when --init is not given).
+        #[arg(long, default_value_t = 150)]
+        caption_iterations: usize,
         #[arg(long, default_value_t = 300)]
         steps: usize,
         /// Working size: `WxH` (multiples of 8), or one number for the longer side.
@@ -158,24 +182,113 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect { file: Some(f), .. } => inspect_instruction(&f),
-        Command::Inspect { file: None, model, clip, json, backend } => {
-            inspect(model.as_deref().expect("clap requires --model"), clip.as_deref(), json, device(backend))
-        }
-        Command::Bench { latent, backends, runs } => bench(latent, &backends, runs),
-        Command::BenchOne { latent, backend, runs } => bench_one(latent, backend, runs),
-        Command::Apply { model, image, text, instruction, output, steps, guidance, image_guidance, seed, size, extra, noise, backend } => {
-            let opts = ApplyOptions { steps, guidance, image_guidance, seed };
+        Command::Inspect {
+            file: None,
+            model,
+            clip,
+            json,
+            backend,
+        } => inspect(
+            model.as_deref().expect("clap requires --model"),
+            clip.as_deref(),
+            json,
+            device(backend),
+        ),
+        Command::Bench {
+            latent,
+            backends,
+            runs,
+        } => bench(latent, &backends, runs),
+        Command::BenchOne {
+            latent,
+            backend,
+            runs,
+        } => bench_one(latent, backend, runs),
+        Command::Apply {
+            model,
+            image,
+            text,
+            instruction,
+            output,
+            steps,
+            guidance,
+            image_guidance,
+            seed,
+            size,
+            extra,
+            noise,
+            reuse_noise,
+            allow_foreign_model,
+            backend,
+        } => {
+            let opts = ApplyOptions {
+                steps,
+                guidance,
+                image_guidance,
+                seed,
+            };
             parse_size(&size).and_then(|size| {
-                let how = ApplyInputs { text: text.as_deref(), instruction: instruction.as_deref(), extra: extra.as_deref(), noise: noise.as_deref(), size };
+                let how = ApplyInputs {
+                    text: text.as_deref(),
+                    instruction: instruction.as_deref(),
+                    extra: extra.as_deref(),
+                    noise: noise.as_deref(),
+                    size,
+                    reuse_noise,
+                    allow_foreign_model,
+                };
                 apply(&model, &image, &how, &output, &opts, device(backend))
             })
         }
-        Command::Learn { model, clip, before, after, output, init, steps, size, lr, schedule, seed, patience, log, backend } => {
-            parse_size(&size).and_then(|(side, exact)| {
-                let opts = LearnOptions { steps, size: side, exact_size: exact, seed, patience, adam: AdamWConfig { lr, ..AdamWConfig::default() } };
-                learn_cmd(&model, &clip, &before, &after, &output, &init, &opts, schedule.as_deref(), log.as_deref(), device(backend))
-            })
-        }
+        Command::Learn {
+            model,
+            clip,
+            before,
+            after,
+            output,
+            init,
+            caption_iterations,
+            steps,
+            size,
+            lr,
+            schedule,
+            seed,
+            patience,
+            log,
+            backend,
+        } => parse_size(&size).and_then(|(side, exact)| {
+            let opts = LearnOptions {
+                steps,
+                size: side,
+                exact_size: exact,
+                seed,
+                patience,
+                adam: AdamWConfig {
+                    lr,
+                    ..AdamWConfig::default()
+                },
+            };
+            let init = match init {
+                Some(t) => Init::Text(t),
+                None => Init::Search(CaptionOptions {
+                    iterations: caption_iterations,
+                    seed,
+                    ..CaptionOptions::default()
+                }),
+            };
+            learn_cmd(
+                &model,
+                &clip,
+                &before,
+                &after,
+                &output,
+                &init,
+                &opts,
+                schedule.as_deref(),
+                log.as_deref(),
+                device(backend),
+            )
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -186,7 +299,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn inspect(model: &std::path::Path, clip: Option<&std::path::Path>, as_json: bool, dev: Device) -> Result<(), Box<dyn std::error::Error>> {
+fn inspect(
+    model: &std::path::Path,
+    clip: Option<&std::path::Path>,
+    as_json: bool,
+    dev: Device,
+) -> Result<(), Box<dyn std::error::Error>> {
     let folder = Ip2pFolder::open(model)?;
     let unet = folder.unet(&dev)?;
     let u = &unet.config;
@@ -230,13 +348,21 @@ fn inspect(model: &std::path::Path, clip: Option<&std::path::Path>, as_json: boo
         );
     }
     if as_json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::Value::Object(report))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::Value::Object(report))?
+        );
     } else {
         println!("{:<14} {:>14}  config", "component", "parameters");
         for (k, v) in &report {
             let mut rest = v.as_object().unwrap().clone();
             let p = rest.remove("params").and_then(|p| p.as_u64()).unwrap_or(0);
-            println!("{:<14} {:>14}  {}", k, group_digits(p), serde_json::Value::Object(rest));
+            println!(
+                "{:<14} {:>14}  {}",
+                k,
+                group_digits(p),
+                serde_json::Value::Object(rest)
+            );
         }
     }
     Ok(())
@@ -254,55 +380,138 @@ fn learn_cmd(
     before: &[std::path::PathBuf],
     after: &[std::path::PathBuf],
     output: &std::path::Path,
-    init: &str,
+    init: &Init,
     opts: &LearnOptions,
     schedule: Option<&std::path::Path>,
     log: Option<&std::path::Path>,
     dev: Device,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let schedule = match schedule {
-        Some(p) => Some(visii_pipeline::repro::read_schedule(&std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?)
-            .map_err(|e| format!("{}: {e}", p.display()))?),
+        Some(p) => Some(
+            visii_pipeline::repro::read_schedule(
+                &std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?,
+            )
+            .map_err(|e| format!("{}: {e}", p.display()))?,
+        ),
         None => None,
     };
-    let total = schedule.as_ref().map(|s| s.timesteps.len()).unwrap_or(opts.steps);
+    let total = schedule
+        .as_ref()
+        .map(|s| s.timesteps.len())
+        .unwrap_or(opts.steps);
     if before.len() != after.len() {
-        return Err(format!("{} --before images but {} --after images: give them in pairs", before.len(), after.len()).into());
+        return Err(format!(
+            "{} --before images but {} --after images: give them in pairs",
+            before.len(),
+            after.len()
+        )
+        .into());
     }
-    let pairs = before.iter().zip(after).map(|(b, a)| Ok((read_image(b)?, read_image(a)?))).collect::<Result<Vec<_>, Box<dyn std::error::Error>>>()?;
+    let pairs = before
+        .iter()
+        .zip(after)
+        .map(|(b, a)| Ok((read_image(b)?, read_image(a)?)))
+        .collect::<Result<Vec<_>, Box<dyn std::error::Error>>>()?;
     let ip2p = Ip2p::from_folder(&Ip2pFolder::open(model)?, &dev)?;
     let cf = ClipFolder::open(clip)?;
     let parts = cf.vision(&dev)?.model;
     let pre = cf.preprocess_config()?;
     let mut log_file = log.map(std::fs::File::create).transpose()?;
-    let t0 = Instant::now();
-    let learned = learn(&ip2p, &parts, &pre, &pairs, init, opts, schedule.as_ref(), &mut |s, best| {
-        let k = s.step + 1;
-        let el = t0.elapsed().as_secs_f64();
-        eprint!("\r  step {k}/{}  t={:<4} mse {:.4} cos {:+.3} loss {:.4} best {:.4}  ETA {:.0} s   ", total, s.t, s.mse, s.cos, s.loss, best, el / k as f64 * total.saturating_sub(k) as f64);
-        if let Some(f) = log_file.as_mut() {
-            use std::io::Write;
-            let _ = writeln!(f, "{}", serde_json::to_string(s).unwrap_or_default());
+    let caption = match init {
+        Init::Text(t) => t.clone(),
+        Init::Search(copts) => {
+            let target = visii_pipeline::learn::after_target(&parts, &pre, &pairs, &dev)?;
+            let t0 = Instant::now();
+            let found = visii_pipeline::caption::auto_caption(
+                &ip2p,
+                &parts.text_projection,
+                target,
+                copts,
+                &mut |i, best| {
+                    let el = t0.elapsed().as_secs_f64();
+                    eprint!(
+                        "\r  caption search {i}/{}  similarity {best:+.3}  ETA {:.0} s   ",
+                        copts.iterations,
+                        el / i as f64 * copts.iterations.saturating_sub(i) as f64
+                    );
+                    true
+                },
+            );
+            eprintln!();
+            match found {
+                Ok(c) => {
+                    eprintln!(
+                        "initial caption: \"{}\" (CLIP similarity {:+.3}, from {:+.3})",
+                        c.text, c.similarity, c.initial_similarity
+                    );
+                    c.text
+                }
+                Err(e) => {
+                    eprintln!("caption search failed ({e}); starting from \"a photo\"");
+                    "a photo".into()
+                }
+            }
         }
-        true
-    })?;
+    };
+    let t0 = Instant::now();
+    let learned = learn(
+        &ip2p,
+        &parts,
+        &pre,
+        &pairs,
+        &caption,
+        opts,
+        schedule.as_ref(),
+        &mut |s, best| {
+            let k = s.step + 1;
+            let el = t0.elapsed().as_secs_f64();
+            eprint!("\r  step {k}/{}  t={:<4} mse {:.4} cos {:+.3} loss {:.4} best {:.4}  ETA {:.0} s   ", total, s.t, s.mse, s.cos, s.loss, best, el / k as f64 * total.saturating_sub(k) as f64);
+            if let Some(f) = log_file.as_mut() {
+                use std::io::Write;
+                let _ = writeln!(f, "{}", serde_json::to_string(s).unwrap_or_default());
+            }
+            true
+        },
+    )?;
     eprintln!();
-    let name = model.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-    let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+
+    let identity = ModelIdentity::of(&ip2p);
+    let thumb = RgbImage::strip(&[&pairs[0].0, &pairs[0].1], 64).to_png()?;
     let bytes = visii_pipeline::instruction::save(
         &learned,
-        &[("model", name), ("created_at_unix", created.to_string()), ("hyper_parameters", serde_json::to_string(opts)?)],
+        &SaveInfo {
+            model: &identity,
+            thumbnail_png: Some(&thumb),
+            extra: &[
+                ("created_at_unix", created.to_string()),
+                ("hyper_parameters", serde_json::to_string(opts)?),
+            ],
+        },
     )?;
     std::fs::write(output, bytes).map_err(|e| format!("cannot write {}: {e}", output.display()))?;
-    eprintln!("{} steps, best mse {:.4}: wrote {}", learned.steps_run, learned.best_mse, output.display());
+    eprintln!(
+        "{} steps, best mse {:.4}: wrote {}",
+        learned.steps_run,
+        learned.best_mse,
+        output.display()
+    );
     Ok(())
 }
 
 /// `N` (longer side) or `WxH` (exact, multiples of 8).
 fn parse_size(s: &str) -> Result<(usize, Option<(usize, usize)>), Box<dyn std::error::Error>> {
-    let bad = || format!("--size {s:?}: give WxH with multiples of 8 (e.g. 512x384) or one number for the longer side");
+    let bad = || {
+        format!("--size {s:?}: give WxH with multiples of 8 (e.g. 512x384) or one number for the longer side")
+    };
     if let Some((w, h)) = s.split_once(['x', 'X']) {
-        let (w, h): (usize, usize) = (w.trim().parse().map_err(|_| bad())?, h.trim().parse().map_err(|_| bad())?);
+        let (w, h): (usize, usize) = (
+            w.trim().parse().map_err(|_| bad())?,
+            h.trim().parse().map_err(|_| bad())?,
+        );
         if w == 0 || h == 0 || w % 8 != 0 || h % 8 != 0 {
             return Err(bad().into());
         }
@@ -322,16 +531,45 @@ struct ApplyInputs<'a> {
     extra: Option<&'a str>,
     noise: Option<&'a std::path::Path>,
     size: (usize, Option<(usize, usize)>),
+    reuse_noise: bool,
+    allow_foreign_model: bool,
+}
+
+enum Init {
+    Text(String),
+    Search(CaptionOptions),
 }
 
 fn inspect_instruction(path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let ins = visii_pipeline::instruction::peek(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    let ins = visii_pipeline::instruction::peek(&bytes)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     let mut keys: Vec<_> = ins.metadata.iter().collect();
     keys.sort();
-    println!("{}: instruction [{} x {}], learned span 1..{}", path.display(), ins.positions, ins.hidden, ins.eos);
+    println!(
+        "{}: instruction [{} x {}], learned span 1..{}",
+        path.display(),
+        ins.positions,
+        ins.hidden,
+        ins.eos
+    );
     for (k, v) in keys {
+        if k == "thumbnail_png_base64" {
+            continue;
+        }
         println!("  {k:<18} {v}");
+    }
+    if let Some(png) = ins.thumbnail_png() {
+        match RgbImage::decode(&png) {
+            Ok(t) => println!(
+                "  {:<18} {}x{} PNG, {} bytes",
+                "thumbnail",
+                t.width,
+                t.height,
+                png.len()
+            ),
+            Err(_) => println!("  {:<18} unreadable", "thumbnail"),
+        }
     }
     Ok(())
 }
@@ -345,19 +583,41 @@ fn apply(
     dev: Device,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let (text, instruction) = (how.text, how.instruction);
+    let mut reuse = None;
     let input = read_image(image)?;
     let t0 = Instant::now();
     let ip2p = Ip2p::from_folder(&Ip2pFolder::open(model)?, &dev)?;
     let (w, h) = how.size.1.unwrap_or_else(|| input.working_size(how.size.0));
-    eprintln!("loaded {} in {:.1} s; editing at {w}x{h}", model.display(), t0.elapsed().as_secs_f64());
+    eprintln!(
+        "loaded {} in {:.1} s; editing at {w}x{h}",
+        model.display(),
+        t0.elapsed().as_secs_f64()
+    );
     let work = input.resized(w, h);
     let cond = match (text, instruction) {
         (Some(t), _) => ip2p.encode_text(t)?,
         (None, Some(p)) => {
-            let bytes = std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+            let bytes =
+                std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
             let hidden = ip2p.text.final_layer_norm.gamma.dims()[0];
-            let ins = visii_pipeline::instruction::load(&bytes, hidden).map_err(|e| format!("{}: {e}", p.display()))?;
-            let cond = burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(ins.rows, [1, ins.positions, ins.hidden]), &dev);
+            let ins = visii_pipeline::instruction::load(&bytes, hidden)
+                .map_err(|e| format!("{}: {e}", p.display()))?;
+            ins.check_model(&ModelIdentity::of(&ip2p), how.allow_foreign_model)
+                .map_err(|e| {
+                    format!(
+                        "{}: {e}. To apply it anyway, pass --allow-foreign-model",
+                        p.display()
+                    )
+                })?;
+            if how.reuse_noise {
+                reuse = Some(ins.noise_reuse.clone().ok_or_else(|| {
+                    format!("{}: this instruction was learned with noises from a schedule file, which cannot be regenerated", p.display())
+                })?);
+            }
+            let cond = burn::tensor::Tensor::from_data(
+                burn::tensor::TensorData::new(ins.rows, [1, ins.positions, ins.hidden]),
+                &dev,
+            );
             match how.extra {
                 Some(extra) => {
                     let (e, e_eos) = ip2p.encode_text_with_eos(extra)?;
@@ -371,25 +631,40 @@ fn apply(
     let t1 = Instant::now();
     let noise = match how.noise {
         Some(p) => {
-            let (noise, n) = visii_pipeline::repro::read_noise(&std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?)
-                .map_err(|e| format!("{}: {e}", p.display()))?;
+            let (noise, n) = visii_pipeline::repro::read_noise(
+                &std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?,
+            )
+            .map_err(|e| format!("{}: {e}", p.display()))?;
             if n < opts.steps {
-                return Err(format!("{}: {n} step noises for {} steps", p.display(), opts.steps).into());
+                return Err(
+                    format!("{}: {n} step noises for {} steps", p.display(), opts.steps).into(),
+                );
             }
             noise
         }
-        None => Noise::Seeded(opts.seed),
+        None => match reuse {
+            Some(r) => Noise::Reuse(r),
+            None => Noise::Seeded(opts.seed),
+        },
     };
     let out = ip2p.apply(&work, cond, opts, &noise, &mut |i, n| {
         let el = t1.elapsed().as_secs_f64();
-        let eta = if i > 0 { el / i as f64 * (n - i) as f64 } else { 0.0 };
+        let eta = if i > 0 {
+            el / i as f64 * (n - i) as f64
+        } else {
+            0.0
+        };
         eprint!("\r  step {i}/{n}  {el:.1} s elapsed, ETA {eta:.1} s   ");
         true
     })?;
     eprintln!();
-    let v: Vec<f32> = out.into_data().try_to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
+    let v: Vec<f32> = out
+        .into_data()
+        .try_to_vec::<f32>()
+        .map_err(|e| format!("{e:?}"))?;
     let result = RgbImage::from_unit_floats(&v, w, h);
-    std::fs::write(output, result.to_png()?).map_err(|e| format!("cannot write {}: {e}", output.display()))?;
+    std::fs::write(output, result.to_png()?)
+        .map_err(|e| format!("cannot write {}: {e}", output.display()))?;
     eprintln!("wrote {}", output.display());
     Ok(())
 }
@@ -413,15 +688,34 @@ fn peak_rss() -> Option<u64> {
     Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
 }
 
-fn bench(latent: usize, backends: &[Backend], runs: usize) -> Result<(), Box<dyn std::error::Error>> {
+fn bench(
+    latent: usize,
+    backends: &[Backend],
+    runs: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
     println!("full-size InstructPix2Pix UNet (859.5 M parameters, random weights), batch 1, {latent}x{latent} latents, 77 x 768 text states");
-    println!("{:<8} {:>10} {:>14} {:>12} {:>14} {:>12}", "backend", "build s", "first fwd s", "fwd s", "device pool", "peak RSS");
-    let gib = |b: &serde_json::Value| b.as_f64().map(|v| format!("{:.2} GiB", v / (1u64 << 30) as f64)).unwrap_or_else(|| "n/a".into());
+    println!(
+        "{:<8} {:>10} {:>14} {:>12} {:>14} {:>12}",
+        "backend", "build s", "first fwd s", "fwd s", "device pool", "peak RSS"
+    );
+    let gib = |b: &serde_json::Value| {
+        b.as_f64()
+            .map(|v| format!("{:.2} GiB", v / (1u64 << 30) as f64))
+            .unwrap_or_else(|| "n/a".into())
+    };
     let mut times = vec![];
     for &b in backends {
         let name = format!("{b:?}").to_lowercase();
         let out = std::process::Command::new(std::env::current_exe()?)
-            .args(["bench-one", "--latent", &latent.to_string(), "--backend", &name, "--runs", &runs.to_string()])
+            .args([
+                "bench-one",
+                "--latent",
+                &latent.to_string(),
+                "--backend",
+                &name,
+                "--runs",
+                &runs.to_string(),
+            ])
             .stderr(std::process::Stdio::inherit())
             .output()?;
         if !out.status.success() {
@@ -431,25 +725,42 @@ fn bench(latent: usize, backends: &[Backend], runs: usize) -> Result<(), Box<dyn
         let r: serde_json::Value = serde_json::from_str(line.lines().last().unwrap_or(""))?;
         println!(
             "{:<8} {:>10.1} {:>14.2} {:>12.2} {:>14} {:>12}",
-            name, r["build_s"].as_f64().unwrap_or(0.0), r["first_forward_s"].as_f64().unwrap_or(0.0),
-            r["forward_s"].as_f64().unwrap_or(0.0), gib(&r["device_pool_bytes"]), gib(&r["peak_rss_bytes"])
+            name,
+            r["build_s"].as_f64().unwrap_or(0.0),
+            r["first_forward_s"].as_f64().unwrap_or(0.0),
+            r["forward_s"].as_f64().unwrap_or(0.0),
+            gib(&r["device_pool_bytes"]),
+            gib(&r["peak_rss_bytes"])
         );
         times.push((name, r["forward_s"].as_f64().unwrap_or(f64::NAN)));
     }
     for w in times.windows(2) {
-        println!("forward time ratio {}/{}: {:.2}", w[0].0, w[1].0, w[0].1 / w[1].1);
+        println!(
+            "forward time ratio {}/{}: {:.2}",
+            w[0].0,
+            w[1].0,
+            w[0].1 / w[1].1
+        );
     }
     Ok(())
 }
 
-fn bench_one(latent: usize, backend: Backend, runs: usize) -> Result<(), Box<dyn std::error::Error>> {
+fn bench_one(
+    latent: usize,
+    backend: Backend,
+    runs: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
     let cfg = presets::ip2p_unet();
     let dev = device(backend);
     let t0 = Instant::now();
     let w = Weights::random(0, &dev);
     let unet = UNet2DConditionModel::load(&w, &cfg)?;
     let build_s = t0.elapsed().as_secs_f64();
-    let x = Tensor::<4>::random([1, cfg.in_channels, latent, latent], Distribution::Normal(0.0, 1.0), &dev);
+    let x = Tensor::<4>::random(
+        [1, cfg.in_channels, latent, latent],
+        Distribution::Normal(0.0, 1.0),
+        &dev,
+    );
     let ctx = Tensor::<3>::random([1, 77, 768], Distribution::Normal(0.0, 1.0), &dev);
     let t1 = Instant::now();
     let _ = unet.forward(x.clone(), &[500.0], ctx.clone()).into_data();

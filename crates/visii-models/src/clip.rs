@@ -90,7 +90,9 @@ fn check_act(act: &str) -> Result<bool> {
     match act {
         "quick_gelu" => Ok(true),
         "gelu" => Ok(false),
-        other => Err(ModelError::Unsupported(format!("CLIP hidden_act `{other}` (expected quick_gelu or gelu)"))),
+        other => Err(ModelError::Unsupported(format!(
+            "CLIP hidden_act `{other}` (expected quick_gelu or gelu)"
+        ))),
     }
 }
 
@@ -122,7 +124,14 @@ pub struct ClipEncoderLayer {
 }
 
 impl ClipEncoderLayer {
-    fn load(vb: &Vb, hidden: usize, inter: usize, heads: usize, eps: f64, quick_gelu: bool) -> Result<Self> {
+    fn load(
+        vb: &Vb,
+        hidden: usize,
+        inter: usize,
+        heads: usize,
+        eps: f64,
+        quick_gelu: bool,
+    ) -> Result<Self> {
         let a = vb.pp("self_attn");
         Ok(Self {
             self_attn: ClipAttention {
@@ -145,19 +154,50 @@ impl ClipEncoderLayer {
     fn forward(&self, x: Tensor<3>, causal: bool) -> Tensor<3> {
         let h = self.layer_norm1.forward(x.clone());
         let a = &self.self_attn;
-        let h = attention(a.q_proj.forward(h.clone()), a.k_proj.forward(h.clone()), a.v_proj.forward(h), a.heads, causal);
+        let h = attention(
+            a.q_proj.forward(h.clone()),
+            a.k_proj.forward(h.clone()),
+            a.v_proj.forward(h),
+            a.heads,
+            causal,
+        );
         let x = x + a.out_proj.forward(h);
         let h = self.mlp.fc1.forward(self.layer_norm2.forward(x.clone()));
-        let h = if self.mlp.quick_gelu { h.clone() * sigmoid(h.mul_scalar(1.702)) } else { gelu(h) };
+        let h = if self.mlp.quick_gelu {
+            h.clone() * sigmoid(h.mul_scalar(1.702))
+        } else {
+            gelu(h)
+        };
         x + self.mlp.fc2.forward(h)
     }
 }
 
-fn load_layers(vb: &Vb, n: usize, hidden: usize, inter: usize, heads: usize, eps: f64, qg: bool) -> Result<Vec<ClipEncoderLayer>> {
+fn load_layers(
+    vb: &Vb,
+    n: usize,
+    hidden: usize,
+    inter: usize,
+    heads: usize,
+    eps: f64,
+    qg: bool,
+) -> Result<Vec<ClipEncoderLayer>> {
     if heads == 0 || hidden % heads != 0 {
-        return Err(ModelError::Unsupported(format!("hidden size {hidden} is not divisible by {heads} heads")));
+        return Err(ModelError::Unsupported(format!(
+            "hidden size {hidden} is not divisible by {heads} heads"
+        )));
     }
-    (0..n).map(|i| ClipEncoderLayer::load(&vb.pp("encoder.layers").pp(i), hidden, inter, heads, eps, qg)).collect()
+    (0..n)
+        .map(|i| {
+            ClipEncoderLayer::load(
+                &vb.pp("encoder.layers").pp(i),
+                hidden,
+                inter,
+                heads,
+                eps,
+                qg,
+            )
+        })
+        .collect()
 }
 
 /// `CLIPTextTransformer`: output = last hidden state after the final layer norm, [b, positions, hidden].
@@ -177,20 +217,47 @@ impl ClipTextTransformer {
         let vb = w.root().pp("text_model");
         let e = vb.pp("embeddings");
         Ok(Self {
-            token_embedding: Param::from_tensor(e.pp("token_embedding").get("weight", [cfg.vocab_size, cfg.hidden_size])?),
-            position_embedding: Param::from_tensor(
-                e.pp("position_embedding").get("weight", [cfg.max_position_embeddings, cfg.hidden_size])?,
+            token_embedding: Param::from_tensor(
+                e.pp("token_embedding")
+                    .get("weight", [cfg.vocab_size, cfg.hidden_size])?,
             ),
-            layers: load_layers(&vb, cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.layer_norm_eps, qg)?,
-            final_layer_norm: layer_norm(&vb.pp("final_layer_norm"), cfg.hidden_size, cfg.layer_norm_eps)?,
+            position_embedding: Param::from_tensor(
+                e.pp("position_embedding")
+                    .get("weight", [cfg.max_position_embeddings, cfg.hidden_size])?,
+            ),
+            layers: load_layers(
+                &vb,
+                cfg.num_hidden_layers,
+                cfg.hidden_size,
+                cfg.intermediate_size,
+                cfg.num_attention_heads,
+                cfg.layer_norm_eps,
+                qg,
+            )?,
+            final_layer_norm: layer_norm(
+                &vb.pp("final_layer_norm"),
+                cfg.hidden_size,
+                cfg.layer_norm_eps,
+            )?,
         })
     }
 
     /// Token ids [b, n] (n <= max positions) -> hidden states [b, n, hidden].
     pub fn forward(&self, ids: Tensor<2, Int>) -> Tensor<3> {
-        let [_, n] = ids.dims();
+        self.forward_embeds(self.embed(ids))
+    }
+
+    /// Token ids [b, n] -> token embeddings [b, n, hidden] (no positions).
+    pub fn embed(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        embedding(self.token_embedding.val(), ids)
+    }
+
+    /// Token embeddings [b, n, hidden] (n <= max positions) -> hidden states [b, n, hidden]. Used
+    /// by prompt search, which differentiates through the encoder with respect to its inputs.
+    pub fn forward_embeds(&self, tokens: Tensor<3>) -> Tensor<3> {
+        let [_, n, _] = tokens.dims();
         let pos = self.position_embedding.val().slice([0..n]).unsqueeze::<3>();
-        let mut x = embedding(self.token_embedding.val(), ids) + pos;
+        let mut x = tokens + pos;
         for layer in &self.layers {
             x = layer.forward(x, true);
         }
@@ -220,10 +287,29 @@ impl ClipVision {
         let grid = cfg.image_size / cfg.patch_size;
         Ok(Self {
             class_embedding: Param::from_tensor(e.get("class_embedding", [h])?),
-            patch_embedding: conv2d_padded(&e.pp("patch_embedding"), cfg.num_channels, h, cfg.patch_size, cfg.patch_size, PaddingConfig2d::Valid, false)?,
-            position_embedding: Param::from_tensor(e.pp("position_embedding").get("weight", [grid * grid + 1, h])?),
+            patch_embedding: conv2d_padded(
+                &e.pp("patch_embedding"),
+                cfg.num_channels,
+                h,
+                cfg.patch_size,
+                cfg.patch_size,
+                PaddingConfig2d::Valid,
+                false,
+            )?,
+            position_embedding: Param::from_tensor(
+                e.pp("position_embedding")
+                    .get("weight", [grid * grid + 1, h])?,
+            ),
             pre_layrnorm: layer_norm(&vb.pp("pre_layrnorm"), h, cfg.layer_norm_eps)?,
-            layers: load_layers(&vb, cfg.num_hidden_layers, h, cfg.intermediate_size, cfg.num_attention_heads, cfg.layer_norm_eps, qg)?,
+            layers: load_layers(
+                &vb,
+                cfg.num_hidden_layers,
+                h,
+                cfg.intermediate_size,
+                cfg.num_attention_heads,
+                cfg.layer_norm_eps,
+                qg,
+            )?,
             post_layernorm: layer_norm(&vb.pp("post_layernorm"), h, cfg.layer_norm_eps)?,
             visual_projection: linear(&w.root().pp("visual_projection"), h, projection_dim, false)?,
         })
@@ -234,7 +320,11 @@ impl ClipVision {
         let p = self.patch_embedding.forward(pixels);
         let [b, c, gh, gw] = p.dims();
         let p = p.reshape([b, c, gh * gw]).swap_dims(1, 2);
-        let cls = self.class_embedding.val().reshape([1, 1, c]).expand([b, 1, c]);
+        let cls = self
+            .class_embedding
+            .val()
+            .reshape([1, 1, c])
+            .expand([b, 1, c]);
         let mut x = Tensor::cat(vec![cls, p], 1) + self.position_embedding.val().unsqueeze::<3>();
         x = self.pre_layrnorm.forward(x);
         for layer in &self.layers {

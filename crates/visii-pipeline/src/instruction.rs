@@ -7,7 +7,10 @@ use std::collections::HashMap;
 
 use safetensors::tensor::{Dtype, TensorView};
 
+use base64::Engine;
+
 use crate::error::{PipelineError, Result};
+use crate::identity::ModelIdentity;
 use crate::learn::Learned;
 
 pub const FORMAT: &str = "visii-instruction";
@@ -23,16 +26,59 @@ pub struct Instruction {
     pub hidden: usize,
     pub eos: usize,
     pub metadata: HashMap<String, String>,
+    /// The model it was learned on (absent only in files written before identities existed).
+    pub base_model: Option<ModelIdentity>,
+    /// How to regenerate the learning noises (`None` when they came from a schedule file).
+    pub noise_reuse: Option<NoiseReuse>,
+}
+
+/// What applying needs to regenerate the learning noises: the seed and the timestep of every step
+/// that ran (step k used noise stream `LEARN_NOISE_STREAM + k`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct NoiseReuse {
+    pub seed: u64,
+    pub timesteps: Vec<usize>,
+}
+
+impl Instruction {
+    /// The pair preview (PNG bytes), when the file has one.
+    pub fn thumbnail_png(&self) -> Option<Vec<u8>> {
+        let b64 = self.metadata.get("thumbnail_png_base64")?;
+        base64::engine::general_purpose::STANDARD.decode(b64).ok()
+    }
+
+    /// Refuse a model other than the one the instruction was learned on, unless `allow_foreign`.
+    pub fn check_model(&self, loaded: &ModelIdentity, allow_foreign: bool) -> Result<()> {
+        match &self.base_model {
+            Some(want) if !want.matches(loaded) && !allow_foreign => Err(bad(format!(
+                "this instruction was learned on model {}, but the loaded model is {}: load the model it needs \
+                 (or override the check if you know they are compatible)",
+                want.describe(),
+                loaded.describe()
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// What goes into a file besides the learned rows.
+pub struct SaveInfo<'a> {
+    pub model: &'a ModelIdentity,
+    /// A small PNG of the pair(s), stored base64-encoded.
+    pub thumbnail_png: Option<&'a [u8]>,
+    /// Free-form fields (hyper-parameters, created-at, ...).
+    pub extra: &'a [(&'a str, String)],
 }
 
 fn bad(m: impl Into<String>) -> PipelineError {
     PipelineError::Instruction(m.into())
 }
 
-/// Serialise a learned instruction with its metadata (`extra` adds fields such as the model name).
-pub fn save(learned: &Learned, extra: &[(&str, String)]) -> Result<Vec<u8>> {
+/// Serialise a learned instruction with its metadata.
+pub fn save(learned: &Learned, info: &SaveInfo) -> Result<Vec<u8>> {
     let bytes: Vec<u8> = learned.rows.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let view = TensorView::new(Dtype::F32, vec![learned.positions, learned.hidden], &bytes).map_err(|e| bad(e.to_string()))?;
+    let view = TensorView::new(Dtype::F32, vec![learned.positions, learned.hidden], &bytes)
+        .map_err(|e| bad(e.to_string()))?;
     let mut meta: HashMap<String, String> = HashMap::from([
         ("format".into(), FORMAT.into()),
         ("format_version".into(), FORMAT_VERSION.into()),
@@ -44,27 +90,53 @@ pub fn save(learned: &Learned, extra: &[(&str, String)]) -> Result<Vec<u8>> {
         ("steps_run".into(), learned.steps_run.to_string()),
         ("best_mse".into(), learned.best_mse.to_string()),
         ("final_loss".into(), learned.final_loss.to_string()),
+        ("model".into(), info.model.name.clone()),
+        ("model_fingerprint".into(), info.model.fingerprint()),
+        ("base_model".into(), json(info.model)),
     ]);
+    if learned.seeded_noise {
+        let reuse = NoiseReuse {
+            seed: learned.seed,
+            timesteps: learned.history.iter().map(|s| s.t).collect(),
+        };
+        meta.insert("noise_reuse".into(), json(&reuse));
+    }
+    if let Some(png) = info.thumbnail_png {
+        meta.insert(
+            "thumbnail_png_base64".into(),
+            base64::engine::general_purpose::STANDARD.encode(png),
+        );
+    }
+    let extra = info.extra;
     for (k, v) in extra {
-        meta.insert((*k).into(), v.clone());
+        meta.entry((*k).into()).or_insert_with(|| v.clone());
     }
     safetensors::serialize([("instruction", view)], Some(meta)).map_err(|e| bad(e.to_string()))
 }
 
 /// Parse and validate an instruction file without a model at hand (its own width is used).
 pub fn peek(bytes: &[u8]) -> Result<Instruction> {
-    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|_| bad("this is not a visii instruction file (not safetensors data)"))?;
-    let hidden = st.tensor("instruction").map(|t| t.shape().get(1).copied().unwrap_or(0)).unwrap_or(0);
+    let st = safetensors::SafeTensors::deserialize(bytes)
+        .map_err(|_| bad("this is not a visii instruction file (not safetensors data)"))?;
+    let hidden = st
+        .tensor("instruction")
+        .map(|t| t.shape().get(1).copied().unwrap_or(0))
+        .unwrap_or(0);
     load(bytes, hidden)
 }
 
 /// Parse and validate an instruction file for a text encoder of width `hidden`.
 pub fn load(bytes: &[u8], hidden: usize) -> Result<Instruction> {
     if bytes.len() > MAX_BYTES {
-        return Err(bad(format!("{} bytes is far too large for an instruction file", bytes.len())));
+        return Err(bad(format!(
+            "{} bytes is far too large for an instruction file",
+            bytes.len()
+        )));
     }
-    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|_| bad("this is not a visii instruction file (not safetensors data)"))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
+    let st = safetensors::SafeTensors::deserialize(bytes)
+        .map_err(|_| bad("this is not a visii instruction file (not safetensors data)"))?;
+    let (_, meta) =
+        safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
     let metadata = meta.metadata().clone().unwrap_or_default();
     if metadata.get("format").map(String::as_str) != Some(FORMAT) {
         return Err(bad("this safetensors file is not a visii instruction (no `format: visii-instruction` in its metadata)"));
@@ -72,9 +144,15 @@ pub fn load(bytes: &[u8], hidden: usize) -> Result<Instruction> {
     if metadata.get("format_version").map(String::as_str) != Some(FORMAT_VERSION) {
         return Err(bad(format!("instruction format version {:?} is not supported (this app reads version {FORMAT_VERSION})", metadata.get("format_version"))));
     }
-    let t = st.tensor("instruction").map_err(|_| bad("the file has no `instruction` tensor"))?;
+    let t = st
+        .tensor("instruction")
+        .map_err(|_| bad("the file has no `instruction` tensor"))?;
     if t.dtype() != Dtype::F32 || t.shape().len() != 2 {
-        return Err(bad(format!("`instruction` must be a 2-D f32 tensor, found {:?} {:?}", t.dtype(), t.shape())));
+        return Err(bad(format!(
+            "`instruction` must be a 2-D f32 tensor, found {:?} {:?}",
+            t.dtype(),
+            t.shape()
+        )));
     }
     let (positions, file_hidden) = (t.shape()[0], t.shape()[1]);
     if file_hidden != hidden {
@@ -83,13 +161,48 @@ pub fn load(bytes: &[u8], hidden: usize) -> Result<Instruction> {
             metadata.get("model").cloned().unwrap_or_else(|| "unnamed".into())
         )));
     }
-    let eos: usize = metadata.get("eos").and_then(|v| v.parse().ok()).ok_or_else(|| bad("metadata `eos` is missing"))?;
+    let eos: usize = metadata
+        .get("eos")
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| bad("metadata `eos` is missing"))?;
     if positions == 0 || positions > 1024 || eos == 0 || eos >= positions {
-        return Err(bad(format!("implausible instruction shape: {positions} positions, eos at {eos}")));
+        return Err(bad(format!(
+            "implausible instruction shape: {positions} positions, eos at {eos}"
+        )));
     }
-    let rows: Vec<f32> = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let rows: Vec<f32> = t
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
     if rows.iter().any(|v| !v.is_finite()) {
         return Err(bad("the instruction holds non-finite values"));
     }
-    Ok(Instruction { rows, positions, hidden, eos, metadata })
+    let base_model = match metadata.get("base_model") {
+        Some(v) => Some(
+            serde_json::from_str::<ModelIdentity>(v)
+                .map_err(|_| bad("metadata `base_model` is corrupt"))?,
+        ),
+        None => None,
+    };
+    let noise_reuse = match metadata.get("noise_reuse") {
+        Some(v) => Some(
+            serde_json::from_str::<NoiseReuse>(v)
+                .map_err(|_| bad("metadata `noise_reuse` is corrupt"))?,
+        ),
+        None => None,
+    };
+    Ok(Instruction {
+        rows,
+        positions,
+        hidden,
+        eos,
+        metadata,
+        base_model,
+        noise_reuse,
+    })
+}
+
+fn json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_default()
 }

@@ -32,6 +32,8 @@ pub async fn gpu_selftest() -> Result<String, JsError> {
         .into_data_async()
         .await
         .map_err(|e| JsError::new(&format!("GPU readback failed: {e:?}")))?;
-    let v: Vec<f32> = data.try_to_vec::<f32>().map_err(|e| JsError::new(&format!("{e:?}")))?;
+    let v: Vec<f32> = data
+        .try_to_vec::<f32>()
+        .map_err(|e| JsError::new(&format!("{e:?}")))?;
     Ok(serde_json::to_string(&v)?)
 }
