@@ -4,7 +4,7 @@
 #   ./build.sh serve      build the wasm module and serve the app on http://127.0.0.1:${PORT:-8080}
 #   ./build.sh test       install what is missing, run the native tests (ndarray + wgpu), build the wasm
 #                         crate, run the browser smoke test
-#   ./build.sh bench      full-size UNet forward: wgpu vs ndarray (prints times, memory and the ratio)
+#   ./build.sh bench      UNet forward / learn step / sample step (--what, --config full|tiny, --latent N): wgpu vs ndarray
 #   ./build.sh deps       only install the toolchain pieces
 #   ./build.sh fixtures   regenerate tests/fixtures with Python (diffusers/transformers; see the script)
 #

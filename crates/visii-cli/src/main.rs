@@ -15,11 +15,7 @@ use visii_pipeline::learn::{learn, AdamWConfig, LearnOptions};
 use visii_pipeline::{ApplyOptions, Ip2p, ModelIdentity, Noise, RgbImage};
 
 #[derive(Parser)]
-#[command(
-    name = "visii",
-    version,
-    about = "Learn an image edit from one before/after pair and repeat it (Visual Instruction Inversion)"
-)]
+#[command(name = "visii", version, about = "Learn an image edit from one before/after pair and repeat it (Visual Instruction Inversion)")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -53,19 +49,22 @@ enum Command {
         #[arg(long, value_enum, default_value = "ndarray")]
         backend: Backend,
     },
-    /// Time one forward pass of the full-size InstructPix2Pix UNet (random weights) per backend,
-    /// each backend in its own process (clean peak memory), and print the ratio.
+    /// Time the UNet work of one forward pass, one learning step (rows B+C without a graph, row A
+    /// forward + backward, AdamW) or one sampling step (three rows + guidance + Euler-ancestral),
+    /// full-size InstructPix2Pix config or the tiny test config (random weights), per backend, each
+    /// backend in its own process (clean peak memory), and print the ratios.
     Bench {
         /// Latent side (32 = 256 px images).
         #[arg(long, default_value_t = 32)]
         latent: usize,
+        /// What to time.
+        #[arg(long, value_enum, default_value = "forward")]
+        what: BenchWhat,
+        /// Model config.
+        #[arg(long, value_enum, default_value = "full")]
+        config: BenchConfig,
         /// Backends to measure, in order.
-        #[arg(
-            long,
-            value_enum,
-            value_delimiter = ',',
-            default_value = "wgpu,ndarray"
-        )]
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "wgpu,ndarray")]
         backends: Vec<Backend>,
         /// Forward passes after the warm-up one.
         #[arg(long, default_value_t = 1)]
@@ -80,11 +79,7 @@ enum Command {
         #[arg(long)]
         image: std::path::PathBuf,
         /// A plain-text instruction, e.g. "turn it into a watercolor painting".
-        #[arg(
-            long = "prompt",
-            alias = "text",
-            required_unless_present = "instruction"
-        )]
+        #[arg(long = "prompt", alias = "text", required_unless_present = "instruction")]
         text: Option<String>,
         /// A learned instruction file (.visii.safetensors).
         #[arg(long, conflicts_with = "text")]
@@ -165,10 +160,32 @@ enum Command {
         #[arg(long)]
         latent: usize,
         #[arg(long, value_enum)]
+        what: BenchWhat,
+        #[arg(long, value_enum)]
+        config: BenchConfig,
+        #[arg(long, value_enum)]
         backend: Backend,
         #[arg(long)]
         runs: usize,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Debug)]
+enum BenchWhat {
+    /// One UNet forward pass, batch 1.
+    Forward,
+    /// One learning step.
+    LearnStep,
+    /// One sampling step.
+    SampleStep,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Debug)]
+enum BenchConfig {
+    /// The real InstructPix2Pix UNet (859.5 M parameters), 77 x 768 text states.
+    Full,
+    /// The committed tiny test UNet's config.
+    Tiny,
 }
 
 fn device(b: Backend) -> Device {
@@ -182,28 +199,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect { file: Some(f), .. } => inspect_instruction(&f),
-        Command::Inspect {
-            file: None,
-            model,
-            clip,
-            json,
-            backend,
-        } => inspect(
-            model.as_deref().expect("clap requires --model"),
-            clip.as_deref(),
-            json,
-            device(backend),
-        ),
-        Command::Bench {
-            latent,
-            backends,
-            runs,
-        } => bench(latent, &backends, runs),
-        Command::BenchOne {
-            latent,
-            backend,
-            runs,
-        } => bench_one(latent, backend, runs),
+        Command::Inspect { file: None, model, clip, json, backend } => {
+            inspect(model.as_deref().expect("clap requires --model"), clip.as_deref(), json, device(backend))
+        }
+        Command::Bench { latent, what, config, backends, runs } => bench(latent, what, config, &backends, runs),
+        Command::BenchOne { latent, what, config, backend, runs } => bench_one(latent, what, config, backend, runs),
         Command::Apply {
             model,
             image,
@@ -221,12 +221,7 @@ fn main() -> ExitCode {
             allow_foreign_model,
             backend,
         } => {
-            let opts = ApplyOptions {
-                steps,
-                guidance,
-                image_guidance,
-                seed,
-            };
+            let opts = ApplyOptions { steps, guidance, image_guidance, seed };
             parse_size(&size).and_then(|size| {
                 let how = ApplyInputs {
                     text: text.as_deref(),
@@ -240,55 +235,16 @@ fn main() -> ExitCode {
                 apply(&model, &image, &how, &output, &opts, device(backend))
             })
         }
-        Command::Learn {
-            model,
-            clip,
-            before,
-            after,
-            output,
-            init,
-            caption_iterations,
-            steps,
-            size,
-            lr,
-            schedule,
-            seed,
-            patience,
-            log,
-            backend,
-        } => parse_size(&size).and_then(|(side, exact)| {
-            let opts = LearnOptions {
-                steps,
-                size: side,
-                exact_size: exact,
-                seed,
-                patience,
-                adam: AdamWConfig {
-                    lr,
-                    ..AdamWConfig::default()
-                },
-            };
-            let init = match init {
-                Some(t) => Init::Text(t),
-                None => Init::Search(CaptionOptions {
-                    iterations: caption_iterations,
-                    seed,
-                    ..CaptionOptions::default()
-                }),
-            };
-            learn_cmd(
-                &model,
-                &clip,
-                &before,
-                &after,
-                &output,
-                &init,
-                &opts,
-                schedule.as_deref(),
-                log.as_deref(),
-                device(backend),
-            )
-        }),
+        Command::Learn { model, clip, before, after, output, init, caption_iterations, steps, size, lr, schedule, seed, patience, log, backend } => {
+            parse_size(&size).and_then(|(side, exact)| {
+                let opts = LearnOptions { steps, size: side, exact_size: exact, seed, patience, adam: AdamWConfig { lr, ..AdamWConfig::default() } };
+                let init = match init {
+                    Some(t) => Init::Text(t),
+                    None => Init::Search(CaptionOptions { iterations: caption_iterations, seed, ..CaptionOptions::default() }),
+                };
+                learn_cmd(&model, &clip, &before, &after, &output, &init, &opts, schedule.as_deref(), log.as_deref(), device(backend))
+            })
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -299,12 +255,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn inspect(
-    model: &std::path::Path,
-    clip: Option<&std::path::Path>,
-    as_json: bool,
-    dev: Device,
-) -> Result<(), Box<dyn std::error::Error>> {
+fn inspect(model: &std::path::Path, clip: Option<&std::path::Path>, as_json: bool, dev: Device) -> Result<(), Box<dyn std::error::Error>> {
     let folder = Ip2pFolder::open(model)?;
     let unet = folder.unet(&dev)?;
     let u = &unet.config;
@@ -348,21 +299,13 @@ fn inspect(
         );
     }
     if as_json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::Value::Object(report))?
-        );
+        println!("{}", serde_json::to_string_pretty(&serde_json::Value::Object(report))?);
     } else {
         println!("{:<14} {:>14}  config", "component", "parameters");
         for (k, v) in &report {
             let mut rest = v.as_object().unwrap().clone();
             let p = rest.remove("params").and_then(|p| p.as_u64()).unwrap_or(0);
-            println!(
-                "{:<14} {:>14}  {}",
-                k,
-                group_digits(p),
-                serde_json::Value::Object(rest)
-            );
+            println!("{:<14} {:>14}  {}", k, group_digits(p), serde_json::Value::Object(rest));
         }
     }
     Ok(())
@@ -388,30 +331,17 @@ fn learn_cmd(
 ) -> Result<(), Box<dyn std::error::Error>> {
     let schedule = match schedule {
         Some(p) => Some(
-            visii_pipeline::repro::read_schedule(
-                &std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?,
-            )
-            .map_err(|e| format!("{}: {e}", p.display()))?,
+            visii_pipeline::repro::read_schedule(&std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?)
+                .map_err(|e| format!("{}: {e}", p.display()))?,
         ),
         None => None,
     };
-    let total = schedule
-        .as_ref()
-        .map(|s| s.timesteps.len())
-        .unwrap_or(opts.steps);
+    let total = schedule.as_ref().map(|s| s.timesteps.len()).unwrap_or(opts.steps);
     if before.len() != after.len() {
-        return Err(format!(
-            "{} --before images but {} --after images: give them in pairs",
-            before.len(),
-            after.len()
-        )
-        .into());
+        return Err(format!("{} --before images but {} --after images: give them in pairs", before.len(), after.len()).into());
     }
-    let pairs = before
-        .iter()
-        .zip(after)
-        .map(|(b, a)| Ok((read_image(b)?, read_image(a)?)))
-        .collect::<Result<Vec<_>, Box<dyn std::error::Error>>>()?;
+    let pairs =
+        before.iter().zip(after).map(|(b, a)| Ok((read_image(b)?, read_image(a)?))).collect::<Result<Vec<_>, Box<dyn std::error::Error>>>()?;
     let ip2p = Ip2p::from_folder(&Ip2pFolder::open(model)?, &dev)?;
     let cf = ClipFolder::open(clip)?;
     let parts = cf.vision(&dev)?.model;
@@ -422,28 +352,19 @@ fn learn_cmd(
         Init::Search(copts) => {
             let target = visii_pipeline::learn::after_target(&parts, &pre, &pairs, &dev)?;
             let t0 = Instant::now();
-            let found = visii_pipeline::caption::auto_caption(
-                &ip2p,
-                &parts.text_projection,
-                target,
-                copts,
-                &mut |i, best| {
-                    let el = t0.elapsed().as_secs_f64();
-                    eprint!(
-                        "\r  caption search {i}/{}  similarity {best:+.3}  ETA {:.0} s   ",
-                        copts.iterations,
-                        el / i as f64 * copts.iterations.saturating_sub(i) as f64
-                    );
-                    true
-                },
-            );
+            let found = visii_pipeline::caption::auto_caption(&ip2p, &parts.text_projection, target, copts, &mut |i, best| {
+                let el = t0.elapsed().as_secs_f64();
+                eprint!(
+                    "\r  caption search {i}/{}  similarity {best:+.3}  ETA {:.0} s   ",
+                    copts.iterations,
+                    el / i as f64 * copts.iterations.saturating_sub(i) as f64
+                );
+                true
+            });
             eprintln!();
             match found {
                 Ok(c) => {
-                    eprintln!(
-                        "initial caption: \"{}\" (CLIP similarity {:+.3}, from {:+.3})",
-                        c.text, c.similarity, c.initial_similarity
-                    );
+                    eprintln!("initial caption: \"{}\" (CLIP similarity {:+.3}, from {:+.3})", c.text, c.similarity, c.initial_similarity);
                     c.text
                 }
                 Err(e) => {
@@ -454,30 +375,27 @@ fn learn_cmd(
         }
     };
     let t0 = Instant::now();
-    let learned = learn(
-        &ip2p,
-        &parts,
-        &pre,
-        &pairs,
-        &caption,
-        opts,
-        schedule.as_ref(),
-        &mut |s, best| {
-            let k = s.step + 1;
-            let el = t0.elapsed().as_secs_f64();
-            eprint!("\r  step {k}/{}  t={:<4} mse {:.4} cos {:+.3} loss {:.4} best {:.4}  ETA {:.0} s   ", total, s.t, s.mse, s.cos, s.loss, best, el / k as f64 * total.saturating_sub(k) as f64);
-            if let Some(f) = log_file.as_mut() {
-                use std::io::Write;
-                let _ = writeln!(f, "{}", serde_json::to_string(s).unwrap_or_default());
-            }
-            true
-        },
-    )?;
+    let learned = learn(&ip2p, &parts, &pre, &pairs, &caption, opts, schedule.as_ref(), &mut |s, best| {
+        let k = s.step + 1;
+        let el = t0.elapsed().as_secs_f64();
+        eprint!(
+            "\r  step {k}/{}  t={:<4} mse {:.4} cos {:+.3} loss {:.4} best {:.4}  ETA {:.0} s   ",
+            total,
+            s.t,
+            s.mse,
+            s.cos,
+            s.loss,
+            best,
+            el / k as f64 * total.saturating_sub(k) as f64
+        );
+        if let Some(f) = log_file.as_mut() {
+            use std::io::Write;
+            let _ = writeln!(f, "{}", serde_json::to_string(s).unwrap_or_default());
+        }
+        true
+    })?;
     eprintln!();
-    let created = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
 
     let identity = ModelIdentity::of(&ip2p);
     let thumb = RgbImage::strip(&[&pairs[0].0, &pairs[0].1], 64).to_png()?;
@@ -486,32 +404,19 @@ fn learn_cmd(
         &SaveInfo {
             model: &identity,
             thumbnail_png: Some(&thumb),
-            extra: &[
-                ("created_at_unix", created.to_string()),
-                ("hyper_parameters", serde_json::to_string(opts)?),
-            ],
+            extra: &[("created_at_unix", created.to_string()), ("hyper_parameters", serde_json::to_string(opts)?)],
         },
     )?;
     std::fs::write(output, bytes).map_err(|e| format!("cannot write {}: {e}", output.display()))?;
-    eprintln!(
-        "{} steps, best mse {:.4}: wrote {}",
-        learned.steps_run,
-        learned.best_mse,
-        output.display()
-    );
+    eprintln!("{} steps, best mse {:.4}: wrote {}", learned.steps_run, learned.best_mse, output.display());
     Ok(())
 }
 
 /// `N` (longer side) or `WxH` (exact, multiples of 8).
 fn parse_size(s: &str) -> Result<(usize, Option<(usize, usize)>), Box<dyn std::error::Error>> {
-    let bad = || {
-        format!("--size {s:?}: give WxH with multiples of 8 (e.g. 512x384) or one number for the longer side")
-    };
+    let bad = || format!("--size {s:?}: give WxH with multiples of 8 (e.g. 512x384) or one number for the longer side");
     if let Some((w, h)) = s.split_once(['x', 'X']) {
-        let (w, h): (usize, usize) = (
-            w.trim().parse().map_err(|_| bad())?,
-            h.trim().parse().map_err(|_| bad())?,
-        );
+        let (w, h): (usize, usize) = (w.trim().parse().map_err(|_| bad())?, h.trim().parse().map_err(|_| bad())?);
         if w == 0 || h == 0 || w % 8 != 0 || h % 8 != 0 {
             return Err(bad().into());
         }
@@ -542,17 +447,10 @@ enum Init {
 
 fn inspect_instruction(path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let ins = visii_pipeline::instruction::peek(&bytes)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let ins = visii_pipeline::instruction::peek(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut keys: Vec<_> = ins.metadata.iter().collect();
     keys.sort();
-    println!(
-        "{}: instruction [{} x {}], learned span 1..{}",
-        path.display(),
-        ins.positions,
-        ins.hidden,
-        ins.eos
-    );
+    println!("{}: instruction [{} x {}], learned span 1..{}", path.display(), ins.positions, ins.hidden, ins.eos);
     for (k, v) in keys {
         if k == "thumbnail_png_base64" {
             continue;
@@ -561,13 +459,7 @@ fn inspect_instruction(path: &std::path::Path) -> Result<(), Box<dyn std::error:
     }
     if let Some(png) = ins.thumbnail_png() {
         match RgbImage::decode(&png) {
-            Ok(t) => println!(
-                "  {:<18} {}x{} PNG, {} bytes",
-                "thumbnail",
-                t.width,
-                t.height,
-                png.len()
-            ),
+            Ok(t) => println!("  {:<18} {}x{} PNG, {} bytes", "thumbnail", t.width, t.height, png.len()),
             Err(_) => println!("  {:<18} unreadable", "thumbnail"),
         }
     }
@@ -588,36 +480,22 @@ fn apply(
     let t0 = Instant::now();
     let ip2p = Ip2p::from_folder(&Ip2pFolder::open(model)?, &dev)?;
     let (w, h) = how.size.1.unwrap_or_else(|| input.working_size(how.size.0));
-    eprintln!(
-        "loaded {} in {:.1} s; editing at {w}x{h}",
-        model.display(),
-        t0.elapsed().as_secs_f64()
-    );
+    eprintln!("loaded {} in {:.1} s; editing at {w}x{h}", model.display(), t0.elapsed().as_secs_f64());
     let work = input.resized(w, h);
     let cond = match (text, instruction) {
         (Some(t), _) => ip2p.encode_text(t)?,
         (None, Some(p)) => {
-            let bytes =
-                std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+            let bytes = std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
             let hidden = ip2p.text.final_layer_norm.gamma.dims()[0];
-            let ins = visii_pipeline::instruction::load(&bytes, hidden)
-                .map_err(|e| format!("{}: {e}", p.display()))?;
+            let ins = visii_pipeline::instruction::load(&bytes, hidden).map_err(|e| format!("{}: {e}", p.display()))?;
             ins.check_model(&ModelIdentity::of(&ip2p), how.allow_foreign_model)
-                .map_err(|e| {
-                    format!(
-                        "{}: {e}. To apply it anyway, pass --allow-foreign-model",
-                        p.display()
-                    )
-                })?;
+                .map_err(|e| format!("{}: {e}. To apply it anyway, pass --allow-foreign-model", p.display()))?;
             if how.reuse_noise {
                 reuse = Some(ins.noise_reuse.clone().ok_or_else(|| {
                     format!("{}: this instruction was learned with noises from a schedule file, which cannot be regenerated", p.display())
                 })?);
             }
-            let cond = burn::tensor::Tensor::from_data(
-                burn::tensor::TensorData::new(ins.rows, [1, ins.positions, ins.hidden]),
-                &dev,
-            );
+            let cond = burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(ins.rows, [1, ins.positions, ins.hidden]), &dev);
             match how.extra {
                 Some(extra) => {
                     let (e, e_eos) = ip2p.encode_text_with_eos(extra)?;
@@ -631,14 +509,10 @@ fn apply(
     let t1 = Instant::now();
     let noise = match how.noise {
         Some(p) => {
-            let (noise, n) = visii_pipeline::repro::read_noise(
-                &std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?,
-            )
-            .map_err(|e| format!("{}: {e}", p.display()))?;
+            let (noise, n) = visii_pipeline::repro::read_noise(&std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?)
+                .map_err(|e| format!("{}: {e}", p.display()))?;
             if n < opts.steps {
-                return Err(
-                    format!("{}: {n} step noises for {} steps", p.display(), opts.steps).into(),
-                );
+                return Err(format!("{}: {n} step noises for {} steps", p.display(), opts.steps).into());
             }
             noise
         }
@@ -649,22 +523,14 @@ fn apply(
     };
     let out = ip2p.apply(&work, cond, opts, &noise, &mut |i, n| {
         let el = t1.elapsed().as_secs_f64();
-        let eta = if i > 0 {
-            el / i as f64 * (n - i) as f64
-        } else {
-            0.0
-        };
+        let eta = if i > 0 { el / i as f64 * (n - i) as f64 } else { 0.0 };
         eprint!("\r  step {i}/{n}  {el:.1} s elapsed, ETA {eta:.1} s   ");
         true
     })?;
     eprintln!();
-    let v: Vec<f32> = out
-        .into_data()
-        .try_to_vec::<f32>()
-        .map_err(|e| format!("{e:?}"))?;
+    let v: Vec<f32> = out.into_data().try_to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
     let result = RgbImage::from_unit_floats(&v, w, h);
-    std::fs::write(output, result.to_png()?)
-        .map_err(|e| format!("cannot write {}: {e}", output.display()))?;
+    std::fs::write(output, result.to_png()?).map_err(|e| format!("cannot write {}: {e}", output.display()))?;
     eprintln!("wrote {}", output.display());
     Ok(())
 }
@@ -688,34 +554,24 @@ fn peak_rss() -> Option<u64> {
     Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
 }
 
-fn bench(
-    latent: usize,
-    backends: &[Backend],
-    runs: usize,
-) -> Result<(), Box<dyn std::error::Error>> {
-    println!("full-size InstructPix2Pix UNet (859.5 M parameters, random weights), batch 1, {latent}x{latent} latents, 77 x 768 text states");
+fn bench(latent: usize, what: BenchWhat, config: BenchConfig, backends: &[Backend], runs: usize) -> Result<(), Box<dyn std::error::Error>> {
+    let cfg = bench_config(config)?;
+    let full = config == BenchConfig::Full;
     println!(
-        "{:<8} {:>10} {:>14} {:>12} {:>14} {:>12}",
-        "backend", "build s", "first fwd s", "fwd s", "device pool", "peak RSS"
+        "{what:?}: {} UNet ({} parameters, random weights), batch 1, {latent}x{latent} latents, 77 x {} text states",
+        if full { "full-size InstructPix2Pix" } else { "tiny test" },
+        if full { "859.5 M" } else { "1.4 M" },
+        cfg.cross_attention_dim.get(0)
     );
-    let gib = |b: &serde_json::Value| {
-        b.as_f64()
-            .map(|v| format!("{:.2} GiB", v / (1u64 << 30) as f64))
-            .unwrap_or_else(|| "n/a".into())
-    };
+    println!("{:<8} {:>10} {:>14} {:>12} {:>14} {:>12}", "backend", "build s", "first run s", "run s", "device pool", "peak RSS");
+    let gib = |b: &serde_json::Value| b.as_f64().map(|v| format!("{:.2} GiB", v / (1u64 << 30) as f64)).unwrap_or_else(|| "n/a".into());
+    let arg = |v: &dyn std::fmt::Debug| format!("{v:?}").to_lowercase().replace("learnstep", "learn-step").replace("samplestep", "sample-step");
     let mut times = vec![];
     for &b in backends {
-        let name = format!("{b:?}").to_lowercase();
+        let name = arg(&b);
         let out = std::process::Command::new(std::env::current_exe()?)
-            .args([
-                "bench-one",
-                "--latent",
-                &latent.to_string(),
-                "--backend",
-                &name,
-                "--runs",
-                &runs.to_string(),
-            ])
+            .args(["bench-one", "--latent", &latent.to_string(), "--what", &arg(&what), "--config", &arg(&config)])
+            .args(["--backend", &name, "--runs", &runs.to_string()])
             .stderr(std::process::Stdio::inherit())
             .output()?;
         if !out.status.success() {
@@ -724,56 +580,76 @@ fn bench(
         let line = String::from_utf8_lossy(&out.stdout);
         let r: serde_json::Value = serde_json::from_str(line.lines().last().unwrap_or(""))?;
         println!(
-            "{:<8} {:>10.1} {:>14.2} {:>12.2} {:>14} {:>12}",
+            "{:<8} {:>10.1} {:>14.3} {:>12.3} {:>14} {:>12}",
             name,
             r["build_s"].as_f64().unwrap_or(0.0),
-            r["first_forward_s"].as_f64().unwrap_or(0.0),
-            r["forward_s"].as_f64().unwrap_or(0.0),
+            r["first_s"].as_f64().unwrap_or(0.0),
+            r["run_s"].as_f64().unwrap_or(0.0),
             gib(&r["device_pool_bytes"]),
             gib(&r["peak_rss_bytes"])
         );
-        times.push((name, r["forward_s"].as_f64().unwrap_or(f64::NAN)));
+        times.push((name, r["run_s"].as_f64().unwrap_or(f64::NAN)));
     }
     for w in times.windows(2) {
-        println!(
-            "forward time ratio {}/{}: {:.2}",
-            w[0].0,
-            w[1].0,
-            w[0].1 / w[1].1
-        );
+        println!("time ratio {}/{}: {:.2}", w[0].0, w[1].0, w[0].1 / w[1].1);
     }
     Ok(())
 }
 
-fn bench_one(
-    latent: usize,
-    backend: Backend,
-    runs: usize,
-) -> Result<(), Box<dyn std::error::Error>> {
-    let cfg = presets::ip2p_unet();
+fn bench_config(config: BenchConfig) -> Result<visii_models::UNetConfig, Box<dyn std::error::Error>> {
+    Ok(match config {
+        BenchConfig::Full => presets::ip2p_unet(),
+        BenchConfig::Tiny => serde_json::from_str(include_str!("../../../tests/fixtures/tiny-ip2p/unet/config.json"))?,
+    })
+}
+
+fn bench_one(latent: usize, what: BenchWhat, config: BenchConfig, backend: Backend, runs: usize) -> Result<(), Box<dyn std::error::Error>> {
+    use visii_pipeline::learn::{Inversion, PairLatents};
+    let cfg = bench_config(config)?;
     let dev = device(backend);
     let t0 = Instant::now();
     let w = Weights::random(0, &dev);
     let unet = UNet2DConditionModel::load(&w, &cfg)?;
     let build_s = t0.elapsed().as_secs_f64();
-    let x = Tensor::<4>::random(
-        [1, cfg.in_channels, latent, latent],
-        Distribution::Normal(0.0, 1.0),
-        &dev,
-    );
-    let ctx = Tensor::<3>::random([1, 77, 768], Distribution::Normal(0.0, 1.0), &dev);
+    let (hidden, lc, ic) = (cfg.cross_attention_dim.get(0), cfg.out_channels, cfg.in_channels - cfg.out_channels);
+    let normal = |shape: [usize; 4]| Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &dev);
+    let ctx = || Tensor::<3>::random([1, 77, hidden], Distribution::Normal(0.0, 1.0), &dev);
+    let projection = burn::nn::LinearConfig::new(hidden, hidden).init(&dev);
+    let direction = Tensor::<1>::random([hidden], Distribution::Normal(0.0, 1.0), &dev);
+    let mut inv = Inversion::new(ctx(), ctx(), direction, 8, AdamWConfig::default());
+    let pair = PairLatents { z_after: normal([1, lc, latent, latent]), z_before: normal([1, ic, latent, latent]) };
+    let sched = visii_pipeline::EulerAncestral::new(&visii_pipeline::SchedulerConfig::default(), 20)?;
+    let context3 = Tensor::cat(vec![ctx(), ctx(), ctx()], 0);
+    let mut once = || match what {
+        BenchWhat::Forward => {
+            let _ = unet.forward(normal([1, cfg.in_channels, latent, latent]), &[500.0], ctx()).into_data();
+        }
+        BenchWhat::LearnStep => {
+            let _ = inv.step(&unet, &projection, &pair, 500, 1.0, normal([1, lc, latent, latent]));
+            let _ = inv.c.clone().slice([0..1, 0..1, 0..1]).into_data();
+        }
+        BenchWhat::SampleStep => {
+            let x = normal([1, lc, latent, latent]);
+            let rows = Tensor::cat(vec![x.clone(), x.clone(), x.clone()], 0);
+            let input = Tensor::cat(vec![sched.scale_model_input(rows, 0), normal([3, ic, latent, latent])], 1);
+            let e = unet.forward(input, &[500.0; 3], context3.clone());
+            let row = |r: usize| e.clone().slice([r..r + 1, 0..lc, 0..latent, 0..latent]);
+            let g = row(2) + (row(0) - row(1)).mul_scalar(7.5) + (row(1) - row(2)).mul_scalar(1.5);
+            let _ = sched.step(g, 0, x, normal([1, lc, latent, latent])).into_data();
+        }
+    };
     let t1 = Instant::now();
-    let _ = unet.forward(x.clone(), &[500.0], ctx.clone()).into_data();
+    once();
     let first_s = t1.elapsed().as_secs_f64();
     let mut best = first_s;
     for _ in 0..runs {
         let t = Instant::now();
-        let _ = unet.forward(x.clone(), &[500.0], ctx.clone()).into_data();
+        once();
         best = best.min(t.elapsed().as_secs_f64());
     }
     let report = json!({
         "backend": format!("{backend:?}").to_lowercase(), "params": w.param_count(), "build_s": build_s,
-        "first_forward_s": first_s, "forward_s": best,
+        "first_s": first_s, "run_s": best,
         "device_pool_bytes": dev.memory_pool_usage().map(|u| u.bytes_reserved), "peak_rss_bytes": peak_rss(),
     });
     println!("{report}");

@@ -8,32 +8,16 @@ fn fixtures() -> PathBuf {
 }
 
 fn visii(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_visii"))
-        .args(args)
-        .output()
-        .expect("run visii")
+    Command::new(env!("CARGO_BIN_EXE_visii")).args(args).output().expect("run visii")
 }
 
 #[test]
 fn inspect_json_reports_exact_parameter_counts() {
     let f = fixtures();
-    let out = visii(&[
-        "inspect",
-        "--model",
-        f.join("tiny-ip2p").to_str().unwrap(),
-        "--clip",
-        f.join("tiny-clip").to_str().unwrap(),
-        "--json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = visii(&["inspect", "--model", f.join("tiny-ip2p").to_str().unwrap(), "--clip", f.join("tiny-clip").to_str().unwrap(), "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(f.join("goldens/goldens.json")).unwrap())
-            .unwrap();
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(f.join("goldens/goldens.json")).unwrap()).unwrap();
     for c in ["unet", "vae", "text_encoder", "clip_vision"] {
         assert_eq!(report[c]["params"], meta["param_counts"][c], "{c}");
     }
@@ -48,18 +32,12 @@ fn inspect_table_and_errors() {
     let out = visii(&["inspect", "--model", f.join("tiny-ip2p").to_str().unwrap()]);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.contains("unet") && text.contains("1,381,124"),
-        "{text}"
-    );
+    assert!(text.contains("unet") && text.contains("1,381,124"), "{text}");
     // A folder that is not a model: exit code 2 and a message that says what is missing.
     let out = visii(&["inspect", "--model", f.join("images").to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("not an InstructPix2Pix diffusers folder") && err.contains("model_index.json"),
-        "{err}"
-    );
+    assert!(err.contains("not an InstructPix2Pix diffusers folder") && err.contains("model_index.json"), "{err}");
 }
 
 #[test]
@@ -81,20 +59,11 @@ fn apply_writes_an_edited_png() {
         "--backend",
         "ndarray",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let img = image::open(&out_path).unwrap().to_rgb8();
     assert_eq!(img.dimensions(), (40, 72));
     let input = image::open(f.join("images/tall.png")).unwrap().to_rgb8();
-    let diff: u64 = img
-        .as_raw()
-        .iter()
-        .zip(input.as_raw())
-        .map(|(a, b)| (*a as i64 - *b as i64).unsigned_abs())
-        .sum();
+    let diff: u64 = img.as_raw().iter().zip(input.as_raw()).map(|(a, b)| (*a as i64 - *b as i64).unsigned_abs()).sum();
     assert!(diff > 1000, "the result equals the input");
     // A file that is not an image: exit code 2, a message naming the file.
     let out = visii(&[
@@ -147,20 +116,10 @@ fn learn_then_apply_the_instruction_file() {
         "--backend",
         "ndarray",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 4);
-    assert!(lines
-        .iter()
-        .all(|l| l["mse"].as_f64().unwrap().is_finite() && l["t"].as_u64().unwrap() < 1000));
+    assert!(lines.iter().all(|l| l["mse"].as_f64().unwrap().is_finite() && l["t"].as_u64().unwrap() < 1000));
     // The file validates and carries its metadata.
     let bytes = std::fs::read(&ins).unwrap();
     let loaded = visii_pipeline::instruction::load(&bytes, 32).unwrap();
@@ -169,13 +128,8 @@ fn learn_then_apply_the_instruction_file() {
     assert_eq!(loaded.metadata["seed"], "5");
     assert_eq!(loaded.metadata["steps_run"], "4");
     // A model of another width refuses it, naming the model it needs.
-    let err = visii_pipeline::instruction::load(&bytes, 768)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("width 32") && err.contains("tiny-ip2p"),
-        "{err}"
-    );
+    let err = visii_pipeline::instruction::load(&bytes, 768).unwrap_err().to_string();
+    assert!(err.contains("width 32") && err.contains("tiny-ip2p"), "{err}");
 
     let png = dir.join("out.png");
     let out = visii(&[
@@ -193,11 +147,7 @@ fn learn_then_apply_the_instruction_file() {
         "--backend",
         "ndarray",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(image::open(&png).unwrap().to_rgb8().dimensions(), (40, 72));
     // A safetensors file that is not an instruction is refused with a clear message.
     let out = visii(&[
@@ -214,11 +164,7 @@ fn learn_then_apply_the_instruction_file() {
         "ndarray",
     ]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("not a visii instruction"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a visii instruction"), "{}", String::from_utf8_lossy(&out.stderr));
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -227,9 +173,7 @@ fn learn_then_apply_the_instruction_file() {
 #[test]
 fn reproducibility_files_reproduce_the_references() {
     let f = fixtures();
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(f.join("goldens/goldens.json")).unwrap())
-            .unwrap();
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(f.join("goldens/goldens.json")).unwrap()).unwrap();
     let dir = std::env::temp_dir().join(format!("visii-repro-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (ins, log) = (dir.join("r.visii.safetensors"), dir.join("r.jsonl"));
@@ -250,50 +194,28 @@ fn reproducibility_files_reproduce_the_references() {
         "--init",
         meta["learn"]["init"].as_str().unwrap(),
         "--schedule",
-        f.join("goldens/learn_schedule.safetensors")
-            .to_str()
-            .unwrap(),
+        f.join("goldens/learn_schedule.safetensors").to_str().unwrap(),
         "--log",
         log.to_str().unwrap(),
         "--backend",
         "ndarray",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let want = meta["learn"]["stats_mse_cos_loss"].as_array().unwrap();
     assert_eq!(lines.len(), want.len());
     for (k, (got, w)) in lines.iter().zip(want).enumerate() {
         assert_eq!(got["step"], k);
         for (i, key) in ["mse", "cos", "loss"].iter().enumerate() {
             let (a, b) = (got[key].as_f64().unwrap(), w[i].as_f64().unwrap());
-            assert!(
-                (a - b).abs() <= 1e-4 * b.abs().max(0.1),
-                "step {k} {key}: {a} vs reference {b}"
-            );
+            assert!((a - b).abs() <= 1e-4 * b.abs().max(0.1), "step {k} {key}: {a} vs reference {b}");
         }
     }
     // inspect FILE describes the instruction.
     let out = visii(&["inspect", ins.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.contains("init_caption")
-            && text.contains("a photo of a cat")
-            && text.contains("[77 x 32]"),
-        "{text}"
-    );
+    assert!(text.contains("init_caption") && text.contains("a photo of a cat") && text.contains("[77 x 32]"), "{text}");
 
     let png = dir.join("r.png");
     let a = &meta["apply"];
@@ -316,11 +238,7 @@ fn reproducibility_files_reproduce_the_references() {
         "--backend",
         "ndarray",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let img = image::open(&png).unwrap().to_rgb8();
     let g = visii_models::WeightFile::from_path(f.join("goldens/goldens.safetensors")).unwrap();
     let want = g.read_f32("apply.output").unwrap();
@@ -332,10 +250,7 @@ fn reproducibility_files_reproduce_the_references() {
             worst = worst.max((p[c] as f32 - want[c * n + i] * 255.0).abs());
         }
     }
-    assert!(
-        worst <= 0.51,
-        "pixels differ from diffusers' by up to {worst} levels"
-    );
+    assert!(worst <= 0.51, "pixels differ from diffusers' by up to {worst} levels");
 
     // Hybrid: a learned instruction plus extra words runs and changes the result.
     let hy = dir.join("h.png");
@@ -356,11 +271,7 @@ fn reproducibility_files_reproduce_the_references() {
         "--backend",
         "ndarray",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // Noises given by a schedule file cannot be regenerated: reuse is refused with the reason.
     let out = visii(&[
         "apply",
@@ -387,43 +298,25 @@ fn reproducibility_files_reproduce_the_references() {
         "--model",
         f.join("tiny-ip2p").to_str().unwrap(),
         "--image",
-        f.join("images")
-            .join(a["image"].as_str().unwrap())
-            .to_str()
-            .unwrap(),
+        f.join("images").join(a["image"].as_str().unwrap()).to_str().unwrap(),
         "--prompt",
         a["prompt"].as_str().unwrap(),
         "--steps",
         &a["steps"].to_string(),
         "--noise",
-        f.join("goldens/apply10_noise.safetensors")
-            .to_str()
-            .unwrap(),
+        f.join("goldens/apply10_noise.safetensors").to_str().unwrap(),
         "-o",
         png.to_str().unwrap(),
         "--backend",
         "ndarray",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let img = image::open(&png).unwrap().to_rgb8();
     let want = g.read_f32("apply10.output").unwrap();
     let n = (img.width() * img.height()) as usize;
-    let worst = img.pixels().enumerate().fold(0f32, |m, (i, p)| {
-        (0..3).fold(m, |m, c| {
-            m.max((p[c] as f32 - want[c * n + i] * 255.0).abs())
-        })
-    });
-    assert!(
-        worst <= 0.51,
-        "10-step pixels differ from diffusers' by up to {worst} levels"
-    );
-    let out = visii(&[
-        "apply", "--model", "x", "--image", "y", "--prompt", "z", "-o", "o.png", "--size", "81x56",
-    ]);
+    let worst = img.pixels().enumerate().fold(0f32, |m, (i, p)| (0..3).fold(m, |m, c| m.max((p[c] as f32 - want[c * n + i] * 255.0).abs())));
+    assert!(worst <= 0.51, "10-step pixels differ from diffusers' by up to {worst} levels");
+    let out = visii(&["apply", "--model", "x", "--image", "y", "--prompt", "z", "-o", "o.png", "--size", "81x56"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("multiples of 8"));
     let _ = std::fs::remove_dir_all(dir);
@@ -466,19 +359,10 @@ fn automatic_caption_noise_reuse_and_foreign_models() {
     let loaded = visii_pipeline::instruction::load(&bytes, 32).unwrap();
     let caption = &loaded.metadata["init_caption"];
     assert_eq!(caption.split(' ').count(), 8, "{caption}");
-    assert!(
-        caption.chars().all(|c| c == ' ' || c.is_ascii_lowercase()),
-        "{caption}"
-    );
+    assert!(caption.chars().all(|c| c == ' ' || c.is_ascii_lowercase()), "{caption}");
     assert_eq!(loaded.noise_reuse.as_ref().unwrap().timesteps.len(), 3);
-    let text =
-        String::from_utf8_lossy(&visii(&["inspect", ins.to_str().unwrap()]).stdout).to_string();
-    assert!(
-        text.contains("thumbnail")
-            && text.contains("132x64 PNG")
-            && text.contains("model_fingerprint"),
-        "{text}"
-    );
+    let text = String::from_utf8_lossy(&visii(&["inspect", ins.to_str().unwrap()]).stdout).to_string();
+    assert!(text.contains("thumbnail") && text.contains("132x64 PNG") && text.contains("model_fingerprint"), "{text}");
 
     let before = f.join("images/before.png");
     let run = |instruction: &std::path::Path, extra: &[&str], name: &str| {
@@ -505,23 +389,12 @@ fn automatic_caption_noise_reuse_and_foreign_models() {
         (out, png)
     };
     let (out, reused) = run(&ins, &["--reuse-noise"], "reused.png");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let (out, fresh) = run(&ins, &["--seed", "2"], "fresh.png");
     assert!(out.status.success());
-    assert_ne!(
-        std::fs::read(&reused).unwrap(),
-        std::fs::read(&fresh).unwrap(),
-        "reused noises equal fresh ones"
-    );
+    assert_ne!(std::fs::read(&reused).unwrap(), std::fs::read(&fresh).unwrap(), "reused noises equal fresh ones");
     let (_, again) = run(&ins, &["--reuse-noise"], "again.png");
-    assert_eq!(
-        std::fs::read(&reused).unwrap(),
-        std::fs::read(&again).unwrap()
-    );
+    assert_eq!(std::fs::read(&reused).unwrap(), std::fs::read(&again).unwrap());
 
     // The same instruction, claiming another base model (same width): refused, naming both.
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -533,11 +406,7 @@ fn automatic_caption_noise_reuse_and_foreign_models() {
     meta.insert("base_model".into(), base.to_string());
     let t = st.tensor("instruction").unwrap();
     let foreign = dir.join("foreign.visii.safetensors");
-    std::fs::write(
-        &foreign,
-        safetensors::serialize([("instruction", t)], Some(meta)).unwrap(),
-    )
-    .unwrap();
+    std::fs::write(&foreign, safetensors::serialize([("instruction", t)], Some(meta)).unwrap()).unwrap();
     let (out, _) = run(&foreign, &[], "foreign.png");
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -548,10 +417,6 @@ fn automatic_caption_noise_reuse_and_foreign_models() {
         "{err}"
     );
     let (out, _) = run(&foreign, &["--allow-foreign-model"], "forced.png");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let _ = std::fs::remove_dir_all(dir);
 }

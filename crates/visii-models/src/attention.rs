@@ -25,14 +25,7 @@ pub struct Attention {
 
 impl Attention {
     /// `bias` applies to q/k/v (the UNet has none, the VAE has them); `to_out.0` always has one.
-    pub fn load(
-        vb: &Vb,
-        query_dim: usize,
-        context_dim: usize,
-        heads: usize,
-        head_dim: usize,
-        bias: bool,
-    ) -> Result<Self> {
+    pub fn load(vb: &Vb, query_dim: usize, context_dim: usize, heads: usize, head_dim: usize, bias: bool) -> Result<Self> {
         let inner = heads * head_dim;
         Ok(Self {
             to_q: linear(&vb.pp("to_q"), query_dim, inner, bias)?,
@@ -45,13 +38,7 @@ impl Attention {
 
     pub fn forward(&self, x: Tensor<3>, context: Option<Tensor<3>>) -> Tensor<3> {
         let ctx = context.unwrap_or_else(|| x.clone());
-        let h = attention(
-            self.to_q.forward(x),
-            self.to_k.forward(ctx.clone()),
-            self.to_v.forward(ctx),
-            self.heads,
-            false,
-        );
+        let h = attention(self.to_q.forward(x), self.to_k.forward(ctx.clone()), self.to_v.forward(ctx), self.heads, false);
         self.to_out[0].forward(h)
     }
 }
@@ -64,17 +51,9 @@ pub struct SpatialAttention {
 }
 
 impl SpatialAttention {
-    pub fn load(
-        vb: &Vb,
-        channels: usize,
-        head_dim: usize,
-        groups: usize,
-        eps: f64,
-    ) -> Result<Self> {
+    pub fn load(vb: &Vb, channels: usize, head_dim: usize, groups: usize, eps: f64) -> Result<Self> {
         if head_dim == 0 || channels % head_dim != 0 {
-            return Err(ModelError::Unsupported(format!(
-                "VAE attention: {channels} channels, head dim {head_dim}"
-            )));
+            return Err(ModelError::Unsupported(format!("VAE attention: {channels} channels, head dim {head_dim}")));
         }
         Ok(Self {
             group_norm: group_norm(&vb.pp("group_norm"), groups, channels, eps)?,
@@ -84,11 +63,7 @@ impl SpatialAttention {
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let [b, c, h, w] = x.dims();
-        let y = self
-            .group_norm
-            .forward(x.clone())
-            .reshape([b, c, h * w])
-            .swap_dims(1, 2);
+        let y = self.group_norm.forward(x.clone()).reshape([b, c, h * w]).swap_dims(1, 2);
         let y = self.attn.forward(y, None);
         x + y.swap_dims(1, 2).reshape([b, c, h, w])
     }
@@ -113,13 +88,7 @@ pub struct BasicTransformerBlock {
 }
 
 impl BasicTransformerBlock {
-    pub fn load(
-        vb: &Vb,
-        dim: usize,
-        heads: usize,
-        head_dim: usize,
-        cross_dim: usize,
-    ) -> Result<Self> {
+    pub fn load(vb: &Vb, dim: usize, heads: usize, head_dim: usize, cross_dim: usize) -> Result<Self> {
         let inner_ff = dim * 4;
         Ok(Self {
             norm1: layer_norm(&vb.pp("norm1"), dim, 1e-5)?,
@@ -136,10 +105,7 @@ impl BasicTransformerBlock {
 
     pub fn forward(&self, x: Tensor<3>, context: &Tensor<3>) -> Tensor<3> {
         let x = x.clone() + self.attn1.forward(self.norm1.forward(x), None);
-        let x = x.clone()
-            + self
-                .attn2
-                .forward(self.norm2.forward(x), Some(context.clone()));
+        let x = x.clone() + self.attn2.forward(self.norm2.forward(x), Some(context.clone()));
         let h = self.ff.geglu_proj.forward(self.norm3.forward(x.clone()));
         let half = h.dims()[2] / 2;
         let [b, n, _] = h.dims();
@@ -159,15 +125,9 @@ pub struct Projection {
 impl Projection {
     fn load(vb: &Vb, c_in: usize, c_out: usize, use_linear: bool) -> Result<Self> {
         Ok(if use_linear {
-            Self {
-                conv: None,
-                linear: Some(linear(vb, c_in, c_out, true)?),
-            }
+            Self { conv: None, linear: Some(linear(vb, c_in, c_out, true)?) }
         } else {
-            Self {
-                conv: Some(conv2d(vb, c_in, c_out, 1, 1, 0)?),
-                linear: None,
-            }
+            Self { conv: Some(conv2d(vb, c_in, c_out, 1, 1, 0)?), linear: None }
         })
     }
 }
@@ -183,35 +143,16 @@ pub struct Transformer2DModel {
 
 impl Transformer2DModel {
     #[allow(clippy::too_many_arguments)]
-    pub fn load(
-        vb: &Vb,
-        channels: usize,
-        heads: usize,
-        cross_dim: usize,
-        groups: usize,
-        layers: usize,
-        use_linear: bool,
-    ) -> Result<Self> {
+    pub fn load(vb: &Vb, channels: usize, heads: usize, cross_dim: usize, groups: usize, layers: usize, use_linear: bool) -> Result<Self> {
         if heads == 0 || channels % heads != 0 {
-            return Err(ModelError::Unsupported(format!(
-                "{}: {channels} channels are not divisible by {heads} attention heads",
-                vb.prefix()
-            )));
+            return Err(ModelError::Unsupported(format!("{}: {channels} channels are not divisible by {heads} attention heads", vb.prefix())));
         }
         let head_dim = channels / heads;
         Ok(Self {
             norm: group_norm(&vb.pp("norm"), groups, channels, 1e-6)?,
             proj_in: Projection::load(&vb.pp("proj_in"), channels, channels, use_linear)?,
             transformer_blocks: (0..layers)
-                .map(|i| {
-                    BasicTransformerBlock::load(
-                        &vb.pp("transformer_blocks").pp(i),
-                        channels,
-                        heads,
-                        head_dim,
-                        cross_dim,
-                    )
-                })
+                .map(|i| BasicTransformerBlock::load(&vb.pp("transformer_blocks").pp(i), channels, heads, head_dim, cross_dim))
                 .collect::<Result<_>>()?,
             proj_out: Projection::load(&vb.pp("proj_out"), channels, channels, use_linear)?,
         })

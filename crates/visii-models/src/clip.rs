@@ -90,9 +90,7 @@ fn check_act(act: &str) -> Result<bool> {
     match act {
         "quick_gelu" => Ok(true),
         "gelu" => Ok(false),
-        other => Err(ModelError::Unsupported(format!(
-            "CLIP hidden_act `{other}` (expected quick_gelu or gelu)"
-        ))),
+        other => Err(ModelError::Unsupported(format!("CLIP hidden_act `{other}` (expected quick_gelu or gelu)"))),
     }
 }
 
@@ -124,14 +122,7 @@ pub struct ClipEncoderLayer {
 }
 
 impl ClipEncoderLayer {
-    fn load(
-        vb: &Vb,
-        hidden: usize,
-        inter: usize,
-        heads: usize,
-        eps: f64,
-        quick_gelu: bool,
-    ) -> Result<Self> {
+    fn load(vb: &Vb, hidden: usize, inter: usize, heads: usize, eps: f64, quick_gelu: bool) -> Result<Self> {
         let a = vb.pp("self_attn");
         Ok(Self {
             self_attn: ClipAttention {
@@ -154,50 +145,19 @@ impl ClipEncoderLayer {
     fn forward(&self, x: Tensor<3>, causal: bool) -> Tensor<3> {
         let h = self.layer_norm1.forward(x.clone());
         let a = &self.self_attn;
-        let h = attention(
-            a.q_proj.forward(h.clone()),
-            a.k_proj.forward(h.clone()),
-            a.v_proj.forward(h),
-            a.heads,
-            causal,
-        );
+        let h = attention(a.q_proj.forward(h.clone()), a.k_proj.forward(h.clone()), a.v_proj.forward(h), a.heads, causal);
         let x = x + a.out_proj.forward(h);
         let h = self.mlp.fc1.forward(self.layer_norm2.forward(x.clone()));
-        let h = if self.mlp.quick_gelu {
-            h.clone() * sigmoid(h.mul_scalar(1.702))
-        } else {
-            gelu(h)
-        };
+        let h = if self.mlp.quick_gelu { h.clone() * sigmoid(h.mul_scalar(1.702)) } else { gelu(h) };
         x + self.mlp.fc2.forward(h)
     }
 }
 
-fn load_layers(
-    vb: &Vb,
-    n: usize,
-    hidden: usize,
-    inter: usize,
-    heads: usize,
-    eps: f64,
-    qg: bool,
-) -> Result<Vec<ClipEncoderLayer>> {
+fn load_layers(vb: &Vb, n: usize, hidden: usize, inter: usize, heads: usize, eps: f64, qg: bool) -> Result<Vec<ClipEncoderLayer>> {
     if heads == 0 || hidden % heads != 0 {
-        return Err(ModelError::Unsupported(format!(
-            "hidden size {hidden} is not divisible by {heads} heads"
-        )));
+        return Err(ModelError::Unsupported(format!("hidden size {hidden} is not divisible by {heads} heads")));
     }
-    (0..n)
-        .map(|i| {
-            ClipEncoderLayer::load(
-                &vb.pp("encoder.layers").pp(i),
-                hidden,
-                inter,
-                heads,
-                eps,
-                qg,
-            )
-        })
-        .collect()
+    (0..n).map(|i| ClipEncoderLayer::load(&vb.pp("encoder.layers").pp(i), hidden, inter, heads, eps, qg)).collect()
 }
 
 /// `CLIPTextTransformer`: output = last hidden state after the final layer norm, [b, positions, hidden].
@@ -217,28 +177,10 @@ impl ClipTextTransformer {
         let vb = w.root().pp("text_model");
         let e = vb.pp("embeddings");
         Ok(Self {
-            token_embedding: Param::from_tensor(
-                e.pp("token_embedding")
-                    .get("weight", [cfg.vocab_size, cfg.hidden_size])?,
-            ),
-            position_embedding: Param::from_tensor(
-                e.pp("position_embedding")
-                    .get("weight", [cfg.max_position_embeddings, cfg.hidden_size])?,
-            ),
-            layers: load_layers(
-                &vb,
-                cfg.num_hidden_layers,
-                cfg.hidden_size,
-                cfg.intermediate_size,
-                cfg.num_attention_heads,
-                cfg.layer_norm_eps,
-                qg,
-            )?,
-            final_layer_norm: layer_norm(
-                &vb.pp("final_layer_norm"),
-                cfg.hidden_size,
-                cfg.layer_norm_eps,
-            )?,
+            token_embedding: Param::from_tensor(e.pp("token_embedding").get("weight", [cfg.vocab_size, cfg.hidden_size])?),
+            position_embedding: Param::from_tensor(e.pp("position_embedding").get("weight", [cfg.max_position_embeddings, cfg.hidden_size])?),
+            layers: load_layers(&vb, cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.layer_norm_eps, qg)?,
+            final_layer_norm: layer_norm(&vb.pp("final_layer_norm"), cfg.hidden_size, cfg.layer_norm_eps)?,
         })
     }
 
@@ -296,20 +238,9 @@ impl ClipVision {
                 PaddingConfig2d::Valid,
                 false,
             )?,
-            position_embedding: Param::from_tensor(
-                e.pp("position_embedding")
-                    .get("weight", [grid * grid + 1, h])?,
-            ),
+            position_embedding: Param::from_tensor(e.pp("position_embedding").get("weight", [grid * grid + 1, h])?),
             pre_layrnorm: layer_norm(&vb.pp("pre_layrnorm"), h, cfg.layer_norm_eps)?,
-            layers: load_layers(
-                &vb,
-                cfg.num_hidden_layers,
-                h,
-                cfg.intermediate_size,
-                cfg.num_attention_heads,
-                cfg.layer_norm_eps,
-                qg,
-            )?,
+            layers: load_layers(&vb, cfg.num_hidden_layers, h, cfg.intermediate_size, cfg.num_attention_heads, cfg.layer_norm_eps, qg)?,
             post_layernorm: layer_norm(&vb.pp("post_layernorm"), h, cfg.layer_norm_eps)?,
             visual_projection: linear(&w.root().pp("visual_projection"), h, projection_dim, false)?,
         })
@@ -320,11 +251,7 @@ impl ClipVision {
         let p = self.patch_embedding.forward(pixels);
         let [b, c, gh, gw] = p.dims();
         let p = p.reshape([b, c, gh * gw]).swap_dims(1, 2);
-        let cls = self
-            .class_embedding
-            .val()
-            .reshape([1, 1, c])
-            .expand([b, 1, c]);
+        let cls = self.class_embedding.val().reshape([1, 1, c]).expand([b, 1, c]);
         let mut x = Tensor::cat(vec![cls, p], 1) + self.position_embedding.val().unsqueeze::<3>();
         x = self.pre_layrnorm.forward(x);
         for layer in &self.layers {

@@ -11,41 +11,21 @@ pub enum ModelError {
     Config { path: String, message: String },
     /// Bytes that are not a safetensors file.
     #[error("{source_name} is not a valid safetensors file ({message}); the download may be truncated or corrupt: fetch it again")]
-    BadSafetensors {
-        source_name: String,
-        message: String,
-    },
+    BadSafetensors { source_name: String, message: String },
     /// The config asks for a tensor the weights do not have.
     #[error("{source_name}: missing tensor `{name}` (the config expects shape {expected:?}); the weights do not match this model's config.json")]
-    MissingTensor {
-        source_name: String,
-        name: String,
-        expected: Vec<usize>,
-    },
+    MissingTensor { source_name: String, name: String, expected: Vec<usize> },
     /// A tensor exists but its shape differs from what the config implies.
-    #[error(
-        "{source_name}: tensor `{name}` has shape {found:?} but the config expects {expected:?}"
-    )]
-    ShapeMismatch {
-        source_name: String,
-        name: String,
-        found: Vec<usize>,
-        expected: Vec<usize>,
-    },
+    #[error("{source_name}: tensor `{name}` has shape {found:?} but the config expects {expected:?}")]
+    ShapeMismatch { source_name: String, name: String, found: Vec<usize>, expected: Vec<usize> },
     /// The weights hold a tensor the architecture does not use (and it is not a known buffer).
-    #[error("{source_name}: unexpected tensor `{name}`, not part of the {component} described by its config.json (is the config from another model?)")]
-    UnexpectedTensor {
-        source_name: String,
-        name: String,
-        component: String,
-    },
+    #[error(
+        "{source_name}: unexpected tensor `{name}`, not part of the {component} described by its config.json (is the config from another model?)"
+    )]
+    UnexpectedTensor { source_name: String, name: String, component: String },
     /// A dtype we cannot turn into f32.
     #[error("{source_name}: tensor `{name}` has dtype {dtype}, only F32, F16 and BF16 weights are supported")]
-    UnsupportedDtype {
-        source_name: String,
-        name: String,
-        dtype: String,
-    },
+    UnsupportedDtype { source_name: String, name: String, dtype: String },
     /// A config value the implementation does not support.
     #[error("unsupported model: {0}")]
     Unsupported(String),
@@ -57,11 +37,7 @@ pub enum ModelError {
     Image(String),
     /// A folder is not a model folder of the expected kind.
     #[error("{path} is not {expected}: {message}")]
-    NotAModel {
-        path: String,
-        expected: String,
-        message: String,
-    },
+    NotAModel { path: String, expected: String, message: String },
 }
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;

@@ -36,10 +36,7 @@ pub struct Loaded<M, C> {
 
 /// Parse a config from JSON text; `name` appears in errors.
 pub fn parse_config<C: DeserializeOwned>(name: &str, text: &str) -> Result<C> {
-    serde_json::from_str(text).map_err(|e| ModelError::Config {
-        path: name.into(),
-        message: e.to_string(),
-    })
+    serde_json::from_str(text).map_err(|e| ModelError::Config { path: name.into(), message: e.to_string() })
 }
 
 fn is_buffer(name: &str) -> bool {
@@ -47,28 +44,16 @@ fn is_buffer(name: &str) -> bool {
 }
 
 /// The UNet from its config text and weight files.
-pub fn unet_from_parts(
-    config: &str,
-    files: Vec<WeightFile>,
-    device: &Device,
-) -> Result<Loaded<UNet2DConditionModel, UNetConfig>> {
+pub fn unet_from_parts(config: &str, files: Vec<WeightFile>, device: &Device) -> Result<Loaded<UNet2DConditionModel, UNetConfig>> {
     let cfg: UNetConfig = parse_config("unet/config.json", config)?;
     let w = Weights::new(files, device);
     let model = UNet2DConditionModel::load(&w, &cfg)?;
     w.finish("UNet2DConditionModel", is_buffer)?;
-    Ok(Loaded {
-        model,
-        config: cfg,
-        params: w.param_count(),
-    })
+    Ok(Loaded { model, config: cfg, params: w.param_count() })
 }
 
 /// The VAE, accepting both attention spellings.
-pub fn vae_from_parts(
-    config: &str,
-    files: Vec<WeightFile>,
-    device: &Device,
-) -> Result<Loaded<AutoencoderKL, VaeConfig>> {
+pub fn vae_from_parts(config: &str, files: Vec<WeightFile>, device: &Device) -> Result<Loaded<AutoencoderKL, VaeConfig>> {
     let cfg: VaeConfig = parse_config("vae/config.json", config)?;
     let w = Weights::new(files, device)
         .with_alias(".to_q.", ".query.")
@@ -77,43 +62,24 @@ pub fn vae_from_parts(
         .with_alias(".to_out.0.", ".proj_attn.");
     let model = AutoencoderKL::load(&w, &cfg)?;
     w.finish("AutoencoderKL", is_buffer)?;
-    Ok(Loaded {
-        model,
-        config: cfg,
-        params: w.param_count(),
-    })
+    Ok(Loaded { model, config: cfg, params: w.param_count() })
 }
 
 /// The CLIP text transformer from a `CLIPTextModel` config (or a `CLIPModel` config's `text_config`).
-pub fn text_encoder_from_parts(
-    config: &str,
-    files: Vec<WeightFile>,
-    device: &Device,
-) -> Result<Loaded<ClipTextTransformer, ClipTextConfig>> {
+pub fn text_encoder_from_parts(config: &str, files: Vec<WeightFile>, device: &Device) -> Result<Loaded<ClipTextTransformer, ClipTextConfig>> {
     let value: serde_json::Value = parse_config("text_encoder/config.json", config)?;
     let cfg: ClipTextConfig = match value.get("text_config") {
         Some(t) => serde_json::from_value(t.clone()),
         None => serde_json::from_value(value),
     }
-    .map_err(|e| ModelError::Config {
-        path: "text_encoder/config.json".into(),
-        message: e.to_string(),
-    })?;
+    .map_err(|e| ModelError::Config { path: "text_encoder/config.json".into(), message: e.to_string() })?;
     let w = Weights::new(files, device).with_alias("text_model.", "");
     let model = ClipTextTransformer::load(&w, &cfg)?;
     // A CLIPModel file also holds the vision side: not part of the text encoder.
     w.finish("CLIPTextModel", |n| {
-        is_buffer(n)
-            || n.starts_with("vision_model.")
-            || n.starts_with("visual_projection")
-            || n.starts_with("text_projection")
-            || n == "logit_scale"
+        is_buffer(n) || n.starts_with("vision_model.") || n.starts_with("visual_projection") || n.starts_with("text_projection") || n == "logit_scale"
     })?;
-    Ok(Loaded {
-        model,
-        config: cfg,
-        params: w.param_count(),
-    })
+    Ok(Loaded { model, config: cfg, params: w.param_count() })
 }
 
 /// The CLIP vision side used by the CLIP loss: vision tower + `visual_projection`, and `text_projection`.
@@ -126,48 +92,23 @@ pub struct ClipVisionParts {
 }
 
 /// Vision tower + projections from a `CLIPModel` config and weights.
-pub fn clip_vision_from_parts(
-    config: &str,
-    files: Vec<WeightFile>,
-    device: &Device,
-) -> Result<Loaded<ClipVisionParts, ClipConfig>> {
+pub fn clip_vision_from_parts(config: &str, files: Vec<WeightFile>, device: &Device) -> Result<Loaded<ClipVisionParts, ClipConfig>> {
     let cfg: ClipConfig = parse_config("config.json", config)?;
-    let proj = cfg
-        .projection_dim
-        .unwrap_or(cfg.vision_config.projection_dim);
+    let proj = cfg.projection_dim.unwrap_or(cfg.vision_config.projection_dim);
     let w = Weights::new(files, device);
     let vision = ClipVision::load(&w, &cfg.vision_config, proj)?;
     let vision_params = w.param_count();
-    let text_projection = linear(
-        &w.root().pp("text_projection"),
-        cfg.text_config.hidden_size,
-        proj,
-        false,
-    )?;
+    let text_projection = linear(&w.root().pp("text_projection"), cfg.text_config.hidden_size, proj, false)?;
     let text_projection_params = w.param_count() - vision_params;
-    w.finish("CLIPModel (vision side)", |n| {
-        is_buffer(n) || n.starts_with("text_model.") || n == "logit_scale"
-    })?;
+    w.finish("CLIPModel (vision side)", |n| is_buffer(n) || n.starts_with("text_model.") || n == "logit_scale")?;
     let params = w.param_count();
-    Ok(Loaded {
-        model: ClipVisionParts {
-            vision,
-            text_projection,
-            vision_params,
-            text_projection_params,
-        },
-        config: cfg,
-        params,
-    })
+    Ok(Loaded { model: ClipVisionParts { vision, text_projection, vision_params, text_projection_params }, config: cfg, params })
 }
 
 // ------------------------------------------------------------------ folders on disk
 
 fn read_text(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|e| ModelError::Io {
-        path: path.display().to_string(),
-        message: e.to_string(),
-    })
+    std::fs::read_to_string(path).map_err(|e| ModelError::Io { path: path.display().to_string(), message: e.to_string() })
 }
 
 /// The safetensors files of a component folder: a sharded index, or one file by its usual names
@@ -176,25 +117,13 @@ pub fn weight_files_in(dir: &Path, stem: &str) -> Result<Vec<WeightFile>> {
     let index = dir.join(format!("{stem}.safetensors.index.json"));
     if index.exists() {
         let v: serde_json::Value = parse_config(&index.display().to_string(), &read_text(&index)?)?;
-        let mut shards: Vec<String> = v["weight_map"]
-            .as_object()
-            .map(|m| {
-                m.values()
-                    .filter_map(|s| s.as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let mut shards: Vec<String> =
+            v["weight_map"].as_object().map(|m| m.values().filter_map(|s| s.as_str().map(String::from)).collect()).unwrap_or_default();
         shards.sort();
         shards.dedup();
-        return shards
-            .iter()
-            .map(|s| WeightFile::from_path(dir.join(s)))
-            .collect();
+        return shards.iter().map(|s| WeightFile::from_path(dir.join(s))).collect();
     }
-    for name in [
-        format!("{stem}.safetensors"),
-        format!("{stem}.fp16.safetensors"),
-    ] {
+    for name in [format!("{stem}.safetensors"), format!("{stem}.fp16.safetensors")] {
         let p = dir.join(&name);
         if p.exists() {
             return Ok(vec![WeightFile::from_path(p)?]);
@@ -202,18 +131,11 @@ pub fn weight_files_in(dir: &Path, stem: &str) -> Result<Vec<WeightFile>> {
     }
     let bin = dir.join(format!("{stem}.bin"));
     let message = if bin.exists() {
-        format!(
-            "only {} (PyTorch pickle) is present: convert it to safetensors",
-            bin.display()
-        )
+        format!("only {} (PyTorch pickle) is present: convert it to safetensors", bin.display())
     } else {
         format!("no {stem}.safetensors")
     };
-    Err(ModelError::NotAModel {
-        path: dir.display().to_string(),
-        expected: "a model component folder".into(),
-        message,
-    })
+    Err(ModelError::NotAModel { path: dir.display().to_string(), expected: "a model component folder".into(), message })
 }
 
 /// An InstructPix2Pix folder in the diffusers layout.
@@ -246,32 +168,17 @@ impl Ip2pFolder {
 
     pub fn unet(&self, device: &Device) -> Result<Loaded<UNet2DConditionModel, UNetConfig>> {
         let d = self.root.join("unet");
-        unet_from_parts(
-            &read_text(&d.join("config.json"))?,
-            weight_files_in(&d, "diffusion_pytorch_model")?,
-            device,
-        )
+        unet_from_parts(&read_text(&d.join("config.json"))?, weight_files_in(&d, "diffusion_pytorch_model")?, device)
     }
 
     pub fn vae(&self, device: &Device) -> Result<Loaded<AutoencoderKL, VaeConfig>> {
         let d = self.root.join("vae");
-        vae_from_parts(
-            &read_text(&d.join("config.json"))?,
-            weight_files_in(&d, "diffusion_pytorch_model")?,
-            device,
-        )
+        vae_from_parts(&read_text(&d.join("config.json"))?, weight_files_in(&d, "diffusion_pytorch_model")?, device)
     }
 
-    pub fn text_encoder(
-        &self,
-        device: &Device,
-    ) -> Result<Loaded<ClipTextTransformer, ClipTextConfig>> {
+    pub fn text_encoder(&self, device: &Device) -> Result<Loaded<ClipTextTransformer, ClipTextConfig>> {
         let d = self.root.join("text_encoder");
-        text_encoder_from_parts(
-            &read_text(&d.join("config.json"))?,
-            weight_files_in(&d, "model")?,
-            device,
-        )
+        text_encoder_from_parts(&read_text(&d.join("config.json"))?, weight_files_in(&d, "model")?, device)
     }
 
     pub fn tokenizer(&self) -> Result<ClipTokenizer> {
@@ -310,19 +217,11 @@ impl ClipFolder {
     }
 
     pub fn vision(&self, device: &Device) -> Result<Loaded<ClipVisionParts, ClipConfig>> {
-        clip_vision_from_parts(
-            &read_text(&self.root.join("config.json"))?,
-            weight_files_in(&self.root, "model")?,
-            device,
-        )
+        clip_vision_from_parts(&read_text(&self.root.join("config.json"))?, weight_files_in(&self.root, "model")?, device)
     }
 
     pub fn text(&self, device: &Device) -> Result<Loaded<ClipTextTransformer, ClipTextConfig>> {
-        text_encoder_from_parts(
-            &read_text(&self.root.join("config.json"))?,
-            weight_files_in(&self.root, "model")?,
-            device,
-        )
+        text_encoder_from_parts(&read_text(&self.root.join("config.json"))?, weight_files_in(&self.root, "model")?, device)
     }
 
     pub fn preprocess_config(&self) -> Result<ClipPreprocessConfig> {

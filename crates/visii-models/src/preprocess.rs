@@ -49,68 +49,37 @@ impl ClipPreprocessConfig {
     }
     fn crop(&self) -> (usize, usize) {
         match &self.crop_size {
-            serde_json::Value::Number(n) => (
-                n.as_u64().unwrap_or(224) as usize,
-                n.as_u64().unwrap_or(224) as usize,
-            ),
-            v => (
-                v["height"].as_u64().unwrap_or(224) as usize,
-                v["width"].as_u64().unwrap_or(224) as usize,
-            ),
+            serde_json::Value::Number(n) => (n.as_u64().unwrap_or(224) as usize, n.as_u64().unwrap_or(224) as usize),
+            v => (v["height"].as_u64().unwrap_or(224) as usize, v["width"].as_u64().unwrap_or(224) as usize),
         }
     }
 
     /// RGB8 image (row-major, `w * h * 3`) -> pixel values [3, crop_h, crop_w] (channel-major).
     pub fn apply(&self, rgb: &[u8], w: usize, h: usize) -> Result<(Vec<f32>, [usize; 3])> {
         if w == 0 || h == 0 || rgb.len() != w * h * 3 {
-            return Err(ModelError::Image(format!(
-                "expected {w}x{h} RGB pixels, got {} bytes",
-                rgb.len()
-            )));
+            return Err(ModelError::Image(format!("expected {w}x{h} RGB pixels, got {} bytes", rgb.len())));
         }
         let (mut img, mut w, mut h) = (rgb.to_vec(), w, h);
         if self.do_resize {
             let s = self.shortest_edge();
-            let (nw, nh) = if w <= h {
-                (s, (s as f64 * h as f64 / w as f64) as usize)
-            } else {
-                ((s as f64 * w as f64 / h as f64) as usize, s)
-            };
+            let (nw, nh) = if w <= h { (s, (s as f64 * h as f64 / w as f64) as usize) } else { ((s as f64 * w as f64 / h as f64) as usize, s) };
             let filter = match self.resample {
                 3 => Filter::Bicubic,
                 2 => Filter::Bilinear,
-                other => {
-                    return Err(ModelError::Unsupported(format!(
-                        "preprocessor resample mode {other} (bicubic = 3, bilinear = 2)"
-                    )))
-                }
+                other => return Err(ModelError::Unsupported(format!("preprocessor resample mode {other} (bicubic = 3, bilinear = 2)"))),
             };
             img = pil_resize(&img, w, h, nw, nh, filter);
             (w, h) = (nw, nh);
         }
-        let (ch, cw) = if self.do_center_crop {
-            self.crop()
-        } else {
-            (h, w)
-        };
+        let (ch, cw) = if self.do_center_crop { self.crop() } else { (h, w) };
         if ch > h || cw > w {
-            return Err(ModelError::Image(format!(
-                "image {w}x{h} is smaller than the {cw}x{ch} crop"
-            )));
+            return Err(ModelError::Image(format!("image {w}x{h} is smaller than the {cw}x{ch} crop")));
         }
         let (top, left) = ((h - ch) / 2, (w - cw) / 2);
-        let scale = if self.do_rescale {
-            self.rescale_factor as f32
-        } else {
-            1.0
-        };
+        let scale = if self.do_rescale { self.rescale_factor as f32 } else { 1.0 };
         let mut out = vec![0f32; 3 * ch * cw];
         for c in 0..3 {
-            let (m, s) = if self.do_normalize {
-                (self.image_mean[c], self.image_std[c])
-            } else {
-                (0.0, 1.0)
-            };
+            let (m, s) = if self.do_normalize { (self.image_mean[c], self.image_std[c]) } else { (0.0, 1.0) };
             for y in 0..ch {
                 for x in 0..cw {
                     let v = img[((top + y) * w + left + x) * 3 + c] as f32 * scale;
@@ -183,9 +152,7 @@ fn coefficients(in_size: usize, out_size: usize, filter: Filter) -> Vec<(usize, 
             let ss = 1.0 / filterscale;
             let xmin = ((center - support + 0.5) as i64).max(0) as usize;
             let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
-            let w: Vec<f64> = (xmin..xmax)
-                .map(|x| filter.eval((x as f64 - center + 0.5) * ss))
-                .collect();
+            let w: Vec<f64> = (xmin..xmax).map(|x| filter.eval((x as f64 - center + 0.5) * ss)).collect();
             let total: f64 = w.iter().sum();
             let k = w
                 .iter()
@@ -250,8 +217,7 @@ pub fn pil_resize(src: &[u8], w: usize, h: usize, nw: usize, nh: usize, filter: 
 
 /// Decode any supported image (PNG, JPEG) to RGB8.
 pub fn decode_rgb(bytes: &[u8]) -> Result<(Vec<u8>, usize, usize)> {
-    let img = image::load_from_memory(bytes)
-        .map_err(|e| ModelError::Image(format!("not a readable PNG or JPEG image ({e})")))?;
+    let img = image::load_from_memory(bytes).map_err(|e| ModelError::Image(format!("not a readable PNG or JPEG image ({e})")))?;
     let rgb = img.to_rgb8();
     let (w, h) = rgb.dimensions();
     Ok((rgb.into_raw(), w as usize, h as usize))

@@ -28,27 +28,14 @@ pub struct ResnetBlock2D {
 }
 
 impl ResnetBlock2D {
-    pub fn load(
-        vb: &Vb,
-        c_in: usize,
-        c_out: usize,
-        temb: Option<usize>,
-        groups: usize,
-        eps: f64,
-    ) -> Result<Self> {
+    pub fn load(vb: &Vb, c_in: usize, c_out: usize, temb: Option<usize>, groups: usize, eps: f64) -> Result<Self> {
         Ok(Self {
             norm1: group_norm(&vb.pp("norm1"), groups, c_in, eps)?,
             conv1: conv2d(&vb.pp("conv1"), c_in, c_out, 3, 1, 1)?,
-            time_emb_proj: temb
-                .map(|t| linear(&vb.pp("time_emb_proj"), t, c_out, true))
-                .transpose()?,
+            time_emb_proj: temb.map(|t| linear(&vb.pp("time_emb_proj"), t, c_out, true)).transpose()?,
             norm2: group_norm(&vb.pp("norm2"), groups, c_out, eps)?,
             conv2: conv2d(&vb.pp("conv2"), c_out, c_out, 3, 1, 1)?,
-            conv_shortcut: if c_in != c_out {
-                Some(conv2d(&vb.pp("conv_shortcut"), c_in, c_out, 1, 1, 0)?)
-            } else {
-                None
-            },
+            conv_shortcut: if c_in != c_out { Some(conv2d(&vb.pp("conv_shortcut"), c_in, c_out, 1, 1, 0)?) } else { None },
         })
     }
 
@@ -78,14 +65,8 @@ pub struct Downsample2D {
 
 impl Downsample2D {
     pub fn load(vb: &Vb, channels: usize, padding: usize) -> Result<Self> {
-        let pad = if padding == 0 {
-            PaddingConfig2d::Explicit(0, 0, 1, 1)
-        } else {
-            PaddingConfig2d::Explicit(padding, padding, padding, padding)
-        };
-        Ok(Self {
-            conv: conv2d_padded(&vb.pp("conv"), channels, channels, 3, 2, pad, true)?,
-        })
+        let pad = if padding == 0 { PaddingConfig2d::Explicit(0, 0, 1, 1) } else { PaddingConfig2d::Explicit(padding, padding, padding, padding) };
+        Ok(Self { conv: conv2d_padded(&vb.pp("conv"), channels, channels, 3, 2, pad, true)? })
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
@@ -101,18 +82,13 @@ pub struct Upsample2D {
 
 impl Upsample2D {
     pub fn load(vb: &Vb, channels: usize) -> Result<Self> {
-        Ok(Self {
-            conv: conv2d(&vb.pp("conv"), channels, channels, 3, 1, 1)?,
-        })
+        Ok(Self { conv: conv2d(&vb.pp("conv"), channels, channels, 3, 1, 1)? })
     }
 
     pub fn forward(&self, x: Tensor<4>, size: Option<[usize; 2]>) -> Tensor<4> {
         let [_, _, h, w] = x.dims();
         let size = size.unwrap_or([h * 2, w * 2]);
-        let x = interpolate(
-            x,
-            InterpolateOptions::new(InterpolateMode::Nearest).with_output_size(size),
-        );
+        let x = interpolate(x, InterpolateOptions::new(InterpolateMode::Nearest).with_output_size(size));
         self.conv.forward(x)
     }
 }

@@ -11,8 +11,7 @@ use tokenizers::Tokenizer;
 use crate::error::{ModelError, Result};
 
 /// CLIP's pre-tokenisation pattern (as in `CLIPTokenizer`).
-const CLIP_PATTERN: &str =
-    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+const CLIP_PATTERN: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 pub const BOS: &str = "<|startoftext|>";
 pub const EOS: &str = "<|endoftext|>";
 
@@ -42,27 +41,12 @@ impl ClipTokenizer {
     /// From the contents of `vocab.json` and `merges.txt`, building the pipeline `CLIPTokenizer` uses:
     /// NFC + whitespace collapse + lowercase, CLIP's split pattern, byte-level BPE with `</w>`,
     /// `<|startoftext|>` ... `<|endoftext|>` around the ids.
-    pub fn from_vocab_merges(
-        vocab_json: &str,
-        merges_txt: &str,
-        pad: Option<&str>,
-        max_len: usize,
-    ) -> Result<Self> {
-        let vocab: Value =
-            serde_json::from_str(vocab_json).map_err(|e| tok_err(format!("vocab.json: {e}")))?;
-        let map = vocab
-            .as_object()
-            .ok_or_else(|| tok_err("vocab.json is not an object"))?;
-        let id_of = |t: &str| {
-            map.get(t)
-                .and_then(Value::as_u64)
-                .ok_or_else(|| tok_err(format!("vocab.json has no `{t}`")))
-        };
+    pub fn from_vocab_merges(vocab_json: &str, merges_txt: &str, pad: Option<&str>, max_len: usize) -> Result<Self> {
+        let vocab: Value = serde_json::from_str(vocab_json).map_err(|e| tok_err(format!("vocab.json: {e}")))?;
+        let map = vocab.as_object().ok_or_else(|| tok_err("vocab.json is not an object"))?;
+        let id_of = |t: &str| map.get(t).and_then(Value::as_u64).ok_or_else(|| tok_err(format!("vocab.json has no `{t}`")));
         let (bos, eos) = (id_of(BOS)?, id_of(EOS)?);
-        let merges: Vec<&str> = merges_txt
-            .lines()
-            .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
-            .collect();
+        let merges: Vec<&str> = merges_txt.lines().filter(|l| !l.starts_with("#version") && !l.trim().is_empty()).collect();
         let spec = json!({
             "version": "1.0",
             "truncation": null,
@@ -95,33 +79,19 @@ impl ClipTokenizer {
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
         let read = |name: &str| {
-            std::fs::read_to_string(dir.join(name)).map_err(|e| ModelError::Io {
-                path: dir.join(name).display().to_string(),
-                message: e.to_string(),
-            })
+            std::fs::read_to_string(dir.join(name)).map_err(|e| ModelError::Io { path: dir.join(name).display().to_string(), message: e.to_string() })
         };
-        let cfg: Value = read("tokenizer_config.json")
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or(Value::Null);
+        let cfg: Value = read("tokenizer_config.json").ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or(Value::Null);
         let pad = match &cfg["pad_token"] {
             Value::String(s) => Some(s.clone()),
             Value::Object(o) => o.get("content").and_then(Value::as_str).map(String::from),
             _ => None,
         };
-        let max_len = cfg["model_max_length"]
-            .as_u64()
-            .filter(|&m| m > 0 && m <= 77)
-            .unwrap_or(77) as usize;
+        let max_len = cfg["model_max_length"].as_u64().filter(|&m| m > 0 && m <= 77).unwrap_or(77) as usize;
         if dir.join("tokenizer.json").exists() {
             Self::from_tokenizer_json(&read("tokenizer.json")?, pad.as_deref(), max_len)
         } else if dir.join("vocab.json").exists() && dir.join("merges.txt").exists() {
-            Self::from_vocab_merges(
-                &read("vocab.json")?,
-                &read("merges.txt")?,
-                pad.as_deref(),
-                max_len,
-            )
+            Self::from_vocab_merges(&read("vocab.json")?, &read("merges.txt")?, pad.as_deref(), max_len)
         } else {
             Err(ModelError::NotAModel {
                 path: dir.display().to_string(),
@@ -132,33 +102,18 @@ impl ClipTokenizer {
     }
 
     fn wrap(inner: Tokenizer, pad: Option<&str>, max_len: usize) -> Result<Self> {
-        let id = |t: &str| {
-            inner
-                .token_to_id(t)
-                .ok_or_else(|| tok_err(format!("the vocabulary has no `{t}`")))
-        };
+        let id = |t: &str| inner.token_to_id(t).ok_or_else(|| tok_err(format!("the vocabulary has no `{t}`")));
         let (bos_id, eos_id) = (id(BOS)?, id(EOS)?);
         let pad_id = match pad {
             Some(p) => id(p)?,
             None => eos_id,
         };
-        Ok(Self {
-            inner,
-            bos_id,
-            eos_id,
-            pad_id,
-            max_len,
-        })
+        Ok(Self { inner, bos_id, eos_id, pad_id, max_len })
     }
 
     /// `BOS ids... EOS` without padding or truncation.
     pub fn encode_raw(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(self
-            .inner
-            .encode(text, true)
-            .map_err(tok_err)?
-            .get_ids()
-            .to_vec())
+        Ok(self.inner.encode(text, true).map_err(tok_err)?.get_ids().to_vec())
     }
 
     /// Exactly `max_len` ids: truncated keeping the final EOS, then padded.
@@ -174,9 +129,7 @@ impl ClipTokenizer {
 
     /// Position of the first EOS in a padded row (the end of the prompt's own tokens).
     pub fn eos_position(&self, ids: &[u32]) -> usize {
-        ids.iter()
-            .position(|&i| i == self.eos_id)
-            .unwrap_or(ids.len() - 1)
+        ids.iter().position(|&i| i == self.eos_id).unwrap_or(ids.len() - 1)
     }
 
     /// Text of ids, special tokens skipped.

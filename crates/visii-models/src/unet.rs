@@ -24,7 +24,7 @@ pub enum PerBlock {
 }
 
 impl PerBlock {
-    fn get(&self, i: usize) -> usize {
+    pub fn get(&self, i: usize) -> usize {
         match self {
             PerBlock::One(v) => *v,
             PerBlock::Each(v) => v[i.min(v.len() - 1)],
@@ -74,19 +74,9 @@ impl Default for UNetConfig {
             out_channels: 4,
             flip_sin_to_cos: true,
             freq_shift: 0.0,
-            down_block_types: vec![
-                "CrossAttnDownBlock2D".into(),
-                "CrossAttnDownBlock2D".into(),
-                "CrossAttnDownBlock2D".into(),
-                "DownBlock2D".into(),
-            ],
+            down_block_types: vec!["CrossAttnDownBlock2D".into(), "CrossAttnDownBlock2D".into(), "CrossAttnDownBlock2D".into(), "DownBlock2D".into()],
             mid_block_type: Some("UNetMidBlock2DCrossAttn".into()),
-            up_block_types: vec![
-                "UpBlock2D".into(),
-                "CrossAttnUpBlock2D".into(),
-                "CrossAttnUpBlock2D".into(),
-                "CrossAttnUpBlock2D".into(),
-            ],
+            up_block_types: vec!["UpBlock2D".into(), "CrossAttnUpBlock2D".into(), "CrossAttnUpBlock2D".into(), "CrossAttnUpBlock2D".into()],
             block_out_channels: vec![320, 640, 1280, 1280],
             layers_per_block: PerBlock::One(2),
             downsample_padding: 1,
@@ -118,10 +108,7 @@ impl UNetConfig {
         let n = self.block_out_channels.len();
         let bad = |m: String| Err(ModelError::Unsupported(format!("UNet config: {m}")));
         if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
-            return bad(
-                "down_block_types, up_block_types and block_out_channels must have the same length"
-                    .into(),
-            );
+            return bad("down_block_types, up_block_types and block_out_channels must have the same length".into());
         }
         for t in &self.down_block_types {
             if t != "CrossAttnDownBlock2D" && t != "DownBlock2D" {
@@ -139,15 +126,10 @@ impl UNetConfig {
             }
         }
         if self.class_embed_type.is_some() || self.addition_embed_type.is_some() {
-            return bad(
-                "class / addition embeddings (SDXL-style conditioning) are not supported".into(),
-            );
+            return bad("class / addition embeddings (SDXL-style conditioning) are not supported".into());
         }
         if self.time_embedding_type != "positional" || self.resnet_time_scale_shift != "default" {
-            return bad(format!(
-                "time_embedding_type `{}` / resnet_time_scale_shift `{}`",
-                self.time_embedding_type, self.resnet_time_scale_shift
-            ));
+            return bad(format!("time_embedding_type `{}` / resnet_time_scale_shift `{}`", self.time_embedding_type, self.resnet_time_scale_shift));
         }
         if self.only_cross_attention != serde_json::Value::Bool(false) {
             return bad("only_cross_attention".into());
@@ -160,10 +142,7 @@ impl UNetConfig {
 
     /// Heads of block `i` (down order): `num_attention_heads`, or `attention_head_dim` as SD1.x means it.
     pub fn heads(&self, i: usize) -> usize {
-        self.num_attention_heads
-            .as_ref()
-            .unwrap_or(&self.attention_head_dim)
-            .get(i)
+        self.num_attention_heads.as_ref().unwrap_or(&self.attention_head_dim).get(i)
     }
 
     /// Width of the time embedding (`block_out_channels[0] * 4`).
@@ -236,14 +215,7 @@ impl UNet2DConditionModel {
         let time_linear_1 = linear(&te.pp("linear_1"), ch[0], temb, true)?;
         let time_linear_2 = linear(&te.pp("linear_2"), temb, temb, true)?;
         // 2. stem
-        let conv_in = conv2d(
-            &vb.pp("conv_in"),
-            cfg.in_channels,
-            ch[0],
-            cfg.conv_in_kernel,
-            1,
-            cfg.conv_in_kernel / 2,
-        )?;
+        let conv_in = conv2d(&vb.pp("conv_in"), cfg.in_channels, ch[0], cfg.conv_in_kernel, 1, cfg.conv_in_kernel / 2)?;
 
         // 3. down
         let mut down_blocks = Vec::with_capacity(n);
@@ -254,38 +226,15 @@ impl UNet2DConditionModel {
             c_out = ch[i];
             let layers = cfg.layers_per_block.get(i);
             let resnets = (0..layers)
-                .map(|j| {
-                    ResnetBlock2D::load(
-                        &b.pp("resnets").pp(j),
-                        if j == 0 { c_in } else { c_out },
-                        c_out,
-                        Some(temb),
-                        groups,
-                        eps,
-                    )
-                })
+                .map(|j| ResnetBlock2D::load(&b.pp("resnets").pp(j), if j == 0 { c_in } else { c_out }, c_out, Some(temb), groups, eps))
                 .collect::<Result<Vec<_>>>()?;
             let attentions = if kind == "CrossAttnDownBlock2D" {
-                (0..layers)
-                    .map(|j| transformer(&b.pp("attentions").pp(j), cfg, c_out, i))
-                    .collect::<Result<Vec<_>>>()?
+                (0..layers).map(|j| transformer(&b.pp("attentions").pp(j), cfg, c_out, i)).collect::<Result<Vec<_>>>()?
             } else {
                 vec![]
             };
-            let downsamplers = if i + 1 < n {
-                vec![Downsample2D::load(
-                    &b.pp("downsamplers").pp(0),
-                    c_out,
-                    cfg.downsample_padding,
-                )?]
-            } else {
-                vec![]
-            };
-            down_blocks.push(DownBlock {
-                resnets,
-                attentions,
-                downsamplers,
-            });
+            let downsamplers = if i + 1 < n { vec![Downsample2D::load(&b.pp("downsamplers").pp(0), c_out, cfg.downsample_padding)?] } else { vec![] };
+            down_blocks.push(DownBlock { resnets, attentions, downsamplers });
         }
 
         // 4. mid
@@ -294,18 +243,7 @@ impl UNet2DConditionModel {
                 let b = vb.pp("mid_block");
                 let c = ch[n - 1];
                 Some(MidBlock {
-                    resnets: (0..2)
-                        .map(|j| {
-                            ResnetBlock2D::load(
-                                &b.pp("resnets").pp(j),
-                                c,
-                                c,
-                                Some(temb),
-                                groups,
-                                eps,
-                            )
-                        })
-                        .collect::<Result<_>>()?,
+                    resnets: (0..2).map(|j| ResnetBlock2D::load(&b.pp("resnets").pp(j), c, c, Some(temb), groups, eps)).collect::<Result<_>>()?,
                     attentions: vec![transformer(&b.pp("attentions").pp(0), cfg, c, n - 1)?],
                 })
             }
@@ -327,33 +265,16 @@ impl UNet2DConditionModel {
                 .map(|j| {
                     let skip = if j == layers - 1 { c_skip_in } else { c_out };
                     let res_in = if j == 0 { c_prev } else { c_out };
-                    ResnetBlock2D::load(
-                        &b.pp("resnets").pp(j),
-                        res_in + skip,
-                        c_out,
-                        Some(temb),
-                        groups,
-                        eps,
-                    )
+                    ResnetBlock2D::load(&b.pp("resnets").pp(j), res_in + skip, c_out, Some(temb), groups, eps)
                 })
                 .collect::<Result<Vec<_>>>()?;
             let attentions = if kind == "CrossAttnUpBlock2D" {
-                (0..layers)
-                    .map(|j| transformer(&b.pp("attentions").pp(j), cfg, c_out, down_i))
-                    .collect::<Result<Vec<_>>>()?
+                (0..layers).map(|j| transformer(&b.pp("attentions").pp(j), cfg, c_out, down_i)).collect::<Result<Vec<_>>>()?
             } else {
                 vec![]
             };
-            let upsamplers = if i + 1 < n {
-                vec![Upsample2D::load(&b.pp("upsamplers").pp(0), c_out)?]
-            } else {
-                vec![]
-            };
-            up_blocks.push(UpBlock {
-                resnets,
-                attentions,
-                upsamplers,
-            });
+            let upsamplers = if i + 1 < n { vec![Upsample2D::load(&b.pp("upsamplers").pp(0), c_out)?] } else { vec![] };
+            up_blocks.push(UpBlock { resnets, attentions, upsamplers });
         }
 
         // 6. head
@@ -365,14 +286,7 @@ impl UNet2DConditionModel {
             mid_block,
             up_blocks,
             conv_norm_out: group_norm(&vb.pp("conv_norm_out"), groups, ch[0], eps)?,
-            conv_out: conv2d(
-                &vb.pp("conv_out"),
-                ch[0],
-                cfg.out_channels,
-                cfg.conv_out_kernel,
-                1,
-                cfg.conv_out_kernel / 2,
-            )?,
+            conv_out: conv2d(&vb.pp("conv_out"), ch[0], cfg.out_channels, cfg.conv_out_kernel, 1, cfg.conv_out_kernel / 2)?,
             time_proj_dim: ch[0],
             flip_sin_to_cos: cfg.flip_sin_to_cos,
             freq_shift: cfg.freq_shift,
@@ -385,12 +299,9 @@ impl UNet2DConditionModel {
         let half = dim / 2;
         let mut out = Vec::with_capacity(timesteps.len() * dim);
         // f32 throughout, in the order torch computes it, so fractional timesteps match closely.
-        let freqs: Vec<f32> = (0..half)
-            .map(|k| (-(10000f32).ln() * k as f32 / (half as f32 - self.freq_shift as f32)).exp())
-            .collect();
+        let freqs: Vec<f32> = (0..half).map(|k| (-(10000f32).ln() * k as f32 / (half as f32 - self.freq_shift as f32)).exp()).collect();
         for &t in timesteps {
-            let (sin, cos): (Vec<f32>, Vec<f32>) =
-                freqs.iter().map(|f| ((t * f).sin(), (t * f).cos())).unzip();
+            let (sin, cos): (Vec<f32>, Vec<f32>) = freqs.iter().map(|f| ((t * f).sin(), (t * f).cos())).unzip();
             if self.flip_sin_to_cos {
                 out.extend(cos);
                 out.extend(sin);
@@ -410,9 +321,7 @@ impl UNet2DConditionModel {
         let device = sample.device();
         // 1. time
         let t = self.time_proj(timesteps, &device);
-        let temb = self
-            .time_linear_2
-            .forward(silu(self.time_linear_1.forward(t)));
+        let temb = self.time_linear_2.forward(silu(self.time_linear_1.forward(t)));
         let temb = Some(&temb);
         // 2. stem
         let mut x = self.conv_in.forward(sample);

@@ -73,21 +73,9 @@ pub struct VaeMidBlock {
 impl VaeMidBlock {
     fn load(vb: &Vb, c: usize, groups: usize, attention: bool) -> Result<Self> {
         Ok(Self {
-            resnets: (0..2)
-                .map(|j| ResnetBlock2D::load(&vb.pp("resnets").pp(j), c, c, None, groups, EPS))
-                .collect::<Result<_>>()?,
+            resnets: (0..2).map(|j| ResnetBlock2D::load(&vb.pp("resnets").pp(j), c, c, None, groups, EPS)).collect::<Result<_>>()?,
             // diffusers: attention_head_dim = channels, i.e. one head.
-            attentions: if attention {
-                vec![SpatialAttention::load(
-                    &vb.pp("attentions").pp(0),
-                    c,
-                    c,
-                    groups,
-                    EPS,
-                )?]
-            } else {
-                vec![]
-            },
+            attentions: if attention { vec![SpatialAttention::load(&vb.pp("attentions").pp(0), c, c, groups, EPS)?] } else { vec![] },
         })
     }
 
@@ -145,19 +133,10 @@ impl AutoencoderKL {
         let ch = &cfg.block_out_channels;
         let n = ch.len();
         if n == 0 || cfg.down_block_types.len() != n || cfg.up_block_types.len() != n {
-            return Err(ModelError::Unsupported(
-                "VAE config: block types and block_out_channels differ in length".into(),
-            ));
+            return Err(ModelError::Unsupported("VAE config: block types and block_out_channels differ in length".into()));
         }
-        if cfg
-            .down_block_types
-            .iter()
-            .any(|t| t != "DownEncoderBlock2D")
-            || cfg.up_block_types.iter().any(|t| t != "UpDecoderBlock2D")
-        {
-            return Err(ModelError::Unsupported(
-                "VAE config: only DownEncoderBlock2D / UpDecoderBlock2D blocks".into(),
-            ));
+        if cfg.down_block_types.iter().any(|t| t != "DownEncoderBlock2D") || cfg.up_block_types.iter().any(|t| t != "UpDecoderBlock2D") {
+            return Err(ModelError::Unsupported("VAE config: only DownEncoderBlock2D / UpDecoderBlock2D blocks".into()));
         }
         let (g, lat) = (cfg.norm_num_groups, cfg.latent_channels);
         let vb = w.root();
@@ -172,41 +151,19 @@ impl AutoencoderKL {
             c_out = ch[i];
             down_blocks.push(VaeBlock {
                 resnets: (0..cfg.layers_per_block)
-                    .map(|j| {
-                        ResnetBlock2D::load(
-                            &b.pp("resnets").pp(j),
-                            if j == 0 { c_in } else { c_out },
-                            c_out,
-                            None,
-                            g,
-                            EPS,
-                        )
-                    })
+                    .map(|j| ResnetBlock2D::load(&b.pp("resnets").pp(j), if j == 0 { c_in } else { c_out }, c_out, None, g, EPS))
                     .collect::<Result<_>>()?,
-                downsamplers: if i + 1 < n {
-                    vec![Downsample2D::load(&b.pp("downsamplers").pp(0), c_out, 0)?]
-                } else {
-                    vec![]
-                },
+                downsamplers: if i + 1 < n { vec![Downsample2D::load(&b.pp("downsamplers").pp(0), c_out, 0)?] } else { vec![] },
                 upsamplers: vec![],
             });
         }
         let encoder = Encoder {
             conv_in: conv2d(&e.pp("conv_in"), cfg.in_channels, ch[0], 3, 1, 1)?,
             down_blocks,
-            mid_block: VaeMidBlock::load(
-                &e.pp("mid_block"),
-                ch[n - 1],
-                g,
-                cfg.mid_block_add_attention,
-            )?,
+            mid_block: VaeMidBlock::load(&e.pp("mid_block"), ch[n - 1], g, cfg.mid_block_add_attention)?,
             conv_norm_out: group_norm(&e.pp("conv_norm_out"), g, ch[n - 1], EPS)?,
             conv_out: conv2d(&e.pp("conv_out"), ch[n - 1], 2 * lat, 3, 1, 1)?,
-            quant_conv: if cfg.use_quant_conv {
-                Some(conv2d(&vb.pp("quant_conv"), 2 * lat, 2 * lat, 1, 1, 0)?)
-            } else {
-                None
-            },
+            quant_conv: if cfg.use_quant_conv { Some(conv2d(&vb.pp("quant_conv"), 2 * lat, 2 * lat, 1, 1, 0)?) } else { None },
         };
 
         // Decoder: conv_in, mid, up blocks over reversed channels (layers + 1 resnets), norm, conv_out.
@@ -220,48 +177,21 @@ impl AutoencoderKL {
             c_out = rev[i];
             up_blocks.push(VaeBlock {
                 resnets: (0..cfg.layers_per_block + 1)
-                    .map(|j| {
-                        ResnetBlock2D::load(
-                            &b.pp("resnets").pp(j),
-                            if j == 0 { c_prev } else { c_out },
-                            c_out,
-                            None,
-                            g,
-                            EPS,
-                        )
-                    })
+                    .map(|j| ResnetBlock2D::load(&b.pp("resnets").pp(j), if j == 0 { c_prev } else { c_out }, c_out, None, g, EPS))
                     .collect::<Result<_>>()?,
                 downsamplers: vec![],
-                upsamplers: if i + 1 < n {
-                    vec![Upsample2D::load(&b.pp("upsamplers").pp(0), c_out)?]
-                } else {
-                    vec![]
-                },
+                upsamplers: if i + 1 < n { vec![Upsample2D::load(&b.pp("upsamplers").pp(0), c_out)?] } else { vec![] },
             });
         }
         let decoder = Decoder {
-            post_quant_conv: if cfg.use_post_quant_conv {
-                Some(conv2d(&vb.pp("post_quant_conv"), lat, lat, 1, 1, 0)?)
-            } else {
-                None
-            },
+            post_quant_conv: if cfg.use_post_quant_conv { Some(conv2d(&vb.pp("post_quant_conv"), lat, lat, 1, 1, 0)?) } else { None },
             conv_in: conv2d(&d.pp("conv_in"), lat, rev[0], 3, 1, 1)?,
-            mid_block: VaeMidBlock::load(
-                &d.pp("mid_block"),
-                rev[0],
-                g,
-                cfg.mid_block_add_attention,
-            )?,
+            mid_block: VaeMidBlock::load(&d.pp("mid_block"), rev[0], g, cfg.mid_block_add_attention)?,
             up_blocks,
             conv_norm_out: group_norm(&d.pp("conv_norm_out"), g, ch[0], EPS)?,
             conv_out: conv2d(&d.pp("conv_out"), ch[0], cfg.out_channels, 3, 1, 1)?,
         };
-        Ok(Self {
-            encoder,
-            decoder,
-            scaling_factor: cfg.scaling_factor,
-            latent_channels: lat,
-        })
+        Ok(Self { encoder, decoder, scaling_factor: cfg.scaling_factor, latent_channels: lat })
     }
 
     /// Image in [-1, 1], [b, 3, H, W] -> (mean, logvar) of the latent distribution, [b, latent, H/8, W/8].

@@ -29,30 +29,15 @@ impl WeightFile {
         let name = name.into();
         let bytes: Arc<[u8]> = bytes.into();
         let (header_len, metadata) =
-            SafeTensors::read_metadata(&bytes).map_err(|e| ModelError::BadSafetensors {
-                source_name: name.clone(),
-                message: e.to_string(),
-            })?;
-        let tensors = metadata
-            .tensors()
-            .into_iter()
-            .map(|(k, v)| (k, v.clone()))
-            .collect();
-        Ok(Self {
-            name,
-            bytes,
-            data_start: 8 + header_len,
-            tensors,
-        })
+            SafeTensors::read_metadata(&bytes).map_err(|e| ModelError::BadSafetensors { source_name: name.clone(), message: e.to_string() })?;
+        let tensors = metadata.tensors().into_iter().map(|(k, v)| (k, v.clone())).collect();
+        Ok(Self { name, bytes, data_start: 8 + header_len, tensors })
     }
 
     /// Read a safetensors file from disk.
     pub fn from_path(path: impl AsRef<std::path::Path>) -> Result<Self> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| ModelError::Io {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })?;
+        let bytes = std::fs::read(path).map_err(|e| ModelError::Io { path: path.display().to_string(), message: e.to_string() })?;
         Self::from_bytes(path.display().to_string(), bytes)
     }
 
@@ -68,36 +53,18 @@ impl WeightFile {
 
     /// The tensor's values as f32, whatever float dtype it is stored in.
     pub fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
-        let info = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| ModelError::MissingTensor {
-                source_name: self.name.clone(),
-                name: name.into(),
-                expected: vec![],
-            })?;
+        let info = self.tensors.get(name).ok_or_else(|| ModelError::MissingTensor {
+            source_name: self.name.clone(),
+            name: name.into(),
+            expected: vec![],
+        })?;
         let (a, b) = info.data_offsets;
         let raw = &self.bytes[self.data_start + a..self.data_start + b];
         let out = match info.dtype {
-            Dtype::F32 => raw
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            Dtype::F16 => raw
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => raw
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            other => {
-                return Err(ModelError::UnsupportedDtype {
-                    source_name: self.name.clone(),
-                    name: name.into(),
-                    dtype: format!("{other:?}"),
-                })
-            }
+            Dtype::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Dtype::F16 => raw.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            Dtype::BF16 => raw.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            other => return Err(ModelError::UnsupportedDtype { source_name: self.name.clone(), name: name.into(), dtype: format!("{other:?}") }),
         };
         Ok(out)
     }
@@ -117,14 +84,7 @@ pub struct Weights {
 
 impl Weights {
     pub fn new(files: Vec<WeightFile>, device: &Device) -> Self {
-        Self {
-            files,
-            random: None,
-            aliases: vec![],
-            used: RefCell::new(BTreeSet::new()),
-            params: RefCell::new(0),
-            device: device.clone(),
-        }
+        Self { files, random: None, aliases: vec![], used: RefCell::new(BTreeSet::new()), params: RefCell::new(0), device: device.clone() }
     }
 
     /// Random weights of whatever shapes the config asks for: uniform in +-1/sqrt(fan_in) for
@@ -140,19 +100,11 @@ impl Weights {
         let (seed, counter) = self.random.as_ref().expect("random weights");
         let n: usize = shape.iter().product();
         if shape.len() == 1 {
-            let v = if name.ends_with("weight") && !name.contains("embedding") {
-                1.0
-            } else {
-                0.0
-            };
+            let v = if name.ends_with("weight") && !name.contains("embedding") { 1.0 } else { 0.0 };
             return vec![v; n];
         }
         let fan_in: usize = shape[1..].iter().product::<usize>().max(1);
-        let bound = if name.contains("embedding") {
-            1.0
-        } else {
-            1.0 / (fan_in as f32).sqrt()
-        };
+        let bound = if name.contains("embedding") { 1.0 } else { 1.0 / (fan_in as f32).sqrt() };
         let mut c = counter.borrow_mut();
         *c += 1;
         let mut state = seed ^ (*c).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
@@ -180,18 +132,11 @@ impl Weights {
 
     /// Root builder (empty prefix).
     pub fn root(&self) -> Vb<'_> {
-        Vb {
-            w: self,
-            prefix: String::new(),
-        }
+        Vb { w: self, prefix: String::new() }
     }
 
     fn source_name(&self) -> String {
-        self.files
-            .iter()
-            .map(|f| f.name.as_str())
-            .collect::<Vec<_>>()
-            .join(" + ")
+        self.files.iter().map(|f| f.name.as_str()).collect::<Vec<_>>().join(" + ")
     }
 
     /// Find `name` (or an alias of it): the file holding it and the name it has there.
@@ -270,11 +215,7 @@ impl Weights {
             names.sort();
             for n in names {
                 if !used.contains(n) && !ignore(n) {
-                    return Err(ModelError::UnexpectedTensor {
-                        source_name: f.name.clone(),
-                        name: n.clone(),
-                        component: component.into(),
-                    });
+                    return Err(ModelError::UnexpectedTensor { source_name: f.name.clone(), name: n.clone(), component: component.into() });
                 }
             }
         }
@@ -292,11 +233,7 @@ pub struct Vb<'a> {
 impl<'a> Vb<'a> {
     /// Descend one path segment.
     pub fn pp(&self, segment: impl std::fmt::Display) -> Vb<'a> {
-        let prefix = if self.prefix.is_empty() {
-            segment.to_string()
-        } else {
-            format!("{}.{}", self.prefix, segment)
-        };
+        let prefix = if self.prefix.is_empty() { segment.to_string() } else { format!("{}.{}", self.prefix, segment) };
         Vb { w: self.w, prefix }
     }
 

@@ -4,10 +4,7 @@
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use visii_models::loader::Loaded;
-use visii_models::{
-    AutoencoderKL, ClipTextConfig, ClipTextTransformer, ClipTokenizer, Ip2pFolder,
-    UNet2DConditionModel, UNetConfig,
-};
+use visii_models::{AutoencoderKL, ClipTextConfig, ClipTextTransformer, ClipTokenizer, Ip2pFolder, UNet2DConditionModel, UNetConfig};
 
 use crate::error::{PipelineError, Result};
 use crate::image::{vae_output_to_unit, RgbImage};
@@ -39,12 +36,7 @@ pub struct ApplyOptions {
 
 impl Default for ApplyOptions {
     fn default() -> Self {
-        Self {
-            steps: 20,
-            guidance: 7.5,
-            image_guidance: 1.5,
-            seed: 0,
-        }
+        Self { steps: 20, guidance: 7.5, image_guidance: 1.5, seed: 0 }
     }
 }
 
@@ -53,10 +45,7 @@ pub enum Noise {
     /// Our RNG: the initial latent from stream `INIT_STREAM`, step `i` from `STEP_STREAM + i`.
     Seeded(u64),
     /// Explicit tensors (parity tests): the initial noise and one per step, each [1, 4, h, w].
-    Given {
-        init: Vec<f32>,
-        steps: Vec<Vec<f32>>,
-    },
+    Given { init: Vec<f32>, steps: Vec<Vec<f32>> },
     /// The noises an instruction was learned with (the paper's noise-reuse option): the initial
     /// latent takes the learning noise whose timestep is nearest the first sampling timestep, and
     /// step i's ancestral noise the one nearest the timestep it steps to. At the learning size the
@@ -67,20 +56,12 @@ pub enum Noise {
 impl crate::instruction::NoiseReuse {
     /// The learning step whose timestep is nearest `t`.
     pub fn nearest_step(&self, t: f32) -> Option<usize> {
-        (0..self.timesteps.len()).min_by(|&a, &b| {
-            (self.timesteps[a] as f32 - t)
-                .abs()
-                .total_cmp(&(self.timesteps[b] as f32 - t).abs())
-                .then(a.cmp(&b))
-        })
+        (0..self.timesteps.len())
+            .min_by(|&a, &b| (self.timesteps[a] as f32 - t).abs().total_cmp(&(self.timesteps[b] as f32 - t).abs()).then(a.cmp(&b)))
     }
 
     fn noise(&self, t: f32, n: usize) -> Result<Vec<f32>> {
-        let k = self.nearest_step(t).ok_or_else(|| {
-            PipelineError::Config(
-                "the instruction records no learning steps to reuse noise from".into(),
-            )
-        })?;
+        let k = self.nearest_step(t).ok_or_else(|| PipelineError::Config("the instruction records no learning steps to reuse noise from".into()))?;
         Ok(NoiseRng::new(self.seed, crate::learn::LEARN_NOISE_STREAM + k as u64).normal(n))
     }
 }
@@ -93,19 +74,9 @@ impl Ip2p {
         let name = std::fs::read_to_string(folder.root.join("model_index.json"))
             .ok()
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|v| {
-                v.get("_name_or_path")
-                    .and_then(|n| n.as_str())
-                    .map(String::from)
-            })
+            .and_then(|v| v.get("_name_or_path").and_then(|n| n.as_str()).map(String::from))
             .unwrap_or_else(|| {
-                folder
-                    .root
-                    .canonicalize()
-                    .unwrap_or(folder.root.clone())
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default()
+                folder.root.canonicalize().unwrap_or(folder.root.clone()).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
             });
         Self::assemble(
             folder.unet(device)?,
@@ -128,10 +99,8 @@ impl Ip2p {
         name: String,
         device: &Device,
     ) -> Result<Self> {
-        let uc = serde_json::to_string(&unet.config)
-            .map_err(|e| PipelineError::Config(e.to_string()))?;
-        let tc = serde_json::to_string(&text.config)
-            .map_err(|e| PipelineError::Config(e.to_string()))?;
+        let uc = serde_json::to_string(&unet.config).map_err(|e| PipelineError::Config(e.to_string()))?;
+        let tc = serde_json::to_string(&text.config).map_err(|e| PipelineError::Config(e.to_string()))?;
         Ok(Self {
             unet: unet.model,
             vae,
@@ -153,10 +122,7 @@ impl Ip2p {
     pub fn encode_text(&self, text: &str) -> Result<Tensor<3>> {
         let ids: Vec<i64> = self.token_ids(text)?.into_iter().map(i64::from).collect();
         let n = ids.len();
-        Ok(self.text.forward(Tensor::<2, Int>::from_data(
-            TensorData::new(ids, [1, n]),
-            &self.device,
-        )))
+        Ok(self.text.forward(Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &self.device)))
     }
 
     /// Text -> (conditioning, position of its EOS).
@@ -199,10 +165,7 @@ impl Ip2p {
         mut trace: Option<&mut dyn FnMut(usize, &Tensor<4>)>,
     ) -> Result<Tensor<4>> {
         if image.width % 8 != 0 || image.height % 8 != 0 {
-            return Err(PipelineError::Config(format!(
-                "image size {}x{} is not a multiple of 8",
-                image.width, image.height
-            )));
+            return Err(PipelineError::Config(format!("image size {}x{} is not a multiple of 8", image.width, image.height)));
         }
         let dev = &self.device;
         let sched = EulerAncestral::new(&self.scheduler, opts.steps)?;
@@ -211,11 +174,7 @@ impl Ip2p {
         let lat_c = self.unet_out_channels();
         let noise_tensor = |v: Vec<f32>| -> Result<Tensor<4>> {
             if v.len() != lat_c * h * w {
-                return Err(PipelineError::Config(format!(
-                    "noise has {} values, expected {}",
-                    v.len(),
-                    lat_c * h * w
-                )));
+                return Err(PipelineError::Config(format!("noise has {} values, expected {}", v.len(), lat_c * h * w)));
             }
             Ok(Tensor::from_data(TensorData::new(v, [1, lat_c, h, w]), dev))
         };
@@ -230,35 +189,21 @@ impl Ip2p {
         // Rows: A = instruction + image, B = empty text + image, C = empty text + no image.
         let uncond = self.encode_text("")?;
         let context = Tensor::cat(vec![cond, uncond.clone(), uncond], 0);
-        let image_rows = Tensor::cat(
-            vec![z_img.clone(), z_img, Tensor::zeros([1, c, h, w], dev)],
-            0,
-        );
+        let image_rows = Tensor::cat(vec![z_img.clone(), z_img, Tensor::zeros([1, c, h, w], dev)], 0);
         let steps = sched.timesteps.len();
         for (i, &t) in sched.timesteps.iter().enumerate() {
             if !progress(i, steps) {
                 return Err(PipelineError::Cancelled);
             }
             let x = sched.scale_model_input(latents.clone(), i);
-            let input = Tensor::cat(
-                vec![
-                    Tensor::cat(vec![x.clone(), x.clone(), x], 0),
-                    image_rows.clone(),
-                ],
-                1,
-            );
+            let input = Tensor::cat(vec![Tensor::cat(vec![x.clone(), x.clone(), x], 0), image_rows.clone()], 1);
             let e = self.unet.forward(input, &[t, t, t], context.clone());
             let row = |r: usize| e.clone().slice([r..r + 1, 0..lat_c, 0..h, 0..w]);
             let (ea, eb, ec) = (row(0), row(1), row(2));
-            let guided = ec.clone()
-                + (ea - eb.clone()).mul_scalar(opts.guidance)
-                + (eb - ec).mul_scalar(opts.image_guidance);
+            let guided = ec.clone() + (ea - eb.clone()).mul_scalar(opts.guidance) + (eb - ec).mul_scalar(opts.image_guidance);
             let step_noise = match noise {
                 Noise::Seeded(seed) => draw(*seed, STEP_STREAM + i as u64),
-                Noise::Given { steps, .. } => steps
-                    .get(i)
-                    .cloned()
-                    .ok_or_else(|| PipelineError::Config(format!("no noise for step {i}")))?,
+                Noise::Given { steps, .. } => steps.get(i).cloned().ok_or_else(|| PipelineError::Config(format!("no noise for step {i}")))?,
                 Noise::Reuse(r) => r.noise(*ts.get(i + 1).unwrap_or(&t), lat_c * h * w)?,
             };
             latents = sched.step(guided, i, latents, noise_tensor(step_noise)?);

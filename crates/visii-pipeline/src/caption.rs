@@ -31,14 +31,7 @@ pub struct CaptionOptions {
 
 impl Default for CaptionOptions {
     fn default() -> Self {
-        Self {
-            tokens: 8,
-            iterations: 150,
-            lr: 0.1,
-            weight_decay: 0.1,
-            seed: 0,
-            max_vocab_id: 20_000,
-        }
+        Self { tokens: 8, iterations: 150, lr: 0.1, weight_decay: 0.1, seed: 0, max_vocab_id: 20_000 }
     }
 }
 
@@ -59,10 +52,10 @@ pub fn readable_vocab(model: &Ip2p, max_id: u32) -> Vec<u32> {
     let rows = model.text.token_embedding.val().dims()[0] as u32;
     (0..max_id.min(rows).min(model.tokenizer.vocab_size() as u32))
         .filter(|&id| {
-            model.tokenizer.id_to_token(id).is_some_and(|t| {
-                t.strip_suffix("</w>")
-                    .is_some_and(|w| w.len() >= 3 && w.bytes().all(|b| b.is_ascii_lowercase()))
-            })
+            model
+                .tokenizer
+                .id_to_token(id)
+                .is_some_and(|t| t.strip_suffix("</w>").is_some_and(|w| w.len() >= 3 && w.bytes().all(|b| b.is_ascii_lowercase())))
         })
         .collect()
 }
@@ -71,33 +64,15 @@ pub fn readable_vocab(model: &Ip2p, max_id: u32) -> Vec<u32> {
 fn text_embed(model: &Ip2p, text_projection: &Linear, tokens: Tensor<2>) -> Tensor<2> {
     let [n, hidden] = tokens.dims();
     let dev = tokens.device();
-    let ends = model.text.embed(Tensor::<2, Int>::from_data(
-        TensorData::new(
-            vec![model.tokenizer.bos_id as i64, model.tokenizer.eos_id as i64],
-            [1, 2],
-        ),
-        &dev,
-    ));
-    let ends = if tokens.is_autodiff() {
-        ends.autodiff()
-    } else {
-        ends
-    };
-    let seq = Tensor::cat(
-        vec![
-            ends.clone().slice([0..1, 0..1, 0..hidden]),
-            tokens.unsqueeze::<3>(),
-            ends.slice([0..1, 1..2, 0..hidden]),
-        ],
-        1,
-    );
+    let ends = model
+        .text
+        .embed(Tensor::<2, Int>::from_data(TensorData::new(vec![model.tokenizer.bos_id as i64, model.tokenizer.eos_id as i64], [1, 2]), &dev));
+    let ends = if tokens.is_autodiff() { ends.autodiff() } else { ends };
+    let seq = Tensor::cat(vec![ends.clone().slice([0..1, 0..1, 0..hidden]), tokens.unsqueeze::<3>(), ends.slice([0..1, 1..2, 0..hidden])], 1);
     let h = model.text.forward_embeds(seq);
-    let pooled = h
-        .slice([0..1, n + 1..n + 2, 0..hidden])
-        .reshape([1, hidden]);
+    let pooled = h.slice([0..1, n + 1..n + 2, 0..hidden]).reshape([1, hidden]);
     let e = text_projection.forward(pooled);
-    e.clone()
-        .div(e.powi_scalar(2).sum_dim(1).sqrt().clamp_min(1e-12))
+    e.clone().div(e.powi_scalar(2).sum_dim(1).sqrt().clamp_min(1e-12))
 }
 
 /// Search a caption whose CLIP text embedding points toward `target` [proj] (normalised inside).
@@ -112,63 +87,34 @@ pub fn auto_caption(
     let dev = model.device.clone();
     let vocab = readable_vocab(model, opts.max_vocab_id);
     if vocab.is_empty() || opts.tokens == 0 || opts.tokens + 2 > model.tokenizer.max_len {
-        return Err(PipelineError::Config(
-            "prompt search has no candidate words or an impossible length".into(),
-        ));
+        return Err(PipelineError::Config("prompt search has no candidate words or an impossible length".into()));
     }
     let v = vocab.len();
-    let ids_t = Tensor::<1, Int>::from_data(
-        TensorData::new(vocab.iter().map(|&i| i as i64).collect::<Vec<_>>(), [v]),
-        &dev,
-    );
+    let ids_t = Tensor::<1, Int>::from_data(TensorData::new(vocab.iter().map(|&i| i as i64).collect::<Vec<_>>(), [v]), &dev);
     let table = model.text.token_embedding.val().select(0, ids_t); // [v, hidden]
     let hidden = table.dims()[1];
-    let table_n = table
-        .clone()
-        .div(
-            table
-                .clone()
-                .powi_scalar(2)
-                .sum_dim(1)
-                .sqrt()
-                .clamp_min(1e-12),
-        )
-        .transpose(); // [hidden, v]
+    let table_n = table.clone().div(table.clone().powi_scalar(2).sum_dim(1).sqrt().clamp_min(1e-12)).transpose(); // [hidden, v]
     let proj = target.dims()[0];
-    let target = target
-        .clone()
-        .div(target.powi_scalar(2).sum().sqrt().clamp_min(1e-12))
-        .reshape([1, proj]);
+    let target = target.clone().div(target.powi_scalar(2).sum().sqrt().clamp_min(1e-12)).reshape([1, proj]);
 
     let n = opts.tokens;
     let mut rng = NoiseRng::new(opts.seed, CAPTION_STREAM);
     let start: Vec<i64> = (0..n).map(|_| rng.below(v as u64) as i64).collect();
-    let mut p = table.clone().select(
-        0,
-        Tensor::<1, Int>::from_data(TensorData::new(start, [n]), &dev),
-    ); // [n, hidden]
+    let mut p = table.clone().select(0, Tensor::<1, Int>::from_data(TensorData::new(start, [n]), &dev)); // [n, hidden]
     let (mut m, mut s2) = (p.zeros_like(), p.zeros_like());
     let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8f64);
     let (mut best, mut best_idx, mut initial) = (f32::NEG_INFINITY, vec![0usize; n], f32::NAN);
     let mut run = 0;
     for it in 0..opts.iterations {
         // Project to the nearest candidate words (cosine).
-        let pn = p
-            .clone()
-            .div(p.clone().powi_scalar(2).sum_dim(1).sqrt().clamp_min(1e-12));
+        let pn = p.clone().div(p.clone().powi_scalar(2).sum_dim(1).sqrt().clamp_min(1e-12));
         let idx = pn.matmul(table_n.clone()).argmax(1).reshape([n]); // [n]
-        let x = table
-            .clone()
-            .select(0, idx.clone())
-            .autodiff()
-            .require_grad();
+        let x = table.clone().select(0, idx.clone()).autodiff().require_grad();
         let e = text_embed(model, text_projection, x.clone());
         let cos = (e * target.clone().autodiff()).sum();
         let loss = cos.clone().neg().add_scalar(1.0);
         let grads = loss.backward();
-        let g = x
-            .grad(&grads)
-            .ok_or_else(|| PipelineError::Config("no gradient in prompt search".into()))?;
+        let g = x.grad(&grads).ok_or_else(|| PipelineError::Config("no gradient in prompt search".into()))?;
         // One readback: the similarity and the projected ids.
         let back = Tensor::cat(vec![cos.inner().reshape([1]), idx.float()], 0)
             .into_data()
@@ -187,15 +133,8 @@ pub fn auto_caption(
         p = p.mul_scalar(1.0 - opts.lr * opts.weight_decay);
         m = m.mul_scalar(b1) + g.clone().mul_scalar(1.0 - b1);
         s2 = s2.mul_scalar(b2) + g.powi_scalar(2).mul_scalar(1.0 - b2);
-        let denom = s2
-            .clone()
-            .sqrt()
-            .div_scalar((1.0 - b2.powi(k)).sqrt())
-            .add_scalar(eps);
-        p = p - m
-            .clone()
-            .div(denom)
-            .mul_scalar(opts.lr / (1.0 - b1.powi(k)));
+        let denom = s2.clone().sqrt().div_scalar((1.0 - b2.powi(k)).sqrt()).add_scalar(eps);
+        p = p - m.clone().div(denom).mul_scalar(opts.lr / (1.0 - b1.powi(k)));
         run = it + 1;
         if !progress(run, best) {
             break;
@@ -205,21 +144,7 @@ pub fn auto_caption(
         return Err(PipelineError::Cancelled);
     }
     let ids: Vec<u32> = best_idx.iter().map(|&i| vocab[i]).collect();
-    let words: Vec<String> = ids
-        .iter()
-        .filter_map(|&id| {
-            model
-                .tokenizer
-                .id_to_token(id)
-                .map(|t| t.trim_end_matches("</w>").to_string())
-        })
-        .collect();
+    let words: Vec<String> = ids.iter().filter_map(|&id| model.tokenizer.id_to_token(id).map(|t| t.trim_end_matches("</w>").to_string())).collect();
     let _ = hidden;
-    Ok(Caption {
-        text: words.join(" "),
-        ids,
-        similarity: best,
-        initial_similarity: initial,
-        iterations_run: run,
-    })
+    Ok(Caption { text: words.join(" "), ids, similarity: best, initial_similarity: initial, iterations_run: run })
 }

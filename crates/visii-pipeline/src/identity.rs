@@ -40,18 +40,12 @@ pub fn short_hash(parts: &[&[u8]]) -> String {
         h.update((p.len() as u64).to_le_bytes());
         h.update(p);
     }
-    h.finalize()
-        .iter()
-        .take(8)
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
 fn pattern(n: usize) -> Vec<f32> {
     let mut rng = NoiseRng::new(0x5eed, PATTERN_STREAM);
-    (0..n)
-        .map(|_| if rng.below(2) == 0 { -1.0 } else { 1.0 })
-        .collect()
+    (0..n).map(|_| if rng.below(2) == 0 { -1.0 } else { 1.0 }).collect()
 }
 
 /// [rms, projection on the pattern / norm] of the first PROBE values of a tensor,
@@ -78,31 +72,15 @@ impl ModelIdentity {
             stats(u.time_linear_1.weight.val()),
             stats(t.token_embedding.val()),
             stats(t.position_embedding.val()),
-            stats(
-                t.layers
-                    .last()
-                    .map(|l| l.mlp.fc2.weight.val())
-                    .unwrap_or_else(|| t.final_layer_norm.gamma.val().unsqueeze()),
-            ),
+            stats(t.layers.last().map(|l| l.mlp.fc2.weight.val()).unwrap_or_else(|| t.final_layer_norm.gamma.val().unsqueeze())),
         ];
-        let signature = Tensor::cat(parts, 0)
-            .into_data()
-            .try_to_vec::<f32>()
-            .unwrap_or_default();
-        Self {
-            name: model.name.clone(),
-            arch: model.arch.clone(),
-            signature,
-        }
+        let signature = Tensor::cat(parts, 0).into_data().try_to_vec::<f32>().unwrap_or_default();
+        Self { name: model.name.clone(), arch: model.arch.clone(), signature }
     }
 
     /// Short display form, e.g. `3f2a…:9c41…`.
     pub fn fingerprint(&self) -> String {
-        let rounded: Vec<String> = self
-            .signature
-            .chunks(2)
-            .map(|c| format!("{:.1e}/{:.0}", c[0], c.get(1).copied().unwrap_or(0.0) * 2.0))
-            .collect();
+        let rounded: Vec<String> = self.signature.chunks(2).map(|c| format!("{:.1e}/{:.0}", c[0], c.get(1).copied().unwrap_or(0.0) * 2.0)).collect();
         let sig = short_hash(&[rounded.join(",").as_bytes()]);
         format!("{}-{}", &self.arch[..self.arch.len().min(8)], &sig[..8])
     }
@@ -115,10 +93,7 @@ impl ModelIdentity {
                 .signature
                 .chunks(2)
                 .zip(other.signature.chunks(2))
-                .all(|(a, b)| {
-                    (a[0] - b[0]).abs() <= RMS_TOL * a[0].abs().max(b[0].abs())
-                        && (a[1] - b[1]).abs() <= PROJ_TOL
-                })
+                .all(|(a, b)| (a[0] - b[0]).abs() <= RMS_TOL * a[0].abs().max(b[0].abs()) && (a[1] - b[1]).abs() <= PROJ_TOL)
     }
 
     /// How a person names it in a message.

@@ -18,11 +18,7 @@ impl RgbImage {
     /// Decode PNG or JPEG bytes.
     pub fn decode(bytes: &[u8]) -> Result<Self> {
         let (data, width, height) = decode_rgb(bytes)?;
-        Ok(Self {
-            width,
-            height,
-            data,
-        })
+        Ok(Self { width, height, data })
     }
 
     /// The size an edit runs at: at most `max_side` on the longer side (aspect kept), each side
@@ -30,10 +26,7 @@ impl RgbImage {
     pub fn working_size(&self, max_side: usize) -> (usize, usize) {
         let scale = (max_side as f64 / self.width.max(self.height) as f64).min(1.0);
         let r8 = |v: f64| ((v as usize) / 8 * 8).max(8);
-        (
-            r8(self.width as f64 * scale),
-            r8(self.height as f64 * scale),
-        )
+        (r8(self.width as f64 * scale), r8(self.height as f64 * scale))
     }
 
     /// Resize with PIL's Lanczos filter (no-op when the size already matches).
@@ -41,18 +34,7 @@ impl RgbImage {
         if (width, height) == (self.width, self.height) {
             return self.clone();
         }
-        Self {
-            width,
-            height,
-            data: pil_resize(
-                &self.data,
-                self.width,
-                self.height,
-                width,
-                height,
-                Filter::Lanczos3,
-            ),
-        }
+        Self { width, height, data: pil_resize(&self.data, self.width, self.height, width, height, Filter::Lanczos3) }
     }
 
     /// Images side by side, each fitted (aspect kept, Lanczos) into a `side` x `side` box, on white,
@@ -63,31 +45,22 @@ impl RgbImage {
             .iter()
             .map(|im| {
                 let scale = side as f64 / im.width.max(im.height) as f64;
-                let (w, h) = (
-                    ((im.width as f64 * scale).round() as usize).clamp(1, side),
-                    ((im.height as f64 * scale).round() as usize).clamp(1, side),
-                );
+                let (w, h) =
+                    (((im.width as f64 * scale).round() as usize).clamp(1, side), ((im.height as f64 * scale).round() as usize).clamp(1, side));
                 im.resized(w, h)
             })
             .collect();
         let width = fitted.len() * side + fitted.len().saturating_sub(1) * gap;
         let mut data = vec![255u8; width.max(1) * side * 3];
         for (k, im) in fitted.iter().enumerate() {
-            let (x0, y0) = (
-                k * (side + gap) + (side - im.width) / 2,
-                (side - im.height) / 2,
-            );
+            let (x0, y0) = (k * (side + gap) + (side - im.width) / 2, (side - im.height) / 2);
             for y in 0..im.height {
                 let src = &im.data[y * im.width * 3..(y + 1) * im.width * 3];
                 let at = ((y0 + y) * width + x0) * 3;
                 data[at..at + src.len()].copy_from_slice(src);
             }
         }
-        RgbImage {
-            width: width.max(1),
-            height: side,
-            data,
-        }
+        RgbImage { width: width.max(1), height: side, data }
     }
 
     /// [1, 3, H, W] in [-1, 1] (diffusers' `VaeImageProcessor` normalisation).
@@ -110,11 +83,7 @@ impl RgbImage {
                 data[i * 3 + c] = (v[c * width * height + i].clamp(0.0, 1.0) * 255.0).round() as u8;
             }
         }
-        Self {
-            width,
-            height,
-            data,
-        }
+        Self { width, height, data }
     }
 
     /// Channel-major floats in [0, 1] ([3, H, W]).
@@ -132,15 +101,8 @@ impl RgbImage {
     /// PNG bytes.
     pub fn to_png(&self) -> Result<Vec<u8>> {
         let mut out = std::io::Cursor::new(Vec::new());
-        image::write_buffer_with_format(
-            &mut out,
-            &self.data,
-            self.width as u32,
-            self.height as u32,
-            image::ColorType::Rgb8,
-            image::ImageFormat::Png,
-        )
-        .map_err(|e| PipelineError::Config(format!("PNG encoding failed: {e}")))?;
+        image::write_buffer_with_format(&mut out, &self.data, self.width as u32, self.height as u32, image::ColorType::Rgb8, image::ImageFormat::Png)
+            .map_err(|e| PipelineError::Config(format!("PNG encoding failed: {e}")))?;
         Ok(out.into_inner())
     }
 }

@@ -77,8 +77,7 @@ fn bad(m: impl Into<String>) -> PipelineError {
 /// Serialise a learned instruction with its metadata.
 pub fn save(learned: &Learned, info: &SaveInfo) -> Result<Vec<u8>> {
     let bytes: Vec<u8> = learned.rows.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let view = TensorView::new(Dtype::F32, vec![learned.positions, learned.hidden], &bytes)
-        .map_err(|e| bad(e.to_string()))?;
+    let view = TensorView::new(Dtype::F32, vec![learned.positions, learned.hidden], &bytes).map_err(|e| bad(e.to_string()))?;
     let mut meta: HashMap<String, String> = HashMap::from([
         ("format".into(), FORMAT.into()),
         ("format_version".into(), FORMAT_VERSION.into()),
@@ -95,17 +94,11 @@ pub fn save(learned: &Learned, info: &SaveInfo) -> Result<Vec<u8>> {
         ("base_model".into(), json(info.model)),
     ]);
     if learned.seeded_noise {
-        let reuse = NoiseReuse {
-            seed: learned.seed,
-            timesteps: learned.history.iter().map(|s| s.t).collect(),
-        };
+        let reuse = NoiseReuse { seed: learned.seed, timesteps: learned.history.iter().map(|s| s.t).collect() };
         meta.insert("noise_reuse".into(), json(&reuse));
     }
     if let Some(png) = info.thumbnail_png {
-        meta.insert(
-            "thumbnail_png_base64".into(),
-            base64::engine::general_purpose::STANDARD.encode(png),
-        );
+        meta.insert("thumbnail_png_base64".into(), base64::engine::general_purpose::STANDARD.encode(png));
     }
     let extra = info.extra;
     for (k, v) in extra {
@@ -116,43 +109,31 @@ pub fn save(learned: &Learned, info: &SaveInfo) -> Result<Vec<u8>> {
 
 /// Parse and validate an instruction file without a model at hand (its own width is used).
 pub fn peek(bytes: &[u8]) -> Result<Instruction> {
-    let st = safetensors::SafeTensors::deserialize(bytes)
-        .map_err(|_| bad("this is not a visii instruction file (not safetensors data)"))?;
-    let hidden = st
-        .tensor("instruction")
-        .map(|t| t.shape().get(1).copied().unwrap_or(0))
-        .unwrap_or(0);
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|_| bad("this is not a visii instruction file (not safetensors data)"))?;
+    let hidden = st.tensor("instruction").map(|t| t.shape().get(1).copied().unwrap_or(0)).unwrap_or(0);
     load(bytes, hidden)
 }
 
 /// Parse and validate an instruction file for a text encoder of width `hidden`.
 pub fn load(bytes: &[u8], hidden: usize) -> Result<Instruction> {
     if bytes.len() > MAX_BYTES {
-        return Err(bad(format!(
-            "{} bytes is far too large for an instruction file",
-            bytes.len()
-        )));
+        return Err(bad(format!("{} bytes is far too large for an instruction file", bytes.len())));
     }
-    let st = safetensors::SafeTensors::deserialize(bytes)
-        .map_err(|_| bad("this is not a visii instruction file (not safetensors data)"))?;
-    let (_, meta) =
-        safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|_| bad("this is not a visii instruction file (not safetensors data)"))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
     let metadata = meta.metadata().clone().unwrap_or_default();
     if metadata.get("format").map(String::as_str) != Some(FORMAT) {
         return Err(bad("this safetensors file is not a visii instruction (no `format: visii-instruction` in its metadata)"));
     }
     if metadata.get("format_version").map(String::as_str) != Some(FORMAT_VERSION) {
-        return Err(bad(format!("instruction format version {:?} is not supported (this app reads version {FORMAT_VERSION})", metadata.get("format_version"))));
-    }
-    let t = st
-        .tensor("instruction")
-        .map_err(|_| bad("the file has no `instruction` tensor"))?;
-    if t.dtype() != Dtype::F32 || t.shape().len() != 2 {
         return Err(bad(format!(
-            "`instruction` must be a 2-D f32 tensor, found {:?} {:?}",
-            t.dtype(),
-            t.shape()
+            "instruction format version {:?} is not supported (this app reads version {FORMAT_VERSION})",
+            metadata.get("format_version")
         )));
+    }
+    let t = st.tensor("instruction").map_err(|_| bad("the file has no `instruction` tensor"))?;
+    if t.dtype() != Dtype::F32 || t.shape().len() != 2 {
+        return Err(bad(format!("`instruction` must be a 2-D f32 tensor, found {:?} {:?}", t.dtype(), t.shape())));
     }
     let (positions, file_hidden) = (t.shape()[0], t.shape()[1]);
     if file_hidden != hidden {
@@ -161,46 +142,23 @@ pub fn load(bytes: &[u8], hidden: usize) -> Result<Instruction> {
             metadata.get("model").cloned().unwrap_or_else(|| "unnamed".into())
         )));
     }
-    let eos: usize = metadata
-        .get("eos")
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| bad("metadata `eos` is missing"))?;
+    let eos: usize = metadata.get("eos").and_then(|v| v.parse().ok()).ok_or_else(|| bad("metadata `eos` is missing"))?;
     if positions == 0 || positions > 1024 || eos == 0 || eos >= positions {
-        return Err(bad(format!(
-            "implausible instruction shape: {positions} positions, eos at {eos}"
-        )));
+        return Err(bad(format!("implausible instruction shape: {positions} positions, eos at {eos}")));
     }
-    let rows: Vec<f32> = t
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
+    let rows: Vec<f32> = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
     if rows.iter().any(|v| !v.is_finite()) {
         return Err(bad("the instruction holds non-finite values"));
     }
     let base_model = match metadata.get("base_model") {
-        Some(v) => Some(
-            serde_json::from_str::<ModelIdentity>(v)
-                .map_err(|_| bad("metadata `base_model` is corrupt"))?,
-        ),
+        Some(v) => Some(serde_json::from_str::<ModelIdentity>(v).map_err(|_| bad("metadata `base_model` is corrupt"))?),
         None => None,
     };
     let noise_reuse = match metadata.get("noise_reuse") {
-        Some(v) => Some(
-            serde_json::from_str::<NoiseReuse>(v)
-                .map_err(|_| bad("metadata `noise_reuse` is corrupt"))?,
-        ),
+        Some(v) => Some(serde_json::from_str::<NoiseReuse>(v).map_err(|_| bad("metadata `noise_reuse` is corrupt"))?),
         None => None,
     };
-    Ok(Instruction {
-        rows,
-        positions,
-        hidden,
-        eos,
-        metadata,
-        base_model,
-        noise_reuse,
-    })
+    Ok(Instruction { rows, positions, hidden, eos, metadata, base_model, noise_reuse })
 }
 
 fn json<T: serde::Serialize>(v: &T) -> String {

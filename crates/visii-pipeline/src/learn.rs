@@ -12,6 +12,7 @@ use burn::nn::Linear;
 use burn::tensor::{Tensor, TensorData};
 
 use crate::apply::Ip2p;
+use visii_models::UNet2DConditionModel;
 
 /// AdamW hyper-parameters (torch defaults except the learning rate).
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -25,13 +26,7 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        Self {
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.01,
-        }
+        Self { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }
     }
 }
 
@@ -72,13 +67,7 @@ pub struct StepStats {
 }
 
 impl Inversion {
-    pub fn new(
-        c0: Tensor<3>,
-        uncond: Tensor<3>,
-        direction: Tensor<1>,
-        eos: usize,
-        adam: AdamWConfig,
-    ) -> Self {
+    pub fn new(c0: Tensor<3>, uncond: Tensor<3>, direction: Tensor<1>, eos: usize, adam: AdamWConfig) -> Self {
         let clip_value = c0.clone().max().into_scalar::<f32>();
         Self {
             c: c0.clone(),
@@ -100,14 +89,14 @@ impl Inversion {
     /// timestep's `sigma`.
     pub fn step(
         &mut self,
-        model: &Ip2p,
+        unet: &UNet2DConditionModel,
         text_projection: &Linear,
         pair: &PairLatents,
         t: usize,
         sigma: f32,
         n: Tensor<4>,
     ) -> StepStats {
-        let (stats, g) = self.loss_and_gradient(model, text_projection, pair, t, sigma, n);
+        let (stats, g) = self.loss_and_gradient(unet, text_projection, pair, t, sigma, n);
         let rows = g.dims()[1];
         self.adamw(g.clamp(-self.clip_value, self.clip_value));
         self.reset_outside_span(rows);
@@ -119,7 +108,7 @@ impl Inversion {
     /// clipping), [1, positions, hidden]. Does not change the state.
     pub fn loss_and_gradient(
         &self,
-        model: &Ip2p,
+        unet: &UNet2DConditionModel,
         text_projection: &Linear,
         pair: &PairLatents,
         t: usize,
@@ -127,16 +116,12 @@ impl Inversion {
         n: Tensor<4>,
     ) -> (StepStats, Tensor<3>) {
         let [_, lc, h, w] = n.dims();
-        let inp = (pair.z_after.clone() + n.clone().mul_scalar(sigma))
-            .div_scalar((sigma * sigma + 1.0).sqrt());
+        let inp = (pair.z_after.clone() + n.clone().mul_scalar(sigma)).div_scalar((sigma * sigma + 1.0).sqrt());
         let tf = t as f32;
         // Rows B and C: no graph.
-        let rows_bc = model.unet.forward(
+        let rows_bc = unet.forward(
             Tensor::cat(
-                vec![
-                    Tensor::cat(vec![inp.clone(), pair.z_before.clone()], 1),
-                    Tensor::cat(vec![inp.clone(), pair.z_before.zeros_like()], 1),
-                ],
+                vec![Tensor::cat(vec![inp.clone(), pair.z_before.clone()], 1), Tensor::cat(vec![inp.clone(), pair.z_before.zeros_like()], 1)],
                 0,
             ),
             &[tf, tf],
@@ -146,14 +131,8 @@ impl Inversion {
         let e_c = rows_bc.slice([1..2, 0..lc, 0..h, 0..w]).autodiff();
         // Row A: autodiff through c only.
         let c = self.c.clone().autodiff().require_grad();
-        let e_a = model.unet.forward(
-            Tensor::cat(vec![inp, pair.z_before.clone()], 1).autodiff(),
-            &[tf],
-            c.clone(),
-        );
-        let e = e_c.clone()
-            + (e_a - e_b.clone()).mul_scalar(self.guidance)
-            + (e_b - e_c).mul_scalar(self.image_guidance);
+        let e_a = unet.forward(Tensor::cat(vec![inp, pair.z_before.clone()], 1).autodiff(), &[tf], c.clone());
+        let e = e_c.clone() + (e_a - e_b.clone()).mul_scalar(self.guidance) + (e_b - e_c).mul_scalar(self.image_guidance);
         let mse = (e - n.autodiff()).powi_scalar(2).mean();
         let [_, rows, hidden] = c.dims();
         let p = text_projection.forward(c.clone().mean_dim(1).reshape([1, hidden]));
@@ -161,23 +140,12 @@ impl Inversion {
         let cos = (p.reshape([self.direction.dims()[0]]) * self.direction.clone().autodiff()).sum();
         let loss = mse.clone().mul_scalar(4.0) - cos.clone().clamp(-1.0, 0.5).mul_scalar(0.1);
         // One readback for the three values (not three).
-        let vals: Vec<f32> = Tensor::cat(vec![mse.clone(), cos.clone(), loss.clone()], 0)
-            .into_data()
-            .try_to_vec::<f32>()
-            .unwrap_or_else(|_| vec![f32::NAN; 3]);
-        let stats = StepStats {
-            step: self.step as usize,
-            t,
-            mse: vals[0],
-            cos: vals[1],
-            loss: vals[2],
-        };
+        let vals: Vec<f32> =
+            Tensor::cat(vec![mse.clone(), cos.clone(), loss.clone()], 0).into_data().try_to_vec::<f32>().unwrap_or_else(|_| vec![f32::NAN; 3]);
+        let stats = StepStats { step: self.step as usize, t, mse: vals[0], cos: vals[1], loss: vals[2] };
         let grads = loss.backward();
         let _ = rows;
-        (
-            stats,
-            c.grad(&grads).expect("gradient w.r.t. the instruction"),
-        )
+        (stats, c.grad(&grads).expect("gradient w.r.t. the instruction"))
     }
 
     fn adamw(&mut self, g: Tensor<3>) {
@@ -188,12 +156,7 @@ impl Inversion {
         self.v = self.v.clone().mul_scalar(a.beta2) + g.powi_scalar(2).mul_scalar(1.0 - a.beta2);
         let bc1 = 1.0 - a.beta1.powi(k);
         let bc2 = 1.0 - a.beta2.powi(k);
-        let denom = self
-            .v
-            .clone()
-            .sqrt()
-            .div_scalar(bc2.sqrt())
-            .add_scalar(a.eps);
+        let denom = self.v.clone().sqrt().div_scalar(bc2.sqrt()).add_scalar(a.eps);
         self.c = c - self.m.clone().div(denom).mul_scalar(a.lr / bc1);
     }
 
@@ -204,8 +167,7 @@ impl Inversion {
         for k in keep.iter_mut().take(self.eos).skip(1) {
             *k = 1.0;
         }
-        let mask = Tensor::<3>::from_data(TensorData::new(keep, [1, rows, 1]), &self.c.device())
-            .expand([1, rows, hidden]);
+        let mask = Tensor::<3>::from_data(TensorData::new(keep, [1, rows, 1]), &self.c.device()).expand([1, rows, hidden]);
         self.c = self.c.clone() * mask.clone() + self.c0.clone() * (mask.neg().add_scalar(1.0));
     }
 }
@@ -234,14 +196,7 @@ pub struct LearnOptions {
 
 impl Default for LearnOptions {
     fn default() -> Self {
-        Self {
-            steps: 300,
-            size: 256,
-            exact_size: None,
-            seed: 0,
-            patience: 100,
-            adam: AdamWConfig::default(),
-        }
+        Self { steps: 300, size: 256, exact_size: None, seed: 0, patience: 100, adam: AdamWConfig::default() }
     }
 }
 
@@ -285,16 +240,9 @@ pub fn stratified_timesteps(steps: usize, train_timesteps: usize, seed: u64) -> 
 }
 
 /// CLIP image embedding (`get_image_features`) of an image, [1, proj].
-pub fn clip_image_embed(
-    clip: &ClipVisionParts,
-    clip_pre: &ClipPreprocessConfig,
-    img: &RgbImage,
-    dev: &burn::tensor::Device,
-) -> Result<Tensor<2>> {
+pub fn clip_image_embed(clip: &ClipVisionParts, clip_pre: &ClipPreprocessConfig, img: &RgbImage, dev: &burn::tensor::Device) -> Result<Tensor<2>> {
     let (px, [c, h, w]) = clip_pre.apply(&img.data, img.width, img.height)?;
-    Ok(clip
-        .vision
-        .image_embeds(Tensor::from_data(TensorData::new(px, [1, c, h, w]), dev)))
+    Ok(clip.vision.image_embeds(Tensor::from_data(TensorData::new(px, [1, c, h, w]), dev)))
 }
 
 /// The prompt-search target for several pairs: the mean of the normalised *after* embeddings, [proj].
@@ -307,20 +255,13 @@ pub fn after_target(
     let mut acc: Option<Tensor<2>> = None;
     for (_, after) in pairs {
         let e = clip_image_embed(clip, clip_pre, after, dev)?;
-        let e = e.clone().div(
-            e.powi_scalar(2)
-                .sum()
-                .sqrt()
-                .clamp_min(1e-12)
-                .reshape([1, 1]),
-        );
+        let e = e.clone().div(e.powi_scalar(2).sum().sqrt().clamp_min(1e-12).reshape([1, 1]));
         acc = Some(match acc {
             Some(a) => a + e,
             None => e,
         });
     }
-    let acc = acc
-        .ok_or_else(|| PipelineError::Config("at least one before/after pair is needed".into()))?;
+    let acc = acc.ok_or_else(|| PipelineError::Config("at least one before/after pair is needed".into()))?;
     let proj = acc.dims()[1];
     Ok(acc.reshape([proj]))
 }
@@ -338,9 +279,7 @@ pub fn learn(
     progress: &mut dyn FnMut(&StepStats, f32) -> bool,
 ) -> Result<Learned> {
     if pairs.is_empty() {
-        return Err(PipelineError::Config(
-            "at least one before/after pair is needed".into(),
-        ));
+        return Err(PipelineError::Config("at least one before/after pair is needed".into()));
     }
     let dev = &model.device;
     // CLIP direction: mean over pairs of (after - before) image embeddings, normalised.
@@ -355,46 +294,29 @@ pub fn learn(
         });
         let (w, h) = match opts.exact_size {
             Some((w, h)) if w % 8 == 0 && h % 8 == 0 && w > 0 && h > 0 => (w, h),
-            Some((w, h)) => {
-                return Err(PipelineError::Config(format!(
-                    "size {w}x{h}: both sides must be positive multiples of 8"
-                )))
-            }
+            Some((w, h)) => return Err(PipelineError::Config(format!("size {w}x{h}: both sides must be positive multiples of 8"))),
             None => before.working_size(opts.size),
         };
         latents.push(PairLatents {
-            z_after: model
-                .encode_image(&after.resized(w, h))
-                .mul_scalar(model.vae.scaling_factor),
+            z_after: model.encode_image(&after.resized(w, h)).mul_scalar(model.vae.scaling_factor),
             z_before: model.encode_image(&before.resized(w, h)),
         });
     }
     let d = diff.expect("one pair at least");
     let proj = d.dims()[1];
     let d = d.reshape([proj]);
-    let direction = d
-        .clone()
-        .div(d.powi_scalar(2).sum().sqrt().clamp_min(1e-12));
+    let direction = d.clone().div(d.powi_scalar(2).sum().sqrt().clamp_min(1e-12));
 
     let ids = model.token_ids(init_caption)?;
     let eos = model.tokenizer.eos_position(&ids);
     let c0 = model.encode_text(init_caption)?;
     let [_, positions, hidden] = c0.dims();
-    let mut inv = Inversion::new(
-        c0,
-        model.encode_text("")?,
-        direction,
-        eos,
-        opts.adam.clone(),
-    );
+    let mut inv = Inversion::new(c0, model.encode_text("")?, direction, eos, opts.adam.clone());
     let sigmas = model.scheduler.train_sigmas()?;
     let ts = match schedule {
         Some(s) => {
             if let Some(t) = s.timesteps.iter().find(|&&t| t >= sigmas.len()) {
-                return Err(PipelineError::Config(format!(
-                    "schedule timestep {t} is outside 0..{}",
-                    sigmas.len()
-                )));
+                return Err(PipelineError::Config(format!("schedule timestep {t} is outside 0..{}", sigmas.len())));
             }
             s.timesteps.clone()
         }
@@ -409,10 +331,7 @@ pub fn learn(
             Some(s) => {
                 let v = s.noises[k].clone();
                 if v.len() != lc * h * w {
-                    return Err(PipelineError::Config(format!(
-                        "schedule noise {k} has {} values; the latents need {lc}x{h}x{w}",
-                        v.len()
-                    )));
+                    return Err(PipelineError::Config(format!("schedule noise {k} has {} values; the latents need {lc}x{h}x{w}", v.len())));
                 }
                 v
             }
@@ -420,7 +339,7 @@ pub fn learn(
         };
         let noise = Tensor::from_data(TensorData::new(values, [1, lc, h, w]), dev);
         let before_update = inv.c.clone();
-        let s = inv.step(model, &clip.text_projection, pair, t, sigmas[t], noise);
+        let s = inv.step(&model.unet, &clip.text_projection, pair, t, sigmas[t], noise);
         // The MSE is measured for the instruction before this update.
         if s.mse < best {
             best = s.mse;
@@ -434,10 +353,7 @@ pub fn learn(
             break;
         }
     }
-    let rows: Vec<f32> = best_c
-        .into_data()
-        .try_to_vec::<f32>()
-        .map_err(|e| PipelineError::Config(format!("{e:?}")))?;
+    let rows: Vec<f32> = best_c.into_data().try_to_vec::<f32>().map_err(|e| PipelineError::Config(format!("{e:?}")))?;
     Ok(Learned {
         rows,
         positions,

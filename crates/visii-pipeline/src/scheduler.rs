@@ -36,18 +36,12 @@ impl Default for SchedulerConfig {
 
 impl SchedulerConfig {
     pub fn from_json(text: &str) -> Result<Self> {
-        let c: Self = serde_json::from_str(text)
-            .map_err(|e| PipelineError::Config(format!("scheduler_config.json: {e}")))?;
+        let c: Self = serde_json::from_str(text).map_err(|e| PipelineError::Config(format!("scheduler_config.json: {e}")))?;
         if c.prediction_type != "epsilon" {
-            return Err(PipelineError::Config(format!(
-                "prediction_type `{}` (only epsilon is supported)",
-                c.prediction_type
-            )));
+            return Err(PipelineError::Config(format!("prediction_type `{}` (only epsilon is supported)", c.prediction_type)));
         }
         if c.num_train_timesteps < 2 {
-            return Err(PipelineError::Config(
-                "num_train_timesteps must be at least 2".into(),
-            ));
+            return Err(PipelineError::Config("num_train_timesteps must be at least 2".into()));
         }
         Ok(c)
     }
@@ -57,26 +51,11 @@ impl SchedulerConfig {
         let n = self.num_train_timesteps;
         let betas: Vec<f32> = match self.beta_schedule.as_str() {
             "scaled_linear" => {
-                let (a, b) = (
-                    (self.beta_start as f32).sqrt(),
-                    (self.beta_end as f32).sqrt(),
-                );
-                (0..n)
-                    .map(|i| a + (b - a) * i as f32 / (n - 1) as f32)
-                    .map(|v| v * v)
-                    .collect()
+                let (a, b) = ((self.beta_start as f32).sqrt(), (self.beta_end as f32).sqrt());
+                (0..n).map(|i| a + (b - a) * i as f32 / (n - 1) as f32).map(|v| v * v).collect()
             }
-            "linear" => (0..n)
-                .map(|i| {
-                    self.beta_start as f32
-                        + (self.beta_end - self.beta_start) as f32 * i as f32 / (n - 1) as f32
-                })
-                .collect(),
-            other => {
-                return Err(PipelineError::Config(format!(
-                    "beta_schedule `{other}` (scaled_linear or linear)"
-                )))
-            }
+            "linear" => (0..n).map(|i| self.beta_start as f32 + (self.beta_end - self.beta_start) as f32 * i as f32 / (n - 1) as f32).collect(),
+            other => return Err(PipelineError::Config(format!("beta_schedule `{other}` (scaled_linear or linear)"))),
         };
         let mut acc = 1f32;
         Ok(betas
@@ -90,11 +69,7 @@ impl SchedulerConfig {
 
     /// Training sigmas `sqrt((1 - abar_t) / abar_t)` for t = 0..T-1.
     pub fn train_sigmas(&self) -> Result<Vec<f32>> {
-        Ok(self
-            .alphas_cumprod()?
-            .iter()
-            .map(|a| ((1.0 - a) / a).sqrt())
-            .collect())
+        Ok(self.alphas_cumprod()?.iter().map(|a| ((1.0 - a) / a).sqrt()).collect())
     }
 }
 
@@ -110,36 +85,18 @@ pub struct EulerAncestral {
 impl EulerAncestral {
     pub fn new(cfg: &SchedulerConfig, steps: usize) -> Result<Self> {
         if steps == 0 {
-            return Err(PipelineError::Config(
-                "at least one sampling step is needed".into(),
-            ));
+            return Err(PipelineError::Config("at least one sampling step is needed".into()));
         }
         let t_max = (cfg.num_train_timesteps - 1) as f32;
         let timesteps: Vec<f32> = match cfg.timestep_spacing.as_str() {
-            "linspace" => (0..steps)
-                .rev()
-                .map(|i| {
-                    if steps == 1 {
-                        0.0
-                    } else {
-                        (i as f64 * t_max as f64 / (steps - 1) as f64) as f32
-                    }
-                })
-                .collect(),
+            "linspace" => (0..steps).rev().map(|i| if steps == 1 { 0.0 } else { (i as f64 * t_max as f64 / (steps - 1) as f64) as f32 }).collect(),
             "leading" => {
                 let ratio = cfg.num_train_timesteps / steps;
-                (0..steps)
-                    .rev()
-                    .map(|i| (i * ratio + cfg.steps_offset) as f32)
-                    .collect()
+                (0..steps).rev().map(|i| (i * ratio + cfg.steps_offset) as f32).collect()
             }
             "trailing" => {
                 let ratio = cfg.num_train_timesteps as f64 / steps as f64;
-                (0..steps)
-                    .map(|i| {
-                        (cfg.num_train_timesteps as f64 - i as f64 * ratio).round() as f32 - 1.0
-                    })
-                    .collect()
+                (0..steps).map(|i| (cfg.num_train_timesteps as f64 - i as f64 * ratio).round() as f32 - 1.0).collect()
             }
             other => return Err(PipelineError::Config(format!("timestep_spacing `{other}`"))),
         };
@@ -200,11 +157,7 @@ mod tests {
         let e = EulerAncestral::new(&cfg, 20).unwrap();
         assert_eq!(e.timesteps.len(), 20);
         assert_eq!(e.timesteps[0], 999.0);
-        assert!(
-            (e.timesteps[1] - 946.4211).abs() < 1e-3,
-            "{}",
-            e.timesteps[1]
-        );
+        assert!((e.timesteps[1] - 946.4211).abs() < 1e-3, "{}", e.timesteps[1]);
         assert_eq!(*e.sigmas.last().unwrap(), 0.0);
         assert!((e.init_noise_sigma(&cfg) - 14.6146).abs() < 1e-3);
     }

@@ -21,19 +21,10 @@ pub fn version() -> String {
 /// as JSON text (`[19, 22, 43, 50]` when the GPU path works).
 #[wasm_bindgen]
 pub async fn gpu_selftest() -> Result<String, JsError> {
-    let device: Device = Device::wgpu_options()
-        .init_async()
-        .await
-        .map_err(|e| JsError::new(&format!("WebGPU initialisation failed: {e}")))?;
+    let device: Device = Device::wgpu_options().init_async().await.map_err(|e| JsError::new(&format!("WebGPU initialisation failed: {e}")))?;
     let a = Tensor::<2>::from_data(TensorData::new(vec![1f32, 2., 3., 4.], [2, 2]), &device);
     let b = Tensor::<2>::from_data(TensorData::new(vec![5f32, 6., 7., 8.], [2, 2]), &device);
-    let data = a
-        .matmul(b)
-        .into_data_async()
-        .await
-        .map_err(|e| JsError::new(&format!("GPU readback failed: {e:?}")))?;
-    let v: Vec<f32> = data
-        .try_to_vec::<f32>()
-        .map_err(|e| JsError::new(&format!("{e:?}")))?;
+    let data = a.matmul(b).into_data_async().await.map_err(|e| JsError::new(&format!("GPU readback failed: {e:?}")))?;
+    let v: Vec<f32> = data.try_to_vec::<f32>().map_err(|e| JsError::new(&format!("{e:?}")))?;
     Ok(serde_json::to_string(&v)?)
 }
