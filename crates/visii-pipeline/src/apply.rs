@@ -162,7 +162,34 @@ impl Ip2p {
         opts: &ApplyOptions,
         noise: &Noise,
         progress: &mut dyn FnMut(usize, usize) -> bool,
+        trace: Option<&mut dyn FnMut(usize, &Tensor<4>)>,
+    ) -> Result<Tensor<4>> {
+        crate::block_on(self.sample(image, cond, opts, noise, progress, trace, false))
+    }
+
+    /// `apply` for the browser: after each step it waits for the GPU (a one-value readback), so
+    /// progress is reported as steps finish and a cancel request can arrive between steps.
+    pub async fn apply_async(
+        &self,
+        image: &RgbImage,
+        cond: Tensor<3>,
+        opts: &ApplyOptions,
+        noise: &Noise,
+        progress: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<Tensor<4>> {
+        self.sample(image, cond, opts, noise, progress, None, true).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn sample(
+        &self,
+        image: &RgbImage,
+        cond: Tensor<3>,
+        opts: &ApplyOptions,
+        noise: &Noise,
+        progress: &mut dyn FnMut(usize, usize) -> bool,
         mut trace: Option<&mut dyn FnMut(usize, &Tensor<4>)>,
+        wait_each_step: bool,
     ) -> Result<Tensor<4>> {
         if image.width % 8 != 0 || image.height % 8 != 0 {
             return Err(PipelineError::Config(format!("image size {}x{} is not a multiple of 8", image.width, image.height)));
@@ -209,6 +236,12 @@ impl Ip2p {
             latents = sched.step(guided, i, latents, noise_tensor(step_noise)?);
             if let Some(f) = trace.as_mut() {
                 f(i, &latents);
+            }
+            if wait_each_step {
+                let probe = crate::read_f32(latents.clone().slice([0..1, 0..1, 0..1, 0..1])).await;
+                if probe.first().is_none_or(|v| !v.is_finite()) {
+                    return Err(PipelineError::Config(format!("sampling diverged at step {i} (non-finite latents)")));
+                }
             }
         }
         progress(steps, steps);

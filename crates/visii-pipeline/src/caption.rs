@@ -84,6 +84,17 @@ pub fn auto_caption(
     opts: &CaptionOptions,
     progress: &mut dyn FnMut(usize, f32) -> bool,
 ) -> Result<Caption> {
+    crate::block_on(auto_caption_async(model, text_projection, target, opts, progress))
+}
+
+/// `auto_caption` without blocking readbacks (the browser).
+pub async fn auto_caption_async(
+    model: &Ip2p,
+    text_projection: &Linear,
+    target: Tensor<1>,
+    opts: &CaptionOptions,
+    progress: &mut dyn FnMut(usize, f32) -> bool,
+) -> Result<Caption> {
     let dev = model.device.clone();
     let vocab = readable_vocab(model, opts.max_vocab_id);
     if vocab.is_empty() || opts.tokens == 0 || opts.tokens + 2 > model.tokenizer.max_len {
@@ -116,10 +127,7 @@ pub fn auto_caption(
         let grads = loss.backward();
         let g = x.grad(&grads).ok_or_else(|| PipelineError::Config("no gradient in prompt search".into()))?;
         // One readback: the similarity and the projected ids.
-        let back = Tensor::cat(vec![cos.inner().reshape([1]), idx.float()], 0)
-            .into_data()
-            .try_to_vec::<f32>()
-            .map_err(|e| PipelineError::Config(format!("{e:?}")))?;
+        let back = crate::read_f32(Tensor::cat(vec![cos.inner().reshape([1]), idx.float()], 0)).await;
         let sim = back[0];
         if it == 0 {
             initial = sim;

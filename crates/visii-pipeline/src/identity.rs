@@ -64,6 +64,11 @@ fn stats<const D: usize>(t: Tensor<D>) -> Tensor<1> {
 impl ModelIdentity {
     /// The identity of a loaded model (one small readback).
     pub fn of(model: &Ip2p) -> Self {
+        crate::block_on(Self::of_async(model))
+    }
+
+    /// `of` without a blocking readback (the browser).
+    pub async fn of_async(model: &Ip2p) -> Self {
         let u = &model.unet;
         let t = &model.text;
         let parts = vec![
@@ -74,7 +79,7 @@ impl ModelIdentity {
             stats(t.position_embedding.val()),
             stats(t.layers.last().map(|l| l.mlp.fc2.weight.val()).unwrap_or_else(|| t.final_layer_norm.gamma.val().unsqueeze())),
         ];
-        let signature = Tensor::cat(parts, 0).into_data().try_to_vec::<f32>().unwrap_or_default();
+        let signature = crate::read_f32(Tensor::cat(parts, 0)).await;
         Self { name: model.name.clone(), arch: model.arch.clone(), signature }
     }
 

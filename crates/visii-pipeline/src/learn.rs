@@ -68,7 +68,12 @@ pub struct StepStats {
 
 impl Inversion {
     pub fn new(c0: Tensor<3>, uncond: Tensor<3>, direction: Tensor<1>, eos: usize, adam: AdamWConfig) -> Self {
-        let clip_value = c0.clone().max().into_scalar::<f32>();
+        crate::block_on(Self::new_async(c0, uncond, direction, eos, adam))
+    }
+
+    /// `new` without a blocking readback (the browser).
+    pub async fn new_async(c0: Tensor<3>, uncond: Tensor<3>, direction: Tensor<1>, eos: usize, adam: AdamWConfig) -> Self {
+        let clip_value = crate::read_f32(c0.clone().max()).await.first().copied().unwrap_or(f32::INFINITY);
         Self {
             c: c0.clone(),
             m: c0.zeros_like(),
@@ -86,8 +91,14 @@ impl Inversion {
     }
 
     /// One optimisation step at training timestep `t` with noise `n` [1, 4, h, w] and that
-    /// timestep's `sigma`.
-    pub fn step(
+    /// timestep's `sigma`; the values are those of the instruction before the update.
+    pub fn step(&mut self, unet: &UNet2DConditionModel, text_projection: &Linear, pair: &PairLatents, t: usize, sigma: f32, n: Tensor<4>) -> StepStats {
+        crate::block_on(self.step_async(unet, text_projection, pair, t, sigma, n))
+    }
+
+    /// `step` without a blocking readback (the browser): the update is queued before the three
+    /// values are read back, so the GPU keeps working meanwhile.
+    pub async fn step_async(
         &mut self,
         unet: &UNet2DConditionModel,
         text_projection: &Linear,
@@ -96,12 +107,18 @@ impl Inversion {
         sigma: f32,
         n: Tensor<4>,
     ) -> StepStats {
-        let (stats, g) = self.loss_and_gradient(unet, text_projection, pair, t, sigma, n);
+        let step = self.step as usize;
+        let (vals, g) = self.graph(unet, text_projection, pair, t, sigma, n);
         let rows = g.dims()[1];
         self.adamw(g.clamp(-self.clip_value, self.clip_value));
         self.reset_outside_span(rows);
         self.step += 1;
-        stats
+        Self::stats(step, t, crate::read_f32(vals).await)
+    }
+
+    fn stats(step: usize, t: usize, v: Vec<f32>) -> StepStats {
+        let at = |i: usize| v.get(i).copied().unwrap_or(f32::NAN);
+        StepStats { step, t, mse: at(0), cos: at(1), loss: at(2) }
     }
 
     /// The step's values and the gradient of the loss w.r.t. the conditional row (before
@@ -115,6 +132,12 @@ impl Inversion {
         sigma: f32,
         n: Tensor<4>,
     ) -> (StepStats, Tensor<3>) {
+        let (vals, g) = self.graph(unet, text_projection, pair, t, sigma, n);
+        (Self::stats(self.step as usize, t, crate::block_on(crate::read_f32(vals))), g)
+    }
+
+    /// Forward and backward: ([mse, cos, loss], d loss / d c).
+    fn graph(&self, unet: &UNet2DConditionModel, text_projection: &Linear, pair: &PairLatents, t: usize, sigma: f32, n: Tensor<4>) -> (Tensor<1>, Tensor<3>) {
         let [_, lc, h, w] = n.dims();
         let inp = (pair.z_after.clone() + n.clone().mul_scalar(sigma)).div_scalar((sigma * sigma + 1.0).sqrt());
         let tf = t as f32;
@@ -139,13 +162,11 @@ impl Inversion {
         let p = p.clone().div(p.powi_scalar(2).sum().sqrt().reshape([1, 1]));
         let cos = (p.reshape([self.direction.dims()[0]]) * self.direction.clone().autodiff()).sum();
         let loss = mse.clone().mul_scalar(4.0) - cos.clone().clamp(-1.0, 0.5).mul_scalar(0.1);
-        // One readback for the three values (not three).
-        let vals: Vec<f32> =
-            Tensor::cat(vec![mse.clone(), cos.clone(), loss.clone()], 0).into_data().try_to_vec::<f32>().unwrap_or_else(|_| vec![f32::NAN; 3]);
-        let stats = StepStats { step: self.step as usize, t, mse: vals[0], cos: vals[1], loss: vals[2] };
+        // One readback for the three values (not three), by the caller.
+        let vals = Tensor::cat(vec![mse.inner(), cos.clone().inner(), loss.clone().inner()], 0);
         let grads = loss.backward();
         let _ = rows;
-        (stats, c.grad(&grads).expect("gradient w.r.t. the instruction"))
+        (vals, c.grad(&grads).expect("gradient w.r.t. the instruction"))
     }
 
     fn adamw(&mut self, g: Tensor<3>) {
@@ -268,7 +289,23 @@ pub fn after_target(
 
 /// Learn an instruction from before/after pairs (cycled per step). `progress(stats, best_mse)`
 /// returning false stops early (the best instruction so far is kept).
+#[allow(clippy::too_many_arguments)]
 pub fn learn(
+    model: &Ip2p,
+    clip: &ClipVisionParts,
+    clip_pre: &ClipPreprocessConfig,
+    pairs: &[(RgbImage, RgbImage)],
+    init_caption: &str,
+    opts: &LearnOptions,
+    schedule: Option<&crate::repro::Schedule>,
+    progress: &mut dyn FnMut(&StepStats, f32) -> bool,
+) -> Result<Learned> {
+    crate::block_on(learn_async(model, clip, clip_pre, pairs, init_caption, opts, schedule, progress))
+}
+
+/// `learn` without blocking readbacks (the browser): it yields to the event loop once per step.
+#[allow(clippy::too_many_arguments)]
+pub async fn learn_async(
     model: &Ip2p,
     clip: &ClipVisionParts,
     clip_pre: &ClipPreprocessConfig,
@@ -311,7 +348,7 @@ pub fn learn(
     let eos = model.tokenizer.eos_position(&ids);
     let c0 = model.encode_text(init_caption)?;
     let [_, positions, hidden] = c0.dims();
-    let mut inv = Inversion::new(c0, model.encode_text("")?, direction, eos, opts.adam.clone());
+    let mut inv = Inversion::new_async(c0, model.encode_text("")?, direction, eos, opts.adam.clone()).await;
     let sigmas = model.scheduler.train_sigmas()?;
     let ts = match schedule {
         Some(s) => {
@@ -339,7 +376,7 @@ pub fn learn(
         };
         let noise = Tensor::from_data(TensorData::new(values, [1, lc, h, w]), dev);
         let before_update = inv.c.clone();
-        let s = inv.step(&model.unet, &clip.text_projection, pair, t, sigmas[t], noise);
+        let s = inv.step_async(&model.unet, &clip.text_projection, pair, t, sigmas[t], noise).await;
         // The MSE is measured for the instruction before this update.
         if s.mse < best {
             best = s.mse;
@@ -353,7 +390,7 @@ pub fn learn(
             break;
         }
     }
-    let rows: Vec<f32> = best_c.into_data().try_to_vec::<f32>().map_err(|e| PipelineError::Config(format!("{e:?}")))?;
+    let rows = crate::read_f32(best_c).await;
     Ok(Learned {
         rows,
         positions,

@@ -14,6 +14,20 @@ pub mod scheduler;
 
 pub use apply::{hybrid, ApplyOptions, Ip2p, Noise};
 pub use error::{PipelineError, Result};
+
+/// Run a future to completion on this thread (native callers of the async pipeline).
+pub fn block_on<O>(f: impl std::future::Future<Output = O>) -> O {
+    burn_std::future::block_on(f)
+}
+
+/// Read a tensor back as f32 values without blocking (NaNs if the read fails).
+pub async fn read_f32<const D: usize>(t: burn::tensor::Tensor<D>) -> Vec<f32> {
+    let n: usize = t.dims().iter().product();
+    match t.into_data_async().await {
+        Ok(d) => d.try_to_vec::<f32>().unwrap_or_else(|_| vec![f32::NAN; n]),
+        Err(_) => vec![f32::NAN; n],
+    }
+}
 pub use identity::ModelIdentity;
 pub use image::RgbImage;
 pub use rng::NoiseRng;
