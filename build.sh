@@ -3,13 +3,14 @@
 #
 #   ./build.sh serve      build the wasm module and serve the app on http://127.0.0.1:${PORT:-8080}
 #   ./build.sh test       install what is missing, run the native tests (ndarray + wgpu), build the wasm
-#                         crate, run the browser smoke test
+#                         crate, run the browser end-to-end test (tests/browser/e2e.mjs)
 #   ./build.sh bench      UNet forward / learn step / sample step (--what, --config full|tiny, --latent N): wgpu vs ndarray
 #   ./build.sh deps       only install the toolchain pieces
 #   ./build.sh fixtures   regenerate tests/fixtures with Python (diffusers/transformers; see the script)
 #
 # Environment: CARGO_TARGET_DIR (native target dir; default ./target), VISII_WASM_TARGET_DIR
-# (default: the native one + "-wasm"), PORT, VISII_SKIP_BROWSER=1 to skip the browser test.
+# (default: the native one + "-wasm"), PORT, VISII_SKIP_BROWSER=1 to skip the browser test,
+# VISII_NO_WASM_OPT=1 to skip wasm-opt (faster development builds).
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$PWD
@@ -113,7 +114,7 @@ package_wasm() {
   "$WASM_BINDGEN" --target web --out-dir "$DIST/pkg" "$WASM"
   deps_node
   local opt=$TOOLS/node/node_modules/binaryen/bin/wasm-opt
-  if [ -x "$opt" ]; then
+  if [ -x "$opt" ] && [ "${VISII_NO_WASM_OPT:-}" != 1 ]; then
     log "wasm-opt -Oz"
     "$opt" -Oz --enable-bulk-memory --enable-nontrapping-float-to-int --enable-sign-ext --enable-mutable-globals \
       "$DIST/pkg/visii_web_bg.wasm" -o "$DIST/pkg/visii_web_bg.opt.wasm" && mv "$DIST/pkg/visii_web_bg.opt.wasm" "$DIST/pkg/visii_web_bg.wasm"
@@ -124,9 +125,35 @@ package_wasm() {
   echo "$sum" > "$DIST/pkg/.source-sha256"
 }
 
+# The tiny test model, served from this origin, and dist/models.json (web/sources.json + tiny).
+package_models() {
+  python3 - "$DIST" <<'PY'
+import hashlib, json, shutil, sys
+from pathlib import Path
+dist = Path(sys.argv[1]); root = Path('tests/fixtures')
+def files(name, select=None):
+    src, dst = root / name, dist / 'models' / name
+    if dst.exists(): shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    out = []
+    for f in sorted(p for p in src.rglob('*') if p.is_file()):
+        entry = {'path': f.relative_to(src).as_posix(), 'size': f.stat().st_size, 'sha256': hashlib.sha256(f.read_bytes()).hexdigest()}
+        if select and f.name == 'model.safetensors':
+            entry = {'path': entry['path'], 'select': select, 'fetchSize': entry['size']}
+        out.append(entry)
+    return out
+sources = json.loads(Path('web/sources.json').read_text())['sources']
+tiny = {'id': 'tiny', 'label': 'Tiny test model (wiring demo: its images are not meaningful)', 'demo': True,
+        'note': 'A randomly initialised model with the real architectures, a few MB, served by this app. It proves the pipeline runs; its edits are noise.',
+        'ip2p': {'name': 'tiny-ip2p', 'base': '../dist/models/tiny-ip2p/', 'files': files('tiny-ip2p')},
+        'clip': {'name': 'tiny-clip', 'base': '../dist/models/tiny-clip/', 'files': files('tiny-clip', ['vision_model.', 'visual_projection.', 'text_projection.'])}}
+(dist / 'models.json').write_text(json.dumps({'sources': [tiny] + sources}, indent=1))
+PY
+}
+
 serve_dir() {
   python3 - "$PORT" <<'PY'
-import http.server, sys, functools
+import http.server, sys, functools, io, os, re
 class H(http.server.SimpleHTTPRequestHandler):
     extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map,
                       ".wasm": "application/wasm", ".js": "text/javascript", ".mjs": "text/javascript",
@@ -135,6 +162,27 @@ class H(http.server.SimpleHTTPRequestHandler):
         self.send_header("Cache-Control", "no-cache")
         super().end_headers()
     def log_message(self, *a): pass
+    def send_head(self):
+        # Range requests (resumed downloads, partial safetensors fetches).
+        rng, path = self.headers.get("Range"), self.translate_path(self.path)
+        m = re.match(r"bytes=(\d+)-(\d*)$", rng or "")
+        if not m or not os.path.isfile(path):
+            return super().send_head()
+        size = os.path.getsize(path)
+        start, end = int(m[1]), min(int(m[2]) if m[2] else size - 1, size - 1)
+        if start >= size:
+            self.send_error(416)
+            return None
+        with open(path, "rb") as f:
+            f.seek(start)
+            body = f.read(end - start + 1)
+        self.send_response(206)
+        self.send_header("Content-Type", self.guess_type(path))
+        self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Accept-Ranges", "bytes")
+        self.end_headers()
+        return io.BytesIO(body)
 port = int(sys.argv[1])
 srv = http.server.ThreadingHTTPServer(("127.0.0.1", port), H)
 print(f"visii is served on http://127.0.0.1:{port}/  (Ctrl-C to stop)", flush=True)
@@ -149,9 +197,10 @@ run_tests() {
   package_wasm
   if [ "${VISII_SKIP_BROWSER:-}" != 1 ]; then
     deps_browser
-    log "browser smoke test (headless Chromium, WebGPU on SwiftShader)"
+    package_models
+    log "browser end-to-end test (headless Chromium, WebGPU on SwiftShader)"
     ln -sfn "$TOOLS/node/node_modules" tests/browser/node_modules
-    node tests/browser/smoke.mjs
+    VISII_BIN="$CARGO_TARGET_DIR/debug/visii" node tests/browser/e2e.mjs
   fi
   log "all tests passed"
 }
@@ -162,7 +211,7 @@ case "$cmd" in
   native) deps_native; cargo build ;;
   wasm) package_wasm ;;
   test) run_tests ;;
-  serve) package_wasm; serve_dir ;;
+  serve) package_wasm; package_models; serve_dir ;;
   bench) deps_native; cargo run -p visii-cli -- bench "${@:2}" ;;
   fixtures) python3 tests/fixtures/generate.py ;;
   *) sed -n '2,14p' "$0"; [ "$cmd" = help ] || exit 2 ;;

@@ -1,24 +1,54 @@
-// The page: shows status and errors. All GPU work happens in the worker (web/worker.js), so the
-// page never freezes.
+// The page: images in, progress and results out. All model work happens in the worker
+// (web/worker.js), so the page never freezes. State a test (or a curious person) can read is kept
+// in `window.visii`.
 const $ = (id) => document.getElementById(id);
+const state = { model: null, instruction: null, instructionInfo: null, result: null, images: {}, losses: [], busy: null };
+window.visii = state;
+let nextId = 1;
 
-function showError(title, text) {
+// ---------------------------------------------------------------- errors
+const HINTS = {
+  GpuError: 'The GPU stopped or ran out of memory. Close other tabs that use the GPU, lower the sizes or steps, and reload the page.',
+  ForeignModelError: 'Load the model named above (section 1), then apply the instruction again.',
+  InstructionError: 'Choose a .visii.safetensors file made by this app.',
+  ImageError: 'Use a PNG, JPEG, WebP, GIF or BMP image.',
+  QuotaError: 'Nothing was lost: stored models stay, and the download resumes when there is room.',
+  NetworkError: 'Nothing was lost: run the download again to resume it.',
+  VerifyError: 'The damaged file was discarded; run the download again.',
+  ModelError: 'Check that the model files are complete and in the expected layout.',
+};
+const TITLES = {
+  GpuError: 'The GPU failed', ForeignModelError: 'This instruction belongs to another model', InstructionError: 'Not an instruction file',
+  ImageError: 'Not an image', QuotaError: 'Not enough storage for this model', NetworkError: 'Download interrupted',
+  VerifyError: 'A downloaded file is damaged', ModelError: 'The model could not be loaded', OptionsError: 'Check the settings',
+  StorageError: 'Storage unavailable',
+};
+function showError(title, text, hint = '', kind = '') {
   $('error-title').textContent = title;
   $('error-text').textContent = text;
+  $('error-hint').textContent = hint;
+  $('error-panel').dataset.kind = kind;
   $('error-panel').hidden = false;
 }
+function showWorkerError(e) {
+  if (e.name === 'CancelledError' || e.name === 'AbortError') return;
+  showError(TITLES[e.name] || 'Something went wrong', e.message, HINTS[e.name] || '', e.name);
+}
+$('error-close').onclick = () => { $('error-panel').hidden = true; };
 
+// ---------------------------------------------------------------- WebGPU check
+const NEEDED = { maxStorageBufferBindingSize: 128 << 20, maxComputeInvocationsPerWorkgroup: 256, maxComputeWorkgroupStorageSize: 16384 };
 async function describeAdapter() {
   if (!('gpu' in navigator)) {
     $('gpu-adapter').textContent = 'not available';
     showError('This browser has no WebGPU',
-      'visii runs its networks on your GPU through WebGPU. Use a recent Chrome, Edge or another browser with WebGPU enabled (on Linux, Chrome may need chrome://flags/#enable-unsafe-webgpu).');
+      'visii runs its networks on your GPU through WebGPU. Use a recent Chrome, Edge or another browser with WebGPU enabled (on Linux, Chrome may need chrome://flags/#enable-unsafe-webgpu).', '', 'NoWebGPU');
     return false;
   }
-  const adapter = await navigator.gpu.requestAdapter();
+  const adapter = await navigator.gpu.requestAdapter({ powerPreference: 'high-performance' });
   if (!adapter) {
     $('gpu-adapter').textContent = 'none';
-    showError('No WebGPU adapter', 'WebGPU exists but no GPU adapter was offered. Check that hardware acceleration is enabled in the browser settings.');
+    showError('No WebGPU adapter', 'WebGPU exists but no GPU adapter was offered. Check that hardware acceleration is enabled in the browser settings.', '', 'NoWebGPU');
     return false;
   }
   const info = adapter.info || {};
@@ -26,25 +56,341 @@ async function describeAdapter() {
   const l = adapter.limits;
   const mib = (b) => `${Math.round(b / 1048576)} MiB`;
   $('gpu-limits').textContent = `maxBufferSize ${mib(l.maxBufferSize)}, maxStorageBufferBindingSize ${mib(l.maxStorageBufferBindingSize)}, shader-f16 ${adapter.features.has('shader-f16') ? 'yes' : 'no'}`;
+  const short = Object.entries(NEEDED).filter(([k, v]) => l[k] < v);
+  if (short.length) {
+    showError('This GPU adapter lacks limits visii needs',
+      `Needed: ${short.map(([k, v]) => `${k} >= ${v} (this adapter: ${l[k]})`).join('; ')}.`, 'Try another browser or GPU.', 'Limits');
+    return false;
+  }
   return true;
 }
 
+// ---------------------------------------------------------------- worker
 const worker = new Worker(new URL('./worker.js', import.meta.url), { type: 'module' });
+const pending = new Map();
+function call(msg, onProgress, transfer) {
+  const id = nextId++;
+  return new Promise((resolve, reject) => {
+    pending.set(id, { resolve, reject, onProgress });
+    worker.postMessage({ ...msg, id }, transfer || []);
+  });
+}
 worker.onmessage = ({ data }) => {
-  if (data.type === 'version') $('app-version').textContent = data.version;
-  if (data.type === 'selftest') {
-    const ok = JSON.stringify(data.result) === JSON.stringify([19, 22, 43, 50]);
-    $('gpu-selftest').textContent = ok ? 'WebGPU initialised; matmul on the GPU correct' : `unexpected result ${JSON.stringify(data.result)}`;
-    $('gpu-selftest').className = ok ? 'ok' : 'bad';
-    document.body.dataset.ready = ok ? 'yes' : 'no';
-  }
-  if (data.type === 'error') {
-    $('gpu-selftest').textContent = 'failed';
-    $('gpu-selftest').className = 'bad';
-    document.body.dataset.ready = 'no';
-    showError(data.title || 'The GPU worker failed', data.message);
+  const p = data.id !== undefined ? pending.get(data.id) : null;
+  switch (data.type) {
+    case 'ready':
+      $('app-version').textContent = `visii ${data.version}`;
+      {
+        const ok = JSON.stringify(JSON.parse(data.selftest)) === '[19,22,43,50]';
+        $('gpu-selftest').textContent = ok ? 'WebGPU ready (GPU self-test passed)' : `GPU self-test gave ${data.selftest}`;
+        $('gpu-selftest').className = ok ? 'ok' : 'bad';
+        document.body.dataset.ready = ok ? 'yes' : 'no';
+      }
+      worker.postMessage({ type: 'sources' });
+      return;
+    case 'sources': return showSources(data.sources, data.stored);
+    case 'download': return showDownload(data);
+    case 'model': return modelLoaded(data);
+    case 'progress': if (p && p.onProgress) p.onProgress(data); return;
+    case 'error':
+      if (p) { pending.delete(data.id); p.reject(data); return; }
+      if (data.name === 'GpuError' && !state.model) { $('gpu-selftest').textContent = 'failed'; $('gpu-selftest').className = 'bad'; document.body.dataset.ready = 'no'; }
+      state.busy = null; $('model-stop').hidden = true; $('download').hidden = true; updateButtons();
+      showWorkerError(data);
+      return;
+    default:
+      if (p) { pending.delete(data.id); p.resolve(data); }
   }
 };
-worker.onerror = (e) => showError('The GPU worker could not start', e.message || String(e));
+worker.onerror = (e) => showError('The GPU worker could not start', e.message || String(e), '', 'Worker');
 
-describeAdapter().then((ok) => worker.postMessage({ type: ok ? 'selftest' : 'version' }));
+// ---------------------------------------------------------------- models
+let sources = [];
+function showSources(list, stored) {
+  sources = list;
+  const sel = $('model-source');
+  const was = sel.value;
+  sel.replaceChildren(...list.map((s) => new Option(s.label, s.id)));
+  if (was) sel.value = was;
+  sel.onchange();
+  const body = $('stored').tBodies[0];
+  body.replaceChildren(...stored.map((s) => {
+    const tr = document.createElement('tr');
+    const del = document.createElement('button');
+    del.textContent = 'Delete';
+    del.onclick = () => worker.postMessage({ type: 'delete', source: s.source });
+    tr.append(cell(s.label), cell(`${s.files.length} files`), cell(bytes(s.bytes)), cell(del));
+    tr.dataset.source = s.source;
+    return tr;
+  }));
+  if (!stored.length) body.replaceChildren(Object.assign(document.createElement('tr'), { innerHTML: '<td>nothing stored yet</td>' }));
+}
+const cell = (x) => { const td = document.createElement('td'); td.append(x); return td; };
+const bytes = (b) => (b > 1e9 ? `${(b / 1e9).toFixed(2)} GB` : b > 1e6 ? `${(b / 1e6).toFixed(1)} MB` : `${(b / 1e3).toFixed(0)} kB`);
+$('model-source').onchange = () => {
+  const s = sources.find((x) => x.id === $('model-source').value);
+  $('model-note').textContent = s ? s.note || '' : '';
+};
+$('model-load').onclick = () => {
+  state.busy = 'download';
+  updateButtons();
+  $('model-stop').hidden = false;
+  worker.postMessage({ type: 'prepare', source: $('model-source').value });
+};
+$('model-stop').onclick = () => worker.postMessage({ type: 'cancel' });
+function showDownload(d) {
+  $('download').hidden = false;
+  $('download-bar').value = d.totalBytes ? d.doneBytes / d.totalBytes : 0;
+  const eta = d.eta != null ? `, about ${Math.ceil(d.eta)} s left` : '';
+  $('download-text').textContent = `${d.file}: ${bytes(d.loaded)}${d.total ? ` of ${bytes(d.total)}` : ''} · total ${bytes(d.doneBytes)} of ${bytes(d.totalBytes)} at ${bytes(d.speed)}/s${eta}`;
+}
+function modelLoaded(d) {
+  state.model = d;
+  state.busy = null;
+  $('model-stop').hidden = true;
+  $('download').hidden = true;
+  $('model-loaded').textContent = `${d.info.name} (fingerprint ${d.info.fingerprint})${d.demo ? ' — wiring demo: its images are not meaningful' : ''}`;
+  document.body.dataset.model = d.info.fingerprint;
+  updateButtons();
+  checkInstructionModel();
+}
+async function filesOf(input) {
+  const out = [];
+  for (const f of input.files) {
+    const rel = (f.webkitRelativePath || f.name).split('/').slice(1).join('/') || f.name;
+    out.push({ path: rel, file: f });
+  }
+  return out;
+}
+$('local-load').onclick = async () => {
+  const ip2p = await filesOf($('local-ip2p'));
+  const clip = await filesOf($('local-clip'));
+  if (!ip2p.length || !clip.length) return showError('Pick both folders', 'Choose the InstructPix2Pix folder and the CLIP folder.', '', 'OptionsError');
+  state.busy = 'download';
+  updateButtons();
+  worker.postMessage({ type: 'local', ip2p, clip });
+};
+
+// ---------------------------------------------------------------- images
+async function imageBytes(file) {
+  const head = new Uint8Array(await file.slice(0, 12).arrayBuffer());
+  const isPng = head[0] === 0x89 && head[1] === 0x50 && head[2] === 0x4e && head[3] === 0x47;
+  const isJpeg = head[0] === 0xff && head[1] === 0xd8;
+  if (isPng || isJpeg) return file.arrayBuffer();
+  // Other formats the browser can decode (WebP, GIF, BMP, AVIF...): re-encoded losslessly as PNG.
+  let bitmap;
+  try {
+    bitmap = await createImageBitmap(file);
+  } catch {
+    throw Object.assign(new Error(`"${file.name || 'the pasted data'}" is not an image this browser can read.`), { name: 'ImageError' });
+  }
+  const canvas = new OffscreenCanvas(bitmap.width, bitmap.height);
+  canvas.getContext('2d').drawImage(bitmap, 0, 0);
+  return (await canvas.convertToBlob({ type: 'image/png' })).arrayBuffer();
+}
+async function setImage(slot, file) {
+  try {
+    const buf = await imageBytes(file);
+    state.images[slot] = buf;
+    const img = $(`slot-${slot}`).querySelector('img');
+    img.src = URL.createObjectURL(new Blob([buf]));
+    $(`slot-${slot}`).classList.add('filled');
+    updateButtons();
+  } catch (e) {
+    showWorkerError(e);
+  }
+}
+for (const slot of ['before', 'after', 'edit']) {
+  const el = $(`slot-${slot}`);
+  const input = el.querySelector('input');
+  el.onclick = (e) => { if (e.target !== input) input.click(); };
+  el.onkeydown = (e) => { if (e.key === 'Enter' || e.key === ' ') input.click(); };
+  input.onchange = () => input.files[0] && setImage(slot, input.files[0]);
+  el.ondragover = (e) => { e.preventDefault(); el.classList.add('over'); };
+  el.ondragleave = () => el.classList.remove('over');
+  el.ondrop = (e) => {
+    e.preventDefault();
+    e.stopPropagation();
+    el.classList.remove('over');
+    const f = e.dataTransfer.files[0];
+    if (f && /\.safetensors$/i.test(f.name)) return loadInstruction(f);
+    if (f) setImage(slot, f);
+  };
+}
+document.addEventListener('paste', (e) => {
+  const f = [...(e.clipboardData || {}).files || []][0];
+  if (!f) return;
+  const focused = ['before', 'after', 'edit'].find((s) => document.activeElement === $(`slot-${s}`));
+  setImage(focused || ['before', 'after', 'edit'].find((s) => !state.images[s]) || 'edit', f);
+});
+
+// ---------------------------------------------------------------- learn
+function drawLoss() {
+  const c = $('loss-curve');
+  const g = c.getContext('2d');
+  g.clearRect(0, 0, c.width, c.height);
+  const v = state.losses;
+  if (v.length < 2) return;
+  const max = Math.max(...v), min = Math.min(...v);
+  g.strokeStyle = '#38f';
+  g.beginPath();
+  v.forEach((y, i) => {
+    const px = (i / (v.length - 1)) * (c.width - 10) + 5;
+    const py = c.height - 5 - ((y - min) / (max - min || 1)) * (c.height - 10);
+    i ? g.lineTo(px, py) : g.moveTo(px, py);
+  });
+  g.stroke();
+  g.fillStyle = getComputedStyle(document.body).color;
+  g.fillText(`mse ${v[v.length - 1].toFixed(4)} (min ${min.toFixed(4)})`, 8, 14);
+}
+const num = (id) => Number($(id).value);
+$('learn').onclick = async () => {
+  state.busy = 'learn';
+  state.losses = [];
+  updateButtons();
+  $('learn-stop').hidden = false;
+  const t0 = performance.now();
+  let learnStart = null;
+  try {
+    const options = { steps: num('learn-steps'), size: num('learn-size'), seed: num('learn-seed'), init: $('learn-init').value, captionIterations: num('learn-caption-iterations'), createdAt: new Date().toISOString() };
+    const r = await call({ type: 'learn', befores: [state.images.before.slice(0)], afters: [state.images.after.slice(0)], options }, (p) => {
+      if (p.phase === 'caption') {
+        $('learn-bar').value = p.step / p.total * 0.1;
+        $('learn-text').textContent = `finding a caption ${p.step}/${p.total} (similarity ${p.cos.toFixed(3)})`;
+        return;
+      }
+      learnStart = learnStart || performance.now();
+      state.losses.push(p.mse);
+      const per = (performance.now() - learnStart) / p.step;
+      $('learn-bar').value = 0.1 + 0.9 * p.step / p.total;
+      $('learn-text').textContent = `step ${p.step}/${p.total} · t ${p.t} · mse ${p.mse.toFixed(4)} · best ${p.best.toFixed(4)} · about ${Math.ceil(per * (p.total - p.step) / 1000)} s left`;
+      drawLoss();
+    });
+    $('learn-bar').value = 1;
+    $('learn-text').textContent = `done in ${((performance.now() - t0) / 1000).toFixed(1)} s (${r.info.metadata.steps_run} steps, best mse ${Number(r.info.metadata.best_mse).toFixed(4)})`;
+    setInstruction(r.bytes, r.info, 'learned.visii.safetensors');
+    document.body.dataset.learned = String(Number(document.body.dataset.learned || 0) + 1);
+  } catch (e) {
+    if (e.name === 'CancelledError') $('learn-text').textContent = 'stopped';
+    showWorkerError(e);
+  } finally {
+    state.busy = null;
+    $('learn-stop').hidden = true;
+    updateButtons();
+  }
+};
+$('learn-stop').onclick = () => worker.postMessage({ type: 'cancel' });
+
+// ---------------------------------------------------------------- instruction files
+function setInstruction(bytesBuf, info, name) {
+  state.instruction = bytesBuf;
+  state.instructionInfo = info;
+  state.instructionName = name;
+  const m = info.metadata;
+  $('learn-caption').textContent = m.init_caption || '—';
+  const rows = [
+    ['File', name], ['Initial caption', m.init_caption], ['Base model', info.baseModel ? `${info.baseModel.name} (${info.baseModel.fingerprint})` : 'unrecorded'],
+    ['Steps', m.steps_run], ['Best mse', m.best_mse], ['Final loss', m.final_loss], ['Seed', m.seed], ['Created', m.created_at || m.created_at_unix || '—'],
+  ];
+  $('instruction-meta').replaceChildren(...rows.flatMap(([k, v]) => [Object.assign(document.createElement('dt'), { textContent: k }), Object.assign(document.createElement('dd'), { textContent: v ?? '—' })]));
+  $('instruction-thumb').src = info.thumbnailPng ? URL.createObjectURL(new Blob([info.thumbnailPng], { type: 'image/png' })) : '';
+  $('instruction-info').hidden = false;
+  $('apply-reuse').disabled = !info.reusableNoise;
+  checkInstructionModel();
+  updateButtons();
+}
+function checkInstructionModel() {
+  const info = state.instructionInfo;
+  if (!info || !info.baseModel || !state.model) return;
+  if (info.baseModel.fingerprint !== state.model.info.fingerprint) {
+    showError(TITLES.ForeignModelError,
+      `This instruction was learned on "${info.baseModel.name}" (fingerprint ${info.baseModel.fingerprint}); the loaded model is "${state.model.info.name}" (${state.model.info.fingerprint}).`,
+      HINTS.ForeignModelError, 'ForeignModelError');
+  }
+}
+async function loadInstruction(file) {
+  try {
+    const buf = await file.arrayBuffer();
+    const r = await call({ type: 'inspect', bytes: buf.slice(0) });
+    setInstruction(buf, r.info, file.name);
+  } catch (e) {
+    showWorkerError(e.name ? e : { name: 'InstructionError', message: String(e) });
+  }
+}
+$('instruction-file').onchange = (e) => e.target.files[0] && loadInstruction(e.target.files[0]);
+document.addEventListener('dragover', (e) => e.preventDefault());
+document.addEventListener('drop', (e) => {
+  e.preventDefault();
+  const f = e.dataTransfer.files[0];
+  if (!f) return;
+  if (/\.safetensors$/i.test(f.name)) loadInstruction(f);
+  else showError(TITLES.InstructionError, `"${f.name}" is not an instruction file. Drop images on the image boxes.`, HINTS.InstructionError, 'InstructionError');
+});
+function download(buf, name, type) {
+  const a = document.createElement('a');
+  a.href = URL.createObjectURL(new Blob([buf], { type }));
+  a.download = name;
+  document.body.append(a);
+  a.click();
+  a.remove();
+}
+$('instruction-download').onclick = () => {
+  const caption = (state.instructionInfo.metadata.init_caption || 'edit').replace(/[^a-z0-9]+/gi, '-').slice(0, 40);
+  download(state.instruction, `${caption || 'edit'}.visii.safetensors`, 'application/octet-stream');
+};
+
+// ---------------------------------------------------------------- apply
+$('apply').onclick = async () => {
+  state.busy = 'apply';
+  updateButtons();
+  $('apply-stop').hidden = false;
+  const t0 = performance.now();
+  try {
+    const options = {
+      steps: num('apply-steps'), guidance: num('apply-guidance'), imageGuidance: num('apply-image-guidance'), seed: num('apply-seed'),
+      size: num('apply-size'), prompt: $('apply-prompt').value, extra: $('apply-extra').value,
+      reuseNoise: $('apply-reuse').checked && !$('apply-reuse').disabled,
+    };
+    const instruction = state.instruction ? state.instruction.slice(0) : undefined;
+    const r = await call({ type: 'apply', image: state.images.edit.slice(0), options, instruction }, (p) => {
+      $('apply-bar').value = p.step / p.total;
+      const per = p.step ? (performance.now() - t0) / p.step : 0;
+      $('apply-text').textContent = `step ${p.step}/${p.total}${p.step ? ` · about ${Math.ceil(per * (p.total - p.step) / 1000)} s left` : ''}`;
+    });
+    state.result = r.png;
+    $('result').src = URL.createObjectURL(new Blob([r.png], { type: 'image/png' }));
+    $('slot-result').classList.add('filled');
+    $('apply-text').textContent = `done in ${((performance.now() - t0) / 1000).toFixed(1)} s, ${r.width} x ${r.height}`;
+    document.body.dataset.applied = String(Number(document.body.dataset.applied || 0) + 1);
+  } catch (e) {
+    if (e.name === 'CancelledError') $('apply-text').textContent = 'stopped';
+    showWorkerError(e);
+  } finally {
+    state.busy = null;
+    $('apply-stop').hidden = true;
+    updateButtons();
+  }
+};
+$('apply-stop').onclick = () => worker.postMessage({ type: 'cancel' });
+$('result-download').onclick = () => download(state.result, 'visii-result.png', 'image/png');
+
+function updateButtons() {
+  const idle = !state.busy;
+  const model = !!state.model;
+  $('model-load').disabled = !idle;
+  $('local-load').disabled = !idle;
+  $('learn').disabled = !(idle && model && state.images.before && state.images.after);
+  $('apply').disabled = !(idle && model && state.images.edit && (state.instruction || $('apply-prompt').value.trim()));
+  $('instruction-download').disabled = !state.instruction;
+  $('result-download').disabled = !state.result;
+}
+$('apply-prompt').oninput = updateButtons;
+
+// ---------------------------------------------------------------- start
+if ('serviceWorker' in navigator) navigator.serviceWorker.register('sw.js').catch(() => {});
+const hub = new URLSearchParams(location.search).get('hub');
+describeAdapter().then((ok) => {
+  if (ok) worker.postMessage({ type: 'init', hub });
+  else { $('app-version').textContent = 'visii'; $('gpu-selftest').textContent = 'unavailable'; $('gpu-selftest').className = 'bad'; document.body.dataset.ready = 'no'; }
+});
+updateButtons();

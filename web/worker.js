@@ -1,17 +1,113 @@
-// The worker owns the wasm module and the GPU.
-import init, { version, gpu_selftest } from '../dist/pkg/visii_web.js';
+// The worker owns the wasm module and the GPU: model storage and loading, learning, applying.
+// The page talks to it with messages (see PROTOCOL below) and never freezes.
+//
+// PROTOCOL (page -> worker): {type: 'init', hub?} | {type: 'sources'} | {type: 'prepare', source}
+//   | {type: 'local', ip2p: [{path, file}], clip: [{path, file}]} | {type: 'delete', source}
+//   | {type: 'learn', id, befores, afters, options} | {type: 'apply', id, image, options, instruction?}
+//   | {type: 'inspect', id, bytes} | {type: 'cancel'}
+// (worker -> page): {type: 'ready', version, adapter} | {type: 'sources', sources, stored}
+//   | {type: 'download', ...progress} | {type: 'model', info, source} | {type: 'progress', id, ...}
+//   | {type: 'learned', id, bytes, info} | {type: 'applied', id, png, width, height}
+//   | {type: 'inspected', id, info} | {type: 'error', id?, name, message}
+import init, { version, createEngine, inspectInstruction, gpuSelftest } from '../dist/pkg/visii_web.js';
+import { ensureSource, readComponent, listStored, deleteSource, putFile } from './store.js';
 
-const ready = init();
+let engine = null;
+let hub = null;
+let sources = null;
+let downloadAbort = null;
+const post = (m, transfer) => self.postMessage(m, transfer || []);
+const fail = (e, id) => {
+  const message = String((e && e.message) || e);
+  let name = (e && e.name) || 'Error';
+  // A wasm trap after a GPU failure: the module cannot continue.
+  if (name === 'RuntimeError' || /unreachable|out of memory|Out of memory|device lost|DeviceLost/i.test(message)) name = 'GpuError';
+  post({ type: 'error', id, name, message });
+};
+
+async function loadSources() {
+  if (!sources) {
+    const res = await fetch(new URL('../dist/models.json', import.meta.url), { cache: 'no-cache' });
+    sources = (await res.json()).sources;
+  }
+  return sources;
+}
+
+async function loadInto(sourceId, label, ip2pFiles, clipFiles, manifest) {
+  const ip2p = await readComponent(sourceId, 'ip2p', ip2pFiles);
+  const clip = await readComponent(sourceId, 'clip', clipFiles);
+  if (!ip2p || !clip) throw Object.assign(new Error(`the stored files of "${label}" are incomplete: download them again`), { name: 'ModelError' });
+  const info = await engine.loadIp2p(manifest ? manifest.ip2p.name : label, ip2p);
+  const clipInfo = engine.loadClip(manifest ? manifest.clip.name : 'clip', clip);
+  post({ type: 'model', source: sourceId, label, info, clip: clipInfo, demo: !!(manifest && manifest.demo) });
+}
+
+const handlers = {
+  async init(msg) {
+    hub = msg.hub || null;
+    await init();
+    engine = await createEngine();
+    post({ type: 'ready', version: version(), selftest: await gpuSelftest() });
+  },
+  async sources() {
+    post({ type: 'sources', sources: await loadSources(), stored: await listStored() });
+  },
+  async prepare(msg) {
+    const src = (await loadSources()).find((s) => s.id === msg.source);
+    if (!src) throw new Error(`unknown model source ${msg.source}`);
+    downloadAbort = new AbortController();
+    try {
+      await ensureSource(src, { hub, signal: downloadAbort.signal, onProgress: (p) => post({ type: 'download', source: src.id, ...p }) });
+    } finally {
+      downloadAbort = null;
+    }
+    post({ type: 'sources', sources, stored: await listStored() });
+    await loadInto(src.id, src.label, src.ip2p.files, src.clip.files, src);
+  },
+  async local(msg) {
+    // Files picked from this computer: stored like a download, so the page works offline later.
+    const id = 'local';
+    await deleteSource(id).catch(() => {});
+    for (const [component, list] of [['ip2p', msg.ip2p], ['clip', msg.clip]]) {
+      for (const { path, file } of list) await putFile(id, `${component}/${path}`, new Uint8Array(await file.arrayBuffer()), 'Files from this computer');
+    }
+    post({ type: 'sources', sources: await loadSources(), stored: await listStored() });
+    await loadInto(id, 'Files from this computer', null, null, null);
+  },
+  async delete(msg) {
+    await deleteSource(msg.source);
+    post({ type: 'sources', sources: await loadSources(), stored: await listStored() });
+  },
+  async learn(msg) {
+    const befores = msg.befores.map((b) => new Uint8Array(b));
+    const afters = msg.afters.map((b) => new Uint8Array(b));
+    const bytes = await engine.learn(befores, afters, msg.options, (p) => { post({ type: 'progress', id: msg.id, ...p }); return true; });
+    post({ type: 'learned', id: msg.id, bytes, info: inspectInstruction(bytes) }, [bytes.buffer]);
+  },
+  async apply(msg) {
+    const instruction = msg.instruction ? new Uint8Array(msg.instruction) : undefined;
+    const r = await engine.apply(new Uint8Array(msg.image), msg.options, instruction, (p) => { post({ type: 'progress', id: msg.id, ...p }); return true; });
+    post({ type: 'applied', id: msg.id, png: r.png, width: r.width, height: r.height }, [r.png.buffer]);
+  },
+  async inspect(msg) {
+    post({ type: 'inspected', id: msg.id, info: inspectInstruction(new Uint8Array(msg.bytes)) });
+  },
+  async cancel() {
+    if (engine) engine.cancel();
+    if (downloadAbort) downloadAbort.abort();
+  },
+};
 
 self.onmessage = async ({ data }) => {
+  const h = handlers[data.type];
+  if (!h) return fail(new Error(`unknown request ${data.type}`), data.id);
   try {
-    await ready;
-    self.postMessage({ type: 'version', version: version() });
-    if (data.type === 'selftest') {
-      const result = JSON.parse(await gpu_selftest());
-      self.postMessage({ type: 'selftest', result });
+    if (data.type !== 'init' && data.type !== 'sources' && data.type !== 'delete' && data.type !== 'inspect' && !engine) {
+      throw Object.assign(new Error('the GPU engine is not ready'), { name: 'GpuError' });
     }
+    if (data.type === 'inspect' && !engine) await init();
+    await h(data);
   } catch (e) {
-    self.postMessage({ type: 'error', title: 'WebGPU initialisation failed', message: String(e && e.message || e) });
+    fail(e, data.id);
   }
 };

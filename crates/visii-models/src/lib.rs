@@ -17,7 +17,7 @@ pub mod weights;
 
 pub use clip::{ClipConfig, ClipTextConfig, ClipTextTransformer, ClipVision, ClipVisionConfig};
 pub use error::{ModelError, Result};
-pub use loader::{ClipFolder, Ip2pFolder, Loaded};
+pub use loader::{ClipFolder, Files, Ip2pFolder, Loaded};
 pub use preprocess::ClipPreprocessConfig;
 pub use tokenizer::ClipTokenizer;
 pub use unet::{UNet2DConditionModel, UNetConfig};

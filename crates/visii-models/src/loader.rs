@@ -12,7 +12,9 @@
 //! Known buffers that are ignored: `*.position_ids`; in a `CLIPModel` file, the text tower and
 //! `logit_scale` when only the vision side is loaded.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use burn::tensor::Device;
 use serde::de::DeserializeOwned;
@@ -105,130 +107,229 @@ pub fn clip_vision_from_parts(config: &str, files: Vec<WeightFile>, device: &Dev
     Ok(Loaded { model: ClipVisionParts { vision, text_projection, vision_params, text_projection_params }, config: cfg, params })
 }
 
-// ------------------------------------------------------------------ folders on disk
+// ------------------------------------------------------------------ model files: disk or memory
 
-fn read_text(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|e| ModelError::Io { path: path.display().to_string(), message: e.to_string() })
+/// Where a model's files come from: a folder on disk (the CLI) or named byte buffers (the browser,
+/// which fetched or picked them). Paths are relative, `/`-separated (`unet/config.json`).
+#[derive(Clone)]
+pub enum Files {
+    Disk(PathBuf),
+    Memory { name: String, files: Arc<HashMap<String, Arc<[u8]>>> },
 }
 
-/// The safetensors files of a component folder: a sharded index, or one file by its usual names
-/// (full precision first, then the `fp16` variant).
+fn join(dir: &str, name: &str) -> String {
+    if dir.is_empty() {
+        name.to_string()
+    } else {
+        format!("{}/{name}", dir.trim_end_matches('/'))
+    }
+}
+
+impl Files {
+    /// Buffers by relative path; `name` labels the source in messages.
+    pub fn memory(name: impl Into<String>, files: HashMap<String, Arc<[u8]>>) -> Self {
+        Files::Memory { name: name.into(), files: Arc::new(files) }
+    }
+
+    /// How a path is named in messages.
+    pub fn display(&self, rel: &str) -> String {
+        match self {
+            Files::Disk(root) => root.join(rel).display().to_string(),
+            Files::Memory { name, .. } => format!("{name}: {rel}"),
+        }
+    }
+
+    /// The source's own name (folder name or the label given).
+    pub fn label(&self) -> String {
+        match self {
+            Files::Disk(root) => {
+                root.canonicalize().unwrap_or(root.clone()).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+            }
+            Files::Memory { name, .. } => name.clone(),
+        }
+    }
+
+    pub fn exists(&self, rel: &str) -> bool {
+        match self {
+            Files::Disk(root) => root.join(rel).is_file(),
+            Files::Memory { files, .. } => files.contains_key(rel),
+        }
+    }
+
+    /// Whether a folder exists (on disk) or any file lies under it (in memory).
+    pub fn has_dir(&self, rel: &str) -> bool {
+        match self {
+            Files::Disk(root) => root.join(rel).is_dir(),
+            Files::Memory { files, .. } => {
+                let prefix = join(rel, "");
+                let prefix = if prefix.ends_with('/') { prefix } else { format!("{prefix}/") };
+                files.keys().any(|k| k.starts_with(&prefix))
+            }
+        }
+    }
+
+    pub fn read(&self, rel: &str) -> Result<Arc<[u8]>> {
+        match self {
+            Files::Disk(root) => {
+                let p = root.join(rel);
+                std::fs::read(&p).map(Arc::from).map_err(|e| ModelError::Io { path: p.display().to_string(), message: e.to_string() })
+            }
+            Files::Memory { files, .. } => {
+                files.get(rel).cloned().ok_or_else(|| ModelError::Io { path: self.display(rel), message: "the file was not provided".into() })
+            }
+        }
+    }
+
+    pub fn read_text(&self, rel: &str) -> Result<String> {
+        let bytes = self.read(rel)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| ModelError::Io { path: self.display(rel), message: "not UTF-8 text".into() })
+    }
+
+    /// A safetensors file.
+    pub fn weight_file(&self, rel: &str) -> Result<WeightFile> {
+        WeightFile::from_bytes(self.display(rel), self.read(rel)?)
+    }
+}
+
+
+/// The safetensors files of a component folder on disk (see [`weight_files`]).
 pub fn weight_files_in(dir: &Path, stem: &str) -> Result<Vec<WeightFile>> {
-    let index = dir.join(format!("{stem}.safetensors.index.json"));
-    if index.exists() {
-        let v: serde_json::Value = parse_config(&index.display().to_string(), &read_text(&index)?)?;
+    weight_files(&Files::Disk(dir.to_path_buf()), "", stem)
+}
+
+/// The safetensors files of component folder `dir`: a sharded index, or one file by its usual
+/// names (full precision first, then the `fp16` variant).
+pub fn weight_files(files: &Files, dir: &str, stem: &str) -> Result<Vec<WeightFile>> {
+    let index = join(dir, &format!("{stem}.safetensors.index.json"));
+    if files.exists(&index) {
+        let v: serde_json::Value = parse_config(&files.display(&index), &files.read_text(&index)?)?;
         let mut shards: Vec<String> =
             v["weight_map"].as_object().map(|m| m.values().filter_map(|s| s.as_str().map(String::from)).collect()).unwrap_or_default();
         shards.sort();
         shards.dedup();
-        return shards.iter().map(|s| WeightFile::from_path(dir.join(s))).collect();
+        return shards.iter().map(|s| files.weight_file(&join(dir, s))).collect();
     }
     for name in [format!("{stem}.safetensors"), format!("{stem}.fp16.safetensors")] {
-        let p = dir.join(&name);
-        if p.exists() {
-            return Ok(vec![WeightFile::from_path(p)?]);
+        let p = join(dir, &name);
+        if files.exists(&p) {
+            return Ok(vec![files.weight_file(&p)?]);
         }
     }
-    let bin = dir.join(format!("{stem}.bin"));
-    let message = if bin.exists() {
-        format!("only {} (PyTorch pickle) is present: convert it to safetensors", bin.display())
+    let bin = join(dir, &format!("{stem}.bin"));
+    let message = if files.exists(&bin) {
+        format!("only {} (PyTorch pickle) is present: convert it to safetensors", files.display(&bin))
     } else {
         format!("no {stem}.safetensors")
     };
-    Err(ModelError::NotAModel { path: dir.display().to_string(), expected: "a model component folder".into(), message })
+    Err(ModelError::NotAModel { path: files.display(dir), expected: "a model component folder".into(), message })
 }
 
 /// An InstructPix2Pix folder in the diffusers layout.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Ip2pFolder {
-    pub root: PathBuf,
+    pub files: Files,
+}
+
+impl std::fmt::Debug for Ip2pFolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Ip2pFolder({})", self.files.display(""))
+    }
 }
 
 impl Ip2pFolder {
     pub fn open(root: impl AsRef<Path>) -> Result<Self> {
         let root = root.as_ref().to_path_buf();
-        let not = |m: &str| ModelError::NotAModel {
-            path: root.display().to_string(),
-            expected: "an InstructPix2Pix diffusers folder".into(),
-            message: m.into(),
-        };
         if !root.is_dir() {
-            return Err(not("no such folder"));
+            return Err(ModelError::NotAModel { path: root.display().to_string(), expected: "an InstructPix2Pix diffusers folder".into(), message: "no such folder".into() });
         }
-        if !root.join("model_index.json").exists() {
+        Self::from_files(Files::Disk(root))
+    }
+
+    /// The same layout from any file source.
+    pub fn from_files(files: Files) -> Result<Self> {
+        let not = |m: &str| ModelError::NotAModel { path: files.display(""), expected: "an InstructPix2Pix diffusers folder".into(), message: m.into() };
+        if !files.exists("model_index.json") {
             return Err(not("model_index.json is missing"));
         }
         for c in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
-            if !root.join(c).is_dir() {
+            if !files.has_dir(c) {
                 return Err(not(&format!("the `{c}/` folder is missing")));
             }
         }
-        Ok(Self { root })
+        Ok(Self { files })
+    }
+
+    /// `_name_or_path` of model_index.json when present, else the folder's (or source's) name.
+    pub fn name(&self) -> String {
+        self.files
+            .read_text("model_index.json")
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v.get("_name_or_path").and_then(|n| n.as_str()).map(String::from))
+            .unwrap_or_else(|| self.files.label())
     }
 
     pub fn unet(&self, device: &Device) -> Result<Loaded<UNet2DConditionModel, UNetConfig>> {
-        let d = self.root.join("unet");
-        unet_from_parts(&read_text(&d.join("config.json"))?, weight_files_in(&d, "diffusion_pytorch_model")?, device)
+        unet_from_parts(&self.files.read_text("unet/config.json")?, weight_files(&self.files, "unet", "diffusion_pytorch_model")?, device)
     }
 
     pub fn vae(&self, device: &Device) -> Result<Loaded<AutoencoderKL, VaeConfig>> {
-        let d = self.root.join("vae");
-        vae_from_parts(&read_text(&d.join("config.json"))?, weight_files_in(&d, "diffusion_pytorch_model")?, device)
+        vae_from_parts(&self.files.read_text("vae/config.json")?, weight_files(&self.files, "vae", "diffusion_pytorch_model")?, device)
     }
 
     pub fn text_encoder(&self, device: &Device) -> Result<Loaded<ClipTextTransformer, ClipTextConfig>> {
-        let d = self.root.join("text_encoder");
-        text_encoder_from_parts(&read_text(&d.join("config.json"))?, weight_files_in(&d, "model")?, device)
+        text_encoder_from_parts(&self.files.read_text("text_encoder/config.json")?, weight_files(&self.files, "text_encoder", "model")?, device)
     }
 
     pub fn tokenizer(&self) -> Result<ClipTokenizer> {
-        ClipTokenizer::from_dir(self.root.join("tokenizer"))
+        ClipTokenizer::from_files(&self.files, "tokenizer")
     }
 
     pub fn scheduler_config(&self) -> Result<String> {
-        read_text(&self.root.join("scheduler").join("scheduler_config.json"))
+        self.files.read_text("scheduler/scheduler_config.json")
     }
 }
 
 /// A transformers `CLIPModel` folder (e.g. `openai/clip-vit-large-patch14`).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ClipFolder {
-    pub root: PathBuf,
+    pub files: Files,
 }
 
 impl ClipFolder {
     pub fn open(root: impl AsRef<Path>) -> Result<Self> {
-        let root = root.as_ref().to_path_buf();
-        let cfg = root.join("config.json");
-        let text = read_text(&cfg).map_err(|_| ModelError::NotAModel {
-            path: root.display().to_string(),
+        Self::from_files(Files::Disk(root.as_ref().to_path_buf()))
+    }
+
+    pub fn from_files(files: Files) -> Result<Self> {
+        let text = files.read_text("config.json").map_err(|_| ModelError::NotAModel {
+            path: files.display(""),
             expected: "a CLIP model folder".into(),
             message: "config.json is missing".into(),
         })?;
-        let v: serde_json::Value = parse_config(&cfg.display().to_string(), &text)?;
+        let v: serde_json::Value = parse_config(&files.display("config.json"), &text)?;
         if v.get("vision_config").is_none() {
             return Err(ModelError::NotAModel {
-                path: root.display().to_string(),
+                path: files.display(""),
                 expected: "a CLIP model folder".into(),
                 message: "config.json has no vision_config (is this a CLIPModel?)".into(),
             });
         }
-        Ok(Self { root })
+        Ok(Self { files })
     }
 
     pub fn vision(&self, device: &Device) -> Result<Loaded<ClipVisionParts, ClipConfig>> {
-        clip_vision_from_parts(&read_text(&self.root.join("config.json"))?, weight_files_in(&self.root, "model")?, device)
+        clip_vision_from_parts(&self.files.read_text("config.json")?, weight_files(&self.files, "", "model")?, device)
     }
 
     pub fn text(&self, device: &Device) -> Result<Loaded<ClipTextTransformer, ClipTextConfig>> {
-        text_encoder_from_parts(&read_text(&self.root.join("config.json"))?, weight_files_in(&self.root, "model")?, device)
+        text_encoder_from_parts(&self.files.read_text("config.json")?, weight_files(&self.files, "", "model")?, device)
     }
 
     pub fn preprocess_config(&self) -> Result<ClipPreprocessConfig> {
-        let p = self.root.join("preprocessor_config.json");
-        if !p.exists() {
+        if !self.files.exists("preprocessor_config.json") {
             return Ok(ClipPreprocessConfig::default());
         }
-        parse_config(&p.display().to_string(), &read_text(&p)?)
+        parse_config(&self.files.display("preprocessor_config.json"), &self.files.read_text("preprocessor_config.json")?)
     }
 }

@@ -77,10 +77,13 @@ impl ClipTokenizer {
     /// From a folder: `tokenizer.json` if present, else `vocab.json` + `merges.txt`; the pad token and
     /// maximum length from `tokenizer_config.json` when it has them.
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
-        let dir = dir.as_ref();
-        let read = |name: &str| {
-            std::fs::read_to_string(dir.join(name)).map_err(|e| ModelError::Io { path: dir.join(name).display().to_string(), message: e.to_string() })
-        };
+        Self::from_files(&crate::loader::Files::Disk(dir.as_ref().to_path_buf()), "")
+    }
+
+    /// The same from any file source, in folder `dir` of it.
+    pub fn from_files(files: &crate::loader::Files, dir: &str) -> Result<Self> {
+        let at = |name: &str| if dir.is_empty() { name.to_string() } else { format!("{dir}/{name}") };
+        let read = |name: &str| files.read_text(&at(name));
         let cfg: Value = read("tokenizer_config.json").ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or(Value::Null);
         let pad = match &cfg["pad_token"] {
             Value::String(s) => Some(s.clone()),
@@ -88,13 +91,13 @@ impl ClipTokenizer {
             _ => None,
         };
         let max_len = cfg["model_max_length"].as_u64().filter(|&m| m > 0 && m <= 77).unwrap_or(77) as usize;
-        if dir.join("tokenizer.json").exists() {
+        if files.exists(&at("tokenizer.json")) {
             Self::from_tokenizer_json(&read("tokenizer.json")?, pad.as_deref(), max_len)
-        } else if dir.join("vocab.json").exists() && dir.join("merges.txt").exists() {
+        } else if files.exists(&at("vocab.json")) && files.exists(&at("merges.txt")) {
             Self::from_vocab_merges(&read("vocab.json")?, &read("merges.txt")?, pad.as_deref(), max_len)
         } else {
             Err(ModelError::NotAModel {
-                path: dir.display().to_string(),
+                path: files.display(dir),
                 expected: "a CLIP tokenizer folder".into(),
                 message: "it has neither tokenizer.json nor vocab.json + merges.txt".into(),
             })

@@ -71,13 +71,7 @@ pub const STEP_STREAM: u64 = 2 << 32;
 
 impl Ip2p {
     pub fn from_folder(folder: &Ip2pFolder, device: &Device) -> Result<Self> {
-        let name = std::fs::read_to_string(folder.root.join("model_index.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|v| v.get("_name_or_path").and_then(|n| n.as_str()).map(String::from))
-            .unwrap_or_else(|| {
-                folder.root.canonicalize().unwrap_or(folder.root.clone()).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
-            });
+        let name = folder.name();
         Self::assemble(
             folder.unet(device)?,
             folder.vae(device)?.model,

@@ -1,8 +1,26 @@
-//! The wasm-bindgen facade of visii: the only Rust that knows about JS. For now it reports its
-//! version and proves burn's WebGPU backend runs in the page's worker (an async device init and a
-//! small matmul read back asynchronously).
+//! The wasm-bindgen facade of visii: the only Rust that knows about JS. It runs inside the page's
+//! Web Worker (web/worker.js), which owns this module and the GPU. Everything it computes is the
+//! same `visii-pipeline` code the CLI runs, on burn's WebGPU backend, with non-blocking readbacks.
+//!
+//! JS surface (see web/worker.js): `createEngine()` -> `Engine` with `loadIp2p(name, files)`,
+//! `loadClip(name, files)`, `learn(befores, afters, options, onProgress)`, `apply(image, options,
+//! instruction, onProgress)`, `cancel()`, `modelInfo()`; and `inspectInstruction(bytes)`.
+//! Errors are JS `Error`s whose `name` says what kind of problem it is (`ImageError`,
+//! `InstructionError`, `ForeignModelError`, `ModelError`, `CancelledError`, `OptionsError`, `GpuError`).
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
 
 use burn::tensor::{Device, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+use visii_models::loader::ClipVisionParts;
+use visii_models::{ClipFolder, ClipPreprocessConfig, Files, Ip2pFolder};
+use visii_pipeline::caption::CaptionOptions;
+use visii_pipeline::instruction::{self, SaveInfo};
+use visii_pipeline::learn::{AdamWConfig, LearnOptions};
+use visii_pipeline::{ApplyOptions, Ip2p, ModelIdentity, Noise, PipelineError, RgbImage};
 use wasm_bindgen::prelude::*;
 
 /// Install the panic hook so a Rust panic reaches JS as a readable error.
@@ -17,14 +35,370 @@ pub fn version() -> String {
     visii_models::version().to_string()
 }
 
+fn error(kind: &str, message: impl std::fmt::Display) -> JsValue {
+    let e = js_sys::Error::new(&message.to_string());
+    e.set_name(kind);
+    e.into()
+}
+
+/// Plain JS objects (not `Map`s), numbers (not `BigInt`s).
+fn to_js<T: Serialize + ?Sized>(v: &T) -> JsValue {
+    v.serialize(&serde_wasm_bindgen::Serializer::json_compatible()).unwrap_or(JsValue::NULL)
+}
+
+fn pipeline_error(e: PipelineError) -> JsValue {
+    let text = e.to_string();
+    let kind = match &e {
+        PipelineError::Cancelled => "CancelledError",
+        PipelineError::Instruction(m) if m.contains("learned on model") => "ForeignModelError",
+        PipelineError::Instruction(_) => "InstructionError",
+        PipelineError::Model(_) => "ModelError",
+        _ if text.contains("PNG or JPEG") || text.contains("image") => "ImageError",
+        _ => "OptionsError",
+    };
+    error(kind, text)
+}
+
 /// Initialise burn's WebGPU device and run a 2x2 matmul on it; returns the product's four values
 /// as JSON text (`[19, 22, 43, 50]` when the GPU path works).
-#[wasm_bindgen]
-pub async fn gpu_selftest() -> Result<String, JsError> {
-    let device: Device = Device::wgpu_options().init_async().await.map_err(|e| JsError::new(&format!("WebGPU initialisation failed: {e}")))?;
+#[wasm_bindgen(js_name = gpuSelftest)]
+pub async fn gpu_selftest() -> Result<String, JsValue> {
+    let device = init_device().await?;
     let a = Tensor::<2>::from_data(TensorData::new(vec![1f32, 2., 3., 4.], [2, 2]), &device);
     let b = Tensor::<2>::from_data(TensorData::new(vec![5f32, 6., 7., 8.], [2, 2]), &device);
-    let data = a.matmul(b).into_data_async().await.map_err(|e| JsError::new(&format!("GPU readback failed: {e:?}")))?;
-    let v: Vec<f32> = data.try_to_vec::<f32>().map_err(|e| JsError::new(&format!("{e:?}")))?;
-    Ok(serde_json::to_string(&v)?)
+    let v = visii_pipeline::read_f32(a.matmul(b)).await;
+    Ok(serde_json::to_string(&v).unwrap_or_default())
+}
+
+thread_local! {
+    static DEVICE: RefCell<Option<Device>> = const { RefCell::new(None) };
+}
+
+/// burn's WebGPU device (cubecl requests the adapter's own limits, not the spec defaults).
+async fn init_device() -> Result<Device, JsValue> {
+    if let Some(d) = DEVICE.with(|d| d.borrow().clone()) {
+        return Ok(d);
+    }
+    let d = Device::wgpu_options().init_async().await.map_err(|e| error("GpuError", format!("WebGPU initialisation failed: {e}")))?;
+    DEVICE.with(|slot| *slot.borrow_mut() = Some(d.clone()));
+    Ok(d)
+}
+
+fn files_from(name: &str, files: &js_sys::Map) -> Files {
+    let mut map: HashMap<String, Arc<[u8]>> = HashMap::new();
+    files.for_each(&mut |value, key| {
+        if let (Some(k), Ok(v)) = (key.as_string(), value.dyn_into::<js_sys::Uint8Array>()) {
+            map.insert(k.trim_start_matches("./").to_string(), Arc::from(v.to_vec()));
+        }
+    });
+    Files::memory(name, map)
+}
+
+struct Clip {
+    parts: ClipVisionParts,
+    pre: ClipPreprocessConfig,
+}
+
+/// The loaded networks and the cancel flag.
+#[wasm_bindgen]
+pub struct Engine {
+    device: Device,
+    ip2p: RefCell<Option<Rc<Ip2p>>>,
+    identity: RefCell<Option<ModelIdentity>>,
+    clip: RefCell<Option<Rc<Clip>>>,
+    cancel: Rc<Cell<bool>>,
+    busy: Rc<Cell<bool>>,
+}
+
+/// Create the engine (initialises WebGPU).
+#[wasm_bindgen(js_name = createEngine)]
+pub async fn create_engine() -> Result<Engine, JsValue> {
+    Ok(Engine {
+        device: init_device().await?,
+        ip2p: RefCell::new(None),
+        identity: RefCell::new(None),
+        clip: RefCell::new(None),
+        cancel: Rc::new(Cell::new(false)),
+        busy: Rc::new(Cell::new(false)),
+    })
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, rename_all = "camelCase")]
+struct LearnOpts {
+    steps: Option<usize>,
+    size: Option<usize>,
+    seed: Option<u64>,
+    patience: Option<usize>,
+    lr: Option<f64>,
+    /// Initial caption; empty or absent: searched automatically.
+    init: Option<String>,
+    caption_iterations: Option<usize>,
+    /// Free-form fields stored in the file (e.g. `createdAt`).
+    created_at: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, rename_all = "camelCase")]
+struct ApplyOpts {
+    steps: Option<usize>,
+    guidance: Option<f32>,
+    image_guidance: Option<f32>,
+    seed: Option<u64>,
+    /// Longer side of the working size.
+    size: Option<usize>,
+    prompt: Option<String>,
+    extra: Option<String>,
+    reuse_noise: bool,
+    allow_foreign_model: bool,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Progress<'a> {
+    phase: &'a str,
+    step: usize,
+    total: usize,
+    t: Option<usize>,
+    mse: Option<f32>,
+    cos: Option<f32>,
+    loss: Option<f32>,
+    best: Option<f32>,
+}
+
+fn report(f: &js_sys::Function, p: &Progress) -> bool {
+    let v = to_js(p);
+    // A callback that returns `false` asks to stop.
+    !matches!(f.call1(&JsValue::NULL, &v), Ok(r) if r == JsValue::FALSE)
+}
+
+fn decode_image(bytes: &[u8], what: &str) -> Result<RgbImage, JsValue> {
+    RgbImage::decode(bytes).map_err(|e| error("ImageError", format!("the {what} is not an image this app can read ({e})")))
+}
+
+struct BusyGuard(Rc<Cell<bool>>);
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        self.0.set(false);
+    }
+}
+
+#[wasm_bindgen]
+impl Engine {
+    /// Load InstructPix2Pix from its diffusers-layout files (`Map` of relative path -> bytes).
+    /// Returns `{ name, fingerprint, hiddenSize, unetParams, vaeParams, textParams }`.
+    #[wasm_bindgen(js_name = loadIp2p)]
+    pub async fn load_ip2p(&self, name: String, files: js_sys::Map) -> Result<JsValue, JsValue> {
+        let folder = Ip2pFolder::from_files(files_from(&name, &files)).map_err(|e| error("ModelError", e))?;
+        let me = |e: visii_models::ModelError| error("ModelError", e);
+        let unet = folder.unet(&self.device).map_err(me)?;
+        let vae = folder.vae(&self.device).map_err(me)?;
+        let text = folder.text_encoder(&self.device).map_err(me)?;
+        let (up, vp, tp) = (unet.params, vae.params, text.params);
+        let hidden = text.config.hidden_size;
+        let tokenizer = folder.tokenizer().map_err(me)?;
+        let sched = folder.scheduler_config().map_err(me)?;
+        let model = Ip2p::assemble(unet, vae.model, text, tokenizer, &sched, folder.name(), &self.device).map_err(pipeline_error)?;
+        let id = ModelIdentity::of_async(&model).await;
+        let info = serde_json::json!({
+            "name": id.name, "fingerprint": id.fingerprint(), "hiddenSize": hidden,
+            "unetParams": up, "vaeParams": vp, "textParams": tp,
+        });
+        *self.identity.borrow_mut() = Some(id);
+        *self.ip2p.borrow_mut() = Some(Rc::new(model));
+        Ok(to_js(&info))
+    }
+
+    /// Load the CLIP vision tower and projections from a transformers `CLIPModel` layout.
+    #[wasm_bindgen(js_name = loadClip)]
+    pub fn load_clip(&self, name: String, files: js_sys::Map) -> Result<JsValue, JsValue> {
+        let folder = ClipFolder::from_files(files_from(&name, &files)).map_err(|e| error("ModelError", e))?;
+        let loaded = folder.vision(&self.device).map_err(|e| error("ModelError", e))?;
+        let pre = folder.preprocess_config().map_err(|e| error("ModelError", e))?;
+        let info = serde_json::json!({"name": name, "params": loaded.params});
+        *self.clip.borrow_mut() = Some(Rc::new(Clip { parts: loaded.model, pre }));
+        Ok(to_js(&info))
+    }
+
+    /// Ask the running learn / apply to stop after its current step.
+    pub fn cancel(&self) {
+        self.cancel.set(true);
+    }
+
+    fn begin(&self) -> Result<(Rc<Ip2p>, BusyGuard), JsValue> {
+        if self.busy.get() {
+            return Err(error("OptionsError", "another learn or apply is still running"));
+        }
+        let model = self.ip2p.borrow().clone().ok_or_else(|| error("ModelError", "no model is loaded yet"))?;
+        self.busy.set(true);
+        self.cancel.set(false);
+        Ok((model, BusyGuard(self.busy.clone())))
+    }
+
+    /// Learn an instruction from before/after pairs (arrays of image bytes, paired by index).
+    /// `onProgress({phase: "caption" | "learn", step, total, t, mse, cos, loss, best})`; returning
+    /// `false` from it, or `cancel()`, stops (learning keeps the best instruction so far).
+    /// Resolves to the instruction file's bytes.
+    pub async fn learn(&self, befores: js_sys::Array, afters: js_sys::Array, options: JsValue, on_progress: js_sys::Function) -> Result<js_sys::Uint8Array, JsValue> {
+        let (model, _busy) = self.begin()?;
+        let clip = self.clip.borrow().clone().ok_or_else(|| error("ModelError", "the CLIP model is not loaded yet"))?;
+        let o: LearnOpts = serde_wasm_bindgen::from_value(options).map_err(|e| error("OptionsError", e))?;
+        if befores.length() == 0 || befores.length() != afters.length() {
+            return Err(error("OptionsError", "give one or more before/after pairs"));
+        }
+        let mut pairs = vec![];
+        for i in 0..befores.length() {
+            let b = js_sys::Uint8Array::new(&befores.get(i)).to_vec();
+            let a = js_sys::Uint8Array::new(&afters.get(i)).to_vec();
+            pairs.push((decode_image(&b, "before image")?, decode_image(&a, "after image")?));
+        }
+        let size = o.size.unwrap_or(256);
+        if !(8..=1024).contains(&size) {
+            return Err(error("OptionsError", format!("learning size {size} must be between 8 and 1024")));
+        }
+        let opts = LearnOptions {
+            steps: o.steps.unwrap_or(300).max(1),
+            size,
+            exact_size: None,
+            seed: o.seed.unwrap_or(0),
+            patience: o.patience.unwrap_or(100),
+            adam: AdamWConfig { lr: o.lr.unwrap_or(1e-3), ..AdamWConfig::default() },
+        };
+        let cancel = self.cancel.clone();
+        let caption = match o.init.as_deref().map(str::trim) {
+            Some(t) if !t.is_empty() => t.to_string(),
+            _ => {
+                let target = visii_pipeline::learn::after_target(&clip.parts, &clip.pre, &pairs, &self.device).map_err(pipeline_error)?;
+                let copts = CaptionOptions { iterations: o.caption_iterations.unwrap_or(150).max(1), seed: opts.seed, ..CaptionOptions::default() };
+                let total = copts.iterations;
+                let found = visii_pipeline::caption::auto_caption_async(&model, &clip.parts.text_projection, target, &copts, &mut |i, best| {
+                    let p = Progress { phase: "caption", step: i, total, t: None, mse: None, cos: Some(best), loss: None, best: None };
+                    report(&on_progress, &p) && !cancel.get()
+                })
+                .await;
+                match found {
+                    Ok(c) => c.text,
+                    Err(PipelineError::Cancelled) => return Err(pipeline_error(PipelineError::Cancelled)),
+                    Err(_) => "a photo".into(),
+                }
+            }
+        };
+        if cancel.get() {
+            return Err(pipeline_error(PipelineError::Cancelled));
+        }
+        let total = opts.steps;
+        let learned = visii_pipeline::learn::learn_async(&model, &clip.parts, &clip.pre, &pairs, &caption, &opts, None, &mut |s, best| {
+            let p = Progress { phase: "learn", step: s.step + 1, total, t: Some(s.t), mse: Some(s.mse), cos: Some(s.cos), loss: Some(s.loss), best: Some(best) };
+            report(&on_progress, &p) && !cancel.get()
+        })
+        .await
+        .map_err(pipeline_error)?;
+        let identity = self.identity.borrow().clone().ok_or_else(|| error("ModelError", "no model is loaded yet"))?;
+        let thumb = RgbImage::strip(&[&pairs[0].0, &pairs[0].1], 64).to_png().map_err(pipeline_error)?;
+        let mut extra = vec![("hyper_parameters", serde_json::to_string(&opts).unwrap_or_default())];
+        if let Some(c) = o.created_at {
+            extra.push(("created_at", c));
+        }
+        let bytes = instruction::save(&learned, &SaveInfo { model: &identity, thumbnail_png: Some(&thumb), extra: &extra }).map_err(pipeline_error)?;
+        Ok(js_sys::Uint8Array::from(&bytes[..]))
+    }
+
+    /// Edit an image with a learned instruction file (`instruction` bytes) or a text `prompt`
+    /// (options), optionally with `extra` words (hybrid). Resolves to
+    /// `{png: Uint8Array, width, height}`.
+    pub async fn apply(&self, image: js_sys::Uint8Array, options: JsValue, instruction: Option<js_sys::Uint8Array>, on_progress: js_sys::Function) -> Result<JsValue, JsValue> {
+        let (model, _busy) = self.begin()?;
+        let o: ApplyOpts = serde_wasm_bindgen::from_value(options).map_err(|e| error("OptionsError", e))?;
+        let input = decode_image(&image.to_vec(), "image to edit")?;
+        let size = o.size.unwrap_or(512);
+        if !(8..=2048).contains(&size) {
+            return Err(error("OptionsError", format!("output size {size} must be between 8 and 2048")));
+        }
+        let (w, h) = input.working_size(size);
+        let work = input.resized(w, h);
+        let opts = ApplyOptions {
+            steps: o.steps.unwrap_or(20).clamp(1, 200),
+            guidance: o.guidance.unwrap_or(7.5),
+            image_guidance: o.image_guidance.unwrap_or(1.5),
+            seed: o.seed.unwrap_or(0),
+        };
+        let mut noise = Noise::Seeded(opts.seed);
+        let cond = match instruction {
+            Some(bytes) => {
+                let hidden = model.text.final_layer_norm.gamma.dims()[0];
+                let ins = instruction::load(&bytes.to_vec(), hidden).map_err(pipeline_error)?;
+                let id = self.identity.borrow().clone().ok_or_else(|| error("ModelError", "no model is loaded yet"))?;
+                ins.check_model(&id, o.allow_foreign_model).map_err(pipeline_error)?;
+                if o.reuse_noise {
+                    noise = Noise::Reuse(ins.noise_reuse.clone().ok_or_else(|| error("InstructionError", "this instruction does not record its learning noises"))?);
+                }
+                let cond = Tensor::<3>::from_data(TensorData::new(ins.rows, [1, ins.positions, ins.hidden]), &self.device);
+                match o.extra.as_deref().map(str::trim) {
+                    Some(extra) if !extra.is_empty() => {
+                        let (e, e_eos) = model.encode_text_with_eos(extra).map_err(pipeline_error)?;
+                        visii_pipeline::hybrid(cond, ins.eos, e, e_eos)
+                    }
+                    _ => cond,
+                }
+            }
+            None => {
+                let prompt = o.prompt.unwrap_or_default();
+                if prompt.trim().is_empty() {
+                    return Err(error("OptionsError", "give an instruction file or a text instruction"));
+                }
+                model.encode_text(&prompt).map_err(pipeline_error)?
+            }
+        };
+        let cancel = self.cancel.clone();
+        let out = model
+            .apply_async(&work, cond, &opts, &noise, &mut |i, n| {
+                let p = Progress { phase: "apply", step: i, total: n, t: None, mse: None, cos: None, loss: None, best: None };
+                report(&on_progress, &p) && !cancel.get()
+            })
+            .await
+            .map_err(pipeline_error)?;
+        let v = visii_pipeline::read_f32(out).await;
+        if v.iter().any(|x| !x.is_finite()) {
+            return Err(error("GpuError", "the GPU returned invalid values (the device may have been lost)"));
+        }
+        let png = RgbImage::from_unit_floats(&v, w, h).to_png().map_err(pipeline_error)?;
+        let result = js_sys::Object::new();
+        let set = |k: &str, v: JsValue| js_sys::Reflect::set(&result, &k.into(), &v);
+        set("png", js_sys::Uint8Array::from(&png[..]).into())?;
+        set("width", (w as u32).into())?;
+        set("height", (h as u32).into())?;
+        Ok(result.into())
+    }
+
+    /// What is loaded: `{ ip2p: {name, fingerprint} | null, clip: bool }`.
+    #[wasm_bindgen(js_name = modelInfo)]
+    pub fn model_info(&self) -> JsValue {
+        let id = self.identity.borrow().clone();
+        let info = serde_json::json!({
+            "ip2p": id.map(|i| serde_json::json!({"name": i.name, "fingerprint": i.fingerprint()})),
+            "clip": self.clip.borrow().is_some(),
+        });
+        to_js(&info)
+    }
+}
+
+/// Validate an instruction file and describe it: `{ positions, hidden, eos, metadata, baseModel:
+/// {name, fingerprint} | null, thumbnailPng: Uint8Array | null, reusableNoise }`.
+#[wasm_bindgen(js_name = inspectInstruction)]
+pub fn inspect_instruction(bytes: js_sys::Uint8Array) -> Result<JsValue, JsValue> {
+    let ins = instruction::peek(&bytes.to_vec()).map_err(pipeline_error)?;
+    let mut meta = ins.metadata.clone();
+    meta.remove("thumbnail_png_base64");
+    let info = serde_json::json!({
+        "positions": ins.positions, "hidden": ins.hidden, "eos": ins.eos, "metadata": meta,
+        "baseModel": ins.base_model.as_ref().map(|b| serde_json::json!({"name": b.name, "fingerprint": b.fingerprint()})),
+        "reusableNoise": ins.noise_reuse.is_some(),
+    });
+    let out = to_js(&info);
+    let thumb = match ins.thumbnail_png() {
+        Some(png) => js_sys::Uint8Array::from(&png[..]).into(),
+        None => JsValue::NULL,
+    };
+    js_sys::Reflect::set(&out, &"thumbnailPng".into(), &thumb)?;
+    Ok(out)
 }

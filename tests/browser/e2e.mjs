@@ -1,0 +1,279 @@
+// End-to-end test of the web app in headless Chromium (WebGPU on SwiftShader) with the tiny model:
+// load the model (stored in OPFS), learn from two PNGs, apply to a third, download the instruction,
+// reload with the network off, load the downloaded file with the picker, apply again; compare the
+// browser's learning losses and result image with the native CLI's for the same inputs and seed;
+// the refusals (foreign instruction, non-image, non-instruction, no WebGPU); the real-model source
+// path against a local mirror in the hub's layout (with an interrupted, resumed download and a
+// partial CLIP fetch). Screenshots of each state go to tests/output/.
+import { chromium } from 'playwright-core';
+import { execFileSync } from 'node:child_process';
+import { mkdtempSync, mkdirSync, readFileSync, writeFileSync, copyFileSync, rmSync, statSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, dirname } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { serve } from './server.mjs';
+
+const root = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
+const out = join(root, 'tests', 'output');
+const fx = join(root, 'tests', 'fixtures');
+mkdirSync(out, { recursive: true });
+const visiiBin = process.env.VISII_BIN || join(root, 'target', 'debug', 'visii');
+const flags = ['--headless=new', '--enable-unsafe-webgpu', '--use-webgpu-adapter=swiftshader', '--no-sandbox',
+  '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run'];
+let failures = 0;
+const check = (ok, msg) => { console.log(`${ok ? 'ok  ' : 'FAIL'} ${msg}`); if (!ok) failures++; };
+const step = (s) => console.log(`--- ${s}`);
+
+// A local mirror of the hub: the tiny model under the real checkpoints' names and paths.
+const hub = join(out, 'hub');
+rmSync(hub, { recursive: true, force: true });
+const mirror = (srcDir, dstDir, files) => {
+  for (const [src, dst] of files) {
+    mkdirSync(dirname(join(dstDir, dst)), { recursive: true });
+    copyFileSync(join(srcDir, src), join(dstDir, dst));
+  }
+};
+const ipDst = join(hub, 'timbrooks/instruct-pix2pix/resolve/main');
+mirror(join(fx, 'tiny-ip2p'), ipDst, [
+  ['model_index.json', 'model_index.json'], ['scheduler/scheduler_config.json', 'scheduler/scheduler_config.json'],
+  ['tokenizer/vocab.json', 'tokenizer/vocab.json'], ['tokenizer/merges.txt', 'tokenizer/merges.txt'],
+  ['tokenizer/tokenizer_config.json', 'tokenizer/tokenizer_config.json'], ['text_encoder/config.json', 'text_encoder/config.json'],
+  ['text_encoder/model.safetensors', 'text_encoder/model.fp16.safetensors'], ['vae/config.json', 'vae/config.json'],
+  ['vae/diffusion_pytorch_model.safetensors', 'vae/diffusion_pytorch_model.fp16.safetensors'], ['unet/config.json', 'unet/config.json'],
+  ['unet/diffusion_pytorch_model.safetensors', 'unet/diffusion_pytorch_model.fp16.safetensors'],
+]);
+const clipDst = join(hub, 'openai/clip-vit-large-patch14/resolve/main');
+mirror(join(fx, 'tiny-clip'), clipDst, [['config.json', 'config.json'], ['preprocessor_config.json', 'preprocessor_config.json'], ['model.safetensors', 'model.safetensors']]);
+const unetPath = '/hub/timbrooks/instruct-pix2pix/resolve/main/unet/diffusion_pytorch_model.fp16.safetensors';
+
+const { server, port, log } = await serve({ root, hubRoot: hub, cutOnce: [unetPath] });
+const base = `http://127.0.0.1:${port}`;
+
+function safetensorsMeta(buf) {
+  const n = Number(buf.readBigUInt64LE(0));
+  return { n, header: JSON.parse(buf.subarray(8, 8 + n).toString('utf8')) };
+}
+function rewriteMeta(buf, edit) {
+  const { n, header } = safetensorsMeta(buf);
+  edit(header.__metadata__);
+  let text = JSON.stringify(header);
+  text += ' '.repeat((8 - (text.length % 8)) % 8);
+  const head = Buffer.from(text);
+  const len = Buffer.alloc(8);
+  len.writeBigUInt64LE(BigInt(head.length));
+  return Buffer.concat([len, head, buf.subarray(8 + n)]);
+}
+
+let browser;
+try {
+  browser = await chromium.launchPersistentContext(mkdtempSync(join(tmpdir(), 'visii-chrome-')), {
+    executablePath: '/usr/bin/chromium', headless: true, args: flags, acceptDownloads: true, viewport: { width: 1200, height: 1800 },
+  });
+  const page = browser.pages()[0] || await browser.newPage();
+  const logs = [];
+  page.on('console', (m) => logs.push(`[${m.type()}] ${m.text()}`));
+  page.on('pageerror', (e) => logs.push(`[pageerror] ${e.message}`));
+  const shot = (name) => page.screenshot({ path: join(out, `e2e-${name}.png`), fullPage: true });
+  const errorKind = () => page.evaluate(() => (document.getElementById('error-panel').hidden ? null : document.getElementById('error-panel').dataset.kind));
+  const dismiss = () => page.click('#error-close');
+  const waitData = (key, value) => page.waitForFunction(([k, v]) => document.body.dataset[k] === v, [key, value], { timeout: 600000 });
+  const waitError = (kind) => page.waitForFunction((k) => !document.getElementById('error-panel').hidden && document.getElementById('error-panel').dataset.kind === k, kind, { timeout: 120000 });
+
+  step('open the page');
+  await page.goto(`${base}/index.html?hub=${encodeURIComponent(`${base}/hub/`)}`);
+  await page.waitForFunction(() => document.body.dataset.ready, null, { timeout: 300000 });
+  check(await page.evaluate(() => document.body.dataset.ready) === 'yes', `WebGPU engine ready: ${await page.textContent('#gpu-selftest')} (${await page.textContent('#gpu-adapter')})`);
+  check(/visii \d+\.\d+\.\d+/.test(await page.textContent('#app-version')), 'version shown');
+  await page.waitForFunction(() => document.getElementById('model-source').options.length >= 2);
+  await shot('1-ready');
+
+  step('load the tiny model');
+  await page.selectOption('#model-source', 'tiny');
+  await page.click('#model-load');
+  await page.waitForFunction(() => document.body.dataset.model, null, { timeout: 300000 });
+  const fingerprint = await page.evaluate(() => document.body.dataset.model);
+  check(/wiring demo/.test(await page.textContent('#model-loaded')), `tiny model loaded and labelled a demo (${fingerprint})`);
+  check(await page.locator('#stored tr[data-source="tiny"]').count() === 1, 'the model is listed as stored');
+
+  step('a file that is not an image is refused');
+  await page.setInputFiles('#slot-before input', join(fx, 'goldens', 'goldens.json'));
+  await waitError('ImageError');
+  await shot('2-not-an-image');
+  check(true, `non-image refused: ${await page.textContent('#error-text')}`);
+  await dismiss();
+
+  step('learn from two PNGs');
+  await page.setInputFiles('#slot-before input', join(fx, 'images', 'before.png'));
+  await page.setInputFiles('#slot-after input', join(fx, 'images', 'after.png'));
+  await page.fill('#learn-steps', '4');
+  await page.fill('#learn-size', '64');
+  await page.fill('#learn-seed', '3');
+  await page.fill('#learn-caption-iterations', '20');
+  await page.click('#learn');
+  await waitData('learned', '1');
+  await shot('3-learned');
+  const learned = await page.evaluate(() => ({ losses: window.visii.losses, caption: document.getElementById('learn-caption').textContent, text: document.getElementById('learn-text').textContent }));
+  console.log(`learned: ${learned.text}; caption "${learned.caption}"; mse per step ${learned.losses.map((v) => v.toFixed(4)).join(' ')}`);
+  check(learned.losses.length === 4 && learned.losses.every(Number.isFinite), 'four finite learning steps reported');
+  check(/^[a-z]+( [a-z]+){7}$/.test(learned.caption), `automatic caption of eight words: "${learned.caption}"`);
+
+  step('download the instruction');
+  const [dl] = await Promise.all([page.waitForEvent('download'), page.click('#instruction-download')]);
+  const insPath = join(out, 'e2e-learned.visii.safetensors');
+  await dl.saveAs(insPath);
+  const insBuf = readFileSync(insPath);
+  const meta = safetensorsMeta(insBuf).header.__metadata__;
+  check(meta.format === 'visii-instruction' && meta.steps_run === '4' && meta.init_caption === learned.caption && JSON.parse(meta.base_model).name === 'tiny-ip2p',
+    `downloaded ${dl.suggestedFilename()} (${insBuf.length} bytes): format, steps, caption and base model recorded`);
+  const best = Number(meta.best_mse);
+  check(Math.fround(best) === Math.min(...learned.losses), `best mse ${best} is the lowest step mse`);
+
+  step('the same learning natively (CLI, ndarray) from the browser\'s caption');
+  const cliIns = join(out, 'e2e-cli.visii.safetensors');
+  const cliLog = join(out, 'e2e-cli-learn.jsonl');
+  execFileSync(visiiBin, ['learn', '--model', join(fx, 'tiny-ip2p'), '--clip', join(fx, 'tiny-clip'), '--before', join(fx, 'images', 'before.png'),
+    '--after', join(fx, 'images', 'after.png'), '-o', cliIns, '--steps', '4', '--size', '64', '--seed', '3', '--init', learned.caption,
+    '--log', cliLog, '--backend', 'ndarray'], { stdio: ['ignore', 'ignore', 'inherit'] });
+  const cliSteps = readFileSync(cliLog, 'utf8').trim().split('\n').map((l) => JSON.parse(l));
+  const lossErr = Math.max(...cliSteps.map((s, i) => Math.abs(s.mse - learned.losses[i]) / Math.abs(s.mse)));
+  check(lossErr < 1e-3, `browser vs native learning mse per step: max relative difference ${lossErr.toExponential(2)} (tolerance 1e-3)`);
+  const rows = (buf) => { const { n, header } = safetensorsMeta(buf); const [a, b] = header.instruction.data_offsets; return new Float32Array(buf.buffer.slice(buf.byteOffset + 8 + n + a, buf.byteOffset + 8 + n + b)); };
+  const ra = rows(insBuf), rb = rows(readFileSync(cliIns));
+  let maxd = 0, close = 0;
+  for (let i = 0; i < ra.length; i++) { const d = Math.abs(ra[i] - rb[i]); maxd = Math.max(maxd, d); if (d < 1e-4) close++; }
+  check(maxd <= 8e-3 && close / ra.length > 0.99, `browser vs native instruction: ${(100 * close / ra.length).toFixed(2)}% of values within 1e-4, max difference ${maxd.toExponential(2)} (bound 2 x lr x steps)`);
+
+  step('apply to a third image');
+  await page.setInputFiles('#slot-edit input', join(fx, 'images', 'tall.png'));
+  await page.fill('#apply-steps', '3');
+  await page.fill('#apply-size', '64');
+  await page.fill('#apply-seed', '5');
+  await page.click('#apply');
+  await waitData('applied', '1');
+  await shot('4-applied');
+  const resultA = await page.evaluate(() => Array.from(new Uint8Array(window.visii.result)));
+  const [dlr] = await Promise.all([page.waitForEvent('download'), page.click('#result-download')]);
+  const resultPath = join(out, 'e2e-result.png');
+  await dlr.saveAs(resultPath);
+  check(readFileSync(resultPath).equals(Buffer.from(resultA)), 'Download result gives the shown PNG');
+  const cliPng = join(out, 'e2e-cli-result.png');
+  execFileSync(visiiBin, ['apply', '--model', join(fx, 'tiny-ip2p'), '--image', join(fx, 'images', 'tall.png'), '--instruction', insPath,
+    '-o', cliPng, '--steps', '3', '--size', '64', '--seed', '5', '--backend', 'ndarray'], { stdio: ['ignore', 'ignore', 'inherit'] });
+  const cmp = await page.evaluate(async ([a, b, input]) => {
+    const pixels = async (bytes, w, h) => {
+      const bmp = await createImageBitmap(new Blob([new Uint8Array(bytes)], { type: 'image/png' }));
+      const c = new OffscreenCanvas(w || bmp.width, h || bmp.height);
+      c.getContext('2d').drawImage(bmp, 0, 0, c.width, c.height);
+      return { w: c.width, h: c.height, d: c.getContext('2d').getImageData(0, 0, c.width, c.height).data };
+    };
+    const pa = await pixels(a), pb = await pixels(b), pi = await pixels(input, pa.w, pa.h);
+    let max = 0, sum = 0, moved = 0;
+    for (let i = 0; i < pa.d.length; i++) {
+      if (i % 4 === 3) continue;
+      const d = Math.abs(pa.d[i] - pb.d[i]); max = Math.max(max, d); sum += d;
+      moved += Math.abs(pa.d[i] - pi.d[i]);
+    }
+    const n = pa.d.length * 3 / 4;
+    return { size: [pa.w, pa.h, pb.w, pb.h], max, mean: sum / n, moved: moved / n };
+  }, [resultA, Array.from(readFileSync(cliPng)), Array.from(readFileSync(join(fx, 'images', 'tall.png')))]);
+  console.log(`browser vs native result: sizes ${cmp.size}, max ${cmp.max} levels, mean ${cmp.mean.toFixed(4)}; mean change from the input ${cmp.moved.toFixed(1)} levels`);
+  check(cmp.size[0] === 32 && cmp.size[1] === 64 && cmp.size[2] === 32 && cmp.size[3] === 64, 'result is 32 x 64 in both');
+  check(cmp.max <= 2 && cmp.mean <= 0.1, 'browser result equals the native CLI result within 2 levels (mean <= 0.1)');
+  check(cmp.moved > 5, 'the result differs from the input');
+
+  step('reload with the network off');
+  await browser.setOffline(true);
+  await page.reload();
+  await page.waitForFunction(() => document.body.dataset.ready, null, { timeout: 300000 });
+  check(await page.evaluate(() => document.body.dataset.ready) === 'yes', 'the app shell loads offline (service worker)');
+  await page.waitForFunction(() => document.getElementById('model-source').options.length >= 2);
+  await page.selectOption('#model-source', 'tiny');
+  await page.click('#model-load');
+  await page.waitForFunction(() => document.body.dataset.model, null, { timeout: 300000 });
+  check(await page.evaluate(() => document.body.dataset.model) === fingerprint, 'the stored model loads offline');
+
+  step('load the downloaded instruction with the picker and apply again');
+  await page.setInputFiles('#instruction-file', insPath);
+  await page.waitForFunction(() => !document.getElementById('instruction-info').hidden);
+  check((await page.textContent('#instruction-meta')).includes(learned.caption), 'its metadata is shown');
+  check(await page.evaluate(() => !!document.getElementById('instruction-thumb').src), 'its thumbnail is shown');
+  await page.setInputFiles('#slot-edit input', join(fx, 'images', 'tall.png'));
+  await page.fill('#apply-steps', '3');
+  await page.fill('#apply-size', '64');
+  await page.fill('#apply-seed', '5');
+  await page.click('#apply');
+  await waitData('applied', '1');
+  await shot('5-offline-applied');
+  const resultB = await page.evaluate(() => Array.from(new Uint8Array(window.visii.result)));
+  check(Buffer.from(resultB).equals(Buffer.from(resultA)), 'offline, from the loaded file: the same result as before');
+
+  step('refusals');
+  const dropFile = async (bytes, name) => page.evaluate(([b, n]) => {
+    const dt = new DataTransfer();
+    dt.items.add(new File([new Uint8Array(b)], n));
+    document.dispatchEvent(new DragEvent('drop', { dataTransfer: dt, bubbles: true, cancelable: true }));
+  }, [Array.from(bytes), name]);
+  const foreign = rewriteMeta(insBuf, (m) => { const b = JSON.parse(m.base_model); b.name = 'someone/other-model'; b.signature[0] *= 1.5; m.base_model = JSON.stringify(b); });
+  await dropFile(foreign, 'foreign.visii.safetensors');
+  await waitError('ForeignModelError');
+  await shot('6-foreign-instruction');
+  check((await page.textContent('#error-text')).includes('someone/other-model'), `foreign instruction refused on load: ${await page.textContent('#error-text')}`);
+  await dismiss();
+  await page.click('#apply');
+  await waitError('ForeignModelError');
+  check(true, `and refused by the engine on apply: ${await page.textContent('#error-text')}`);
+  await dismiss();
+  await dropFile(readFileSync(join(fx, 'goldens', 'apply_noise.safetensors')), 'noise.safetensors');
+  await waitError('InstructionError');
+  await shot('7-not-an-instruction');
+  check(true, `a safetensors file that is not an instruction is refused: ${await page.textContent('#error-text')}`);
+  await dismiss();
+
+  step('the real-model source, from a local mirror in the hub layout');
+  await browser.setOffline(false);
+  await page.selectOption('#model-source', 'instruct-pix2pix');
+  await page.click('#model-load');
+  await waitError('NetworkError');
+  await shot('8-download-interrupted');
+  check(true, `interrupted download reported: ${await page.textContent('#error-text')}`);
+  await dismiss();
+  await page.click('#model-load');
+  await page.waitForFunction(() => document.body.dataset.model && /instruct-pix2pix/.test(document.getElementById('model-loaded').textContent), null, { timeout: 300000 });
+  await shot('9-real-source-loaded');
+  const unetReqs = log.filter((r) => r.path === unetPath);
+  check(unetReqs.length === 2 && unetReqs[1].range && /^bytes=\d+-$/.test(unetReqs[1].range) && unetReqs[1].range !== 'bytes=0-', `the interrupted file resumed with ${unetReqs[1] && unetReqs[1].range}`);
+  const clipReqs = log.filter((r) => r.path.endsWith('clip-vit-large-patch14/resolve/main/model.safetensors'));
+  check(clipReqs.length >= 3 && clipReqs.every((r) => r.range), `CLIP weights fetched partially with ${clipReqs.length} range requests`);
+  const stored = await page.evaluate(() => [...document.querySelectorAll('#stored tr')].map((t) => t.textContent));
+  check(stored.some((t) => /instruct-pix2pix/i.test(t)) && stored.some((t) => /Tiny/.test(t)), `stored list: ${stored.join(' | ')}`);
+  const full = statSync(join(clipDst, 'model.safetensors')).size;
+  console.log(`(CLIP file on the mirror: ${full} bytes)`);
+  await page.click('#stored tr[data-source="instruct-pix2pix"] button');
+  await page.waitForFunction(() => !document.querySelector('#stored tr[data-source="instruct-pix2pix"]'));
+  check(true, 'a stored source can be deleted');
+  if (failures) console.log(logs.join('\n'));
+
+  step('a browser without WebGPU');
+  const noGpu = await chromium.launchPersistentContext(mkdtempSync(join(tmpdir(), 'visii-chrome-')), {
+    executablePath: '/usr/bin/chromium', headless: true,
+    args: ['--headless=new', '--no-sandbox', '--disable-gpu', '--disable-features=WebGPU', '--disable-background-networking',
+      '--disable-component-update', '--disable-sync', '--no-first-run'],
+  });
+  const p2 = noGpu.pages()[0] || await noGpu.newPage();
+  await p2.goto(`${base}/index.html`);
+  await p2.waitForSelector('#error-panel:not([hidden])', { timeout: 60000 });
+  await p2.screenshot({ path: join(out, 'e2e-10-no-webgpu.png'), fullPage: true });
+  check(/WebGPU/.test(await p2.textContent('#error-title')), `without WebGPU: "${await p2.textContent('#error-title')}"`);
+  await noGpu.close();
+} catch (e) {
+  console.error(e.stack || String(e));
+  failures++;
+} finally {
+  if (browser) await browser.close();
+  server.close();
+}
+if (failures) {
+  console.error(`${failures} browser check(s) failed`);
+  process.exit(1);
+}
+console.log('browser end-to-end test passed');

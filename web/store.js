@@ -1,0 +1,271 @@
+// Model storage for the worker: downloads model files (with progress, speed and ETA), verifies
+// them (size, and sha256 where the manifest knows it), resumes interrupted downloads with HTTP
+// range requests, and keeps them in the origin-private file system (OPFS) so later visits (and
+// offline ones) load from disk. A safetensors file with a `select` list is fetched partially: its
+// header first, then only the tensors whose names start with one of the prefixes, written locally
+// as a smaller safetensors file (e.g. only CLIP's vision tower and projections).
+//
+// Layout: OPFS /visii/<source id>/<component>/<relative path>, and /visii/<source id>/state.json
+// recording each complete file ({size, sha256?, partial?}).
+
+const enc = new TextEncoder();
+const dec = new TextDecoder();
+
+export class StoreError extends Error {
+  constructor(name, message) { super(message); this.name = name; }
+}
+
+async function top() {
+  if (!navigator.storage || !navigator.storage.getDirectory) {
+    throw new StoreError('StorageError', 'This browser does not offer the origin-private file system (OPFS) needed to keep models.');
+  }
+  const root = await navigator.storage.getDirectory();
+  return root.getDirectoryHandle('visii', { create: true });
+}
+
+async function dirOf(base, parts, create) {
+  let d = base;
+  for (const p of parts) d = await d.getDirectoryHandle(p, { create });
+  return d;
+}
+
+async function fileHandle(sourceId, rel, create) {
+  const parts = rel.split('/').filter(Boolean);
+  const name = parts.pop();
+  const d = await dirOf(await top(), [sourceId, ...parts], create);
+  return d.getFileHandle(name, { create });
+}
+
+async function readState(sourceId) {
+  try {
+    const f = await (await fileHandle(sourceId, 'state.json', false)).getFile();
+    return JSON.parse(await f.text());
+  } catch { return { files: {} }; }
+}
+
+async function writeState(sourceId, state) {
+  const w = await (await fileHandle(sourceId, 'state.json', true)).createWritable();
+  await w.write(JSON.stringify(state));
+  await w.close();
+}
+
+async function sha256Hex(buffer) {
+  const d = await crypto.subtle.digest('SHA-256', buffer);
+  return [...new Uint8Array(d)].map((b) => b.toString(16).padStart(2, '0')).join('');
+}
+
+function quotaMessage(need, free) {
+  const gb = (b) => `${(b / 1e9).toFixed(2)} GB`;
+  return `This download needs about ${gb(need)} of browser storage but only ${gb(free)} is available to this site. ` +
+    'Free space on the disk, remove stored models you no longer need (below), or allow this site more storage in the browser settings.';
+}
+
+/// Everything stored, per source: [{source, files: [{path, size}], bytes}].
+export async function listStored() {
+  const out = [];
+  let root;
+  try { root = await top(); } catch { return out; }
+  for await (const [name, handle] of root.entries()) {
+    if (handle.kind !== 'directory') continue;
+    const state = await readState(name);
+    const files = Object.entries(state.files).filter(([, v]) => v.complete).map(([path, v]) => ({ path, size: v.size }));
+    out.push({ source: name, label: state.label || name, files, bytes: files.reduce((a, f) => a + f.size, 0) });
+  }
+  return out;
+}
+
+export async function deleteSource(sourceId) {
+  await (await top()).removeEntry(sourceId, { recursive: true });
+}
+
+/// Write bytes (an ArrayBuffer or Uint8Array) as a complete stored file.
+export async function putFile(sourceId, rel, bytes, label) {
+  const w = await (await fileHandle(sourceId, rel, true)).createWritable();
+  await w.write(bytes);
+  await w.close();
+  const state = await readState(sourceId);
+  state.label = label || state.label;
+  state.files[rel] = { size: bytes.byteLength, complete: true };
+  await writeState(sourceId, state);
+}
+
+/// The stored files of one component as a Map(relative path -> Uint8Array), or null if incomplete.
+export async function readComponent(sourceId, component, manifestFiles) {
+  const state = await readState(sourceId);
+  const map = new Map();
+  const wanted = manifestFiles ? manifestFiles.map((f) => `${component}/${f.path}`)
+    : Object.keys(state.files).filter((k) => k.startsWith(`${component}/`));
+  for (const rel of wanted) {
+    if (!state.files[rel] || !state.files[rel].complete) return null;
+    const f = await (await fileHandle(sourceId, rel, false)).getFile();
+    map.set(rel.slice(component.length + 1), new Uint8Array(await f.arrayBuffer()));
+  }
+  return map.size ? map : null;
+}
+
+function resolveUrl(base, path, hub) {
+  const b = base.replace('{hub}', hub || 'https://huggingface.co/');
+  return new URL(path, new URL(b, self.location.href)).href;
+}
+
+/// Download (or resume) every file of a source that is not stored yet. `onProgress({file, loaded,
+/// total, doneBytes, totalBytes, speed, eta})`. `signal.aborted` stops between chunks.
+export async function ensureSource(source, { hub, onProgress, signal } = {}) {
+  const state = await readState(source.id);
+  state.label = source.label;
+  const jobs = [];
+  for (const component of ['ip2p', 'clip']) {
+    const c = source[component];
+    if (!c) continue;
+    for (const f of c.files) {
+      const rel = `${component}/${f.path}`;
+      if (state.files[rel] && state.files[rel].complete) continue;
+      jobs.push({ rel, url: resolveUrl(c.base, f.path, hub), file: f });
+    }
+  }
+  if (!jobs.length) return;
+  const totalBytes = jobs.reduce((a, j) => a + (j.file.fetchSize || j.file.size || 0), 0);
+  if (navigator.storage && navigator.storage.estimate) {
+    if (totalBytes > 100e6 && navigator.storage.persist) await navigator.storage.persist().catch(() => false);
+    const { quota = Infinity, usage = 0 } = await navigator.storage.estimate();
+    if (totalBytes > quota - usage) throw new StoreError('QuotaError', quotaMessage(totalBytes, quota - usage));
+  }
+  const t0 = performance.now();
+  let doneBytes = 0;
+  const tick = (file, loaded, total) => {
+    const secs = (performance.now() - t0) / 1000;
+    const speed = secs > 0 ? doneBytes / secs : 0;
+    const eta = speed > 0 && totalBytes ? Math.max(0, (totalBytes - doneBytes) / speed) : null;
+    onProgress && onProgress({ file, loaded, total, doneBytes, totalBytes, speed, eta });
+  };
+  for (const job of jobs) {
+    if (signal && signal.aborted) throw new StoreError('AbortError', 'download stopped');
+    const handle = await fileHandle(source.id, job.rel, true);
+    let written;
+    try {
+      written = job.file.select
+        ? await fetchSelected(job, handle, (n, loaded, total) => { doneBytes += n; tick(job.rel, loaded, total); }, signal)
+        : await fetchWhole(job, handle, (n, loaded, total) => { doneBytes += n; tick(job.rel, loaded, total); }, signal);
+    } catch (e) {
+      if (e.name === 'QuotaExceededError') throw new StoreError('QuotaError', quotaMessage(totalBytes, 0));
+      throw e;
+    }
+    state.files[job.rel] = { size: written, complete: true };
+    await writeState(source.id, state);
+  }
+}
+
+async function fetchOk(url, init, what) {
+  let res;
+  try {
+    res = await fetch(url, init);
+  } catch (e) {
+    throw new StoreError('NetworkError', `could not download ${what}: the network request failed (${e.message}). Check the connection; the download resumes where it stopped.`);
+  }
+  if (!res.ok) throw new StoreError('NetworkError', `could not download ${what}: the server answered ${res.status} ${res.statusText}`);
+  return res;
+}
+
+async function fetchWhole(job, handle, onBytes, signal) {
+  let have = 0;
+  try { have = (await handle.getFile()).size; } catch { have = 0; }
+  const expect = job.file.size;
+  if (expect && have > expect) have = 0;
+  const headers = have > 0 ? { Range: `bytes=${have}-` } : {};
+  const res = await fetchOk(job.url, { headers, cache: 'no-store' }, job.rel);
+  const resumed = res.status === 206 && have > 0;
+  if (!resumed) have = 0;
+  const total = expect || (Number(res.headers.get('content-length')) + have) || null;
+  const w = await handle.createWritable({ keepExistingData: resumed });
+  if (resumed) { await w.seek(have); onBytes(have, have, total); }
+  const reader = res.body.getReader();
+  let loaded = have;
+  try {
+    for (;;) {
+      if (signal && signal.aborted) throw new StoreError('AbortError', 'download stopped');
+      let chunk;
+      try {
+        chunk = await reader.read();
+      } catch (e) {
+        throw new StoreError('NetworkError', `the download of ${job.rel} was interrupted after ${loaded} bytes (${e.message}); run it again to resume`);
+      }
+      const { done, value } = chunk;
+      if (done) break;
+      await w.write(value);
+      loaded += value.byteLength;
+      onBytes(value.byteLength, loaded, total);
+    }
+  } finally {
+    await w.close();
+  }
+  if (expect && loaded !== expect) {
+    throw new StoreError('VerifyError', `${job.rel} arrived with ${loaded} bytes, expected ${expect}: it will be downloaded again`);
+  }
+  if (job.file.sha256) {
+    const digest = await sha256Hex(await (await handle.getFile()).arrayBuffer());
+    if (digest !== job.file.sha256) {
+      await (await handle.createWritable()).close(); // truncate: redo from scratch next time
+      throw new StoreError('VerifyError', `${job.rel} is corrupt (sha256 ${digest.slice(0, 12)}… instead of ${job.file.sha256.slice(0, 12)}…); retry the download`);
+    }
+  }
+  return loaded;
+}
+
+/// Header by range request, then only the selected tensors; written as a compact safetensors file.
+async function fetchSelected(job, handle, onBytes, signal) {
+  const range = async (from, to) => {
+    const res = await fetchOk(job.url, { headers: { Range: `bytes=${from}-${to}` }, cache: 'no-store' }, job.rel);
+    let buf;
+    try {
+      buf = new Uint8Array(await res.arrayBuffer());
+    } catch (e) {
+      throw new StoreError('NetworkError', `the download of ${job.rel} was interrupted (${e.message}); run it again`);
+    }
+    if (res.status !== 206) return buf.subarray(from, to + 1); // a server without ranges sent everything
+    return buf;
+  };
+  const lenBytes = await range(0, 7);
+  const n = Number(new DataView(lenBytes.buffer, lenBytes.byteOffset, 8).getBigUint64(0, true));
+  if (!(n > 0 && n < 100e6)) throw new StoreError('VerifyError', `${job.rel} is not a safetensors file`);
+  const header = JSON.parse(dec.decode(await range(8, 8 + n - 1)));
+  const keep = Object.entries(header).filter(([k]) => k !== '__metadata__' && job.file.select.some((p) => k.startsWith(p)))
+    .sort((a, b) => a[1].data_offsets[0] - b[1].data_offsets[0]);
+  if (!keep.length) throw new StoreError('VerifyError', `${job.rel} has none of the tensors this app needs`);
+  const total = keep.reduce((a, [, v]) => a + v.data_offsets[1] - v.data_offsets[0], 0);
+  const out = {};
+  let offset = 0;
+  for (const [k, v] of keep) {
+    const len = v.data_offsets[1] - v.data_offsets[0];
+    out[k] = { dtype: v.dtype, shape: v.shape, data_offsets: [offset, offset + len] };
+    offset += len;
+  }
+  let head = enc.encode(JSON.stringify(out));
+  const pad = (8 - (head.length % 8)) % 8;
+  head = enc.encode(JSON.stringify(out) + ' '.repeat(pad));
+  const w = await handle.createWritable();
+  const len = new Uint8Array(8);
+  new DataView(len.buffer).setBigUint64(0, BigInt(head.length), true);
+  let loaded = 0;
+  try {
+    await w.write(len);
+    await w.write(head);
+    // Coalesce neighbouring tensors into one request.
+    let i = 0;
+    while (i < keep.length) {
+      if (signal && signal.aborted) throw new StoreError('AbortError', 'download stopped');
+      let j = i;
+      while (j + 1 < keep.length && keep[j + 1][1].data_offsets[0] === keep[j][1].data_offsets[1]) j++;
+      const from = 8 + n + keep[i][1].data_offsets[0];
+      const to = 8 + n + keep[j][1].data_offsets[1] - 1;
+      const bytes = await range(from, to);
+      if (bytes.byteLength !== to - from + 1) throw new StoreError('VerifyError', `${job.rel}: a tensor range arrived incomplete`);
+      await w.write(bytes);
+      loaded += bytes.byteLength;
+      onBytes(bytes.byteLength, loaded, total);
+      i = j + 1;
+    }
+  } finally {
+    await w.close();
+  }
+  return 8 + head.length + loaded;
+}
