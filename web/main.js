@@ -162,14 +162,37 @@ async function filesOf(input) {
   }
   return out;
 }
-$('local-load').onclick = async () => {
-  const ip2p = await filesOf($('local-ip2p'));
-  const clip = await filesOf($('local-clip'));
+const folderName = (input) => ((input.files[0] && input.files[0].webkitRelativePath) || '').split('/')[0];
+function loadLocal(ip2p, clip, ip2pName) {
   if (!ip2p.length || !clip.length) return showError('Pick both folders', 'Choose the InstructPix2Pix folder and the CLIP folder.', '', 'OptionsError');
+  if (!ip2p.some((f) => f.path === 'model_index.json')) return showError(TITLES.ModelError, 'The InstructPix2Pix folder has no model_index.json (diffusers layout expected).', HINTS.ModelError, 'ModelError');
   state.busy = 'download';
   updateButtons();
-  worker.postMessage({ type: 'local', ip2p, clip });
-};
+  worker.postMessage({ type: 'local', ip2p, clip, ip2pName });
+}
+$('local-load').onclick = async () => loadLocal(await filesOf($('local-ip2p')), await filesOf($('local-clip')), folderName($('local-ip2p')));
+// Dropping the two folders: the one with model_index.json is InstructPix2Pix, the other CLIP.
+async function entriesOf(entry, prefix = '') {
+  if (entry.isFile) return [{ path: prefix + entry.name, file: await new Promise((ok, bad) => entry.file(ok, bad)) }];
+  const reader = entry.createReader();
+  const out = [];
+  for (;;) {
+    const batch = await new Promise((ok, bad) => reader.readEntries(ok, bad));
+    if (!batch.length) break;
+    for (const e of batch) out.push(...await entriesOf(e, `${prefix}${entry.name}/`));
+  }
+  return out;
+}
+$('local-files').addEventListener('dragover', (e) => e.preventDefault());
+$('local-files').addEventListener('drop', async (e) => {
+  e.preventDefault();
+  e.stopPropagation();
+  const dirs = [...e.dataTransfer.items].map((i) => i.webkitGetAsEntry && i.webkitGetAsEntry()).filter((x) => x && x.isDirectory);
+  const folders = await Promise.all(dirs.map(async (d) => ({ name: d.name, files: (await entriesOf(d)).map((f) => ({ path: f.path.split('/').slice(1).join('/'), file: f.file })) })));
+  const ip2p = folders.find((f) => f.files.some((x) => x.path === 'model_index.json'));
+  const clip = folders.find((f) => f !== ip2p);
+  loadLocal(ip2p ? ip2p.files : [], clip ? clip.files : [], ip2p && ip2p.name);
+});
 
 // ---------------------------------------------------------------- images
 async function imageBytes(file) {

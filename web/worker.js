@@ -69,10 +69,10 @@ const handlers = {
     const id = 'local';
     await deleteSource(id).catch(() => {});
     for (const [component, list] of [['ip2p', msg.ip2p], ['clip', msg.clip]]) {
-      for (const { path, file } of list) await putFile(id, `${component}/${path}`, new Uint8Array(await file.arrayBuffer()), 'Files from this computer');
+      for (const { path, file } of list) await putFile(id, `${component}/${path}`, new Uint8Array(await file.arrayBuffer()), `Files from this computer (${msg.ip2pName || 'model'})`);
     }
     post({ type: 'sources', sources: await loadSources(), stored: await listStored() });
-    await loadInto(id, 'Files from this computer', null, null, null);
+    await loadInto(id, msg.ip2pName || 'Files from this computer', null, null, null);
   },
   async delete(msg) {
     await deleteSource(msg.source);

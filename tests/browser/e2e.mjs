@@ -253,6 +253,15 @@ try {
   check(true, 'a stored source can be deleted');
   if (failures) console.log(logs.join('\n'));
 
+  step('model files from this computer (folder pickers)');
+  await page.click('#local-files summary');
+  await page.setInputFiles('#local-ip2p', join(fx, 'tiny-ip2p'));
+  await page.setInputFiles('#local-clip', join(fx, 'tiny-clip'));
+  await page.click('#local-load');
+  await page.waitForFunction(() => /^tiny-ip2p \(/.test(document.getElementById('model-loaded').textContent) && document.querySelector('#stored tr[data-source="local"]'), null, { timeout: 300000 });
+  check(await page.evaluate(() => document.body.dataset.model) === fingerprint, `local folders loaded: ${await page.textContent('#model-loaded')}`);
+  await shot('10-local-files');
+
   step('a browser without WebGPU');
   const noGpu = await chromium.launchPersistentContext(mkdtempSync(join(tmpdir(), 'visii-chrome-')), {
     executablePath: '/usr/bin/chromium', headless: true,
@@ -262,7 +271,7 @@ try {
   const p2 = noGpu.pages()[0] || await noGpu.newPage();
   await p2.goto(`${base}/index.html`);
   await p2.waitForSelector('#error-panel:not([hidden])', { timeout: 60000 });
-  await p2.screenshot({ path: join(out, 'e2e-10-no-webgpu.png'), fullPage: true });
+  await p2.screenshot({ path: join(out, 'e2e-11-no-webgpu.png'), fullPage: true });
   check(/WebGPU/.test(await p2.textContent('#error-title')), `without WebGPU: "${await p2.textContent('#error-title')}"`);
   await noGpu.close();
 } catch (e) {
