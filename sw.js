@@ -12,18 +12,22 @@ self.addEventListener('activate', (e) => {
   e.waitUntil(caches.keys().then((keys) => Promise.all(keys.filter((k) => k !== CACHE).map((k) => caches.delete(k))))
     .then(() => self.clients.claim()));
 });
+const SHELL_URLS = new Set(SHELL.map((p) => new URL(p, self.registration.scope).href));
 self.addEventListener('fetch', (e) => {
   const url = new URL(e.request.url);
-  if (e.request.method !== 'GET' || url.origin !== self.location.origin || e.request.headers.has('range')) return;
-  // Model files are stored by the worker in OPFS; do not duplicate them here.
-  if (url.pathname.includes('/models/')) return;
-  e.respondWith(
-    fetch(e.request).then((res) => {
-      if (res.ok) {
+  url.search = '';
+  // Only the shell: model files live in OPFS (web/store.js), range requests pass through.
+  if (e.request.method !== 'GET' || !SHELL_URLS.has(url.href) || e.request.headers.has('range')) return;
+  e.respondWith((async () => {
+    try {
+      const res = await fetch(e.request);
+      if (res.ok && res.status === 200) {
         const copy = res.clone();
-        caches.open(CACHE).then((c) => c.put(e.request, copy));
+        e.waitUntil(caches.open(CACHE).then((c) => c.put(url.href, copy)));
       }
       return res;
-    }).catch(() => caches.match(e.request, { ignoreSearch: true }).then((hit) => hit || Response.error())),
-  );
+    } catch {
+      return (await caches.match(url.href)) || Response.error();
+    }
+  })());
 });

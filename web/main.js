@@ -93,9 +93,12 @@ worker.onmessage = ({ data }) => {
     case 'model': return modelLoaded(data);
     case 'progress': if (p && p.onProgress) p.onProgress(data); return;
     case 'error':
+      if (data.fatal) {
+        $('gpu-selftest').textContent = 'failed: reload the page';
+        $('gpu-selftest').className = 'bad';
+        document.body.dataset.ready = 'no';
+      }
       if (p) { pending.delete(data.id); p.reject(data); return; }
-      if (data.name === 'GpuError' && !state.model) { $('gpu-selftest').textContent = 'failed'; $('gpu-selftest').className = 'bad'; document.body.dataset.ready = 'no'; }
-      state.busy = null; $('model-stop').hidden = true; $('download').hidden = true; updateButtons();
       showWorkerError(data);
       return;
     default:
@@ -118,7 +121,9 @@ function showSources(list, stored) {
     const tr = document.createElement('tr');
     const del = document.createElement('button');
     del.textContent = 'Delete';
-    del.onclick = () => worker.postMessage({ type: 'delete', source: s.source });
+    del.className = 'delete';
+    del.disabled = !!state.busy;
+    del.onclick = () => call({ type: 'delete', source: s.source }).catch(showWorkerError);
     tr.append(cell(s.label), cell(`${s.files.length} files`), cell(bytes(s.bytes)), cell(del));
     tr.dataset.source = s.source;
     return tr;
@@ -131,12 +136,26 @@ $('model-source').onchange = () => {
   const s = sources.find((x) => x.id === $('model-source').value);
   $('model-note').textContent = s ? s.note || '' : '';
 };
-$('model-load').onclick = () => {
+// Downloads and loads (from the network, from storage or from local files): one at a time.
+async function modelJob(msg) {
+  if (state.busy) return;
   state.busy = 'download';
   updateButtons();
   $('model-stop').hidden = false;
-  worker.postMessage({ type: 'prepare', source: $('model-source').value });
-};
+  // Ask the browser to keep stored models (only a page can ask).
+  if (navigator.storage && navigator.storage.persist) navigator.storage.persist().catch(() => false);
+  try {
+    await call(msg);
+  } catch (e) {
+    showWorkerError(e);
+  } finally {
+    state.busy = null;
+    $('model-stop').hidden = true;
+    $('download').hidden = true;
+    updateButtons();
+  }
+}
+$('model-load').onclick = () => modelJob({ type: 'prepare', source: $('model-source').value });
 $('model-stop').onclick = () => worker.postMessage({ type: 'cancel' });
 function showDownload(d) {
   $('download').hidden = false;
@@ -146,9 +165,6 @@ function showDownload(d) {
 }
 function modelLoaded(d) {
   state.model = d;
-  state.busy = null;
-  $('model-stop').hidden = true;
-  $('download').hidden = true;
   $('model-loaded').textContent = `${d.info.name} (fingerprint ${d.info.fingerprint})${d.demo ? ' — wiring demo: its images are not meaningful' : ''}`;
   document.body.dataset.model = d.info.fingerprint;
   updateButtons();
@@ -166,9 +182,7 @@ const folderName = (input) => ((input.files[0] && input.files[0].webkitRelativeP
 function loadLocal(ip2p, clip, ip2pName) {
   if (!ip2p.length || !clip.length) return showError('Pick both folders', 'Choose the InstructPix2Pix folder and the CLIP folder.', '', 'OptionsError');
   if (!ip2p.some((f) => f.path === 'model_index.json')) return showError(TITLES.ModelError, 'The InstructPix2Pix folder has no model_index.json (diffusers layout expected).', HINTS.ModelError, 'ModelError');
-  state.busy = 'download';
-  updateButtons();
-  worker.postMessage({ type: 'local', ip2p, clip, ip2pName });
+  modelJob({ type: 'local', ip2p, clip, ip2pName });
 }
 $('local-load').onclick = async () => loadLocal(await filesOf($('local-ip2p')), await filesOf($('local-clip')), folderName($('local-ip2p')));
 // Dropping the two folders: the one with model_index.json is InstructPix2Pix, the other CLIP.
@@ -198,9 +212,9 @@ $('local-files').addEventListener('drop', async (e) => {
 async function imageBytes(file) {
   const head = new Uint8Array(await file.slice(0, 12).arrayBuffer());
   const isPng = head[0] === 0x89 && head[1] === 0x50 && head[2] === 0x4e && head[3] === 0x47;
-  const isJpeg = head[0] === 0xff && head[1] === 0xd8;
-  if (isPng || isJpeg) return file.arrayBuffer();
-  // Other formats the browser can decode (WebP, GIF, BMP, AVIF...): re-encoded losslessly as PNG.
+  if (isPng) return file.arrayBuffer();
+  // JPEG (which may carry an EXIF orientation the browser applies) and the other formats the
+  // browser decodes (WebP, GIF, BMP, AVIF...): re-encoded losslessly as PNG, as shown.
   let bitmap;
   try {
     bitmap = await createImageBitmap(file);
@@ -215,8 +229,7 @@ async function setImage(slot, file) {
   try {
     const buf = await imageBytes(file);
     state.images[slot] = buf;
-    const img = $(`slot-${slot}`).querySelector('img');
-    img.src = URL.createObjectURL(new Blob([buf]));
+    setSrc($(`slot-${slot}`).querySelector('img'), new Blob([buf]));
     $(`slot-${slot}`).classList.add('filled');
     updateButtons();
   } catch (e) {
@@ -316,7 +329,7 @@ function setInstruction(bytesBuf, info, name) {
     ['Steps', m.steps_run], ['Best mse', m.best_mse], ['Final loss', m.final_loss], ['Seed', m.seed], ['Created', m.created_at || m.created_at_unix || '—'],
   ];
   $('instruction-meta').replaceChildren(...rows.flatMap(([k, v]) => [Object.assign(document.createElement('dt'), { textContent: k }), Object.assign(document.createElement('dd'), { textContent: v ?? '—' })]));
-  $('instruction-thumb').src = info.thumbnailPng ? URL.createObjectURL(new Blob([info.thumbnailPng], { type: 'image/png' })) : '';
+  setSrc($('instruction-thumb'), info.thumbnailPng ? new Blob([info.thumbnailPng], { type: 'image/png' }) : null);
   $('instruction-info').hidden = false;
   $('apply-reuse').disabled = !info.reusableNoise;
   checkInstructionModel();
@@ -356,6 +369,12 @@ function download(buf, name, type) {
   document.body.append(a);
   a.click();
   a.remove();
+  setTimeout(() => URL.revokeObjectURL(a.href), 10000);
+}
+/// Show a blob in an <img>, releasing the previous object URL.
+function setSrc(img, blob) {
+  if (img.src.startsWith('blob:')) URL.revokeObjectURL(img.src);
+  img.src = blob ? URL.createObjectURL(blob) : '';
 }
 $('instruction-download').onclick = () => {
   const caption = (state.instructionInfo.metadata.init_caption || 'edit').replace(/[^a-z0-9]+/gi, '-').slice(0, 40);
@@ -381,7 +400,7 @@ $('apply').onclick = async () => {
       $('apply-text').textContent = `step ${p.step}/${p.total}${p.step ? ` · about ${Math.ceil(per * (p.total - p.step) / 1000)} s left` : ''}`;
     });
     state.result = r.png;
-    $('result').src = URL.createObjectURL(new Blob([r.png], { type: 'image/png' }));
+    setSrc($('result'), new Blob([r.png], { type: 'image/png' }));
     $('slot-result').classList.add('filled');
     $('apply-text').textContent = `done in ${((performance.now() - t0) / 1000).toFixed(1)} s, ${r.width} x ${r.height}`;
     document.body.dataset.applied = String(Number(document.body.dataset.applied || 0) + 1);
@@ -399,6 +418,7 @@ $('result-download').onclick = () => download(state.result, 'visii-result.png', 
 
 function updateButtons() {
   const idle = !state.busy;
+  for (const b of document.querySelectorAll('#stored button.delete')) b.disabled = !idle;
   const model = !!state.model;
   $('model-load').disabled = !idle;
   $('local-load').disabled = !idle;

@@ -97,7 +97,15 @@ export async function readComponent(sourceId, component, manifestFiles) {
     : Object.keys(state.files).filter((k) => k.startsWith(`${component}/`));
   for (const rel of wanted) {
     if (!state.files[rel] || !state.files[rel].complete) return null;
-    const f = await (await fileHandle(sourceId, rel, false)).getFile();
+    let f;
+    try {
+      f = await (await fileHandle(sourceId, rel, false)).getFile();
+    } catch {
+      // Recorded but gone (deleted meanwhile): forget it, so the next download fetches it again.
+      delete state.files[rel];
+      await writeState(sourceId, state);
+      return null;
+    }
     map.set(rel.slice(component.length + 1), new Uint8Array(await f.arrayBuffer()));
   }
   return map.size ? map : null;
@@ -126,7 +134,6 @@ export async function ensureSource(source, { hub, onProgress, signal } = {}) {
   if (!jobs.length) return;
   const totalBytes = jobs.reduce((a, j) => a + (j.file.fetchSize || j.file.size || 0), 0);
   if (navigator.storage && navigator.storage.estimate) {
-    if (totalBytes > 100e6 && navigator.storage.persist) await navigator.storage.persist().catch(() => false);
     const { quota = Infinity, usage = 0 } = await navigator.storage.estimate();
     if (totalBytes > quota - usage) throw new StoreError('QuotaError', quotaMessage(totalBytes, quota - usage));
   }
@@ -155,13 +162,16 @@ export async function ensureSource(source, { hub, onProgress, signal } = {}) {
   }
 }
 
-async function fetchOk(url, init, what) {
+const COMMIT_BYTES = 64 << 20;
+
+async function fetchOk(url, init, what, allow416 = false) {
   let res;
   try {
     res = await fetch(url, init);
   } catch (e) {
     throw new StoreError('NetworkError', `could not download ${what}: the network request failed (${e.message}). Check the connection; the download resumes where it stopped.`);
   }
+  if (allow416 && res.status === 416) return res;
   if (!res.ok) throw new StoreError('NetworkError', `could not download ${what}: the server answered ${res.status} ${res.statusText}`);
   return res;
 }
@@ -171,15 +181,22 @@ async function fetchWhole(job, handle, onBytes, signal) {
   try { have = (await handle.getFile()).size; } catch { have = 0; }
   const expect = job.file.size;
   if (expect && have > expect) have = 0;
+  if (expect && have === expect) {
+    // Fully written before the state was recorded (e.g. the tab closed): verify below.
+    onBytes(have, have, expect);
+    return verifyWhole(job, handle, have);
+  }
   const headers = have > 0 ? { Range: `bytes=${have}-` } : {};
-  const res = await fetchOk(job.url, { headers, cache: 'no-store' }, job.rel);
+  let res = await fetchOk(job.url, { headers, cache: 'no-store' }, job.rel, have > 0);
+  if (res.status === 416) res = await fetchOk(job.url, { cache: 'no-store' }, job.rel); // stale partial file: redo
   const resumed = res.status === 206 && have > 0;
   if (!resumed) have = 0;
   const total = expect || (Number(res.headers.get('content-length')) + have) || null;
-  const w = await handle.createWritable({ keepExistingData: resumed });
+  let w = await handle.createWritable({ keepExistingData: resumed });
   if (resumed) { await w.seek(have); onBytes(have, have, total); }
   const reader = res.body.getReader();
   let loaded = have;
+  let sinceCommit = 0;
   try {
     for (;;) {
       if (signal && signal.aborted) throw new StoreError('AbortError', 'download stopped');
@@ -193,11 +210,25 @@ async function fetchWhole(job, handle, onBytes, signal) {
       if (done) break;
       await w.write(value);
       loaded += value.byteLength;
+      sinceCommit += value.byteLength;
       onBytes(value.byteLength, loaded, total);
+      if (sinceCommit >= COMMIT_BYTES) {
+        // A writable's data only lands in the file on close(): commit every 64 MB so a closed tab
+        // loses at most that much.
+        await w.close();
+        w = await handle.createWritable({ keepExistingData: true });
+        await w.seek(loaded);
+        sinceCommit = 0;
+      }
     }
   } finally {
     await w.close();
   }
+  return verifyWhole(job, handle, loaded);
+}
+
+async function verifyWhole(job, handle, loaded) {
+  const expect = job.file.size;
   if (expect && loaded !== expect) {
     throw new StoreError('VerifyError', `${job.rel} arrived with ${loaded} bytes, expected ${expect}: it will be downloaded again`);
   }
@@ -215,14 +246,14 @@ async function fetchWhole(job, handle, onBytes, signal) {
 async function fetchSelected(job, handle, onBytes, signal) {
   const range = async (from, to) => {
     const res = await fetchOk(job.url, { headers: { Range: `bytes=${from}-${to}` }, cache: 'no-store' }, job.rel);
-    let buf;
+    if (res.status !== 206) {
+      throw new StoreError('NetworkError', `the server of ${job.rel} does not support range requests, which this partial download needs`);
+    }
     try {
-      buf = new Uint8Array(await res.arrayBuffer());
+      return new Uint8Array(await res.arrayBuffer());
     } catch (e) {
       throw new StoreError('NetworkError', `the download of ${job.rel} was interrupted (${e.message}); run it again`);
     }
-    if (res.status !== 206) return buf.subarray(from, to + 1); // a server without ranges sent everything
-    return buf;
   };
   const lenBytes = await range(0, 7);
   const n = Number(new DataView(lenBytes.buffer, lenBytes.byteOffset, 8).getBigUint64(0, true));
@@ -254,7 +285,8 @@ async function fetchSelected(job, handle, onBytes, signal) {
     while (i < keep.length) {
       if (signal && signal.aborted) throw new StoreError('AbortError', 'download stopped');
       let j = i;
-      while (j + 1 < keep.length && keep[j + 1][1].data_offsets[0] === keep[j][1].data_offsets[1]) j++;
+      while (j + 1 < keep.length && keep[j + 1][1].data_offsets[0] === keep[j][1].data_offsets[1]
+        && keep[j + 1][1].data_offsets[1] - keep[i][1].data_offsets[0] <= COMMIT_BYTES) j++;
       const from = 8 + n + keep[i][1].data_offsets[0];
       const to = 8 + n + keep[j][1].data_offsets[1] - 1;
       const bytes = await range(from, to);

@@ -21,8 +21,12 @@ const fail = (e, id) => {
   const message = String((e && e.message) || e);
   let name = (e && e.name) || 'Error';
   // A wasm trap after a GPU failure: the module cannot continue.
-  if (name === 'RuntimeError' || /unreachable|out of memory|Out of memory|device lost|DeviceLost/i.test(message)) name = 'GpuError';
-  post({ type: 'error', id, name, message });
+  if (name === 'RuntimeError' || /unreachable|out of memory|Out of memory|device lost|DeviceLost/i.test(message)) {
+    name = 'GpuError';
+    // A trapped wasm module cannot continue: the page has to start over.
+    engine = null;
+  }
+  post({ type: 'error', id, name, message, fatal: !engine });
 };
 
 async function loadSources() {
@@ -37,8 +41,9 @@ async function loadInto(sourceId, label, ip2pFiles, clipFiles, manifest) {
   const ip2p = await readComponent(sourceId, 'ip2p', ip2pFiles);
   const clip = await readComponent(sourceId, 'clip', clipFiles);
   if (!ip2p || !clip) throw Object.assign(new Error(`the stored files of "${label}" are incomplete: download them again`), { name: 'ModelError' });
-  const info = await engine.loadIp2p(manifest ? manifest.ip2p.name : label, ip2p);
+  // CLIP first: if it fails, the model shown as loaded stays the one that is.
   const clipInfo = engine.loadClip(manifest ? manifest.clip.name : 'clip', clip);
+  const info = await engine.loadIp2p(manifest ? manifest.ip2p.name : label, ip2p);
   post({ type: 'model', source: sourceId, label, info, clip: clipInfo, demo: !!(manifest && manifest.demo) });
 }
 
@@ -75,6 +80,7 @@ const handlers = {
     await loadInto(id, msg.ip2pName || 'Files from this computer', null, null, null);
   },
   async delete(msg) {
+    if (downloadAbort) throw Object.assign(new Error('a download is running: stop it before deleting stored models'), { name: 'OptionsError' });
     await deleteSource(msg.source);
     post({ type: 'sources', sources: await loadSources(), stored: await listStored() });
   },
@@ -107,6 +113,7 @@ self.onmessage = async ({ data }) => {
     }
     if (data.type === 'inspect' && !engine) await init();
     await h(data);
+    if (['prepare', 'local', 'delete'].includes(data.type)) post({ type: 'done', id: data.id });
   } catch (e) {
     fail(e, data.id);
   }

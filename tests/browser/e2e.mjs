@@ -76,7 +76,13 @@ try {
   const shot = (name) => page.screenshot({ path: join(out, `e2e-${name}.png`), fullPage: true });
   const errorKind = () => page.evaluate(() => (document.getElementById('error-panel').hidden ? null : document.getElementById('error-panel').dataset.kind));
   const dismiss = () => page.click('#error-close');
-  const waitData = (key, value) => page.waitForFunction(([k, v]) => document.body.dataset[k] === v, [key, value], { timeout: 600000 });
+  // Wait for a state, failing at once (with the panel's text) if an error panel appears instead.
+  const waitData = async (key, value) => {
+    await page.waitForFunction(([k, v]) => document.body.dataset[k] === v || !document.getElementById('error-panel').hidden, [key, value], { timeout: 600000 });
+    if (await page.evaluate(([k, v]) => document.body.dataset[k] !== v, [key, value])) {
+      throw new Error(`expected ${key}=${value}, got the error panel: ${await page.textContent('#error-title')}: ${await page.textContent('#error-text')}`);
+    }
+  };
   const waitError = (kind) => page.waitForFunction((k) => !document.getElementById('error-panel').hidden && document.getElementById('error-panel').dataset.kind === k, kind, { timeout: 120000 });
 
   step('open the page');
@@ -181,7 +187,10 @@ try {
   check(cmp.max <= 2 && cmp.mean <= 0.1, 'browser result equals the native CLI result within 2 levels (mean <= 0.1)');
   check(cmp.moved > 5, 'the result differs from the input');
 
-  step('reload with the network off');
+  step('reload with the network off (the server stopped)');
+  check(await page.evaluate(() => !!navigator.serviceWorker.controller), 'a service worker controls the page');
+  server.closeAllConnections();
+  await new Promise((r) => server.close(r));
   await browser.setOffline(true);
   await page.reload();
   await page.waitForFunction(() => document.body.dataset.ready, null, { timeout: 300000 });
@@ -196,7 +205,8 @@ try {
   await page.setInputFiles('#instruction-file', insPath);
   await page.waitForFunction(() => !document.getElementById('instruction-info').hidden);
   check((await page.textContent('#instruction-meta')).includes(learned.caption), 'its metadata is shown');
-  check(await page.evaluate(() => !!document.getElementById('instruction-thumb').src), 'its thumbnail is shown');
+  await page.waitForFunction(() => document.getElementById('instruction-thumb').complete);
+  check(await page.evaluate(() => document.getElementById('instruction-thumb').naturalWidth) === 132, 'its thumbnail is shown (132 px wide)');
   await page.setInputFiles('#slot-edit input', join(fx, 'images', 'tall.png'));
   await page.fill('#apply-steps', '3');
   await page.fill('#apply-size', '64');
@@ -206,6 +216,15 @@ try {
   await shot('5-offline-applied');
   const resultB = await page.evaluate(() => Array.from(new Uint8Array(window.visii.result)));
   check(Buffer.from(resultB).equals(Buffer.from(resultA)), 'offline, from the loaded file: the same result as before');
+
+  step('Stop during apply');
+  await page.fill('#apply-steps', '50');
+  await page.click('#apply');
+  await page.waitForFunction(() => /step [1-9]\d*\/50/.test(document.getElementById('apply-text').textContent), null, { timeout: 300000 });
+  await page.click('#apply-stop');
+  await page.waitForFunction(() => document.getElementById('apply-text').textContent === 'stopped', null, { timeout: 300000 });
+  check(await page.evaluate(() => document.body.dataset.applied) === '1' && !(await page.isDisabled('#apply')), 'apply stopped between steps; the page is usable again');
+  await page.fill('#apply-steps', '3');
 
   step('refusals');
   const dropFile = async (bytes, name) => page.evaluate(([b, n]) => {
@@ -231,6 +250,7 @@ try {
 
   step('the real-model source, from a local mirror in the hub layout');
   await browser.setOffline(false);
+  await new Promise((r) => server.listen(port, '127.0.0.1', r));
   await page.selectOption('#model-source', 'instruct-pix2pix');
   await page.click('#model-load');
   await waitError('NetworkError');
@@ -247,7 +267,12 @@ try {
   const stored = await page.evaluate(() => [...document.querySelectorAll('#stored tr')].map((t) => t.textContent));
   check(stored.some((t) => /instruct-pix2pix/i.test(t)) && stored.some((t) => /Tiny/.test(t)), `stored list: ${stored.join(' | ')}`);
   const full = statSync(join(clipDst, 'model.safetensors')).size;
-  console.log(`(CLIP file on the mirror: ${full} bytes)`);
+  const storedClip = await page.evaluate(async () => {
+    const root = await (await navigator.storage.getDirectory()).getDirectoryHandle('visii');
+    const d = await (await root.getDirectoryHandle('instruct-pix2pix')).getDirectoryHandle('clip');
+    return (await (await d.getFileHandle('model.safetensors')).getFile()).size;
+  });
+  check(storedClip < full * 0.8, `only the needed CLIP tensors were stored: ${storedClip} of ${full} bytes`);
   await page.click('#stored tr[data-source="instruct-pix2pix"] button');
   await page.waitForFunction(() => !document.querySelector('#stored tr[data-source="instruct-pix2pix"]'));
   check(true, 'a stored source can be deleted');

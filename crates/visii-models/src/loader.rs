@@ -296,6 +296,12 @@ pub struct ClipFolder {
     pub files: Files,
 }
 
+impl std::fmt::Debug for ClipFolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ClipFolder({})", self.files.display(""))
+    }
+}
+
 impl ClipFolder {
     pub fn open(root: impl AsRef<Path>) -> Result<Self> {
         Self::from_files(Files::Disk(root.as_ref().to_path_buf()))

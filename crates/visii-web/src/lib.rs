@@ -103,8 +103,8 @@ struct Clip {
 #[wasm_bindgen]
 pub struct Engine {
     device: Device,
-    ip2p: RefCell<Option<Rc<Ip2p>>>,
-    identity: RefCell<Option<ModelIdentity>>,
+    /// The model and its identity, replaced together.
+    ip2p: RefCell<Option<(Rc<Ip2p>, ModelIdentity)>>,
     clip: RefCell<Option<Rc<Clip>>>,
     cancel: Rc<Cell<bool>>,
     busy: Rc<Cell<bool>>,
@@ -116,7 +116,6 @@ pub async fn create_engine() -> Result<Engine, JsValue> {
     Ok(Engine {
         device: init_device().await?,
         ip2p: RefCell::new(None),
-        identity: RefCell::new(None),
         clip: RefCell::new(None),
         cancel: Rc::new(Cell::new(false)),
         busy: Rc::new(Cell::new(false)),
@@ -204,14 +203,19 @@ impl Engine {
             "name": id.name, "fingerprint": id.fingerprint(), "hiddenSize": hidden,
             "unetParams": up, "vaeParams": vp, "textParams": tp,
         });
-        *self.identity.borrow_mut() = Some(id);
-        *self.ip2p.borrow_mut() = Some(Rc::new(model));
+        if self.busy.get() {
+            return Err(error("OptionsError", "a learn or apply is running: stop it before loading another model"));
+        }
+        *self.ip2p.borrow_mut() = Some((Rc::new(model), id));
         Ok(to_js(&info))
     }
 
     /// Load the CLIP vision tower and projections from a transformers `CLIPModel` layout.
     #[wasm_bindgen(js_name = loadClip)]
     pub fn load_clip(&self, name: String, files: js_sys::Map) -> Result<JsValue, JsValue> {
+        if self.busy.get() {
+            return Err(error("OptionsError", "a learn or apply is running: stop it before loading another model"));
+        }
         let folder = ClipFolder::from_files(files_from(&name, &files)).map_err(|e| error("ModelError", e))?;
         let loaded = folder.vision(&self.device).map_err(|e| error("ModelError", e))?;
         let pre = folder.preprocess_config().map_err(|e| error("ModelError", e))?;
@@ -225,14 +229,14 @@ impl Engine {
         self.cancel.set(true);
     }
 
-    fn begin(&self) -> Result<(Rc<Ip2p>, BusyGuard), JsValue> {
+    fn begin(&self) -> Result<(Rc<Ip2p>, ModelIdentity, BusyGuard), JsValue> {
         if self.busy.get() {
             return Err(error("OptionsError", "another learn or apply is still running"));
         }
-        let model = self.ip2p.borrow().clone().ok_or_else(|| error("ModelError", "no model is loaded yet"))?;
+        let (model, id) = self.ip2p.borrow().clone().ok_or_else(|| error("ModelError", "no model is loaded yet"))?;
         self.busy.set(true);
         self.cancel.set(false);
-        Ok((model, BusyGuard(self.busy.clone())))
+        Ok((model, id, BusyGuard(self.busy.clone())))
     }
 
     /// Learn an instruction from before/after pairs (arrays of image bytes, paired by index).
@@ -240,7 +244,7 @@ impl Engine {
     /// `false` from it, or `cancel()`, stops (learning keeps the best instruction so far).
     /// Resolves to the instruction file's bytes.
     pub async fn learn(&self, befores: js_sys::Array, afters: js_sys::Array, options: JsValue, on_progress: js_sys::Function) -> Result<js_sys::Uint8Array, JsValue> {
-        let (model, _busy) = self.begin()?;
+        let (model, identity, _busy) = self.begin()?;
         let clip = self.clip.borrow().clone().ok_or_else(|| error("ModelError", "the CLIP model is not loaded yet"))?;
         let o: LearnOpts = serde_wasm_bindgen::from_value(options).map_err(|e| error("OptionsError", e))?;
         if befores.length() == 0 || befores.length() != afters.length() {
@@ -278,8 +282,9 @@ impl Engine {
                 .await;
                 match found {
                     Ok(c) => c.text,
-                    Err(PipelineError::Cancelled) => return Err(pipeline_error(PipelineError::Cancelled)),
-                    Err(_) => "a photo".into(),
+                    // The search cannot run for this vocabulary / length: start from a neutral prompt.
+                    Err(PipelineError::Config(_)) => "a photo".into(),
+                    Err(e) => return Err(pipeline_error(e)),
                 }
             }
         };
@@ -293,7 +298,6 @@ impl Engine {
         })
         .await
         .map_err(pipeline_error)?;
-        let identity = self.identity.borrow().clone().ok_or_else(|| error("ModelError", "no model is loaded yet"))?;
         let thumb = RgbImage::strip(&[&pairs[0].0, &pairs[0].1], 64).to_png().map_err(pipeline_error)?;
         let mut extra = vec![("hyper_parameters", serde_json::to_string(&opts).unwrap_or_default())];
         if let Some(c) = o.created_at {
@@ -307,7 +311,7 @@ impl Engine {
     /// (options), optionally with `extra` words (hybrid). Resolves to
     /// `{png: Uint8Array, width, height}`.
     pub async fn apply(&self, image: js_sys::Uint8Array, options: JsValue, instruction: Option<js_sys::Uint8Array>, on_progress: js_sys::Function) -> Result<JsValue, JsValue> {
-        let (model, _busy) = self.begin()?;
+        let (model, id, _busy) = self.begin()?;
         let o: ApplyOpts = serde_wasm_bindgen::from_value(options).map_err(|e| error("OptionsError", e))?;
         let input = decode_image(&image.to_vec(), "image to edit")?;
         let size = o.size.unwrap_or(512);
@@ -326,9 +330,11 @@ impl Engine {
         let cond = match instruction {
             Some(bytes) => {
                 let hidden = model.text.final_layer_norm.gamma.dims()[0];
-                let ins = instruction::load(&bytes.to_vec(), hidden).map_err(pipeline_error)?;
-                let id = self.identity.borrow().clone().ok_or_else(|| error("ModelError", "no model is loaded yet"))?;
-                ins.check_model(&id, o.allow_foreign_model).map_err(pipeline_error)?;
+                let bytes = bytes.to_vec();
+                // The model check first: an instruction for a model of another width is foreign,
+                // not malformed.
+                instruction::peek(&bytes).map_err(pipeline_error)?.check_model(&id, o.allow_foreign_model).map_err(pipeline_error)?;
+                let ins = instruction::load(&bytes, hidden).map_err(pipeline_error)?;
                 if o.reuse_noise {
                     noise = Noise::Reuse(ins.noise_reuse.clone().ok_or_else(|| error("InstructionError", "this instruction does not record its learning noises"))?);
                 }
@@ -373,7 +379,7 @@ impl Engine {
     /// What is loaded: `{ ip2p: {name, fingerprint} | null, clip: bool }`.
     #[wasm_bindgen(js_name = modelInfo)]
     pub fn model_info(&self) -> JsValue {
-        let id = self.identity.borrow().clone();
+        let id = self.ip2p.borrow().as_ref().map(|(_, i)| i.clone());
         let info = serde_json::json!({
             "ip2p": id.map(|i| serde_json::json!({"name": i.name, "fingerprint": i.fingerprint()})),
             "clip": self.clip.borrow().is_some(),
