@@ -117,9 +117,10 @@ enum Command {
     Learn {
         #[arg(long)]
         model: std::path::PathBuf,
-        /// A transformers CLIPModel folder (openai/clip-vit-large-patch14 layout).
+        /// A transformers CLIPModel folder (openai/clip-vit-large-patch14 layout); a pack's own
+        /// `clip/` when --model is a pack.
         #[arg(long)]
-        clip: std::path::PathBuf,
+        clip: Option<std::path::PathBuf>,
         /// Before image(s); pair i is (--before i, --after i).
         #[arg(long, required = true)]
         before: Vec<std::path::PathBuf>,
@@ -153,6 +154,22 @@ enum Command {
         log: Option<std::path::PathBuf>,
         #[arg(long, value_enum, default_value = "wgpu")]
         backend: Backend,
+    },
+    /// Convert an InstructPix2Pix folder + a CLIP folder into a weight pack (manifest.json + shards,
+    /// int8 / f16): what the web app downloads; `inspect`, `learn` and `apply` accept it as --model.
+    Convert {
+        #[arg(long)]
+        model: std::path::PathBuf,
+        #[arg(long)]
+        clip: std::path::PathBuf,
+        #[arg(short, long)]
+        output: std::path::PathBuf,
+        /// q8 (int8, scale per output channel), q8-block (int8, scale per 64 values), f16, f32.
+        #[arg(long, default_value = "q8")]
+        quant: String,
+        /// Largest shard, in MB.
+        #[arg(long, default_value_t = 64)]
+        shard_mb: usize,
     },
     /// One backend of `bench` (what `bench` runs in a child process); prints one JSON line.
     #[command(hide = true)]
@@ -202,6 +219,7 @@ fn main() -> ExitCode {
         Command::Inspect { file: None, model, clip, json, backend } => {
             inspect(model.as_deref().expect("clap requires --model"), clip.as_deref(), json, device(backend))
         }
+        Command::Convert { model, clip, output, quant, shard_mb } => convert(&model, &clip, &output, &quant, shard_mb),
         Command::Bench { latent, what, config, backends, runs } => bench(latent, what, config, &backends, runs),
         Command::BenchOne { latent, what, config, backend, runs } => bench_one(latent, what, config, backend, runs),
         Command::Apply {
@@ -242,7 +260,10 @@ fn main() -> ExitCode {
                     Some(t) => Init::Text(t),
                     None => Init::Search(CaptionOptions { iterations: caption_iterations, seed, ..CaptionOptions::default() }),
                 };
-                learn_cmd(&model, &clip, &before, &after, &output, &init, &opts, schedule.as_deref(), log.as_deref(), device(backend))
+                match clip.or_else(|| visii_models::pack::is_pack(&model).then(|| model.join("clip"))) {
+                    Some(clip) => learn_cmd(&model, &clip, &before, &after, &output, &init, &opts, schedule.as_deref(), log.as_deref(), device(backend)),
+                    None => Err("give --clip CLIP_DIR (a CLIP model folder), or a pack as --model".into()),
+                }
             })
         }
     };
@@ -533,6 +554,41 @@ fn apply(
     std::fs::write(output, result.to_png()?).map_err(|e| format!("cannot write {}: {e}", output.display()))?;
     eprintln!("wrote {}", output.display());
     Ok(())
+}
+
+fn convert(model: &std::path::Path, clip: &std::path::Path, out: &std::path::Path, quant: &str, shard_mb: usize) -> Result<(), Box<dyn std::error::Error>> {
+    let quant: visii_models::pack::Quant = quant.parse()?;
+    let t0 = Instant::now();
+    let ip2p = Ip2pFolder::open(model)?;
+    let cf = ClipFolder::open(clip)?;
+    let r = visii_models::pack::convert(&ip2p, &cf, out, quant, shard_mb)?;
+    let source: u64 = [model, clip].iter().map(|d| dir_bytes(d)).sum();
+    println!(
+        "{}: {} tensors, {} parameters, {} shards, {:.1} MB ({:.1}% of the {:.1} MB of source folders), fingerprint {}, {:.1} s",
+        out.display(),
+        r.tensors,
+        group_digits(r.params as u64),
+        r.shards,
+        r.bytes as f64 / 1e6,
+        100.0 * r.bytes as f64 / source.max(1) as f64,
+        source as f64 / 1e6,
+        r.fingerprint,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn dir_bytes(d: &std::path::Path) -> u64 {
+    std::fs::read_dir(d)
+        .map(|it| {
+            it.flatten()
+                .map(|e| match e.file_type() {
+                    Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+                    _ => e.metadata().map(|m| m.len()).unwrap_or(0),
+                })
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 fn group_digits(n: u64) -> String {

@@ -420,3 +420,43 @@ fn automatic_caption_noise_reuse_and_foreign_models() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `convert` writes a pack; `inspect`, `learn` (with the pack's own CLIP) and `apply` take it as --model.
+#[test]
+fn convert_then_use_the_pack() {
+    let f = fixtures();
+    let dir = std::env::temp_dir().join(format!("visii-pack-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = visii(&[
+        "convert", "--model", f.join("tiny-ip2p").to_str().unwrap(), "--clip", f.join("tiny-clip").to_str().unwrap(),
+        "-o", dir.to_str().unwrap(), "--quant", "q8",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("shards") && text.contains("fingerprint"), "{text}");
+    let out = visii(&["inspect", "--model", dir.to_str().unwrap(), "--clip", dir.join("clip").to_str().unwrap(), "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(f.join("goldens/goldens.json")).unwrap()).unwrap();
+    for c in ["unet", "vae", "text_encoder", "clip_vision"] {
+        assert_eq!(report[c]["params"], meta["param_counts"][c], "{c}: the pack holds every parameter");
+    }
+    let ins = dir.join("p.visii.safetensors");
+    let out = visii(&[
+        "learn", "--model", dir.to_str().unwrap(), "--before", f.join("images/before.png").to_str().unwrap(),
+        "--after", f.join("images/after.png").to_str().unwrap(), "-o", ins.to_str().unwrap(), "--steps", "2", "--size", "64",
+        "--init", "a photo", "--backend", "ndarray",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // An instruction learned on the pack applies to the f32 model it came from (same identity).
+    let png = dir.join("o.png");
+    let out = visii(&[
+        "apply", "--model", f.join("tiny-ip2p").to_str().unwrap(), "--image", f.join("images/tall.png").to_str().unwrap(),
+        "--instruction", ins.to_str().unwrap(), "-o", png.to_str().unwrap(), "--steps", "2", "--size", "64", "--backend", "ndarray",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = visii(&["convert", "--model", f.join("tiny-ip2p").to_str().unwrap(), "--clip", f.join("tiny-clip").to_str().unwrap(), "-o", dir.to_str().unwrap(), "--quant", "q3"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown quantisation"));
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -7,6 +7,7 @@ pub mod clip;
 pub mod error;
 pub mod loader;
 pub mod nn;
+pub mod pack;
 pub mod preprocess;
 pub mod presets;
 pub mod resnet;

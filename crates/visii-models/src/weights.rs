@@ -64,6 +64,19 @@ impl WeightFile {
             Dtype::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
             Dtype::F16 => raw.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             Dtype::BF16 => raw.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            // A pack's int8 tensor: one f32 scale per block of contiguous values (crate::pack).
+            Dtype::I8 => {
+                let scales = self.read_f32(&format!("{name}{}", crate::pack::SCALE_SUFFIX)).map_err(|_| ModelError::UnsupportedDtype {
+                    source_name: self.name.clone(),
+                    name: name.into(),
+                    dtype: "I8 without scales".into(),
+                })?;
+                if scales.is_empty() || raw.len() % scales.len() != 0 {
+                    return Err(ModelError::BadSafetensors { source_name: self.name.clone(), message: format!("{name}: {} scales for {} values", scales.len(), raw.len()) });
+                }
+                let block = raw.len() / scales.len();
+                raw.iter().enumerate().map(|(i, &b)| (b as i8) as f32 * scales[i / block]).collect()
+            }
             other => return Err(ModelError::UnsupportedDtype { source_name: self.name.clone(), name: name.into(), dtype: format!("{other:?}") }),
         };
         Ok(out)
@@ -190,6 +203,7 @@ impl Weights {
             });
         }
         let v = file.read_f32(&found_name)?;
+        self.used.borrow_mut().insert(format!("{found_name}{}", crate::pack::SCALE_SUFFIX));
         self.used.borrow_mut().insert(found_name);
         *self.params.borrow_mut() += v.len();
         Ok(v)

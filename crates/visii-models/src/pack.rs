@@ -1,0 +1,300 @@
+//! Weight packs: a model converted for download. A pack is a folder in the diffusers layout (so every
+//! loader reads it unchanged) whose weights are sharded safetensors files (at most `shard_mb` each)
+//! with an index per component, plus `manifest.json` (every tensor with its shape, scheme, shard and
+//! offset; every shard with its size and sha256; the sources; the pack's fingerprint) and the CLIP
+//! side in `clip/` (only the vision tower and the two projections).
+//!
+//! Schemes: large matrices and kernels (>= 2 dims, >= 1024 values) in int8, symmetric, with one f32
+//! scale per block of contiguous values (`{name}.__q8_scale`): per output channel (`q8`: a block is a
+//! whole row) or per block of at most 64 values along the row (`q8-block`); everything else in f16
+//! (or f32 with `--quant f32`, f16 everywhere with `--quant f16`). Reading dequantises (see
+//! `WeightFile::read_f32`).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use safetensors::tensor::{Dtype, TensorView};
+use serde::Serialize;
+
+use crate::error::{ModelError, Result};
+use crate::loader::{weight_files, ClipFolder, Files, Ip2pFolder};
+use crate::weights::WeightFile;
+
+/// Suffix of a quantised tensor's scales.
+pub const SCALE_SUFFIX: &str = ".__q8_scale";
+pub const FORMAT: &str = "visii-pack";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Quant {
+    /// int8 with a scale per output channel.
+    Q8,
+    /// int8 with a scale per block of at most 64 values.
+    Q8Block,
+    F16,
+    F32,
+}
+
+impl std::str::FromStr for Quant {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "q8" => Ok(Quant::Q8),
+            "q8-block" => Ok(Quant::Q8Block),
+            "f16" => Ok(Quant::F16),
+            "f32" => Ok(Quant::F32),
+            _ => Err(format!("unknown quantisation {s:?} (q8, q8-block, f16, f32)")),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct TensorEntry {
+    name: String,
+    shape: Vec<usize>,
+    scheme: &'static str,
+    shard: String,
+    offset: usize,
+    bytes: usize,
+}
+
+#[derive(Serialize)]
+struct ShardEntry {
+    path: String,
+    bytes: u64,
+    sha256: String,
+}
+
+/// What a conversion produced.
+#[derive(Debug, Serialize)]
+pub struct PackReport {
+    pub tensors: usize,
+    pub params: usize,
+    pub bytes: u64,
+    pub shards: usize,
+    pub fingerprint: String,
+}
+
+/// The smallest block length <= 64 that divides `row` (a row's blocks never straddle rows).
+fn block_len(row: usize) -> usize {
+    (1..=64.min(row)).rev().find(|d| row % d == 0).unwrap_or(1)
+}
+
+/// Quantise `v` (rows of `row` values) in blocks of `block`: (int8 values, one scale per block).
+pub fn quantise(v: &[f32], block: usize) -> (Vec<i8>, Vec<f32>) {
+    let mut q = Vec::with_capacity(v.len());
+    let mut scales = Vec::with_capacity(v.len() / block);
+    for chunk in v.chunks(block) {
+        let m = chunk.iter().fold(0f32, |a, x| a.max(x.abs()));
+        let s = if m > 0.0 { m / 127.0 } else { 1.0 };
+        scales.push(s);
+        q.extend(chunk.iter().map(|x| (x / s).round().clamp(-127.0, 127.0) as i8));
+    }
+    (q, scales)
+}
+
+struct ShardWriter<'a> {
+    dir: &'a Path,
+    component: String,
+    stem: String,
+    limit: usize,
+    current: Vec<(String, Dtype, Vec<usize>, Vec<u8>)>,
+    current_bytes: usize,
+    count: usize,
+    weight_map: BTreeMap<String, String>,
+    shards: Vec<ShardEntry>,
+    entries: Vec<TensorEntry>,
+}
+
+impl ShardWriter<'_> {
+    /// Start a new shard unless `bytes` more still fit in this one.
+    fn reserve(&mut self, bytes: usize) -> Result<()> {
+        if self.current_bytes + bytes > self.limit && !self.current.is_empty() {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn add(&mut self, name: String, dtype: Dtype, shape: Vec<usize>, data: Vec<u8>, scheme: &'static str) -> Result<()> {
+        if scheme != "q8" && !name.ends_with(SCALE_SUFFIX) {
+            self.reserve(data.len())?;
+        }
+        self.current_bytes += data.len();
+        self.current.push((name, dtype, shape, data));
+        Ok(())
+    }
+
+    fn shard_name(&self) -> String {
+        format!("{}-{:05}.safetensors", self.stem, self.count)
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if self.current.is_empty() {
+            return Ok(());
+        }
+        let name = self.shard_name();
+        let io = |e: String| ModelError::Io { path: self.dir.join(&self.component).join(&name).display().to_string(), message: e };
+        let views: Vec<(String, TensorView)> = self
+            .current
+            .iter()
+            .map(|(n, d, s, b)| TensorView::new(*d, s.clone(), b).map(|v| (n.clone(), v)).map_err(|e| io(e.to_string())))
+            .collect::<Result<_>>()?;
+        let bytes = safetensors::serialize(views, None).map_err(|e| io(e.to_string()))?;
+        // Offsets of each tensor within the shard file (header included).
+        let (header_len, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| io(e.to_string()))?;
+        for (n, info) in meta.tensors() {
+            self.weight_map.insert(n.clone(), name.clone());
+            let (a, b) = info.data_offsets;
+            self.entries.push(TensorEntry {
+                name: format!("{}/{}", self.component, n),
+                shape: info.shape.clone(),
+                scheme: match info.dtype {
+                    Dtype::I8 => "q8",
+                    Dtype::F16 => "f16",
+                    _ => "f32",
+                },
+                shard: format!("{}/{}", self.component, name),
+                offset: 8 + header_len + a,
+                bytes: b - a,
+            });
+        }
+        let dir = if self.component.is_empty() { self.dir.to_path_buf() } else { self.dir.join(&self.component) };
+        std::fs::create_dir_all(&dir).map_err(|e| io(e.to_string()))?;
+        std::fs::write(dir.join(&name), &bytes).map_err(|e| io(e.to_string()))?;
+        use sha2::Digest;
+        let sha = sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+        self.shards.push(ShardEntry { path: format!("{}/{}", self.component, name), bytes: bytes.len() as u64, sha256: sha });
+        self.current.clear();
+        self.current_bytes = 0;
+        self.count += 1;
+        Ok(())
+    }
+}
+
+fn convert_tensor(w: &mut ShardWriter, file: &WeightFile, name: &str, quant: Quant) -> Result<usize> {
+    let shape = file.shape(name).map(<[usize]>::to_vec).unwrap_or_default();
+    let v = file.read_f32(name)?;
+    let n = v.len();
+    let big = shape.len() >= 2 && n >= 1024;
+    match quant {
+        Quant::Q8 | Quant::Q8Block if big => {
+            let row = n / shape[0];
+            let block = if quant == Quant::Q8 { row } else { block_len(row) };
+            let (q, scales) = quantise(&v, block);
+            let s: Vec<u8> = scales.iter().flat_map(|x| x.to_le_bytes()).collect();
+            // Values and scales in the same shard (the reader dequantises within one file).
+            w.reserve(q.len() + s.len())?;
+            w.add(name.to_string(), Dtype::I8, shape, q.iter().map(|&x| x as u8).collect(), "q8")?;
+            w.add(format!("{name}{SCALE_SUFFIX}"), Dtype::F32, vec![scales.len()], s, "f32")?;
+        }
+        Quant::F32 => w.add(name.to_string(), Dtype::F32, shape, v.iter().flat_map(|x| x.to_le_bytes()).collect(), "f32")?,
+        _ => w.add(name.to_string(), Dtype::F16, shape, v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(), "f16")?,
+    }
+    Ok(n)
+}
+
+/// Convert one component's weights into `out/<component>/<stem>-NNNNN.safetensors` + index.
+#[allow(clippy::too_many_arguments)]
+fn convert_component(
+    out: &Path,
+    component: &str,
+    stem: &str,
+    files: &[WeightFile],
+    keep: &dyn Fn(&str) -> bool,
+    quant: Quant,
+    shard_bytes: usize,
+    report: &mut (Vec<ShardEntry>, Vec<TensorEntry>, usize),
+) -> Result<()> {
+    let mut w = ShardWriter {
+        dir: out,
+        component: component.to_string(),
+        stem: stem.to_string(),
+        limit: shard_bytes,
+        current: vec![],
+        current_bytes: 0,
+        count: 0,
+        weight_map: BTreeMap::new(),
+        shards: vec![],
+        entries: vec![],
+    };
+    for f in files {
+        let mut names: Vec<String> = f.names().map(String::from).collect();
+        names.sort();
+        for n in names.iter().filter(|n| keep(n)) {
+            report.2 += convert_tensor(&mut w, f, n, quant)?;
+        }
+    }
+    w.flush()?;
+    let index = serde_json::json!({ "metadata": { "format": FORMAT }, "weight_map": w.weight_map });
+    let dir = if component.is_empty() { out.to_path_buf() } else { out.join(component) };
+    let p = dir.join(format!("{stem}.safetensors.index.json"));
+    std::fs::write(&p, serde_json::to_string_pretty(&index).unwrap_or_default())
+        .map_err(|e| ModelError::Io { path: p.display().to_string(), message: e.to_string() })?;
+    report.0.extend(w.shards);
+    report.1.extend(w.entries);
+    Ok(())
+}
+
+fn copy_file(files: &Files, rel: &str, out: &Path, to: &str) -> Result<()> {
+    let dst = out.join(to);
+    if let Some(parent) = dst.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| ModelError::Io { path: parent.display().to_string(), message: e.to_string() })?;
+    }
+    std::fs::write(&dst, &*files.read(rel)?).map_err(|e| ModelError::Io { path: dst.display().to_string(), message: e.to_string() })
+}
+
+/// Convert an InstructPix2Pix folder and a CLIP folder into a pack at `out`.
+pub fn convert(ip2p: &Ip2pFolder, clip: &ClipFolder, out: &Path, quant: Quant, shard_mb: usize) -> Result<PackReport> {
+    std::fs::create_dir_all(out).map_err(|e| ModelError::Io { path: out.display().to_string(), message: e.to_string() })?;
+    let shard_bytes = shard_mb.max(1) << 20;
+    let f = &ip2p.files;
+    let mut report = (vec![], vec![], 0usize);
+    // Text files as they are.
+    for rel in ["model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json"] {
+        copy_file(f, rel, out, rel)?;
+    }
+    for rel in ["tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"] {
+        let r = format!("tokenizer/{rel}");
+        if f.exists(&r) {
+            copy_file(f, &r, out, &r)?;
+        }
+    }
+    let all = |_: &str| true;
+    let not_buffer = |n: &str| !n.ends_with("position_ids");
+    convert_component(out, "unet", "diffusion_pytorch_model", &weight_files(f, "unet", "diffusion_pytorch_model")?, &all, quant, shard_bytes, &mut report)?;
+    convert_component(out, "vae", "diffusion_pytorch_model", &weight_files(f, "vae", "diffusion_pytorch_model")?, &all, quant, shard_bytes, &mut report)?;
+    convert_component(out, "text_encoder", "model", &weight_files(f, "text_encoder", "model")?, &not_buffer, quant, shard_bytes, &mut report)?;
+    // CLIP: only what the CLIP loss uses.
+    for rel in ["config.json", "preprocessor_config.json"] {
+        if clip.files.exists(rel) {
+            copy_file(&clip.files, rel, out, &format!("clip/{rel}"))?;
+        }
+    }
+    let used = |n: &str| n.starts_with("vision_model.") || n.starts_with("visual_projection.") || n.starts_with("text_projection.");
+    let used = move |n: &str| used(n) && not_buffer(n);
+    convert_component(out, "clip", "model", &weight_files(&clip.files, "", "model")?, &used, quant, shard_bytes, &mut report)?;
+
+    let (shards, tensors, params) = report;
+    let bytes: u64 = shards.iter().map(|s| s.bytes).sum();
+    let joined: String = shards.iter().map(|s| s.sha256.as_str()).collect::<Vec<_>>().join(",");
+    use sha2::Digest;
+    let fingerprint: String = sha2::Sha256::digest(joined.as_bytes()).iter().take(8).map(|b| format!("{b:02x}")).collect();
+    let manifest = serde_json::json!({
+        "format": FORMAT, "format_version": 1, "quant": quant, "shard_mb": shard_mb,
+        "sources": { "ip2p": ip2p.name(), "clip": clip.files.label() },
+        "fingerprint": fingerprint, "params": params, "bytes": bytes,
+        "shards": shards, "tensors": tensors,
+    });
+    let p = out.join("manifest.json");
+    std::fs::write(&p, serde_json::to_string_pretty(&manifest).unwrap_or_default())
+        .map_err(|e| ModelError::Io { path: p.display().to_string(), message: e.to_string() })?;
+    Ok(PackReport { tensors: tensors.len(), params, bytes, shards: shards.len(), fingerprint })
+}
+
+/// Whether `dir` holds a pack (its `manifest.json` says so).
+pub fn is_pack(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("manifest.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| v["format"] == FORMAT)
+}
