@@ -261,7 +261,9 @@ fn main() -> ExitCode {
                     None => Init::Search(CaptionOptions { iterations: caption_iterations, seed, ..CaptionOptions::default() }),
                 };
                 match clip.or_else(|| visii_models::pack::is_pack(&model).then(|| model.join("clip"))) {
-                    Some(clip) => learn_cmd(&model, &clip, &before, &after, &output, &init, &opts, schedule.as_deref(), log.as_deref(), device(backend)),
+                    Some(clip) => {
+                        learn_cmd(&model, &clip, &before, &after, &output, &init, &opts, schedule.as_deref(), log.as_deref(), device(backend))
+                    }
                     None => Err("give --clip CLIP_DIR (a CLIP model folder), or a pack as --model".into()),
                 }
             })
@@ -556,7 +558,13 @@ fn apply(
     Ok(())
 }
 
-fn convert(model: &std::path::Path, clip: &std::path::Path, out: &std::path::Path, quant: &str, shard_mb: usize) -> Result<(), Box<dyn std::error::Error>> {
+fn convert(
+    model: &std::path::Path,
+    clip: &std::path::Path,
+    out: &std::path::Path,
+    quant: &str,
+    shard_mb: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
     let quant: visii_models::pack::Quant = quant.parse()?;
     let t0 = Instant::now();
     let ip2p = Ip2pFolder::open(model)?;

@@ -428,8 +428,15 @@ fn convert_then_use_the_pack() {
     let dir = std::env::temp_dir().join(format!("visii-pack-cli-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let out = visii(&[
-        "convert", "--model", f.join("tiny-ip2p").to_str().unwrap(), "--clip", f.join("tiny-clip").to_str().unwrap(),
-        "-o", dir.to_str().unwrap(), "--quant", "q8",
+        "convert",
+        "--model",
+        f.join("tiny-ip2p").to_str().unwrap(),
+        "--clip",
+        f.join("tiny-clip").to_str().unwrap(),
+        "-o",
+        dir.to_str().unwrap(),
+        "--quant",
+        "q8",
     ]);
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -443,19 +450,56 @@ fn convert_then_use_the_pack() {
     }
     let ins = dir.join("p.visii.safetensors");
     let out = visii(&[
-        "learn", "--model", dir.to_str().unwrap(), "--before", f.join("images/before.png").to_str().unwrap(),
-        "--after", f.join("images/after.png").to_str().unwrap(), "-o", ins.to_str().unwrap(), "--steps", "2", "--size", "64",
-        "--init", "a photo", "--backend", "ndarray",
+        "learn",
+        "--model",
+        dir.to_str().unwrap(),
+        "--before",
+        f.join("images/before.png").to_str().unwrap(),
+        "--after",
+        f.join("images/after.png").to_str().unwrap(),
+        "-o",
+        ins.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--size",
+        "64",
+        "--init",
+        "a photo",
+        "--backend",
+        "ndarray",
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // An instruction learned on the pack applies to the f32 model it came from (same identity).
     let png = dir.join("o.png");
     let out = visii(&[
-        "apply", "--model", f.join("tiny-ip2p").to_str().unwrap(), "--image", f.join("images/tall.png").to_str().unwrap(),
-        "--instruction", ins.to_str().unwrap(), "-o", png.to_str().unwrap(), "--steps", "2", "--size", "64", "--backend", "ndarray",
+        "apply",
+        "--model",
+        f.join("tiny-ip2p").to_str().unwrap(),
+        "--image",
+        f.join("images/tall.png").to_str().unwrap(),
+        "--instruction",
+        ins.to_str().unwrap(),
+        "-o",
+        png.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--size",
+        "64",
+        "--backend",
+        "ndarray",
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = visii(&["convert", "--model", f.join("tiny-ip2p").to_str().unwrap(), "--clip", f.join("tiny-clip").to_str().unwrap(), "-o", dir.to_str().unwrap(), "--quant", "q3"]);
+    let out = visii(&[
+        "convert",
+        "--model",
+        f.join("tiny-ip2p").to_str().unwrap(),
+        "--clip",
+        f.join("tiny-clip").to_str().unwrap(),
+        "-o",
+        dir.to_str().unwrap(),
+        "--quant",
+        "q3",
+    ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown quantisation"));
     let _ = std::fs::remove_dir_all(dir);

@@ -191,7 +191,6 @@ impl Files {
     }
 }
 
-
 /// The safetensors files of a component folder on disk (see [`weight_files`]).
 pub fn weight_files_in(dir: &Path, stem: &str) -> Result<Vec<WeightFile>> {
     weight_files(&Files::Disk(dir.to_path_buf()), "", stem)
@@ -240,14 +239,19 @@ impl Ip2pFolder {
     pub fn open(root: impl AsRef<Path>) -> Result<Self> {
         let root = root.as_ref().to_path_buf();
         if !root.is_dir() {
-            return Err(ModelError::NotAModel { path: root.display().to_string(), expected: "an InstructPix2Pix diffusers folder".into(), message: "no such folder".into() });
+            return Err(ModelError::NotAModel {
+                path: root.display().to_string(),
+                expected: "an InstructPix2Pix diffusers folder".into(),
+                message: "no such folder".into(),
+            });
         }
         Self::from_files(Files::Disk(root))
     }
 
     /// The same layout from any file source.
     pub fn from_files(files: Files) -> Result<Self> {
-        let not = |m: &str| ModelError::NotAModel { path: files.display(""), expected: "an InstructPix2Pix diffusers folder".into(), message: m.into() };
+        let not =
+            |m: &str| ModelError::NotAModel { path: files.display(""), expected: "an InstructPix2Pix diffusers folder".into(), message: m.into() };
         if !files.exists("model_index.json") {
             return Err(not("model_index.json is missing"));
         }

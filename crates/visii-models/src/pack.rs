@@ -261,8 +261,26 @@ pub fn convert(ip2p: &Ip2pFolder, clip: &ClipFolder, out: &Path, quant: Quant, s
     }
     let all = |_: &str| true;
     let not_buffer = |n: &str| !n.ends_with("position_ids");
-    convert_component(out, "unet", "diffusion_pytorch_model", &weight_files(f, "unet", "diffusion_pytorch_model")?, &all, quant, shard_bytes, &mut report)?;
-    convert_component(out, "vae", "diffusion_pytorch_model", &weight_files(f, "vae", "diffusion_pytorch_model")?, &all, quant, shard_bytes, &mut report)?;
+    convert_component(
+        out,
+        "unet",
+        "diffusion_pytorch_model",
+        &weight_files(f, "unet", "diffusion_pytorch_model")?,
+        &all,
+        quant,
+        shard_bytes,
+        &mut report,
+    )?;
+    convert_component(
+        out,
+        "vae",
+        "diffusion_pytorch_model",
+        &weight_files(f, "vae", "diffusion_pytorch_model")?,
+        &all,
+        quant,
+        shard_bytes,
+        &mut report,
+    )?;
     convert_component(out, "text_encoder", "model", &weight_files(f, "text_encoder", "model")?, &not_buffer, quant, shard_bytes, &mut report)?;
     // CLIP: only what the CLIP loss uses.
     for rel in ["config.json", "preprocessor_config.json"] {

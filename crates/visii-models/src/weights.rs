@@ -72,7 +72,10 @@ impl WeightFile {
                     dtype: "I8 without scales".into(),
                 })?;
                 if scales.is_empty() || raw.len() % scales.len() != 0 {
-                    return Err(ModelError::BadSafetensors { source_name: self.name.clone(), message: format!("{name}: {} scales for {} values", scales.len(), raw.len()) });
+                    return Err(ModelError::BadSafetensors {
+                        source_name: self.name.clone(),
+                        message: format!("{name}: {} scales for {} values", scales.len(), raw.len()),
+                    });
                 }
                 let block = raw.len() / scales.len();
                 raw.iter().enumerate().map(|(i, &b)| (b as i8) as f32 * scales[i / block]).collect()

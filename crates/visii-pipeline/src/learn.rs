@@ -92,7 +92,15 @@ impl Inversion {
 
     /// One optimisation step at training timestep `t` with noise `n` [1, 4, h, w] and that
     /// timestep's `sigma`; the values are those of the instruction before the update.
-    pub fn step(&mut self, unet: &UNet2DConditionModel, text_projection: &Linear, pair: &PairLatents, t: usize, sigma: f32, n: Tensor<4>) -> StepStats {
+    pub fn step(
+        &mut self,
+        unet: &UNet2DConditionModel,
+        text_projection: &Linear,
+        pair: &PairLatents,
+        t: usize,
+        sigma: f32,
+        n: Tensor<4>,
+    ) -> StepStats {
         crate::block_on(self.step_async(unet, text_projection, pair, t, sigma, n))
     }
 
@@ -137,7 +145,15 @@ impl Inversion {
     }
 
     /// Forward and backward: ([mse, cos, loss], d loss / d c).
-    fn graph(&self, unet: &UNet2DConditionModel, text_projection: &Linear, pair: &PairLatents, t: usize, sigma: f32, n: Tensor<4>) -> (Tensor<1>, Tensor<3>) {
+    fn graph(
+        &self,
+        unet: &UNet2DConditionModel,
+        text_projection: &Linear,
+        pair: &PairLatents,
+        t: usize,
+        sigma: f32,
+        n: Tensor<4>,
+    ) -> (Tensor<1>, Tensor<3>) {
         let [_, lc, h, w] = n.dims();
         let inp = (pair.z_after.clone() + n.clone().mul_scalar(sigma)).div_scalar((sigma * sigma + 1.0).sqrt());
         let tf = t as f32;

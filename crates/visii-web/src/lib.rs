@@ -243,7 +243,13 @@ impl Engine {
     /// `onProgress({phase: "caption" | "learn", step, total, t, mse, cos, loss, best})`; returning
     /// `false` from it, or `cancel()`, stops (learning keeps the best instruction so far).
     /// Resolves to the instruction file's bytes.
-    pub async fn learn(&self, befores: js_sys::Array, afters: js_sys::Array, options: JsValue, on_progress: js_sys::Function) -> Result<js_sys::Uint8Array, JsValue> {
+    pub async fn learn(
+        &self,
+        befores: js_sys::Array,
+        afters: js_sys::Array,
+        options: JsValue,
+        on_progress: js_sys::Function,
+    ) -> Result<js_sys::Uint8Array, JsValue> {
         let (model, identity, _busy) = self.begin()?;
         let clip = self.clip.borrow().clone().ok_or_else(|| error("ModelError", "the CLIP model is not loaded yet"))?;
         let o: LearnOpts = serde_wasm_bindgen::from_value(options).map_err(|e| error("OptionsError", e))?;
@@ -293,7 +299,16 @@ impl Engine {
         }
         let total = opts.steps;
         let learned = visii_pipeline::learn::learn_async(&model, &clip.parts, &clip.pre, &pairs, &caption, &opts, None, &mut |s, best| {
-            let p = Progress { phase: "learn", step: s.step + 1, total, t: Some(s.t), mse: Some(s.mse), cos: Some(s.cos), loss: Some(s.loss), best: Some(best) };
+            let p = Progress {
+                phase: "learn",
+                step: s.step + 1,
+                total,
+                t: Some(s.t),
+                mse: Some(s.mse),
+                cos: Some(s.cos),
+                loss: Some(s.loss),
+                best: Some(best),
+            };
             report(&on_progress, &p) && !cancel.get()
         })
         .await
@@ -303,14 +318,21 @@ impl Engine {
         if let Some(c) = o.created_at {
             extra.push(("created_at", c));
         }
-        let bytes = instruction::save(&learned, &SaveInfo { model: &identity, thumbnail_png: Some(&thumb), extra: &extra }).map_err(pipeline_error)?;
+        let bytes =
+            instruction::save(&learned, &SaveInfo { model: &identity, thumbnail_png: Some(&thumb), extra: &extra }).map_err(pipeline_error)?;
         Ok(js_sys::Uint8Array::from(&bytes[..]))
     }
 
     /// Edit an image with a learned instruction file (`instruction` bytes) or a text `prompt`
     /// (options), optionally with `extra` words (hybrid). Resolves to
     /// `{png: Uint8Array, width, height}`.
-    pub async fn apply(&self, image: js_sys::Uint8Array, options: JsValue, instruction: Option<js_sys::Uint8Array>, on_progress: js_sys::Function) -> Result<JsValue, JsValue> {
+    pub async fn apply(
+        &self,
+        image: js_sys::Uint8Array,
+        options: JsValue,
+        instruction: Option<js_sys::Uint8Array>,
+        on_progress: js_sys::Function,
+    ) -> Result<JsValue, JsValue> {
         let (model, id, _busy) = self.begin()?;
         let o: ApplyOpts = serde_wasm_bindgen::from_value(options).map_err(|e| error("OptionsError", e))?;
         let input = decode_image(&image.to_vec(), "image to edit")?;
@@ -336,7 +358,9 @@ impl Engine {
                 instruction::peek(&bytes).map_err(pipeline_error)?.check_model(&id, o.allow_foreign_model).map_err(pipeline_error)?;
                 let ins = instruction::load(&bytes, hidden).map_err(pipeline_error)?;
                 if o.reuse_noise {
-                    noise = Noise::Reuse(ins.noise_reuse.clone().ok_or_else(|| error("InstructionError", "this instruction does not record its learning noises"))?);
+                    noise = Noise::Reuse(
+                        ins.noise_reuse.clone().ok_or_else(|| error("InstructionError", "this instruction does not record its learning noises"))?,
+                    );
                 }
                 let cond = Tensor::<3>::from_data(TensorData::new(ins.rows, [1, ins.positions, ins.hidden]), &self.device);
                 match o.extra.as_deref().map(str::trim) {
