@@ -74,7 +74,13 @@ try {
   page.on('console', (m) => logs.push(`[${m.type()}] ${m.text()}`));
   page.on('pageerror', (e) => logs.push(`[pageerror] ${e.message}`));
   const shot = (name) => page.screenshot({ path: join(out, `e2e-${name}.png`), fullPage: true });
-  const errorKind = () => page.evaluate(() => (document.getElementById('error-panel').hidden ? null : document.getElementById('error-panel').dataset.kind));
+  // The image to edit (tall.png) and the apply settings every apply here uses.
+  const setApply = async (steps) => {
+    await page.setInputFiles('#slot-edit input', join(fx, 'images', 'tall.png'));
+    await page.fill('#apply-steps', String(steps));
+    await page.fill('#apply-size', '64');
+    await page.fill('#apply-seed', '5');
+  };
   const dismiss = () => page.click('#error-close');
   // Wait for a state, failing at once (with the panel's text) if an error panel appears instead.
   const waitData = async (key, value) => {
@@ -150,10 +156,7 @@ try {
   check(maxd <= 8e-3 && close / ra.length > 0.99, `browser vs native instruction: ${(100 * close / ra.length).toFixed(2)}% of values within 1e-4, max difference ${maxd.toExponential(2)} (bound 2 x lr x steps)`);
 
   step('apply to a third image');
-  await page.setInputFiles('#slot-edit input', join(fx, 'images', 'tall.png'));
-  await page.fill('#apply-steps', '3');
-  await page.fill('#apply-size', '64');
-  await page.fill('#apply-seed', '5');
+  await setApply(3);
   await page.click('#apply');
   await waitData('applied', '1');
   await shot('4-applied');
@@ -207,10 +210,7 @@ try {
   check((await page.textContent('#instruction-meta')).includes(learned.caption), 'its metadata is shown');
   await page.waitForFunction(() => document.getElementById('instruction-thumb').complete);
   check(await page.evaluate(() => document.getElementById('instruction-thumb').naturalWidth) === 132, 'its thumbnail is shown (132 px wide)');
-  await page.setInputFiles('#slot-edit input', join(fx, 'images', 'tall.png'));
-  await page.fill('#apply-steps', '3');
-  await page.fill('#apply-size', '64');
-  await page.fill('#apply-seed', '5');
+  await setApply(3);
   await page.click('#apply');
   await waitData('applied', '1');
   await shot('5-offline-applied');
@@ -218,13 +218,13 @@ try {
   check(Buffer.from(resultB).equals(Buffer.from(resultA)), 'offline, from the loaded file: the same result as before');
 
   step('Stop during apply');
-  await page.fill('#apply-steps', '50');
+  await setApply(50);
   await page.click('#apply');
   await page.waitForFunction(() => /step [1-9]\d*\/50/.test(document.getElementById('apply-text').textContent), null, { timeout: 300000 });
   await page.click('#apply-stop');
   await page.waitForFunction(() => document.getElementById('apply-text').textContent === 'stopped', null, { timeout: 300000 });
   check(await page.evaluate(() => document.body.dataset.applied) === '1' && !(await page.isDisabled('#apply')), 'apply stopped between steps; the page is usable again');
-  await page.fill('#apply-steps', '3');
+  await setApply(3);
 
   step('refusals');
   const dropFile = async (bytes, name) => page.evaluate(([b, n]) => {

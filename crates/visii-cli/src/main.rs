@@ -509,23 +509,17 @@ fn apply(
         (Some(t), _) => ip2p.encode_text(t)?,
         (None, Some(p)) => {
             let bytes = std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
-            let hidden = ip2p.text.final_layer_norm.gamma.dims()[0];
-            let ins = visii_pipeline::instruction::load(&bytes, hidden).map_err(|e| format!("{}: {e}", p.display()))?;
-            ins.check_model(&ModelIdentity::of(&ip2p), how.allow_foreign_model)
-                .map_err(|e| format!("{}: {e}. To apply it anyway, pass --allow-foreign-model", p.display()))?;
+            let (cond, ins) =
+                ip2p.instruction_conditioning(&bytes, &ModelIdentity::of(&ip2p), how.allow_foreign_model, how.extra).map_err(|e| match e {
+                    visii_pipeline::PipelineError::ForeignModel(_) => format!("{}: {e}. To apply it anyway, pass --allow-foreign-model", p.display()),
+                    e => format!("{}: {e}", p.display()),
+                })?;
             if how.reuse_noise {
                 reuse = Some(ins.noise_reuse.clone().ok_or_else(|| {
                     format!("{}: this instruction was learned with noises from a schedule file, which cannot be regenerated", p.display())
                 })?);
             }
-            let cond = burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(ins.rows, [1, ins.positions, ins.hidden]), &dev);
-            match how.extra {
-                Some(extra) => {
-                    let (e, e_eos) = ip2p.encode_text_with_eos(extra)?;
-                    visii_pipeline::hybrid(cond, ins.eos, e, e_eos)
-                }
-                None => cond,
-            }
+            cond
         }
         (None, None) => return Err("give --text or --instruction".into()),
     };

@@ -161,8 +161,7 @@ impl Files {
         match self {
             Files::Disk(root) => root.join(rel).is_dir(),
             Files::Memory { files, .. } => {
-                let prefix = join(rel, "");
-                let prefix = if prefix.ends_with('/') { prefix } else { format!("{prefix}/") };
+                let prefix = format!("{}/", rel.trim_end_matches('/'));
                 files.keys().any(|k| k.starts_with(&prefix))
             }
         }

@@ -107,20 +107,15 @@ struct ShardWriter<'a> {
 }
 
 impl ShardWriter<'_> {
-    /// Start a new shard unless `bytes` more still fit in this one.
-    fn reserve(&mut self, bytes: usize) -> Result<()> {
+    /// Add tensors that must share a shard (an int8 tensor and its scales): a new shard is
+    /// started unless they all fit in the current one.
+    fn add(&mut self, group: Vec<(String, Dtype, Vec<usize>, Vec<u8>)>) -> Result<()> {
+        let bytes: usize = group.iter().map(|t| t.3.len()).sum();
         if self.current_bytes + bytes > self.limit && !self.current.is_empty() {
             self.flush()?;
         }
-        Ok(())
-    }
-
-    fn add(&mut self, name: String, dtype: Dtype, shape: Vec<usize>, data: Vec<u8>, scheme: &'static str) -> Result<()> {
-        if scheme != "q8" && !name.ends_with(SCALE_SUFFIX) {
-            self.reserve(data.len())?;
-        }
-        self.current_bytes += data.len();
-        self.current.push((name, dtype, shape, data));
+        self.current_bytes += bytes;
+        self.current.extend(group);
         Ok(())
     }
 
@@ -183,12 +178,13 @@ fn convert_tensor(w: &mut ShardWriter, file: &WeightFile, name: &str, quant: Qua
             let (q, scales) = quantise(&v, block);
             let s: Vec<u8> = scales.iter().flat_map(|x| x.to_le_bytes()).collect();
             // Values and scales in the same shard (the reader dequantises within one file).
-            w.reserve(q.len() + s.len())?;
-            w.add(name.to_string(), Dtype::I8, shape, q.iter().map(|&x| x as u8).collect(), "q8")?;
-            w.add(format!("{name}{SCALE_SUFFIX}"), Dtype::F32, vec![scales.len()], s, "f32")?;
+            w.add(vec![
+                (name.to_string(), Dtype::I8, shape, q.iter().map(|&x| x as u8).collect()),
+                (format!("{name}{SCALE_SUFFIX}"), Dtype::F32, vec![scales.len()], s),
+            ])?;
         }
-        Quant::F32 => w.add(name.to_string(), Dtype::F32, shape, v.iter().flat_map(|x| x.to_le_bytes()).collect(), "f32")?,
-        _ => w.add(name.to_string(), Dtype::F16, shape, v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(), "f16")?,
+        Quant::F32 => w.add(vec![(name.to_string(), Dtype::F32, shape, v.iter().flat_map(|x| x.to_le_bytes()).collect())])?,
+        _ => w.add(vec![(name.to_string(), Dtype::F16, shape, v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect())])?,
     }
     Ok(n)
 }

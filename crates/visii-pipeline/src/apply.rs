@@ -3,8 +3,7 @@
 //! `StableDiffusionInstructPix2PixPipeline` does. Noise comes from our seeded RNG or is injected.
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use visii_models::loader::Loaded;
-use visii_models::{AutoencoderKL, ClipTextConfig, ClipTextTransformer, ClipTokenizer, Ip2pFolder, UNet2DConditionModel, UNetConfig};
+use visii_models::{AutoencoderKL, ClipTextTransformer, ClipTokenizer, Ip2pFolder, UNet2DConditionModel};
 
 use crate::error::{PipelineError, Result};
 use crate::image::{vae_output_to_unit, RgbImage};
@@ -23,6 +22,8 @@ pub struct Ip2p {
     pub name: String,
     /// Hash of the UNet and text-encoder configs (see `identity`).
     pub arch: String,
+    /// Parameters read for the UNet, the VAE and the text encoder.
+    pub params: [usize; 3],
 }
 
 /// Sampling controls.
@@ -70,39 +71,22 @@ pub const INIT_STREAM: u64 = 1 << 32;
 pub const STEP_STREAM: u64 = 2 << 32;
 
 impl Ip2p {
+    /// Load every component from a diffusers-layout folder (on disk or in memory: see `Files`).
     pub fn from_folder(folder: &Ip2pFolder, device: &Device) -> Result<Self> {
-        let name = folder.name();
-        Self::assemble(
-            folder.unet(device)?,
-            folder.vae(device)?.model,
-            folder.text_encoder(device)?,
-            folder.tokenizer()?,
-            &folder.scheduler_config()?,
-            name,
-            device,
-        )
-    }
-
-    /// Put loaded components together (the browser loads them from bytes).
-    pub fn assemble(
-        unet: Loaded<UNet2DConditionModel, UNetConfig>,
-        vae: AutoencoderKL,
-        text: Loaded<ClipTextTransformer, ClipTextConfig>,
-        tokenizer: ClipTokenizer,
-        scheduler_json: &str,
-        name: String,
-        device: &Device,
-    ) -> Result<Self> {
+        let unet = folder.unet(device)?;
+        let vae = folder.vae(device)?;
+        let text = folder.text_encoder(device)?;
         let uc = serde_json::to_string(&unet.config).map_err(|e| PipelineError::Config(e.to_string()))?;
         let tc = serde_json::to_string(&text.config).map_err(|e| PipelineError::Config(e.to_string()))?;
         Ok(Self {
+            params: [unet.params, vae.params, text.params],
             unet: unet.model,
-            vae,
+            vae: vae.model,
             text: text.model,
-            tokenizer,
-            scheduler: SchedulerConfig::from_json(scheduler_json)?,
+            tokenizer: folder.tokenizer()?,
+            scheduler: SchedulerConfig::from_json(&folder.scheduler_config()?)?,
             device: device.clone(),
-            name,
+            name: folder.name(),
             arch: crate::identity::short_hash(&[uc.as_bytes(), tc.as_bytes()]),
         })
     }
@@ -114,15 +98,44 @@ impl Ip2p {
 
     /// Text -> conditioning [1, 77, hidden] (last hidden state).
     pub fn encode_text(&self, text: &str) -> Result<Tensor<3>> {
-        let ids: Vec<i64> = self.token_ids(text)?.into_iter().map(i64::from).collect();
-        let n = ids.len();
-        Ok(self.text.forward(Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &self.device)))
+        Ok(self.encode_text_with_eos(text)?.0)
     }
 
-    /// Text -> (conditioning, position of its EOS).
+    /// Text -> (conditioning, position of its EOS), tokenising once.
     pub fn encode_text_with_eos(&self, text: &str) -> Result<(Tensor<3>, usize)> {
         let ids = self.token_ids(text)?;
-        Ok((self.encode_text(text)?, self.tokenizer.eos_position(&ids)))
+        let eos = self.tokenizer.eos_position(&ids);
+        let ids: Vec<i64> = ids.into_iter().map(i64::from).collect();
+        let n = ids.len();
+        Ok((self.text.forward(Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &self.device)), eos))
+    }
+
+    /// Width of the text encoder's output (what an instruction file's rows must have).
+    pub fn hidden_size(&self) -> usize {
+        self.text.final_layer_norm.gamma.dims()[0]
+    }
+
+    /// The conditioning of an instruction file: validated (the model check first, so a file for a
+    /// model of another width reads as foreign, not malformed), optionally with `extra` words
+    /// written after the learned span (hybrid). Returns it with the parsed file.
+    pub fn instruction_conditioning(
+        &self,
+        bytes: &[u8],
+        identity: &crate::ModelIdentity,
+        allow_foreign: bool,
+        extra: Option<&str>,
+    ) -> Result<(Tensor<3>, crate::instruction::Instruction)> {
+        crate::instruction::peek(bytes)?.check_model(identity, allow_foreign)?;
+        let ins = crate::instruction::load(bytes, self.hidden_size())?;
+        let cond = Tensor::<3>::from_data(TensorData::new(ins.rows.clone(), [1, ins.positions, ins.hidden]), &self.device);
+        let cond = match extra.map(str::trim) {
+            Some(extra) if !extra.is_empty() => {
+                let (e, e_eos) = self.encode_text_with_eos(extra)?;
+                hybrid(cond, ins.eos, e, e_eos)
+            }
+            _ => cond,
+        };
+        Ok((cond, ins))
     }
 
     /// Image -> unscaled latent mode [1, 4, H/8, W/8] (InstructPix2Pix's image conditioning).

@@ -60,13 +60,16 @@ pub fn readable_vocab(model: &Ip2p, max_id: u32) -> Vec<u32> {
         .collect()
 }
 
-/// The normalised CLIP text embedding of `BOS tokens EOS` (pooled at EOS), [1, proj].
-fn text_embed(model: &Ip2p, text_projection: &Linear, tokens: Tensor<2>) -> Tensor<2> {
+/// The BOS and EOS token embeddings, [1, 2, hidden] (looked up once per search).
+fn end_tokens(model: &Ip2p) -> Tensor<3> {
+    let ids = vec![model.tokenizer.bos_id as i64, model.tokenizer.eos_id as i64];
+    model.text.embed(Tensor::<2, Int>::from_data(TensorData::new(ids, [1, 2]), &model.device))
+}
+
+/// The normalised CLIP text embedding of `BOS tokens EOS` (pooled at EOS), [1, proj]; `ends` from
+/// [`end_tokens`].
+fn text_embed(model: &Ip2p, text_projection: &Linear, ends: Tensor<3>, tokens: Tensor<2>) -> Tensor<2> {
     let [n, hidden] = tokens.dims();
-    let dev = tokens.device();
-    let ends = model
-        .text
-        .embed(Tensor::<2, Int>::from_data(TensorData::new(vec![model.tokenizer.bos_id as i64, model.tokenizer.eos_id as i64], [1, 2]), &dev));
     let ends = if tokens.is_autodiff() { ends.autodiff() } else { ends };
     let seq = Tensor::cat(vec![ends.clone().slice([0..1, 0..1, 0..hidden]), tokens.unsqueeze::<3>(), ends.slice([0..1, 1..2, 0..hidden])], 1);
     let h = model.text.forward_embeds(seq);
@@ -103,11 +106,11 @@ pub async fn auto_caption_async(
     let v = vocab.len();
     let ids_t = Tensor::<1, Int>::from_data(TensorData::new(vocab.iter().map(|&i| i as i64).collect::<Vec<_>>(), [v]), &dev);
     let table = model.text.token_embedding.val().select(0, ids_t); // [v, hidden]
-    let hidden = table.dims()[1];
     let table_n = table.clone().div(table.clone().powi_scalar(2).sum_dim(1).sqrt().clamp_min(1e-12)).transpose(); // [hidden, v]
     let proj = target.dims()[0];
     let target = target.clone().div(target.powi_scalar(2).sum().sqrt().clamp_min(1e-12)).reshape([1, proj]);
 
+    let ends = end_tokens(model);
     let n = opts.tokens;
     let mut rng = NoiseRng::new(opts.seed, CAPTION_STREAM);
     let start: Vec<i64> = (0..n).map(|_| rng.below(v as u64) as i64).collect();
@@ -121,7 +124,7 @@ pub async fn auto_caption_async(
         let pn = p.clone().div(p.clone().powi_scalar(2).sum_dim(1).sqrt().clamp_min(1e-12));
         let idx = pn.matmul(table_n.clone()).argmax(1).reshape([n]); // [n]
         let x = table.clone().select(0, idx.clone()).autodiff().require_grad();
-        let e = text_embed(model, text_projection, x.clone());
+        let e = text_embed(model, text_projection, ends.clone(), x.clone());
         let cos = (e * target.clone().autodiff()).sum();
         let loss = cos.clone().neg().add_scalar(1.0);
         let grads = loss.backward();
@@ -153,6 +156,5 @@ pub async fn auto_caption_async(
     }
     let ids: Vec<u32> = best_idx.iter().map(|&i| vocab[i]).collect();
     let words: Vec<String> = ids.iter().filter_map(|&id| model.tokenizer.id_to_token(id).map(|t| t.trim_end_matches("</w>").to_string())).collect();
-    let _ = hidden;
     Ok(Caption { text: words.join(" "), ids, similarity: best, initial_similarity: initial, iterations_run: run })
 }

@@ -10,6 +10,9 @@ pub enum PipelineError {
     Config(String),
     #[error("instruction file: {0}")]
     Instruction(String),
+    /// An instruction learned on another base model.
+    #[error("instruction file: {0}")]
+    ForeignModel(String),
     #[error("cancelled")]
     Cancelled,
 }

@@ -50,7 +50,7 @@ impl Instruction {
     /// Refuse a model other than the one the instruction was learned on, unless `allow_foreign`.
     pub fn check_model(&self, loaded: &ModelIdentity, allow_foreign: bool) -> Result<()> {
         match &self.base_model {
-            Some(want) if !want.matches(loaded) && !allow_foreign => Err(bad(format!(
+            Some(want) if !want.matches(loaded) && !allow_foreign => Err(PipelineError::ForeignModel(format!(
                 "this instruction was learned on model {}, but the loaded model is {}: load the model it needs \
                  (or override the check if you know they are compatible)",
                 want.describe(),

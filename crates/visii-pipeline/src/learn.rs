@@ -52,6 +52,8 @@ pub struct Inversion {
     pub image_guidance: f32,
     m: Tensor<3>,
     v: Tensor<3>,
+    /// 1 on the learned span (positions 1..eos), 0 elsewhere, [1, positions, hidden]; made once.
+    span: Tensor<3>,
     step: i32,
 }
 
@@ -74,7 +76,11 @@ impl Inversion {
     /// `new` without a blocking readback (the browser).
     pub async fn new_async(c0: Tensor<3>, uncond: Tensor<3>, direction: Tensor<1>, eos: usize, adam: AdamWConfig) -> Self {
         let clip_value = crate::read_f32(c0.clone().max()).await.first().copied().unwrap_or(f32::INFINITY);
+        let [_, rows, hidden] = c0.dims();
+        let keep: Vec<f32> = (0..rows).map(|k| if (1..eos).contains(&k) { 1.0 } else { 0.0 }).collect();
+        let span = Tensor::<3>::from_data(TensorData::new(keep, [1, rows, 1]), &c0.device()).expand([1, rows, hidden]);
         Self {
+            span,
             c: c0.clone(),
             m: c0.zeros_like(),
             v: c0.zeros_like(),
@@ -117,9 +123,8 @@ impl Inversion {
     ) -> StepStats {
         let step = self.step as usize;
         let (vals, g) = self.graph(unet, text_projection, pair, t, sigma, n);
-        let rows = g.dims()[1];
         self.adamw(g.clamp(-self.clip_value, self.clip_value));
-        self.reset_outside_span(rows);
+        self.reset_outside_span();
         self.step += 1;
         Self::stats(step, t, crate::read_f32(vals).await)
     }
@@ -198,14 +203,9 @@ impl Inversion {
     }
 
     /// Positions 0 (BOS) and eos.. (EOS and padding) return to their initial values.
-    fn reset_outside_span(&mut self, rows: usize) {
-        let hidden = self.c.dims()[2];
-        let mut keep = vec![0f32; rows];
-        for k in keep.iter_mut().take(self.eos).skip(1) {
-            *k = 1.0;
-        }
-        let mask = Tensor::<3>::from_data(TensorData::new(keep, [1, rows, 1]), &self.c.device()).expand([1, rows, hidden]);
-        self.c = self.c.clone() * mask.clone() + self.c0.clone() * (mask.neg().add_scalar(1.0));
+    fn reset_outside_span(&mut self) {
+        let outside = self.span.clone().neg().add_scalar(1.0);
+        self.c = self.c.clone() * self.span.clone() + self.c0.clone() * outside;
     }
 }
 
@@ -360,9 +360,7 @@ pub async fn learn_async(
     let d = d.reshape([proj]);
     let direction = d.clone().div(d.powi_scalar(2).sum().sqrt().clamp_min(1e-12));
 
-    let ids = model.token_ids(init_caption)?;
-    let eos = model.tokenizer.eos_position(&ids);
-    let c0 = model.encode_text(init_caption)?;
+    let (c0, eos) = model.encode_text_with_eos(init_caption)?;
     let [_, positions, hidden] = c0.dims();
     let mut inv = Inversion::new_async(c0, model.encode_text("")?, direction, eos, opts.adam.clone()).await;
     let sigmas = model.scheduler.train_sigmas()?;

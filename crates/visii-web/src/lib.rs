@@ -50,7 +50,7 @@ fn pipeline_error(e: PipelineError) -> JsValue {
     let text = e.to_string();
     let kind = match &e {
         PipelineError::Cancelled => "CancelledError",
-        PipelineError::Instruction(m) if m.contains("learned on model") => "ForeignModelError",
+        PipelineError::ForeignModel(_) => "ForeignModelError",
         PipelineError::Instruction(_) => "InstructionError",
         PipelineError::Model(_) => "ModelError",
         _ if text.contains("PNG or JPEG") || text.contains("image") => "ImageError",
@@ -88,7 +88,11 @@ fn files_from(name: &str, files: &js_sys::Map) -> Files {
     let mut map: HashMap<String, Arc<[u8]>> = HashMap::new();
     files.for_each(&mut |value, key| {
         if let (Some(k), Ok(v)) = (key.as_string(), value.dyn_into::<js_sys::Uint8Array>()) {
-            map.insert(k.trim_start_matches("./").to_string(), Arc::from(v.to_vec()));
+            // One copy, straight from JS memory into the shared buffer the loader reads.
+            let mut buf = Arc::<[u8]>::new_uninit_slice(v.length() as usize);
+            v.copy_to_uninit(Arc::get_mut(&mut buf).expect("a new Arc is unique"));
+            // SAFETY: copy_to_uninit initialised every byte.
+            map.insert(k.trim_start_matches("./").to_string(), unsafe { buf.assume_init() });
         }
     });
     Files::memory(name, map)
@@ -188,21 +192,18 @@ impl Engine {
     /// Returns `{ name, fingerprint, hiddenSize, unetParams, vaeParams, textParams }`.
     #[wasm_bindgen(js_name = loadIp2p)]
     pub async fn load_ip2p(&self, name: String, files: js_sys::Map) -> Result<JsValue, JsValue> {
+        if self.busy.get() {
+            return Err(error("OptionsError", "a learn or apply is running: stop it before loading another model"));
+        }
         let folder = Ip2pFolder::from_files(files_from(&name, &files)).map_err(|e| error("ModelError", e))?;
-        let me = |e: visii_models::ModelError| error("ModelError", e);
-        let unet = folder.unet(&self.device).map_err(me)?;
-        let vae = folder.vae(&self.device).map_err(me)?;
-        let text = folder.text_encoder(&self.device).map_err(me)?;
-        let (up, vp, tp) = (unet.params, vae.params, text.params);
-        let hidden = text.config.hidden_size;
-        let tokenizer = folder.tokenizer().map_err(me)?;
-        let sched = folder.scheduler_config().map_err(me)?;
-        let model = Ip2p::assemble(unet, vae.model, text, tokenizer, &sched, folder.name(), &self.device).map_err(pipeline_error)?;
+        let model = Ip2p::from_folder(&folder, &self.device).map_err(|e| error("ModelError", e))?;
         let id = ModelIdentity::of_async(&model).await;
+        let [up, vp, tp] = model.params;
         let info = serde_json::json!({
-            "name": id.name, "fingerprint": id.fingerprint(), "hiddenSize": hidden,
+            "name": id.name, "fingerprint": id.fingerprint(), "hiddenSize": model.hidden_size(),
             "unetParams": up, "vaeParams": vp, "textParams": tp,
         });
+        // A learn or apply may have started while the identity was read back.
         if self.busy.get() {
             return Err(error("OptionsError", "a learn or apply is running: stop it before loading another model"));
         }
@@ -351,25 +352,14 @@ impl Engine {
         let mut noise = Noise::Seeded(opts.seed);
         let cond = match instruction {
             Some(bytes) => {
-                let hidden = model.text.final_layer_norm.gamma.dims()[0];
-                let bytes = bytes.to_vec();
-                // The model check first: an instruction for a model of another width is foreign,
-                // not malformed.
-                instruction::peek(&bytes).map_err(pipeline_error)?.check_model(&id, o.allow_foreign_model).map_err(pipeline_error)?;
-                let ins = instruction::load(&bytes, hidden).map_err(pipeline_error)?;
+                let (cond, ins) =
+                    model.instruction_conditioning(&bytes.to_vec(), &id, o.allow_foreign_model, o.extra.as_deref()).map_err(pipeline_error)?;
                 if o.reuse_noise {
                     noise = Noise::Reuse(
                         ins.noise_reuse.clone().ok_or_else(|| error("InstructionError", "this instruction does not record its learning noises"))?,
                     );
                 }
-                let cond = Tensor::<3>::from_data(TensorData::new(ins.rows, [1, ins.positions, ins.hidden]), &self.device);
-                match o.extra.as_deref().map(str::trim) {
-                    Some(extra) if !extra.is_empty() => {
-                        let (e, e_eos) = model.encode_text_with_eos(extra).map_err(pipeline_error)?;
-                        visii_pipeline::hybrid(cond, ins.eos, e, e_eos)
-                    }
-                    _ => cond,
-                }
+                cond
             }
             None => {
                 let prompt = o.prompt.unwrap_or_default();
