@@ -8,6 +8,8 @@
 // Layout: OPFS /visii/<source id>/<component>/<relative path>, and /visii/<source id>/state.json
 // recording each complete file ({size, sha256?, partial?}).
 
+import { Sha256 } from '../dist/pkg/visii_web.js';
+
 const enc = new TextEncoder();
 const dec = new TextDecoder();
 
@@ -49,9 +51,12 @@ async function writeState(sourceId, state) {
   await w.close();
 }
 
-async function sha256Hex(buffer) {
-  const d = await crypto.subtle.digest('SHA-256', buffer);
-  return [...new Uint8Array(d)].map((b) => b.toString(16).padStart(2, '0')).join('');
+/// sha256 of a Blob in 16 MB slices (WebCrypto only digests whole buffers: a 3.4 GB file would
+/// not fit in memory), with the wasm module's hasher.
+async function sha256Hex(blob) {
+  const h = new Sha256();
+  for (let a = 0; a < blob.size; a += 16 << 20) h.update(new Uint8Array(await blob.slice(a, a + (16 << 20)).arrayBuffer()));
+  return h.finish();
 }
 
 function quotaMessage(need, free) {
@@ -79,17 +84,19 @@ export async function deleteSource(sourceId) {
 }
 
 /// Write bytes (an ArrayBuffer or Uint8Array) as a complete stored file.
-export async function putFile(sourceId, rel, bytes, label) {
+export async function putFile(sourceId, rel, data, label) {
+  // A Blob / File is written by the browser without passing through this heap.
   const w = await (await fileHandle(sourceId, rel, true)).createWritable();
-  await w.write(bytes);
+  await w.write(data);
   await w.close();
   const state = await readState(sourceId);
   state.label = label || state.label;
-  state.files[rel] = { size: bytes.byteLength, complete: true };
+  state.files[rel] = { size: data.size ?? data.byteLength, complete: true };
   await writeState(sourceId, state);
 }
 
-/// The stored files of one component as a Map(relative path -> Uint8Array), or null if incomplete.
+/// The stored files of one component as a Map(relative path -> File), or null if incomplete. The
+/// engine reads the Files by range (FileReaderSync in this worker): never whole into memory.
 export async function readComponent(sourceId, component, manifestFiles) {
   const state = await readState(sourceId);
   const map = new Map();
@@ -106,7 +113,7 @@ export async function readComponent(sourceId, component, manifestFiles) {
       await writeState(sourceId, state);
       return null;
     }
-    map.set(rel.slice(component.length + 1), new Uint8Array(await f.arrayBuffer()));
+    map.set(rel.slice(component.length + 1), f);
   }
   return map.size ? map : null;
 }
@@ -233,7 +240,7 @@ async function verifyWhole(job, handle, loaded) {
     throw new StoreError('VerifyError', `${job.rel} arrived with ${loaded} bytes, expected ${expect}: it will be downloaded again`);
   }
   if (job.file.sha256) {
-    const digest = await sha256Hex(await (await handle.getFile()).arrayBuffer());
+    const digest = await sha256Hex(await handle.getFile());
     if (digest !== job.file.sha256) {
       await (await handle.createWritable()).close(); // truncate: redo from scratch next time
       throw new StoreError('VerifyError', `${job.rel} is corrupt (sha256 ${digest.slice(0, 12)}… instead of ${job.file.sha256.slice(0, 12)}…); retry the download`);

@@ -74,7 +74,7 @@ const handlers = {
     const id = 'local';
     await deleteSource(id).catch(() => {});
     for (const [component, list] of [['ip2p', msg.ip2p], ['clip', msg.clip]]) {
-      for (const { path, file } of list) await putFile(id, `${component}/${path}`, new Uint8Array(await file.arrayBuffer()), `Files from this computer (${msg.ip2pName || 'model'})`);
+      for (const { path, file } of list) await putFile(id, `${component}/${path}`, file, `Files from this computer (${msg.ip2pName || 'model'})`);
     }
     post({ type: 'sources', sources: await loadSources(), stored: await listStored() });
     await loadInto(id, msg.ip2pName || 'Files from this computer', null, null, null);

@@ -6,7 +6,7 @@ use burn::nn::conv::Conv2d;
 use burn::nn::{LayerNorm, Linear, PaddingConfig2d};
 use burn::tensor::activation::{gelu, sigmoid};
 use burn::tensor::module::embedding;
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{Int, Tensor, TensorData};
 use serde::Deserialize;
 
 use crate::error::{ModelError, Result};
@@ -153,6 +153,16 @@ impl ClipEncoderLayer {
     }
 }
 
+/// An embedding table `[rows, hidden]` as row chunks that each fit half the buffer budget.
+fn load_table(vb: &Vb, rows: usize, hidden: usize) -> Result<Vec<Param<Tensor<2>>>> {
+    let values = vb.values("weight", &[rows, hidden])?;
+    let per = ((crate::nn::max_buffer_bytes() / 2) as usize / (hidden * 4).max(1)).clamp(1, rows.max(1));
+    Ok(values
+        .chunks(per * hidden)
+        .map(|c| Param::from_tensor(Tensor::from_data(TensorData::new(c.to_vec(), [c.len() / hidden, hidden]), vb.device())))
+        .collect())
+}
+
 fn load_layers(vb: &Vb, n: usize, hidden: usize, inter: usize, heads: usize, eps: f64, qg: bool) -> Result<Vec<ClipEncoderLayer>> {
     if heads == 0 || hidden % heads != 0 {
         return Err(ModelError::Unsupported(format!("hidden size {hidden} is not divisible by {heads} heads")));
@@ -163,7 +173,10 @@ fn load_layers(vb: &Vb, n: usize, hidden: usize, inter: usize, heads: usize, eps
 /// `CLIPTextTransformer`: output = last hidden state after the final layer norm, [b, positions, hidden].
 #[derive(Module, Debug)]
 pub struct ClipTextTransformer {
-    pub token_embedding: Param<Tensor<2>>,
+    /// The token-embedding table in row chunks, each within the buffer budget
+    /// ([`crate::nn::max_buffer_bytes`]): CLIP ViT-L/14's is 152 MB in f32, over WebGPU's default
+    /// 128 MiB binding limit.
+    pub token_embedding: Vec<Param<Tensor<2>>>,
     pub position_embedding: Param<Tensor<2>>,
     pub layers: Vec<ClipEncoderLayer>,
     pub final_layer_norm: LayerNorm,
@@ -177,7 +190,7 @@ impl ClipTextTransformer {
         let vb = w.root().pp("text_model");
         let e = vb.pp("embeddings");
         Ok(Self {
-            token_embedding: Param::from_tensor(e.pp("token_embedding").get("weight", [cfg.vocab_size, cfg.hidden_size])?),
+            token_embedding: load_table(&e.pp("token_embedding"), cfg.vocab_size, cfg.hidden_size)?,
             position_embedding: Param::from_tensor(e.pp("position_embedding").get("weight", [cfg.max_position_embeddings, cfg.hidden_size])?),
             layers: load_layers(&vb, cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.layer_norm_eps, qg)?,
             final_layer_norm: layer_norm(&vb.pp("final_layer_norm"), cfg.hidden_size, cfg.layer_norm_eps)?,
@@ -189,9 +202,33 @@ impl ClipTextTransformer {
         self.forward_embeds(self.embed(ids))
     }
 
-    /// Token ids [b, n] -> token embeddings [b, n, hidden] (no positions).
+    /// Token ids [b, n] -> token embeddings [b, n, hidden] (no positions). With a chunked table
+    /// each chunk gathers its own ids (others masked to zero) and the parts are summed: exact, and
+    /// no readback of the ids.
     pub fn embed(&self, ids: Tensor<2, Int>) -> Tensor<3> {
-        embedding(self.token_embedding.val(), ids)
+        if self.token_embedding.len() == 1 {
+            return embedding(self.token_embedding[0].val(), ids);
+        }
+        let mut lo = 0i64;
+        let mut out: Option<Tensor<3>> = None;
+        for chunk in &self.token_embedding {
+            let t = chunk.val();
+            let rows = t.dims()[0] as i64;
+            let inside = ids.clone().greater_equal_elem(lo).bool_and(ids.clone().lower_elem(lo + rows));
+            let local = ids.clone().sub_scalar(lo).clamp(0, rows - 1);
+            let part = embedding(t, local) * inside.float().unsqueeze_dim::<3>(2);
+            out = Some(match out {
+                Some(o) => o + part,
+                None => part,
+            });
+            lo += rows;
+        }
+        out.expect("at least one chunk")
+    }
+
+    /// Rows in the token-embedding table.
+    pub fn vocab_rows(&self) -> usize {
+        self.token_embedding.iter().map(|c| c.val().dims()[0]).sum()
     }
 
     /// Token embeddings [b, n, hidden] (n <= max positions) -> hidden states [b, n, hidden]. Used

@@ -11,6 +11,7 @@ pub mod pack;
 pub mod preprocess;
 pub mod presets;
 pub mod resnet;
+pub mod source;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
@@ -20,6 +21,7 @@ pub use clip::{ClipConfig, ClipTextConfig, ClipTextTransformer, ClipVision, Clip
 pub use error::{ModelError, Result};
 pub use loader::{ClipFolder, Files, Ip2pFolder, Loaded};
 pub use preprocess::ClipPreprocessConfig;
+pub use source::{ByteSource, READ_STATS};
 pub use tokenizer::ClipTokenizer;
 pub use unet::{UNet2DConditionModel, UNetConfig};
 pub use vae::{AutoencoderKL, VaeConfig};

@@ -23,6 +23,7 @@ use crate::clip::{ClipConfig, ClipTextConfig, ClipTextTransformer, ClipVision};
 use crate::error::{ModelError, Result};
 use crate::nn::linear;
 use crate::preprocess::ClipPreprocessConfig;
+use crate::source::{ByteSource, DiskFile};
 use crate::tokenizer::ClipTokenizer;
 use crate::unet::{UNet2DConditionModel, UNetConfig};
 use crate::vae::{AutoencoderKL, VaeConfig};
@@ -109,12 +110,13 @@ pub fn clip_vision_from_parts(config: &str, files: Vec<WeightFile>, device: &Dev
 
 // ------------------------------------------------------------------ model files: disk or memory
 
-/// Where a model's files come from: a folder on disk (the CLI) or named byte buffers (the browser,
-/// which fetched or picked them). Paths are relative, `/`-separated (`unet/config.json`).
+/// Where a model's files come from: a folder on disk (the CLI) or named byte sources (the browser:
+/// stored or picked files read by range; tests: buffers). Paths are relative, `/`-separated
+/// (`unet/config.json`). Weight files are opened by their header and read one tensor at a time.
 #[derive(Clone)]
 pub enum Files {
     Disk(PathBuf),
-    Memory { name: String, files: Arc<HashMap<String, Arc<[u8]>>> },
+    Sources { name: String, files: Arc<HashMap<String, Arc<dyn ByteSource>>> },
 }
 
 fn join(dir: &str, name: &str) -> String {
@@ -128,14 +130,20 @@ fn join(dir: &str, name: &str) -> String {
 impl Files {
     /// Buffers by relative path; `name` labels the source in messages.
     pub fn memory(name: impl Into<String>, files: HashMap<String, Arc<[u8]>>) -> Self {
-        Files::Memory { name: name.into(), files: Arc::new(files) }
+        let files = files.into_iter().map(|(k, v)| (k, Arc::new(v) as Arc<dyn ByteSource>)).collect();
+        Files::Sources { name: name.into(), files: Arc::new(files) }
+    }
+
+    /// Byte sources by relative path.
+    pub fn sources(name: impl Into<String>, files: HashMap<String, Arc<dyn ByteSource>>) -> Self {
+        Files::Sources { name: name.into(), files: Arc::new(files) }
     }
 
     /// How a path is named in messages.
     pub fn display(&self, rel: &str) -> String {
         match self {
             Files::Disk(root) => root.join(rel).display().to_string(),
-            Files::Memory { name, .. } => format!("{name}: {rel}"),
+            Files::Sources { name, .. } => format!("{name}: {rel}"),
         }
     }
 
@@ -145,14 +153,14 @@ impl Files {
             Files::Disk(root) => {
                 root.canonicalize().unwrap_or(root.clone()).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
             }
-            Files::Memory { name, .. } => name.clone(),
+            Files::Sources { name, .. } => name.clone(),
         }
     }
 
     pub fn exists(&self, rel: &str) -> bool {
         match self {
             Files::Disk(root) => root.join(rel).is_file(),
-            Files::Memory { files, .. } => files.contains_key(rel),
+            Files::Sources { files, .. } => files.contains_key(rel),
         }
     }
 
@@ -160,33 +168,41 @@ impl Files {
     pub fn has_dir(&self, rel: &str) -> bool {
         match self {
             Files::Disk(root) => root.join(rel).is_dir(),
-            Files::Memory { files, .. } => {
+            Files::Sources { files, .. } => {
                 let prefix = format!("{}/", rel.trim_end_matches('/'));
                 files.keys().any(|k| k.starts_with(&prefix))
             }
         }
     }
 
-    pub fn read(&self, rel: &str) -> Result<Arc<[u8]>> {
+    fn source(&self, rel: &str) -> Result<Arc<dyn ByteSource>> {
         match self {
             Files::Disk(root) => {
                 let p = root.join(rel);
-                std::fs::read(&p).map(Arc::from).map_err(|e| ModelError::Io { path: p.display().to_string(), message: e.to_string() })
+                DiskFile::open(&p)
+                    .map(|f| Arc::new(f) as Arc<dyn ByteSource>)
+                    .map_err(|e| ModelError::Io { path: p.display().to_string(), message: e.to_string() })
             }
-            Files::Memory { files, .. } => {
+            Files::Sources { files, .. } => {
                 files.get(rel).cloned().ok_or_else(|| ModelError::Io { path: self.display(rel), message: "the file was not provided".into() })
             }
         }
     }
 
-    pub fn read_text(&self, rel: &str) -> Result<String> {
-        let bytes = self.read(rel)?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| ModelError::Io { path: self.display(rel), message: "not UTF-8 text".into() })
+    /// A whole (small) file: configs, tokenizers.
+    pub fn read(&self, rel: &str) -> Result<Vec<u8>> {
+        let s = self.source(rel)?;
+        s.read_at(0, s.len() as usize).map_err(|e| ModelError::Io { path: self.display(rel), message: e })
     }
 
-    /// A safetensors file.
+    pub fn read_text(&self, rel: &str) -> Result<String> {
+        let bytes = self.read(rel)?;
+        String::from_utf8(bytes).map_err(|_| ModelError::Io { path: self.display(rel), message: "not UTF-8 text".into() })
+    }
+
+    /// A safetensors file (its header is read; tensors later, one at a time).
     pub fn weight_file(&self, rel: &str) -> Result<WeightFile> {
-        WeightFile::from_bytes(self.display(rel), self.read(rel)?)
+        WeightFile::open(self.display(rel), self.source(rel)?)
     }
 }
 

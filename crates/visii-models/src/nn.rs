@@ -7,6 +7,7 @@ use burn::nn::conv::Conv2d;
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, PaddingConfig2d};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Tensor, TensorData};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::Result;
 use crate::weights::Vb;
@@ -103,20 +104,52 @@ pub fn layer_norm(vb: &Vb, dim: usize, eps: f64) -> Result<LayerNorm> {
     Ok(ln)
 }
 
-/// Scaled dot-product attention over heads. q: [b, n, h*d], k/v: [b, m, h*d] -> [b, n, h*d].
-/// `causal` masks future positions (CLIP text).
+/// The largest GPU buffer the models create on purpose (attention scores, embedding-table chunks),
+/// in bytes. WebGPU guarantees 128 MiB storage bindings (`maxStorageBufferBindingSize`); an app that
+/// got larger limits from its adapter may raise it, tests lower it.
+static MAX_BUFFER_BYTES: AtomicU64 = AtomicU64::new(128 << 20);
+
+pub fn set_max_buffer_bytes(bytes: u64) {
+    MAX_BUFFER_BYTES.store(bytes.max(1 << 16), Ordering::Relaxed);
+}
+
+pub fn max_buffer_bytes() -> u64 {
+    MAX_BUFFER_BYTES.load(Ordering::Relaxed)
+}
+
+/// How many query rows of attention to compute at once so the scores `[b, heads, rows, m]` stay
+/// within half the buffer budget (diffusers' "attention slicing", by query rows: exact, since
+/// softmax is per row).
+pub fn attention_rows(b: usize, heads: usize, n: usize, m: usize) -> usize {
+    let row_bytes = (b * heads * m * 4).max(1) as u64;
+    ((max_buffer_bytes() / 2 / row_bytes) as usize).clamp(1, n.max(1))
+}
+
+/// Scaled dot-product attention over `[b, n, heads * d]` inputs; `causal` masks future positions.
+/// Long sequences are computed in slices of query rows ([`attention_rows`]).
 pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, causal: bool) -> Tensor<3> {
     let [b, n, inner] = q.dims();
     let m = k.dims()[1];
     let d = inner / heads;
     let split = |x: Tensor<3>, len: usize| x.reshape([b, len, heads, d]).swap_dims(1, 2);
     let (q, k, v) = (split(q, n), split(k, m), split(v, m));
-    let mut scores = q.matmul(k.swap_dims(2, 3)).mul_scalar((d as f64).powf(-0.5));
-    if causal {
-        // burn's tril_mask is true *outside* the lower triangle: exactly the future positions.
-        let mask = Tensor::<2, burn::tensor::Bool>::tril_mask([n, m], 0, &scores.device());
-        scores = scores.mask_fill(mask.unsqueeze::<4>().expand([b, heads, n, m]), f32::NEG_INFINITY);
-    }
-    let probs = softmax(scores, 3);
-    probs.matmul(v).swap_dims(1, 2).reshape([b, n, inner])
+    let kt = k.swap_dims(2, 3);
+    let rows = attention_rows(b, heads, n, m);
+    let part = |q: Tensor<4>, from: usize| {
+        let r = q.dims()[2];
+        let mut scores = q.matmul(kt.clone()).mul_scalar((d as f64).powf(-0.5));
+        if causal {
+            // burn's tril_mask is true *outside* the lower triangle: exactly the future positions.
+            let mask = Tensor::<2, burn::tensor::Bool>::tril_mask([n, m], 0, &scores.device()).slice([from..from + r, 0..m]);
+            scores = scores.mask_fill(mask.unsqueeze::<4>().expand([b, heads, r, m]), f32::NEG_INFINITY);
+        }
+        softmax(scores, 3).matmul(v.clone())
+    };
+    let out = if rows >= n {
+        part(q, 0)
+    } else {
+        let parts = (0..n).step_by(rows).map(|a| part(q.clone().slice([0..b, 0..heads, a..(a + rows).min(n), 0..d]), a)).collect();
+        Tensor::cat(parts, 2)
+    };
+    out.swap_dims(1, 2).reshape([b, n, inner])
 }

@@ -236,7 +236,7 @@ fn copy_file(files: &Files, rel: &str, out: &Path, to: &str) -> Result<()> {
     if let Some(parent) = dst.parent() {
         std::fs::create_dir_all(parent).map_err(|e| ModelError::Io { path: parent.display().to_string(), message: e.to_string() })?;
     }
-    std::fs::write(&dst, &*files.read(rel)?).map_err(|e| ModelError::Io { path: dst.display().to_string(), message: e.to_string() })
+    std::fs::write(&dst, files.read(rel)?).map_err(|e| ModelError::Io { path: dst.display().to_string(), message: e.to_string() })
 }
 
 /// Convert an InstructPix2Pix folder and a CLIP folder into a pack at `out`.

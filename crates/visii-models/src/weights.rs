@@ -10,35 +10,71 @@ use std::sync::Arc;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use safetensors::tensor::{Dtype, TensorInfo};
-use safetensors::SafeTensors;
 
 use crate::error::{ModelError, Result};
+use crate::source::{ByteSource, DiskFile};
 
-/// One safetensors file held in memory: the bytes and the parsed header.
+/// One safetensors file: its parsed header and where its bytes come from. Tensors are read one at
+/// a time, by range, when they are loaded (see [`crate::source`]).
 #[derive(Clone)]
 pub struct WeightFile {
     name: String,
-    bytes: Arc<[u8]>,
+    source: Arc<dyn ByteSource>,
     data_start: usize,
     tensors: HashMap<String, TensorInfo>,
 }
 
+/// Headers larger than this are refused (safetensors' own limit).
+const MAX_HEADER: u64 = 100_000_000;
+
 impl WeightFile {
-    /// Parse a safetensors buffer; `name` is used in error messages.
+    /// Parse a safetensors buffer held in memory; `name` is used in error messages.
     pub fn from_bytes(name: impl Into<String>, bytes: impl Into<Arc<[u8]>>) -> Result<Self> {
-        let name = name.into();
         let bytes: Arc<[u8]> = bytes.into();
-        let (header_len, metadata) =
-            SafeTensors::read_metadata(&bytes).map_err(|e| ModelError::BadSafetensors { source_name: name.clone(), message: e.to_string() })?;
-        let tensors = metadata.tensors().into_iter().map(|(k, v)| (k, v.clone())).collect();
-        Ok(Self { name, bytes, data_start: 8 + header_len, tensors })
+        Self::open(name, Arc::new(bytes))
     }
 
-    /// Read a safetensors file from disk.
+    /// Open a safetensors file from disk (reads the header only).
     pub fn from_path(path: impl AsRef<std::path::Path>) -> Result<Self> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| ModelError::Io { path: path.display().to_string(), message: e.to_string() })?;
-        Self::from_bytes(path.display().to_string(), bytes)
+        let file = DiskFile::open(path).map_err(|e| ModelError::Io { path: path.display().to_string(), message: e.to_string() })?;
+        Self::open(path.display().to_string(), Arc::new(file))
+    }
+
+    /// Open a safetensors file from any byte source: reads and checks the header (every tensor's
+    /// range must lie in the file and match its dtype and shape), not the tensors.
+    pub fn open(name: impl Into<String>, source: Arc<dyn ByteSource>) -> Result<Self> {
+        let name = name.into();
+        let bad = |message: String| ModelError::BadSafetensors { source_name: name.clone(), message };
+        let len = source.len();
+        if len < 8 {
+            return Err(bad(format!("the file has {len} bytes, fewer than a header needs")));
+        }
+        let n = u64::from_le_bytes(source.read_at(0, 8).map_err(&bad)?.try_into().expect("8 bytes"));
+        if n > MAX_HEADER || 8 + n > len {
+            return Err(bad(format!("header length {n} does not fit the file's {len} bytes")));
+        }
+        let header = source.read_at(8, n as usize).map_err(&bad)?;
+        let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
+        let data_start = 8 + n as usize;
+        let data_len = (len - 8 - n) as usize;
+        let mut tensors = HashMap::new();
+        for (k, v) in map {
+            if k == "__metadata__" {
+                continue;
+            }
+            let info: TensorInfo = serde_json::from_value(v).map_err(|e| bad(format!("tensor {k}: {e}")))?;
+            let (a, b) = info.data_offsets;
+            let bits = info.shape.iter().product::<usize>() * info.dtype.bitsize();
+            if b < a || b > data_len || (b - a) * 8 != bits {
+                return Err(bad(format!(
+                    "tensor {k}: bytes {a}..{b} do not hold {:?} {:?} within the file's {data_len} data bytes (truncated download?)",
+                    info.dtype, info.shape
+                )));
+            }
+            tensors.insert(k, info);
+        }
+        Ok(Self { name, source, data_start, tensors })
     }
 
     /// Names of all tensors in the file.
@@ -51,6 +87,22 @@ impl WeightFile {
         self.tensors.get(name).map(|t| t.shape.as_slice())
     }
 
+    /// Stored dtype of a tensor, if present.
+    pub fn dtype(&self, name: &str) -> Option<Dtype> {
+        self.tensors.get(name).map(|t| t.dtype)
+    }
+
+    /// A tensor's stored bytes.
+    pub fn raw(&self, name: &str) -> Result<Vec<u8>> {
+        let info = self.tensors.get(name).ok_or_else(|| ModelError::MissingTensor {
+            source_name: self.name.clone(),
+            name: name.into(),
+            expected: vec![],
+        })?;
+        let (a, b) = info.data_offsets;
+        self.source.read_at((self.data_start + a) as u64, b - a).map_err(|e| ModelError::Io { path: format!("{} ({name})", self.name), message: e })
+    }
+
     /// The tensor's values as f32, whatever float dtype it is stored in.
     pub fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
         let info = self.tensors.get(name).ok_or_else(|| ModelError::MissingTensor {
@@ -58,8 +110,9 @@ impl WeightFile {
             name: name.into(),
             expected: vec![],
         })?;
-        let (a, b) = info.data_offsets;
-        let raw = &self.bytes[self.data_start + a..self.data_start + b];
+        let raw = self.raw(name)?;
+        let raw = &raw[..];
+
         let out = match info.dtype {
             Dtype::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
             Dtype::F16 => raw.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),

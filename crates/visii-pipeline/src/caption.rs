@@ -49,7 +49,7 @@ pub struct Caption {
 
 /// Candidate ids: whole words (`...</w>`) of at least 3 ASCII lowercase letters, below `max_id`.
 pub fn readable_vocab(model: &Ip2p, max_id: u32) -> Vec<u32> {
-    let rows = model.text.token_embedding.val().dims()[0] as u32;
+    let rows = model.text.vocab_rows() as u32;
     (0..max_id.min(rows).min(model.tokenizer.vocab_size() as u32))
         .filter(|&id| {
             model
@@ -104,8 +104,8 @@ pub async fn auto_caption_async(
         return Err(PipelineError::Config("prompt search has no candidate words or an impossible length".into()));
     }
     let v = vocab.len();
-    let ids_t = Tensor::<1, Int>::from_data(TensorData::new(vocab.iter().map(|&i| i as i64).collect::<Vec<_>>(), [v]), &dev);
-    let table = model.text.token_embedding.val().select(0, ids_t); // [v, hidden]
+    let ids_t = Tensor::<2, Int>::from_data(TensorData::new(vocab.iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, v]), &dev);
+    let table = model.text.embed(ids_t).squeeze_dim::<2>(0); // [v, hidden]
     let table_n = table.clone().div(table.clone().powi_scalar(2).sum_dim(1).sqrt().clamp_min(1e-12)).transpose(); // [hidden, v]
     let proj = target.dims()[0];
     let target = target.clone().div(target.powi_scalar(2).sum().sqrt().clamp_min(1e-12)).reshape([1, proj]);

@@ -75,7 +75,7 @@ impl ModelIdentity {
             stats(u.conv_in.weight.val()),
             stats(u.conv_out.weight.val()),
             stats(u.time_linear_1.weight.val()),
-            stats(t.token_embedding.val()),
+            stats(t.token_embedding[0].val()),
             stats(t.position_embedding.val()),
             stats(t.layers.last().map(|l| l.mlp.fc2.weight.val()).unwrap_or_else(|| t.final_layer_norm.gamma.val().unsqueeze())),
         ];

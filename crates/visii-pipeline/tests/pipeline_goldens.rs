@@ -222,8 +222,8 @@ fn instruction_file_round_trip_identity_and_refusals() {
     ins.check_model(&other_id, true).unwrap();
     // Perturbing the weights' values (not their scale) is also seen.
     let mut shuffled = model(&dev);
-    let w = shuffled.text.token_embedding.val();
-    shuffled.text.token_embedding = Param::from_tensor(w.flip([1]));
+    let w = shuffled.text.token_embedding[0].val();
+    shuffled.text.token_embedding[0] = Param::from_tensor(w.flip([1]));
     assert!(!id.matches(&ModelIdentity::of(&shuffled)));
 
     // Refusals: wrong width, not safetensors, truncated, foreign safetensors, corrupt metadata.

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use visii_models::loader::ClipVisionParts;
-use visii_models::{ClipFolder, ClipPreprocessConfig, Files, Ip2pFolder};
+use visii_models::{ByteSource, ClipFolder, ClipPreprocessConfig, Files, Ip2pFolder};
 use visii_pipeline::caption::CaptionOptions;
 use visii_pipeline::instruction::{self, SaveInfo};
 use visii_pipeline::learn::{AdamWConfig, LearnOptions};
@@ -84,18 +84,77 @@ async fn init_device() -> Result<Device, JsValue> {
     Ok(d)
 }
 
+#[wasm_bindgen(
+    inline_js = "export function read_blob(blob, offset, len) { return new Uint8Array(new FileReaderSync().readAsArrayBuffer(blob.slice(offset, offset + len))); }"
+)]
+extern "C" {
+    /// Synchronous ranged read of a `Blob` / `File` (OPFS or picked); only available in workers.
+    #[wasm_bindgen(catch)]
+    fn read_blob(blob: &JsValue, offset: f64, len: f64) -> Result<js_sys::Uint8Array, JsValue>;
+}
+
+/// A `Blob` read by range: model files stay in storage, only the tensor being loaded is copied
+/// into wasm memory.
+struct BlobSource {
+    blob: JsValue,
+    len: u64,
+}
+
+// SAFETY: wasm32 without atomics is single-threaded; the value never leaves the worker's thread.
+unsafe impl Send for BlobSource {}
+unsafe impl Sync for BlobSource {}
+
+impl ByteSource for BlobSource {
+    fn len(&self) -> u64 {
+        self.len
+    }
+    fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, String> {
+        let a = read_blob(&self.blob, offset as f64, len as f64)
+            .map_err(|e| js_sys::Reflect::get(&e, &"message".into()).ok().and_then(|m| m.as_string()).unwrap_or_else(|| format!("{e:?}")))?;
+        if a.length() as usize != len {
+            return Err(format!("read {} of {len} bytes at {offset}: the stored file changed or is truncated", a.length()));
+        }
+        visii_models::READ_STATS.record(len);
+        Ok(a.to_vec())
+    }
+}
+
+/// Streaming sha256 (WebCrypto digests only whole buffers), for verifying stored model files.
+#[wasm_bindgen]
+pub struct Sha256(sha2::Sha256);
+
+#[wasm_bindgen]
+impl Sha256 {
+    #[wasm_bindgen(constructor)]
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Sha256 {
+        use sha2::Digest;
+        Sha256(sha2::Sha256::new())
+    }
+    pub fn update(&mut self, data: &[u8]) {
+        use sha2::Digest;
+        self.0.update(data);
+    }
+    /// Lowercase hex digest.
+    pub fn finish(self) -> String {
+        use sha2::Digest;
+        self.0.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// Model files from JS: a `Map` of relative path -> `Blob`/`File` (read by range) or `Uint8Array`.
 fn files_from(name: &str, files: &js_sys::Map) -> Files {
-    let mut map: HashMap<String, Arc<[u8]>> = HashMap::new();
+    let mut map: HashMap<String, Arc<dyn ByteSource>> = HashMap::new();
     files.for_each(&mut |value, key| {
-        if let (Some(k), Ok(v)) = (key.as_string(), value.dyn_into::<js_sys::Uint8Array>()) {
-            // One copy, straight from JS memory into the shared buffer the loader reads.
-            let mut buf = Arc::<[u8]>::new_uninit_slice(v.length() as usize);
-            v.copy_to_uninit(Arc::get_mut(&mut buf).expect("a new Arc is unique"));
-            // SAFETY: copy_to_uninit initialised every byte.
-            map.insert(k.trim_start_matches("./").to_string(), unsafe { buf.assume_init() });
+        let Some(k) = key.as_string() else { return };
+        let k = k.trim_start_matches("./").to_string();
+        if let Some(v) = value.dyn_ref::<js_sys::Uint8Array>() {
+            map.insert(k, Arc::new(Arc::<[u8]>::from(v.to_vec())));
+        } else if let Some(size) = js_sys::Reflect::get(&value, &"size".into()).ok().and_then(|s| s.as_f64()) {
+            map.insert(k, Arc::new(BlobSource { blob: value, len: size as u64 }));
         }
     });
-    Files::memory(name, map)
+    Files::sources(name, map)
 }
 
 struct Clip {
