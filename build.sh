@@ -4,7 +4,10 @@
 #   ./build.sh serve      build the wasm module and serve the app on http://127.0.0.1:${PORT:-8080}
 #   ./build.sh test       install what is missing, run the native tests (ndarray + wgpu), build the wasm
 #                         crate, run the browser end-to-end test (tests/browser/e2e.mjs)
-#   ./build.sh bench      UNet forward / learn step / sample step (--what, --config full|tiny, --latent N): wgpu vs ndarray
+#   ./build.sh bench      UNet forward / learn step / sample step (--what, --config full|tiny, --latent N): wgpu vs
+#                         ndarray vs PyTorch (CPU, same config; torch + diffusers installed into the cache if missing)
+#   ./build.sh fullsize   full-size checkpoints with random weights (real layouts), their q8 pack, and the pack
+#                         loaded + one learning and one apply step in headless Chromium (slow; tests/fullsize/)
 #   ./build.sh deps       only install the toolchain pieces
 #   ./build.sh fixtures   regenerate tests/fixtures with Python (diffusers/transformers; see the script)
 #
@@ -190,6 +193,36 @@ srv.serve_forever()
 PY
 }
 
+# A Python that can import torch and diffusers (the PyTorch peer of the benchmarks, the full-size
+# checkpoints): the system one if it can, else packages installed into the tools cache.
+torch_python() {
+  if python3 -c 'import torch, diffusers, transformers' 2>/dev/null; then echo python3; return; fi
+  local site="$TOOLS/python"
+  if ! PYTHONPATH="$site" python3 -c 'import torch, diffusers, transformers' 2>/dev/null; then
+    log "installing torch (CPU), diffusers and transformers into $site" >&2
+    python3 -m pip install -q --target "$site" torch --index-url https://download.pytorch.org/whl/cpu >&2 \
+      || python3 -m pip install -q --target "$site" torch >&2
+    python3 -m pip install -q --target "$site" diffusers transformers safetensors >&2
+  fi
+  printf '#!/bin/sh\nPYTHONPATH="%s" exec python3 "$@"\n' "$site" > "$TOOLS/torch-python"
+  chmod +x "$TOOLS/torch-python"
+  echo "$TOOLS/torch-python"
+}
+
+run_fullsize() {
+  deps_native
+  local dir=${VISII_FULLSIZE_DIR:-$HOME/.cache/visii/fullsize}
+  local py; py=$(torch_python)
+  [ -f "$dir/ip2p/unet/config.json" ] || { log "full-size checkpoints (random weights) -> $dir"; $py tests/fullsize/make_fullsize.py "$dir"; }
+  cargo build -p visii-cli
+  [ -f "$dir/pack/manifest.json" ] || { log "q8 pack -> $dir/pack"; "$CARGO_TARGET_DIR/debug/visii" convert --model "$dir/ip2p" --clip "$dir/clip" -o "$dir/pack"; }
+  package_wasm
+  deps_browser
+  ln -sfn "$TOOLS/node/node_modules" tests/browser/node_modules
+  log "the full-size pack in headless Chromium (SwiftShader WebGPU, spec default limits)"
+  VISII_FULLSIZE_PACK="$dir/pack" node tests/browser/fullsize.mjs
+}
+
 run_tests() {
   deps_native
   log "native tests (ndarray + wgpu on $(ls /usr/share/vulkan/icd.d/ 2>/dev/null | tr '\n' ' '))"
@@ -212,7 +245,8 @@ case "$cmd" in
   wasm) package_wasm ;;
   test) run_tests ;;
   serve) package_wasm; package_models; serve_dir ;;
-  bench) deps_native; cargo run -p visii-cli -- bench "${@:2}" ;;
+  bench) deps_native; py=$(torch_python); cargo run -p visii-cli -- bench --torch "$py" "${@:2}" ;;
+  fullsize) run_fullsize ;;
   fixtures) python3 tests/fixtures/generate.py ;;
   *) sed -n '2,14p' "$0"; [ "$cmd" = help ] || exit 2 ;;
 esac

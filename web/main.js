@@ -82,7 +82,8 @@ worker.onmessage = ({ data }) => {
       $('app-version').textContent = `visii ${data.version}`;
       {
         const ok = JSON.stringify(JSON.parse(data.selftest)) === '[19,22,43,50]';
-        $('gpu-selftest').textContent = ok ? 'WebGPU ready (GPU self-test passed)' : `GPU self-test gave ${data.selftest}`;
+        $('gpu-selftest').textContent = ok ? `WebGPU ready (GPU self-test passed${data.limits === 'spec' ? '; device requested with the spec default limits' : ''})` : `GPU self-test gave ${data.selftest}`;
+        document.body.dataset.limits = data.limits;
         $('gpu-selftest').className = ok ? 'ok' : 'bad';
         document.body.dataset.ready = ok ? 'yes' : 'no';
       }
@@ -167,6 +168,8 @@ function modelLoaded(d) {
   state.model = d;
   $('model-loaded').textContent = `${d.info.name} (fingerprint ${d.info.fingerprint})${d.demo ? ' — wiring demo: its images are not meaningful' : ''}`;
   document.body.dataset.model = d.info.fingerprint;
+  document.body.dataset.largestRead = d.info.largestRead;
+  document.body.dataset.wasmMemory = d.wasmMemory;
   updateButtons();
   checkInstructionModel();
 }
@@ -431,9 +434,12 @@ $('apply-prompt').oninput = updateButtons;
 
 // ---------------------------------------------------------------- start
 if ('serviceWorker' in navigator) navigator.serviceWorker.register('sw.js').catch(() => {});
-const hub = new URLSearchParams(location.search).get('hub');
+const params = new URLSearchParams(location.search);
+const hub = params.get('hub');
+// ?gpuLimits=spec asks for a device with WebGPU's default limits (what the least capable adapter grants).
+const limits = params.get('gpuLimits') === 'spec' ? 'spec' : 'adapter';
 describeAdapter().then((ok) => {
-  if (ok) worker.postMessage({ type: 'init', hub });
+  if (ok) worker.postMessage({ type: 'init', hub, limits });
   else { $('app-version').textContent = 'visii'; $('gpu-selftest').textContent = 'unavailable'; $('gpu-selftest').className = 'bad'; document.body.dataset.ready = 'no'; }
 });
 updateButtons();

@@ -1,11 +1,11 @@
 // The worker owns the wasm module and the GPU: model storage and loading, learning, applying.
 // The page talks to it with messages (see PROTOCOL below) and never freezes.
 //
-// PROTOCOL (page -> worker): {type: 'init', hub?} | {type: 'sources'} | {type: 'prepare', source}
+// PROTOCOL (page -> worker): {type: 'init', hub?, limits?: 'adapter' | 'spec'} | {type: 'sources'} | {type: 'prepare', source}
 //   | {type: 'local', ip2p: [{path, file}], clip: [{path, file}]} | {type: 'delete', source}
 //   | {type: 'learn', id, befores, afters, options} | {type: 'apply', id, image, options, instruction?}
 //   | {type: 'inspect', id, bytes} | {type: 'cancel'}
-// (worker -> page): {type: 'ready', version, adapter} | {type: 'sources', sources, stored}
+// (worker -> page): {type: 'ready', version, selftest, limits} | {type: 'sources', sources, stored}
 //   | {type: 'download', ...progress} | {type: 'model', info, source} | {type: 'progress', id, ...}
 //   | {type: 'learned', id, bytes, info} | {type: 'applied', id, png, width, height}
 //   | {type: 'inspected', id, info} | {type: 'error', id?, name, message}
@@ -13,6 +13,7 @@ import init, { version, createEngine, inspectInstruction, gpuSelftest } from '..
 import { ensureSource, readComponent, listStored, deleteSource, putFile } from './store.js';
 
 let engine = null;
+let wasm = null;
 let hub = null;
 let sources = null;
 let downloadAbort = null;
@@ -44,15 +45,15 @@ async function loadInto(sourceId, label, ip2pFiles, clipFiles, manifest) {
   // CLIP first: if it fails, the model shown as loaded stays the one that is.
   const clipInfo = engine.loadClip(manifest ? manifest.clip.name : 'clip', clip);
   const info = await engine.loadIp2p(manifest ? manifest.ip2p.name : label, ip2p);
-  post({ type: 'model', source: sourceId, label, info, clip: clipInfo, demo: !!(manifest && manifest.demo) });
+  post({ type: 'model', source: sourceId, label, info, clip: clipInfo, demo: !!(manifest && manifest.demo), wasmMemory: wasm.memory.buffer.byteLength });
 }
 
 const handlers = {
   async init(msg) {
     hub = msg.hub || null;
-    await init();
-    engine = await createEngine();
-    post({ type: 'ready', version: version(), selftest: await gpuSelftest() });
+    wasm = await init();
+    engine = await createEngine({ limits: msg.limits || 'adapter' });
+    post({ type: 'ready', version: version(), selftest: await gpuSelftest(), limits: msg.limits || 'adapter' });
   },
   async sources() {
     post({ type: 'sources', sources: await loadSources(), stored: await listStored() });

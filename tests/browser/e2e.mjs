@@ -33,7 +33,11 @@ const mirror = (srcDir, dstDir, files) => {
     copyFileSync(join(srcDir, src), join(dstDir, dst));
   }
 };
-const ipDst = join(hub, 'timbrooks/instruct-pix2pix/resolve/main');
+// The mirror uses the pinned revisions of web/sources.json, so a URL built wrongly from them fails here.
+const real = JSON.parse(readFileSync(join(root, 'web/sources.json'), 'utf8')).sources.find((s) => s.id === 'instruct-pix2pix');
+const ipRev = real.ip2p.revision;
+const clipRev = real.clip.revision;
+const ipDst = join(hub, `timbrooks/instruct-pix2pix/resolve/${ipRev}`);
 mirror(join(fx, 'tiny-ip2p'), ipDst, [
   ['model_index.json', 'model_index.json'], ['scheduler/scheduler_config.json', 'scheduler/scheduler_config.json'],
   ['tokenizer/vocab.json', 'tokenizer/vocab.json'], ['tokenizer/merges.txt', 'tokenizer/merges.txt'],
@@ -42,9 +46,9 @@ mirror(join(fx, 'tiny-ip2p'), ipDst, [
   ['vae/diffusion_pytorch_model.safetensors', 'vae/diffusion_pytorch_model.fp16.safetensors'], ['unet/config.json', 'unet/config.json'],
   ['unet/diffusion_pytorch_model.safetensors', 'unet/diffusion_pytorch_model.fp16.safetensors'],
 ]);
-const clipDst = join(hub, 'openai/clip-vit-large-patch14/resolve/main');
+const clipDst = join(hub, `openai/clip-vit-large-patch14/resolve/${clipRev}`);
 mirror(join(fx, 'tiny-clip'), clipDst, [['config.json', 'config.json'], ['preprocessor_config.json', 'preprocessor_config.json'], ['model.safetensors', 'model.safetensors']]);
-const unetPath = '/hub/timbrooks/instruct-pix2pix/resolve/main/unet/diffusion_pytorch_model.fp16.safetensors';
+const unetPath = `/hub/timbrooks/instruct-pix2pix/resolve/${ipRev}/unet/diffusion_pytorch_model.fp16.safetensors`;
 
 const { server, port, log } = await serve({ root, hubRoot: hub, cutOnce: [unetPath] });
 const base = `http://127.0.0.1:${port}`;
@@ -92,10 +96,12 @@ try {
   const waitError = (kind) => page.waitForFunction((k) => !document.getElementById('error-panel').hidden && document.getElementById('error-panel').dataset.kind === k, kind, { timeout: 120000 });
 
   step('open the page');
-  await page.goto(`${base}/index.html?hub=${encodeURIComponent(`${base}/hub/`)}`);
+  // The device is requested with WebGPU's default limits (128 MiB bindings): the app must work on them.
+  await page.goto(`${base}/index.html?gpuLimits=spec&hub=${encodeURIComponent(`${base}/hub/`)}`);
   await page.waitForFunction(() => document.body.dataset.ready, null, { timeout: 300000 });
   check(await page.evaluate(() => document.body.dataset.ready) === 'yes', `WebGPU engine ready: ${await page.textContent('#gpu-selftest')} (${await page.textContent('#gpu-adapter')})`);
   check(/visii \d+\.\d+\.\d+/.test(await page.textContent('#app-version')), 'version shown');
+  check(await page.evaluate(() => document.body.dataset.limits) === 'spec', 'device requested with the spec default limits');
   await page.waitForFunction(() => document.getElementById('model-source').options.length >= 2);
   await shot('1-ready');
 
@@ -106,6 +112,13 @@ try {
   const fingerprint = await page.evaluate(() => document.body.dataset.model);
   check(/wiring demo/.test(await page.textContent('#model-loaded')), `tiny model loaded and labelled a demo (${fingerprint})`);
   check(await page.locator('#stored tr[data-source="tiny"]').count() === 1, 'the model is listed as stored');
+  {
+    // Stored files are read by range, one tensor at a time, never whole into the wasm heap.
+    const [largest, heap] = await page.evaluate(() => [Number(document.body.dataset.largestRead), Number(document.body.dataset.wasmMemory)]);
+    // The largest tensor is the text encoder's token table (49408 x 32 f32, 6.3 MB), inside a larger file.
+    const textFile = statSync(join(fx, 'tiny-ip2p/text_encoder/model.safetensors')).size;
+    check(largest > 0 && largest < textFile, `largest single read while loading ${(largest / 1e6).toFixed(2)} MB (the text encoder file is ${(textFile / 1e6).toFixed(2)} MB); wasm memory ${(heap / 1e6).toFixed(1)} MB`);
+  }
 
   step('a file that is not an image is refused');
   await page.setInputFiles('#slot-before input', join(fx, 'goldens', 'goldens.json'));
@@ -262,7 +275,7 @@ try {
   await shot('9-real-source-loaded');
   const unetReqs = log.filter((r) => r.path === unetPath);
   check(unetReqs.length === 2 && unetReqs[1].range && /^bytes=\d+-$/.test(unetReqs[1].range) && unetReqs[1].range !== 'bytes=0-', `the interrupted file resumed with ${unetReqs[1] && unetReqs[1].range}`);
-  const clipReqs = log.filter((r) => r.path.endsWith('clip-vit-large-patch14/resolve/main/model.safetensors'));
+  const clipReqs = log.filter((r) => r.path.endsWith(`clip-vit-large-patch14/resolve/${clipRev}/model.safetensors`));
   check(clipReqs.length >= 3 && clipReqs.every((r) => r.range), `CLIP weights fetched partially with ${clipReqs.length} range requests`);
   const stored = await page.evaluate(() => [...document.querySelectorAll('#stored tr')].map((t) => t.textContent));
   check(stored.some((t) => /instruct-pix2pix/i.test(t)) && stored.some((t) => /Tiny/.test(t)), `stored list: ${stored.join(' | ')}`);

@@ -69,6 +69,10 @@ enum Command {
         /// Forward passes after the warm-up one.
         #[arg(long, default_value_t = 1)]
         runs: usize,
+        /// Also time the PyTorch peer (tests/fullsize/torch_bench.py: the same config, random
+        /// weights, CPU) with this Python, and print each backend's time ratio to it.
+        #[arg(long)]
+        torch: Option<String>,
     },
     /// Edit an image with an InstructPix2Pix instruction given as text.
     Apply {
@@ -164,9 +168,13 @@ enum Command {
         clip: std::path::PathBuf,
         #[arg(short, long)]
         output: std::path::PathBuf,
-        /// q8 (int8, scale per output channel), q8-block (int8, scale per 64 values), f16, f32.
+        /// q8 (int8, scale per output channel), q8-block (int8, scale per 64 values), q4, f16, f32.
         #[arg(long, default_value = "q8")]
         quant: String,
+        /// The CLIP vision tower's scheme (it only steers the learning direction): q4 (4-bit, f16
+        /// scale per 32 values) by default for int8 packs, else the same as --quant.
+        #[arg(long)]
+        clip_quant: Option<String>,
         /// Largest shard, in MB.
         #[arg(long, default_value_t = 64)]
         shard_mb: usize,
@@ -219,8 +227,10 @@ fn main() -> ExitCode {
         Command::Inspect { file: None, model, clip, json, backend } => {
             inspect(model.as_deref().expect("clap requires --model"), clip.as_deref(), json, device(backend))
         }
-        Command::Convert { model, clip, output, quant, shard_mb } => convert(&model, &clip, &output, &quant, shard_mb),
-        Command::Bench { latent, what, config, backends, runs } => bench(latent, what, config, &backends, runs),
+        Command::Convert { model, clip, output, quant, clip_quant, shard_mb } => {
+            convert(&model, &clip, &output, &quant, clip_quant.as_deref(), shard_mb)
+        }
+        Command::Bench { latent, what, config, backends, runs, torch } => bench(latent, what, config, &backends, runs, torch.as_deref()),
         Command::BenchOne { latent, what, config, backend, runs } => bench_one(latent, what, config, backend, runs),
         Command::Apply {
             model,
@@ -557,13 +567,20 @@ fn convert(
     clip: &std::path::Path,
     out: &std::path::Path,
     quant: &str,
+    clip_quant: Option<&str>,
     shard_mb: usize,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let quant: visii_models::pack::Quant = quant.parse()?;
+    use visii_models::pack::Quant;
+    let quant: Quant = quant.parse()?;
+    let clip_quant: Quant = match clip_quant {
+        Some(q) => q.parse()?,
+        None if matches!(quant, Quant::Q8 | Quant::Q8Block) => Quant::Q4,
+        None => quant,
+    };
     let t0 = Instant::now();
     let ip2p = Ip2pFolder::open(model)?;
     let cf = ClipFolder::open(clip)?;
-    let r = visii_models::pack::convert(&ip2p, &cf, out, quant, shard_mb)?;
+    let r = visii_models::pack::convert(&ip2p, &cf, out, quant, clip_quant, shard_mb)?;
     let source: u64 = [model, clip].iter().map(|d| dir_bytes(d)).sum();
     println!(
         "{}: {} tensors, {} parameters, {} shards, {:.1} MB ({:.1}% of the {:.1} MB of source folders), fingerprint {}, {:.1} s",
@@ -612,7 +629,14 @@ fn peak_rss() -> Option<u64> {
     Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
 }
 
-fn bench(latent: usize, what: BenchWhat, config: BenchConfig, backends: &[Backend], runs: usize) -> Result<(), Box<dyn std::error::Error>> {
+fn bench(
+    latent: usize,
+    what: BenchWhat,
+    config: BenchConfig,
+    backends: &[Backend],
+    runs: usize,
+    torch: Option<&str>,
+) -> Result<(), Box<dyn std::error::Error>> {
     let cfg = bench_config(config)?;
     let full = config == BenchConfig::Full;
     println!(
@@ -625,13 +649,25 @@ fn bench(latent: usize, what: BenchWhat, config: BenchConfig, backends: &[Backen
     let gib = |b: &serde_json::Value| b.as_f64().map(|v| format!("{:.2} GiB", v / (1u64 << 30) as f64)).unwrap_or_else(|| "n/a".into());
     let arg = |v: &dyn std::fmt::Debug| format!("{v:?}").to_lowercase().replace("learnstep", "learn-step").replace("samplestep", "sample-step");
     let mut times = vec![];
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fullsize/torch_bench.py");
+    let mut runners: Vec<(String, std::process::Command)> = vec![];
     for &b in backends {
-        let name = arg(&b);
-        let out = std::process::Command::new(std::env::current_exe()?)
-            .args(["bench-one", "--latent", &latent.to_string(), "--what", &arg(&what), "--config", &arg(&config)])
-            .args(["--backend", &name, "--runs", &runs.to_string()])
-            .stderr(std::process::Stdio::inherit())
-            .output()?;
+        let mut c = std::process::Command::new(std::env::current_exe()?);
+        c.args(["bench-one", "--latent", &latent.to_string(), "--what", &arg(&what), "--config", &arg(&config)]).args([
+            "--backend",
+            &arg(&b),
+            "--runs",
+            &runs.to_string(),
+        ]);
+        runners.push((arg(&b), c));
+    }
+    if let Some(py) = torch {
+        let mut c = std::process::Command::new(py);
+        c.arg(&script).args(["--latent", &latent.to_string(), "--what", &arg(&what), "--config", &arg(&config), "--runs", &runs.to_string()]);
+        runners.push(("pytorch".into(), c));
+    }
+    for (name, mut cmd) in runners {
+        let out = cmd.stderr(std::process::Stdio::inherit()).output()?;
         if !out.status.success() {
             return Err(format!("the {name} run failed").into());
         }
@@ -650,6 +686,11 @@ fn bench(latent: usize, what: BenchWhat, config: BenchConfig, backends: &[Backen
     }
     for w in times.windows(2) {
         println!("time ratio {}/{}: {:.2}", w[0].0, w[1].0, w[0].1 / w[1].1);
+    }
+    if let Some((_, t)) = times.iter().find(|(n, _)| n == "pytorch") {
+        for (n, x) in times.iter().filter(|(n, _)| n != "pytorch") {
+            println!("time ratio {n}/pytorch: {:.2}", x / t);
+        }
     }
     Ok(())
 }

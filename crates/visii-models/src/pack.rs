@@ -7,8 +7,11 @@
 //! Schemes: large matrices and kernels (>= 2 dims, >= 1024 values) in int8, symmetric, with one f32
 //! scale per block of contiguous values (`{name}.__q8_scale`): per output channel (`q8`: a block is a
 //! whole row) or per block of at most 64 values along the row (`q8-block`); everything else in f16
-//! (or f32 with `--quant f32`, f16 everywhere with `--quant f16`). Reading dequantises (see
-//! `WeightFile::read_f32`).
+//! (or f32 with `--quant f32`, f16 everywhere with `--quant f16`). `q4` (the CLIP vision tower by
+//! default in int8 packs: it only steers the learning direction) packs two 4-bit values per byte
+//! (`U8`, low nibble first, value + 8) with an f16 scale per block of at most 32 values
+//! (`{name}.__q4_scale`); the tensor's real shape is in the shard's metadata (`q4:{name}`).
+//! Reading dequantises (see `WeightFile::read_f32`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -22,6 +25,9 @@ use crate::weights::WeightFile;
 
 /// Suffix of a quantised tensor's scales.
 pub const SCALE_SUFFIX: &str = ".__q8_scale";
+/// Suffix of a 4-bit tensor's scales, and the metadata key prefix of its real shape.
+pub const Q4_SCALE_SUFFIX: &str = ".__q4_scale";
+pub const Q4_SHAPE_KEY: &str = "q4:";
 pub const FORMAT: &str = "visii-pack";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -31,6 +37,8 @@ pub enum Quant {
     Q8,
     /// int8 with a scale per block of at most 64 values.
     Q8Block,
+    /// 4-bit with an f16 scale per block of at most 32 values.
+    Q4,
     F16,
     F32,
 }
@@ -41,9 +49,10 @@ impl std::str::FromStr for Quant {
         match s {
             "q8" => Ok(Quant::Q8),
             "q8-block" => Ok(Quant::Q8Block),
+            "q4" => Ok(Quant::Q4),
             "f16" => Ok(Quant::F16),
             "f32" => Ok(Quant::F32),
-            _ => Err(format!("unknown quantisation {s:?} (q8, q8-block, f16, f32)")),
+            _ => Err(format!("unknown quantisation {s:?} (q8, q8-block, q4, f16, f32)")),
         }
     }
 }
@@ -75,9 +84,39 @@ pub struct PackReport {
     pub fingerprint: String,
 }
 
-/// The smallest block length <= 64 that divides `row` (a row's blocks never straddle rows).
-fn block_len(row: usize) -> usize {
-    (1..=64.min(row)).rev().find(|d| row % d == 0).unwrap_or(1)
+/// The largest block length <= `max` that divides `row` (a row's blocks never straddle rows).
+fn block_len(row: usize, max: usize) -> usize {
+    (1..=max.min(row)).rev().find(|d| row % d == 0).unwrap_or(1)
+}
+
+/// 4-bit symmetric quantisation in blocks of `block`: packed bytes (two values each, low nibble
+/// first, stored as value + 8 in 1..=15) and one scale per block.
+pub fn quantise4(v: &[f32], block: usize) -> (Vec<u8>, Vec<f32>) {
+    let mut nibbles = Vec::with_capacity(v.len() + 1);
+    let mut scales = Vec::with_capacity(v.len() / block);
+    for chunk in v.chunks(block) {
+        let m = chunk.iter().fold(0f32, |a, x| a.max(x.abs()));
+        // The scale is stored in f16: quantise with the value that will be read back.
+        let s = half::f16::from_f32(if m > 0.0 { m / 7.0 } else { 1.0 }).to_f32();
+        scales.push(s);
+        nibbles.extend(chunk.iter().map(|x| ((x / s).round().clamp(-7.0, 7.0) as i8 + 8) as u8));
+    }
+    if nibbles.len() % 2 == 1 {
+        nibbles.push(8);
+    }
+    (nibbles.chunks(2).map(|p| p[0] | (p[1] << 4)).collect(), scales)
+}
+
+/// Inverse of [`quantise4`] for `n` values.
+pub fn dequantise4(packed: &[u8], scales: &[f32], n: usize) -> Vec<f32> {
+    let block = n.div_ceil(scales.len().max(1)).max(1);
+    (0..n)
+        .map(|i| {
+            let b = packed[i / 2];
+            let q = if i % 2 == 0 { b & 15 } else { b >> 4 };
+            (q as f32 - 8.0) * scales[i / block]
+        })
+        .collect()
 }
 
 /// Quantise `v` (rows of `row` values) in blocks of `block`: (int8 values, one scale per block).
@@ -99,6 +138,8 @@ struct ShardWriter<'a> {
     stem: String,
     limit: usize,
     current: Vec<(String, Dtype, Vec<usize>, Vec<u8>)>,
+    /// The current shard's `__metadata__` (real shapes of 4-bit tensors).
+    meta: std::collections::HashMap<String, String>,
     current_bytes: usize,
     count: usize,
     weight_map: BTreeMap<String, String>,
@@ -134,7 +175,8 @@ impl ShardWriter<'_> {
             .iter()
             .map(|(n, d, s, b)| TensorView::new(*d, s.clone(), b).map(|v| (n.clone(), v)).map_err(|e| io(e.to_string())))
             .collect::<Result<_>>()?;
-        let bytes = safetensors::serialize(views, None).map_err(|e| io(e.to_string()))?;
+        let meta = if self.meta.is_empty() { None } else { Some(std::mem::take(&mut self.meta)) };
+        let bytes = safetensors::serialize(views, meta).map_err(|e| io(e.to_string()))?;
         // Offsets of each tensor within the shard file (header included).
         let (header_len, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| io(e.to_string()))?;
         for (n, info) in meta.tensors() {
@@ -145,6 +187,7 @@ impl ShardWriter<'_> {
                 shape: info.shape.clone(),
                 scheme: match info.dtype {
                     Dtype::I8 => "q8",
+                    Dtype::U8 => "q4",
                     Dtype::F16 => "f16",
                     _ => "f32",
                 },
@@ -174,7 +217,7 @@ fn convert_tensor(w: &mut ShardWriter, file: &WeightFile, name: &str, quant: Qua
     match quant {
         Quant::Q8 | Quant::Q8Block if big => {
             let row = n / shape[0];
-            let block = if quant == Quant::Q8 { row } else { block_len(row) };
+            let block = if quant == Quant::Q8 { row } else { block_len(row, 64) };
             let (q, scales) = quantise(&v, block);
             let s: Vec<u8> = scales.iter().flat_map(|x| x.to_le_bytes()).collect();
             // Values and scales in the same shard (the reader dequantises within one file).
@@ -182,6 +225,14 @@ fn convert_tensor(w: &mut ShardWriter, file: &WeightFile, name: &str, quant: Qua
                 (name.to_string(), Dtype::I8, shape, q.iter().map(|&x| x as u8).collect()),
                 (format!("{name}{SCALE_SUFFIX}"), Dtype::F32, vec![scales.len()], s),
             ])?;
+        }
+        Quant::Q4 if big => {
+            let row = n / shape[0];
+            let (packed, scales) = quantise4(&v, block_len(row, 32));
+            let s: Vec<u8> = scales.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect();
+            let len = packed.len();
+            w.add(vec![(name.to_string(), Dtype::U8, vec![len], packed), (format!("{name}{Q4_SCALE_SUFFIX}"), Dtype::F16, vec![scales.len()], s)])?;
+            w.meta.insert(format!("{Q4_SHAPE_KEY}{name}"), serde_json::to_string(&shape).unwrap_or_default());
         }
         Quant::F32 => w.add(vec![(name.to_string(), Dtype::F32, shape, v.iter().flat_map(|x| x.to_le_bytes()).collect())])?,
         _ => w.add(vec![(name.to_string(), Dtype::F16, shape, v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect())])?,
@@ -207,6 +258,7 @@ fn convert_component(
         stem: stem.to_string(),
         limit: shard_bytes,
         current: vec![],
+        meta: Default::default(),
         current_bytes: 0,
         count: 0,
         weight_map: BTreeMap::new(),
@@ -239,8 +291,9 @@ fn copy_file(files: &Files, rel: &str, out: &Path, to: &str) -> Result<()> {
     std::fs::write(&dst, files.read(rel)?).map_err(|e| ModelError::Io { path: dst.display().to_string(), message: e.to_string() })
 }
 
-/// Convert an InstructPix2Pix folder and a CLIP folder into a pack at `out`.
-pub fn convert(ip2p: &Ip2pFolder, clip: &ClipFolder, out: &Path, quant: Quant, shard_mb: usize) -> Result<PackReport> {
+/// Convert an InstructPix2Pix folder and a CLIP folder into a pack at `out`; the CLIP side in
+/// `clip_quant`.
+pub fn convert(ip2p: &Ip2pFolder, clip: &ClipFolder, out: &Path, quant: Quant, clip_quant: Quant, shard_mb: usize) -> Result<PackReport> {
     std::fs::create_dir_all(out).map_err(|e| ModelError::Io { path: out.display().to_string(), message: e.to_string() })?;
     let shard_bytes = shard_mb.max(1) << 20;
     let f = &ip2p.files;
@@ -286,7 +339,7 @@ pub fn convert(ip2p: &Ip2pFolder, clip: &ClipFolder, out: &Path, quant: Quant, s
     }
     let used = |n: &str| n.starts_with("vision_model.") || n.starts_with("visual_projection.") || n.starts_with("text_projection.");
     let used = move |n: &str| used(n) && not_buffer(n);
-    convert_component(out, "clip", "model", &weight_files(&clip.files, "", "model")?, &used, quant, shard_bytes, &mut report)?;
+    convert_component(out, "clip", "model", &weight_files(&clip.files, "", "model")?, &used, clip_quant, shard_bytes, &mut report)?;
 
     let (shards, tensors, params) = report;
     let bytes: u64 = shards.iter().map(|s| s.bytes).sum();
@@ -294,8 +347,11 @@ pub fn convert(ip2p: &Ip2pFolder, clip: &ClipFolder, out: &Path, quant: Quant, s
     use sha2::Digest;
     let fingerprint: String = sha2::Sha256::digest(joined.as_bytes()).iter().take(8).map(|b| format!("{b:02x}")).collect();
     let manifest = serde_json::json!({
-        "format": FORMAT, "format_version": 1, "quant": quant, "shard_mb": shard_mb,
-        "sources": { "ip2p": ip2p.name(), "clip": clip.files.label() },
+        "format": FORMAT, "format_version": 1, "quant": quant, "clip_quant": clip_quant, "shard_mb": shard_mb,
+        "sources": {
+            "ip2p": { "name": ip2p.name(), "revision": revision_of(&ip2p.files) },
+            "clip": { "name": clip.files.label(), "revision": revision_of(&clip.files) },
+        },
         "fingerprint": fingerprint, "params": params, "bytes": bytes,
         "shards": shards, "tensors": tensors,
     });
@@ -303,6 +359,18 @@ pub fn convert(ip2p: &Ip2pFolder, clip: &ClipFolder, out: &Path, quant: Quant, s
     std::fs::write(&p, serde_json::to_string_pretty(&manifest).unwrap_or_default())
         .map_err(|e| ModelError::Io { path: p.display().to_string(), message: e.to_string() })?;
     Ok(PackReport { tensors: tensors.len(), params, bytes, shards: shards.len(), fingerprint })
+}
+
+/// The hub revision of a model folder, where its path says it: a Hugging Face cache snapshot
+/// (`.../snapshots/<40-hex commit>/`), or a `.revision` / `revision.txt` file beside the configs.
+fn revision_of(files: &Files) -> Option<String> {
+    for f in [".revision", "revision.txt"] {
+        if let Ok(t) = files.read_text(f) {
+            return Some(t.trim().to_string());
+        }
+    }
+    let label = files.label();
+    (label.len() == 40 && label.bytes().all(|b| b.is_ascii_hexdigit())).then_some(label)
 }
 
 /// Whether `dir` holds a pack (its `manifest.json` says so).

@@ -21,7 +21,10 @@ pub struct WeightFile {
     name: String,
     source: Arc<dyn ByteSource>,
     data_start: usize,
+    /// Shapes are the logical ones (a 4-bit tensor's real shape, not its packed byte count).
     tensors: HashMap<String, TensorInfo>,
+    /// Names of 4-bit packed tensors.
+    packed4: std::collections::HashSet<String>,
 }
 
 /// Headers larger than this are refused (safetensors' own limit).
@@ -59,8 +62,17 @@ impl WeightFile {
         let data_start = 8 + n as usize;
         let data_len = (len - 8 - n) as usize;
         let mut tensors = HashMap::new();
+        let mut shapes = HashMap::new();
+        let mut packed4 = std::collections::HashSet::new();
         for (k, v) in map {
             if k == "__metadata__" {
+                // A pack's 4-bit tensors keep their real shape here (crate::pack).
+                for (mk, mv) in v.as_object().into_iter().flatten() {
+                    if let (Some(name), Some(shape)) = (mk.strip_prefix(crate::pack::Q4_SHAPE_KEY), mv.as_str()) {
+                        let shape: Vec<usize> = serde_json::from_str(shape).map_err(|e| bad(format!("{mk}: {e}")))?;
+                        shapes.insert(name.to_string(), shape);
+                    }
+                }
                 continue;
             }
             let info: TensorInfo = serde_json::from_value(v).map_err(|e| bad(format!("tensor {k}: {e}")))?;
@@ -74,7 +86,16 @@ impl WeightFile {
             }
             tensors.insert(k, info);
         }
-        Ok(Self { name, source, data_start, tensors })
+        for (k, shape) in shapes {
+            let info = tensors.get_mut(&k).ok_or_else(|| bad(format!("metadata names a 4-bit tensor {k} the file does not have")))?;
+            if info.dtype != Dtype::U8 || info.shape.iter().product::<usize>() != shape.iter().product::<usize>().div_ceil(2) {
+                return Err(bad(format!("tensor {k}: {:?} {:?} cannot hold 4-bit values of shape {shape:?}", info.dtype, info.shape)));
+            }
+            info.shape = shape;
+            info.dtype = Dtype::U8;
+            packed4.insert(k);
+        }
+        Ok(Self { name, source, data_start, tensors, packed4 })
     }
 
     /// Names of all tensors in the file.
@@ -112,6 +133,17 @@ impl WeightFile {
         })?;
         let raw = self.raw(name)?;
         let raw = &raw[..];
+        if self.packed4.contains(name) {
+            let scales = self.read_f32(&format!("{name}{}", crate::pack::Q4_SCALE_SUFFIX))?;
+            let n: usize = info.shape.iter().product();
+            if scales.is_empty() || raw.len() != n.div_ceil(2) || n % scales.len() != 0 {
+                return Err(ModelError::BadSafetensors {
+                    source_name: self.name.clone(),
+                    message: format!("{name}: {} scales for {n} 4-bit values in {} bytes", scales.len(), raw.len()),
+                });
+            }
+            return Ok(crate::pack::dequantise4(raw, &scales, n));
+        }
 
         let out = match info.dtype {
             Dtype::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
@@ -243,6 +275,7 @@ impl Weights {
             expected: shape.to_vec(),
         })?;
         let found = &file.tensors[&found_name].shape;
+        let is4 = file.packed4.contains(&found_name);
         let squeeze = |s: &[usize]| -> Vec<usize> {
             let mut v = s.to_vec();
             while v.len() > 1 && v.last() == Some(&1) {
@@ -259,7 +292,7 @@ impl Weights {
             });
         }
         let v = file.read_f32(&found_name)?;
-        self.used.borrow_mut().insert(format!("{found_name}{}", crate::pack::SCALE_SUFFIX));
+        self.used.borrow_mut().insert(format!("{found_name}{}", if is4 { crate::pack::Q4_SCALE_SUFFIX } else { crate::pack::SCALE_SUFFIX }));
         self.used.borrow_mut().insert(found_name);
         *self.params.borrow_mut() += v.len();
         Ok(v)

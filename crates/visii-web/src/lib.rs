@@ -63,7 +63,7 @@ fn pipeline_error(e: PipelineError) -> JsValue {
 /// as JSON text (`[19, 22, 43, 50]` when the GPU path works).
 #[wasm_bindgen(js_name = gpuSelftest)]
 pub async fn gpu_selftest() -> Result<String, JsValue> {
-    let device = init_device().await?;
+    let device = init_device(false).await?;
     let a = Tensor::<2>::from_data(TensorData::new(vec![1f32, 2., 3., 4.], [2, 2]), &device);
     let b = Tensor::<2>::from_data(TensorData::new(vec![5f32, 6., 7., 8.], [2, 2]), &device);
     let v = visii_pipeline::read_f32(a.matmul(b)).await;
@@ -74,12 +74,45 @@ thread_local! {
     static DEVICE: RefCell<Option<Device>> = const { RefCell::new(None) };
 }
 
-/// burn's WebGPU device (cubecl requests the adapter's own limits, not the spec defaults).
-async fn init_device() -> Result<Device, JsValue> {
+/// The WebGPU spec's default limits, which every adapter grants.
+const SPEC_STORAGE_BINDING: u64 = 128 << 20;
+const SPEC_BUFFER: u64 = 256 << 20;
+
+/// burn's WebGPU device, made once. `spec_limits`: request the device with the WebGPU spec's
+/// default buffer limits (128 MiB bindings, 256 MiB buffers), as the least capable adapter would
+/// grant; otherwise cubecl requests the adapter's own limits.
+async fn init_device(spec_limits: bool) -> Result<Device, JsValue> {
     if let Some(d) = DEVICE.with(|d| d.borrow().clone()) {
         return Ok(d);
     }
-    let d = Device::wgpu_options().init_async().await.map_err(|e| error("GpuError", format!("WebGPU initialisation failed: {e}")))?;
+    let gpu = |e: String| error("GpuError", format!("WebGPU initialisation failed: {e}"));
+    let d = if spec_limits {
+        use burn::tensor::wgpu::{wgpu, WgpuSetup};
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+            backends: wgpu::Backends::BROWSER_WEBGPU,
+            ..wgpu::InstanceDescriptor::new_without_display_handle()
+        });
+        let adapter = instance
+            .request_adapter(&wgpu::RequestAdapterOptions { power_preference: wgpu::PowerPreference::HighPerformance, ..Default::default() })
+            .await
+            .map_err(|e| gpu(e.to_string()))?;
+        // Workgroup limits stay the adapter's (cubecl sizes kernels from the adapter).
+        let mut limits = adapter.limits();
+        limits.max_storage_buffer_binding_size = limits.max_storage_buffer_binding_size.min(SPEC_STORAGE_BINDING);
+        limits.max_buffer_size = limits.max_buffer_size.min(SPEC_BUFFER);
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                required_features: adapter.features() - wgpu::Features::MAPPABLE_PRIMARY_BUFFERS,
+                required_limits: limits,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| gpu(e.to_string()))?;
+        let backend = adapter.get_info().backend;
+        Device::wgpu_options().setup(WgpuSetup { instance, adapter, device, queue, backend }).init().map_err(|e| gpu(e.to_string()))?
+    } else {
+        Device::wgpu_options().init_async().await.map_err(|e| gpu(e.to_string()))?
+    };
     DEVICE.with(|slot| *slot.borrow_mut() = Some(d.clone()));
     Ok(d)
 }
@@ -173,11 +206,30 @@ pub struct Engine {
     busy: Rc<Cell<bool>>,
 }
 
-/// Create the engine (initialises WebGPU).
+#[derive(Deserialize, Default)]
+#[serde(default, rename_all = "camelCase")]
+struct EngineOpts {
+    /// `"adapter"` (default): the adapter's own limits; `"spec"`: the WebGPU default limits.
+    limits: Option<String>,
+}
+
+/// Create the engine (initialises WebGPU). `options`: `{ limits: "adapter" | "spec" }`. The models
+/// keep every buffer they create on purpose within 128 MiB either way
+/// (`visii_models::nn::max_buffer_bytes`).
 #[wasm_bindgen(js_name = createEngine)]
-pub async fn create_engine() -> Result<Engine, JsValue> {
+pub async fn create_engine(options: JsValue) -> Result<Engine, JsValue> {
+    let o: EngineOpts = if options.is_undefined() || options.is_null() {
+        EngineOpts::default()
+    } else {
+        serde_wasm_bindgen::from_value(options).map_err(|e| error("OptionsError", e))?
+    };
+    let spec = match o.limits.as_deref() {
+        None | Some("adapter") => false,
+        Some("spec") => true,
+        Some(other) => return Err(error("OptionsError", format!("limits must be \"adapter\" or \"spec\", not {other:?}"))),
+    };
     Ok(Engine {
-        device: init_device().await?,
+        device: init_device(spec).await?,
         ip2p: RefCell::new(None),
         clip: RefCell::new(None),
         cancel: Rc::new(Cell::new(false)),
@@ -248,19 +300,23 @@ impl Drop for BusyGuard {
 #[wasm_bindgen]
 impl Engine {
     /// Load InstructPix2Pix from its diffusers-layout files (`Map` of relative path -> bytes).
-    /// Returns `{ name, fingerprint, hiddenSize, unetParams, vaeParams, textParams }`.
+    /// Returns `{ name, fingerprint, hiddenSize, unetParams, vaeParams, textParams, bytesRead, largestRead }`.
     #[wasm_bindgen(js_name = loadIp2p)]
     pub async fn load_ip2p(&self, name: String, files: js_sys::Map) -> Result<JsValue, JsValue> {
         if self.busy.get() {
             return Err(error("OptionsError", "a learn or apply is running: stop it before loading another model"));
         }
         let folder = Ip2pFolder::from_files(files_from(&name, &files)).map_err(|e| error("ModelError", e))?;
+        visii_models::READ_STATS.reset();
         let model = Ip2p::from_folder(&folder, &self.device).map_err(|e| error("ModelError", e))?;
+        // Files are read by range, one tensor at a time: the largest single read is one tensor.
+        let (read_total, read_largest) = visii_models::READ_STATS.get();
         let id = ModelIdentity::of_async(&model).await;
         let [up, vp, tp] = model.params;
         let info = serde_json::json!({
             "name": id.name, "fingerprint": id.fingerprint(), "hiddenSize": model.hidden_size(),
             "unetParams": up, "vaeParams": vp, "textParams": tp,
+            "bytesRead": read_total, "largestRead": read_largest,
         });
         // A learn or apply may have started while the identity was read back.
         if self.busy.get() {

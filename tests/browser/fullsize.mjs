@@ -1,0 +1,88 @@
+// The full-size model in a browser tab (slow: not part of `./build.sh test`; `./build.sh fullsize`).
+// Headless Chromium, WebGPU on SwiftShader with the device requested at the spec default limits
+// (128 MiB bindings, 256 MiB buffers). Picks a weight pack of the real architecture (random
+// weights, tests/fullsize/make_fullsize.py + `visii convert`) with the "files from this computer"
+// pickers, so it is copied into OPFS and loaded from there by range, one tensor at a time; then
+// one learning step and one apply step at LATENT x LATENT latents (VISII_FULLSIZE_PX / 8).
+// Prints load time, step times, the wasm heap and the largest single read, and writes them to
+// tests/output/fullsize.json.
+//
+//   VISII_FULLSIZE_PACK=/path/to/pack [VISII_FULLSIZE_PX=64] node tests/browser/fullsize.mjs
+import { chromium } from 'playwright-core';
+import { mkdtempSync, mkdirSync, writeFileSync, readdirSync, statSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, dirname } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { serve } from './server.mjs';
+
+const root = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
+const out = join(root, 'tests', 'output');
+const fx = join(root, 'tests', 'fixtures');
+mkdirSync(out, { recursive: true });
+const pack = process.env.VISII_FULLSIZE_PACK;
+if (!pack) throw new Error('set VISII_FULLSIZE_PACK to a pack folder (see tests/fullsize/README.md)');
+const px = Number(process.env.VISII_FULLSIZE_PX || 64);
+const flags = ['--headless=new', '--enable-unsafe-webgpu', '--use-webgpu-adapter=swiftshader', '--no-sandbox',
+  '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run'];
+const hours = 3600e3;
+const dirBytes = (d) => readdirSync(d).reduce((a, f) => { const p = join(d, f); const s = statSync(p); return a + (s.isDirectory() ? dirBytes(p) : s.size); }, 0);
+
+const { server, port } = await serve({ root });
+const results = { pack, packBytes: dirBytes(pack), px };
+let browser;
+try {
+  browser = await chromium.launchPersistentContext(mkdtempSync(join(tmpdir(), 'visii-chrome-')), {
+    executablePath: '/usr/bin/chromium', headless: true, args: flags, viewport: { width: 1200, height: 1800 },
+  });
+  const page = browser.pages()[0] || await browser.newPage();
+  page.on('console', (m) => console.log(`[page ${m.type()}] ${m.text()}`));
+  page.on('pageerror', (e) => console.log(`[pageerror] ${e.message}`));
+  const waitData = async (key, value) => {
+    await page.waitForFunction(([k, v]) => document.body.dataset[k] === v || !document.getElementById('error-panel').hidden, [key, value], { timeout: 6 * hours, polling: 1000 });
+    if (await page.evaluate(([k, v]) => document.body.dataset[k] !== v, [key, value])) {
+      throw new Error(`expected ${key}=${value}, got: ${await page.textContent('#error-title')}: ${await page.textContent('#error-text')}`);
+    }
+  };
+  await page.goto(`http://127.0.0.1:${port}/index.html?gpuLimits=spec`);
+  await page.waitForFunction(() => document.body.dataset.ready, null, { timeout: 600000 });
+  console.log(`engine: ${await page.textContent('#gpu-selftest')} (${await page.textContent('#gpu-adapter')})`);
+
+  let t = Date.now();
+  await page.click('#local-files summary');
+  await page.setInputFiles('#local-ip2p', pack);
+  await page.setInputFiles('#local-clip', join(pack, 'clip'));
+  await page.click('#local-load');
+  await page.waitForFunction(() => document.body.dataset.model || !document.getElementById('error-panel').hidden, null, { timeout: 6 * hours, polling: 1000 });
+  if (!(await page.evaluate(() => document.body.dataset.model))) throw new Error(`load failed: ${await page.textContent('#error-text')}`);
+  results.loadSeconds = (Date.now() - t) / 1000;
+  Object.assign(results, await page.evaluate(() => ({ largestRead: Number(document.body.dataset.largestRead), wasmMemory: Number(document.body.dataset.wasmMemory), model: document.getElementById('model-loaded').textContent })));
+  console.log(`loaded in ${results.loadSeconds.toFixed(1)} s (copy into OPFS + load): ${results.model}; largest read ${(results.largestRead / 1e6).toFixed(1)} MB; wasm memory ${(results.wasmMemory / 1e6).toFixed(0)} MB`);
+  await page.screenshot({ path: join(out, 'fullsize-loaded.png'), fullPage: true });
+
+  // One learning step (caption given: no search), then one apply step.
+  await page.setInputFiles('#slot-before input', join(fx, 'images', 'before.png'));
+  await page.setInputFiles('#slot-after input', join(fx, 'images', 'after.png'));
+  await page.fill('#learn-steps', '1');
+  await page.fill('#learn-size', String(px));
+  await page.fill('#learn-init', 'a photo of a cat');
+  t = Date.now();
+  await page.click('#learn');
+  await waitData('learned', '1');
+  results.learnStepSeconds = (Date.now() - t) / 1000;
+  console.log(`one learning step at ${px} px (${px / 8} x ${px / 8} latents) incl. encoding: ${results.learnStepSeconds.toFixed(1)} s`);
+
+  await page.setInputFiles('#slot-edit input', join(fx, 'images', 'tall.png'));
+  await page.fill('#apply-steps', '1');
+  await page.fill('#apply-size', String(px));
+  t = Date.now();
+  await page.click('#apply');
+  await waitData('applied', '1');
+  results.applyStepSeconds = (Date.now() - t) / 1000;
+  console.log(`one apply step at ${px} px (3 UNet rows) incl. VAE: ${results.applyStepSeconds.toFixed(1)} s`);
+  await page.screenshot({ path: join(out, 'fullsize-applied.png'), fullPage: true });
+} finally {
+  writeFileSync(join(out, 'fullsize.json'), JSON.stringify(results, null, 2));
+  console.log(JSON.stringify(results));
+  if (browser) await browser.close();
+  server.close();
+}
