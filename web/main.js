@@ -91,6 +91,16 @@ worker.onmessage = ({ data }) => {
       return;
     case 'sources': return showSources(data.sources, data.stored);
     case 'download': return showDownload(data);
+    case 'convert':
+      $('download').hidden = false;
+      $('download-bar').value = data.total ? data.done / data.total : 0;
+      $('download-text').textContent = `converting to a q8 pack: ${data.done} of ${data.total} tensors, wrote ${data.path} (${bytes(data.bytes)}), ${data.seconds.toFixed(0)} s`;
+      return;
+    case 'converted':
+      document.body.dataset.converted = data.target;
+      document.body.dataset.convertedBytes = data.report.bytes;
+      $('download-text').textContent = `q8 pack stored: ${bytes(data.report.bytes)} in ${data.report.shards} shards (fingerprint ${data.report.fingerprint})`;
+      return;
     case 'model': return modelLoaded(data);
     case 'progress': if (p && p.onProgress) p.onProgress(data); return;
     case 'error':
@@ -125,7 +135,24 @@ function showSources(list, stored) {
     del.className = 'delete';
     del.disabled = !!state.busy;
     del.onclick = () => call({ type: 'delete', source: s.source }).catch(showWorkerError);
-    tr.append(cell(s.label), cell(`${s.files.length} files`), cell(bytes(s.bytes)), cell(del));
+    const load = document.createElement('button');
+    load.textContent = 'Load';
+    load.className = 'load';
+    load.disabled = !!state.busy;
+    load.onclick = () => modelJob({ type: 'loadStored', source: s.source });
+    const actions = [load, del];
+    if (!s.source.endsWith('-q8') && s.files.some((f) => /\.safetensors$/.test(f.path)) && !s.files.some((f) => f.path === 'ip2p/manifest.json')) {
+      // Quantise stored checkpoints into a q8 pack: about half the storage of fp16, same model.
+      const conv = document.createElement('button');
+      conv.textContent = 'Convert to q8 pack';
+      conv.className = 'convert';
+      conv.disabled = !!state.busy;
+      conv.onclick = () => modelJob({ type: 'convert', source: s.source });
+      actions.unshift(conv);
+    }
+    const act = document.createElement('span');
+    act.append(...actions);
+    tr.append(cell(s.label), cell(`${s.files.length} files`), cell(bytes(s.bytes)), cell(act));
     tr.dataset.source = s.source;
     return tr;
   }));
@@ -421,7 +448,7 @@ $('result-download').onclick = () => download(state.result, 'visii-result.png', 
 
 function updateButtons() {
   const idle = !state.busy;
-  for (const b of document.querySelectorAll('#stored button.delete')) b.disabled = !idle;
+  for (const b of document.querySelectorAll('#stored button')) b.disabled = !idle;
   const model = !!state.model;
   $('model-load').disabled = !idle;
   $('local-load').disabled = !idle;

@@ -4,12 +4,12 @@
 // PROTOCOL (page -> worker): {type: 'init', hub?, limits?: 'adapter' | 'spec'} | {type: 'sources'} | {type: 'prepare', source}
 //   | {type: 'local', ip2p: [{path, file}], clip: [{path, file}]} | {type: 'delete', source}
 //   | {type: 'learn', id, befores, afters, options} | {type: 'apply', id, image, options, instruction?}
-//   | {type: 'inspect', id, bytes} | {type: 'cancel'}
+//   | {type: 'inspect', id, bytes} | {type: 'cancel'} | {type: 'loadStored', source} | {type: 'convert', source}
 // (worker -> page): {type: 'ready', version, selftest, limits} | {type: 'sources', sources, stored}
-//   | {type: 'download', ...progress} | {type: 'model', info, source} | {type: 'progress', id, ...}
+//   | {type: 'download', ...progress} | {type: 'convert', source, done, total, path} | {type: 'model', info, source} | {type: 'progress', id, ...}
 //   | {type: 'learned', id, bytes, info} | {type: 'applied', id, png, width, height}
 //   | {type: 'inspected', id, info} | {type: 'error', id?, name, message}
-import init, { version, createEngine, inspectInstruction, gpuSelftest } from '../dist/pkg/visii_web.js';
+import init, { version, createEngine, inspectInstruction, gpuSelftest, convertPack } from '../dist/pkg/visii_web.js';
 import { ensureSource, readComponent, listStored, deleteSource, putFile } from './store.js';
 
 let engine = null;
@@ -80,6 +80,31 @@ const handlers = {
     post({ type: 'sources', sources: await loadSources(), stored: await listStored() });
     await loadInto(id, msg.ip2pName || 'Files from this computer', null, null, null);
   },
+  async loadStored(msg) {
+    const st = (await listStored()).find((s) => s.source === msg.source);
+    if (!st) throw Object.assign(new Error(`nothing is stored as ${msg.source}`), { name: 'ModelError' });
+    const src = (await loadSources()).find((s) => s.id === msg.source);
+    await loadInto(msg.source, st.label, src ? src.ip2p.files : null, src ? src.clip.files : null, src || null);
+  },
+  async convert(msg) {
+    // The stored checkpoints -> a q8 pack (about half of fp16), stored as its own source. The
+    // worker reads the originals by range and writes one shard at a time.
+    const st = (await listStored()).find((s) => s.source === msg.source);
+    const ip2p = await readComponent(msg.source, 'ip2p', null);
+    const clip = await readComponent(msg.source, 'clip', null);
+    if (!st || !ip2p || !clip) throw Object.assign(new Error('the stored files of this model are incomplete: download them again'), { name: 'ModelError' });
+    const target = `${msg.source}-q8`;
+    const label = `${st.label.replace(/ \(.*$/, '')} (q8 pack)`;
+    await deleteSource(target).catch(() => {});
+    const t0 = performance.now();
+    const report = await convertPack(ip2p, clip, { quant: 'q8' }, async (path, bytes, done, total) => {
+      await putFile(target, path.startsWith('clip/') ? path : `ip2p/${path}`, bytes, label);
+      post({ type: 'convert', source: msg.source, path, done, total, bytes: bytes.byteLength, seconds: (performance.now() - t0) / 1000 });
+    });
+    post({ type: 'sources', sources: await loadSources(), stored: await listStored() });
+    post({ type: 'converted', source: msg.source, target, report });
+    await loadInto(target, label, null, null, null);
+  },
   async delete(msg) {
     if (downloadAbort) throw Object.assign(new Error('a download is running: stop it before deleting stored models'), { name: 'OptionsError' });
     await deleteSource(msg.source);
@@ -114,7 +139,7 @@ self.onmessage = async ({ data }) => {
     }
     if (data.type === 'inspect' && !engine) await init();
     await h(data);
-    if (['prepare', 'local', 'delete'].includes(data.type)) post({ type: 'done', id: data.id });
+    if (['prepare', 'local', 'delete', 'loadStored', 'convert'].includes(data.type)) post({ type: 'done', id: data.id });
   } catch (e) {
     fail(e, data.id);
   }

@@ -286,7 +286,26 @@ try {
     return (await (await d.getFileHandle('model.safetensors')).getFile()).size;
   });
   check(storedClip < full * 0.8, `only the needed CLIP tensors were stored: ${storedClip} of ${full} bytes`);
-  await page.click('#stored tr[data-source="instruct-pix2pix"] button');
+
+  step('the stored checkpoints converted into a q8 pack in the browser, then loaded from it');
+  const fpChk = await page.evaluate(() => document.body.dataset.model);
+  const originals = await page.evaluate(async () => {
+    const root = await (await navigator.storage.getDirectory()).getDirectoryHandle('visii');
+    const st = JSON.parse(await (await (await (await root.getDirectoryHandle('instruct-pix2pix')).getFileHandle('state.json')).getFile()).text());
+    return Object.entries(st.files).filter(([k]) => k.endsWith('.safetensors')).reduce((a, [, v]) => a + v.size, 0);
+  });
+  await page.click('#stored tr[data-source="instruct-pix2pix"] button.convert');
+  await page.waitForFunction(() => (document.body.dataset.converted && /q8 pack/.test(document.getElementById('model-loaded').textContent)) || !document.getElementById('error-panel').hidden, null, { timeout: 600000 });
+  check(await page.evaluate(() => document.getElementById('error-panel').hidden), `converted and loaded: ${await page.textContent('#model-loaded')}`);
+  await shot('9b-converted');
+  const packBytes = await page.evaluate(() => Number(document.body.dataset.convertedBytes));
+  const fpPack = await page.evaluate(() => document.body.dataset.model);
+  check(packBytes > 0 && packBytes < 0.5 * originals, `q8 pack ${packBytes} bytes vs ${originals} bytes of stored weights`);
+  check(fpPack.split('-')[0] === fpChk.split('-')[0], `same architecture after conversion (${fpChk} -> ${fpPack})`);
+  await page.click('#stored tr[data-source="tiny"] button.load');
+  await page.waitForFunction(() => /wiring demo/.test(document.getElementById('model-loaded').textContent), null, { timeout: 300000 });
+  check(true, 'a stored model loads from the stored list');
+  await page.click('#stored tr[data-source="instruct-pix2pix"] button.delete');
   await page.waitForFunction(() => !document.querySelector('#stored tr[data-source="instruct-pix2pix"]'));
   check(true, 'a stored source can be deleted');
   if (failures) console.log(logs.join('\n'));

@@ -75,7 +75,7 @@ struct ShardEntry {
 }
 
 /// What a conversion produced.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct PackReport {
     pub tensors: usize,
     pub params: usize,
@@ -132,8 +132,7 @@ pub fn quantise(v: &[f32], block: usize) -> (Vec<i8>, Vec<f32>) {
     (q, scales)
 }
 
-struct ShardWriter<'a> {
-    dir: &'a Path,
+struct ShardWriter {
     component: String,
     stem: String,
     limit: usize,
@@ -145,9 +144,35 @@ struct ShardWriter<'a> {
     weight_map: BTreeMap<String, String>,
     shards: Vec<ShardEntry>,
     entries: Vec<TensorEntry>,
+    /// Finished files (relative path, bytes) not yet handed out.
+    out: Vec<(String, Vec<u8>)>,
 }
 
-impl ShardWriter<'_> {
+fn rel_path(component: &str, name: &str) -> String {
+    if component.is_empty() {
+        name.to_string()
+    } else {
+        format!("{component}/{name}")
+    }
+}
+
+impl ShardWriter {
+    fn new(component: &str, stem: &str, limit: usize) -> Self {
+        Self {
+            component: component.into(),
+            stem: stem.into(),
+            limit,
+            current: vec![],
+            meta: Default::default(),
+            current_bytes: 0,
+            count: 0,
+            weight_map: BTreeMap::new(),
+            shards: vec![],
+            entries: vec![],
+            out: vec![],
+        }
+    }
+
     /// Add tensors that must share a shard (an int8 tensor and its scales): a new shard is
     /// started unless they all fit in the current one.
     fn add(&mut self, group: Vec<(String, Dtype, Vec<usize>, Vec<u8>)>) -> Result<()> {
@@ -160,16 +185,13 @@ impl ShardWriter<'_> {
         Ok(())
     }
 
-    fn shard_name(&self) -> String {
-        format!("{}-{:05}.safetensors", self.stem, self.count)
-    }
-
     fn flush(&mut self) -> Result<()> {
         if self.current.is_empty() {
             return Ok(());
         }
-        let name = self.shard_name();
-        let io = |e: String| ModelError::Io { path: self.dir.join(&self.component).join(&name).display().to_string(), message: e };
+        let name = format!("{}-{:05}.safetensors", self.stem, self.count);
+        let path = rel_path(&self.component, &name);
+        let io = |e: String| ModelError::Io { path: path.clone(), message: e };
         let views: Vec<(String, TensorView)> = self
             .current
             .iter()
@@ -191,17 +213,15 @@ impl ShardWriter<'_> {
                     Dtype::F16 => "f16",
                     _ => "f32",
                 },
-                shard: format!("{}/{}", self.component, name),
+                shard: path.clone(),
                 offset: 8 + header_len + a,
                 bytes: b - a,
             });
         }
-        let dir = if self.component.is_empty() { self.dir.to_path_buf() } else { self.dir.join(&self.component) };
-        std::fs::create_dir_all(&dir).map_err(|e| io(e.to_string()))?;
-        std::fs::write(dir.join(&name), &bytes).map_err(|e| io(e.to_string()))?;
         use sha2::Digest;
         let sha = sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
-        self.shards.push(ShardEntry { path: format!("{}/{}", self.component, name), bytes: bytes.len() as u64, sha256: sha });
+        self.shards.push(ShardEntry { path: path.clone(), bytes: bytes.len() as u64, sha256: sha });
+        self.out.push((path, bytes));
         self.current.clear();
         self.current_bytes = 0;
         self.count += 1;
@@ -240,125 +260,172 @@ fn convert_tensor(w: &mut ShardWriter, file: &WeightFile, name: &str, quant: Qua
     Ok(n)
 }
 
-/// Convert one component's weights into `out/<component>/<stem>-NNNNN.safetensors` + index.
-#[allow(clippy::too_many_arguments)]
-fn convert_component(
-    out: &Path,
-    component: &str,
-    stem: &str,
-    files: &[WeightFile],
-    keep: &dyn Fn(&str) -> bool,
+/// One component to convert: its weight files and the tensors kept, in order.
+struct Job {
+    component: &'static str,
+    stem: &'static str,
+    files: Vec<WeightFile>,
+    tensors: Vec<(usize, String)>,
     quant: Quant,
+}
+
+impl Job {
+    fn new(component: &'static str, stem: &'static str, files: Vec<WeightFile>, keep: &dyn Fn(&str) -> bool, quant: Quant) -> Self {
+        let mut tensors = vec![];
+        for (i, f) in files.iter().enumerate() {
+            let mut names: Vec<String> = f.names().filter(|n| keep(n)).map(String::from).collect();
+            names.sort();
+            tensors.extend(names.into_iter().map(|n| (i, n)));
+        }
+        Self { component, stem, files, tensors, quant }
+    }
+}
+
+/// Converts a model into a pack one tensor at a time and hands out the pack's files as they are
+/// finished ([`PackConverter::next_file`]), so the caller stores each where it wants (a folder
+/// natively, OPFS in the browser) and at most one shard is held in memory.
+pub struct PackConverter {
+    ready: std::collections::VecDeque<(String, Vec<u8>)>,
+    jobs: std::collections::VecDeque<Job>,
+    current: Option<(Job, ShardWriter, usize)>,
     shard_bytes: usize,
-    report: &mut (Vec<ShardEntry>, Vec<TensorEntry>, usize),
-) -> Result<()> {
-    let mut w = ShardWriter {
-        dir: out,
-        component: component.to_string(),
-        stem: stem.to_string(),
-        limit: shard_bytes,
-        current: vec![],
-        meta: Default::default(),
-        current_bytes: 0,
-        count: 0,
-        weight_map: BTreeMap::new(),
-        shards: vec![],
-        entries: vec![],
-    };
-    for f in files {
-        let mut names: Vec<String> = f.names().map(String::from).collect();
-        names.sort();
-        for n in names.iter().filter(|n| keep(n)) {
-            report.2 += convert_tensor(&mut w, f, n, quant)?;
+    shards: Vec<ShardEntry>,
+    entries: Vec<TensorEntry>,
+    params: usize,
+    header: serde_json::Value,
+    report: Option<PackReport>,
+    /// Tensors converted so far and in all, for progress.
+    pub done_tensors: usize,
+    pub total_tensors: usize,
+}
+
+impl PackConverter {
+    /// `quant` for the InstructPix2Pix networks, `clip_quant` for the CLIP vision side.
+    pub fn new(ip2p: &Ip2pFolder, clip: &ClipFolder, quant: Quant, clip_quant: Quant, shard_mb: usize) -> Result<Self> {
+        let f = &ip2p.files;
+        let mut ready = std::collections::VecDeque::new();
+        // Text files as they are.
+        for rel in ["model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json"] {
+            ready.push_back((rel.to_string(), f.read(rel)?));
+        }
+        for rel in ["tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"] {
+            let r = format!("tokenizer/{rel}");
+            if f.exists(&r) {
+                ready.push_back((r.clone(), f.read(&r)?));
+            }
+        }
+        for rel in ["config.json", "preprocessor_config.json"] {
+            if clip.files.exists(rel) {
+                ready.push_back((format!("clip/{rel}"), clip.files.read(rel)?));
+            }
+        }
+        let all = |_: &str| true;
+        let not_buffer = |n: &str| !n.ends_with("position_ids");
+        // CLIP: only what the CLIP loss uses.
+        let clip_used =
+            |n: &str| (n.starts_with("vision_model.") || n.starts_with("visual_projection.") || n.starts_with("text_projection.")) && not_buffer(n);
+        let jobs: std::collections::VecDeque<Job> = [
+            Job::new("unet", "diffusion_pytorch_model", weight_files(f, "unet", "diffusion_pytorch_model")?, &all, quant),
+            Job::new("vae", "diffusion_pytorch_model", weight_files(f, "vae", "diffusion_pytorch_model")?, &all, quant),
+            Job::new("text_encoder", "model", weight_files(f, "text_encoder", "model")?, &not_buffer, quant),
+            Job::new("clip", "model", weight_files(&clip.files, "", "model")?, &clip_used, clip_quant),
+        ]
+        .into();
+        let total_tensors = jobs.iter().map(|j| j.tensors.len()).sum();
+        let header = serde_json::json!({
+            "format": FORMAT, "format_version": 1, "quant": quant, "clip_quant": clip_quant, "shard_mb": shard_mb,
+            "sources": {
+                "ip2p": { "name": ip2p.name(), "revision": revision_of(&ip2p.files) },
+                "clip": { "name": clip.files.label(), "revision": revision_of(&clip.files) },
+            },
+        });
+        Ok(Self {
+            ready,
+            jobs,
+            current: None,
+            shard_bytes: shard_mb.max(1) << 20,
+            shards: vec![],
+            entries: vec![],
+            params: 0,
+            header,
+            report: None,
+            done_tensors: 0,
+            total_tensors,
+        })
+    }
+
+    /// The next finished file of the pack (relative path, bytes), or `None` when all are out
+    /// (`manifest.json` is the last).
+    pub fn next_file(&mut self) -> Result<Option<(String, Vec<u8>)>> {
+        loop {
+            if let Some(f) = self.ready.pop_front() {
+                return Ok(Some(f));
+            }
+            if self.report.is_some() {
+                return Ok(None);
+            }
+            match self.current.take() {
+                None => match self.jobs.pop_front() {
+                    Some(job) => {
+                        let w = ShardWriter::new(job.component, job.stem, self.shard_bytes);
+                        self.current = Some((job, w, 0));
+                    }
+                    None => self.finish(),
+                },
+                Some((job, mut w, i)) if i < job.tensors.len() => {
+                    let (fi, name) = &job.tensors[i];
+                    self.params += convert_tensor(&mut w, &job.files[*fi], name, job.quant)?;
+                    self.done_tensors += 1;
+                    self.ready.extend(w.out.drain(..));
+                    self.current = Some((job, w, i + 1));
+                }
+                Some((job, mut w, _)) => {
+                    w.flush()?;
+                    self.ready.extend(w.out.drain(..));
+                    let index = serde_json::json!({ "metadata": { "format": FORMAT }, "weight_map": w.weight_map });
+                    let path = rel_path(job.component, &format!("{}.safetensors.index.json", job.stem));
+                    self.ready.push_back((path, serde_json::to_string_pretty(&index).unwrap_or_default().into_bytes()));
+                    self.shards.append(&mut w.shards);
+                    self.entries.append(&mut w.entries);
+                }
+            }
         }
     }
-    w.flush()?;
-    let index = serde_json::json!({ "metadata": { "format": FORMAT }, "weight_map": w.weight_map });
-    let dir = if component.is_empty() { out.to_path_buf() } else { out.join(component) };
-    let p = dir.join(format!("{stem}.safetensors.index.json"));
-    std::fs::write(&p, serde_json::to_string_pretty(&index).unwrap_or_default())
-        .map_err(|e| ModelError::Io { path: p.display().to_string(), message: e.to_string() })?;
-    report.0.extend(w.shards);
-    report.1.extend(w.entries);
-    Ok(())
-}
 
-fn copy_file(files: &Files, rel: &str, out: &Path, to: &str) -> Result<()> {
-    let dst = out.join(to);
-    if let Some(parent) = dst.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| ModelError::Io { path: parent.display().to_string(), message: e.to_string() })?;
+    fn finish(&mut self) {
+        let bytes: u64 = self.shards.iter().map(|s| s.bytes).sum();
+        let joined: String = self.shards.iter().map(|s| s.sha256.as_str()).collect::<Vec<_>>().join(",");
+        use sha2::Digest;
+        let fingerprint: String = sha2::Sha256::digest(joined.as_bytes()).iter().take(8).map(|b| format!("{b:02x}")).collect();
+        let mut manifest = self.header.clone();
+        manifest["fingerprint"] = fingerprint.clone().into();
+        manifest["params"] = self.params.into();
+        manifest["bytes"] = bytes.into();
+        manifest["shards"] = serde_json::to_value(&self.shards).unwrap_or_default();
+        manifest["tensors"] = serde_json::to_value(&self.entries).unwrap_or_default();
+        self.ready.push_back(("manifest.json".into(), serde_json::to_string_pretty(&manifest).unwrap_or_default().into_bytes()));
+        self.report = Some(PackReport { tensors: self.entries.len(), params: self.params, bytes, shards: self.shards.len(), fingerprint });
     }
-    std::fs::write(&dst, files.read(rel)?).map_err(|e| ModelError::Io { path: dst.display().to_string(), message: e.to_string() })
+
+    /// What was produced (after the last file).
+    pub fn report(&self) -> Option<&PackReport> {
+        self.report.as_ref()
+    }
 }
 
-/// Convert an InstructPix2Pix folder and a CLIP folder into a pack at `out`; the CLIP side in
-/// `clip_quant`.
+/// Convert an InstructPix2Pix folder and a CLIP folder into a pack in folder `out`; the CLIP side
+/// in `clip_quant`.
 pub fn convert(ip2p: &Ip2pFolder, clip: &ClipFolder, out: &Path, quant: Quant, clip_quant: Quant, shard_mb: usize) -> Result<PackReport> {
-    std::fs::create_dir_all(out).map_err(|e| ModelError::Io { path: out.display().to_string(), message: e.to_string() })?;
-    let shard_bytes = shard_mb.max(1) << 20;
-    let f = &ip2p.files;
-    let mut report = (vec![], vec![], 0usize);
-    // Text files as they are.
-    for rel in ["model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json"] {
-        copy_file(f, rel, out, rel)?;
-    }
-    for rel in ["tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"] {
-        let r = format!("tokenizer/{rel}");
-        if f.exists(&r) {
-            copy_file(f, &r, out, &r)?;
+    let mut c = PackConverter::new(ip2p, clip, quant, clip_quant, shard_mb)?;
+    while let Some((rel, bytes)) = c.next_file()? {
+        let dst = out.join(&rel);
+        let io = |e: std::io::Error| ModelError::Io { path: dst.display().to_string(), message: e.to_string() };
+        if let Some(parent) = dst.parent() {
+            std::fs::create_dir_all(parent).map_err(io)?;
         }
+        std::fs::write(&dst, bytes).map_err(io)?;
     }
-    let all = |_: &str| true;
-    let not_buffer = |n: &str| !n.ends_with("position_ids");
-    convert_component(
-        out,
-        "unet",
-        "diffusion_pytorch_model",
-        &weight_files(f, "unet", "diffusion_pytorch_model")?,
-        &all,
-        quant,
-        shard_bytes,
-        &mut report,
-    )?;
-    convert_component(
-        out,
-        "vae",
-        "diffusion_pytorch_model",
-        &weight_files(f, "vae", "diffusion_pytorch_model")?,
-        &all,
-        quant,
-        shard_bytes,
-        &mut report,
-    )?;
-    convert_component(out, "text_encoder", "model", &weight_files(f, "text_encoder", "model")?, &not_buffer, quant, shard_bytes, &mut report)?;
-    // CLIP: only what the CLIP loss uses.
-    for rel in ["config.json", "preprocessor_config.json"] {
-        if clip.files.exists(rel) {
-            copy_file(&clip.files, rel, out, &format!("clip/{rel}"))?;
-        }
-    }
-    let used = |n: &str| n.starts_with("vision_model.") || n.starts_with("visual_projection.") || n.starts_with("text_projection.");
-    let used = move |n: &str| used(n) && not_buffer(n);
-    convert_component(out, "clip", "model", &weight_files(&clip.files, "", "model")?, &used, clip_quant, shard_bytes, &mut report)?;
-
-    let (shards, tensors, params) = report;
-    let bytes: u64 = shards.iter().map(|s| s.bytes).sum();
-    let joined: String = shards.iter().map(|s| s.sha256.as_str()).collect::<Vec<_>>().join(",");
-    use sha2::Digest;
-    let fingerprint: String = sha2::Sha256::digest(joined.as_bytes()).iter().take(8).map(|b| format!("{b:02x}")).collect();
-    let manifest = serde_json::json!({
-        "format": FORMAT, "format_version": 1, "quant": quant, "clip_quant": clip_quant, "shard_mb": shard_mb,
-        "sources": {
-            "ip2p": { "name": ip2p.name(), "revision": revision_of(&ip2p.files) },
-            "clip": { "name": clip.files.label(), "revision": revision_of(&clip.files) },
-        },
-        "fingerprint": fingerprint, "params": params, "bytes": bytes,
-        "shards": shards, "tensors": tensors,
-    });
-    let p = out.join("manifest.json");
-    std::fs::write(&p, serde_json::to_string_pretty(&manifest).unwrap_or_default())
-        .map_err(|e| ModelError::Io { path: p.display().to_string(), message: e.to_string() })?;
-    Ok(PackReport { tensors: tensors.len(), params, bytes, shards: shards.len(), fingerprint })
+    Ok(c.report.take().expect("a finished conversion has a report"))
 }
 
 /// The hub revision of a model folder, where its path says it: a Hugging Face cache snapshot

@@ -117,13 +117,20 @@ async fn init_device(spec_limits: bool) -> Result<Device, JsValue> {
     Ok(d)
 }
 
-#[wasm_bindgen(
-    inline_js = "export function read_blob(blob, offset, len) { return new Uint8Array(new FileReaderSync().readAsArrayBuffer(blob.slice(offset, offset + len))); }"
-)]
-extern "C" {
-    /// Synchronous ranged read of a `Blob` / `File` (OPFS or picked); only available in workers.
-    #[wasm_bindgen(catch)]
-    fn read_blob(blob: &JsValue, offset: f64, len: f64) -> Result<js_sys::Uint8Array, JsValue>;
+/// Synchronous ranged read of a `Blob` / `File` (OPFS or picked) with `FileReaderSync` (only in
+/// workers): `new FileReaderSync().readAsArrayBuffer(blob.slice(offset, offset + len))`. Through
+/// `Reflect` rather than an inline JS snippet, so the shipped files stay the ones the service
+/// worker caches.
+fn read_blob(blob: &JsValue, offset: f64, len: f64) -> Result<js_sys::Uint8Array, JsValue> {
+    use js_sys::{Function, Reflect};
+    let get = |o: &JsValue, k: &str| Reflect::get(o, &JsValue::from_str(k));
+    let ctor: Function =
+        get(&js_sys::global(), "FileReaderSync")?.dyn_into().map_err(|_| JsValue::from_str("FileReaderSync is not available here"))?;
+    let reader = Reflect::construct(&ctor, &js_sys::Array::new())?;
+    let slice: Function = get(blob, "slice")?.dyn_into()?;
+    let part = slice.call2(blob, &offset.into(), &(offset + len).into())?;
+    let read: Function = get(&reader, "readAsArrayBuffer")?.dyn_into()?;
+    Ok(js_sys::Uint8Array::new(&read.call1(&reader, &part)?))
 }
 
 /// A `Blob` read by range: model files stay in storage, only the tensor being loaded is copied
@@ -150,6 +157,46 @@ impl ByteSource for BlobSource {
         visii_models::READ_STATS.record(len);
         Ok(a.to_vec())
     }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, rename_all = "camelCase")]
+struct PackOpts {
+    quant: Option<String>,
+    clip_quant: Option<String>,
+    shard_mb: Option<usize>,
+}
+
+/// Convert stored model files (the fp16 checkpoints, `Map`s of path -> `File` as for `loadIp2p` /
+/// `loadClip`) into a weight pack, tensor by tensor: `onFile(path, bytes, doneTensors,
+/// totalTensors)` is called for each finished file (shards of at most `shardMb`, default 64 MB,
+/// then indexes and `manifest.json` last) and may return a Promise (it is awaited, so files are
+/// written before the next is made: the wasm heap holds one shard). `options`: `{ quant: "q8",
+/// clipQuant: "q4", shardMb: 64 }`. Resolves to `{ tensors, params, bytes, shards, fingerprint }`.
+#[wasm_bindgen(js_name = convertPack)]
+pub async fn convert_pack(ip2p: js_sys::Map, clip: js_sys::Map, options: JsValue, on_file: js_sys::Function) -> Result<JsValue, JsValue> {
+    use visii_models::pack::{PackConverter, Quant};
+    let o: PackOpts =
+        if options.is_undefined() { PackOpts::default() } else { serde_wasm_bindgen::from_value(options).map_err(|e| error("OptionsError", e))? };
+    let quant: Quant = o.quant.as_deref().unwrap_or("q8").parse().map_err(|e| error("OptionsError", e))?;
+    let clip_quant: Quant = match o.clip_quant.as_deref() {
+        Some(q) => q.parse().map_err(|e| error("OptionsError", e))?,
+        None if matches!(quant, Quant::Q8 | Quant::Q8Block) => Quant::Q4,
+        None => quant,
+    };
+    let ip = Ip2pFolder::from_files(files_from("model", &ip2p)).map_err(|e| error("ModelError", e))?;
+    let cf = ClipFolder::from_files(files_from("clip", &clip)).map_err(|e| error("ModelError", e))?;
+    let mut c = PackConverter::new(&ip, &cf, quant, clip_quant, o.shard_mb.unwrap_or(64)).map_err(|e| error("ModelError", e))?;
+    while let Some((path, bytes)) = c.next_file().map_err(|e| error("ModelError", e))? {
+        let arr = js_sys::Uint8Array::from(&bytes[..]);
+        drop(bytes);
+        let args = js_sys::Array::of4(&path.into(), &arr, &(c.done_tensors as f64).into(), &(c.total_tensors as f64).into());
+        let r = on_file.apply(&JsValue::NULL, &args)?;
+        if let Ok(p) = r.dyn_into::<js_sys::Promise>() {
+            wasm_bindgen_futures::JsFuture::from(p).await?;
+        }
+    }
+    Ok(to_js(&c.report()))
 }
 
 /// Streaming sha256 (WebCrypto digests only whole buffers), for verifying stored model files.
