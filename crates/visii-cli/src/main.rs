@@ -290,6 +290,17 @@ fn main() -> ExitCode {
 
 fn inspect(model: &std::path::Path, clip: Option<&std::path::Path>, as_json: bool, dev: Device) -> Result<(), Box<dyn std::error::Error>> {
     let folder = Ip2pFolder::open(model)?;
+    // Load time, bytes in use on the device and the largest single read, per component.
+    let mut clock = Instant::now();
+    let memory = |t: &mut Instant| {
+        let (_, largest) = visii_models::READ_STATS.get();
+        visii_models::READ_STATS.reset();
+        let v = json!({"load_s": t.elapsed().as_secs_f64(), "device_bytes_in_use": dev.memory_pool_usage().map(|u| u.bytes_in_use),
+                       "largest_read_bytes": largest});
+        *t = Instant::now();
+        v
+    };
+    visii_models::READ_STATS.reset();
     let unet = folder.unet(&dev)?;
     let u = &unet.config;
     let mut report = serde_json::Map::new();
@@ -298,7 +309,7 @@ fn inspect(model: &std::path::Path, clip: Option<&std::path::Path>, as_json: boo
         json!({"params": unet.params, "in_channels": u.in_channels, "out_channels": u.out_channels,
                "block_out_channels": u.block_out_channels, "layers_per_block": u.layers_per_block,
                "cross_attention_dim": u.cross_attention_dim, "attention_heads": (0..u.block_out_channels.len()).map(|i| u.heads(i)).collect::<Vec<_>>(),
-               "use_linear_projection": u.use_linear_projection, "norm_num_groups": u.norm_num_groups}),
+               "use_linear_projection": u.use_linear_projection, "norm_num_groups": u.norm_num_groups, "memory": memory(&mut clock)}),
     );
     drop(unet);
     let vae = folder.vae(&dev)?;
@@ -306,7 +317,7 @@ fn inspect(model: &std::path::Path, clip: Option<&std::path::Path>, as_json: boo
     report.insert(
         "vae".into(),
         json!({"params": vae.params, "block_out_channels": v.block_out_channels, "layers_per_block": v.layers_per_block,
-               "latent_channels": v.latent_channels, "scaling_factor": v.scaling_factor, "downscale": v.downscale()}),
+               "latent_channels": v.latent_channels, "scaling_factor": v.scaling_factor, "downscale": v.downscale(), "memory": memory(&mut clock)}),
     );
     drop(vae);
     let te = folder.text_encoder(&dev)?;
@@ -316,7 +327,7 @@ fn inspect(model: &std::path::Path, clip: Option<&std::path::Path>, as_json: boo
         "text_encoder".into(),
         json!({"params": te.params, "hidden_size": t.hidden_size, "layers": t.num_hidden_layers, "heads": t.num_attention_heads,
                "max_positions": t.max_position_embeddings, "vocab_size": t.vocab_size, "hidden_act": t.hidden_act,
-               "tokenizer_vocab": tok.vocab_size(), "pad_id": tok.pad_id}),
+               "tokenizer_vocab": tok.vocab_size(), "pad_id": tok.pad_id, "memory": memory(&mut clock)}),
     );
     drop(te);
     if let Some(c) = clip {
@@ -328,15 +339,20 @@ fn inspect(model: &std::path::Path, clip: Option<&std::path::Path>, as_json: boo
             json!({"params": parts.model.vision_params, "hidden_size": vc.hidden_size, "layers": vc.num_hidden_layers,
                    "heads": vc.num_attention_heads, "patch_size": vc.patch_size, "image_size": vc.image_size,
                    "projection_dim": parts.config.projection_dim.unwrap_or(vc.projection_dim),
-                   "text_projection_params": parts.model.text_projection_params}),
+                   "text_projection_params": parts.model.text_projection_params, "memory": memory(&mut clock)}),
         );
     }
+    report.insert("peak_rss_bytes".into(), json!(peak_rss()));
     if as_json {
         println!("{}", serde_json::to_string_pretty(&serde_json::Value::Object(report))?);
     } else {
         println!("{:<14} {:>14}  config", "component", "parameters");
         for (k, v) in &report {
-            let mut rest = v.as_object().unwrap().clone();
+            let Some(rest) = v.as_object() else {
+                println!("{k:<14} {v}");
+                continue;
+            };
+            let mut rest = rest.clone();
             let p = rest.remove("params").and_then(|p| p.as_u64()).unwrap_or(0);
             println!("{:<14} {:>14}  {}", k, group_digits(p), serde_json::Value::Object(rest));
         }
