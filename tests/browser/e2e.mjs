@@ -261,6 +261,16 @@ try {
   check(true, `a safetensors file that is not an instruction is refused: ${await page.textContent('#error-text')}`);
   await dismiss();
 
+  step('paste an image from the clipboard');
+  await page.evaluate(async (b) => {
+    const dt = new DataTransfer();
+    dt.items.add(new File([new Uint8Array(b)], 'pasted.png', { type: 'image/png' }));
+    document.getElementById('slot-edit').focus();
+    document.dispatchEvent(new ClipboardEvent('paste', { clipboardData: dt, bubbles: true, cancelable: true }));
+  }, Array.from(readFileSync(join(fx, 'images', 'before.png'))));
+  await page.waitForFunction(() => document.querySelector('#slot-edit img').naturalWidth === 80, null, { timeout: 60000 });
+  check(true, 'a pasted PNG fills the image slot (80 x 56)');
+
   step('the real-model source, from a local mirror in the hub layout');
   await browser.setOffline(false);
   await new Promise((r) => server.listen(port, '127.0.0.1', r));

@@ -30,6 +30,7 @@ const dirBytes = (d) => readdirSync(d).reduce((a, f) => { const p = join(d, f); 
 const { server, port } = await serve({ root });
 const results = { pack, packBytes: dirBytes(pack), px };
 let browser;
+let ticker;
 try {
   browser = await chromium.launchPersistentContext(mkdtempSync(join(tmpdir(), 'visii-chrome-')), {
     executablePath: '/usr/bin/chromium', headless: true, args: flags, viewport: { width: 1200, height: 1800 },
@@ -37,6 +38,10 @@ try {
   const page = browser.pages()[0] || await browser.newPage();
   page.on('console', (m) => console.log(`[page ${m.type()}] ${m.text()}`));
   page.on('pageerror', (e) => console.log(`[pageerror] ${e.message}`));
+  // Progress lines every minute (a full-size step on SwiftShader takes tens of minutes).
+  ticker = setInterval(async () => {
+    try { console.log(`  ${new Date().toISOString().slice(11, 19)} learn: ${await page.textContent('#learn-text')} | apply: ${await page.textContent('#apply-text')}`); } catch {}
+  }, 60000);
   const waitData = async (key, value) => {
     await page.waitForFunction(([k, v]) => document.body.dataset[k] === v || !document.getElementById('error-panel').hidden, [key, value], { timeout: 6 * hours, polling: 1000 });
     if (await page.evaluate(([k, v]) => document.body.dataset[k] !== v, [key, value])) {
@@ -81,6 +86,7 @@ try {
   console.log(`one apply step at ${px} px (3 UNet rows) incl. VAE: ${results.applyStepSeconds.toFixed(1)} s`);
   await page.screenshot({ path: join(out, 'fullsize-applied.png'), fullPage: true });
 } finally {
+  clearInterval(ticker);
   writeFileSync(join(out, 'fullsize.json'), JSON.stringify(results, null, 2));
   console.log(JSON.stringify(results));
   if (browser) await browser.close();

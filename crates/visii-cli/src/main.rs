@@ -700,7 +700,7 @@ fn bench(
         );
         times.push((name, r["run_s"].as_f64().unwrap_or(f64::NAN)));
     }
-    for w in times.windows(2) {
+    for w in times.windows(2).filter(|w| w[1].0 != "pytorch") {
         println!("time ratio {}/{}: {:.2}", w[0].0, w[1].0, w[0].1 / w[1].1);
     }
     if let Some((_, t)) = times.iter().find(|(n, _)| n == "pytorch") {
