@@ -22,6 +22,20 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures"
 
+# `timbrooks/instruct-pix2pix/unet/config.json` (SD1.5 shape, 8 input channels); torch_bench.py uses it too.
+UNET = dict(
+    sample_size=64,
+    in_channels=8,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    norm_num_groups=32,
+)
+
 
 def main(out: Path) -> None:
     torch.manual_seed(0)
@@ -29,18 +43,7 @@ def main(out: Path) -> None:
     for d in (ip2p, clip):
         d.mkdir(parents=True, exist_ok=True)
 
-    unet = UNet2DConditionModel(
-        sample_size=64,
-        in_channels=8,
-        out_channels=4,
-        layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
+    unet = UNet2DConditionModel(**UNET)
     print("unet params", sum(p.numel() for p in unet.parameters()), flush=True)
     unet.half().save_pretrained(ip2p / "unet", variant="fp16")
     del unet

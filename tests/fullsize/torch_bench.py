@@ -16,19 +16,8 @@ import torch
 from diffusers import UNet2DConditionModel
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures"
-
-FULL = dict(
-    sample_size=64,
-    in_channels=8,
-    out_channels=4,
-    layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768,
-    attention_head_dim=8,
-    norm_num_groups=32,
-)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_fullsize import UNET  # noqa: E402
 
 
 def main() -> None:
@@ -41,7 +30,7 @@ def main() -> None:
     torch.manual_seed(0)
     t0 = time.perf_counter()
     if a.config == "full":
-        unet = UNet2DConditionModel(**FULL)
+        unet = UNet2DConditionModel(**UNET)
     else:
         unet = UNet2DConditionModel.from_config(json.loads((FIX / "tiny-ip2p/unet/config.json").read_text()))
     unet.eval().requires_grad_(False)
