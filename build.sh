@@ -217,6 +217,7 @@ run_fullsize() {
   cargo build -p visii-cli
   [ -f "$dir/pack/manifest.json" ] || { log "q8 pack -> $dir/pack"; "$CARGO_TARGET_DIR/debug/visii" convert --model "$dir/ip2p" --clip "$dir/clip" -o "$dir/pack"; }
   package_wasm
+  package_models
   deps_browser
   ln -sfn "$TOOLS/node/node_modules" tests/browser/node_modules
   log "the full-size pack in headless Chromium (SwiftShader WebGPU, spec default limits)"

@@ -108,6 +108,9 @@ worker.onmessage = ({ data }) => {
         $('gpu-selftest').textContent = 'failed: reload the page';
         $('gpu-selftest').className = 'bad';
         document.body.dataset.ready = 'no';
+        // Nothing can run on a dead engine: no model, buttons off.
+        state.model = null;
+        updateButtons();
       }
       if (p) { pending.delete(data.id); p.reject(data); return; }
       showWorkerError(data);

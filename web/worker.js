@@ -18,7 +18,8 @@ let hub = null;
 let sources = null;
 let downloadAbort = null;
 const post = (m, transfer) => self.postMessage(m, transfer || []);
-const fail = (e, id) => {
+const postSources = async () => post({ type: 'sources', sources: await loadSources(), stored: await listStored() });
+const fail = (e, id, type) => {
   const message = String((e && e.message) || e);
   let name = (e && e.name) || 'Error';
   // A wasm trap after a GPU failure: the module cannot continue.
@@ -27,7 +28,8 @@ const fail = (e, id) => {
     // A trapped wasm module cannot continue: the page has to start over.
     engine = null;
   }
-  post({ type: 'error', id, name, message, fatal: !engine });
+  // Fatal: the engine is gone (or never started); a bad file while no engine exists (inspect) is not.
+  post({ type: 'error', id, name, message, fatal: !engine && (name === 'GpuError' || type === 'init') });
 };
 
 async function loadSources() {
@@ -56,7 +58,7 @@ const handlers = {
     post({ type: 'ready', version: version(), selftest: await gpuSelftest(), limits: msg.limits || 'adapter' });
   },
   async sources() {
-    post({ type: 'sources', sources: await loadSources(), stored: await listStored() });
+    await postSources();
   },
   async prepare(msg) {
     const src = (await loadSources()).find((s) => s.id === msg.source);
@@ -67,7 +69,7 @@ const handlers = {
     } finally {
       downloadAbort = null;
     }
-    post({ type: 'sources', sources, stored: await listStored() });
+    await postSources();
     await loadInto(src.id, src.label, src.ip2p.files, src.clip.files, src);
   },
   async local(msg) {
@@ -77,7 +79,7 @@ const handlers = {
     for (const [component, list] of [['ip2p', msg.ip2p], ['clip', msg.clip]]) {
       for (const { path, file } of list) await putFile(id, `${component}/${path}`, file, `Files from this computer (${msg.ip2pName || 'model'})`);
     }
-    post({ type: 'sources', sources: await loadSources(), stored: await listStored() });
+    await postSources();
     await loadInto(id, msg.ip2pName || 'Files from this computer', null, null, null);
   },
   async loadStored(msg) {
@@ -101,14 +103,14 @@ const handlers = {
       await putFile(target, path.startsWith('clip/') ? path : `ip2p/${path}`, bytes, label);
       post({ type: 'convert', source: msg.source, path, done, total, bytes: bytes.byteLength, seconds: (performance.now() - t0) / 1000 });
     });
-    post({ type: 'sources', sources: await loadSources(), stored: await listStored() });
+    await postSources();
     post({ type: 'converted', source: msg.source, target, report });
     await loadInto(target, label, null, null, null);
   },
   async delete(msg) {
     if (downloadAbort) throw Object.assign(new Error('a download is running: stop it before deleting stored models'), { name: 'OptionsError' });
     await deleteSource(msg.source);
-    post({ type: 'sources', sources: await loadSources(), stored: await listStored() });
+    await postSources();
   },
   async learn(msg) {
     const befores = msg.befores.map((b) => new Uint8Array(b));
@@ -141,6 +143,6 @@ self.onmessage = async ({ data }) => {
     await h(data);
     if (['prepare', 'local', 'delete', 'loadStored', 'convert'].includes(data.type)) post({ type: 'done', id: data.id });
   } catch (e) {
-    fail(e, data.id);
+    fail(e, data.id, data.type);
   }
 };

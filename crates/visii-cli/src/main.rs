@@ -590,8 +590,7 @@ fn convert(
     let quant: Quant = quant.parse()?;
     let clip_quant: Quant = match clip_quant {
         Some(q) => q.parse()?,
-        None if matches!(quant, Quant::Q8 | Quant::Q8Block) => Quant::Q4,
-        None => quant,
+        None => quant.default_clip(),
     };
     let t0 = Instant::now();
     let ip2p = Ip2pFolder::open(model)?;

@@ -155,12 +155,16 @@ impl ClipEncoderLayer {
 
 /// An embedding table `[rows, hidden]` as row chunks that each fit half the buffer budget.
 fn load_table(vb: &Vb, rows: usize, hidden: usize) -> Result<Vec<Param<Tensor<2>>>> {
-    let values = vb.values("weight", &[rows, hidden])?;
+    let mut values = vb.values("weight", &[rows, hidden])?;
     let per = ((crate::nn::max_buffer_bytes() / 2) as usize / (hidden * 4).max(1)).clamp(1, rows.max(1));
-    Ok(values
-        .chunks(per * hidden)
-        .map(|c| Param::from_tensor(Tensor::from_data(TensorData::new(c.to_vec(), [c.len() / hidden, hidden]), vb.device())))
-        .collect())
+    // Split from the end, so the host holds the table plus one chunk at most (one chunk: no copy).
+    let mut chunks = vec![];
+    for start in (0..rows).step_by(per).rev() {
+        let c = if start == 0 { std::mem::take(&mut values) } else { values.split_off(start * hidden) };
+        chunks.push(Param::from_tensor(Tensor::from_data(TensorData::new(c, [rows.min(start + per) - start, hidden]), vb.device())));
+    }
+    chunks.reverse();
+    Ok(chunks)
 }
 
 fn load_layers(vb: &Vb, n: usize, hidden: usize, inter: usize, heads: usize, eps: f64, qg: bool) -> Result<Vec<ClipEncoderLayer>> {

@@ -43,6 +43,17 @@ pub enum Quant {
     F32,
 }
 
+impl Quant {
+    /// The CLIP vision tower's default scheme for a pack in `self`: 4-bit for int8 packs (it only
+    /// steers the learning direction), else the same.
+    pub fn default_clip(self) -> Quant {
+        match self {
+            Quant::Q8 | Quant::Q8Block => Quant::Q4,
+            q => q,
+        }
+    }
+}
+
 impl std::str::FromStr for Quant {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
@@ -89,22 +100,32 @@ fn block_len(row: usize, max: usize) -> usize {
     (1..=max.min(row)).rev().find(|d| row % d == 0).unwrap_or(1)
 }
 
-/// 4-bit symmetric quantisation in blocks of `block`: packed bytes (two values each, low nibble
-/// first, stored as value + 8 in 1..=15) and one scale per block.
-pub fn quantise4(v: &[f32], block: usize) -> (Vec<u8>, Vec<f32>) {
-    let mut nibbles = Vec::with_capacity(v.len() + 1);
+/// Symmetric quantisation to integers in -levels..=levels, one scale per block of `block`
+/// values; `stored` rounds a scale to how it is stored, so values are quantised with the scale
+/// that will be read back.
+fn quantise_blocks(v: &[f32], block: usize, levels: f32, stored: impl Fn(f32) -> f32) -> (Vec<i8>, Vec<f32>) {
+    let mut q = Vec::with_capacity(v.len());
     let mut scales = Vec::with_capacity(v.len() / block);
     for chunk in v.chunks(block) {
         let m = chunk.iter().fold(0f32, |a, x| a.max(x.abs()));
-        // The scale is stored in f16: quantise with the value that will be read back.
-        let s = half::f16::from_f32(if m > 0.0 { m / 7.0 } else { 1.0 }).to_f32();
+        let s = stored(if m > 0.0 { m / levels } else { 1.0 });
         scales.push(s);
-        nibbles.extend(chunk.iter().map(|x| ((x / s).round().clamp(-7.0, 7.0) as i8 + 8) as u8));
+        q.extend(chunk.iter().map(|x| (x / s).round().clamp(-levels, levels) as i8));
     }
-    if nibbles.len() % 2 == 1 {
-        nibbles.push(8);
-    }
-    (nibbles.chunks(2).map(|p| p[0] | (p[1] << 4)).collect(), scales)
+    (q, scales)
+}
+
+/// int8 quantisation of `v` in blocks of `block`: (values, one f32 scale per block).
+pub fn quantise(v: &[f32], block: usize) -> (Vec<i8>, Vec<f32>) {
+    quantise_blocks(v, block, 127.0, |s| s)
+}
+
+/// 4-bit quantisation in blocks of `block`: packed bytes (two values each, low nibble first,
+/// stored as value + 8 in 1..=15) and one scale per block (stored in f16).
+pub fn quantise4(v: &[f32], block: usize) -> (Vec<u8>, Vec<f32>) {
+    let (q, scales) = quantise_blocks(v, block, 7.0, |s| half::f16::from_f32(s).to_f32());
+    let nibble = |x: Option<&i8>| (x.copied().unwrap_or(0) + 8) as u8;
+    (q.chunks(2).map(|p| nibble(p.first()) | (nibble(p.get(1)) << 4)).collect(), scales)
 }
 
 /// Inverse of [`quantise4`] for `n` values.
@@ -117,19 +138,6 @@ pub fn dequantise4(packed: &[u8], scales: &[f32], n: usize) -> Vec<f32> {
             (q as f32 - 8.0) * scales[i / block]
         })
         .collect()
-}
-
-/// Quantise `v` (rows of `row` values) in blocks of `block`: (int8 values, one scale per block).
-pub fn quantise(v: &[f32], block: usize) -> (Vec<i8>, Vec<f32>) {
-    let mut q = Vec::with_capacity(v.len());
-    let mut scales = Vec::with_capacity(v.len() / block);
-    for chunk in v.chunks(block) {
-        let m = chunk.iter().fold(0f32, |a, x| a.max(x.abs()));
-        let s = if m > 0.0 { m / 127.0 } else { 1.0 };
-        scales.push(s);
-        q.extend(chunk.iter().map(|x| (x / s).round().clamp(-127.0, 127.0) as i8));
-    }
-    (q, scales)
 }
 
 struct ShardWriter {

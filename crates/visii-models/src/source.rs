@@ -27,7 +27,6 @@ impl ByteSource for Arc<[u8]> {
     }
     fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, String> {
         let a = usize::try_from(offset).map_err(|e| e.to_string())?;
-        READ_STATS.record(len);
         self.get(a..a.saturating_add(len)).map(<[u8]>::to_vec).ok_or_else(|| format!("range {a}+{len} is past the end ({} bytes)", self.len()))
     }
 }
@@ -55,12 +54,11 @@ impl ByteSource for DiskFile {
         f.seek(SeekFrom::Start(offset)).map_err(|e| e.to_string())?;
         let mut buf = vec![0; len];
         f.read_exact(&mut buf).map_err(|e| e.to_string())?;
-        READ_STATS.record(len);
         Ok(buf)
     }
 }
 
-/// Process-wide counters of ranged reads (bytes in total and the largest single read), so tests
+/// Process-wide counters of tensor reads (`WeightFile::raw`) (bytes in total and the largest single read), so tests
 /// and benchmarks can show that loading never held more than one tensor at a time.
 pub struct ReadStats {
     total: AtomicU64,

@@ -92,7 +92,6 @@ impl WeightFile {
                 return Err(bad(format!("tensor {k}: {:?} {:?} cannot hold 4-bit values of shape {shape:?}", info.dtype, info.shape)));
             }
             info.shape = shape;
-            info.dtype = Dtype::U8;
             packed4.insert(k);
         }
         Ok(Self { name, source, data_start, tensors, packed4 })
@@ -108,11 +107,6 @@ impl WeightFile {
         self.tensors.get(name).map(|t| t.shape.as_slice())
     }
 
-    /// Stored dtype of a tensor, if present.
-    pub fn dtype(&self, name: &str) -> Option<Dtype> {
-        self.tensors.get(name).map(|t| t.dtype)
-    }
-
     /// A tensor's stored bytes.
     pub fn raw(&self, name: &str) -> Result<Vec<u8>> {
         let info = self.tensors.get(name).ok_or_else(|| ModelError::MissingTensor {
@@ -121,6 +115,7 @@ impl WeightFile {
             expected: vec![],
         })?;
         let (a, b) = info.data_offsets;
+        crate::source::READ_STATS.record(b - a);
         self.source.read_at((self.data_start + a) as u64, b - a).map_err(|e| ModelError::Io { path: format!("{} ({name})", self.name), message: e })
     }
 

@@ -9,7 +9,7 @@
 //! `1..eos` reset to their initial values.
 
 use burn::nn::Linear;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{Bool, Tensor, TensorData};
 
 use crate::apply::Ip2p;
 use visii_models::UNet2DConditionModel;
@@ -52,8 +52,8 @@ pub struct Inversion {
     pub image_guidance: f32,
     m: Tensor<3>,
     v: Tensor<3>,
-    /// 1 on the learned span (positions 1..eos), 0 elsewhere, [1, positions, hidden]; made once.
-    span: Tensor<3>,
+    /// True on the learned span (positions 1..eos), [1, positions, hidden]; made once.
+    span: Tensor<3, Bool>,
     step: i32,
 }
 
@@ -77,8 +77,8 @@ impl Inversion {
     pub async fn new_async(c0: Tensor<3>, uncond: Tensor<3>, direction: Tensor<1>, eos: usize, adam: AdamWConfig) -> Self {
         let clip_value = crate::read_f32(c0.clone().max()).await.first().copied().unwrap_or(f32::INFINITY);
         let [_, rows, hidden] = c0.dims();
-        let keep: Vec<f32> = (0..rows).map(|k| if (1..eos).contains(&k) { 1.0 } else { 0.0 }).collect();
-        let span = Tensor::<3>::from_data(TensorData::new(keep, [1, rows, 1]), &c0.device()).expand([1, rows, hidden]);
+        let keep: Vec<bool> = (0..rows).map(|k| (1..eos).contains(&k)).collect();
+        let span = Tensor::<3, Bool>::from_data(TensorData::new(keep, [1, rows, 1]), &c0.device()).expand([1, rows, hidden]);
         Self {
             span,
             c: c0.clone(),
@@ -204,8 +204,7 @@ impl Inversion {
 
     /// Positions 0 (BOS) and eos.. (EOS and padding) return to their initial values.
     fn reset_outside_span(&mut self) {
-        let outside = self.span.clone().neg().add_scalar(1.0);
-        self.c = self.c.clone() * self.span.clone() + self.c0.clone() * outside;
+        self.c = self.c0.clone().mask_where(self.span.clone(), self.c.clone());
     }
 }
 

@@ -154,7 +154,6 @@ impl ByteSource for BlobSource {
         if a.length() as usize != len {
             return Err(format!("read {} of {len} bytes at {offset}: the stored file changed or is truncated", a.length()));
         }
-        visii_models::READ_STATS.record(len);
         Ok(a.to_vec())
     }
 }
@@ -181,8 +180,7 @@ pub async fn convert_pack(ip2p: js_sys::Map, clip: js_sys::Map, options: JsValue
     let quant: Quant = o.quant.as_deref().unwrap_or("q8").parse().map_err(|e| error("OptionsError", e))?;
     let clip_quant: Quant = match o.clip_quant.as_deref() {
         Some(q) => q.parse().map_err(|e| error("OptionsError", e))?,
-        None if matches!(quant, Quant::Q8 | Quant::Q8Block) => Quant::Q4,
-        None => quant,
+        None => quant.default_clip(),
     };
     let ip = Ip2pFolder::from_files(files_from("model", &ip2p)).map_err(|e| error("ModelError", e))?;
     let cf = ClipFolder::from_files(files_from("clip", &clip)).map_err(|e| error("ModelError", e))?;
@@ -229,7 +227,11 @@ fn files_from(name: &str, files: &js_sys::Map) -> Files {
         let Some(k) = key.as_string() else { return };
         let k = k.trim_start_matches("./").to_string();
         if let Some(v) = value.dyn_ref::<js_sys::Uint8Array>() {
-            map.insert(k, Arc::new(Arc::<[u8]>::from(v.to_vec())));
+            // One copy, straight from JS memory into the buffer the loader reads.
+            let mut buf = Arc::<[u8]>::new_uninit_slice(v.length() as usize);
+            v.copy_to_uninit(Arc::get_mut(&mut buf).expect("a new Arc is unique"));
+            // SAFETY: copy_to_uninit initialised every byte.
+            map.insert(k, Arc::new(unsafe { buf.assume_init() }));
         } else if let Some(size) = js_sys::Reflect::get(&value, &"size".into()).ok().and_then(|s| s.as_f64()) {
             map.insert(k, Arc::new(BlobSource { blob: value, len: size as u64 }));
         }
@@ -350,9 +352,7 @@ impl Engine {
     /// Returns `{ name, fingerprint, hiddenSize, unetParams, vaeParams, textParams, bytesRead, largestRead }`.
     #[wasm_bindgen(js_name = loadIp2p)]
     pub async fn load_ip2p(&self, name: String, files: js_sys::Map) -> Result<JsValue, JsValue> {
-        if self.busy.get() {
-            return Err(error("OptionsError", "a learn or apply is running: stop it before loading another model"));
-        }
+        self.idle()?;
         let folder = Ip2pFolder::from_files(files_from(&name, &files)).map_err(|e| error("ModelError", e))?;
         visii_models::READ_STATS.reset();
         let model = Ip2p::from_folder(&folder, &self.device).map_err(|e| error("ModelError", e))?;
@@ -366,9 +366,7 @@ impl Engine {
             "bytesRead": read_total, "largestRead": read_largest,
         });
         // A learn or apply may have started while the identity was read back.
-        if self.busy.get() {
-            return Err(error("OptionsError", "a learn or apply is running: stop it before loading another model"));
-        }
+        self.idle()?;
         *self.ip2p.borrow_mut() = Some((Rc::new(model), id));
         Ok(to_js(&info))
     }
@@ -376,9 +374,7 @@ impl Engine {
     /// Load the CLIP vision tower and projections from a transformers `CLIPModel` layout.
     #[wasm_bindgen(js_name = loadClip)]
     pub fn load_clip(&self, name: String, files: js_sys::Map) -> Result<JsValue, JsValue> {
-        if self.busy.get() {
-            return Err(error("OptionsError", "a learn or apply is running: stop it before loading another model"));
-        }
+        self.idle()?;
         let folder = ClipFolder::from_files(files_from(&name, &files)).map_err(|e| error("ModelError", e))?;
         let loaded = folder.vision(&self.device).map_err(|e| error("ModelError", e))?;
         let pre = folder.preprocess_config().map_err(|e| error("ModelError", e))?;
@@ -390,6 +386,14 @@ impl Engine {
     /// Ask the running learn / apply to stop after its current step.
     pub fn cancel(&self) {
         self.cancel.set(true);
+    }
+
+    /// Refuse to replace a model while a learn or apply uses it.
+    fn idle(&self) -> Result<(), JsValue> {
+        if self.busy.get() {
+            return Err(error("OptionsError", "a learn or apply is running: stop it before loading another model"));
+        }
+        Ok(())
     }
 
     fn begin(&self) -> Result<(Rc<Ip2p>, ModelIdentity, BusyGuard), JsValue> {
