@@ -4,8 +4,9 @@
 #   ./build.sh serve      build the wasm module and serve the app on http://127.0.0.1:${PORT:-8080}
 #   ./build.sh test       install what is missing, run the native tests (ndarray + wgpu), build the wasm
 #                         crate, run the browser end-to-end test (tests/browser/e2e.mjs)
-#   ./build.sh bench      UNet forward / learn step / sample step (--what, --config full|tiny, --latent N): wgpu vs
-#                         ndarray vs PyTorch (CPU, same config; torch + diffusers installed into the cache if missing)
+#   ./build.sh bench      UNet forward / learn step / sample step, VAE decode / encode (--what, --config full|tiny,
+#                         --latent N): wgpu vs ndarray vs PyTorch (CPU, same config; torch + diffusers installed into
+#                         the cache if missing; `./build.sh bench --no-torch ...` leaves PyTorch out)
 #   ./build.sh fullsize   full-size checkpoints with random weights (real layouts), their q8 pack, and the pack
 #                         loaded + one learning and one apply step in headless Chromium (slow; tests/fullsize/)
 #   ./build.sh deps       only install the toolchain pieces
@@ -246,7 +247,10 @@ case "$cmd" in
   wasm) package_wasm ;;
   test) run_tests ;;
   serve) package_wasm; package_models; serve_dir ;;
-  bench) deps_native; py=$(torch_python); cargo run -p visii-cli -- bench --torch "$py" "${@:2}" ;;
+  bench)
+    deps_native
+    if [ "${2:-}" = --no-torch ]; then cargo run -p visii-cli -- bench "${@:3}"
+    else py=$(torch_python); cargo run -p visii-cli -- bench --torch "$py" "${@:2}"; fi ;;
   fullsize) run_fullsize ;;
   fixtures) python3 tests/fixtures/generate.py ;;
   *) sed -n '2,14p' "$0"; [ "$cmd" = help ] || exit 2 ;;

@@ -99,7 +99,9 @@ worker.onmessage = ({ data }) => {
     case 'converted':
       document.body.dataset.converted = data.target;
       document.body.dataset.convertedBytes = data.report.bytes;
-      $('download-text').textContent = `q8 pack stored: ${bytes(data.report.bytes)} in ${data.report.shards} shards (fingerprint ${data.report.fingerprint})`;
+      // Kept after the progress bar goes: what the conversion made and where it is.
+      $('model-report').textContent = `q8 pack stored: ${bytes(data.report.bytes)} in ${data.report.shards} shards (fingerprint ${data.report.fingerprint}); the original files stay stored until you delete them.`;
+      $('model-report').hidden = false;
       return;
     case 'model': return modelLoaded(data);
     case 'progress': if (p && p.onProgress) p.onProgress(data); return;
@@ -235,7 +237,13 @@ $('local-files').addEventListener('drop', async (e) => {
   e.preventDefault();
   e.stopPropagation();
   const dirs = [...e.dataTransfer.items].map((i) => i.webkitGetAsEntry && i.webkitGetAsEntry()).filter((x) => x && x.isDirectory);
-  const folders = await Promise.all(dirs.map(async (d) => ({ name: d.name, files: (await entriesOf(d)).map((f) => ({ path: f.path.split('/').slice(1).join('/'), file: f.file })) })));
+  let folders;
+  try {
+    folders = await Promise.all(dirs.map(async (d) => ({ name: d.name, files: (await entriesOf(d)).map((f) => ({ path: f.path.split('/').slice(1).join('/'), file: f.file })) })));
+  } catch (err) {
+    // A folder the browser may not read (permissions, a file removed while reading).
+    return showError('The dropped folders could not be read', `${err.name || 'Error'}: ${err.message || err}`, 'Pick the folders with the buttons above instead.', 'ModelError');
+  }
   const ip2p = folders.find((f) => f.files.some((x) => x.path === 'model_index.json'));
   const clip = folders.find((f) => f !== ip2p);
   loadLocal(ip2p ? ip2p.files : [], clip ? clip.files : [], ip2p && ip2p.name);
@@ -269,7 +277,9 @@ async function setImage(slot, file) {
     showWorkerError(e);
   }
 }
-for (const slot of ['before', 'after', 'edit']) {
+// The image slots in page order: before / after of each pair, then the image to edit.
+const slotNames = () => [...document.querySelectorAll('.slot[id^="slot-"]:not(.result)')].map((el) => el.id.slice(5));
+function setupSlot(slot) {
   const el = $(`slot-${slot}`);
   const input = el.querySelector('input');
   el.onclick = (e) => { if (e.target !== input) input.click(); };
@@ -286,11 +296,51 @@ for (const slot of ['before', 'after', 'edit']) {
     if (f) setImage(slot, f);
   };
 }
+for (const slot of ['before', 'after', 'edit']) setupSlot(slot);
+// Extra before / after pairs (pair 1 is the fixed one above them).
+let pairCount = 1;
+$('add-pair').onclick = () => {
+  const n = ++pairCount;
+  const row = document.createElement('div');
+  row.className = 'slots pair';
+  row.dataset.pair = n;
+  for (const side of ['before', 'after']) {
+    const el = document.createElement('div');
+    el.className = 'slot';
+    el.id = `slot-${side}-${n}`;
+    el.tabIndex = 0;
+    el.innerHTML = `<span>${side === 'before' ? 'Before' : 'After'} ${n}</span><img alt=""><input type="file" accept="image/*">`;
+    row.append(el);
+  }
+  const remove = Object.assign(document.createElement('button'), { type: 'button', className: 'remove-pair', textContent: `Remove pair ${n}` });
+  remove.onclick = () => {
+    delete state.images[`before-${n}`];
+    delete state.images[`after-${n}`];
+    row.remove();
+    updateButtons();
+  };
+  row.append(remove);
+  $('pairs').append(row);
+  setupSlot(`before-${n}`);
+  setupSlot(`after-${n}`);
+};
+/// The complete pairs in page order; throws (OptionsError) on a pair with only one image.
+function learningPairs() {
+  const out = [[state.images.before, state.images.after]];
+  for (const row of document.querySelectorAll('#pairs .pair')) {
+    const n = row.dataset.pair;
+    const [b, a] = [state.images[`before-${n}`], state.images[`after-${n}`]];
+    if (!b && !a) continue;
+    if (!b || !a) throw Object.assign(new Error(`Pair ${n} has ${b ? 'no after' : 'no before'} image: add it, or remove the pair.`), { name: 'OptionsError' });
+    out.push([b, a]);
+  }
+  return out;
+}
 document.addEventListener('paste', (e) => {
   const f = [...(e.clipboardData || {}).files || []][0];
   if (!f) return;
-  const focused = ['before', 'after', 'edit'].find((s) => document.activeElement === $(`slot-${s}`));
-  setImage(focused || ['before', 'after', 'edit'].find((s) => !state.images[s]) || 'edit', f);
+  const names = slotNames();
+  setImage(names.find((s) => document.activeElement === $(`slot-${s}`)) || names.find((s) => !state.images[s]) || 'edit', f);
 });
 
 // ---------------------------------------------------------------- learn
@@ -322,7 +372,8 @@ $('learn').onclick = async () => {
   let learnStart = null;
   try {
     const options = { steps: num('learn-steps'), size: num('learn-size'), seed: num('learn-seed'), init: $('learn-init').value, captionIterations: num('learn-caption-iterations'), createdAt: new Date().toISOString() };
-    const r = await call({ type: 'learn', befores: [state.images.before.slice(0)], afters: [state.images.after.slice(0)], options }, (p) => {
+    const pairs = learningPairs();
+    const r = await call({ type: 'learn', befores: pairs.map((p) => p[0].slice(0)), afters: pairs.map((p) => p[1].slice(0)), options }, (p) => {
       if (p.phase === 'caption') {
         $('learn-bar').value = p.step / p.total * 0.1;
         $('learn-text').textContent = `finding a caption ${p.step}/${p.total} (similarity ${p.cos.toFixed(3)})`;

@@ -65,6 +65,12 @@ function quotaMessage(need, free) {
     'Free space on the disk, remove stored models you no longer need (below), or allow this site more storage in the browser settings.';
 }
 
+function fullMessage(rel, done, total) {
+  const mb = (b) => `${(b / 1e6).toFixed(1)} MB`;
+  return `The browser refused to store ${rel} after ${mb(done)}${total ? ` of ${mb(total)}` : ''}: this site's storage is full. ` +
+    'Free space on the disk, remove stored models you no longer need (below), or allow this site more storage in the browser settings.';
+}
+
 /// Everything stored, per source: [{source, files: [{path, size}], bytes}].
 export async function listStored() {
   const out = [];
@@ -83,16 +89,60 @@ export async function deleteSource(sourceId) {
   await (await top()).removeEntry(sourceId, { recursive: true });
 }
 
-/// Write bytes (an ArrayBuffer or Uint8Array) as a complete stored file.
-export async function putFile(sourceId, rel, data, label) {
-  // A Blob / File is written by the browser without passing through this heap.
-  const w = await (await fileHandle(sourceId, rel, true)).createWritable();
-  await w.write(data);
+/// The label a stored source was saved under (its state.json), or null.
+export async function storedLabel(sourceId) {
+  const st = await readState(sourceId);
+  return Object.keys(st.files).length ? (st.label || sourceId) : null;
+}
+
+/// Writes files of one source and records them in its state.json once, on `commit()` (a picked
+/// folder or a conversion writes ~20 files; a missing state entry just means "not stored yet").
+export class SourceWriter {
+  constructor(sourceId, label) {
+    this.sourceId = sourceId;
+    this.label = label;
+    this.files = {};
+  }
+
+  /// Write `data` (a Blob / File, written by the browser without passing through this heap, or
+  /// bytes) as the complete file `rel`.
+  async put(rel, data) {
+    const size = data.size ?? data.byteLength;
+    try {
+      const w = await (await fileHandle(this.sourceId, rel, true)).createWritable();
+      await closeAfter(w, () => w.write(data));
+    } catch (e) {
+      if (e.name !== 'QuotaExceededError') throw e;
+      throw new StoreError('QuotaError', fullMessage(rel, Object.values(this.files).reduce((a, f) => a + f.size, 0), 0));
+    }
+    this.files[rel] = { size, complete: true };
+  }
+
+  /// Forget everything written so far (after a failure: half a model is of no use).
+  async discard() {
+    await deleteSource(this.sourceId).catch(() => {});
+  }
+
+  async commit() {
+    const state = await readState(this.sourceId);
+    state.label = this.label || state.label;
+    Object.assign(state.files, this.files);
+    await writeState(this.sourceId, state);
+  }
+}
+
+/// Run `body`, then close the writable `w` (which commits what was written). When `body` failed,
+/// a failing close does not hide its error (a full disk fails both).
+async function closeAfter(w, body) {
+  let result;
+  try {
+    result = await body();
+  } catch (e) {
+    await w.close().catch(() => {});
+    throw e;
+  }
   await w.close();
-  const state = await readState(sourceId);
-  state.label = label || state.label;
-  state.files[rel] = { size: data.size ?? data.byteLength, complete: true };
-  await writeState(sourceId, state);
+  return result;
 }
 
 /// The stored files of one component as a Map(relative path -> File), or null if incomplete. The
@@ -154,18 +204,19 @@ export async function ensureSource(source, { hub, onProgress, signal } = {}) {
   };
   for (const job of jobs) {
     if (signal && signal.aborted) throw new StoreError('AbortError', 'download stopped');
-    const handle = await fileHandle(source.id, job.rel, true);
-    let written;
     try {
-      written = job.file.select
+      const handle = await fileHandle(source.id, job.rel, true);
+      const written = job.file.select
         ? await fetchSelected(job, handle, (n, loaded, total) => { doneBytes += n; tick(job.rel, loaded, total); }, signal)
         : await fetchWhole(job, handle, (n, loaded, total) => { doneBytes += n; tick(job.rel, loaded, total); }, signal);
+      state.files[job.rel] = { size: written, complete: true };
+      await writeState(source.id, state);
     } catch (e) {
-      if (e.name === 'QuotaExceededError') throw new StoreError('QuotaError', quotaMessage(totalBytes, 0));
+      // The estimate said there was room, but the browser refused a write (a full disk, or a
+      // quota that shrank): what arrived stays and the download resumes later.
+      if (e.name === 'QuotaExceededError') throw new StoreError('QuotaError', fullMessage(job.rel, doneBytes, totalBytes));
       throw e;
     }
-    state.files[job.rel] = { size: written, complete: true };
-    await writeState(source.id, state);
   }
 }
 
@@ -204,7 +255,7 @@ async function fetchWhole(job, handle, onBytes, signal) {
   const reader = res.body.getReader();
   let loaded = have;
   let sinceCommit = 0;
-  try {
+  const pump = async () => {
     for (;;) {
       if (signal && signal.aborted) throw new StoreError('AbortError', 'download stopped');
       let chunk;
@@ -214,23 +265,31 @@ async function fetchWhole(job, handle, onBytes, signal) {
         throw new StoreError('NetworkError', `the download of ${job.rel} was interrupted after ${loaded} bytes (${e.message}); run it again to resume`);
       }
       const { done, value } = chunk;
-      if (done) break;
+      if (done) return;
       await w.write(value);
       loaded += value.byteLength;
       sinceCommit += value.byteLength;
       onBytes(value.byteLength, loaded, total);
       if (sinceCommit >= COMMIT_BYTES) {
         // A writable's data only lands in the file on close(): commit every 64 MB so a closed tab
-        // loses at most that much.
-        await w.close();
+        // loses at most that much. Until the next one is open, nothing is left to close.
+        const full = w;
+        w = null;
+        await full.close();
         w = await handle.createWritable({ keepExistingData: true });
         await w.seek(loaded);
         sinceCommit = 0;
       }
     }
-  } finally {
-    await w.close();
+  };
+  try {
+    await pump();
+  } catch (e) {
+    // Keep what arrived (the download resumes from it); a failing close must not hide `e`.
+    if (w) await w.close().catch(() => {});
+    throw e;
   }
+  await w.close();
   return verifyWhole(job, handle, loaded);
 }
 
@@ -284,7 +343,7 @@ async function fetchSelected(job, handle, onBytes, signal) {
   const len = new Uint8Array(8);
   new DataView(len.buffer).setBigUint64(0, BigInt(head.length), true);
   let loaded = 0;
-  try {
+  await closeAfter(w, async () => {
     await w.write(len);
     await w.write(head);
     // Coalesce neighbouring tensors into one request.
@@ -303,8 +362,6 @@ async function fetchSelected(job, handle, onBytes, signal) {
       onBytes(bytes.byteLength, loaded, total);
       i = j + 1;
     }
-  } finally {
-    await w.close();
-  }
+  });
   return 8 + head.length + loaded;
 }

@@ -10,7 +10,7 @@
 //   | {type: 'learned', id, bytes, info} | {type: 'applied', id, png, width, height}
 //   | {type: 'inspected', id, info} | {type: 'error', id?, name, message}
 import init, { version, createEngine, inspectInstruction, gpuSelftest, convertPack } from '../dist/pkg/visii_web.js';
-import { ensureSource, readComponent, listStored, deleteSource, putFile } from './store.js';
+import { ensureSource, readComponent, listStored, deleteSource, SourceWriter, storedLabel } from './store.js';
 
 let engine = null;
 let wasm = null;
@@ -22,10 +22,11 @@ const postSources = async () => post({ type: 'sources', sources: await loadSourc
 const fail = (e, id, type) => {
   const message = String((e && e.message) || e);
   let name = (e && e.name) || 'Error';
-  // A wasm trap after a GPU failure: the module cannot continue.
-  if (name === 'RuntimeError' || /unreachable|out of memory|Out of memory|device lost|DeviceLost/i.test(message)) {
+  if (name === 'QuotaExceededError') name = 'QuotaError';
+  // A wasm trap after a GPU failure, or a lost device (the engine reports GpuError when a read
+  // from the GPU fails): neither the module nor the device can continue, the page starts over.
+  if (name === 'GpuError' || name === 'RuntimeError' || /unreachable|out of memory|device lost|DeviceLost/i.test(message)) {
     name = 'GpuError';
-    // A trapped wasm module cannot continue: the page has to start over.
     engine = null;
   }
   // Fatal: the engine is gone (or never started); a bad file while no engine exists (inspect) is not.
@@ -76,33 +77,48 @@ const handlers = {
     // Files picked from this computer: stored like a download, so the page works offline later.
     const id = 'local';
     await deleteSource(id).catch(() => {});
-    for (const [component, list] of [['ip2p', msg.ip2p], ['clip', msg.clip]]) {
-      for (const { path, file } of list) await putFile(id, `${component}/${path}`, file, `Files from this computer (${msg.ip2pName || 'model'})`);
+    const out = new SourceWriter(id, `Files from this computer (${msg.ip2pName || 'model'})`);
+    try {
+      for (const [component, list] of [['ip2p', msg.ip2p], ['clip', msg.clip]]) {
+        for (const { path, file } of list) await out.put(`${component}/${path}`, file);
+      }
+      await out.commit();
+    } catch (e) {
+      await out.discard();
+      throw e;
     }
     await postSources();
     await loadInto(id, msg.ip2pName || 'Files from this computer', null, null, null);
   },
   async loadStored(msg) {
-    const st = (await listStored()).find((s) => s.source === msg.source);
-    if (!st) throw Object.assign(new Error(`nothing is stored as ${msg.source}`), { name: 'ModelError' });
+    const label = await storedLabel(msg.source);
+    if (!label) throw Object.assign(new Error(`nothing is stored as ${msg.source}`), { name: 'ModelError' });
     const src = (await loadSources()).find((s) => s.id === msg.source);
-    await loadInto(msg.source, st.label, src ? src.ip2p.files : null, src ? src.clip.files : null, src || null);
+    await loadInto(msg.source, label, src ? src.ip2p.files : null, src ? src.clip.files : null, src || null);
   },
   async convert(msg) {
     // The stored checkpoints -> a q8 pack (about half of fp16), stored as its own source. The
     // worker reads the originals by range and writes one shard at a time.
-    const st = (await listStored()).find((s) => s.source === msg.source);
+    const stored = await storedLabel(msg.source);
     const ip2p = await readComponent(msg.source, 'ip2p', null);
     const clip = await readComponent(msg.source, 'clip', null);
-    if (!st || !ip2p || !clip) throw Object.assign(new Error('the stored files of this model are incomplete: download them again'), { name: 'ModelError' });
+    if (!stored || !ip2p || !clip) throw Object.assign(new Error('the stored files of this model are incomplete: download them again'), { name: 'ModelError' });
     const target = `${msg.source}-q8`;
-    const label = `${st.label.replace(/ \(.*$/, '')} (q8 pack)`;
+    const label = `${stored.replace(/ \(.*$/, '')} (q8 pack)`;
     await deleteSource(target).catch(() => {});
     const t0 = performance.now();
-    const report = await convertPack(ip2p, clip, { quant: 'q8' }, async (path, bytes, done, total) => {
-      await putFile(target, path.startsWith('clip/') ? path : `ip2p/${path}`, bytes, label);
-      post({ type: 'convert', source: msg.source, path, done, total, bytes: bytes.byteLength, seconds: (performance.now() - t0) / 1000 });
-    });
+    const out = new SourceWriter(target, label);
+    let report;
+    try {
+      report = await convertPack(ip2p, clip, { quant: 'q8' }, async (path, bytes, done, total) => {
+        await out.put(path.startsWith('clip/') ? path : `ip2p/${path}`, bytes);
+        post({ type: 'convert', source: msg.source, path, done, total, bytes: bytes.byteLength, seconds: (performance.now() - t0) / 1000 });
+      });
+      await out.commit();
+    } catch (e) {
+      await out.discard();
+      throw e;
+    }
     await postSources();
     post({ type: 'converted', source: msg.source, target, report });
     await loadInto(target, label, null, null, null);

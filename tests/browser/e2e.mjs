@@ -4,22 +4,20 @@
 // browser's learning losses and result image with the native CLI's for the same inputs and seed;
 // the refusals (foreign instruction, non-image, non-instruction, no WebGPU); the real-model source
 // path against a local mirror in the hub's layout (with an interrupted, resumed download and a
-// partial CLIP fetch). Screenshots of each state go to tests/output/.
-import { chromium } from 'playwright-core';
+// partial CLIP fetch); a full disk while storing a model; the GPU device lost mid-apply. Screenshots of
+// each state go to tests/output/.
 import { execFileSync } from 'node:child_process';
-import { mkdtempSync, mkdirSync, readFileSync, writeFileSync, copyFileSync, rmSync, statSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { mkdirSync, readFileSync, writeFileSync, copyFileSync, rmSync, statSync } from 'node:fs';
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { serve } from './server.mjs';
+import { launch } from './chromium.mjs';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
 const out = join(root, 'tests', 'output');
 const fx = join(root, 'tests', 'fixtures');
 mkdirSync(out, { recursive: true });
 const visiiBin = process.env.VISII_BIN || join(root, 'target', 'debug', 'visii');
-const flags = ['--headless=new', '--enable-unsafe-webgpu', '--use-webgpu-adapter=swiftshader', '--no-sandbox',
-  '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run'];
 let failures = 0;
 const check = (ok, msg) => { console.log(`${ok ? 'ok  ' : 'FAIL'} ${msg}`); if (!ok) failures++; };
 const step = (s) => console.log(`--- ${s}`);
@@ -70,9 +68,7 @@ function rewriteMeta(buf, edit) {
 
 let browser;
 try {
-  browser = await chromium.launchPersistentContext(mkdtempSync(join(tmpdir(), 'visii-chrome-')), {
-    executablePath: '/usr/bin/chromium', headless: true, args: flags, acceptDownloads: true, viewport: { width: 1200, height: 1800 },
-  });
+  browser = await launch({ acceptDownloads: true, viewport: { width: 1200, height: 1800 } });
   const page = browser.pages()[0] || await browser.newPage();
   const logs = [];
   page.on('console', (m) => logs.push(`[${m.type()}] ${m.text()}`));
@@ -105,8 +101,22 @@ try {
   await page.waitForFunction(() => document.getElementById('model-source').options.length >= 2);
   await shot('1-ready');
 
-  step('load the tiny model');
+  step('a full disk while storing the model');
+  // The browser's storage quota for this origin lowered to 300 kB (CDP; what a full disk does):
+  // the first write is refused, the panel says so, and the download resumes once there is room.
+  const cdp = await browser.newCDPSession(page);
+  await cdp.send('Storage.overrideQuotaForOrigin', { origin: base, quotaSize: 300000 });
   await page.selectOption('#model-source', 'tiny');
+  await page.click('#model-load');
+  await waitError('QuotaError');
+  await shot('1b-quota');
+  check(await page.textContent('#error-title') === 'Not enough storage for this model' && /refused to store|needs about/.test(await page.textContent('#error-text'))
+    && /Nothing was lost/.test(await page.textContent('#error-hint')), `storage full: "${await page.textContent('#error-text')}"`);
+  check(!(await page.isDisabled('#model-load')), 'the page is usable again');
+  await dismiss();
+  await cdp.send('Storage.overrideQuotaForOrigin', { origin: base });
+
+  step('load the tiny model');
   await page.click('#model-load');
   await page.waitForFunction(() => document.body.dataset.model, null, { timeout: 300000 });
   const fingerprint = await page.evaluate(() => document.body.dataset.model);
@@ -333,12 +343,37 @@ try {
   check(await page.evaluate(() => document.body.dataset.model) === fingerprint, `local folders loaded: ${await page.textContent('#model-loaded')}`);
   await shot('10-local-files');
 
-  step('a browser without WebGPU');
-  const noGpu = await chromium.launchPersistentContext(mkdtempSync(join(tmpdir(), 'visii-chrome-')), {
-    executablePath: '/usr/bin/chromium', headless: true,
-    args: ['--headless=new', '--no-sandbox', '--disable-gpu', '--disable-features=WebGPU', '--disable-background-networking',
-      '--disable-component-update', '--disable-sync', '--no-first-run'],
+  step('the GPU device lost during apply');
+  // A fresh page (no instruction loaded), the stored model, and then the device destroyed from
+  // inside the worker at the engine's next buffer allocation: what a GPU reset or removal does.
+  await page.reload();
+  await page.waitForFunction(() => document.body.dataset.ready === 'yes', null, { timeout: 300000 });
+  await page.waitForSelector('#stored tr[data-source="tiny"] button.load');
+  await page.click('#stored tr[data-source="tiny"] button.load');
+  await waitData('model', fingerprint);
+  await setApply(2);
+  await page.fill('#apply-prompt', 'make it snowy');
+  const gpuWorker = page.workers().find((w) => /worker\.js/.test(w.url()));
+  await gpuWorker.evaluate(() => {
+    const create = GPUDevice.prototype.createBuffer;
+    GPUDevice.prototype.createBuffer = function (d) { this.destroy(); return create.call(this, d); };
   });
+  await page.click('#apply');
+  await waitError('GpuError');
+  await shot('10b-gpu-lost');
+  check(await page.textContent('#error-title') === 'The GPU failed' && /lost/.test(await page.textContent('#error-text')) && /reload/.test(await page.textContent('#error-hint')),
+    `device loss reported: "${await page.textContent('#error-text')}"`);
+  check(await page.evaluate(() => document.body.dataset.ready) === 'no' && await page.isDisabled('#apply') && await page.isDisabled('#learn'),
+    `the dead engine is shown (${await page.textContent('#gpu-selftest')}) and its buttons are off`);
+  await page.reload();
+  await page.waitForFunction(() => document.body.dataset.ready === 'yes', null, { timeout: 300000 });
+  await page.waitForSelector('#stored tr[data-source="tiny"] button.load');
+  await page.click('#stored tr[data-source="tiny"] button.load');
+  await waitData('model', fingerprint);
+  check(true, 'after a reload the stored model loads again: nothing was lost');
+
+  step('a browser without WebGPU');
+  const noGpu = await launch({ webgpu: false });
   const p2 = noGpu.pages()[0] || await noGpu.newPage();
   await p2.goto(`${base}/index.html`);
   await p2.waitForSelector('#error-panel:not([hidden])', { timeout: 60000 });

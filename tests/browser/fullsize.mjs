@@ -8,12 +8,11 @@
 // tests/output/fullsize.json.
 //
 //   VISII_FULLSIZE_PACK=/path/to/pack [VISII_FULLSIZE_PX=64] node tests/browser/fullsize.mjs
-import { chromium } from 'playwright-core';
-import { mkdtempSync, mkdirSync, writeFileSync, readdirSync, statSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { mkdirSync, writeFileSync, readdirSync, statSync } from 'node:fs';
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { serve } from './server.mjs';
+import { launch } from './chromium.mjs';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
 const out = join(root, 'tests', 'output');
@@ -22,8 +21,6 @@ mkdirSync(out, { recursive: true });
 const pack = process.env.VISII_FULLSIZE_PACK;
 if (!pack) throw new Error('set VISII_FULLSIZE_PACK to a pack folder (see tests/fullsize/README.md)');
 const px = Number(process.env.VISII_FULLSIZE_PX || 64);
-const flags = ['--headless=new', '--enable-unsafe-webgpu', '--use-webgpu-adapter=swiftshader', '--no-sandbox',
-  '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run'];
 const hours = 3600e3;
 const dirBytes = (d) => readdirSync(d).reduce((a, f) => { const p = join(d, f); const s = statSync(p); return a + (s.isDirectory() ? dirBytes(p) : s.size); }, 0);
 
@@ -32,9 +29,7 @@ const results = { pack, packBytes: dirBytes(pack), px };
 let browser;
 let ticker;
 try {
-  browser = await chromium.launchPersistentContext(mkdtempSync(join(tmpdir(), 'visii-chrome-')), {
-    executablePath: '/usr/bin/chromium', headless: true, args: flags, viewport: { width: 1200, height: 1800 },
-  });
+  browser = await launch({ viewport: { width: 1200, height: 1800 } });
   const page = browser.pages()[0] || await browser.newPage();
   page.on('console', (m) => console.log(`[page ${m.type()}] ${m.text()}`));
   page.on('pageerror', (e) => console.log(`[pageerror] ${e.message}`));

@@ -36,6 +36,19 @@ UNET = dict(
     norm_num_groups=32,
 )
 
+# `timbrooks/instruct-pix2pix/vae/config.json`.
+VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=256,
+)
+
 
 def main(out: Path) -> None:
     torch.manual_seed(0)
@@ -48,17 +61,7 @@ def main(out: Path) -> None:
     unet.half().save_pretrained(ip2p / "unet", variant="fp16")
     del unet
 
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=256,
-    )
+    vae = AutoencoderKL(**VAE)
     print("vae params", sum(p.numel() for p in vae.parameters()), flush=True)
     vae.half().save_pretrained(ip2p / "vae", variant="fp16")
     del vae

@@ -17,18 +17,25 @@ from diffusers import UNet2DConditionModel
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_fullsize import UNET  # noqa: E402
+from make_fullsize import UNET, VAE  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--latent", type=int, required=True)
-    ap.add_argument("--what", choices=["forward", "learn-step", "sample-step"], required=True)
+    ap.add_argument("--what", choices=["forward", "learn-step", "sample-step", "vae-decode", "vae-encode"], required=True)
     ap.add_argument("--config", choices=["full", "tiny"], required=True)
     ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (fp32 either way)")
     a = ap.parse_args()
     torch.manual_seed(0)
+    dev = torch.device(a.device)
+    torch.set_default_device(dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
+    if a.what.startswith("vae"):
+        vae_bench(a, dev, sync)
+        return
     if a.config == "full":
         unet = UNet2DConditionModel(**UNET)
     else:
@@ -65,19 +72,51 @@ def main() -> None:
             loss.backward()
             opt.step()
 
+    report(a, dev, sync, unet, build_s, once)
+
+
+def report(a, dev, sync, model, build_s, once) -> None:
+    """Time `once` as `visii bench-one` does (first run, then the best of --runs) and print its JSON line."""
+    sync()
     t1 = time.perf_counter()
     once()
+    sync()
     first = time.perf_counter() - t1
     best = first
     for _ in range(a.runs):
         t = time.perf_counter()
         once()
+        sync()
         best = min(best, time.perf_counter() - t)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    params = sum(p.numel() for p in unet.parameters())
+    params = sum(p.numel() for p in model.parameters())
+    pool = torch.cuda.max_memory_reserved() if dev.type == "cuda" else None
     print(json.dumps({"backend": "pytorch", "params": params, "build_s": build_s, "first_s": first, "run_s": best,
-                      "device_pool_bytes": None, "peak_rss_bytes": rss, "threads": torch.get_num_threads(),
-                      "torch": torch.__version__}))
+                      "device_pool_bytes": pool, "peak_rss_bytes": rss, "threads": torch.get_num_threads(),
+                      "torch": torch.__version__, "device": str(dev)}))
+
+
+def vae_bench(a, dev, sync) -> None:
+    from diffusers import AutoencoderKL
+
+    t0 = time.perf_counter()
+    if a.config == "full":
+        vae = AutoencoderKL(**VAE)
+    else:
+        vae = AutoencoderKL.from_config(json.loads((FIX / "tiny-ip2p/vae/config.json").read_text()))
+    vae.eval().requires_grad_(False)
+    build_s = time.perf_counter() - t0
+    n = a.latent
+    px = n * 2 ** (len(vae.config.block_out_channels) - 1)
+
+    def once():
+        with torch.no_grad():
+            if a.what == "vae-decode":
+                vae.decode(torch.randn(1, vae.config.latent_channels, n, n)).sample[0, 0, 0, 0].item()
+            else:
+                vae.encode(torch.randn(1, 3, px, px)).latent_dist.mode()[0, 0, 0, 0].item()
+
+    report(a, dev, sync, vae, build_s, once)
     sys.stdout.flush()
 
 

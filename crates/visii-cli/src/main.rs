@@ -19,7 +19,19 @@ use visii_pipeline::{ApplyOptions, Ip2p, ModelIdentity, Noise, RgbImage};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// GPU buffer limits to request (wgpu): the adapter's own, or WebGPU's defaults (128 MiB
+    /// storage bindings, 256 MiB buffers), as the least capable browser would grant.
+    #[arg(long, global = true, value_enum, default_value = "adapter")]
+    gpu_limits: GpuLimits,
 }
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Debug)]
+enum GpuLimits {
+    Adapter,
+    Spec,
+}
+
+static GPU_LIMITS: std::sync::OnceLock<GpuLimits> = std::sync::OnceLock::new();
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Debug)]
 enum Backend {
@@ -73,6 +85,9 @@ enum Command {
         /// weights, CPU) with this Python, and print each backend's time ratio to it.
         #[arg(long)]
         torch: Option<String>,
+        /// Where the PyTorch peer runs: cpu, or cuda on a machine with an NVIDIA GPU.
+        #[arg(long, default_value = "cpu", requires = "torch")]
+        torch_device: String,
     },
     /// Edit an image with an InstructPix2Pix instruction given as text.
     Apply {
@@ -203,6 +218,10 @@ enum BenchWhat {
     LearnStep,
     /// One sampling step.
     SampleStep,
+    /// One VAE decode (latent side x 8 pixels).
+    VaeDecode,
+    /// One VAE encode (latent side x 8 pixels).
+    VaeEncode,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Debug)]
@@ -214,14 +233,20 @@ enum BenchConfig {
 }
 
 fn device(b: Backend) -> Device {
-    match b {
-        Backend::Wgpu => Device::wgpu(DeviceKind::DefaultDevice),
-        Backend::Ndarray => Device::ndarray(),
+    use visii_models::gpu::{capped_device, SPEC_BUFFER, SPEC_STORAGE_BINDING};
+    match (b, GPU_LIMITS.get()) {
+        (Backend::Wgpu, Some(GpuLimits::Spec)) => {
+            visii_pipeline::block_on(capped_device(burn::tensor::wgpu::wgpu::Backends::PRIMARY, SPEC_STORAGE_BINDING, SPEC_BUFFER))
+                .unwrap_or_else(|e| panic!("no wgpu device with WebGPU's default limits: {e}"))
+        }
+        (Backend::Wgpu, _) => Device::wgpu(DeviceKind::DefaultDevice),
+        (Backend::Ndarray, _) => Device::ndarray(),
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    GPU_LIMITS.set(cli.gpu_limits).expect("set once");
     let result = match cli.command {
         Command::Inspect { file: Some(f), .. } => inspect_instruction(&f),
         Command::Inspect { file: None, model, clip, json, backend } => {
@@ -230,7 +255,9 @@ fn main() -> ExitCode {
         Command::Convert { model, clip, output, quant, clip_quant, shard_mb } => {
             convert(&model, &clip, &output, &quant, clip_quant.as_deref(), shard_mb)
         }
-        Command::Bench { latent, what, config, backends, runs, torch } => bench(latent, what, config, &backends, runs, torch.as_deref()),
+        Command::Bench { latent, what, config, backends, runs, torch, torch_device } => {
+            bench(latent, what, config, &backends, runs, torch.as_deref().map(|py| (py, torch_device.as_str())))
+        }
         Command::BenchOne { latent, what, config, backend, runs } => bench_one(latent, what, config, backend, runs),
         Command::Apply {
             model,
@@ -446,7 +473,7 @@ fn learn_cmd(
     eprintln!();
     let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
 
-    let identity = ModelIdentity::of(&ip2p);
+    let identity = ModelIdentity::of(&ip2p)?;
     let thumb = RgbImage::strip(&[&pairs[0].0, &pairs[0].1], 64).to_png()?;
     let bytes = visii_pipeline::instruction::save(
         &learned,
@@ -536,7 +563,7 @@ fn apply(
         (None, Some(p)) => {
             let bytes = std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
             let (cond, ins) =
-                ip2p.instruction_conditioning(&bytes, &ModelIdentity::of(&ip2p), how.allow_foreign_model, how.extra).map_err(|e| match e {
+                ip2p.instruction_conditioning(&bytes, &ModelIdentity::of(&ip2p)?, how.allow_foreign_model, how.extra).map_err(|e| match e {
                     visii_pipeline::PipelineError::ForeignModel(_) => format!("{}: {e}. To apply it anyway, pass --allow-foreign-model", p.display()),
                     e => format!("{}: {e}", p.display()),
                 })?;
@@ -650,21 +677,39 @@ fn bench(
     config: BenchConfig,
     backends: &[Backend],
     runs: usize,
-    torch: Option<&str>,
+    torch: Option<(&str, &str)>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let cfg = bench_config(config)?;
     let full = config == BenchConfig::Full;
-    println!(
-        "{what:?}: {} UNet ({} parameters, random weights), batch 1, {latent}x{latent} latents, 77 x {} text states",
-        if full { "full-size InstructPix2Pix" } else { "tiny test" },
-        if full { "859.5 M" } else { "1.4 M" },
-        cfg.cross_attention_dim.get(0)
-    );
+    if matches!(what, BenchWhat::VaeDecode | BenchWhat::VaeEncode) {
+        println!(
+            "{what:?}: {} VAE (random weights), batch 1, {1}x{1} pixels",
+            if full { "full-size InstructPix2Pix" } else { "tiny test" },
+            latent * 8
+        );
+    } else {
+        println!(
+            "{what:?}: {} UNet ({} parameters, random weights), batch 1, {latent}x{latent} latents, 77 x {} text states",
+            if full { "full-size InstructPix2Pix" } else { "tiny test" },
+            if full { "859.5 M" } else { "1.4 M" },
+            cfg.cross_attention_dim.get(0)
+        );
+    }
     println!("{:<8} {:>10} {:>14} {:>12} {:>14} {:>12}", "backend", "build s", "first run s", "run s", "device pool", "peak RSS");
     let gib = |b: &serde_json::Value| b.as_f64().map(|v| format!("{:.2} GiB", v / (1u64 << 30) as f64)).unwrap_or_else(|| "n/a".into());
-    let arg = |v: &dyn std::fmt::Debug| format!("{v:?}").to_lowercase().replace("learnstep", "learn-step").replace("samplestep", "sample-step");
+    let arg = |v: &dyn std::fmt::Debug| {
+        format!("{v:?}")
+            .to_lowercase()
+            .replace("learnstep", "learn-step")
+            .replace("samplestep", "sample-step")
+            .replace("vaedecode", "vae-decode")
+            .replace("vaeencode", "vae-encode")
+    };
     let mut times = vec![];
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fullsize/torch_bench.py");
+    // The checkout's script: from the repository root, else where this binary was built from.
+    let script = Some(std::path::PathBuf::from("tests/fullsize/torch_bench.py"))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fullsize/torch_bench.py"));
     let mut runners: Vec<(String, std::process::Command)> = vec![];
     for &b in backends {
         let mut c = std::process::Command::new(std::env::current_exe()?);
@@ -674,11 +719,15 @@ fn bench(
             "--runs",
             &runs.to_string(),
         ]);
+        if GPU_LIMITS.get() == Some(&GpuLimits::Spec) {
+            c.args(["--gpu-limits", "spec"]);
+        }
         runners.push((arg(&b), c));
     }
-    if let Some(py) = torch {
+    if let Some((py, torch_device)) = torch {
         let mut c = std::process::Command::new(py);
         c.arg(&script).args(["--latent", &latent.to_string(), "--what", &arg(&what), "--config", &arg(&config), "--runs", &runs.to_string()]);
+        c.args(["--device", torch_device]);
         runners.push(("pytorch".into(), c));
     }
     for (name, mut cmd) in runners {
@@ -719,8 +768,11 @@ fn bench_config(config: BenchConfig) -> Result<visii_models::UNetConfig, Box<dyn
 
 fn bench_one(latent: usize, what: BenchWhat, config: BenchConfig, backend: Backend, runs: usize) -> Result<(), Box<dyn std::error::Error>> {
     use visii_pipeline::learn::{Inversion, PairLatents};
-    let cfg = bench_config(config)?;
     let dev = device(backend);
+    if matches!(what, BenchWhat::VaeDecode | BenchWhat::VaeEncode) {
+        return bench_vae(latent, what, config, backend, runs, &dev);
+    }
+    let cfg = bench_config(config)?;
     let t0 = Instant::now();
     let w = Weights::random(0, &dev);
     let unet = UNet2DConditionModel::load(&w, &cfg)?;
@@ -730,11 +782,11 @@ fn bench_one(latent: usize, what: BenchWhat, config: BenchConfig, backend: Backe
     let ctx = || Tensor::<3>::random([1, 77, hidden], Distribution::Normal(0.0, 1.0), &dev);
     let projection = burn::nn::LinearConfig::new(hidden, hidden).init(&dev);
     let direction = Tensor::<1>::random([hidden], Distribution::Normal(0.0, 1.0), &dev);
-    let mut inv = Inversion::new(ctx(), ctx(), direction, 8, AdamWConfig::default());
+    let mut inv = Inversion::new(ctx(), ctx(), direction, 8, AdamWConfig::default())?;
     let pair = PairLatents { z_after: normal([1, lc, latent, latent]), z_before: normal([1, ic, latent, latent]) };
     let sched = visii_pipeline::EulerAncestral::new(&visii_pipeline::SchedulerConfig::default(), 20)?;
     let context3 = Tensor::cat(vec![ctx(), ctx(), ctx()], 0);
-    let mut once = || match what {
+    let once = || match what {
         BenchWhat::Forward => {
             let _ = unet.forward(normal([1, cfg.in_channels, latent, latent]), &[500.0], ctx()).into_data();
         }
@@ -742,6 +794,7 @@ fn bench_one(latent: usize, what: BenchWhat, config: BenchConfig, backend: Backe
             let _ = inv.step(&unet, &projection, &pair, 500, 1.0, normal([1, lc, latent, latent]));
             let _ = inv.c.clone().slice([0..1, 0..1, 0..1]).into_data();
         }
+        BenchWhat::VaeDecode | BenchWhat::VaeEncode => unreachable!("bench_vae"),
         BenchWhat::SampleStep => {
             let x = normal([1, lc, latent, latent]);
             let rows = Tensor::cat(vec![x.clone(), x.clone(), x.clone()], 0);
@@ -752,6 +805,12 @@ fn bench_one(latent: usize, what: BenchWhat, config: BenchConfig, backend: Backe
             let _ = sched.step(g, 0, x, normal([1, lc, latent, latent])).into_data();
         }
     };
+    timed(backend, w.param_count(), build_s, runs, &dev, once);
+    Ok(())
+}
+
+/// Time `once` (first run, then the best of `runs`) and print bench-one's JSON line.
+fn timed(backend: Backend, params: usize, build_s: f64, runs: usize, dev: &Device, mut once: impl FnMut()) {
     let t1 = Instant::now();
     once();
     let first_s = t1.elapsed().as_secs_f64();
@@ -762,10 +821,40 @@ fn bench_one(latent: usize, what: BenchWhat, config: BenchConfig, backend: Backe
         best = best.min(t.elapsed().as_secs_f64());
     }
     let report = json!({
-        "backend": format!("{backend:?}").to_lowercase(), "params": w.param_count(), "build_s": build_s,
+        "backend": format!("{backend:?}").to_lowercase(), "params": params, "build_s": build_s,
         "first_s": first_s, "run_s": best,
         "device_pool_bytes": dev.memory_pool_usage().map(|u| u.bytes_reserved), "peak_rss_bytes": peak_rss(),
+        "gpu_limits": format!("{:?}", GPU_LIMITS.get().copied().unwrap_or(GpuLimits::Adapter)).to_lowercase(),
     });
     println!("{report}");
+}
+
+/// `bench-one` for the VAE: decode a [1, 4, n, n] latent or encode an 8n x 8n image.
+fn bench_vae(
+    latent: usize,
+    what: BenchWhat,
+    config: BenchConfig,
+    backend: Backend,
+    runs: usize,
+    dev: &Device,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let cfg: visii_models::VaeConfig = match config {
+        BenchConfig::Full => presets::ip2p_vae(),
+        BenchConfig::Tiny => serde_json::from_str(include_str!("../../../tests/fixtures/tiny-ip2p/vae/config.json"))?,
+    };
+    let t0 = Instant::now();
+    let w = Weights::random(0, dev);
+    let vae = visii_models::AutoencoderKL::load(&w, &cfg)?;
+    let build_s = t0.elapsed().as_secs_f64();
+    let px = latent * cfg.downscale();
+    let normal = |shape: [usize; 4]| Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), dev);
+    timed(backend, w.param_count(), build_s, runs, dev, || match what {
+        BenchWhat::VaeDecode => {
+            let _ = vae.decode(normal([1, cfg.latent_channels, latent, latent])).slice([0..1, 0..1, 0..1, 0..1]).into_data();
+        }
+        _ => {
+            let _ = vae.encode_mode(normal([1, cfg.in_channels, px, px])).slice([0..1, 0..1, 0..1, 0..1]).into_data();
+        }
+    });
     Ok(())
 }

@@ -3,13 +3,17 @@
 //! own `config.json`, weights loaded by the checkpoints' tensor names.
 
 pub mod attention;
+pub mod chunked;
 pub mod clip;
 pub mod error;
+#[cfg(any(feature = "wgpu", feature = "webgpu"))]
+pub mod gpu;
 pub mod loader;
 pub mod nn;
 pub mod pack;
 pub mod preprocess;
 pub mod presets;
+pub mod resident;
 pub mod resnet;
 pub mod source;
 pub mod tokenizer;

@@ -35,6 +35,8 @@ pub struct Loaded<M, C> {
     pub model: M,
     pub config: C,
     pub params: usize,
+    /// Weight values kept int8 on the device (`Ip2pFolder::resident_q8`), else 0.
+    pub resident_values: usize,
 }
 
 /// Parse a config from JSON text; `name` appears in errors.
@@ -48,24 +50,33 @@ fn is_buffer(name: &str) -> bool {
 
 /// The UNet from its config text and weight files.
 pub fn unet_from_parts(config: &str, files: Vec<WeightFile>, device: &Device) -> Result<Loaded<UNet2DConditionModel, UNetConfig>> {
+    unet_load(config, files, device, false)
+}
+
+fn unet_load(config: &str, files: Vec<WeightFile>, device: &Device, resident_q8: bool) -> Result<Loaded<UNet2DConditionModel, UNetConfig>> {
     let cfg: UNetConfig = parse_config("unet/config.json", config)?;
-    let w = Weights::new(files, device);
+    let w = Weights::new(files, device).with_resident_q8(resident_q8);
     let model = UNet2DConditionModel::load(&w, &cfg)?;
     w.finish("UNet2DConditionModel", is_buffer)?;
-    Ok(Loaded { model, config: cfg, params: w.param_count() })
+    Ok(Loaded { model, config: cfg, params: w.param_count(), resident_values: w.resident_values() })
 }
 
 /// The VAE, accepting both attention spellings.
 pub fn vae_from_parts(config: &str, files: Vec<WeightFile>, device: &Device) -> Result<Loaded<AutoencoderKL, VaeConfig>> {
+    vae_load(config, files, device, false)
+}
+
+fn vae_load(config: &str, files: Vec<WeightFile>, device: &Device, resident_q8: bool) -> Result<Loaded<AutoencoderKL, VaeConfig>> {
     let cfg: VaeConfig = parse_config("vae/config.json", config)?;
     let w = Weights::new(files, device)
+        .with_resident_q8(resident_q8)
         .with_alias(".to_q.", ".query.")
         .with_alias(".to_k.", ".key.")
         .with_alias(".to_v.", ".value.")
         .with_alias(".to_out.0.", ".proj_attn.");
     let model = AutoencoderKL::load(&w, &cfg)?;
     w.finish("AutoencoderKL", is_buffer)?;
-    Ok(Loaded { model, config: cfg, params: w.param_count() })
+    Ok(Loaded { model, config: cfg, params: w.param_count(), resident_values: w.resident_values() })
 }
 
 /// The CLIP text transformer from a `CLIPTextModel` config (or a `CLIPModel` config's `text_config`).
@@ -82,7 +93,7 @@ pub fn text_encoder_from_parts(config: &str, files: Vec<WeightFile>, device: &De
     w.finish("CLIPTextModel", |n| {
         is_buffer(n) || n.starts_with("vision_model.") || n.starts_with("visual_projection") || n.starts_with("text_projection") || n == "logit_scale"
     })?;
-    Ok(Loaded { model, config: cfg, params: w.param_count() })
+    Ok(Loaded { model, config: cfg, params: w.param_count(), resident_values: 0 })
 }
 
 /// The CLIP vision side used by the CLIP loss: vision tower + `visual_projection`, and `text_projection`.
@@ -105,7 +116,7 @@ pub fn clip_vision_from_parts(config: &str, files: Vec<WeightFile>, device: &Dev
     let text_projection_params = w.param_count() - vision_params;
     w.finish("CLIPModel (vision side)", |n| is_buffer(n) || n.starts_with("text_model.") || n == "logit_scale")?;
     let params = w.param_count();
-    Ok(Loaded { model: ClipVisionParts { vision, text_projection, vision_params, text_projection_params }, config: cfg, params })
+    Ok(Loaded { model: ClipVisionParts { vision, text_projection, vision_params, text_projection_params }, config: cfg, params, resident_values: 0 })
 }
 
 // ------------------------------------------------------------------ model files: disk or memory
@@ -242,6 +253,8 @@ pub fn weight_files(files: &Files, dir: &str, stem: &str) -> Result<Vec<WeightFi
 #[derive(Clone)]
 pub struct Ip2pFolder {
     pub files: Files,
+    /// Load the UNet and the VAE with their large weights int8 on the device (`crate::resident`).
+    pub resident_q8: bool,
 }
 
 impl std::fmt::Debug for Ip2pFolder {
@@ -275,7 +288,13 @@ impl Ip2pFolder {
                 return Err(not(&format!("the `{c}/` folder is missing")));
             }
         }
-        Ok(Self { files })
+        Ok(Self { files, resident_q8: false })
+    }
+
+    /// The same folder, loading the UNet and the VAE with int8 weights on the device or not.
+    pub fn with_resident_q8(mut self, on: bool) -> Self {
+        self.resident_q8 = on;
+        self
     }
 
     /// `_name_or_path` of model_index.json when present, else the folder's (or source's) name.
@@ -289,11 +308,11 @@ impl Ip2pFolder {
     }
 
     pub fn unet(&self, device: &Device) -> Result<Loaded<UNet2DConditionModel, UNetConfig>> {
-        unet_from_parts(&self.files.read_text("unet/config.json")?, weight_files(&self.files, "unet", "diffusion_pytorch_model")?, device)
+        unet_load(&self.files.read_text("unet/config.json")?, weight_files(&self.files, "unet", "diffusion_pytorch_model")?, device, self.resident_q8)
     }
 
     pub fn vae(&self, device: &Device) -> Result<Loaded<AutoencoderKL, VaeConfig>> {
-        vae_from_parts(&self.files.read_text("vae/config.json")?, weight_files(&self.files, "vae", "diffusion_pytorch_model")?, device)
+        vae_load(&self.files.read_text("vae/config.json")?, weight_files(&self.files, "vae", "diffusion_pytorch_model")?, device, self.resident_q8)
     }
 
     pub fn text_encoder(&self, device: &Device) -> Result<Loaded<ClipTextTransformer, ClipTextConfig>> {

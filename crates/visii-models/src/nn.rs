@@ -94,6 +94,19 @@ impl GroupNorm {
         let y = normed * self.gamma.val().reshape([1, c, 1]) + self.beta.val().reshape([1, c, 1]);
         y.reshape(dims)
     }
+
+    /// The same normalisation for channels `r` alone (`r` must hold whole groups).
+    pub fn channels(&self, r: std::ops::Range<usize>) -> GroupNorm {
+        let c = self.gamma.dims()[0];
+        let cpg = c / self.num_groups;
+        assert!(r.start % cpg == 0 && r.end % cpg == 0 && r.end <= c, "group norm slice {r:?} does not hold whole groups of {cpg}");
+        GroupNorm {
+            gamma: Param::from_tensor(self.gamma.val().slice([r.clone()])),
+            beta: Param::from_tensor(self.beta.val().slice([r.clone()])),
+            num_groups: (r.end - r.start) / cpg,
+            epsilon: self.epsilon,
+        }
+    }
 }
 
 /// `torch.nn.LayerNorm(dim, eps)` at `vb`.

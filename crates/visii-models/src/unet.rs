@@ -212,10 +212,11 @@ impl UNet2DConditionModel {
 
         // 1. time
         let te = vb.pp("time_embedding");
-        let time_linear_1 = linear(&te.pp("linear_1"), ch[0], temb, true)?;
-        let time_linear_2 = linear(&te.pp("linear_2"), temb, temb, true)?;
+        // (Each part is handed to `w.block` as soon as it is built: int8 on the device if asked.)
+        let time_linear_1 = w.block(linear(&te.pp("linear_1"), ch[0], temb, true)?);
+        let time_linear_2 = w.block(linear(&te.pp("linear_2"), temb, temb, true)?);
         // 2. stem
-        let conv_in = conv2d(&vb.pp("conv_in"), cfg.in_channels, ch[0], cfg.conv_in_kernel, 1, cfg.conv_in_kernel / 2)?;
+        let conv_in = w.block(conv2d(&vb.pp("conv_in"), cfg.in_channels, ch[0], cfg.conv_in_kernel, 1, cfg.conv_in_kernel / 2)?);
 
         // 3. down
         let mut down_blocks = Vec::with_capacity(n);
@@ -234,7 +235,7 @@ impl UNet2DConditionModel {
                 vec![]
             };
             let downsamplers = if i + 1 < n { vec![Downsample2D::load(&b.pp("downsamplers").pp(0), c_out, cfg.downsample_padding)?] } else { vec![] };
-            down_blocks.push(DownBlock { resnets, attentions, downsamplers });
+            down_blocks.push(w.block(DownBlock { resnets, attentions, downsamplers }));
         }
 
         // 4. mid
@@ -242,10 +243,10 @@ impl UNet2DConditionModel {
             Some(_) => {
                 let b = vb.pp("mid_block");
                 let c = ch[n - 1];
-                Some(MidBlock {
+                Some(w.block(MidBlock {
                     resnets: (0..2).map(|j| ResnetBlock2D::load(&b.pp("resnets").pp(j), c, c, Some(temb), groups, eps)).collect::<Result<_>>()?,
                     attentions: vec![transformer(&b.pp("attentions").pp(0), cfg, c, n - 1)?],
-                })
+                }))
             }
             None => None,
         };
@@ -274,7 +275,7 @@ impl UNet2DConditionModel {
                 vec![]
             };
             let upsamplers = if i + 1 < n { vec![Upsample2D::load(&b.pp("upsamplers").pp(0), c_out)?] } else { vec![] };
-            up_blocks.push(UpBlock { resnets, attentions, upsamplers });
+            up_blocks.push(w.block(UpBlock { resnets, attentions, upsamplers }));
         }
 
         // 6. head
@@ -286,7 +287,7 @@ impl UNet2DConditionModel {
             mid_block,
             up_blocks,
             conv_norm_out: group_norm(&vb.pp("conv_norm_out"), groups, ch[0], eps)?,
-            conv_out: conv2d(&vb.pp("conv_out"), ch[0], cfg.out_channels, cfg.conv_out_kernel, 1, cfg.conv_out_kernel / 2)?,
+            conv_out: w.block(conv2d(&vb.pp("conv_out"), ch[0], cfg.out_channels, cfg.conv_out_kernel, 1, cfg.conv_out_kernel / 2)?),
             time_proj_dim: ch[0],
             flip_sin_to_cos: cfg.flip_sin_to_cos,
             freq_shift: cfg.freq_shift,

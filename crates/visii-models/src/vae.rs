@@ -10,6 +10,7 @@ use burn::tensor::Tensor;
 use serde::Deserialize;
 
 use crate::attention::SpatialAttention;
+use crate::chunked::Chunked;
 use crate::error::{ModelError, Result};
 use crate::nn::{conv2d, group_norm};
 use crate::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
@@ -157,14 +158,15 @@ impl AutoencoderKL {
                 upsamplers: vec![],
             });
         }
-        let encoder = Encoder {
+        // The VAE is small: int8 residency (when asked) per half.
+        let encoder = w.block(Encoder {
             conv_in: conv2d(&e.pp("conv_in"), cfg.in_channels, ch[0], 3, 1, 1)?,
             down_blocks,
             mid_block: VaeMidBlock::load(&e.pp("mid_block"), ch[n - 1], g, cfg.mid_block_add_attention)?,
             conv_norm_out: group_norm(&e.pp("conv_norm_out"), g, ch[n - 1], EPS)?,
             conv_out: conv2d(&e.pp("conv_out"), ch[n - 1], 2 * lat, 3, 1, 1)?,
             quant_conv: if cfg.use_quant_conv { Some(conv2d(&vb.pp("quant_conv"), 2 * lat, 2 * lat, 1, 1, 0)?) } else { None },
-        };
+        });
 
         // Decoder: conv_in, mid, up blocks over reversed channels (layers + 1 resnets), norm, conv_out.
         let d = vb.pp("decoder");
@@ -183,31 +185,32 @@ impl AutoencoderKL {
                 upsamplers: if i + 1 < n { vec![Upsample2D::load(&b.pp("upsamplers").pp(0), c_out)?] } else { vec![] },
             });
         }
-        let decoder = Decoder {
+        let decoder = w.block(Decoder {
             post_quant_conv: if cfg.use_post_quant_conv { Some(conv2d(&vb.pp("post_quant_conv"), lat, lat, 1, 1, 0)?) } else { None },
             conv_in: conv2d(&d.pp("conv_in"), lat, rev[0], 3, 1, 1)?,
             mid_block: VaeMidBlock::load(&d.pp("mid_block"), rev[0], g, cfg.mid_block_add_attention)?,
             up_blocks,
             conv_norm_out: group_norm(&d.pp("conv_norm_out"), g, ch[0], EPS)?,
             conv_out: conv2d(&d.pp("conv_out"), ch[0], cfg.out_channels, 3, 1, 1)?,
-        };
+        });
         Ok(Self { encoder, decoder, scaling_factor: cfg.scaling_factor, latent_channels: lat })
     }
 
     /// Image in [-1, 1], [b, 3, H, W] -> (mean, logvar) of the latent distribution, [b, latent, H/8, W/8].
     pub fn encode(&self, x: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
         let e = &self.encoder;
-        let mut x = e.conv_in.forward(x);
+        let g = e.conv_norm_out.num_groups;
+        let mut x = Chunked::new(x).conv(&e.conv_in, align(&e.conv_in, g));
         for block in &e.down_blocks {
             for r in &block.resnets {
-                x = r.forward(x, None);
+                x = r.forward_chunked(x);
             }
             for dsm in &block.downsamplers {
-                x = dsm.forward(x);
+                x = dsm.forward_chunked(x, align(&dsm.conv, g));
             }
         }
-        x = e.mid_block.forward(x);
-        x = e.conv_out.forward(silu(e.conv_norm_out.forward(x)));
+        let x = e.mid_block.forward(x.join());
+        let mut x = e.conv_out.forward(silu(e.conv_norm_out.forward(x)));
         if let Some(q) = &e.quant_conv {
             x = q.forward(x);
         }
@@ -226,19 +229,25 @@ impl AutoencoderKL {
     /// Latent (unscaled) [b, latent, h, w] -> image in about [-1, 1], [b, 3, 8h, 8w].
     pub fn decode(&self, z: Tensor<4>) -> Tensor<4> {
         let d = &self.decoder;
-        let mut x = match &d.post_quant_conv {
+        let x = match &d.post_quant_conv {
             Some(c) => c.forward(z),
             None => z,
         };
-        x = d.mid_block.forward(d.conv_in.forward(x));
+        let g = d.conv_norm_out.num_groups;
+        let mut x = Chunked::new(d.mid_block.forward(d.conv_in.forward(x)));
         for block in &d.up_blocks {
             for r in &block.resnets {
-                x = r.forward(x, None);
+                x = r.forward_chunked(x);
             }
             for u in &block.upsamplers {
-                x = u.forward(x, None);
+                x = u.forward_chunked(x, align(&u.conv, g));
             }
         }
-        d.conv_out.forward(silu(d.conv_norm_out.forward(x)))
+        x.group_norm(&d.conv_norm_out).silu().conv(&d.conv_out, 1).join()
     }
+}
+
+/// Channels per group of the GroupNorm (of `groups` groups) that reads `conv`'s output.
+fn align(conv: &Conv2d, groups: usize) -> usize {
+    (conv.weight.dims()[0] / groups).max(1)
 }

@@ -176,11 +176,45 @@ pub struct Weights {
     used: RefCell<BTreeSet<String>>,
     params: RefCell<usize>,
     device: Device,
+    /// Keep large weights int8 on the device ([`crate::resident`]), converted block by block as
+    /// the model is built so the f32 copy never exists whole; values converted so far.
+    resident_q8: bool,
+    resident_values: RefCell<usize>,
 }
 
 impl Weights {
     pub fn new(files: Vec<WeightFile>, device: &Device) -> Self {
-        Self { files, random: None, aliases: vec![], used: RefCell::new(BTreeSet::new()), params: RefCell::new(0), device: device.clone() }
+        Self {
+            files,
+            random: None,
+            aliases: vec![],
+            used: RefCell::new(BTreeSet::new()),
+            params: RefCell::new(0),
+            device: device.clone(),
+            resident_q8: false,
+            resident_values: RefCell::new(0),
+        }
+    }
+
+    /// Build the model with its large weights int8 on the device (see [`crate::resident`]).
+    pub fn with_resident_q8(mut self, on: bool) -> Self {
+        self.resident_q8 = on;
+        self
+    }
+
+    /// A freshly built part of the model, with its large weights made int8 when asked for.
+    pub fn block<M: burn::module::Module>(&self, m: M) -> M {
+        if !self.resident_q8 {
+            return m;
+        }
+        let (m, _, values) = crate::resident::resident_q8(m);
+        *self.resident_values.borrow_mut() += values;
+        m
+    }
+
+    /// Weight values kept int8 on the device so far.
+    pub fn resident_values(&self) -> usize {
+        *self.resident_values.borrow()
     }
 
     /// Random weights of whatever shapes the config asks for: uniform in +-1/sqrt(fan_in) for

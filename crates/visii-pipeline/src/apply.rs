@@ -24,6 +24,8 @@ pub struct Ip2p {
     pub arch: String,
     /// Parameters read for the UNet, the VAE and the text encoder.
     pub params: [usize; 3],
+    /// Weight values of the UNet and the VAE kept int8 on the device (`Ip2pFolder::resident_q8`).
+    pub resident_values: usize,
 }
 
 /// Sampling controls.
@@ -80,6 +82,7 @@ impl Ip2p {
         let tc = serde_json::to_string(&text.config).map_err(|e| PipelineError::Config(e.to_string()))?;
         Ok(Self {
             params: [unet.params, vae.params, text.params],
+            resident_values: unet.resident_values + vae.resident_values,
             unet: unet.model,
             vae: vae.model,
             text: text.model,
@@ -245,7 +248,7 @@ impl Ip2p {
                 f(i, &latents);
             }
             if wait_each_step {
-                let probe = crate::read_f32(latents.clone().slice([0..1, 0..1, 0..1, 0..1])).await;
+                let probe = crate::read_f32(latents.clone().slice([0..1, 0..1, 0..1, 0..1])).await?;
                 if probe.first().is_none_or(|v| !v.is_finite()) {
                     return Err(PipelineError::Config(format!("sampling diverged at step {i} (non-finite latents)")));
                 }

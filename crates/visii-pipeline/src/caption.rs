@@ -130,7 +130,7 @@ pub async fn auto_caption_async(
         let grads = loss.backward();
         let g = x.grad(&grads).ok_or_else(|| PipelineError::Config("no gradient in prompt search".into()))?;
         // One readback: the similarity and the projected ids.
-        let back = crate::read_f32(Tensor::cat(vec![cos.inner().reshape([1]), idx.float()], 0)).await;
+        let back = crate::read_f32(Tensor::cat(vec![cos.inner().reshape([1]), idx.float()], 0)).await?;
         let sim = back[0];
         if it == 0 {
             initial = sim;

@@ -15,6 +15,10 @@ pub enum PipelineError {
     ForeignModel(String),
     #[error("cancelled")]
     Cancelled,
+    /// A readback from the device failed: the GPU was lost (reset, removed, out of memory) and
+    /// nothing more can run on it.
+    #[error("the GPU device was lost or failed: {0}")]
+    Gpu(String),
 }
 
 pub type Result<T, E = PipelineError> = std::result::Result<T, E>;

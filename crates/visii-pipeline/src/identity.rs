@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::apply::Ip2p;
+use crate::error::Result;
 use crate::rng::NoiseRng;
 
 /// Values per signed tensor projection (the first `PROBE` values of the flattened tensor).
@@ -63,12 +64,12 @@ fn stats<const D: usize>(t: Tensor<D>) -> Tensor<1> {
 
 impl ModelIdentity {
     /// The identity of a loaded model (one small readback).
-    pub fn of(model: &Ip2p) -> Self {
+    pub fn of(model: &Ip2p) -> Result<Self> {
         crate::block_on(Self::of_async(model))
     }
 
     /// `of` without a blocking readback (the browser).
-    pub async fn of_async(model: &Ip2p) -> Self {
+    pub async fn of_async(model: &Ip2p) -> Result<Self> {
         let u = &model.unet;
         let t = &model.text;
         let parts = vec![
@@ -79,8 +80,8 @@ impl ModelIdentity {
             stats(t.position_embedding.val()),
             stats(t.layers.last().map(|l| l.mlp.fc2.weight.val()).unwrap_or_else(|| t.final_layer_norm.gamma.val().unsqueeze())),
         ];
-        let signature = crate::read_f32(Tensor::cat(parts, 0)).await;
-        Self { name: model.name.clone(), arch: model.arch.clone(), signature }
+        let signature = crate::read_f32(Tensor::cat(parts, 0)).await?;
+        Ok(Self { name: model.name.clone(), arch: model.arch.clone(), signature })
     }
 
     /// Short display form, e.g. `3f2a…:9c41…`.

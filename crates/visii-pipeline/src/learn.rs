@@ -12,6 +12,7 @@ use burn::nn::Linear;
 use burn::tensor::{Bool, Tensor, TensorData};
 
 use crate::apply::Ip2p;
+use crate::error::Result;
 use visii_models::UNet2DConditionModel;
 
 /// AdamW hyper-parameters (torch defaults except the learning rate).
@@ -69,17 +70,17 @@ pub struct StepStats {
 }
 
 impl Inversion {
-    pub fn new(c0: Tensor<3>, uncond: Tensor<3>, direction: Tensor<1>, eos: usize, adam: AdamWConfig) -> Self {
+    pub fn new(c0: Tensor<3>, uncond: Tensor<3>, direction: Tensor<1>, eos: usize, adam: AdamWConfig) -> Result<Self> {
         crate::block_on(Self::new_async(c0, uncond, direction, eos, adam))
     }
 
     /// `new` without a blocking readback (the browser).
-    pub async fn new_async(c0: Tensor<3>, uncond: Tensor<3>, direction: Tensor<1>, eos: usize, adam: AdamWConfig) -> Self {
-        let clip_value = crate::read_f32(c0.clone().max()).await.first().copied().unwrap_or(f32::INFINITY);
+    pub async fn new_async(c0: Tensor<3>, uncond: Tensor<3>, direction: Tensor<1>, eos: usize, adam: AdamWConfig) -> Result<Self> {
+        let clip_value = crate::read_f32(c0.clone().max()).await?.first().copied().unwrap_or(f32::INFINITY);
         let [_, rows, hidden] = c0.dims();
         let keep: Vec<bool> = (0..rows).map(|k| (1..eos).contains(&k)).collect();
         let span = Tensor::<3, Bool>::from_data(TensorData::new(keep, [1, rows, 1]), &c0.device()).expand([1, rows, hidden]);
-        Self {
+        Ok(Self {
             span,
             c: c0.clone(),
             m: c0.zeros_like(),
@@ -93,7 +94,7 @@ impl Inversion {
             guidance: 7.5,
             image_guidance: 1.5,
             step: 0,
-        }
+        })
     }
 
     /// One optimisation step at training timestep `t` with noise `n` [1, 4, h, w] and that
@@ -106,7 +107,7 @@ impl Inversion {
         t: usize,
         sigma: f32,
         n: Tensor<4>,
-    ) -> StepStats {
+    ) -> Result<StepStats> {
         crate::block_on(self.step_async(unet, text_projection, pair, t, sigma, n))
     }
 
@@ -120,13 +121,13 @@ impl Inversion {
         t: usize,
         sigma: f32,
         n: Tensor<4>,
-    ) -> StepStats {
+    ) -> Result<StepStats> {
         let step = self.step as usize;
         let (vals, g) = self.graph(unet, text_projection, pair, t, sigma, n);
         self.adamw(g.clamp(-self.clip_value, self.clip_value));
         self.reset_outside_span();
         self.step += 1;
-        Self::stats(step, t, crate::read_f32(vals).await)
+        Ok(Self::stats(step, t, crate::read_f32(vals).await?))
     }
 
     fn stats(step: usize, t: usize, v: Vec<f32>) -> StepStats {
@@ -144,9 +145,9 @@ impl Inversion {
         t: usize,
         sigma: f32,
         n: Tensor<4>,
-    ) -> (StepStats, Tensor<3>) {
+    ) -> Result<(StepStats, Tensor<3>)> {
         let (vals, g) = self.graph(unet, text_projection, pair, t, sigma, n);
-        (Self::stats(self.step as usize, t, crate::block_on(crate::read_f32(vals))), g)
+        Ok((Self::stats(self.step as usize, t, crate::block_on(crate::read_f32(vals))?), g))
     }
 
     /// Forward and backward: ([mse, cos, loss], d loss / d c).
@@ -210,7 +211,7 @@ impl Inversion {
 
 // ------------------------------------------------------------------ the learning loop
 
-use crate::error::{PipelineError, Result};
+use crate::error::PipelineError;
 use crate::image::RgbImage;
 use crate::rng::NoiseRng;
 use visii_models::loader::ClipVisionParts;
@@ -361,7 +362,7 @@ pub async fn learn_async(
 
     let (c0, eos) = model.encode_text_with_eos(init_caption)?;
     let [_, positions, hidden] = c0.dims();
-    let mut inv = Inversion::new_async(c0, model.encode_text("")?, direction, eos, opts.adam.clone()).await;
+    let mut inv = Inversion::new_async(c0, model.encode_text("")?, direction, eos, opts.adam.clone()).await?;
     let sigmas = model.scheduler.train_sigmas()?;
     let ts = match schedule {
         Some(s) => {
@@ -389,7 +390,7 @@ pub async fn learn_async(
         };
         let noise = Tensor::from_data(TensorData::new(values, [1, lc, h, w]), dev);
         let before_update = inv.c.clone();
-        let s = inv.step_async(&model.unet, &clip.text_projection, pair, t, sigmas[t], noise).await;
+        let s = inv.step_async(&model.unet, &clip.text_projection, pair, t, sigmas[t], noise).await?;
         // The MSE is measured for the instruction before this update.
         if s.mse < best {
             best = s.mse;
@@ -403,7 +404,7 @@ pub async fn learn_async(
             break;
         }
     }
-    let rows = crate::read_f32(best_c).await;
+    let rows = crate::read_f32(best_c).await?;
     Ok(Learned {
         rows,
         positions,

@@ -20,13 +20,11 @@ pub fn block_on<O>(f: impl std::future::Future<Output = O>) -> O {
     burn_std::future::block_on(f)
 }
 
-/// Read a tensor back as f32 values without blocking (NaNs if the read fails).
-pub async fn read_f32<const D: usize>(t: burn::tensor::Tensor<D>) -> Vec<f32> {
-    let n: usize = t.dims().iter().product();
-    match t.into_data_async().await {
-        Ok(d) => d.try_to_vec::<f32>().unwrap_or_else(|_| vec![f32::NAN; n]),
-        Err(_) => vec![f32::NAN; n],
-    }
+/// Read a tensor back as f32 values without blocking. A failed read means the device is gone
+/// (cubecl marks a lost wgpu device and fails every read after it): [`PipelineError::Gpu`].
+pub async fn read_f32<const D: usize>(t: burn::tensor::Tensor<D>) -> Result<Vec<f32>> {
+    let d = t.into_data_async().await.map_err(|e| PipelineError::Gpu(format!("{e:?}")))?;
+    d.try_to_vec::<f32>().map_err(|e| PipelineError::Gpu(format!("unexpected data from the device: {e:?}")))
 }
 pub use identity::ModelIdentity;
 pub use image::RgbImage;

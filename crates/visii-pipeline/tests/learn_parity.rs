@@ -44,7 +44,8 @@ fn check_learn(device: &Device) {
         direction,
         eos,
         AdamWConfig::default(),
-    );
+    )
+    .unwrap();
     assert!((inv.clip_value - m["clip_value"].as_f64().unwrap() as f32).abs() < 1e-5);
 
     let sigmas = SchedulerConfig::default().train_sigmas().unwrap();
@@ -53,7 +54,7 @@ fn check_learn(device: &Device) {
     let per = noises.len() / ts.len();
     for (k, &t) in ts.iter().enumerate() {
         let n = Tensor::<4>::from_data(TensorData::new(noises[k * per..(k + 1) * per].to_vec(), [1, 4, 7, 10]), device);
-        let s = inv.step(&model.unet, &parts.text_projection, &pair, t, sigmas[t], n);
+        let s = inv.step(&model.unet, &parts.text_projection, &pair, t, sigmas[t], n).unwrap();
         let want = &m["stats_mse_cos_loss"][k];
         let (mse, cos, loss) = (want[0].as_f64().unwrap() as f32, want[1].as_f64().unwrap() as f32, want[2].as_f64().unwrap() as f32);
         println!("step {k} t={t}: mse {} vs {mse}, cos {} vs {cos}, loss {} vs {loss}", s.mse, s.cos, s.loss);

@@ -59,7 +59,7 @@ fn run(model_dir: &std::path::Path, clip_dir: &std::path::Path, dev: &Device) ->
     let noise = Noise::Given { init: g.read_f32("apply.init_noise").unwrap(), steps: all.chunks(all.len() / 3).map(|c| c.to_vec()).collect() };
     let cond = model.encode_text("turn it into a watercolor painting").unwrap();
     let out = model.apply(&image, cond, &ApplyOptions { steps: 3, ..ApplyOptions::default() }, &noise, &mut |_, _| true).unwrap();
-    Outputs { unet, embeds, image: out.into_data().try_to_vec::<f32>().unwrap(), identity: ModelIdentity::of(&model) }
+    Outputs { unet, embeds, image: out.into_data().try_to_vec::<f32>().unwrap(), identity: ModelIdentity::of(&model).unwrap() }
 }
 
 #[test]

@@ -130,12 +130,12 @@ fn check_first_gradient(dev: &Device) {
     let pair = PairLatents { z_after: s.model.encode_image(&after).mul_scalar(s.model.vae.scaling_factor), z_before: s.model.encode_image(&before) };
     let init = m["init"].as_str().unwrap();
     let (c0, eos) = s.model.encode_text_with_eos(init).unwrap();
-    let inv = Inversion::new(c0, s.model.encode_text("").unwrap(), direction, eos, AdamWConfig::default());
+    let inv = Inversion::new(c0, s.model.encode_text("").unwrap(), direction, eos, AdamWConfig::default()).unwrap();
     let t = m["timesteps"][0].as_u64().unwrap() as usize;
     let noises = g.read_f32("learn.noises").unwrap();
     let n = Tensor::<4>::from_data(TensorData::new(noises[..4 * 7 * 10].to_vec(), [1, 4, 7, 10]), dev);
     let sigma = SchedulerConfig::default().train_sigmas().unwrap()[t];
-    let (_, grad) = inv.loss_and_gradient(&s.model.unet, &s.parts.text_projection, &pair, t, sigma, n);
+    let (_, grad) = inv.loss_and_gradient(&s.model.unet, &s.parts.text_projection, &pair, t, sigma, n).unwrap();
     let ours: Vec<f32> = grad.into_data().try_to_vec().unwrap();
     let e = rel(&ours, &g.read_f32("learn.grad0").unwrap());
     println!("first learning gradient: rel err {e:.2e}");
@@ -187,7 +187,7 @@ fn instruction_file_round_trip_identity_and_refusals() {
     let dev = Device::ndarray();
     let s = learn_setup(&dev);
     let learned = short_learn(&s, 3);
-    let id = ModelIdentity::of(&s.model);
+    let id = ModelIdentity::of(&s.model).unwrap();
     let thumb = RgbImage::strip(&[&image("before.png"), &image("after.png")], 48).to_png().unwrap();
     let bytes = instruction::save(&learned, &SaveInfo { model: &id, thumbnail_png: Some(&thumb), extra: &[("note", "x".into())] }).unwrap();
     let ins = instruction::load(&bytes, 32).unwrap();
@@ -206,14 +206,14 @@ fn instruction_file_round_trip_identity_and_refusals() {
     ins.check_model(&id, false).unwrap();
 
     // The same checkpoint on the other backend is the same model.
-    let gpu_id = ModelIdentity::of(&model(&Device::wgpu(DeviceKind::DefaultDevice)));
+    let gpu_id = ModelIdentity::of(&model(&Device::wgpu(DeviceKind::DefaultDevice))).unwrap();
     assert!(id.matches(&gpu_id), "{id:?} vs {gpu_id:?}");
     ins.check_model(&gpu_id, false).unwrap();
 
     // Another checkpoint with the same architecture (one tensor changed by 5%) is refused...
     let mut other = model(&dev);
     other.unet.conv_in.weight = Param::from_tensor(other.unet.conv_in.weight.val().mul_scalar(1.05));
-    let other_id = ModelIdentity::of(&other);
+    let other_id = ModelIdentity::of(&other).unwrap();
     assert_eq!(other_id.arch, id.arch);
     assert!(!id.matches(&other_id));
     let err = ins.check_model(&other_id, false).unwrap_err().to_string();
@@ -224,7 +224,7 @@ fn instruction_file_round_trip_identity_and_refusals() {
     let mut shuffled = model(&dev);
     let w = shuffled.text.token_embedding[0].val();
     shuffled.text.token_embedding[0] = Param::from_tensor(w.flip([1]));
-    assert!(!id.matches(&ModelIdentity::of(&shuffled)));
+    assert!(!id.matches(&ModelIdentity::of(&shuffled).unwrap()));
 
     // Refusals: wrong width, not safetensors, truncated, foreign safetensors, corrupt metadata.
     assert!(instruction::load(&bytes, 768).unwrap_err().to_string().contains("width 32"));
@@ -241,7 +241,7 @@ fn noise_reuse_regenerates_the_learning_noises() {
     let dev = Device::ndarray();
     let s = learn_setup(&dev);
     let learned = short_learn(&s, 9);
-    let bytes = instruction::save(&learned, &SaveInfo { model: &ModelIdentity::of(&s.model), thumbnail_png: None, extra: &[] }).unwrap();
+    let bytes = instruction::save(&learned, &SaveInfo { model: &ModelIdentity::of(&s.model).unwrap(), thumbnail_png: None, extra: &[] }).unwrap();
     let reuse = instruction::load(&bytes, 32).unwrap().noise_reuse.unwrap();
     // Nearest learning step of a sampling timestep.
     let ts = &reuse.timesteps;

@@ -53,6 +53,7 @@ fn pipeline_error(e: PipelineError) -> JsValue {
         PipelineError::ForeignModel(_) => "ForeignModelError",
         PipelineError::Instruction(_) => "InstructionError",
         PipelineError::Model(_) => "ModelError",
+        PipelineError::Gpu(_) => "GpuError",
         _ if text.contains("PNG or JPEG") || text.contains("image") => "ImageError",
         _ => "OptionsError",
     };
@@ -66,17 +67,13 @@ pub async fn gpu_selftest() -> Result<String, JsValue> {
     let device = init_device(false).await?;
     let a = Tensor::<2>::from_data(TensorData::new(vec![1f32, 2., 3., 4.], [2, 2]), &device);
     let b = Tensor::<2>::from_data(TensorData::new(vec![5f32, 6., 7., 8.], [2, 2]), &device);
-    let v = visii_pipeline::read_f32(a.matmul(b)).await;
+    let v = visii_pipeline::read_f32(a.matmul(b)).await.map_err(pipeline_error)?;
     Ok(serde_json::to_string(&v).unwrap_or_default())
 }
 
 thread_local! {
     static DEVICE: RefCell<Option<Device>> = const { RefCell::new(None) };
 }
-
-/// The WebGPU spec's default limits, which every adapter grants.
-const SPEC_STORAGE_BINDING: u64 = 128 << 20;
-const SPEC_BUFFER: u64 = 256 << 20;
 
 /// burn's WebGPU device, made once. `spec_limits`: request the device with the WebGPU spec's
 /// default buffer limits (128 MiB bindings, 256 MiB buffers), as the least capable adapter would
@@ -87,29 +84,8 @@ async fn init_device(spec_limits: bool) -> Result<Device, JsValue> {
     }
     let gpu = |e: String| error("GpuError", format!("WebGPU initialisation failed: {e}"));
     let d = if spec_limits {
-        use burn::tensor::wgpu::{wgpu, WgpuSetup};
-        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
-            backends: wgpu::Backends::BROWSER_WEBGPU,
-            ..wgpu::InstanceDescriptor::new_without_display_handle()
-        });
-        let adapter = instance
-            .request_adapter(&wgpu::RequestAdapterOptions { power_preference: wgpu::PowerPreference::HighPerformance, ..Default::default() })
-            .await
-            .map_err(|e| gpu(e.to_string()))?;
-        // Workgroup limits stay the adapter's (cubecl sizes kernels from the adapter).
-        let mut limits = adapter.limits();
-        limits.max_storage_buffer_binding_size = limits.max_storage_buffer_binding_size.min(SPEC_STORAGE_BINDING);
-        limits.max_buffer_size = limits.max_buffer_size.min(SPEC_BUFFER);
-        let (device, queue) = adapter
-            .request_device(&wgpu::DeviceDescriptor {
-                required_features: adapter.features() - wgpu::Features::MAPPABLE_PRIMARY_BUFFERS,
-                required_limits: limits,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| gpu(e.to_string()))?;
-        let backend = adapter.get_info().backend;
-        Device::wgpu_options().setup(WgpuSetup { instance, adapter, device, queue, backend }).init().map_err(|e| gpu(e.to_string()))?
+        use visii_models::gpu::{capped_device, SPEC_BUFFER, SPEC_STORAGE_BINDING};
+        capped_device(burn::tensor::wgpu::wgpu::Backends::BROWSER_WEBGPU, SPEC_STORAGE_BINDING, SPEC_BUFFER).await.map_err(gpu)?
     } else {
         Device::wgpu_options().init_async().await.map_err(|e| gpu(e.to_string()))?
     };
@@ -358,7 +334,7 @@ impl Engine {
         let model = Ip2p::from_folder(&folder, &self.device).map_err(|e| error("ModelError", e))?;
         // Files are read by range, one tensor at a time: the largest single read is one tensor.
         let (read_total, read_largest) = visii_models::READ_STATS.get();
-        let id = ModelIdentity::of_async(&model).await;
+        let id = ModelIdentity::of_async(&model).await.map_err(pipeline_error)?;
         let [up, vp, tp] = model.params;
         let info = serde_json::json!({
             "name": id.name, "fingerprint": id.fingerprint(), "hiddenSize": model.hidden_size(),
@@ -543,9 +519,9 @@ impl Engine {
             })
             .await
             .map_err(pipeline_error)?;
-        let v = visii_pipeline::read_f32(out).await;
+        let v = visii_pipeline::read_f32(out).await.map_err(pipeline_error)?;
         if v.iter().any(|x| !x.is_finite()) {
-            return Err(error("GpuError", "the GPU returned invalid values (the device may have been lost)"));
+            return Err(error("GpuError", "the GPU returned invalid values"));
         }
         let png = RgbImage::from_unit_floats(&v, w, h).to_png().map_err(pipeline_error)?;
         let result = js_sys::Object::new();

@@ -1,0 +1,31 @@
+import { chromium } from 'playwright-core';
+import { mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { serve } from './server.mjs';
+const { server, port } = await serve({ root: '/work/main', hubRoot: '/tmp', cutOnce: [] });
+const base = `http://127.0.0.1:${port}`;
+const flags = ['--headless=new', '--enable-unsafe-webgpu', '--use-webgpu-adapter=swiftshader', '--no-sandbox',
+  '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run'];
+const b = await chromium.launchPersistentContext(mkdtempSync(join(tmpdir(), 'probe-')), { executablePath: '/usr/bin/chromium', headless: true, args: flags });
+const page = b.pages()[0];
+page.on('console', (m) => { if (!/step|tensor/.test(m.text())) console.log('[console]', m.text().slice(0, 300)); });
+await page.goto(`${base}/index.html`);
+await page.waitForFunction(() => document.body.dataset.ready, null, { timeout: 300000 });
+await page.selectOption('#model-source', 'tiny');
+await page.click('#model-load');
+await page.waitForFunction(() => document.body.dataset.model, null, { timeout: 300000 });
+console.log('loaded; workers', page.workers().map((w) => w.url()));
+const w = page.workers().find((x) => /worker\.js/.test(x.url()));
+console.log(await w.evaluate(() => {
+  const orig = GPUDevice.prototype.createBuffer;
+  GPUDevice.prototype.createBuffer = function (d) { this.destroy(); return orig.call(this, d); };
+  return 'patched';
+}));
+await page.setInputFiles('#slot-edit input', '/work/main/tests/fixtures/images/tall.png');
+await page.fill('#apply-prompt', 'make it snowy');
+await page.fill('#apply-steps', '1'); await page.fill('#apply-size', '64');
+await page.click('#apply');
+await page.waitForFunction(() => !document.getElementById('error-panel').hidden || document.body.dataset.applied, null, { timeout: 180000 }).catch((e) => console.log('TIMEOUT', e.message.slice(0, 100)));
+console.log('after apply', await page.evaluate(() => [document.getElementById('error-panel').hidden, document.getElementById('error-panel').dataset.kind, document.getElementById('error-title').textContent, document.getElementById('error-text').textContent, document.getElementById('error-hint').textContent, document.getElementById('gpu-selftest').textContent, document.body.dataset.applied, document.body.dataset.ready, document.getElementById('apply').disabled]));
+await b.close(); server.close();
