@@ -172,6 +172,7 @@ $('model-source').onchange = () => {
 // Downloads and loads (from the network, from storage or from local files): one at a time.
 async function modelJob(msg) {
   if (state.busy) return;
+  msg = { ...msg, resident: $('model-int8').checked ? 'q8' : 'f32' };
   state.busy = 'download';
   updateButtons();
   $('model-stop').hidden = false;
@@ -198,7 +199,9 @@ function showDownload(d) {
 }
 function modelLoaded(d) {
   state.model = d;
-  $('model-loaded').textContent = `${d.info.name} (fingerprint ${d.info.fingerprint})${d.demo ? ' — wiring demo: its images are not meaningful' : ''}`;
+  const int8 = d.info.residentInt8Values ? `, ${(d.info.residentInt8Values / 1e6).toFixed(1)} M weights int8 on the GPU` : '';
+  $('model-loaded').textContent = `${d.info.name} (fingerprint ${d.info.fingerprint}${int8})${d.demo ? ' — wiring demo: its images are not meaningful' : ''}`;
+  document.body.dataset.residentInt8 = d.info.residentInt8Values || 0;
   document.body.dataset.model = d.info.fingerprint;
   document.body.dataset.largestRead = d.info.largestRead;
   document.body.dataset.wasmMemory = d.wasmMemory;

@@ -82,6 +82,25 @@ try {
     await page.fill('#apply-seed', '5');
   };
   const dismiss = () => page.click('#error-close');
+  // Two PNGs (byte arrays) decoded in the page: max / mean difference in levels, and how far the
+  // first moved from the input image (tall.png, scaled to its size).
+  const comparePng = (first, second) => page.evaluate(async ([a, b, input]) => {
+    const pixels = async (bytes, w, h) => {
+      const bmp = await createImageBitmap(new Blob([new Uint8Array(bytes)], { type: 'image/png' }));
+      const c = new OffscreenCanvas(w || bmp.width, h || bmp.height);
+      c.getContext('2d').drawImage(bmp, 0, 0, c.width, c.height);
+      return { w: c.width, h: c.height, d: c.getContext('2d').getImageData(0, 0, c.width, c.height).data };
+    };
+    const pa = await pixels(a), pb = await pixels(b), pi = await pixels(input, pa.w, pa.h);
+    let max = 0, sum = 0, moved = 0;
+    for (let i = 0; i < pa.d.length; i++) {
+      if (i % 4 === 3) continue;
+      const d = Math.abs(pa.d[i] - pb.d[i]); max = Math.max(max, d); sum += d;
+      moved += Math.abs(pa.d[i] - pi.d[i]);
+    }
+    const n = pa.d.length * 3 / 4;
+    return { size: [pa.w, pa.h, pb.w, pb.h], max, mean: sum / n, moved: moved / n };
+  }, [first, second, Array.from(readFileSync(join(fx, 'images', 'tall.png')))]);
   // Wait for a state, failing at once (with the panel's text) if an error panel appears instead.
   const waitData = async (key, value) => {
     await page.waitForFunction(([k, v]) => document.body.dataset[k] === v || !document.getElementById('error-panel').hidden, [key, value], { timeout: 600000 });
@@ -191,23 +210,7 @@ try {
   const cliPng = join(out, 'e2e-cli-result.png');
   execFileSync(visiiBin, ['apply', '--model', join(fx, 'tiny-ip2p'), '--image', join(fx, 'images', 'tall.png'), '--instruction', insPath,
     '-o', cliPng, '--steps', '3', '--size', '64', '--seed', '5', '--backend', 'ndarray'], { stdio: ['ignore', 'ignore', 'inherit'] });
-  const cmp = await page.evaluate(async ([a, b, input]) => {
-    const pixels = async (bytes, w, h) => {
-      const bmp = await createImageBitmap(new Blob([new Uint8Array(bytes)], { type: 'image/png' }));
-      const c = new OffscreenCanvas(w || bmp.width, h || bmp.height);
-      c.getContext('2d').drawImage(bmp, 0, 0, c.width, c.height);
-      return { w: c.width, h: c.height, d: c.getContext('2d').getImageData(0, 0, c.width, c.height).data };
-    };
-    const pa = await pixels(a), pb = await pixels(b), pi = await pixels(input, pa.w, pa.h);
-    let max = 0, sum = 0, moved = 0;
-    for (let i = 0; i < pa.d.length; i++) {
-      if (i % 4 === 3) continue;
-      const d = Math.abs(pa.d[i] - pb.d[i]); max = Math.max(max, d); sum += d;
-      moved += Math.abs(pa.d[i] - pi.d[i]);
-    }
-    const n = pa.d.length * 3 / 4;
-    return { size: [pa.w, pa.h, pb.w, pb.h], max, mean: sum / n, moved: moved / n };
-  }, [resultA, Array.from(readFileSync(cliPng)), Array.from(readFileSync(join(fx, 'images', 'tall.png')))]);
+  const cmp = await comparePng(resultA, Array.from(readFileSync(cliPng)));
   console.log(`browser vs native result: sizes ${cmp.size}, max ${cmp.max} levels, mean ${cmp.mean.toFixed(4)}; mean change from the input ${cmp.moved.toFixed(1)} levels`);
   check(cmp.size[0] === 32 && cmp.size[1] === 64 && cmp.size[2] === 32 && cmp.size[3] === 64, 'result is 32 x 64 in both');
   check(cmp.max <= 2 && cmp.mean <= 0.1, 'browser result equals the native CLI result within 2 levels (mean <= 0.1)');
@@ -343,16 +346,62 @@ try {
   check(await page.evaluate(() => document.body.dataset.model) === fingerprint, `local folders loaded: ${await page.textContent('#model-loaded')}`);
   await shot('10-local-files');
 
-  step('the GPU device lost during apply');
-  // A fresh page (no instruction loaded), the stored model, and then the device destroyed from
+  step('a fresh page, the stored model with f32 weights');
+  // A fresh page (no instruction loaded) and the stored model; later the device is destroyed from
   // inside the worker at the engine's next buffer allocation: what a GPU reset or removal does.
   await page.reload();
   await page.waitForFunction(() => document.body.dataset.ready === 'yes', null, { timeout: 300000 });
   await page.waitForSelector('#stored tr[data-source="tiny"] button.load');
   await page.click('#stored tr[data-source="tiny"] button.load');
   await waitData('model', fingerprint);
+
+  step('learn from two pairs');
+  await page.setInputFiles('#slot-before input', join(fx, 'images', 'before.png'));
+  await page.setInputFiles('#slot-after input', join(fx, 'images', 'after.png'));
+  await page.click('#add-pair');
+  await page.setInputFiles('#slot-before-2 input', join(fx, 'images', 'after.png'));
+  await page.fill('#learn-steps', '2');
+  await page.fill('#learn-size', '64');
+  await page.fill('#learn-seed', '3');
+  await page.fill('#learn-init', 'a photo');
+  await page.click('#learn');
+  await waitError('OptionsError');
+  check(/Pair 2 has no after image/.test(await page.textContent('#error-text')), `an incomplete pair is refused: ${await page.textContent('#error-text')}`);
+  await dismiss();
+  await page.setInputFiles('#slot-after-2 input', join(fx, 'images', 'before.png'));
+  await shot('10c-two-pairs');
+  await page.click('#learn');
+  await waitData('learned', '1');
+  const twoPairs = await page.evaluate(() => window.visii.losses);
+  const pairLog = join(out, 'e2e-cli-two-pairs.jsonl');
+  execFileSync(visiiBin, ['learn', '--model', join(fx, 'tiny-ip2p'), '--clip', join(fx, 'tiny-clip'),
+    '--before', join(fx, 'images', 'before.png'), '--after', join(fx, 'images', 'after.png'),
+    '--before', join(fx, 'images', 'after.png'), '--after', join(fx, 'images', 'before.png'),
+    '-o', join(out, 'e2e-cli-two-pairs.visii.safetensors'), '--steps', '2', '--size', '64', '--seed', '3', '--init', 'a photo',
+    '--log', pairLog, '--backend', 'ndarray'], { stdio: ['ignore', 'ignore', 'inherit'] });
+  const pairSteps = readFileSync(pairLog, 'utf8').trim().split('\n').map((l) => JSON.parse(l));
+  const pairErr = Math.max(...pairSteps.map((st, i) => Math.abs(st.mse - twoPairs[i]) / Math.abs(st.mse)));
+  check(twoPairs.length === 2 && pairErr < 1e-3, `two pairs in the page vs the CLI's --before/--after x 2: mse per step within ${pairErr.toExponential(2)} (tolerance 1e-3)`);
+
+  step('apply with the learned instruction, f32 weights');
   await setApply(2);
-  await page.fill('#apply-prompt', 'make it snowy');
+  await page.click('#apply');
+  await waitData('applied', '1');
+  const resultF32 = await page.evaluate(() => Array.from(new Uint8Array(window.visii.result)));
+
+  step('int8 weights on the GPU');
+  await page.check('#model-int8');
+  await page.click('#stored tr[data-source="tiny"] button.load');
+  await page.waitForFunction(() => Number(document.body.dataset.residentInt8) > 0 || !document.getElementById('error-panel').hidden, null, { timeout: 300000 });
+  const int8Values = await page.evaluate(() => Number(document.body.dataset.residentInt8));
+  check(int8Values > 1e6, `loaded with ${int8Values} weight values int8 on the GPU: ${await page.textContent('#model-loaded')}`);
+  await page.click('#apply');
+  await waitData('applied', '2');
+  const resultInt8 = await page.evaluate(() => Array.from(new Uint8Array(window.visii.result)));
+  const q = await comparePng(resultInt8, resultF32);
+  check(q.max <= 12 && q.mean <= 1, `int8 vs f32 weights, same apply: max ${q.max} levels, mean ${q.mean.toFixed(3)}`);
+
+  step('the GPU device lost during apply');
   const gpuWorker = page.workers().find((w) => /worker\.js/.test(w.url()));
   await gpuWorker.evaluate(() => {
     const create = GPUDevice.prototype.createBuffer;

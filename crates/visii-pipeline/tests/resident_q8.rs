@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use burn::tensor::{Device, DeviceKind};
 use visii_models::{ClipFolder, Ip2pFolder};
 use visii_pipeline::learn::{learn, LearnOptions};
-use visii_pipeline::{ApplyOptions, Ip2p, Noise, RgbImage};
+use visii_pipeline::{ApplyOptions, Ip2p, ModelIdentity, Noise, RgbImage};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
@@ -47,6 +47,7 @@ fn int8_resident_weights_apply_and_learn() {
     let f32_model = Ip2p::from_folder(&folder, &dev).unwrap();
     let f32_bytes = in_use() - base;
     let (px_ref, mse_ref) = run(&f32_model);
+    let id_ref = ModelIdentity::of(&f32_model).unwrap();
     drop(f32_model);
 
     let base = in_use();
@@ -55,6 +56,8 @@ fn int8_resident_weights_apply_and_learn() {
     let values = q_model.resident_values;
     let q_bytes = in_use() - base;
     let (px, mse) = run(&q_model);
+    // Instructions learned with f32 weights still belong to this model.
+    assert!(ModelIdentity::of(&q_model).unwrap().matches(&id_ref));
 
     let saved = f32_bytes as f64 - q_bytes as f64;
     println!(
