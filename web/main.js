@@ -272,6 +272,7 @@ async function imageBytes(file) {
 async function setImage(slot, file) {
   try {
     const buf = await imageBytes(file);
+    if (!$(`slot-${slot}`)) return; // its pair was removed meanwhile
     state.images[slot] = buf;
     setSrc($(`slot-${slot}`).querySelector('img'), new Blob([buf]));
     $(`slot-${slot}`).classList.add('filled');

@@ -285,7 +285,9 @@ async function fetchWhole(job, handle, onBytes, signal) {
   try {
     await pump();
   } catch (e) {
-    // Keep what arrived (the download resumes from it); a failing close must not hide `e`.
+    // Stop the transfer; keep what arrived (the download resumes from it); a failing close must
+    // not hide `e`.
+    reader.cancel().catch(() => {});
     if (w) await w.close().catch(() => {});
     throw e;
   }

@@ -129,7 +129,7 @@ try {
   await page.click('#model-load');
   await waitError('QuotaError');
   await shot('1b-quota');
-  check(await page.textContent('#error-title') === 'Not enough storage for this model' && /refused to store|needs about/.test(await page.textContent('#error-text'))
+  check(await page.textContent('#error-title') === 'Not enough storage for this model' && /refused to store/.test(await page.textContent('#error-text'))
     && /Nothing was lost/.test(await page.textContent('#error-hint')), `storage full: "${await page.textContent('#error-text')}"`);
   check(!(await page.isDisabled('#model-load')), 'the page is usable again');
   await dismiss();
@@ -382,6 +382,14 @@ try {
   const pairSteps = readFileSync(pairLog, 'utf8').trim().split('\n').map((l) => JSON.parse(l));
   const pairErr = Math.max(...pairSteps.map((st, i) => Math.abs(st.mse - twoPairs[i]) / Math.abs(st.mse)));
   check(twoPairs.length === 2 && pairErr < 1e-3, `two pairs in the page vs the CLI's --before/--after x 2: mse per step within ${pairErr.toExponential(2)} (tolerance 1e-3)`);
+  // And the second pair counts: the first pair alone learns differently.
+  const onePairLog = join(out, 'e2e-cli-one-pair.jsonl');
+  execFileSync(visiiBin, ['learn', '--model', join(fx, 'tiny-ip2p'), '--clip', join(fx, 'tiny-clip'),
+    '--before', join(fx, 'images', 'before.png'), '--after', join(fx, 'images', 'after.png'),
+    '-o', join(out, 'e2e-cli-one-pair.visii.safetensors'), '--steps', '2', '--size', '64', '--seed', '3', '--init', 'a photo',
+    '--log', onePairLog, '--backend', 'ndarray'], { stdio: ['ignore', 'ignore', 'inherit'] });
+  const onePair = readFileSync(onePairLog, 'utf8').trim().split('\n').map((l) => JSON.parse(l).mse);
+  check(onePair.some((v, i) => Math.abs(v - twoPairs[i]) > 1e-3 * Math.abs(v)), `one pair alone gives other losses (${onePair.map((v) => v.toFixed(4))} vs ${twoPairs.map((v) => v.toFixed(4))})`);
 
   step('apply with the learned instruction, f32 weights');
   await setApply(2);
@@ -395,6 +403,7 @@ try {
   await page.waitForFunction(() => Number(document.body.dataset.residentInt8) > 0 || !document.getElementById('error-panel').hidden, null, { timeout: 300000 });
   const int8Values = await page.evaluate(() => Number(document.body.dataset.residentInt8));
   check(int8Values > 1e6, `loaded with ${int8Values} weight values int8 on the GPU: ${await page.textContent('#model-loaded')}`);
+  check(await page.evaluate(() => document.body.dataset.model) === fingerprint, 'the same model identity as with f32 weights (its instructions still apply)');
   await page.click('#apply');
   await waitData('applied', '2');
   const resultInt8 = await page.evaluate(() => Array.from(new Uint8Array(window.visii.result)));
@@ -404,8 +413,11 @@ try {
   step('the GPU device lost during apply');
   const gpuWorker = page.workers().find((w) => /worker\.js/.test(w.url()));
   await gpuWorker.evaluate(() => {
-    const create = GPUDevice.prototype.createBuffer;
-    GPUDevice.prototype.createBuffer = function (d) { this.destroy(); return create.call(this, d); };
+    // At the next buffer allocation or the next command encoder (every submit), whichever comes first.
+    for (const name of ['createBuffer', 'createCommandEncoder']) {
+      const real = GPUDevice.prototype[name];
+      GPUDevice.prototype[name] = function (d) { this.destroy(); return real.call(this, d); };
+    }
   });
   await page.click('#apply');
   await waitError('GpuError');
@@ -416,10 +428,31 @@ try {
     `the dead engine is shown (${await page.textContent('#gpu-selftest')}) and its buttons are off`);
   await page.reload();
   await page.waitForFunction(() => document.body.dataset.ready === 'yes', null, { timeout: 300000 });
+  await page.uncheck('#model-int8');
   await page.waitForSelector('#stored tr[data-source="tiny"] button.load');
   await page.click('#stored tr[data-source="tiny"] button.load');
   await waitData('model', fingerprint);
   check(true, 'after a reload the stored model loads again: nothing was lost');
+
+  step('an adapter without the limits visii needs');
+  // The adapter's limits as a weaker GPU would report them (64 MiB storage bindings).
+  const weak = await browser.newPage();
+  await weak.addInitScript(() => {
+    const real = Object.getOwnPropertyDescriptor(GPUAdapter.prototype, 'limits').get;
+    Object.defineProperty(GPUAdapter.prototype, 'limits', {
+      get() {
+        const l = real.call(this);
+        return new Proxy(l, { get: (t, k) => (k === 'maxStorageBufferBindingSize' ? 64 << 20 : t[k]) });
+      },
+    });
+  });
+  await weak.goto(`${base}/index.html`);
+  await weak.waitForSelector('#error-panel:not([hidden])', { timeout: 60000 });
+  await weak.screenshot({ path: join(out, 'e2e-10d-weak-adapter.png'), fullPage: true });
+  check(await weak.evaluate(() => document.getElementById('error-panel').dataset.kind) === 'Limits'
+    && /maxStorageBufferBindingSize >= 134217728 \(this adapter: 67108864\)/.test(await weak.textContent('#error-text')),
+  `a weak adapter is named: "${await weak.textContent('#error-title')}: ${await weak.textContent('#error-text')}"`);
+  await weak.close();
 
   step('a browser without WebGPU');
   const noGpu = await launch({ webgpu: false });

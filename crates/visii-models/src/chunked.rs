@@ -144,14 +144,16 @@ impl Chunked {
             return self.map(|t| conv.forward(t));
         }
         let ins = self.ranges();
-        let [_, _, kh, kw] = conv.weight.dims();
+        // Once: with int8-resident weights (`crate::resident`) `val()` dequantises.
+        let weight = conv.weight.val();
+        let [_, _, kh, kw] = weight.dims();
         let parts = out
             .iter()
             .map(|o| {
                 let mut acc: Option<Tensor<4>> = None;
                 for (k, (i, x)) in ins.iter().zip(&self.parts).enumerate() {
                     let mut part = conv.clone();
-                    part.weight = Param::from_tensor(conv.weight.val().slice([o.clone(), i.clone(), 0..kh, 0..kw]));
+                    part.weight = Param::from_tensor(weight.clone().slice([o.clone(), i.clone(), 0..kh, 0..kw]));
                     part.bias = if k == 0 { conv.bias.as_ref().map(|bias| Param::from_tensor(bias.val().slice([o.clone()]))) } else { None };
                     let y = part.forward(x.clone());
                     acc = Some(match acc {

@@ -212,11 +212,13 @@ impl UNet2DConditionModel {
 
         // 1. time
         let te = vb.pp("time_embedding");
-        // (Each part is handed to `w.block` as soon as it is built: int8 on the device if asked.)
-        let time_linear_1 = w.block(linear(&te.pp("linear_1"), ch[0], temb, true)?);
+        // (Each part is handed to `w.block` as soon as it is built: int8 on the device if asked;
+        // not time_linear_1, conv_in and conv_out, whose exact values are the model's identity and
+        // which are small.)
+        let time_linear_1 = linear(&te.pp("linear_1"), ch[0], temb, true)?;
         let time_linear_2 = w.block(linear(&te.pp("linear_2"), temb, temb, true)?);
         // 2. stem
-        let conv_in = w.block(conv2d(&vb.pp("conv_in"), cfg.in_channels, ch[0], cfg.conv_in_kernel, 1, cfg.conv_in_kernel / 2)?);
+        let conv_in = conv2d(&vb.pp("conv_in"), cfg.in_channels, ch[0], cfg.conv_in_kernel, 1, cfg.conv_in_kernel / 2)?;
 
         // 3. down
         let mut down_blocks = Vec::with_capacity(n);
@@ -287,7 +289,7 @@ impl UNet2DConditionModel {
             mid_block,
             up_blocks,
             conv_norm_out: group_norm(&vb.pp("conv_norm_out"), groups, ch[0], eps)?,
-            conv_out: w.block(conv2d(&vb.pp("conv_out"), ch[0], cfg.out_channels, cfg.conv_out_kernel, 1, cfg.conv_out_kernel / 2)?),
+            conv_out: conv2d(&vb.pp("conv_out"), ch[0], cfg.out_channels, cfg.conv_out_kernel, 1, cfg.conv_out_kernel / 2)?,
             time_proj_dim: ch[0],
             flip_sin_to_cos: cfg.flip_sin_to_cos,
             freq_shift: cfg.freq_shift,
