@@ -82,6 +82,16 @@ try {
     await page.fill('#apply-seed', '5');
   };
   const dismiss = () => page.click('#error-close');
+  // The same learning natively (CLI, ndarray, tiny model): pairs of fixture image names, 64 px, seed 3;
+  // returns the per-step MSEs of its log.
+  const cliLearn = (name, pairs, steps, init) => {
+    const log = join(out, `e2e-cli-${name}.jsonl`);
+    execFileSync(visiiBin, ['learn', '--model', join(fx, 'tiny-ip2p'), '--clip', join(fx, 'tiny-clip'),
+      ...pairs.flatMap(([b, a]) => ['--before', join(fx, 'images', b), '--after', join(fx, 'images', a)]),
+      '-o', join(out, `e2e-cli-${name}.visii.safetensors`), '--steps', String(steps), '--size', '64', '--seed', '3', '--init', init,
+      '--log', log, '--backend', 'ndarray'], { stdio: ['ignore', 'ignore', 'inherit'] });
+    return readFileSync(log, 'utf8').trim().split('\n').map((l) => JSON.parse(l).mse);
+  };
   // Two PNGs (byte arrays) decoded in the page: max / mean difference in levels, and how far the
   // first moved from the input image (tall.png, scaled to its size).
   const comparePng = (first, second) => page.evaluate(async ([a, b, input]) => {
@@ -183,13 +193,9 @@ try {
   check(Math.fround(best) === Math.min(...learned.losses), `best mse ${best} is the lowest step mse`);
 
   step('the same learning natively (CLI, ndarray) from the browser\'s caption');
-  const cliIns = join(out, 'e2e-cli.visii.safetensors');
-  const cliLog = join(out, 'e2e-cli-learn.jsonl');
-  execFileSync(visiiBin, ['learn', '--model', join(fx, 'tiny-ip2p'), '--clip', join(fx, 'tiny-clip'), '--before', join(fx, 'images', 'before.png'),
-    '--after', join(fx, 'images', 'after.png'), '-o', cliIns, '--steps', '4', '--size', '64', '--seed', '3', '--init', learned.caption,
-    '--log', cliLog, '--backend', 'ndarray'], { stdio: ['ignore', 'ignore', 'inherit'] });
-  const cliSteps = readFileSync(cliLog, 'utf8').trim().split('\n').map((l) => JSON.parse(l));
-  const lossErr = Math.max(...cliSteps.map((s, i) => Math.abs(s.mse - learned.losses[i]) / Math.abs(s.mse)));
+  const cliMse = cliLearn('learn', [['before.png', 'after.png']], 4, learned.caption);
+  const cliIns = join(out, 'e2e-cli-learn.visii.safetensors');
+  const lossErr = Math.max(...cliMse.map((m, i) => Math.abs(m - learned.losses[i]) / Math.abs(m)));
   check(lossErr < 1e-3, `browser vs native learning mse per step: max relative difference ${lossErr.toExponential(2)} (tolerance 1e-3)`);
   const rows = (buf) => { const { n, header } = safetensorsMeta(buf); const [a, b] = header.instruction.data_offsets; return new Float32Array(buf.buffer.slice(buf.byteOffset + 8 + n + a, buf.byteOffset + 8 + n + b)); };
   const ra = rows(insBuf), rb = rows(readFileSync(cliIns));
@@ -373,22 +379,11 @@ try {
   await page.click('#learn');
   await waitData('learned', '1');
   const twoPairs = await page.evaluate(() => window.visii.losses);
-  const pairLog = join(out, 'e2e-cli-two-pairs.jsonl');
-  execFileSync(visiiBin, ['learn', '--model', join(fx, 'tiny-ip2p'), '--clip', join(fx, 'tiny-clip'),
-    '--before', join(fx, 'images', 'before.png'), '--after', join(fx, 'images', 'after.png'),
-    '--before', join(fx, 'images', 'after.png'), '--after', join(fx, 'images', 'before.png'),
-    '-o', join(out, 'e2e-cli-two-pairs.visii.safetensors'), '--steps', '2', '--size', '64', '--seed', '3', '--init', 'a photo',
-    '--log', pairLog, '--backend', 'ndarray'], { stdio: ['ignore', 'ignore', 'inherit'] });
-  const pairSteps = readFileSync(pairLog, 'utf8').trim().split('\n').map((l) => JSON.parse(l));
-  const pairErr = Math.max(...pairSteps.map((st, i) => Math.abs(st.mse - twoPairs[i]) / Math.abs(st.mse)));
+  const pairMse = cliLearn('two-pairs', [['before.png', 'after.png'], ['after.png', 'before.png']], 2, 'a photo');
+  const pairErr = Math.max(...pairMse.map((m, i) => Math.abs(m - twoPairs[i]) / Math.abs(m)));
   check(twoPairs.length === 2 && pairErr < 1e-3, `two pairs in the page vs the CLI's --before/--after x 2: mse per step within ${pairErr.toExponential(2)} (tolerance 1e-3)`);
   // And the second pair counts: the first pair alone learns differently.
-  const onePairLog = join(out, 'e2e-cli-one-pair.jsonl');
-  execFileSync(visiiBin, ['learn', '--model', join(fx, 'tiny-ip2p'), '--clip', join(fx, 'tiny-clip'),
-    '--before', join(fx, 'images', 'before.png'), '--after', join(fx, 'images', 'after.png'),
-    '-o', join(out, 'e2e-cli-one-pair.visii.safetensors'), '--steps', '2', '--size', '64', '--seed', '3', '--init', 'a photo',
-    '--log', onePairLog, '--backend', 'ndarray'], { stdio: ['ignore', 'ignore', 'inherit'] });
-  const onePair = readFileSync(onePairLog, 'utf8').trim().split('\n').map((l) => JSON.parse(l).mse);
+  const onePair = cliLearn('one-pair', [['before.png', 'after.png']], 2, 'a photo');
   check(onePair.some((v, i) => Math.abs(v - twoPairs[i]) > 1e-3 * Math.abs(v)), `one pair alone gives other losses (${onePair.map((v) => v.toFixed(4))} vs ${twoPairs.map((v) => v.toFixed(4))})`);
 
   step('apply with the learned instruction, f32 weights');

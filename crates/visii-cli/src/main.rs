@@ -717,14 +717,10 @@ fn bench(
     }
     println!("{:<8} {:>10} {:>14} {:>12} {:>14} {:>12}", "backend", "build s", "first run s", "run s", "device pool", "peak RSS");
     let gib = |b: &serde_json::Value| b.as_f64().map(|v| format!("{:.2} GiB", v / (1u64 << 30) as f64)).unwrap_or_else(|| "n/a".into());
-    let arg = |v: &dyn std::fmt::Debug| {
-        format!("{v:?}")
-            .to_lowercase()
-            .replace("learnstep", "learn-step")
-            .replace("samplestep", "sample-step")
-            .replace("vaedecode", "vae-decode")
-            .replace("vaeencode", "vae-encode")
-    };
+    // A value as its command-line spelling (clap's: `LearnStep` -> `learn-step`).
+    fn arg<T: ValueEnum>(v: &T) -> String {
+        v.to_possible_value().expect("no skipped values").get_name().to_string()
+    }
     let mut times = vec![];
     // The checkout's script: from the repository root, else where this binary was built from.
     let script = Some(std::path::PathBuf::from("tests/fullsize/torch_bench.py"))
@@ -844,7 +840,7 @@ fn timed(backend: Backend, params: usize, build_s: f64, runs: usize, dev: &Devic
         "backend": format!("{backend:?}").to_lowercase(), "params": params, "build_s": build_s,
         "first_s": first_s, "run_s": best,
         "device_pool_bytes": dev.memory_pool_usage().map(|u| u.bytes_reserved), "peak_rss_bytes": peak_rss(),
-        "gpu_limits": format!("{:?}", GPU_LIMITS.get().copied().unwrap_or(GpuLimits::Adapter)).to_lowercase(),
+        "gpu_limits": GPU_LIMITS.get().copied().unwrap_or(GpuLimits::Adapter).to_possible_value().map(|v| v.get_name().to_string()),
     });
     println!("{report}");
 }

@@ -36,8 +36,8 @@ impl Reparameterization for Dequantized {
 
 /// Quantises every rank-2 (Linear, `[in, out]`) and rank-4 (Conv2d) weight of at least
 /// [`MIN_VALUES`] values whose last axis (per output channel for convs) splits into blocks;
-/// counts the weights and values it quantised.
-struct ResidentQ8(Rc<Cell<(usize, usize)>>);
+/// counts the values it quantised.
+struct ResidentQ8(Rc<Cell<usize>>);
 
 /// Block length along the last axis: the longest of 32, 16, 8, 4 that divides it.
 fn block_for(n: usize) -> Option<usize> {
@@ -56,8 +56,7 @@ impl Reparameterizer for ResidentQ8 {
         // Stored as [rows, 1, .., last] with all of one output channel's values on the last axis.
         let (rows, last) = (dims[0], n / dims[0]);
         let Some(block) = block_for(last) else { return (param, None) };
-        let (t, v) = self.0.get();
-        self.0.set((t + 1, v + n));
+        self.0.set(self.0.get() + n);
         let scheme = QuantScheme::default().with_value(QuantValue::Q8S).per_block([block as u8], ScaleDtype::F32);
         let mut flat = vec![1usize; D];
         flat[0] = rows;
@@ -72,11 +71,9 @@ impl Reparameterizer for ResidentQ8 {
     }
 }
 
-/// `module` with its large weights kept int8 on the device; also returns how many weights and
-/// values were quantised.
-pub fn resident_q8<M: Module>(module: M) -> (M, usize, usize) {
-    let counts = Rc::new(Cell::new((0, 0)));
-    let m = module.apply_reparameterization(ResidentQ8(counts.clone()));
-    let (t, v) = counts.get();
-    (m, t, v)
+/// `module` with its large weights kept int8 on the device, and how many values were quantised.
+pub fn resident_q8<M: Module>(module: M) -> (M, usize) {
+    let values = Rc::new(Cell::new(0));
+    let m = module.apply_reparameterization(ResidentQ8(values.clone()));
+    (m, values.get())
 }

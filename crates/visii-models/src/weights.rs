@@ -207,7 +207,7 @@ impl Weights {
         if !self.resident_q8 {
             return m;
         }
-        let (m, _, values) = crate::resident::resident_q8(m);
+        let (m, values) = crate::resident::resident_q8(m);
         *self.resident_values.borrow_mut() += values;
         m
     }

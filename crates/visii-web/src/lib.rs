@@ -46,6 +46,14 @@ fn to_js<T: Serialize + ?Sized>(v: &T) -> JsValue {
     v.serialize(&serde_wasm_bindgen::Serializer::json_compatible()).unwrap_or(JsValue::NULL)
 }
 
+/// An options object that may be left out (`undefined` / `null`: the defaults).
+fn optional<T: serde::de::DeserializeOwned + Default>(options: JsValue) -> Result<T, JsValue> {
+    if options.is_undefined() || options.is_null() {
+        return Ok(T::default());
+    }
+    serde_wasm_bindgen::from_value(options).map_err(|e| error("OptionsError", e))
+}
+
 fn pipeline_error(e: PipelineError) -> JsValue {
     let text = e.to_string();
     let kind = match &e {
@@ -151,8 +159,7 @@ struct PackOpts {
 #[wasm_bindgen(js_name = convertPack)]
 pub async fn convert_pack(ip2p: js_sys::Map, clip: js_sys::Map, options: JsValue, on_file: js_sys::Function) -> Result<JsValue, JsValue> {
     use visii_models::pack::{PackConverter, Quant};
-    let o: PackOpts =
-        if options.is_undefined() { PackOpts::default() } else { serde_wasm_bindgen::from_value(options).map_err(|e| error("OptionsError", e))? };
+    let o: PackOpts = optional(options)?;
     let quant: Quant = o.quant.as_deref().unwrap_or("q8").parse().map_err(|e| error("OptionsError", e))?;
     let clip_quant: Quant = match o.clip_quant.as_deref() {
         Some(q) => q.parse().map_err(|e| error("OptionsError", e))?,
@@ -243,11 +250,7 @@ struct EngineOpts {
 /// (`visii_models::nn::max_buffer_bytes`).
 #[wasm_bindgen(js_name = createEngine)]
 pub async fn create_engine(options: JsValue) -> Result<Engine, JsValue> {
-    let o: EngineOpts = if options.is_undefined() || options.is_null() {
-        EngineOpts::default()
-    } else {
-        serde_wasm_bindgen::from_value(options).map_err(|e| error("OptionsError", e))?
-    };
+    let o: EngineOpts = optional(options)?;
     let spec = match o.limits.as_deref() {
         None | Some("adapter") => false,
         Some("spec") => true,
@@ -336,11 +339,7 @@ impl Engine {
         struct LoadOptions {
             resident: Option<String>,
         }
-        let o: LoadOptions = if options.is_undefined() || options.is_null() {
-            LoadOptions::default()
-        } else {
-            serde_wasm_bindgen::from_value(options).map_err(|e| error("OptionsError", e))?
-        };
+        let o: LoadOptions = optional(options)?;
         let q8 = match o.resident.as_deref() {
             None | Some("f32") => false,
             Some("q8") => true,
