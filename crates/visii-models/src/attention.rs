@@ -1,6 +1,7 @@
 //! diffusers `Attention` (`attention_processor.py`), `BasicTransformerBlock` (`attention.py`) and
 //! `Transformer2DModel` for continuous inputs (`transformer_2d.py`).
 
+use crate::resident::Layer;
 use crate::nn::GroupNorm;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
@@ -38,8 +39,8 @@ impl Attention {
 
     pub fn forward(&self, x: Tensor<3>, context: Option<Tensor<3>>) -> Tensor<3> {
         let ctx = context.unwrap_or_else(|| x.clone());
-        let h = attention(self.to_q.forward(x), self.to_k.forward(ctx.clone()), self.to_v.forward(ctx), self.heads, false);
-        self.to_out[0].forward(h)
+        let h = attention(self.to_q.run(x), self.to_k.run(ctx.clone()), self.to_v.run(ctx), self.heads, false);
+        self.to_out[0].run(h)
     }
 }
 
@@ -106,12 +107,12 @@ impl BasicTransformerBlock {
     pub fn forward(&self, x: Tensor<3>, context: &Tensor<3>) -> Tensor<3> {
         let x = x.clone() + self.attn1.forward(self.norm1.forward(x), None);
         let x = x.clone() + self.attn2.forward(self.norm2.forward(x), Some(context.clone()));
-        let h = self.ff.geglu_proj.forward(self.norm3.forward(x.clone()));
+        let h = self.ff.geglu_proj.run(self.norm3.forward(x.clone()));
         let half = h.dims()[2] / 2;
         let [b, n, _] = h.dims();
         let hidden = h.clone().slice([0..b, 0..n, 0..half]);
         let gate = h.slice([0..b, 0..n, half..half * 2]);
-        x + self.ff.out.forward(hidden * gelu(gate))
+        x + self.ff.out.run(hidden * gelu(gate))
     }
 }
 
@@ -165,18 +166,18 @@ impl Transformer2DModel {
         let to_seq = |t: Tensor<4>| t.reshape([b, c, h * w]).swap_dims(1, 2);
         let mut s = match (&self.proj_in.conv, &self.proj_in.linear) {
             (Some(conv), _) => {
-                y = conv.forward(y);
+                y = conv.run(y);
                 to_seq(y)
             }
-            (None, Some(lin)) => lin.forward(to_seq(y)),
+            (None, Some(lin)) => lin.run(to_seq(y)),
             _ => unreachable!("projection has a conv or a linear layer"),
         };
         for block in &self.transformer_blocks {
             s = block.forward(s, context);
         }
         let out = match (&self.proj_out.conv, &self.proj_out.linear) {
-            (Some(conv), _) => conv.forward(s.swap_dims(1, 2).reshape([b, c, h, w])),
-            (None, Some(lin)) => lin.forward(s).swap_dims(1, 2).reshape([b, c, h, w]),
+            (Some(conv), _) => conv.run(s.swap_dims(1, 2).reshape([b, c, h, w])),
+            (None, Some(lin)) => lin.run(s).swap_dims(1, 2).reshape([b, c, h, w]),
             _ => unreachable!("projection has a conv or a linear layer"),
         };
         out + residual

@@ -6,6 +6,8 @@ pub mod attention;
 pub mod chunked;
 pub mod clip;
 pub mod error;
+#[cfg(feature = "frozen")]
+mod frozen;
 #[cfg(any(feature = "wgpu", feature = "webgpu"))]
 pub mod gpu;
 pub mod loader;

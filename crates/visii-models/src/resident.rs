@@ -1,9 +1,10 @@
 //! Weights kept as int8 on the device ("resident q8"): each large Linear / Conv2d weight is stored
 //! quantised (symmetric int8, one f32 scale per block of 32 values along its last axis, packed
 //! four to a u32) and dequantised when a layer runs, so the device holds about 1.1 bytes per
-//! weight instead of 4 plus one layer's f32 weight at a time. For applying edits on GPUs with
-//! little memory (the full-size UNet: 3.44 GB as f32). Learning also runs on such weights, but does
-//! not get smaller: autodiff keeps each layer's dequantised weight until the backward pass.
+//! weight instead of 4 plus one layer's f32 weight at a time (the full-size UNet: 0.97 GB instead
+//! of 3.44). Layers run through [`Layer::run`]: under autodiff on wgpu / WebGPU the backward pass
+//! dequantises each weight again instead of keeping the f32 copy (`frozen.rs`), so learning gets
+//! smaller too.
 //!
 //! Built on burn's parameter reparameterisation: the stored base of a conv weight
 //! `[out, in, kh, kw]` is the quantised `[out, 1, 1, in * kh * kw]` (burn packs int8 along the
@@ -12,6 +13,8 @@
 //! too; packing along an outer axis gave wrong values (measured), hence the reshape.
 
 use burn::module::{Module, Param, Reparameterization, Reparameterizer};
+use burn::nn::conv::Conv2d;
+use burn::nn::Linear;
 use burn::tensor::quantization::{compute_q_params, compute_range, Calibration, QuantScheme, QuantValue, ScaleDtype};
 use burn::tensor::{Shape, Tensor};
 use std::cell::Cell;
@@ -76,4 +79,47 @@ pub fn resident_q8<M: Module>(module: M) -> (M, usize) {
     let values = Rc::new(Cell::new(0));
     let m = module.apply_reparameterization(ResidentQ8(values.clone()));
     (m, values.get())
+}
+
+/// A frozen Linear / Conv2d of the models, int8-resident or not: `forward`, except that an
+/// int8-resident weight under autodiff is saved for the backward pass as int8 (wgpu / WebGPU).
+pub trait Layer<T> {
+    fn run(&self, x: T) -> T;
+}
+
+impl<const D: usize> Layer<Tensor<D>> for Linear {
+    fn run(&self, x: Tensor<D>) -> Tensor<D> {
+        #[cfg(feature = "frozen")]
+        let x = match self.weight.reparameterization::<Dequantized>().filter(|_| x.is_autodiff()) {
+            Some(r) => match crate::frozen::linear(x, self.weight.base(), &r.shape) {
+                Ok(y) => return match &self.bias {
+                    Some(b) => y + b.val().unsqueeze(),
+                    None => y,
+                },
+                Err(x) => x,
+            },
+            None => x,
+        };
+        self.forward(x)
+    }
+}
+
+impl Layer<Tensor<4>> for Conv2d {
+    fn run(&self, x: Tensor<4>) -> Tensor<4> {
+        #[cfg(feature = "frozen")]
+        let x = match (self.weight.reparameterization::<Dequantized>().filter(|_| x.is_autodiff()), &self.padding) {
+            (Some(r), &burn::nn::PaddingConfig2d::Explicit(t, l, b, rr)) if t == b && l == rr => {
+                let options = burn::tensor::ops::ConvOptions::new(self.stride, [t, l], self.dilation, self.groups);
+                match crate::frozen::conv2d(x, self.weight.base(), &r.shape, options) {
+                    Ok(y) => return match &self.bias {
+                        Some(b) => y + b.val().reshape([1, r.shape[0], 1, 1]),
+                        None => y,
+                    },
+                    Err(x) => x,
+                }
+            }
+            _ => x,
+        };
+        self.forward(x)
+    }
 }

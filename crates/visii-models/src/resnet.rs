@@ -1,6 +1,7 @@
 //! diffusers `ResnetBlock2D`, `Downsample2D` and `Upsample2D` (`models/resnet.py`, `downsampling.py`,
 //! `upsampling.py`), shared by the UNet and the VAE.
 
+use crate::resident::Layer;
 use crate::nn::GroupNorm;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
@@ -41,15 +42,15 @@ impl ResnetBlock2D {
 
     /// x: [b, c_in, h, w]; temb: [b, temb] (already computed by the time embedding).
     pub fn forward(&self, x: Tensor<4>, temb: Option<&Tensor<2>>) -> Tensor<4> {
-        let mut h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
+        let mut h = self.conv1.run(silu(self.norm1.forward(x.clone())));
         if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
-            let t = proj.forward(silu(t.clone()));
+            let t = proj.run(silu(t.clone()));
             let [b, c] = t.dims();
             h = h + t.reshape([b, c, 1, 1]);
         }
-        let h = self.conv2.forward(silu(self.norm2.forward(h)));
+        let h = self.conv2.run(silu(self.norm2.forward(h)));
         let skip = match &self.conv_shortcut {
-            Some(c) => c.forward(x),
+            Some(c) => c.run(x),
             None => x,
         };
         skip + h
@@ -70,7 +71,7 @@ impl Downsample2D {
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        self.conv.forward(x)
+        self.conv.run(x)
     }
 }
 
@@ -89,6 +90,6 @@ impl Upsample2D {
         let [_, _, h, w] = x.dims();
         let size = size.unwrap_or([h * 2, w * 2]);
         let x = interpolate(x, InterpolateOptions::new(InterpolateMode::Nearest).with_output_size(size));
-        self.conv.forward(x)
+        self.conv.run(x)
     }
 }

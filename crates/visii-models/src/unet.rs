@@ -1,6 +1,7 @@
 //! diffusers `UNet2DConditionModel` (`unet_2d_condition.py`, `unet_2d_blocks.py`) for SD1.x/2.x-shaped
 //! configs such as InstructPix2Pix's (`in_channels = 8`). Every shape comes from `config.json`.
 
+use crate::resident::Layer;
 use crate::nn::GroupNorm;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
@@ -324,10 +325,10 @@ impl UNet2DConditionModel {
         let device = sample.device();
         // 1. time
         let t = self.time_proj(timesteps, &device);
-        let temb = self.time_linear_2.forward(silu(self.time_linear_1.forward(t)));
+        let temb = self.time_linear_2.run(silu(self.time_linear_1.run(t)));
         let temb = Some(&temb);
         // 2. stem
-        let mut x = self.conv_in.forward(sample);
+        let mut x = self.conv_in.run(sample);
         let mut skips = vec![x.clone()];
         // 3. down
         for block in &self.down_blocks {
@@ -365,6 +366,6 @@ impl UNet2DConditionModel {
             }
         }
         // 6. head
-        self.conv_out.forward(silu(self.conv_norm_out.forward(x)))
+        self.conv_out.run(silu(self.conv_norm_out.forward(x)))
     }
 }

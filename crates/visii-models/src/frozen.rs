@@ -1,0 +1,139 @@
+//! Backpropagation through int8-resident weights without keeping them as f32.
+//!
+//! burn's autodiff treats a dequantised weight as a new leaf: `x · W` stores `W` (f32) for the
+//! backward pass of every layer, so learning through int8-resident weights held the whole f32
+//! UNet (3.44 GB at full size) until the gradient was computed. Here a Linear's matmul and a
+//! Conv2d are one autodiff step each whose saved state is the *quantised* weight (about 1.1 bytes
+//! per value, shared with the model): the backward pass dequantises it again, layer by layer, to
+//! compute the input gradient. The weights are frozen, so no weight gradient is ever needed, and
+//! neither is the layer's input (burn's conv2d keeps it; this step does not).
+//!
+//! Runs on burn's cubecl backend (wgpu / WebGPU), the only one with quantised tensors; any other
+//! tensor takes the ordinary path ([`linear`] / [`conv2d`] hand the input back).
+
+use burn::tensor::Tensor;
+use burn_autodiff::checkpoint::base::Checkpointer;
+use burn_autodiff::checkpoint::strategy::{BalancedCheckpointing, CheckpointStrategy, NoCheckpointing};
+use burn_autodiff::grads::Gradients;
+use burn_autodiff::ops::{unary, Backward, Ops, OpsKind};
+use burn::tensor::ops::{ConvOptions, ConvTransposeOptions};
+use burn_backend::ops::{FloatTensorOps, ModuleOps, QTensorOps};
+use burn_backend::{BackendTypes, FloatDType, Shape, TensorMetadata};
+use burn_dispatch::backends::{Autodiff, Cube};
+use burn_dispatch::{BackendTensor, DispatchAutodiffContext, DispatchTensor, DispatchTensorKind, GradientCheckpointingStrategy};
+
+type Float = <Cube as BackendTypes>::FloatTensorPrimitive;
+type Quant = <Cube as BackendTypes>::QuantizedTensorPrimitive;
+/// burn-autodiff's tensor (a cubecl primitive and its graph node).
+type AutodiffTensor = <Autodiff<Cube> as BackendTypes>::FloatTensorPrimitive;
+
+/// The f32 weight of a quantised base, in its real shape.
+fn weight(q: &Quant, shape: &Shape) -> Float {
+    Cube::float_reshape(Cube::dequantize(q.clone(), FloatDType::F32), shape.clone())
+}
+
+/// A `[in, out]` weight as `[1, .., 1, in, out]` of the given rank (matmul broadcasts it).
+fn batched(shape: &Shape, rank: usize) -> Shape {
+    let mut dims = vec![1; rank];
+    dims[rank - 2..].copy_from_slice(&shape.dims::<2>());
+    Shape::from(dims)
+}
+
+/// `x · W` for a Linear weight `W` `[in, out]` (broadcast over `x`'s leading axes).
+#[derive(Debug)]
+struct FrozenMatmul;
+
+impl Backward<Cube, 1> for FrozenMatmul {
+    type State = (Quant, Shape);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (q, shape) = ops.state;
+        unary::<Cube, _>(ops.parents, ops.node, grads, |grad| {
+            let w = Cube::float_reshape(weight(&q, &shape), batched(&shape, grad.shape().num_dims()));
+            Cube::float_matmul(grad, Cube::float_transpose(w))
+        });
+    }
+}
+
+/// A Conv2d with symmetric padding, without bias; the state keeps the input's height and width.
+#[derive(Debug)]
+struct FrozenConv2d;
+
+impl Backward<Cube, 1> for FrozenConv2d {
+    type State = (Quant, Shape, ConvOptions<2>, [usize; 2]);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (q, shape, o, size_in) = ops.state;
+        unary::<Cube, _>(ops.parents, ops.node, grads, |grad| {
+            let [_, _, ho, wo] = grad.shape().dims();
+            let [_, _, kh, kw] = shape.dims();
+            let pad = o.padding_begin();
+            // The rows / columns a strided forward conv dropped at the end: the transposed conv
+            // must give them back (zero gradient) to restore the input size.
+            let out = |i: usize, k: usize, size_out: usize| {
+                let covered = (size_out - 1) * o.stride[i] + o.dilation[i] * (k - 1) + 1;
+                (size_in[i] + 2 * pad[i]).saturating_sub(covered)
+            };
+            let options = ConvTransposeOptions::new(o.stride, pad, [out(0, kh, ho), out(1, kw, wo)], o.dilation, o.groups);
+            Cube::conv_transpose2d(grad, weight(&q, &shape), None, options)
+        });
+    }
+}
+
+enum Op {
+    Matmul,
+    Conv(ConvOptions<2>),
+}
+
+fn record<C: CheckpointStrategy>(x: AutodiffTensor, q: Quant, shape: Shape, op: Op) -> AutodiffTensor {
+    let w = weight(&q, &shape);
+    match op {
+        Op::Matmul => {
+            let w = Cube::float_reshape(w, batched(&shape, x.shape().num_dims()));
+            let y = |x: Float| Cube::float_matmul(x, w);
+            match FrozenMatmul.prepare::<C>([x.node()]).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => prep.finish((q, shape), y(x.into_primitive())),
+                OpsKind::UnTracked(prep) => prep.finish(y(x.into_primitive())),
+            }
+        }
+        Op::Conv(options) => {
+            let [_, _, h, wd] = x.shape().dims();
+            let y = |x: Float| Cube::conv2d(x, w, None, options.clone());
+            match FrozenConv2d.prepare::<C>([x.node()]).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => prep.finish((q.clone(), shape.clone(), options.clone(), [h, wd]), y(x.into_primitive())),
+                OpsKind::UnTracked(prep) => prep.finish(y(x.into_primitive())),
+            }
+        }
+    }
+}
+
+/// Unwraps an autodiff float tensor on a cubecl device and a quantised base on one, runs `op`
+/// as a frozen-weight step, and wraps the result; hands `x` back for any other kind of tensor.
+fn frozen<const D: usize, const W: usize>(x: Tensor<D>, base: Tensor<W>, shape: &[usize], op: Op) -> Result<Tensor<D>, Tensor<D>> {
+    let xp = x.into_dispatch();
+    let fits = matches!(&xp, DispatchTensor { kind: DispatchTensorKind::Autodiff(inner), autodiff: DispatchAutodiffContext::Enabled(_) }
+        if matches!(**inner, DispatchTensorKind::Cube(BackendTensor::Autodiff(_))));
+    let q = match base.into_dispatch() {
+        DispatchTensor { kind: DispatchTensorKind::Cube(BackendTensor::Quantized(q)), .. } if fits => q,
+        _ => return Err(Tensor::from_dispatch(xp)),
+    };
+    let DispatchTensor { kind: DispatchTensorKind::Autodiff(inner), autodiff: DispatchAutodiffContext::Enabled(strategy) } = xp else { unreachable!() };
+    let DispatchTensorKind::Cube(BackendTensor::Autodiff(t)) = *inner else { unreachable!() };
+    let shape = Shape::from(shape.to_vec());
+    let y = match strategy {
+        GradientCheckpointingStrategy::Disabled => record::<NoCheckpointing>(t, q, shape, op),
+        GradientCheckpointingStrategy::Balanced => record::<BalancedCheckpointing>(t, q, shape, op),
+    };
+    let kind = DispatchTensorKind::Autodiff(Box::new(DispatchTensorKind::Cube(BackendTensor::Autodiff(y))));
+    Ok(Tensor::from_dispatch(DispatchTensor { kind, autodiff: DispatchAutodiffContext::Enabled(strategy) }))
+}
+
+/// `x · W` (no bias) for a Linear whose int8 base is `base` and whose weight is `[in, out]`.
+pub fn linear<const D: usize, const W: usize>(x: Tensor<D>, base: Tensor<W>, shape: &[usize]) -> Result<Tensor<D>, Tensor<D>> {
+    frozen(x, base, shape, Op::Matmul)
+}
+
+/// A Conv2d (no bias, symmetric padding `options`) whose int8 base is `base`, weight `shape`.
+pub fn conv2d<const W: usize>(x: Tensor<4>, base: Tensor<W>, shape: &[usize], options: ConvOptions<2>) -> Result<Tensor<4>, Tensor<4>> {
+    frozen(x, base, shape, Op::Conv(options))
+}
