@@ -199,9 +199,10 @@ function showDownload(d) {
 }
 function modelLoaded(d) {
   state.model = d;
-  const int8 = d.info.residentInt8Values ? `, ${(d.info.residentInt8Values / 1e6).toFixed(1)} M weights int8 on the GPU` : '';
+  const int8Values = (d.info.residentInt8Values || 0) + ((d.clip && d.clip.residentInt8Values) || 0);
+  const int8 = int8Values ? `, ${(int8Values / 1e6).toFixed(1)} M weights int8 on the GPU` : '';
   $('model-loaded').textContent = `${d.info.name} (fingerprint ${d.info.fingerprint}${int8})${d.demo ? ' — wiring demo: its images are not meaningful' : ''}`;
-  document.body.dataset.residentInt8 = d.info.residentInt8Values || 0;
+  document.body.dataset.residentInt8 = int8Values;
   document.body.dataset.model = d.info.fingerprint;
   document.body.dataset.largestRead = d.info.largestRead;
   document.body.dataset.wasmMemory = d.wasmMemory;
@@ -511,11 +512,34 @@ function updateButtons() {
   $('model-load').disabled = !idle;
   $('local-load').disabled = !idle;
   $('learn').disabled = !(idle && model && state.images.before && state.images.after);
+  $('measure').disabled = !(idle && model);
   $('apply').disabled = !(idle && model && state.images.edit && (state.instruction || $('apply-prompt').value.trim()));
   $('instruction-download').disabled = !state.instruction;
   $('result-download').disabled = !state.result;
 }
 $('apply-prompt').oninput = updateButtons;
+
+// ---------------------------------------------------------------- measure
+$('measure').onclick = async () => {
+  const what = $('measure-what').value;
+  const size = num('measure-size');
+  const label = $('measure-what').selectedOptions[0].textContent;
+  state.busy = 'measure';
+  updateButtons();
+  $('measure-text').textContent = `running ${label} at ${size} px twice…`;
+  try {
+    const { result: r, wasmMemory } = await call({ type: 'measure', what, size, runs: Number(params.get('measureRuns') || 1) });
+    document.body.dataset.wasmMemory = wasmMemory;
+    $('measure-text').textContent = `${label} at ${size} px (${size / 8} x ${size / 8} latents): ${r.seconds.toFixed(2)} s (first run, with kernel compilation: ${r.firstSeconds.toFixed(1)} s)`;
+    document.body.dataset.measured = JSON.stringify(r);
+  } catch (e) {
+    $('measure-text').textContent = `${label} failed`;
+    showWorkerError(e);
+  } finally {
+    state.busy = null;
+    updateButtons();
+  }
+};
 
 // ---------------------------------------------------------------- start
 if ('serviceWorker' in navigator) navigator.serviceWorker.register('sw.js').catch(() => {});

@@ -4,12 +4,12 @@
 // PROTOCOL (page -> worker): {type: 'init', hub?, limits?: 'adapter' | 'spec'} | {type: 'sources'} | {type: 'prepare', source}
 //   | {type: 'local', ip2p: [{path, file}], clip: [{path, file}]} | {type: 'delete', source}
 //   | {type: 'learn', id, befores, afters, options} | {type: 'apply', id, image, options, instruction?}
-//   | {type: 'inspect', id, bytes} | {type: 'cancel'} | {type: 'loadStored', source} | {type: 'convert', source}
+//   | {type: 'inspect', id, bytes} | {type: 'measure', id, what, size, runs} | {type: 'cancel'} | {type: 'loadStored', source} | {type: 'convert', source}
 //   (prepare, local, loadStored and convert take resident?: 'f32' | 'q8', how the weights live on the GPU)
 // (worker -> page): {type: 'ready', version, selftest, limits} | {type: 'sources', sources, stored}
 //   | {type: 'download', ...progress} | {type: 'convert', source, done, total, path} | {type: 'model', info, source} | {type: 'progress', id, ...}
 //   | {type: 'learned', id, bytes, info} | {type: 'applied', id, png, width, height}
-//   | {type: 'inspected', id, info} | {type: 'error', id?, name, message}
+//   | {type: 'inspected', id, info} | {type: 'measured', id, result, wasmMemory} | {type: 'error', id?, name, message}
 import init, { version, createEngine, inspectInstruction, gpuSelftest, convertPack } from '../dist/pkg/visii_web.js';
 import { ensureSource, readComponent, listStored, deleteSource, SourceWriter, storedLabel } from './store.js';
 
@@ -47,7 +47,7 @@ async function loadInto(sourceId, label, ip2pFiles, clipFiles, manifest, residen
   const clip = await readComponent(sourceId, 'clip', clipFiles);
   if (!ip2p || !clip) throw Object.assign(new Error(`the stored files of "${label}" are incomplete: download them again`), { name: 'ModelError' });
   // CLIP first: if it fails, the model shown as loaded stays the one that is.
-  const clipInfo = engine.loadClip(manifest ? manifest.clip.name : 'clip', clip);
+  const clipInfo = engine.loadClip(manifest ? manifest.clip.name : 'clip', clip, { resident: resident || 'f32' });
   const info = await engine.loadIp2p(manifest ? manifest.ip2p.name : label, ip2p, { resident: resident || 'f32' });
   post({ type: 'model', source: sourceId, label, info, clip: clipInfo, demo: !!(manifest && manifest.demo), wasmMemory: wasm.memory.buffer.byteLength });
 }
@@ -139,6 +139,9 @@ const handlers = {
     const instruction = msg.instruction ? new Uint8Array(msg.instruction) : undefined;
     const r = await engine.apply(new Uint8Array(msg.image), msg.options, instruction, (p) => { post({ type: 'progress', id: msg.id, ...p }); return true; });
     post({ type: 'applied', id: msg.id, png: r.png, width: r.width, height: r.height }, [r.png.buffer]);
+  },
+  async measure(msg) {
+    post({ type: 'measured', id: msg.id, result: await engine.measure(msg.what, msg.size, msg.runs), wasmMemory: wasm.memory.buffer.byteLength });
   },
   async inspect(msg) {
     post({ type: 'inspected', id: msg.id, info: inspectInstruction(new Uint8Array(msg.bytes)) });

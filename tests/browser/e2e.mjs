@@ -405,6 +405,24 @@ try {
   const q = await comparePng(resultInt8, resultF32);
   check(q.max <= 12 && q.mean <= 1, `int8 vs f32 weights, same apply: max ${q.max} levels, mean ${q.mean.toFixed(3)}`);
 
+  step('measure this GPU (int8 weights: the learning step keeps them int8)');
+  await page.click('#measure-panel summary');
+  await page.fill('#measure-size', '12');
+  await page.click('#measure');
+  await waitError('OptionsError');
+  check(/multiple of 8/.test(await page.textContent('#error-text')), `a size that is not a multiple of 8 is refused: ${await page.textContent('#error-text')}`);
+  await dismiss();
+  await page.fill('#measure-size', '32');
+  await page.selectOption('#measure-what', 'learn-step');
+  await page.click('#measure');
+  await page.waitForFunction(() => document.body.dataset.measured || !document.getElementById('error-panel').hidden, null, { timeout: 300000 });
+  {
+    const m = JSON.parse(await page.evaluate(() => document.body.dataset.measured || 'null'));
+    check(m && m.what === 'learn-step' && m.size === 32 && m.seconds > 0 && m.firstSeconds > 0 && /learning step at 32 px/.test(await page.textContent('#measure-text')),
+      `measured: ${await page.textContent('#measure-text')}`);
+  }
+  check(!(await page.isDisabled('#apply')), 'the page is usable after measuring');
+
   step('the GPU device lost during apply');
   const gpuWorker = page.workers().find((w) => /worker\.js/.test(w.url()));
   await gpuWorker.evaluate(() => {

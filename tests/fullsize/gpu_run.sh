@@ -7,7 +7,8 @@
 # apply at 512 px with the CLI. GPU memory per phase is sampled with nvidia-smi.
 #
 # Expects: .gl/*.deb (Vulkan loader), .whl/*.whl (diffusers + importlib_metadata), .devbin/visii.xz
-# (the CLI, built elsewhere). Writes $OUT/log.txt and $OUT/*.png.
+# (the CLI, built elsewhere). Writes $OUT/log.txt and $OUT/*.png. RESIDENT=q8 runs ours with the
+# weights int8 on the device (`visii --resident q8`), learning included.
 set -u
 OUT=${OUT:-/tmp/visii-gpu}
 mkdir -p "$OUT"
@@ -51,7 +52,7 @@ phase sanity 30 $V bench-one --config tiny --what forward --latent 8 --backend w
   exit 1
 }
 if [ "${PHASES:-all}" = all ]; then
-B="$V --gpu-limits spec bench --backends wgpu --torch python3 --torch-device cuda --runs 1"
+B="$V --gpu-limits spec --resident ${RESIDENT:-f32} bench --backends wgpu --torch python3 --torch-device cuda --runs 1"
 phase vae-decode-512 40 $B --what vae-decode --latent 64
 phase sample-step-512 60 $B --what sample-step --latent 64
 phase learn-step-256 60 $B --what learn-step --latent 32
@@ -71,9 +72,9 @@ d, fx = sys.argv[1], "tests/fixtures/images/"
 for name, size in (("before", 256), ("after", 256), ("tall", 512)):
     Image.open(fx + name + ".png").convert("RGB").resize((size, size), Image.LANCZOS).save(f"{d}/{name}.png")
 PY
-phase learn-256 60 $V --gpu-limits spec learn --model $FS/pack --before $I/before.png --after $I/after.png -o $FS/edit.visii.safetensors \
+phase learn-256 60 $V --gpu-limits spec --resident ${RESIDENT:-f32} learn --model $FS/pack --before $I/before.png --after $I/after.png -o $FS/edit.visii.safetensors \
   --steps 10 --caption-iterations 5 --size 256 --patience 0 --log "$OUT/learn.jsonl"
-phase apply-512 60 $V --gpu-limits spec apply --model $FS/pack --image $I/tall.png --instruction $FS/edit.visii.safetensors \
+phase apply-512 60 $V --gpu-limits spec --resident ${RESIDENT:-f32} apply --model $FS/pack --image $I/tall.png --instruction $FS/edit.visii.safetensors \
   --extra "a husky" --steps 10 --size 512 -o "$OUT/apply512.png"
 [ "${PHASES:-all}" = all ] || exit 0
 phase vae-encode-512 40 $B --what vae-encode --latent 64

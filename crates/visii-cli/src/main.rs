@@ -23,8 +23,9 @@ struct Cli {
     /// storage bindings, 256 MiB buffers), as the least capable browser would grant.
     #[arg(long, global = true, value_enum, default_value = "adapter")]
     gpu_limits: GpuLimits,
-    /// How the UNet's and the VAE's weights live on the device: f32, or q8 (int8 with a scale per
-    /// 32 values, dequantised per layer as it runs: about 3.5x less device memory, a little slower).
+    /// How the networks' weights live on the device: f32, or q8 (the large weights of the UNet, the
+    /// VAE and the CLIP layers int8 with a scale per 32 values, dequantised per layer as it runs,
+    /// in the backward pass too: about 3.5x less device memory, a little slower).
     #[arg(long, global = true, value_enum, default_value = "f32")]
     resident: Resident,
 }
@@ -37,9 +38,19 @@ enum Resident {
 
 static RESIDENT: std::sync::OnceLock<Resident> = std::sync::OnceLock::new();
 
+/// A CLIP folder (or a pack's `clip/`), loading with the residency `--resident` asks for.
+fn open_clip(clip: &std::path::Path) -> Result<ClipFolder, Box<dyn std::error::Error>> {
+    Ok(ClipFolder::open(clip)?.with_resident_q8(resident_q8()))
+}
+
+/// Whether `--resident q8` was given.
+fn resident_q8() -> bool {
+    RESIDENT.get() == Some(&Resident::Q8)
+}
+
 /// An InstructPix2Pix folder (or pack), loading with the residency `--resident` asks for.
 fn open_ip2p(model: &std::path::Path) -> Result<Ip2pFolder, visii_models::ModelError> {
-    Ok(Ip2pFolder::open(model)?.with_resident_q8(RESIDENT.get() == Some(&Resident::Q8)))
+    Ok(Ip2pFolder::open(model)?.with_resident_q8(resident_q8()))
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Debug)]
@@ -374,11 +385,12 @@ fn inspect(model: &std::path::Path, clip: Option<&std::path::Path>, as_json: boo
         "text_encoder".into(),
         json!({"params": te.params, "hidden_size": t.hidden_size, "layers": t.num_hidden_layers, "heads": t.num_attention_heads,
                "max_positions": t.max_position_embeddings, "vocab_size": t.vocab_size, "hidden_act": t.hidden_act,
-               "tokenizer_vocab": tok.vocab_size(), "pad_id": tok.pad_id, "memory": memory(&mut clock)}),
+               "tokenizer_vocab": tok.vocab_size(), "pad_id": tok.pad_id, "memory": memory(&mut clock),
+               "resident_int8_values": te.resident_values}),
     );
     drop(te);
     if let Some(c) = clip {
-        let cf = ClipFolder::open(c)?;
+        let cf = open_clip(c)?;
         let parts = cf.vision(&dev)?;
         let vc = &parts.config.vision_config;
         report.insert(
@@ -386,7 +398,8 @@ fn inspect(model: &std::path::Path, clip: Option<&std::path::Path>, as_json: boo
             json!({"params": parts.model.vision_params, "hidden_size": vc.hidden_size, "layers": vc.num_hidden_layers,
                    "heads": vc.num_attention_heads, "patch_size": vc.patch_size, "image_size": vc.image_size,
                    "projection_dim": parts.config.projection_dim.unwrap_or(vc.projection_dim),
-                   "text_projection_params": parts.model.text_projection_params, "memory": memory(&mut clock)}),
+                   "text_projection_params": parts.model.text_projection_params, "memory": memory(&mut clock),
+                   "resident_int8_values": parts.resident_values}),
         );
     }
     report.insert("peak_rss_bytes".into(), json!(peak_rss()));
@@ -439,7 +452,7 @@ fn learn_cmd(
     let pairs =
         before.iter().zip(after).map(|(b, a)| Ok((read_image(b)?, read_image(a)?))).collect::<Result<Vec<_>, Box<dyn std::error::Error>>>()?;
     let ip2p = Ip2p::from_folder(&open_ip2p(model)?, &dev)?;
-    let cf = ClipFolder::open(clip)?;
+    let cf = open_clip(clip)?;
     let parts = cf.vision(&dev)?.model;
     let pre = cf.preprocess_config()?;
     let mut log_file = log.map(std::fs::File::create).transpose()?;
@@ -709,9 +722,10 @@ fn bench(
         );
     } else {
         println!(
-            "{what:?}: {} UNet ({} parameters, random weights), batch 1, {latent}x{latent} latents, 77 x {} text states",
+            "{what:?}: {} UNet ({} parameters, random weights{}), batch 1, {latent}x{latent} latents, 77 x {} text states",
             if full { "full-size InstructPix2Pix" } else { "tiny test" },
             if full { "859.5 M" } else { "1.4 M" },
+            if resident_q8() { ", int8 on the device" } else { "" },
             cfg.cross_attention_dim.get(0)
         );
     }
@@ -737,6 +751,9 @@ fn bench(
         ]);
         if GPU_LIMITS.get() == Some(&GpuLimits::Spec) {
             c.args(["--gpu-limits", "spec"]);
+        }
+        if resident_q8() {
+            c.args(["--resident", "q8"]);
         }
         runners.push((arg(&b), c));
     }
@@ -783,46 +800,29 @@ fn bench_config(config: BenchConfig) -> Result<visii_models::UNetConfig, Box<dyn
 }
 
 fn bench_one(latent: usize, what: BenchWhat, config: BenchConfig, backend: Backend, runs: usize) -> Result<(), Box<dyn std::error::Error>> {
-    use visii_pipeline::learn::{Inversion, PairLatents};
+    use visii_pipeline::block_on;
+    use visii_pipeline::probe::UnetProbe;
     let dev = device(backend);
     if matches!(what, BenchWhat::VaeDecode | BenchWhat::VaeEncode) {
         return bench_vae(latent, what, config, backend, runs, &dev);
     }
     let cfg = bench_config(config)?;
     let t0 = Instant::now();
-    let w = Weights::random(0, &dev);
+    let w = Weights::random(0, &dev).with_resident_q8(resident_q8());
     let unet = UNet2DConditionModel::load(&w, &cfg)?;
     let build_s = t0.elapsed().as_secs_f64();
-    let (hidden, lc, ic) = (cfg.cross_attention_dim.get(0), cfg.out_channels, cfg.in_channels - cfg.out_channels);
-    let normal = |shape: [usize; 4]| Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &dev);
-    let ctx = || Tensor::<3>::random([1, 77, hidden], Distribution::Normal(0.0, 1.0), &dev);
-    let projection = burn::nn::LinearConfig::new(hidden, hidden).init(&dev);
-    let direction = Tensor::<1>::random([hidden], Distribution::Normal(0.0, 1.0), &dev);
-    let mut inv = Inversion::new(ctx(), ctx(), direction, 8, AdamWConfig::default())?;
-    let pair = PairLatents { z_after: normal([1, lc, latent, latent]), z_before: normal([1, ic, latent, latent]) };
-    let sched = visii_pipeline::EulerAncestral::new(&visii_pipeline::SchedulerConfig::default(), 20)?;
-    let context3 = Tensor::cat(vec![ctx(), ctx(), ctx()], 0);
-    let once = || match what {
-        BenchWhat::Forward => {
-            let _ = unet.forward(normal([1, cfg.in_channels, latent, latent]), &[500.0], ctx()).into_data();
-        }
-        BenchWhat::LearnStep => {
-            let _ = inv.step(&unet, &projection, &pair, 500, 1.0, normal([1, lc, latent, latent]));
-            let _ = inv.c.clone().slice([0..1, 0..1, 0..1]).into_data();
-        }
-        BenchWhat::VaeDecode | BenchWhat::VaeEncode => unreachable!("bench_vae"),
-        BenchWhat::SampleStep => {
-            let x = normal([1, lc, latent, latent]);
-            let rows = Tensor::cat(vec![x.clone(), x.clone(), x.clone()], 0);
-            let input = Tensor::cat(vec![sched.scale_model_input(rows, 0), normal([3, ic, latent, latent])], 1);
-            let e = unet.forward(input, &[500.0; 3], context3.clone());
-            let row = |r: usize| e.clone().slice([r..r + 1, 0..lc, 0..latent, 0..latent]);
-            let g = row(2) + (row(0) - row(1)).mul_scalar(7.5) + (row(1) - row(2)).mul_scalar(1.5);
-            let _ = sched.step(g, 0, x, normal([1, lc, latent, latent])).into_data();
-        }
-    };
-    timed(backend, w.param_count(), build_s, runs, &dev, once);
-    Ok(())
+    let mut probe = block_on(UnetProbe::new(&unet, cfg.cross_attention_dim.get(0), latent, &dev))?;
+    let mut failed = None;
+    timed(backend, w.param_count(), build_s, runs, &dev, || {
+        let r = match what {
+            BenchWhat::Forward => block_on(probe.forward(&unet)),
+            BenchWhat::LearnStep => block_on(probe.learn_step(&unet)),
+            BenchWhat::SampleStep => block_on(probe.sample_step(&unet)),
+            BenchWhat::VaeDecode | BenchWhat::VaeEncode => unreachable!("bench_vae"),
+        };
+        failed = failed.take().or(r.err());
+    });
+    failed.map_or(Ok(()), |e| Err(e.into()))
 }
 
 /// Time `once` (first run, then the best of `runs`) and print bench-one's JSON line.
@@ -859,7 +859,7 @@ fn bench_vae(
         BenchConfig::Tiny => serde_json::from_str(include_str!("../../../tests/fixtures/tiny-ip2p/vae/config.json"))?,
     };
     let t0 = Instant::now();
-    let w = Weights::random(0, dev);
+    let w = Weights::random(0, dev).with_resident_q8(resident_q8());
     let vae = visii_models::AutoencoderKL::load(&w, &cfg)?;
     let build_s = t0.elapsed().as_secs_f64();
     let px = latent * cfg.downscale();

@@ -1,8 +1,8 @@
 //! diffusers `Attention` (`attention_processor.py`), `BasicTransformerBlock` (`attention.py`) and
 //! `Transformer2DModel` for continuous inputs (`transformer_2d.py`).
 
-use crate::resident::Layer;
 use crate::nn::GroupNorm;
+use crate::resident::Layer;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::{LayerNorm, Linear};

@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use crate::error::{ModelError, Result};
 use crate::nn::{attention, conv2d_padded, layer_norm, linear};
+use crate::resident::Layer;
 use crate::weights::{Vb, Weights};
 
 /// `CLIPTextConfig` (defaults are transformers' own, used when a config omits a field).
@@ -145,11 +146,11 @@ impl ClipEncoderLayer {
     fn forward(&self, x: Tensor<3>, causal: bool) -> Tensor<3> {
         let h = self.layer_norm1.forward(x.clone());
         let a = &self.self_attn;
-        let h = attention(a.q_proj.forward(h.clone()), a.k_proj.forward(h.clone()), a.v_proj.forward(h), a.heads, causal);
-        let x = x + a.out_proj.forward(h);
-        let h = self.mlp.fc1.forward(self.layer_norm2.forward(x.clone()));
+        let h = attention(a.q_proj.run(h.clone()), a.k_proj.run(h.clone()), a.v_proj.run(h), a.heads, causal);
+        let x = x + a.out_proj.run(h);
+        let h = self.mlp.fc1.run(self.layer_norm2.forward(x.clone()));
         let h = if self.mlp.quick_gelu { h.clone() * sigmoid(h.mul_scalar(1.702)) } else { gelu(h) };
-        x + self.mlp.fc2.forward(h)
+        x + self.mlp.fc2.run(h)
     }
 }
 
@@ -167,11 +168,29 @@ fn load_table(vb: &Vb, rows: usize, hidden: usize) -> Result<Vec<Param<Tensor<2>
     Ok(chunks)
 }
 
-fn load_layers(vb: &Vb, n: usize, hidden: usize, inter: usize, heads: usize, eps: f64, qg: bool) -> Result<Vec<ClipEncoderLayer>> {
+/// The encoder layers, each handed to `w.block` as it is built (int8 on the device if asked),
+/// except the last when `last_f32` (the model's identity is read from it).
+#[allow(clippy::too_many_arguments)]
+fn load_layers(
+    w: &Weights,
+    vb: &Vb,
+    n: usize,
+    hidden: usize,
+    inter: usize,
+    heads: usize,
+    eps: f64,
+    qg: bool,
+    last_f32: bool,
+) -> Result<Vec<ClipEncoderLayer>> {
     if heads == 0 || hidden % heads != 0 {
         return Err(ModelError::Unsupported(format!("hidden size {hidden} is not divisible by {heads} heads")));
     }
-    (0..n).map(|i| ClipEncoderLayer::load(&vb.pp("encoder.layers").pp(i), hidden, inter, heads, eps, qg)).collect()
+    (0..n)
+        .map(|i| {
+            let layer = ClipEncoderLayer::load(&vb.pp("encoder.layers").pp(i), hidden, inter, heads, eps, qg)?;
+            Ok(if last_f32 && i + 1 == n { layer } else { w.block(layer) })
+        })
+        .collect()
 }
 
 /// `CLIPTextTransformer`: output = last hidden state after the final layer norm, [b, positions, hidden].
@@ -196,7 +215,17 @@ impl ClipTextTransformer {
         Ok(Self {
             token_embedding: load_table(&e.pp("token_embedding"), cfg.vocab_size, cfg.hidden_size)?,
             position_embedding: Param::from_tensor(e.pp("position_embedding").get("weight", [cfg.max_position_embeddings, cfg.hidden_size])?),
-            layers: load_layers(&vb, cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.layer_norm_eps, qg)?,
+            layers: load_layers(
+                w,
+                &vb,
+                cfg.num_hidden_layers,
+                cfg.hidden_size,
+                cfg.intermediate_size,
+                cfg.num_attention_heads,
+                cfg.layer_norm_eps,
+                qg,
+                true,
+            )?,
             final_layer_norm: layer_norm(&vb.pp("final_layer_norm"), cfg.hidden_size, cfg.layer_norm_eps)?,
         })
     }
@@ -281,9 +310,9 @@ impl ClipVision {
             )?,
             position_embedding: Param::from_tensor(e.pp("position_embedding").get("weight", [grid * grid + 1, h])?),
             pre_layrnorm: layer_norm(&vb.pp("pre_layrnorm"), h, cfg.layer_norm_eps)?,
-            layers: load_layers(&vb, cfg.num_hidden_layers, h, cfg.intermediate_size, cfg.num_attention_heads, cfg.layer_norm_eps, qg)?,
+            layers: load_layers(w, &vb, cfg.num_hidden_layers, h, cfg.intermediate_size, cfg.num_attention_heads, cfg.layer_norm_eps, qg, false)?,
             post_layernorm: layer_norm(&vb.pp("post_layernorm"), h, cfg.layer_norm_eps)?,
-            visual_projection: linear(&w.root().pp("visual_projection"), h, projection_dim, false)?,
+            visual_projection: w.block(linear(&w.root().pp("visual_projection"), h, projection_dim, false)?),
         })
     }
 
@@ -304,6 +333,6 @@ impl ClipVision {
 
     /// Pixel values -> image embeddings [b, projection_dim] (`get_image_features`).
     pub fn image_embeds(&self, pixels: Tensor<4>) -> Tensor<2> {
-        self.visual_projection.forward(self.pooled(pixels))
+        self.visual_projection.run(self.pooled(pixels))
     }
 }

@@ -11,12 +11,12 @@
 //! Runs on burn's cubecl backend (wgpu / WebGPU), the only one with quantised tensors; any other
 //! tensor takes the ordinary path ([`linear`] / [`conv2d`] hand the input back).
 
+use burn::tensor::ops::{ConvOptions, ConvTransposeOptions};
 use burn::tensor::Tensor;
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::checkpoint::strategy::{BalancedCheckpointing, CheckpointStrategy, NoCheckpointing};
 use burn_autodiff::grads::Gradients;
 use burn_autodiff::ops::{unary, Backward, Ops, OpsKind};
-use burn::tensor::ops::{ConvOptions, ConvTransposeOptions};
 use burn_backend::ops::{FloatTensorOps, ModuleOps, QTensorOps};
 use burn_backend::{BackendTypes, FloatDType, Shape, TensorMetadata};
 use burn_dispatch::backends::{Autodiff, Cube};
@@ -117,7 +117,9 @@ fn frozen<const D: usize, const W: usize>(x: Tensor<D>, base: Tensor<W>, shape: 
         DispatchTensor { kind: DispatchTensorKind::Cube(BackendTensor::Quantized(q)), .. } if fits => q,
         _ => return Err(Tensor::from_dispatch(xp)),
     };
-    let DispatchTensor { kind: DispatchTensorKind::Autodiff(inner), autodiff: DispatchAutodiffContext::Enabled(strategy) } = xp else { unreachable!() };
+    let DispatchTensor { kind: DispatchTensorKind::Autodiff(inner), autodiff: DispatchAutodiffContext::Enabled(strategy) } = xp else {
+        unreachable!()
+    };
     let DispatchTensorKind::Cube(BackendTensor::Autodiff(t)) = *inner else { unreachable!() };
     let shape = Shape::from(shape.to_vec());
     let y = match strategy {

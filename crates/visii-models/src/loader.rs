@@ -81,19 +81,25 @@ fn vae_load(config: &str, files: Vec<WeightFile>, device: &Device, resident_q8: 
 
 /// The CLIP text transformer from a `CLIPTextModel` config (or a `CLIPModel` config's `text_config`).
 pub fn text_encoder_from_parts(config: &str, files: Vec<WeightFile>, device: &Device) -> Result<Loaded<ClipTextTransformer, ClipTextConfig>> {
+    text_load(config, files, device, false)
+}
+
+/// The text encoder; with `resident_q8`, its layers but the last int8 on the device (the
+/// embeddings and the last layer stay f32: the model's identity is read from them).
+fn text_load(config: &str, files: Vec<WeightFile>, device: &Device, resident_q8: bool) -> Result<Loaded<ClipTextTransformer, ClipTextConfig>> {
     let value: serde_json::Value = parse_config("text_encoder/config.json", config)?;
     let cfg: ClipTextConfig = match value.get("text_config") {
         Some(t) => serde_json::from_value(t.clone()),
         None => serde_json::from_value(value),
     }
     .map_err(|e| ModelError::Config { path: "text_encoder/config.json".into(), message: e.to_string() })?;
-    let w = Weights::new(files, device).with_alias("text_model.", "");
+    let w = Weights::new(files, device).with_alias("text_model.", "").with_resident_q8(resident_q8);
     let model = ClipTextTransformer::load(&w, &cfg)?;
     // A CLIPModel file also holds the vision side: not part of the text encoder.
     w.finish("CLIPTextModel", |n| {
         is_buffer(n) || n.starts_with("vision_model.") || n.starts_with("visual_projection") || n.starts_with("text_projection") || n == "logit_scale"
     })?;
-    Ok(Loaded { model, config: cfg, params: w.param_count(), resident_values: 0 })
+    Ok(Loaded { model, config: cfg, params: w.param_count(), resident_values: w.resident_values() })
 }
 
 /// The CLIP vision side used by the CLIP loss: vision tower + `visual_projection`, and `text_projection`.
@@ -107,16 +113,22 @@ pub struct ClipVisionParts {
 
 /// Vision tower + projections from a `CLIPModel` config and weights.
 pub fn clip_vision_from_parts(config: &str, files: Vec<WeightFile>, device: &Device) -> Result<Loaded<ClipVisionParts, ClipConfig>> {
+    clip_vision_load(config, files, device, false)
+}
+
+/// The vision side; with `resident_q8`, the tower's layers and the visual projection int8 on the device.
+fn clip_vision_load(config: &str, files: Vec<WeightFile>, device: &Device, resident_q8: bool) -> Result<Loaded<ClipVisionParts, ClipConfig>> {
     let cfg: ClipConfig = parse_config("config.json", config)?;
     let proj = cfg.projection_dim.unwrap_or(cfg.vision_config.projection_dim);
-    let w = Weights::new(files, device);
+    let w = Weights::new(files, device).with_resident_q8(resident_q8);
     let vision = ClipVision::load(&w, &cfg.vision_config, proj)?;
     let vision_params = w.param_count();
     let text_projection = linear(&w.root().pp("text_projection"), cfg.text_config.hidden_size, proj, false)?;
     let text_projection_params = w.param_count() - vision_params;
     w.finish("CLIPModel (vision side)", |n| is_buffer(n) || n.starts_with("text_model.") || n == "logit_scale")?;
     let params = w.param_count();
-    Ok(Loaded { model: ClipVisionParts { vision, text_projection, vision_params, text_projection_params }, config: cfg, params, resident_values: 0 })
+    let resident_values = w.resident_values();
+    Ok(Loaded { model: ClipVisionParts { vision, text_projection, vision_params, text_projection_params }, config: cfg, params, resident_values })
 }
 
 // ------------------------------------------------------------------ model files: disk or memory
@@ -253,7 +265,8 @@ pub fn weight_files(files: &Files, dir: &str, stem: &str) -> Result<Vec<WeightFi
 #[derive(Clone)]
 pub struct Ip2pFolder {
     pub files: Files,
-    /// Load the UNet and the VAE with their large weights int8 on the device (`crate::resident`).
+    /// Load the UNet, the VAE and the text encoder's layers (all but the last) with their large
+    /// weights int8 on the device (`crate::resident`).
     pub resident_q8: bool,
 }
 
@@ -291,7 +304,7 @@ impl Ip2pFolder {
         Ok(Self { files, resident_q8: false })
     }
 
-    /// The same folder, loading the UNet and the VAE with int8 weights on the device or not.
+    /// The same folder, loading the UNet, the VAE and the text encoder with int8 weights on the device or not.
     pub fn with_resident_q8(mut self, on: bool) -> Self {
         self.resident_q8 = on;
         self
@@ -316,7 +329,7 @@ impl Ip2pFolder {
     }
 
     pub fn text_encoder(&self, device: &Device) -> Result<Loaded<ClipTextTransformer, ClipTextConfig>> {
-        text_encoder_from_parts(&self.files.read_text("text_encoder/config.json")?, weight_files(&self.files, "text_encoder", "model")?, device)
+        text_load(&self.files.read_text("text_encoder/config.json")?, weight_files(&self.files, "text_encoder", "model")?, device, self.resident_q8)
     }
 
     pub fn tokenizer(&self) -> Result<ClipTokenizer> {
@@ -332,6 +345,8 @@ impl Ip2pFolder {
 #[derive(Clone)]
 pub struct ClipFolder {
     pub files: Files,
+    /// Load the vision tower's and the text encoder's layers int8 on the device (`crate::resident`).
+    pub resident_q8: bool,
 }
 
 impl std::fmt::Debug for ClipFolder {
@@ -359,15 +374,21 @@ impl ClipFolder {
                 message: "config.json has no vision_config (is this a CLIPModel?)".into(),
             });
         }
-        Ok(Self { files })
+        Ok(Self { files, resident_q8: false })
+    }
+
+    /// The same folder, loading the encoders' layers with int8 weights on the device or not.
+    pub fn with_resident_q8(mut self, on: bool) -> Self {
+        self.resident_q8 = on;
+        self
     }
 
     pub fn vision(&self, device: &Device) -> Result<Loaded<ClipVisionParts, ClipConfig>> {
-        clip_vision_from_parts(&self.files.read_text("config.json")?, weight_files(&self.files, "", "model")?, device)
+        clip_vision_load(&self.files.read_text("config.json")?, weight_files(&self.files, "", "model")?, device, self.resident_q8)
     }
 
     pub fn text(&self, device: &Device) -> Result<Loaded<ClipTextTransformer, ClipTextConfig>> {
-        text_encoder_from_parts(&self.files.read_text("config.json")?, weight_files(&self.files, "", "model")?, device)
+        text_load(&self.files.read_text("config.json")?, weight_files(&self.files, "", "model")?, device, self.resident_q8)
     }
 
     pub fn preprocess_config(&self) -> Result<ClipPreprocessConfig> {

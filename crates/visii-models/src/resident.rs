@@ -92,10 +92,12 @@ impl<const D: usize> Layer<Tensor<D>> for Linear {
         #[cfg(feature = "frozen")]
         let x = match self.weight.reparameterization::<Dequantized>().filter(|_| x.is_autodiff()) {
             Some(r) => match crate::frozen::linear(x, self.weight.base(), &r.shape) {
-                Ok(y) => return match &self.bias {
-                    Some(b) => y + b.val().unsqueeze(),
-                    None => y,
-                },
+                Ok(y) => {
+                    return match &self.bias {
+                        Some(b) => y + b.val().unsqueeze(),
+                        None => y,
+                    }
+                }
                 Err(x) => x,
             },
             None => x,
@@ -111,10 +113,12 @@ impl Layer<Tensor<4>> for Conv2d {
             (Some(r), &burn::nn::PaddingConfig2d::Explicit(t, l, b, rr)) if t == b && l == rr => {
                 let options = burn::tensor::ops::ConvOptions::new(self.stride, [t, l], self.dilation, self.groups);
                 match crate::frozen::conv2d(x, self.weight.base(), &r.shape, options) {
-                    Ok(y) => return match &self.bias {
-                        Some(b) => y + b.val().reshape([1, r.shape[0], 1, 1]),
-                        None => y,
-                    },
+                    Ok(y) => {
+                        return match &self.bias {
+                            Some(b) => y + b.val().reshape([1, r.shape[0], 1, 1]),
+                            None => y,
+                        }
+                    }
                     Err(x) => x,
                 }
             }

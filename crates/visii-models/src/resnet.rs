@@ -1,8 +1,8 @@
 //! diffusers `ResnetBlock2D`, `Downsample2D` and `Upsample2D` (`models/resnet.py`, `downsampling.py`,
 //! `upsampling.py`), shared by the UNet and the VAE.
 
-use crate::resident::Layer;
 use crate::nn::GroupNorm;
+use crate::resident::Layer;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::{Linear, PaddingConfig2d};

@@ -1,8 +1,8 @@
 //! diffusers `UNet2DConditionModel` (`unet_2d_condition.py`, `unet_2d_blocks.py`) for SD1.x/2.x-shaped
 //! configs such as InstructPix2Pix's (`in_channels = 8`). Every shape comes from `config.json`.
 
-use crate::resident::Layer;
 use crate::nn::GroupNorm;
+use crate::resident::Layer;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::Linear;

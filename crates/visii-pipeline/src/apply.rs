@@ -24,7 +24,7 @@ pub struct Ip2p {
     pub arch: String,
     /// Parameters read for the UNet, the VAE and the text encoder.
     pub params: [usize; 3],
-    /// Weight values of the UNet and the VAE kept int8 on the device (`Ip2pFolder::resident_q8`).
+    /// Weight values of the UNet, the VAE and the text encoder kept int8 on the device (`Ip2pFolder::resident_q8`).
     pub resident_values: usize,
 }
 
@@ -82,7 +82,7 @@ impl Ip2p {
         let tc = serde_json::to_string(&text.config).map_err(|e| PipelineError::Config(e.to_string()))?;
         Ok(Self {
             params: [unet.params, vae.params, text.params],
-            resident_values: unet.resident_values + vae.resident_values,
+            resident_values: unet.resident_values + vae.resident_values + text.resident_values,
             unet: unet.model,
             vae: vae.model,
             text: text.model,

@@ -8,6 +8,7 @@ pub mod identity;
 pub mod image;
 pub mod instruction;
 pub mod learn;
+pub mod probe;
 pub mod repro;
 pub mod rng;
 pub mod scheduler;

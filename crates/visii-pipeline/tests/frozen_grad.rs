@@ -96,7 +96,11 @@ fn frozen_int8_layers_backpropagate_like_burn_and_keep_no_f32_weights() {
     let (burn_bytes, g_ref) = held(&|l, h| l.forward(h));
     let (our_bytes, g) = held(&|l, h| l.run(h));
     let diff = g.iter().zip(&g_ref).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    println!("8 x Linear 512: held after forward {:.2} MiB (burn) vs {:.2} MiB (frozen); gradient max diff {diff:.2e}", burn_bytes as f64 / 1048576.0, our_bytes as f64 / 1048576.0);
+    println!(
+        "8 x Linear 512: held after forward {:.2} MiB (burn) vs {:.2} MiB (frozen); gradient max diff {diff:.2e}",
+        burn_bytes as f64 / 1048576.0,
+        our_bytes as f64 / 1048576.0
+    );
     assert!(diff < 1e-4, "stacked gradients differ by {diff}");
     assert!(burn_bytes >= 7 << 20, "burn's path holds the f32 weights ({burn_bytes} bytes): the comparison means something");
     assert!(our_bytes < 2 << 20, "the frozen path holds no f32 weight ({our_bytes} bytes)");

@@ -4,7 +4,8 @@
 //!
 //! JS surface (see web/worker.js): `createEngine()` -> `Engine` with `loadIp2p(name, files)`,
 //! `loadClip(name, files)`, `learn(befores, afters, options, onProgress)`, `apply(image, options,
-//! instruction, onProgress)`, `cancel()`, `modelInfo()`; and `inspectInstruction(bytes)`.
+//! instruction, onProgress)`, `measure(what, size, runs)`, `cancel()`, `modelInfo()`; and
+//! `inspectInstruction(bytes)`.
 //! Errors are JS `Error`s whose `name` says what kind of problem it is (`ImageError`,
 //! `InstructionError`, `ForeignModelError`, `ModelError`, `CancelledError`, `OptionsError`, `GpuError`).
 
@@ -227,6 +228,21 @@ struct Clip {
     pre: ClipPreprocessConfig,
 }
 
+/// The `{ resident: "f32" | "q8" }` option of `loadIp2p` / `loadClip`: whether the large weights
+/// stay int8 on the GPU.
+fn resident_q8(options: JsValue) -> Result<bool, JsValue> {
+    #[derive(Deserialize, Default)]
+    struct LoadOptions {
+        resident: Option<String>,
+    }
+    let o: LoadOptions = optional(options)?;
+    match o.resident.as_deref() {
+        None | Some("f32") => Ok(false),
+        Some("q8") => Ok(true),
+        Some(other) => Err(error("OptionsError", format!("resident must be \"f32\" or \"q8\", not {other:?}"))),
+    }
+}
+
 /// The loaded networks and the cancel flag.
 #[wasm_bindgen]
 pub struct Engine {
@@ -329,22 +345,13 @@ impl Drop for BusyGuard {
 impl Engine {
     /// Load InstructPix2Pix from its diffusers-layout files (`Map` of relative path -> bytes).
     /// Returns `{ name, fingerprint, hiddenSize, unetParams, vaeParams, textParams, bytesRead, largestRead }`.
-    /// `options`: `{ resident: "f32" | "q8" }` — `"q8"` keeps the UNet's and the VAE's large weights
-    /// int8 on the GPU (a scale per 32 values, dequantised per layer as it runs): about 3.5x less
-    /// GPU memory for them, a little slower.
+    /// `options`: `{ resident: "f32" | "q8" }` — `"q8"` keeps the large weights of the UNet, the VAE
+    /// and the text encoder's layers int8 on the GPU (a scale per 32 values, dequantised per layer
+    /// as it runs, in learning's backward pass too): about 3.5x less GPU memory for them, a little slower.
     #[wasm_bindgen(js_name = loadIp2p)]
     pub async fn load_ip2p(&self, name: String, files: js_sys::Map, options: JsValue) -> Result<JsValue, JsValue> {
         self.idle()?;
-        #[derive(Deserialize, Default)]
-        struct LoadOptions {
-            resident: Option<String>,
-        }
-        let o: LoadOptions = optional(options)?;
-        let q8 = match o.resident.as_deref() {
-            None | Some("f32") => false,
-            Some("q8") => true,
-            Some(other) => return Err(error("OptionsError", format!("resident must be \"f32\" or \"q8\", not {other:?}"))),
-        };
+        let q8 = resident_q8(options)?;
         let folder = Ip2pFolder::from_files(files_from(&name, &files)).map_err(|e| error("ModelError", e))?.with_resident_q8(q8);
         visii_models::READ_STATS.reset();
         let model = Ip2p::from_folder(&folder, &self.device).map_err(|e| error("ModelError", e))?;
@@ -364,13 +371,15 @@ impl Engine {
     }
 
     /// Load the CLIP vision tower and projections from a transformers `CLIPModel` layout.
+    /// `options`: `{ resident: "f32" | "q8" }` as for `loadIp2p` (the vision tower's layers).
     #[wasm_bindgen(js_name = loadClip)]
-    pub fn load_clip(&self, name: String, files: js_sys::Map) -> Result<JsValue, JsValue> {
+    pub fn load_clip(&self, name: String, files: js_sys::Map, options: JsValue) -> Result<JsValue, JsValue> {
         self.idle()?;
-        let folder = ClipFolder::from_files(files_from(&name, &files)).map_err(|e| error("ModelError", e))?;
+        let q8 = resident_q8(options)?;
+        let folder = ClipFolder::from_files(files_from(&name, &files)).map_err(|e| error("ModelError", e))?.with_resident_q8(q8);
         let loaded = folder.vision(&self.device).map_err(|e| error("ModelError", e))?;
         let pre = folder.preprocess_config().map_err(|e| error("ModelError", e))?;
-        let info = serde_json::json!({"name": name, "params": loaded.params});
+        let info = serde_json::json!({"name": name, "params": loaded.params, "residentInt8Values": loaded.resident_values});
         *self.clip.borrow_mut() = Some(Rc::new(Clip { parts: loaded.model, pre }));
         Ok(to_js(&info))
     }
@@ -546,6 +555,40 @@ impl Engine {
         set("width", (w as u32).into())?;
         set("height", (h as u32).into())?;
         Ok(result.into())
+    }
+
+    /// Time the loaded UNet on this GPU with random inputs at `size` px (`size / 8` latents):
+    /// `what` is `"forward"` (one UNet pass), `"learn-step"` (one learning step: three UNet rows,
+    /// the backward pass, the update) or `"sample-step"` (one apply step: three rows): once (which
+    /// includes compiling the GPU kernels), then `runs` more times. Resolves to
+    /// `{ what, size, firstSeconds, seconds }` (`seconds`: the fastest run after the first, or the
+    /// first when `runs` is 0).
+    pub async fn measure(&self, what: String, size: usize, runs: usize) -> Result<JsValue, JsValue> {
+        use visii_pipeline::probe::UnetProbe;
+        if !(8..=1024).contains(&size) || size % 8 != 0 {
+            return Err(error("OptionsError", format!("size {size} must be a multiple of 8 between 8 and 1024")));
+        }
+        if !["forward", "learn-step", "sample-step"].contains(&what.as_str()) {
+            return Err(error("OptionsError", format!("what must be \"forward\", \"learn-step\" or \"sample-step\", not {what:?}")));
+        }
+        let (model, _, _busy) = self.begin()?;
+        let mut probe = UnetProbe::new(&model.unet, model.hidden_size(), size / 8, &self.device).await.map_err(pipeline_error)?;
+        let mut times = vec![];
+        for _ in 0..=runs {
+            if self.cancel.get() {
+                return Err(error("CancelledError", "stopped"));
+            }
+            let t = js_sys::Date::now();
+            match what.as_str() {
+                "forward" => probe.forward(&model.unet).await,
+                "learn-step" => probe.learn_step(&model.unet).await,
+                _ => probe.sample_step(&model.unet).await,
+            }
+            .map_err(pipeline_error)?;
+            times.push((js_sys::Date::now() - t) / 1000.0);
+        }
+        let best = if runs == 0 { times[0] } else { times[1..].iter().copied().fold(f64::INFINITY, f64::min) };
+        Ok(to_js(&serde_json::json!({"what": what, "size": size, "firstSeconds": times[0], "seconds": best})))
     }
 
     /// What is loaded: `{ ip2p: {name, fingerprint} | null, clip: bool }`.
