@@ -8,7 +8,7 @@
 #                         --latent N): wgpu vs ndarray vs PyTorch (CPU, same config; torch + diffusers installed into
 #                         the cache if missing; `./build.sh bench --no-torch ...` leaves PyTorch out)
 #   ./build.sh fullsize   full-size checkpoints with random weights (real layouts), their q8 pack, and the pack
-#                         loaded + one learning and one apply step in headless Chromium (slow; tests/fullsize/)
+#                         loaded + a UNet forward and learning step in headless Chromium (slow; tests/fullsize/)
 #   ./build.sh deps       only install the toolchain pieces
 #   ./build.sh fixtures   regenerate tests/fixtures with Python (diffusers/transformers; see the script)
 #

@@ -205,6 +205,8 @@ function modelLoaded(d) {
   document.body.dataset.residentInt8 = int8Values;
   document.body.dataset.model = d.info.fingerprint;
   document.body.dataset.largestRead = d.info.largestRead;
+  document.body.dataset.gpuBytesInUse = d.info.gpuBytesInUse || 0;
+  document.body.dataset.gpuBytesReserved = d.info.gpuBytesReserved || 0;
   document.body.dataset.wasmMemory = d.wasmMemory;
   updateButtons();
   checkInstructionModel();
@@ -526,11 +528,12 @@ $('measure').onclick = async () => {
   const label = $('measure-what').selectedOptions[0].textContent;
   state.busy = 'measure';
   updateButtons();
-  $('measure-text').textContent = `running ${label} at ${size} px twice…`;
+  $('measure-text').textContent = `running ${label} at ${size} px…`;
   try {
     const { result: r, wasmMemory } = await call({ type: 'measure', what, size, runs: Number(params.get('measureRuns') || 1) });
     document.body.dataset.wasmMemory = wasmMemory;
-    $('measure-text').textContent = `${label} at ${size} px (${size / 8} x ${size / 8} latents): ${r.seconds.toFixed(2)} s (first run, with kernel compilation: ${r.firstSeconds.toFixed(1)} s)`;
+    const gpu = r.gpuBytesReserved ? `; GPU memory held: ${bytes(r.gpuBytesReserved)}` : '';
+    $('measure-text').textContent = `${label} at ${size} px (${size / 8} x ${size / 8} latents): ${r.seconds.toFixed(2)} s (first run, with kernel compilation: ${r.firstSeconds.toFixed(1)} s)${gpu}`;
     document.body.dataset.measured = JSON.stringify(r);
   } catch (e) {
     $('measure-text').textContent = `${label} failed`;

@@ -10,7 +10,8 @@
 // Prints load time, step times, the wasm heap and the largest single read, and writes them to
 // tests/output/fullsize.json.
 //
-//   VISII_FULLSIZE_PACK=/path/to/pack [VISII_FULLSIZE_PX=64] [VISII_FULLSIZE_RESIDENT=q8] node tests/browser/fullsize.mjs
+//   VISII_FULLSIZE_PACK=/path/to/pack [VISII_FULLSIZE_PX=64] [VISII_FULLSIZE_RESIDENT=q8]
+//     [VISII_FULLSIZE_MEASURE=forward,learn-step,sample-step] [VISII_FULLSIZE_PIPELINE=1] node tests/browser/fullsize.mjs
 import { mkdirSync, writeFileSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -26,6 +27,7 @@ if (!pack) throw new Error('set VISII_FULLSIZE_PACK to a pack folder (see tests/
 const px = Number(process.env.VISII_FULLSIZE_PX || 64);
 const resident = process.env.VISII_FULLSIZE_RESIDENT || 'f32';
 const pipeline = process.env.VISII_FULLSIZE_PIPELINE === '1';
+const measures = (process.env.VISII_FULLSIZE_MEASURE || 'forward,learn-step').split(',').filter(Boolean);
 const hours = 3600e3;
 // Chromium's GPU process holds SwiftShader's buffers: its peak resident memory (VmHWM) is the GPU memory.
 const gpuProcessPeak = () => {
@@ -74,15 +76,15 @@ try {
   await page.waitForFunction(() => document.body.dataset.model || !document.getElementById('error-panel').hidden, null, { timeout: 6 * hours, polling: 1000 });
   if (!(await page.evaluate(() => document.body.dataset.model))) throw new Error(`load failed: ${await page.textContent('#error-text')}`);
   results.loadSeconds = (Date.now() - t) / 1000;
-  Object.assign(results, await page.evaluate(() => ({ largestRead: Number(document.body.dataset.largestRead), wasmMemory: Number(document.body.dataset.wasmMemory), residentInt8: Number(document.body.dataset.residentInt8), model: document.getElementById('model-loaded').textContent })));
+  Object.assign(results, await page.evaluate(() => ({ largestRead: Number(document.body.dataset.largestRead), wasmMemory: Number(document.body.dataset.wasmMemory), residentInt8: Number(document.body.dataset.residentInt8), gpuBytesInUse: Number(document.body.dataset.gpuBytesInUse), gpuBytesReserved: Number(document.body.dataset.gpuBytesReserved), model: document.getElementById('model-loaded').textContent })));
   results.gpuProcessPeakAfterLoad = gpuProcessPeak();
-  console.log(`loaded in ${results.loadSeconds.toFixed(1)} s (copy into OPFS + load): ${results.model}; largest read ${(results.largestRead / 1e6).toFixed(1)} MB; wasm memory ${(results.wasmMemory / 1e6).toFixed(0)} MB; GPU process peak ${(results.gpuProcessPeakAfterLoad / 1e9).toFixed(2)} GB`);
+  console.log(`loaded in ${results.loadSeconds.toFixed(1)} s (copy into OPFS + load): ${results.model}; largest read ${(results.largestRead / 1e6).toFixed(1)} MB; wasm memory ${(results.wasmMemory / 1e6).toFixed(0)} MB; GPU memory in use ${(results.gpuBytesInUse / 1e9).toFixed(2)} GB, held ${(results.gpuBytesReserved / 1e9).toFixed(2)} GB; GPU process peak ${(results.gpuProcessPeakAfterLoad / 1e9).toFixed(2)} GB`);
   await page.screenshot({ path: join(out, 'fullsize-loaded.png'), fullPage: true });
 
   // The UNet alone on random inputs ("Measure this GPU"): one forward, one learning step.
   await page.click('#measure-panel summary');
   await page.fill('#measure-size', String(px));
-  for (const what of ['forward', 'learn-step']) {
+  for (const what of measures) {
     await page.selectOption('#measure-what', what);
     await page.evaluate(() => { delete document.body.dataset.measured; });
     t = Date.now();
@@ -90,9 +92,10 @@ try {
     await page.waitForFunction(() => document.body.dataset.measured || !document.getElementById('error-panel').hidden, null, { timeout: 6 * hours, polling: 1000 });
     const m = await page.evaluate(() => document.body.dataset.measured);
     if (!m) throw new Error(`measuring ${what} failed: ${await page.textContent('#error-text')}`);
-    results[what === 'forward' ? 'unetForwardSeconds' : 'unetLearnStepSeconds'] = JSON.parse(m).firstSeconds;
+    const r = JSON.parse(m);
+    results[what] = r;
     results[`gpuProcessPeakAfter_${what}`] = gpuProcessPeak();
-    console.log(`UNet ${what} at ${px} px (${px / 8} x ${px / 8} latents), kernel compilation included: ${JSON.parse(m).firstSeconds.toFixed(1)} s; GPU process peak ${(gpuProcessPeak() / 1e9).toFixed(2)} GB`);
+    console.log(`UNet ${what} at ${px} px (${px / 8} x ${px / 8} latents), kernel compilation included: ${r.firstSeconds.toFixed(1)} s; GPU memory held by the engine ${(r.gpuBytesReserved / 1e9).toFixed(2)} GB (in use ${(r.gpuBytesInUse / 1e9).toFixed(2)} GB); GPU process peak ${(gpuProcessPeak() / 1e9).toFixed(2)} GB`);
   }
   results.wasmMemoryAfterMeasure = await page.evaluate(() => Number(document.body.dataset.wasmMemory));
   await page.screenshot({ path: join(out, 'fullsize-measured.png'), fullPage: true });

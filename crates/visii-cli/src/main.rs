@@ -351,8 +351,9 @@ fn inspect(model: &std::path::Path, clip: Option<&std::path::Path>, as_json: boo
     let memory = |t: &mut Instant| {
         let (_, largest) = visii_models::READ_STATS.get();
         visii_models::READ_STATS.reset();
-        let v = json!({"load_s": t.elapsed().as_secs_f64(), "device_bytes_in_use": dev.memory_pool_usage().map(|u| u.bytes_in_use),
-                       "largest_read_bytes": largest});
+        let pool = dev.memory_pool_usage();
+        let v = json!({"load_s": t.elapsed().as_secs_f64(), "device_bytes_in_use": pool.as_ref().map(|u| u.bytes_in_use),
+                       "device_bytes_reserved": pool.map(|u| u.bytes_reserved), "largest_read_bytes": largest});
         *t = Instant::now();
         v
     };

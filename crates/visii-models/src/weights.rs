@@ -209,6 +209,9 @@ impl Weights {
         }
         let (m, values) = crate::resident::resident_q8(m);
         *self.resident_values.borrow_mut() += values;
+        // The block's f32 weights are free now: hand their pages back, or the allocator keeps
+        // them reserved (measured: 5.7 GB held for 1.7 GB of int8 networks in a browser tab).
+        self.device.memory_cleanup();
         m
     }
 

@@ -244,6 +244,7 @@ impl Ip2p {
                 Noise::Reuse(r) => r.noise(*ts.get(i + 1).unwrap_or(&t), lat_c * h * w)?,
             };
             latents = sched.step(guided, i, latents, noise_tensor(step_noise)?);
+            crate::release_free_memory(dev);
             if let Some(f) = trace.as_mut() {
                 f(i, &latents);
             }

@@ -391,6 +391,7 @@ pub async fn learn_async(
         let noise = Tensor::from_data(TensorData::new(values, [1, lc, h, w]), dev);
         let before_update = inv.c.clone();
         let s = inv.step_async(&model.unet, &clip.text_projection, pair, t, sigmas[t], noise).await?;
+        crate::release_free_memory(dev);
         // The MSE is measured for the instruction before this update.
         if s.mse < best {
             best = s.mse;

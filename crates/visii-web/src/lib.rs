@@ -344,7 +344,9 @@ impl Drop for BusyGuard {
 #[wasm_bindgen]
 impl Engine {
     /// Load InstructPix2Pix from its diffusers-layout files (`Map` of relative path -> bytes).
-    /// Returns `{ name, fingerprint, hiddenSize, unetParams, vaeParams, textParams, bytesRead, largestRead }`.
+    /// Returns `{ name, fingerprint, hiddenSize, unetParams, vaeParams, textParams, bytesRead, largestRead,
+    /// residentInt8Values, gpuBytesInUse, gpuBytesReserved }` (what this engine's allocator holds on
+    /// the GPU: in use by every loaded network, and reserved including free pages kept for reuse).
     /// `options`: `{ resident: "f32" | "q8" }` — `"q8"` keeps the large weights of the UNet, the VAE
     /// and the text encoder's layers int8 on the GPU (a scale per 32 values, dequantised per layer
     /// as it runs, in learning's backward pass too): about 3.5x less GPU memory for them, a little slower.
@@ -359,10 +361,12 @@ impl Engine {
         let (read_total, read_largest) = visii_models::READ_STATS.get();
         let id = ModelIdentity::of_async(&model).await.map_err(pipeline_error)?;
         let [up, vp, tp] = model.params;
+        let pool = self.device.memory_pool_usage();
         let info = serde_json::json!({
             "name": id.name, "fingerprint": id.fingerprint(), "hiddenSize": model.hidden_size(),
             "unetParams": up, "vaeParams": vp, "textParams": tp,
             "bytesRead": read_total, "largestRead": read_largest, "residentInt8Values": model.resident_values,
+            "gpuBytesInUse": pool.as_ref().map(|u| u.bytes_in_use), "gpuBytesReserved": pool.map(|u| u.bytes_reserved),
         });
         // A learn or apply may have started while the identity was read back.
         self.idle()?;
@@ -561,8 +565,9 @@ impl Engine {
     /// `what` is `"forward"` (one UNet pass), `"learn-step"` (one learning step: three UNet rows,
     /// the backward pass, the update) or `"sample-step"` (one apply step: three rows): once (which
     /// includes compiling the GPU kernels), then `runs` more times. Resolves to
-    /// `{ what, size, firstSeconds, seconds }` (`seconds`: the fastest run after the first, or the
-    /// first when `runs` is 0).
+    /// `{ what, size, firstSeconds, seconds, gpuBytesInUse, gpuBytesReserved }` (`seconds`: the
+    /// fastest run after the first, or the first when `runs` is 0; the GPU memory this engine's
+    /// allocator holds afterwards: in use, and reserved including pages kept for reuse).
     pub async fn measure(&self, what: String, size: usize, runs: usize) -> Result<JsValue, JsValue> {
         use visii_pipeline::probe::UnetProbe;
         if !(8..=1024).contains(&size) || size % 8 != 0 {
@@ -588,7 +593,11 @@ impl Engine {
             times.push((js_sys::Date::now() - t) / 1000.0);
         }
         let best = if runs == 0 { times[0] } else { times[1..].iter().copied().fold(f64::INFINITY, f64::min) };
-        Ok(to_js(&serde_json::json!({"what": what, "size": size, "firstSeconds": times[0], "seconds": best})))
+        // What the step(s) made the allocator hold, then handed back (as learn and apply do per step).
+        let pool = self.device.memory_pool_usage();
+        visii_pipeline::release_free_memory(&self.device);
+        Ok(to_js(&serde_json::json!({"what": what, "size": size, "firstSeconds": times[0], "seconds": best,
+            "gpuBytesInUse": pool.as_ref().map(|u| u.bytes_in_use), "gpuBytesReserved": pool.map(|u| u.bytes_reserved)})))
     }
 
     /// What is loaded: `{ ip2p: {name, fingerprint} | null, clip: bool }`.
