@@ -27,7 +27,8 @@ if (!pack) throw new Error('set VISII_FULLSIZE_PACK to a pack folder (see tests/
 const px = Number(process.env.VISII_FULLSIZE_PX || 64);
 const resident = process.env.VISII_FULLSIZE_RESIDENT || 'f32';
 const pipeline = process.env.VISII_FULLSIZE_PIPELINE === '1';
-const measures = (process.env.VISII_FULLSIZE_MEASURE || 'forward,learn-step').split(',').filter(Boolean);
+// Empty: load only.
+const measures = (process.env.VISII_FULLSIZE_MEASURE ?? 'forward,learn-step').split(',').filter(Boolean);
 const hours = 3600e3;
 // Chromium's GPU process holds SwiftShader's buffers: its peak resident memory (VmHWM) is the GPU memory.
 const gpuProcessPeak = () => {

@@ -360,6 +360,9 @@ impl Engine {
         // Files are read by range, one tensor at a time: the largest single read is one tensor.
         let (read_total, read_largest) = visii_models::READ_STATS.get();
         let id = ModelIdentity::of_async(&model).await.map_err(pipeline_error)?;
+        // The identity's readback has waited for every upload and conversion: what loading used
+        // on the side (f32 weights before their int8 conversion) can go back now.
+        visii_pipeline::release_free_memory(&self.device);
         let [up, vp, tp] = model.params;
         let pool = self.device.memory_pool_usage();
         let info = serde_json::json!({
