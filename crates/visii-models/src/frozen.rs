@@ -100,7 +100,7 @@ fn record<C: CheckpointStrategy>(x: AutodiffTensor, q: Quant, shape: Shape, op: 
             let [_, _, h, wd] = x.shape().dims();
             let y = |x: Float| Cube::conv2d(x, w, None, options.clone());
             match FrozenConv2d.prepare::<C>([x.node()]).compute_bound().stateful() {
-                OpsKind::Tracked(prep) => prep.finish((q.clone(), shape.clone(), options.clone(), [h, wd]), y(x.into_primitive())),
+                OpsKind::Tracked(prep) => prep.finish((q, shape, options.clone(), [h, wd]), y(x.into_primitive())),
                 OpsKind::UnTracked(prep) => prep.finish(y(x.into_primitive())),
             }
         }

@@ -78,7 +78,6 @@ impl Ip2p {
         let unet = folder.unet(device)?;
         let vae = folder.vae(device)?;
         let text = folder.text_encoder(device)?;
-        crate::release_free_memory(device);
         let uc = serde_json::to_string(&unet.config).map_err(|e| PipelineError::Config(e.to_string()))?;
         let tc = serde_json::to_string(&text.config).map_err(|e| PipelineError::Config(e.to_string()))?;
         Ok(Self {
