@@ -56,6 +56,13 @@ async function describeAdapter() {
   const l = adapter.limits;
   const mib = (b) => `${Math.round(b / 1048576)} MiB`;
   $('gpu-limits').textContent = `maxBufferSize ${mib(l.maxBufferSize)}, maxStorageBufferBindingSize ${mib(l.maxStorageBufferBindingSize)}, shader-f16 ${adapter.features.has('shader-f16') ? 'yes' : 'no'}`;
+  // f16 activations where the adapter can (on by default there), f32 everywhere.
+  const f16 = adapter.features.has('shader-f16');
+  $('model-f16').disabled = !f16;
+  $('model-f16').checked = f16;
+  $('model-f16-hint').textContent = f16
+    ? 'half the memory for activations and faster on most GPUs; norms and softmax stay f32. Applies to the next load.'
+    : 'this GPU has no f16 arithmetic (WebGPU shader-f16): the networks run in f32.';
   const short = Object.entries(NEEDED).filter(([k, v]) => l[k] < v);
   if (short.length) {
     showError('This GPU adapter lacks limits visii needs',
@@ -172,7 +179,7 @@ $('model-source').onchange = () => {
 // Downloads and loads (from the network, from storage or from local files): one at a time.
 async function modelJob(msg) {
   if (state.busy) return;
-  msg = { ...msg, resident: $('model-int8').checked ? 'q8' : 'f32' };
+  msg = { ...msg, resident: $('model-int8').checked ? 'q8' : 'f32', activations: $('model-f16').checked ? 'f16' : 'f32' };
   state.busy = 'download';
   updateButtons();
   $('model-stop').hidden = false;
@@ -201,8 +208,10 @@ function modelLoaded(d) {
   state.model = d;
   const int8Values = (d.info.residentInt8Values || 0) + ((d.clip && d.clip.residentInt8Values) || 0);
   const int8 = int8Values ? `, ${(int8Values / 1e6).toFixed(1)} M weights int8 on the GPU` : '';
-  $('model-loaded').textContent = `${d.info.name} (fingerprint ${d.info.fingerprint}${int8})${d.demo ? ' — wiring demo: its images are not meaningful' : ''}`;
+  const f16 = d.info.activations === 'f16' ? ', f16 activations' : '';
+  $('model-loaded').textContent = `${d.info.name} (fingerprint ${d.info.fingerprint}${int8}${f16})${d.demo ? ' — wiring demo: its images are not meaningful' : ''}`;
   document.body.dataset.residentInt8 = int8Values;
+  document.body.dataset.activations = d.info.activations || 'f32';
   document.body.dataset.model = d.info.fingerprint;
   document.body.dataset.largestRead = d.info.largestRead;
   document.body.dataset.gpuBytesInUse = d.info.gpuBytesInUse || 0;
@@ -532,7 +541,7 @@ $('measure').onclick = async () => {
   try {
     const { result: r, wasmMemory } = await call({ type: 'measure', what, size, runs: Number(params.get('measureRuns') || 1) });
     document.body.dataset.wasmMemory = wasmMemory;
-    const gpu = r.gpuBytesReserved ? `; GPU memory held: ${bytes(r.gpuBytesReserved)}` : '';
+    const gpu = r.gpuBytesHeldPeak ? `; GPU memory held at most: ${bytes(r.gpuBytesHeldPeak)} (at most ${bytes(r.gpuBytesInUsePeak)} in use)` : '';
     $('measure-text').textContent = `${label} at ${size} px (${size / 8} x ${size / 8} latents): ${r.seconds.toFixed(2)} s (first run, with kernel compilation: ${r.firstSeconds.toFixed(1)} s)${gpu}`;
     document.body.dataset.measured = JSON.stringify(r);
   } catch (e) {

@@ -5,7 +5,8 @@
 //   | {type: 'local', ip2p: [{path, file}], clip: [{path, file}]} | {type: 'delete', source}
 //   | {type: 'learn', id, befores, afters, options} | {type: 'apply', id, image, options, instruction?}
 //   | {type: 'inspect', id, bytes} | {type: 'measure', id, what, size, runs} | {type: 'cancel'} | {type: 'loadStored', source} | {type: 'convert', source}
-//   (prepare, local, loadStored and convert take resident?: 'f32' | 'q8', how the weights live on the GPU)
+//   (prepare, local, loadStored and convert take resident?: 'f32' | 'q8', how the weights live on the GPU,
+//   and activations?: 'f32' | 'f16', the UNet's activations: f16 needs the adapter's shader-f16)
 // (worker -> page): {type: 'ready', version, selftest, limits} | {type: 'sources', sources, stored}
 //   | {type: 'download', ...progress} | {type: 'convert', source, done, total, path} | {type: 'model', info, source} | {type: 'progress', id, ...}
 //   | {type: 'learned', id, bytes, info} | {type: 'applied', id, png, width, height}
@@ -42,13 +43,14 @@ async function loadSources() {
   return sources;
 }
 
-async function loadInto(sourceId, label, ip2pFiles, clipFiles, manifest, resident) {
+async function loadInto(sourceId, label, ip2pFiles, clipFiles, manifest, opts) {
+  const resident = opts.resident || 'f32';
   const ip2p = await readComponent(sourceId, 'ip2p', ip2pFiles);
   const clip = await readComponent(sourceId, 'clip', clipFiles);
   if (!ip2p || !clip) throw Object.assign(new Error(`the stored files of "${label}" are incomplete: download them again`), { name: 'ModelError' });
   // CLIP first: if it fails, the model shown as loaded stays the one that is.
-  const clipInfo = engine.loadClip(manifest ? manifest.clip.name : 'clip', clip, { resident: resident || 'f32' });
-  const info = await engine.loadIp2p(manifest ? manifest.ip2p.name : label, ip2p, { resident: resident || 'f32' });
+  const clipInfo = engine.loadClip(manifest ? manifest.clip.name : 'clip', clip, { resident });
+  const info = await engine.loadIp2p(manifest ? manifest.ip2p.name : label, ip2p, { resident, activations: opts.activations || 'f32' });
   post({ type: 'model', source: sourceId, label, info, clip: clipInfo, demo: !!(manifest && manifest.demo), wasmMemory: wasm.memory.buffer.byteLength });
 }
 
@@ -72,7 +74,7 @@ const handlers = {
       downloadAbort = null;
     }
     await postSources();
-    await loadInto(src.id, src.label, src.ip2p.files, src.clip.files, src, msg.resident);
+    await loadInto(src.id, src.label, src.ip2p.files, src.clip.files, src, msg);
   },
   async local(msg) {
     // Files picked from this computer: stored like a download, so the page works offline later.
@@ -89,13 +91,13 @@ const handlers = {
       throw e;
     }
     await postSources();
-    await loadInto(id, msg.ip2pName || 'Files from this computer', null, null, null, msg.resident);
+    await loadInto(id, msg.ip2pName || 'Files from this computer', null, null, null, msg);
   },
   async loadStored(msg) {
     const label = await storedLabel(msg.source);
     if (!label) throw Object.assign(new Error(`nothing is stored as ${msg.source}`), { name: 'ModelError' });
     const src = (await loadSources()).find((s) => s.id === msg.source);
-    await loadInto(msg.source, label, src ? src.ip2p.files : null, src ? src.clip.files : null, src || null, msg.resident);
+    await loadInto(msg.source, label, src ? src.ip2p.files : null, src ? src.clip.files : null, src || null, msg);
   },
   async convert(msg) {
     // The stored checkpoints -> a q8 pack (about half of fp16), stored as its own source. The
@@ -122,7 +124,7 @@ const handlers = {
     }
     await postSources();
     post({ type: 'converted', source: msg.source, target, report });
-    await loadInto(target, label, null, null, null, msg.resident);
+    await loadInto(target, label, null, null, null, msg);
   },
   async delete(msg) {
     if (downloadAbort) throw Object.assign(new Error('a download is running: stop it before deleting stored models'), { name: 'OptionsError' });

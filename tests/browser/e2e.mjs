@@ -392,6 +392,24 @@ try {
   await waitData('applied', '1');
   const resultF32 = await page.evaluate(() => Array.from(new Uint8Array(window.visii.result)));
 
+  step('f16 activations: offered only where the adapter has shader-f16');
+  {
+    const hasF16 = await page.evaluate(async () => (await navigator.gpu.requestAdapter()).features.has('shader-f16'));
+    check(await page.isDisabled('#model-f16') === !hasF16 && await page.isChecked('#model-f16') === hasF16,
+      `shader-f16 ${hasF16 ? 'present: f16 offered and on' : 'absent (SwiftShader): f16 off and disabled'}: ${await page.textContent('#model-f16-hint')}`);
+    if (!hasF16) {
+      // Asked for anyway (a stale page, a script): refused before loading, the loaded model stays.
+      const loadedBefore = await page.textContent('#model-loaded');
+      await page.evaluate(() => { const c = document.getElementById('model-f16'); c.disabled = false; c.checked = true; });
+      await page.click('#stored tr[data-source="tiny"] button.load');
+      await waitError('OptionsError');
+      check(/shader-f16/.test(await page.textContent('#error-text')), `f16 activations on a GPU without f16: ${await page.textContent('#error-text')}`);
+      await dismiss();
+      check(await page.textContent('#model-loaded') === loadedBefore, 'the model loaded before stays loaded');
+      await page.evaluate(() => { const c = document.getElementById('model-f16'); c.checked = false; c.disabled = true; });
+    }
+  }
+
   step('int8 weights on the GPU');
   await page.check('#model-int8');
   await page.click('#stored tr[data-source="tiny"] button.load');
@@ -420,6 +438,11 @@ try {
     const m = JSON.parse(await page.evaluate(() => document.body.dataset.measured || 'null'));
     check(m && m.what === 'learn-step' && m.size === 32 && m.seconds > 0 && m.firstSeconds > 0 && /learning step at 32 px/.test(await page.textContent('#measure-text')),
       `measured: ${await page.textContent('#measure-text')}`);
+    // What the engine's allocator held during the step, read at every layer: at least the weights in use, and
+    // (free buffers handed back every layer) not more than a few times what was in use at most.
+    check(m && m.gpuBytesInUsePeak >= m.gpuBytesInUse && m.gpuBytesInUse > 1e6 && m.gpuBytesHeldPeak >= m.gpuBytesInUsePeak
+      && m.gpuBytesHeldPeak <= 4 * m.gpuBytesInUsePeak && /held at most/.test(await page.textContent('#measure-text')),
+      `GPU memory during the step: held at most ${m && m.gpuBytesHeldPeak}, in use at most ${m && m.gpuBytesInUsePeak}, ${m && m.gpuBytesInUse} after`);
   }
   check(!(await page.isDisabled('#apply')), 'the page is usable after measuring');
 

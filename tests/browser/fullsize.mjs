@@ -96,7 +96,7 @@ try {
     const r = JSON.parse(m);
     results[what] = r;
     results[`gpuProcessPeakAfter_${what}`] = gpuProcessPeak();
-    console.log(`UNet ${what} at ${px} px (${px / 8} x ${px / 8} latents), kernel compilation included: ${r.firstSeconds.toFixed(1)} s; GPU memory held by the engine ${(r.gpuBytesReserved / 1e9).toFixed(2)} GB (in use ${(r.gpuBytesInUse / 1e9).toFixed(2)} GB); GPU process peak ${(gpuProcessPeak() / 1e9).toFixed(2)} GB`);
+    console.log(`UNet ${what} at ${px} px (${px / 8} x ${px / 8} latents), kernel compilation included: ${r.firstSeconds.toFixed(1)} s; GPU memory held by the engine at most ${(r.gpuBytesHeldPeak / 1e9).toFixed(2)} GB (at most ${(r.gpuBytesInUsePeak / 1e9).toFixed(2)} GB in use; after it: held ${(r.gpuBytesReserved / 1e9).toFixed(2)} GB, in use ${(r.gpuBytesInUse / 1e9).toFixed(2)} GB); GPU process peak ${(gpuProcessPeak() / 1e9).toFixed(2)} GB`);
   }
   results.wasmMemoryAfterMeasure = await page.evaluate(() => Number(document.body.dataset.wasmMemory));
   await page.screenshot({ path: join(out, 'fullsize-measured.png'), fullPage: true });

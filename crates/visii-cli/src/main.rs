@@ -28,6 +28,51 @@ struct Cli {
     /// in the backward pass too: about 3.5x less device memory, a little slower).
     #[arg(long, global = true, value_enum, default_value = "f32")]
     resident: Resident,
+    /// How wgpu device memory is allocated: as natively (allocations carved from shared pages), or
+    /// as in a browser (a buffer per allocation from size buckets), to measure what a tab holds.
+    #[arg(long, global = true, value_enum, default_value = "native")]
+    gpu_memory: GpuMemory,
+    /// With `--gpu-memory browser`: hand the allocator's free buffers back every N layers inside a
+    /// step (0: only between steps), as the browser does.
+    #[arg(long, global = true, default_value_t = visii_models::memory::TIDY_EVERY)]
+    gpu_tidy_every: usize,
+    /// The UNet's activations: f32, or f16 (weights used as f16, norms and softmax in f32; half the
+    /// activation memory; wgpu on a GPU with f16 arithmetic only).
+    #[arg(long, global = true, value_enum, default_value = "f32")]
+    activations: Activations,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Debug)]
+enum Activations {
+    F32,
+    F16,
+}
+
+static ACTIVATIONS: std::sync::OnceLock<Activations> = std::sync::OnceLock::new();
+
+/// Whether `--activations f16` was given.
+fn f16_activations() -> bool {
+    ACTIVATIONS.get() == Some(&Activations::F16)
+}
+
+/// The InstructPix2Pix networks from `model`, the UNet with the activations `--activations` asks for.
+fn load_ip2p(model: &std::path::Path, dev: &Device) -> Result<Ip2p, Box<dyn std::error::Error>> {
+    let mut ip2p = Ip2p::from_folder(&open_ip2p(model)?, dev)?;
+    ip2p.unet.set_f16_activations(f16_activations(), dev)?;
+    Ok(ip2p)
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Debug)]
+enum GpuMemory {
+    Native,
+    Browser,
+}
+
+static GPU_MEMORY: std::sync::OnceLock<GpuMemory> = std::sync::OnceLock::new();
+static TIDY: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
+fn browser_memory() -> bool {
+    GPU_MEMORY.get() == Some(&GpuMemory::Browser)
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Debug)]
@@ -264,8 +309,11 @@ fn device(b: Backend) -> Device {
     use visii_models::gpu::{capped_device, SPEC_BUFFER, SPEC_STORAGE_BINDING};
     match (b, GPU_LIMITS.get()) {
         (Backend::Wgpu, Some(GpuLimits::Spec)) => {
-            visii_pipeline::block_on(capped_device(burn::tensor::wgpu::wgpu::Backends::PRIMARY, SPEC_STORAGE_BINDING, SPEC_BUFFER))
+            visii_pipeline::block_on(capped_device(burn::tensor::wgpu::wgpu::Backends::PRIMARY, SPEC_STORAGE_BINDING, SPEC_BUFFER, browser_memory()))
                 .unwrap_or_else(|e| panic!("no wgpu device with WebGPU's default limits: {e}"))
+        }
+        (Backend::Wgpu, _) if browser_memory() => {
+            visii_models::gpu::browser_allocator_device().unwrap_or_else(|e| panic!("no wgpu device with the browser's allocator: {e}"))
         }
         (Backend::Wgpu, _) => Device::wgpu(DeviceKind::DefaultDevice),
         (Backend::Ndarray, _) => Device::ndarray(),
@@ -276,6 +324,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     GPU_LIMITS.set(cli.gpu_limits).expect("set once");
     RESIDENT.set(cli.resident).expect("set once");
+    ACTIVATIONS.set(cli.activations).expect("set once");
+    GPU_MEMORY.set(cli.gpu_memory).expect("set once");
+    visii_models::memory::as_in_browser(browser_memory());
+    visii_models::memory::tidy_every(cli.gpu_tidy_every);
+    TIDY.set(cli.gpu_tidy_every).expect("set once");
     let result = match cli.command {
         Command::Inspect { file: Some(f), .. } => inspect_instruction(&f),
         Command::Inspect { file: None, model, clip, json, backend } => {
@@ -370,6 +423,8 @@ fn inspect(model: &std::path::Path, clip: Option<&std::path::Path>, as_json: boo
                "resident_int8_values": unet.resident_values}),
     );
     drop(unet);
+    // What the next component's figures should not include (in the browser's allocator).
+    visii_models::memory::release(&dev);
     let vae = folder.vae(&dev)?;
     let v = &vae.config;
     report.insert(
@@ -379,6 +434,7 @@ fn inspect(model: &std::path::Path, clip: Option<&std::path::Path>, as_json: boo
                "resident_int8_values": vae.resident_values}),
     );
     drop(vae);
+    visii_models::memory::release(&dev);
     let te = folder.text_encoder(&dev)?;
     let t = &te.config;
     let tok = folder.tokenizer()?;
@@ -390,6 +446,7 @@ fn inspect(model: &std::path::Path, clip: Option<&std::path::Path>, as_json: boo
                "resident_int8_values": te.resident_values}),
     );
     drop(te);
+    visii_models::memory::release(&dev);
     if let Some(c) = clip {
         let cf = open_clip(c)?;
         let parts = cf.vision(&dev)?;
@@ -452,7 +509,7 @@ fn learn_cmd(
     }
     let pairs =
         before.iter().zip(after).map(|(b, a)| Ok((read_image(b)?, read_image(a)?))).collect::<Result<Vec<_>, Box<dyn std::error::Error>>>()?;
-    let ip2p = Ip2p::from_folder(&open_ip2p(model)?, &dev)?;
+    let ip2p = load_ip2p(model, &dev)?;
     let cf = open_clip(clip)?;
     let parts = cf.vision(&dev)?.model;
     let pre = cf.preprocess_config()?;
@@ -588,7 +645,7 @@ fn apply(
     let mut reuse = None;
     let input = read_image(image)?;
     let t0 = Instant::now();
-    let ip2p = Ip2p::from_folder(&open_ip2p(model)?, &dev)?;
+    let ip2p = load_ip2p(model, &dev)?;
     let (w, h) = how.size.1.unwrap_or_else(|| input.working_size(how.size.0));
     eprintln!("loaded {} in {:.1} s; editing at {w}x{h}", model.display(), t0.elapsed().as_secs_f64());
     let work = input.resized(w, h);
@@ -726,7 +783,12 @@ fn bench(
             "{what:?}: {} UNet ({} parameters, random weights{}), batch 1, {latent}x{latent} latents, 77 x {} text states",
             if full { "full-size InstructPix2Pix" } else { "tiny test" },
             if full { "859.5 M" } else { "1.4 M" },
-            if resident_q8() { ", int8 on the device" } else { "" },
+            match (resident_q8(), f16_activations()) {
+                (false, false) => "",
+                (true, false) => ", int8 on the device",
+                (false, true) => ", f16 activations",
+                (true, true) => ", int8 on the device, f16 activations",
+            },
             cfg.cross_attention_dim.get(0)
         );
     }
@@ -756,6 +818,12 @@ fn bench(
         if resident_q8() {
             c.args(["--resident", "q8"]);
         }
+        if f16_activations() {
+            c.args(["--activations", "f16"]);
+        }
+        if browser_memory() {
+            c.args(["--gpu-memory", "browser", "--gpu-tidy-every", &TIDY.get().copied().unwrap_or_default().to_string()]);
+        }
         runners.push((arg(&b), c));
     }
     if let Some((py, torch_device)) = torch {
@@ -780,6 +848,14 @@ fn bench(
             gib(&r["device_pool_bytes"]),
             gib(&r["peak_rss_bytes"])
         );
+        if r["device_held_peak_bytes"].is_u64() {
+            println!(
+                "  {name}, browser allocator: held at most {} with at most {} in use (read at every layer), {} in use after the last run",
+                gib(&r["device_held_peak_bytes"]),
+                gib(&r["device_in_use_peak_bytes"]),
+                gib(&r["device_in_use_bytes"])
+            );
+        }
         times.push((name, r["run_s"].as_f64().unwrap_or(f64::NAN)));
     }
     for w in times.windows(2).filter(|w| w[1].0 != "pytorch") {
@@ -810,7 +886,8 @@ fn bench_one(latent: usize, what: BenchWhat, config: BenchConfig, backend: Backe
     let cfg = bench_config(config)?;
     let t0 = Instant::now();
     let w = Weights::random(0, &dev).with_resident_q8(resident_q8());
-    let unet = UNet2DConditionModel::load(&w, &cfg)?;
+    let mut unet = UNet2DConditionModel::load(&w, &cfg)?;
+    unet.set_f16_activations(f16_activations(), &dev)?;
     let build_s = t0.elapsed().as_secs_f64();
     let mut probe = block_on(UnetProbe::new(&unet, cfg.cross_attention_dim.get(0), latent, &dev))?;
     let mut failed = None;
@@ -828,6 +905,9 @@ fn bench_one(latent: usize, what: BenchWhat, config: BenchConfig, backend: Backe
 
 /// Time `once` (first run, then the best of `runs`) and print bench-one's JSON line.
 fn timed(backend: Backend, params: usize, build_s: f64, runs: usize, dev: &Device, mut once: impl FnMut()) {
+    // With the browser's allocator, what it holds is read at every layer (a little slower).
+    visii_models::memory::watch(browser_memory());
+    visii_models::memory::take_peak();
     let t1 = Instant::now();
     once();
     let first_s = t1.elapsed().as_secs_f64();
@@ -837,11 +917,17 @@ fn timed(backend: Backend, params: usize, build_s: f64, runs: usize, dev: &Devic
         once();
         best = best.min(t.elapsed().as_secs_f64());
     }
+    let peak = browser_memory().then(visii_models::memory::take_peak);
     let report = json!({
         "backend": format!("{backend:?}").to_lowercase(), "params": params, "build_s": build_s,
         "first_s": first_s, "run_s": best,
         "device_pool_bytes": dev.memory_pool_usage().map(|u| u.bytes_reserved), "peak_rss_bytes": peak_rss(),
+        "device_in_use_bytes": dev.memory_pool_usage().map(|u| u.bytes_in_use),
+        "device_held_peak_bytes": peak.map(|p| p.held),
+        "device_in_use_peak_bytes": peak.map(|p| p.in_use),
         "gpu_limits": GPU_LIMITS.get().copied().unwrap_or(GpuLimits::Adapter).to_possible_value().map(|v| v.get_name().to_string()),
+        "activations": if f16_activations() { "f16" } else { "f32" },
+        "gpu_memory": GPU_MEMORY.get().copied().unwrap_or(GpuMemory::Native).to_possible_value().map(|v| v.get_name().to_string()),
     });
     println!("{report}");
 }

@@ -10,7 +10,7 @@ use burn::tensor::activation::gelu;
 use burn::tensor::Tensor;
 
 use crate::error::{ModelError, Result};
-use crate::nn::{attention, conv2d, group_norm, layer_norm, linear};
+use crate::nn::{attention, conv2d, group_norm, layer_norm, layer_norm_run, linear};
 use crate::weights::Vb;
 
 /// `Attention`: q from the query states, k/v from the context (itself for self-attention).
@@ -105,9 +105,9 @@ impl BasicTransformerBlock {
     }
 
     pub fn forward(&self, x: Tensor<3>, context: &Tensor<3>) -> Tensor<3> {
-        let x = x.clone() + self.attn1.forward(self.norm1.forward(x), None);
-        let x = x.clone() + self.attn2.forward(self.norm2.forward(x), Some(context.clone()));
-        let h = self.ff.geglu_proj.run(self.norm3.forward(x.clone()));
+        let x = x.clone() + self.attn1.forward(layer_norm_run(&self.norm1, x), None);
+        let x = x.clone() + self.attn2.forward(layer_norm_run(&self.norm2, x), Some(context.clone()));
+        let h = self.ff.geglu_proj.run(layer_norm_run(&self.norm3, x.clone()));
         let half = h.dims()[2] / 2;
         let [b, n, _] = h.dims();
         let hidden = h.clone().slice([0..b, 0..n, 0..half]);

@@ -162,7 +162,8 @@ fn load_table(vb: &Vb, rows: usize, hidden: usize) -> Result<Vec<Param<Tensor<2>
     let mut chunks = vec![];
     for start in (0..rows).step_by(per).rev() {
         let c = if start == 0 { std::mem::take(&mut values) } else { values.split_off(start * hidden) };
-        chunks.push(Param::from_tensor(Tensor::from_data(TensorData::new(c, [rows.min(start + per) - start, hidden]), vb.device())));
+        let data = TensorData::new(c, [rows.min(start + per) - start, hidden]);
+        chunks.push(Param::from_tensor(crate::weights::persistent(vb.device(), data, |d, dev| Tensor::from_data(d, dev))));
     }
     chunks.reverse();
     Ok(chunks)

@@ -29,6 +29,9 @@ pub enum ModelError {
     /// A config value the implementation does not support.
     #[error("unsupported model: {0}")]
     Unsupported(String),
+    /// The device cannot do what was asked (f16 arithmetic).
+    #[error("this GPU cannot {0}")]
+    DeviceLacks(String),
     /// The tokenizer files could not be used.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

@@ -18,7 +18,7 @@ use burn_autodiff::checkpoint::strategy::{BalancedCheckpointing, CheckpointStrat
 use burn_autodiff::grads::Gradients;
 use burn_autodiff::ops::{unary, Backward, Ops, OpsKind};
 use burn_backend::ops::{FloatTensorOps, ModuleOps, QTensorOps};
-use burn_backend::{BackendTypes, FloatDType, Shape, TensorMetadata};
+use burn_backend::{Backend, BackendTypes, FloatDType, Shape, TensorMetadata};
 use burn_dispatch::backends::{Autodiff, Cube};
 use burn_dispatch::{BackendTensor, DispatchAutodiffContext, DispatchTensor, DispatchTensorKind, GradientCheckpointingStrategy};
 
@@ -27,9 +27,20 @@ type Quant = <Cube as BackendTypes>::QuantizedTensorPrimitive;
 /// burn-autodiff's tensor (a cubecl primitive and its graph node).
 type AutodiffTensor = <Autodiff<Cube> as BackendTypes>::FloatTensorPrimitive;
 
-/// The f32 weight of a quantised base, in its real shape.
-fn weight(q: &Quant, shape: &Shape) -> Float {
-    Cube::float_reshape(Cube::dequantize(q.clone(), FloatDType::F32), shape.clone())
+/// Hands the allocator's free pages back every few layers of the backward pass, as the forward
+/// pass does (in the browser: [`crate::memory`]).
+fn tidy(q: &Quant) {
+    crate::memory::tidy_with(|| Cube::memory_pool_usage(&q.device).map(|u| (u.bytes_reserved, u.bytes_in_use)), || Cube::memory_cleanup(&q.device));
+}
+
+/// The weight of a quantised base in the activations' float type (f32, or f16), in its real shape.
+fn weight(q: &Quant, shape: &Shape, dtype: FloatDType) -> Float {
+    let w = if crate::memory::in_browser() {
+        Cube::memory_persistent_allocations(&q.device, q.clone(), |q| Cube::dequantize(q, dtype))
+    } else {
+        Cube::dequantize(q.clone(), dtype)
+    };
+    Cube::float_reshape(w, shape.clone())
 }
 
 /// A `[in, out]` weight as `[1, .., 1, in, out]` of the given rank (matmul broadcasts it).
@@ -48,8 +59,9 @@ impl Backward<Cube, 1> for FrozenMatmul {
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let (q, shape) = ops.state;
+        tidy(&q);
         unary::<Cube, _>(ops.parents, ops.node, grads, |grad| {
-            let w = Cube::float_reshape(weight(&q, &shape), batched(&shape, grad.shape().num_dims()));
+            let w = Cube::float_reshape(weight(&q, &shape, grad.dtype().into()), batched(&shape, grad.shape().num_dims()));
             Cube::float_matmul(grad, Cube::float_transpose(w))
         });
     }
@@ -64,6 +76,7 @@ impl Backward<Cube, 1> for FrozenConv2d {
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let (q, shape, o, size_in) = ops.state;
+        tidy(&q);
         unary::<Cube, _>(ops.parents, ops.node, grads, |grad| {
             let [_, _, ho, wo] = grad.shape().dims();
             let [_, _, kh, kw] = shape.dims();
@@ -75,7 +88,8 @@ impl Backward<Cube, 1> for FrozenConv2d {
                 (size_in[i] + 2 * pad[i]).saturating_sub(covered)
             };
             let options = ConvTransposeOptions::new(o.stride, pad, [out(0, kh, ho), out(1, kw, wo)], o.dilation, o.groups);
-            Cube::conv_transpose2d(grad, weight(&q, &shape), None, options)
+            let w = weight(&q, &shape, grad.dtype().into());
+            Cube::conv_transpose2d(grad, w, None, options)
         });
     }
 }
@@ -86,7 +100,7 @@ enum Op {
 }
 
 fn record<C: CheckpointStrategy>(x: AutodiffTensor, q: Quant, shape: Shape, op: Op) -> AutodiffTensor {
-    let w = weight(&q, &shape);
+    let w = weight(&q, &shape, x.dtype().into());
     match op {
         Op::Matmul => {
             let w = Cube::float_reshape(w, batched(&shape, x.shape().num_dims()));

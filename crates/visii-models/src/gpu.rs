@@ -2,7 +2,7 @@
 //! (what the least capable adapter grants) and how the tests run on limits smaller than the
 //! tensors a naive implementation creates.
 
-use burn::tensor::wgpu::{wgpu, WgpuSetup};
+use burn::tensor::wgpu::{wgpu, MemoryConfiguration, WgpuSetup};
 use burn::tensor::Device;
 
 /// WebGPU's default `maxStorageBufferBindingSize`, which every adapter grants.
@@ -12,8 +12,9 @@ pub const SPEC_BUFFER: u64 = 256 << 20;
 
 /// A device on the first (high-performance) adapter of `backends`, requested with storage bindings
 /// of at most `binding` bytes and buffers of at most `buffer` bytes; the other limits (workgroups)
-/// stay the adapter's, from which cubecl sizes its kernels.
-pub async fn capped_device(backends: wgpu::Backends, binding: u64, buffer: u64) -> Result<Device, String> {
+/// stay the adapter's, from which cubecl sizes its kernels. `exclusive_pages`: allocate as a
+/// browser does (see [`browser_allocator_device`]).
+pub async fn capped_device(backends: wgpu::Backends, binding: u64, buffer: u64, exclusive_pages: bool) -> Result<Device, String> {
     let instance = wgpu::Instance::new(wgpu::InstanceDescriptor { backends, ..wgpu::InstanceDescriptor::new_without_display_handle() });
     let adapter = instance
         .request_adapter(&wgpu::RequestAdapterOptions { power_preference: wgpu::PowerPreference::HighPerformance, ..Default::default() })
@@ -37,5 +38,16 @@ pub async fn capped_device(backends: wgpu::Backends, binding: u64, buffer: u64) 
         .await
         .map_err(|e| e.to_string())?;
     let backend = adapter.get_info().backend;
-    Device::wgpu_options().setup(WgpuSetup { instance, adapter, device, queue, backend }).init().map_err(|e| e.to_string())
+    let options = Device::wgpu_options();
+    let options = if exclusive_pages { options.memory_config(MemoryConfiguration::ExclusivePages) } else { options };
+    options.setup(WgpuSetup { instance, adapter, device, queue, backend }).init().map_err(|e| e.to_string())
+}
+
+/// The default wgpu device with the allocator burn uses in a browser: WebGPU cannot bind parts of
+/// one buffer read-only and read-write at once, so on wasm cubecl gives every allocation a buffer
+/// of its own from 24 size buckets (natively it carves allocations from shared pages). Natively,
+/// for measuring what a tab would hold without a browser.
+#[cfg(not(target_family = "wasm"))]
+pub fn browser_allocator_device() -> Result<Device, String> {
+    Device::wgpu_options().memory_config(MemoryConfiguration::ExclusivePages).init().map_err(|e| e.to_string())
 }

@@ -11,6 +11,7 @@ mod frozen;
 #[cfg(any(feature = "wgpu", feature = "webgpu"))]
 pub mod gpu;
 pub mod loader;
+pub mod memory;
 pub mod nn;
 pub mod pack;
 pub mod preprocess;

@@ -6,7 +6,7 @@ use burn::module::Param;
 use burn::nn::conv::Conv2d;
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, PaddingConfig2d};
 use burn::tensor::activation::softmax;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{DType, FloatDType, Tensor, TensorData};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::Result;
@@ -21,7 +21,7 @@ pub fn linear(vb: &Vb, d_in: usize, d_out: usize, bias: bool) -> Result<Linear> 
             t[i * d_out + o] = w[o * d_in + i];
         }
     }
-    let weight = Param::from_tensor(Tensor::from_data(TensorData::new(t, [d_in, d_out]), vb.device()));
+    let weight = Param::from_tensor(crate::weights::persistent(vb.device(), TensorData::new(t, [d_in, d_out]), |d, dev| Tensor::from_data(d, dev)));
     let bias = if bias { Some(Param::from_tensor(vb.get("bias", [d_out])?)) } else { None };
     Ok(Linear { weight, bias })
 }
@@ -71,7 +71,22 @@ pub fn mean_last(x: Tensor<3>) -> Tensor<3> {
     mean_last(partial)
 }
 
-/// `torch.nn.GroupNorm(groups, channels, eps, affine=True)`, with long-axis-safe statistics.
+/// `f(x)` computed in f32 when `x` is in a narrower float type (f16 activations), the result
+/// given `x`'s type back: for statistics (norms) and softmax, whose sums lose too much in f16.
+pub fn in_f32<const D: usize>(x: Tensor<D>, f: impl FnOnce(Tensor<D>) -> Tensor<D>) -> Tensor<D> {
+    match x.dtype() {
+        DType::F32 => f(x),
+        dt => f(x.cast(FloatDType::F32)).cast(FloatDType::from(dt)),
+    }
+}
+
+/// `norm.forward(x)` in f32 (see [`in_f32`]).
+pub fn layer_norm_run<const D: usize>(norm: &LayerNorm, x: Tensor<D>) -> Tensor<D> {
+    in_f32(x, |x| norm.forward(x))
+}
+
+/// `torch.nn.GroupNorm(groups, channels, eps, affine=True)`, with long-axis-safe statistics (in
+/// f32 for f16 activations).
 #[derive(Module, Debug)]
 pub struct GroupNorm {
     pub gamma: Param<Tensor<1>>,
@@ -83,6 +98,10 @@ pub struct GroupNorm {
 impl GroupNorm {
     /// [b, c, ...] -> [b, c, ...].
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        in_f32(x, |x| self.forward_f32(x))
+    }
+
+    fn forward_f32<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let dims = x.dims();
         let (b, c) = (dims[0], dims[1]);
         let spatial: usize = dims[2..].iter().product();
@@ -156,7 +175,7 @@ pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, causal:
             let mask = Tensor::<2, burn::tensor::Bool>::tril_mask([n, m], 0, &scores.device()).slice([from..from + r, 0..m]);
             scores = scores.mask_fill(mask.unsqueeze::<4>().expand([b, heads, r, m]), f32::NEG_INFINITY);
         }
-        softmax(scores, 3).matmul(v.clone())
+        in_f32(scores, |s| softmax(s, 3)).matmul(v.clone())
     };
     let out = if rows >= n {
         part(q, 0)

@@ -16,7 +16,7 @@ use burn::module::{Module, Param, Reparameterization, Reparameterizer};
 use burn::nn::conv::Conv2d;
 use burn::nn::Linear;
 use burn::tensor::quantization::{compute_q_params, compute_range, Calibration, QuantScheme, QuantValue, ScaleDtype};
-use burn::tensor::{Shape, Tensor};
+use burn::tensor::{DType, FloatDType, Shape, Tensor};
 use std::cell::Cell;
 use std::rc::Rc;
 
@@ -33,7 +33,15 @@ impl Reparameterization for Dequantized {
     const NAME: &'static str = "dequantized";
 
     fn apply<const D: usize>(&self, base: Tensor<D>) -> Tensor<D> {
-        base.dequantize().reshape(Shape::from(self.shape.clone()))
+        let w = if crate::memory::in_browser() {
+            // Into a buffer of exactly its size (reused by the next layer of the same shape, handed
+            // back by `memory::tidy`) rather than onto whatever larger free page the bucketed
+            // allocator would pick (see `crate::weights::persistent`).
+            crate::weights::persistent(&base.device(), base, |b, _| b.dequantize())
+        } else {
+            base.dequantize()
+        };
+        w.reshape(Shape::from(self.shape.clone()))
     }
 }
 
@@ -68,7 +76,7 @@ impl Reparameterizer for ResidentQ8 {
             let t = t.reshape(Shape::from(flat));
             let range = compute_range(&scheme, &t, &Calibration::MinMax);
             let q = compute_q_params(&scheme, range);
-            t.quantize(&scheme, q)
+            crate::weights::persistent(&t.device(), (t, q), |(t, q), _| t.quantize(&scheme, q))
         });
         (base, Some(Dequantized { shape: dims.to_vec() }))
     }
@@ -81,20 +89,27 @@ pub fn resident_q8<M: Module>(module: M) -> (M, usize) {
     (m, values.get())
 }
 
+/// The float type of an activation.
+fn float<const D: usize>(x: &Tensor<D>) -> FloatDType {
+    FloatDType::from(x.dtype())
+}
+
 /// A frozen Linear / Conv2d of the models, int8-resident or not: `forward`, except that an
-/// int8-resident weight under autodiff is saved for the backward pass as int8 (wgpu / WebGPU).
+/// int8-resident weight under autodiff is saved for the backward pass as int8 (wgpu / WebGPU),
+/// and that with f16 activations the weights (f32 or int8 on the device) are used as f16.
 pub trait Layer<T> {
     fn run(&self, x: T) -> T;
 }
 
 impl<const D: usize> Layer<Tensor<D>> for Linear {
     fn run(&self, x: Tensor<D>) -> Tensor<D> {
+        crate::memory::tidy(&x.device());
         #[cfg(feature = "frozen")]
         let x = match self.weight.reparameterization::<Dequantized>().filter(|_| x.is_autodiff()) {
             Some(r) => match crate::frozen::linear(x, self.weight.base(), &r.shape) {
                 Ok(y) => {
                     return match &self.bias {
-                        Some(b) => y + b.val().unsqueeze(),
+                        Some(b) => y.clone() + b.val().cast(float(&y)).unsqueeze(),
                         None => y,
                     }
                 }
@@ -102,12 +117,17 @@ impl<const D: usize> Layer<Tensor<D>> for Linear {
             },
             None => x,
         };
+        if x.dtype() != DType::F32 {
+            let dt = float(&x);
+            return burn::tensor::module::linear(x, self.weight.val().cast(dt), self.bias.as_ref().map(|b| b.val().cast(dt)));
+        }
         self.forward(x)
     }
 }
 
 impl Layer<Tensor<4>> for Conv2d {
     fn run(&self, x: Tensor<4>) -> Tensor<4> {
+        crate::memory::tidy(&x.device());
         #[cfg(feature = "frozen")]
         let x = match (self.weight.reparameterization::<Dequantized>().filter(|_| x.is_autodiff()), &self.padding) {
             (Some(r), &burn::nn::PaddingConfig2d::Explicit(t, l, b, rr)) if t == b && l == rr => {
@@ -115,7 +135,7 @@ impl Layer<Tensor<4>> for Conv2d {
                 match crate::frozen::conv2d(x, self.weight.base(), &r.shape, options) {
                     Ok(y) => {
                         return match &self.bias {
-                            Some(b) => y + b.val().reshape([1, r.shape[0], 1, 1]),
+                            Some(b) => y.clone() + b.val().cast(float(&y)).reshape([1, r.shape[0], 1, 1]),
                             None => y,
                         }
                     }
@@ -124,6 +144,18 @@ impl Layer<Tensor<4>> for Conv2d {
             }
             _ => x,
         };
+        if x.dtype() != DType::F32 {
+            // burn's Conv2d::forward, with the weight and bias in the activations' type.
+            let dt = float(&x);
+            let pairs = match &self.padding {
+                &burn::nn::PaddingConfig2d::Explicit(top, left, bottom, right) => [(top, bottom), (left, right)],
+                burn::nn::PaddingConfig2d::Valid => [(0, 0), (0, 0)],
+                // Not loaded by the models ("same" padding): in f32.
+                _ => return crate::nn::in_f32(x, |x| self.forward(x)),
+            };
+            let options = burn::tensor::ops::ConvOptions::new_with_padding(self.stride, pairs, self.dilation, self.groups);
+            return burn::tensor::module::conv2d(x, self.weight.val().cast(dt), self.bias.as_ref().map(|b| b.val().cast(dt)), options);
+        }
         self.forward(x)
     }
 }

@@ -7,7 +7,7 @@ use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::Linear;
 use burn::tensor::activation::silu;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{FloatDType, Tensor, TensorData};
 use serde::Deserialize;
 
 use crate::attention::Transformer2DModel;
@@ -189,6 +189,9 @@ pub struct UNet2DConditionModel {
     pub time_proj_dim: usize,
     pub flip_sin_to_cos: bool,
     pub freq_shift: f64,
+    /// Activations in f16 (weights used as f16; norms and softmax in f32): half the activation
+    /// memory, and faster on GPUs with `shader-f16`. Set with [`Self::set_f16_activations`].
+    pub f16_activations: bool,
 }
 
 fn transformer(vb: &Vb, cfg: &UNetConfig, ch: usize, i: usize) -> Result<Transformer2DModel> {
@@ -201,6 +204,17 @@ fn transformer(vb: &Vb, cfg: &UNetConfig, ch: usize, i: usize) -> Result<Transfo
         cfg.transformer_layers_per_block.get(i),
         cfg.use_linear_projection,
     )
+}
+
+/// Whether `device` can run f16 activations, where they are asked for (`on`).
+pub fn check_f16(on: bool, device: &burn::tensor::Device) -> Result<()> {
+    if on && !device.supports_dtype(burn::tensor::DType::F16) {
+        return Err(ModelError::DeviceLacks(
+            "run f16 activations: it has no f16 arithmetic (a WebGPU adapter without `shader-f16`, or burn's ndarray backend); f32 works everywhere"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 impl UNet2DConditionModel {
@@ -294,7 +308,16 @@ impl UNet2DConditionModel {
             time_proj_dim: ch[0],
             flip_sin_to_cos: cfg.flip_sin_to_cos,
             freq_shift: cfg.freq_shift,
+            f16_activations: false,
         })
+    }
+
+    /// Run the activations in f16 (see the field); errors where the device has no f16 (a WebGPU
+    /// adapter without `shader-f16`, burn's ndarray backend).
+    pub fn set_f16_activations(&mut self, on: bool, device: &burn::tensor::Device) -> Result<()> {
+        check_f16(on, device)?;
+        self.f16_activations = on;
+        Ok(())
     }
 
     /// Sinusoidal timestep features [b, dim] (`get_timestep_embedding`), fractional timesteps allowed.
@@ -323,8 +346,10 @@ impl UNet2DConditionModel {
     /// Noise prediction. sample [b, in, h, w], one timestep per row, context [b, seq, cross_dim].
     pub fn forward(&self, sample: Tensor<4>, timesteps: &[f32], context: Tensor<3>) -> Tensor<4> {
         let device = sample.device();
+        let dt = if self.f16_activations { FloatDType::F16 } else { FloatDType::F32 };
+        let (sample, context) = (sample.cast(dt), context.cast(dt));
         // 1. time
-        let t = self.time_proj(timesteps, &device);
+        let t = self.time_proj(timesteps, &device).cast(dt);
         let temb = self.time_linear_2.run(silu(self.time_linear_1.run(t)));
         let temb = Some(&temb);
         // 2. stem
@@ -366,6 +391,6 @@ impl UNet2DConditionModel {
             }
         }
         // 6. head
-        self.conv_out.run(silu(self.conv_norm_out.forward(x)))
+        self.conv_out.run(silu(self.conv_norm_out.forward(x))).cast(FloatDType::F32)
     }
 }

@@ -16,16 +16,10 @@ pub mod scheduler;
 pub use apply::{hybrid, ApplyOptions, Ip2p, Noise};
 pub use error::{PipelineError, Result};
 
-/// Hand the device allocator's free pages back (after a browser engine has loaded a model, after a
-/// learning or sampling step; pages still used by queued GPU work stay until the next call). Only
-/// in the browser: there burn's allocator keeps one page per allocation in size buckets and reuses
-/// a page only within its bucket, so what it holds grows with every new mix of sizes (measured:
-/// 10.6 GB held for 1.7 GB in use after one full-size learning step in a tab). Natively its pages
-/// are shared across sizes, and giving them back each step would only reallocate them.
+/// Hand the device allocator's free pages back after a browser engine has loaded a model and
+/// after every learning or sampling step (see [`visii_models::memory`]); nothing natively.
 pub fn release_free_memory(device: &burn::tensor::Device) {
-    if cfg!(target_family = "wasm") {
-        device.memory_cleanup();
-    }
+    visii_models::memory::release(device);
 }
 
 /// Run a future to completion on this thread (native callers of the async pipeline).

@@ -53,13 +53,17 @@ impl UnetProbe {
     pub async fn forward(&self, unet: &UNet2DConditionModel) -> Result<()> {
         let ctx = self.context.clone().slice([0..1]);
         let e = unet.forward(self.normal(1, self.in_channels), &[500.0], ctx);
-        crate::read_f32(e.slice([0..1, 0..1, 0..1, 0..1])).await.map(drop)
+        let r = crate::read_f32(e.slice([0..1, 0..1, 0..1, 0..1])).await.map(drop);
+        crate::release_free_memory(&self.device);
+        r
     }
 
     /// One step of the inverter (`learn`): the three UNet rows, the backward pass, the update.
     pub async fn learn_step(&mut self, unet: &UNet2DConditionModel) -> Result<()> {
         let n = self.normal(1, self.out_channels);
-        self.inversion.step_async(unet, &self.projection, &self.pair, 500, 1.0, n).await.map(drop)
+        let r = self.inversion.step_async(unet, &self.projection, &self.pair, 500, 1.0, n).await.map(drop);
+        crate::release_free_memory(&self.device);
+        r
     }
 
     /// One sampling step of `apply`: the three guidance rows and the scheduler update.
@@ -73,6 +77,8 @@ impl UnetProbe {
         let row = |r: usize| e.clone().slice([r..r + 1, 0..lc, 0..l, 0..l]);
         let g = row(2) + (row(0) - row(1)).mul_scalar(7.5) + (row(1) - row(2)).mul_scalar(1.5);
         let next = self.scheduler.step(g, 0, x, self.normal(1, lc));
-        crate::read_f32(next.slice([0..1, 0..1, 0..1, 0..1])).await.map(drop)
+        let r = crate::read_f32(next.slice([0..1, 0..1, 0..1, 0..1])).await.map(drop);
+        crate::release_free_memory(&self.device);
+        r
     }
 }

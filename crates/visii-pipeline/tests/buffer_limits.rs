@@ -31,7 +31,7 @@ fn image(name: &str) -> RgbImage {
 /// A wgpu device (lavapipe here) requested with these storage-binding and buffer limits; the
 /// workgroup limits stay the adapter's.
 fn limited_device(binding: u64, buffer: u64) -> Device {
-    visii_pipeline::block_on(capped_device(wgpu::Backends::VULKAN, binding, buffer)).expect("a Vulkan device with lowered limits")
+    visii_pipeline::block_on(capped_device(wgpu::Backends::VULKAN, binding, buffer, false)).expect("a Vulkan device with lowered limits")
 }
 
 fn max_abs(a: &[f32], b: &[f32]) -> f32 {

@@ -94,7 +94,7 @@ async fn init_device(spec_limits: bool) -> Result<Device, JsValue> {
     let gpu = |e: String| error("GpuError", format!("WebGPU initialisation failed: {e}"));
     let d = if spec_limits {
         use visii_models::gpu::{capped_device, SPEC_BUFFER, SPEC_STORAGE_BINDING};
-        capped_device(burn::tensor::wgpu::wgpu::Backends::BROWSER_WEBGPU, SPEC_STORAGE_BINDING, SPEC_BUFFER).await.map_err(gpu)?
+        capped_device(burn::tensor::wgpu::wgpu::Backends::BROWSER_WEBGPU, SPEC_STORAGE_BINDING, SPEC_BUFFER, false).await.map_err(gpu)?
     } else {
         Device::wgpu_options().init_async().await.map_err(|e| gpu(e.to_string()))?
     };
@@ -243,6 +243,21 @@ fn resident_q8(options: JsValue) -> Result<bool, JsValue> {
     }
 }
 
+/// The `{ activations: "f32" | "f16" }` option of `loadIp2p`: whether the UNet's activations run in
+/// f16 (adapters with `shader-f16`).
+fn f16_activations(options: JsValue) -> Result<bool, JsValue> {
+    #[derive(Deserialize, Default)]
+    struct LoadOptions {
+        activations: Option<String>,
+    }
+    let o: LoadOptions = optional(options)?;
+    match o.activations.as_deref() {
+        None | Some("f32") => Ok(false),
+        Some("f16") => Ok(true),
+        Some(other) => Err(error("OptionsError", format!("activations must be \"f32\" or \"f16\", not {other:?}"))),
+    }
+}
+
 /// The loaded networks and the cancel flag.
 #[wasm_bindgen]
 pub struct Engine {
@@ -345,18 +360,24 @@ impl Drop for BusyGuard {
 impl Engine {
     /// Load InstructPix2Pix from its diffusers-layout files (`Map` of relative path -> bytes).
     /// Returns `{ name, fingerprint, hiddenSize, unetParams, vaeParams, textParams, bytesRead, largestRead,
-    /// residentInt8Values, gpuBytesInUse, gpuBytesReserved }` (what this engine's allocator holds on
+    /// residentInt8Values, activations, gpuBytesInUse, gpuBytesReserved }` (what this engine's allocator holds on
     /// the GPU: in use by every loaded network, and reserved including free pages kept for reuse).
-    /// `options`: `{ resident: "f32" | "q8" }` — `"q8"` keeps the large weights of the UNet, the VAE
-    /// and the text encoder's layers int8 on the GPU (a scale per 32 values, dequantised per layer
-    /// as it runs, in learning's backward pass too): about 3.5x less GPU memory for them, a little slower.
+    /// `options`: `{ resident: "f32" | "q8", activations: "f32" | "f16" }` — `"q8"` keeps the large
+    /// weights of the UNet, the VAE and the text encoder's layers int8 on the GPU (a scale per 32
+    /// values, dequantised per layer as it runs, in learning's backward pass too): about 3.5x less
+    /// GPU memory for them, a little slower; `"f16"` runs the UNet's activations in f16 (a GPU
+    /// with `shader-f16`; refused with an OptionsError elsewhere, before anything is loaded).
     #[wasm_bindgen(js_name = loadIp2p)]
     pub async fn load_ip2p(&self, name: String, files: js_sys::Map, options: JsValue) -> Result<JsValue, JsValue> {
         self.idle()?;
+        let f16 = f16_activations(options.clone())?;
         let q8 = resident_q8(options)?;
+        // Refused before anything is read (the model loaded now stays).
+        visii_models::unet::check_f16(f16, &self.device).map_err(|e| error("OptionsError", e))?;
         let folder = Ip2pFolder::from_files(files_from(&name, &files)).map_err(|e| error("ModelError", e))?.with_resident_q8(q8);
         visii_models::READ_STATS.reset();
-        let model = Ip2p::from_folder(&folder, &self.device).map_err(|e| error("ModelError", e))?;
+        let mut model = Ip2p::from_folder(&folder, &self.device).map_err(|e| error("ModelError", e))?;
+        model.unet.set_f16_activations(f16, &self.device).map_err(|e| error("OptionsError", e))?;
         // Files are read by range, one tensor at a time: the largest single read is one tensor.
         let (read_total, read_largest) = visii_models::READ_STATS.get();
         let id = ModelIdentity::of_async(&model).await.map_err(pipeline_error)?;
@@ -369,6 +390,7 @@ impl Engine {
             "name": id.name, "fingerprint": id.fingerprint(), "hiddenSize": model.hidden_size(),
             "unetParams": up, "vaeParams": vp, "textParams": tp,
             "bytesRead": read_total, "largestRead": read_largest, "residentInt8Values": model.resident_values,
+            "activations": if f16 { "f16" } else { "f32" },
             "gpuBytesInUse": pool.as_ref().map(|u| u.bytes_in_use), "gpuBytesReserved": pool.map(|u| u.bytes_reserved),
         });
         // A learn or apply may have started while the identity was read back.
@@ -568,9 +590,11 @@ impl Engine {
     /// `what` is `"forward"` (one UNet pass), `"learn-step"` (one learning step: three UNet rows,
     /// the backward pass, the update) or `"sample-step"` (one apply step: three rows): once (which
     /// includes compiling the GPU kernels), then `runs` more times. Resolves to
-    /// `{ what, size, firstSeconds, seconds, gpuBytesInUse, gpuBytesReserved }` (`seconds`: the
-    /// fastest run after the first, or the first when `runs` is 0; the GPU memory this engine's
-    /// allocator holds afterwards: in use, and reserved including pages kept for reuse).
+    /// `{ what, size, firstSeconds, seconds, gpuBytesInUse, gpuBytesReserved, gpuBytesHeldPeak,
+    /// gpuBytesInUsePeak }` (`seconds`: the fastest run after the first, or the first when `runs`
+    /// is 0; the GPU memory this engine's allocator holds afterwards: in use, and reserved
+    /// including pages kept for reuse; and the most it held / had in use during the runs, read at
+    /// every layer).
     pub async fn measure(&self, what: String, size: usize, runs: usize) -> Result<JsValue, JsValue> {
         use visii_pipeline::probe::UnetProbe;
         if !(8..=1024).contains(&size) || size % 8 != 0 {
@@ -582,6 +606,16 @@ impl Engine {
         let (model, _, _busy) = self.begin()?;
         let mut probe = UnetProbe::new(&model.unet, model.hidden_size(), size / 8, &self.device).await.map_err(pipeline_error)?;
         let mut times = vec![];
+        // What the allocator holds, read at every layer while measuring.
+        struct Watch;
+        impl Drop for Watch {
+            fn drop(&mut self) {
+                visii_models::memory::watch(false);
+            }
+        }
+        let _watch = Watch;
+        visii_models::memory::watch(true);
+        visii_models::memory::take_peak();
         for _ in 0..=runs {
             if self.cancel.get() {
                 return Err(error("CancelledError", "stopped"));
@@ -599,8 +633,10 @@ impl Engine {
         // What the step(s) made the allocator hold, then handed back (as learn and apply do per step).
         let pool = self.device.memory_pool_usage();
         visii_pipeline::release_free_memory(&self.device);
+        let peak = visii_models::memory::take_peak();
         Ok(to_js(&serde_json::json!({"what": what, "size": size, "firstSeconds": times[0], "seconds": best,
-            "gpuBytesInUse": pool.as_ref().map(|u| u.bytes_in_use), "gpuBytesReserved": pool.map(|u| u.bytes_reserved)})))
+            "gpuBytesInUse": pool.as_ref().map(|u| u.bytes_in_use), "gpuBytesReserved": pool.map(|u| u.bytes_reserved),
+            "gpuBytesHeldPeak": peak.held, "gpuBytesInUsePeak": peak.in_use})))
     }
 
     /// What is loaded: `{ ip2p: {name, fingerprint} | null, clip: bool }`.

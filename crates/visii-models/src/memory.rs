@@ -1,0 +1,110 @@
+//! What burn's allocator holds on the device, and handing its free buffers back.
+//!
+//! Natively cubecl carves allocations out of shared pages. In a browser (WebGPU cannot bind parts
+//! of one buffer read-only and read-write at once) it gives every allocation a buffer of its own,
+//! taken from 24 size buckets: a page is up to ~1.6x the size asked for, a free page of a larger
+//! bucket serves any smaller request, and free pages go back to the driver only after thousands
+//! of allocations. What a step makes it hold is then several times what is in use at any moment
+//! (measured natively with that allocator, full-size UNet learning step at 8 x 8 latents, int8
+//! weights: 6.0 GiB held at the end of the step for 0.9 GiB in use). So in the browser the free
+//! pages are handed back often: after every learning / sampling step ([`release`]) and, inside one,
+//! as every layer runs ([`tidy`], every [`TIDY_EVERY`] layers); and weights and the per-layer
+//! dequantised int8 weights get buffers of exactly their size (`crate::weights::persistent`).
+//! Numbers: BENCHMARKS.md, "What a tab's allocator holds".
+//!
+//! Natively the same behaviour can be asked for ([`as_in_browser`], `visii --gpu-memory browser`)
+//! with a device made by [`crate::gpu::browser_allocator_device`]: that is how the numbers above
+//! are measured without a browser.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use burn::tensor::Device;
+
+static BROWSER: AtomicBool = AtomicBool::new(cfg!(target_family = "wasm"));
+static HELD_PEAK: AtomicU64 = AtomicU64::new(0);
+static IN_USE_PEAK: AtomicU64 = AtomicU64::new(0);
+static LAYERS: AtomicUsize = AtomicUsize::new(0);
+static EVERY: AtomicUsize = AtomicUsize::new(TIDY_EVERY);
+static WATCH: AtomicBool = AtomicBool::new(false);
+
+/// Layers run between two hand-backs inside a step (forward and backward passes).
+pub const TIDY_EVERY: usize = 1;
+
+/// Natively, hand free pages back as in a browser (see the module's text).
+pub fn as_in_browser(on: bool) {
+    BROWSER.store(on, Ordering::Relaxed);
+}
+
+/// Whether free pages are handed back as in a browser.
+pub fn in_browser() -> bool {
+    BROWSER.load(Ordering::Relaxed)
+}
+
+/// Hand the allocator's free pages back every `layers` layers inside a step (0: only between
+/// steps). For measuring what the frequency costs and saves.
+pub fn tidy_every(layers: usize) {
+    EVERY.store(layers, Ordering::Relaxed);
+}
+
+/// Note what the allocator holds at every layer too, not only when free pages go back (each
+/// reading waits for the queued work to be submitted): for measuring [`take_peak`].
+pub fn watch(on: bool) {
+    WATCH.store(on, Ordering::Relaxed);
+}
+
+/// Hand the allocator's free pages back (in the browser; see the module's text), noting what it
+/// held just before for [`take_peak`]. Pages still used by queued GPU work are kept until a later
+/// call.
+pub fn release(device: &Device) {
+    release_with(|| device.memory_pool_usage().map(|u| (u.bytes_reserved, u.bytes_in_use)), || device.memory_cleanup());
+}
+
+fn note(usage: impl FnOnce() -> Option<(u64, u64)>) {
+    if let Some((held, in_use)) = usage() {
+        HELD_PEAK.fetch_max(held, Ordering::Relaxed);
+        IN_USE_PEAK.fetch_max(in_use, Ordering::Relaxed);
+    }
+}
+
+fn release_with(usage: impl FnOnce() -> Option<(u64, u64)>, cleanup: impl FnOnce()) {
+    if in_browser() {
+        note(usage);
+        cleanup();
+    }
+}
+
+/// Called by every Linear / Conv2d as it runs (forward, and backward through int8 weights): every
+/// [`TIDY_EVERY`]-th call [`release`]s.
+pub(crate) fn tidy(device: &Device) {
+    tidy_with(|| device.memory_pool_usage().map(|u| (u.bytes_reserved, u.bytes_in_use)), || device.memory_cleanup());
+}
+
+/// [`tidy`] for a device known only to a backend (inside a backward step); `usage`: bytes
+/// (reserved, in use).
+pub(crate) fn tidy_with(usage: impl FnOnce() -> Option<(u64, u64)>, cleanup: impl FnOnce()) {
+    if in_browser() {
+        let every = EVERY.load(Ordering::Relaxed);
+        if every > 0 && LAYERS.fetch_add(1, Ordering::Relaxed) % every == every - 1 {
+            release_with(usage, cleanup);
+        } else if WATCH.load(Ordering::Relaxed) {
+            note(usage);
+        }
+    }
+}
+
+/// What the allocator held at most, and what of it was in use at most, as noted since the last
+/// [`take_peak`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Peak {
+    /// Device bytes the allocator held (its pages).
+    pub held: u64,
+    /// Device bytes in live tensors.
+    pub in_use: u64,
+}
+
+/// The most device memory the allocator held, and the most in use, just before a [`release`] (and
+/// at every layer while [`watch`]ing) since the last call, which starts a new measurement; zeros
+/// where nothing was noted.
+pub fn take_peak() -> Peak {
+    Peak { held: HELD_PEAK.swap(0, Ordering::Relaxed), in_use: IN_USE_PEAK.swap(0, Ordering::Relaxed) }
+}
