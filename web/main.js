@@ -62,7 +62,7 @@ async function describeAdapter() {
   $('model-f16').checked = f16;
   $('model-f16-hint').textContent = f16
     ? 'half the memory for activations and faster on most GPUs; norms and softmax stay f32. Applies to the next load.'
-    : 'this GPU has no f16 arithmetic (WebGPU shader-f16): the networks run in f32.';
+    : 'this GPU has no f16 arithmetic (WebGPU shader-f16): the UNet runs in f32.';
   const short = Object.entries(NEEDED).filter(([k, v]) => l[k] < v);
   if (short.length) {
     showError('This GPU adapter lacks limits visii needs',
