@@ -9,7 +9,8 @@
 //!
 //! One test function: the budget is process-wide.
 
-use std::path::PathBuf;
+mod common;
+use common::{fixtures, image};
 
 use burn::tensor::wgpu::wgpu;
 use burn::tensor::Device;
@@ -18,15 +19,7 @@ use visii_models::gpu::capped_device;
 use visii_models::nn::{max_buffer_bytes, set_max_buffer_bytes};
 use visii_models::{ClipFolder, Ip2pFolder, UNetConfig, VaeConfig};
 use visii_pipeline::learn::{learn, LearnOptions};
-use visii_pipeline::{ApplyOptions, Ip2p, Noise, RgbImage};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn image(name: &str) -> RgbImage {
-    RgbImage::decode(&std::fs::read(fixtures().join("images").join(name)).unwrap()).unwrap()
-}
+use visii_pipeline::{ApplyOptions, Ip2p, Noise};
 
 /// A wgpu device (lavapipe here) requested with these storage-binding and buffer limits; the
 /// workgroup limits stay the adapter's.

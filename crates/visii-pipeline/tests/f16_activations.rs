@@ -5,25 +5,13 @@
 //! through the f16 UNet into the f32 embedding. Where the device has no f16 arithmetic, asking
 //! for it is refused with a message that says so (burn's ndarray backend, always).
 
-use std::path::PathBuf;
+mod common;
+use common::{fixtures, image, psnr};
 
 use burn::tensor::{DType, Device, DeviceKind, Tensor, TensorData};
 use visii_models::{ClipFolder, Ip2pFolder, ModelError};
 use visii_pipeline::learn::{learn, LearnOptions};
-use visii_pipeline::{ApplyOptions, Ip2p, Noise, RgbImage};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn image(name: &str) -> RgbImage {
-    RgbImage::decode(&std::fs::read(fixtures().join("images").join(name)).unwrap()).unwrap()
-}
-
-fn psnr(a: &[f32], b: &[f32]) -> f32 {
-    let mse = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>() / a.len() as f64;
-    (10.0 * (1.0 / mse.max(1e-20)).log10()) as f32
-}
+use visii_pipeline::{ApplyOptions, Ip2p, Noise};
 
 fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();

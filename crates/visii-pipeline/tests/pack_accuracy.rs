@@ -5,25 +5,17 @@
 
 #![allow(deprecated)]
 
-use std::path::PathBuf;
+mod common;
+use common::{fixtures, psnr};
 
 use burn::tensor::{Device, Tensor, TensorData};
 use visii_models::pack::{convert, Quant};
 use visii_models::{ClipFolder, Ip2pFolder, WeightFile};
 use visii_pipeline::{ApplyOptions, Ip2p, ModelIdentity, Noise, RgbImage};
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
 fn rel(a: &[f32], b: &[f32]) -> f32 {
     let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
     err / b.iter().fold(0f32, |m, y| m.max(y.abs()))
-}
-
-fn psnr(a: &[f32], b: &[f32]) -> f32 {
-    let mse = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>() / a.len() as f64;
-    (10.0 * (1.0 / mse.max(1e-20)).log10()) as f32
 }
 
 /// Cosine between the CLIP directions (image 1 - image 0) of two embedding sets: what the learning

@@ -4,25 +4,13 @@
 //! PSNR, a 2-step learning run: per-step MSE). One test function: device memory readings are
 //! process-wide.
 
-use std::path::PathBuf;
+mod common;
+use common::{fixtures, image, psnr};
 
 use burn::tensor::{Device, DeviceKind};
 use visii_models::{ClipFolder, Ip2pFolder};
 use visii_pipeline::learn::{learn, LearnOptions};
-use visii_pipeline::{ApplyOptions, Ip2p, ModelIdentity, Noise, RgbImage};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn image(name: &str) -> RgbImage {
-    RgbImage::decode(&std::fs::read(fixtures().join("images").join(name)).unwrap()).unwrap()
-}
-
-fn psnr(a: &[f32], b: &[f32]) -> f32 {
-    let mse = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>() / a.len() as f64;
-    (10.0 * (1.0 / mse.max(1e-20)).log10()) as f32
-}
+use visii_pipeline::{ApplyOptions, Ip2p, ModelIdentity, Noise};
 
 #[test]
 fn int8_resident_weights_apply_and_learn() {
