@@ -559,8 +559,13 @@ const params = new URLSearchParams(location.search);
 const hub = params.get('hub');
 // ?gpuLimits=spec asks for a device with WebGPU's default limits (what the least capable adapter grants).
 const limits = params.get('gpuLimits') === 'spec' ? 'spec' : 'adapter';
+// ?gpuTidyEvery=N&gpuTidyBackwardEvery=M: how often (in layers; 0 = only between steps) the engine
+// hands free GPU buffers back in the forward / backward pass (diagnosis).
+const tidy = {};
+if (params.has('gpuTidyEvery')) tidy.tidyEvery = Number(params.get('gpuTidyEvery'));
+if (params.has('gpuTidyBackwardEvery')) tidy.tidyBackwardEvery = Number(params.get('gpuTidyBackwardEvery'));
 describeAdapter().then((ok) => {
-  if (ok) worker.postMessage({ type: 'init', hub, limits });
+  if (ok) worker.postMessage({ type: 'init', hub, limits, tidy });
   else { $('app-version').textContent = 'visii'; $('gpu-selftest').textContent = 'unavailable'; $('gpu-selftest').className = 'bad'; document.body.dataset.ready = 'no'; }
 });
 updateButtons();

@@ -15,7 +15,8 @@ export function launch({ webgpu = true, ...options } = {}) {
   return chromium.launchPersistentContext(mkdtempSync(join(tmpdir(), 'visii-chrome-')), {
     executablePath: process.env.VISII_CHROMIUM || '/usr/bin/chromium',
     headless: true,
-    args: [...QUIET, ...(webgpu ? WEBGPU : NO_GPU)],
+    // VISII_CHROMIUM_ARGS: extra switches for a diagnosis, e.g. "--enable-logging=stderr --v=0" (with DEBUG=pw:browser).
+    args: [...QUIET, ...(webgpu ? WEBGPU : NO_GPU), ...(process.env.VISII_CHROMIUM_ARGS || '').split(' ').filter(Boolean)],
     ...options,
   });
 }

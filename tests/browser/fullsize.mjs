@@ -64,7 +64,9 @@ try {
     }
   };
   // One run per measurement (?measureRuns=0): the first, kernel compilation included.
-  await page.goto(`http://127.0.0.1:${port}/index.html?gpuLimits=spec&measureRuns=0`);
+  // VISII_FULLSIZE_QUERY: more page parameters, e.g. "gpuTidyEvery=0".
+  const query = process.env.VISII_FULLSIZE_QUERY ? `&${process.env.VISII_FULLSIZE_QUERY}` : '';
+  await page.goto(`http://127.0.0.1:${port}/index.html?gpuLimits=spec&measureRuns=0${query}`);
   await page.waitForFunction(() => document.body.dataset.ready, null, { timeout: 600000 });
   console.log(`engine: ${await page.textContent('#gpu-selftest')} (${await page.textContent('#gpu-adapter')})`);
 

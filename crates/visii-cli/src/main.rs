@@ -36,6 +36,10 @@ struct Cli {
     /// step (0: only between steps), as the browser does.
     #[arg(long, global = true, default_value_t = visii_models::memory::TIDY_EVERY)]
     gpu_tidy_every: usize,
+    /// With `--gpu-memory browser`: the same inside the backward pass through int8 weights (default
+    /// 0, never: as the browser does; see `visii_models::memory::TIDY_BACKWARD_EVERY`).
+    #[arg(long, global = true, default_value_t = visii_models::memory::TIDY_BACKWARD_EVERY)]
+    gpu_tidy_backward_every: usize,
     /// The UNet's activations: f32, or f16 (weights used as f16, norms and softmax in f32; half the
     /// activation memory; wgpu on a GPU with f16 arithmetic only).
     #[arg(long, global = true, value_enum, default_value = "f32")]
@@ -69,7 +73,7 @@ enum GpuMemory {
 }
 
 static GPU_MEMORY: std::sync::OnceLock<GpuMemory> = std::sync::OnceLock::new();
-static TIDY: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+static TIDY: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
 
 fn browser_memory() -> bool {
     GPU_MEMORY.get() == Some(&GpuMemory::Browser)
@@ -328,7 +332,8 @@ fn main() -> ExitCode {
     GPU_MEMORY.set(cli.gpu_memory).expect("set once");
     visii_models::memory::as_in_browser(browser_memory());
     visii_models::memory::tidy_every(cli.gpu_tidy_every);
-    TIDY.set(cli.gpu_tidy_every).expect("set once");
+    visii_models::memory::tidy_backward_every(cli.gpu_tidy_backward_every);
+    TIDY.set((cli.gpu_tidy_every, cli.gpu_tidy_backward_every)).expect("set once");
     let result = match cli.command {
         Command::Inspect { file: Some(f), .. } => inspect_instruction(&f),
         Command::Inspect { file: None, model, clip, json, backend } => {
@@ -822,7 +827,8 @@ fn bench(
             c.args(["--activations", "f16"]);
         }
         if browser_memory() {
-            c.args(["--gpu-memory", "browser", "--gpu-tidy-every", &TIDY.get().copied().unwrap_or_default().to_string()]);
+            let (every, backward) = TIDY.get().copied().unwrap_or_default();
+            c.args(["--gpu-memory", "browser", "--gpu-tidy-every", &every.to_string(), "--gpu-tidy-backward-every", &backward.to_string()]);
         }
         runners.push((arg(&b), c));
     }

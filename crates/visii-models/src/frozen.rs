@@ -30,7 +30,10 @@ type AutodiffTensor = <Autodiff<Cube> as BackendTypes>::FloatTensorPrimitive;
 /// Hands the allocator's free pages back every few layers of the backward pass, as the forward
 /// pass does (in the browser: [`crate::memory`]).
 fn tidy(q: &Quant) {
-    crate::memory::tidy_with(|| Cube::memory_pool_usage(&q.device).map(|u| (u.bytes_reserved, u.bytes_in_use)), || Cube::memory_cleanup(&q.device));
+    crate::memory::tidy_backward_with(
+        || Cube::memory_pool_usage(&q.device).map(|u| (u.bytes_reserved, u.bytes_in_use)),
+        || Cube::memory_cleanup(&q.device),
+    );
 }
 
 /// The weight of a quantised base in the activations' float type (f32, or f16), in its real shape.

@@ -8,7 +8,8 @@
 //! (measured natively with that allocator, full-size UNet learning step at 8 x 8 latents, int8
 //! weights: 6.0 GiB held at the end of the step for 0.9 GiB in use). So in the browser the free
 //! pages are handed back often: after every learning / sampling step ([`release`]) and, inside one,
-//! as every layer runs ([`tidy`], every [`TIDY_EVERY`] layers); and weights and the per-layer
+//! as every layer of a forward pass runs ([`tidy`], every [`TIDY_EVERY`] layers; in the backward
+//! pass every [`TIDY_BACKWARD_EVERY`], by default never: see there); and weights and the per-layer
 //! dequantised int8 weights get buffers of exactly their size (`crate::weights::persistent`).
 //! Numbers: BENCHMARKS.md, "What a tab's allocator holds".
 //!
@@ -26,9 +27,19 @@ static IN_USE_PEAK: AtomicU64 = AtomicU64::new(0);
 static LAYERS: AtomicUsize = AtomicUsize::new(0);
 static EVERY: AtomicUsize = AtomicUsize::new(TIDY_EVERY);
 static WATCH: AtomicBool = AtomicBool::new(false);
+static BACKWARD_EVERY: AtomicUsize = AtomicUsize::new(TIDY_BACKWARD_EVERY);
+static BACKWARD_LAYERS: AtomicUsize = AtomicUsize::new(0);
 
-/// Layers run between two hand-backs inside a step (forward and backward passes).
+/// Layers run between two hand-backs inside a step's forward pass.
 pub const TIDY_EVERY: usize = 1;
+
+/// Layers run between two hand-backs inside the backward pass through int8 weights: 0, none.
+/// Handing buffers back there (every layer, or every 8) made Chromium's GPU process crash on
+/// SwiftShader during the full-size learning step (device lost, "A valid external Instance
+/// reference no longer exists"; 4 runs of 4), which it never did without (BENCHMARKS.md). On the
+/// web wgpu does not destroy a dropped buffer: it goes when the JS garbage collector collects it,
+/// so a handed-back buffer frees the engine's account at once and the GPU's memory only later.
+pub const TIDY_BACKWARD_EVERY: usize = 0;
 
 /// Natively, hand free pages back as in a browser (see the module's text).
 pub fn as_in_browser(on: bool) {
@@ -44,6 +55,12 @@ pub fn in_browser() -> bool {
 /// steps). For measuring what the frequency costs and saves.
 pub fn tidy_every(layers: usize) {
     EVERY.store(layers, Ordering::Relaxed);
+}
+
+/// Hand free pages back every `layers` layers of the backward pass through int8 weights (0:
+/// never inside it).
+pub fn tidy_backward_every(layers: usize) {
+    BACKWARD_EVERY.store(layers, Ordering::Relaxed);
 }
 
 /// Note what the allocator holds at every layer too, not only when free pages go back (each
@@ -79,12 +96,19 @@ pub(crate) fn tidy(device: &Device) {
     tidy_with(|| device.memory_pool_usage().map(|u| (u.bytes_reserved, u.bytes_in_use)), || device.memory_cleanup());
 }
 
-/// [`tidy`] for a device known only to a backend (inside a backward step); `usage`: bytes
-/// (reserved, in use).
+/// [`tidy`] for a device known only to a backend; `usage`: bytes (reserved, in use).
 pub(crate) fn tidy_with(usage: impl FnOnce() -> Option<(u64, u64)>, cleanup: impl FnOnce()) {
+    tidy_counted(&LAYERS, EVERY.load(Ordering::Relaxed), usage, cleanup)
+}
+
+/// [`tidy_with`] in the backward pass (every [`tidy_backward_every`] layers).
+pub(crate) fn tidy_backward_with(usage: impl FnOnce() -> Option<(u64, u64)>, cleanup: impl FnOnce()) {
+    tidy_counted(&BACKWARD_LAYERS, BACKWARD_EVERY.load(Ordering::Relaxed), usage, cleanup)
+}
+
+fn tidy_counted(layers: &AtomicUsize, every: usize, usage: impl FnOnce() -> Option<(u64, u64)>, cleanup: impl FnOnce()) {
     if in_browser() {
-        let every = EVERY.load(Ordering::Relaxed);
-        if every > 0 && LAYERS.fetch_add(1, Ordering::Relaxed) % every == every - 1 {
+        if every > 0 && layers.fetch_add(1, Ordering::Relaxed) % every == every - 1 {
             release_with(usage, cleanup);
         } else if WATCH.load(Ordering::Relaxed) {
             note(usage);

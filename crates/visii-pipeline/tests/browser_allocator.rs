@@ -1,7 +1,8 @@
 //! burn's device allocator as a browser has it (a buffer per allocation, from size buckets),
 //! natively on wgpu: the model's weights sit in buffers of exactly their size, and handing free
-//! buffers back inside a learning step (every layer, as the browser engine does) holds less than
-//! handing them back only between steps; f16 activations make the step's own tensors smaller. Its own process: the allocator is chosen when the wgpu
+//! buffers back inside a learning step (every layer of the forward pass, as the browser engine
+//! does; of the backward pass too, which it does not) holds less than handing them back only
+//! between steps; f16 activations make the step's own tensors smaller. Its own process: the allocator is chosen when the wgpu
 //! runtime starts.
 
 use std::path::PathBuf;
@@ -55,6 +56,13 @@ fn weights_exact_and_steps_tidied() {
         }
         assert!(every_layer.held < between_steps.held, "handing free buffers back every layer holds less: {every_layer:?} vs {between_steps:?}");
         assert!(2 * every_layer.held <= 3 * every_layer.in_use, "held at most 1.5x what was in use: {every_layer:?}");
+        // In the backward pass too (off by default: it crashed Chromium's GPU process, see
+        // `memory::TIDY_BACKWARD_EVERY`): holds less again.
+        memory::tidy_backward_every(1);
+        let backward_too = step(1, &unet);
+        memory::tidy_backward_every(memory::TIDY_BACKWARD_EVERY);
+        eprintln!("every layer of the backward pass too: {backward_too:?}");
+        assert!(backward_too.held < every_layer.held, "{backward_too:?} vs {every_layer:?}");
 
         // f16 activations (where the device has f16): the step's own tensors take less (measured on
         // lavapipe: 24% less; not half, norms and softmax keep what their backward needs in f32).

@@ -274,9 +274,16 @@ pub struct Engine {
 struct EngineOpts {
     /// `"adapter"` (default): the adapter's own limits; `"spec"`: the WebGPU default limits.
     limits: Option<String>,
+    /// Hand the allocator's free buffers back every N layers inside a step (0: only between
+    /// steps; default 1, `visii_models::memory::TIDY_EVERY`).
+    tidy_every: Option<usize>,
+    /// The same inside the backward pass through int8 weights (default 0: never, see
+    /// `visii_models::memory::TIDY_BACKWARD_EVERY`).
+    tidy_backward_every: Option<usize>,
 }
 
-/// Create the engine (initialises WebGPU). `options`: `{ limits: "adapter" | "spec" }`. The models
+/// Create the engine (initialises WebGPU). `options`: `{ limits: "adapter" | "spec", tidyEvery?,
+/// tidyBackwardEvery? }` (the last two: how often free GPU buffers are handed back; for diagnosis). The models
 /// keep every buffer they create on purpose within 128 MiB either way
 /// (`visii_models::nn::max_buffer_bytes`).
 #[wasm_bindgen(js_name = createEngine)]
@@ -287,6 +294,8 @@ pub async fn create_engine(options: JsValue) -> Result<Engine, JsValue> {
         Some("spec") => true,
         Some(other) => return Err(error("OptionsError", format!("limits must be \"adapter\" or \"spec\", not {other:?}"))),
     };
+    visii_models::memory::tidy_every(o.tidy_every.unwrap_or(visii_models::memory::TIDY_EVERY));
+    visii_models::memory::tidy_backward_every(o.tidy_backward_every.unwrap_or(visii_models::memory::TIDY_BACKWARD_EVERY));
     Ok(Engine {
         device: init_device(spec).await?,
         ip2p: RefCell::new(None),
