@@ -73,7 +73,6 @@ enum GpuMemory {
 }
 
 static GPU_MEMORY: std::sync::OnceLock<GpuMemory> = std::sync::OnceLock::new();
-static TIDY: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
 
 fn browser_memory() -> bool {
     GPU_MEMORY.get() == Some(&GpuMemory::Browser)
@@ -333,7 +332,6 @@ fn main() -> ExitCode {
     visii_models::memory::as_in_browser(browser_memory());
     visii_models::memory::tidy_every(cli.gpu_tidy_every);
     visii_models::memory::tidy_backward_every(cli.gpu_tidy_backward_every);
-    TIDY.set((cli.gpu_tidy_every, cli.gpu_tidy_backward_every)).expect("set once");
     let result = match cli.command {
         Command::Inspect { file: Some(f), .. } => inspect_instruction(&f),
         Command::Inspect { file: None, model, clip, json, backend } => {
@@ -827,7 +825,7 @@ fn bench(
             c.args(["--activations", "f16"]);
         }
         if browser_memory() {
-            let (every, backward) = TIDY.get().copied().unwrap_or_default();
+            let (every, backward) = visii_models::memory::tidy_settings();
             c.args(["--gpu-memory", "browser", "--gpu-tidy-every", &every.to_string(), "--gpu-tidy-backward-every", &backward.to_string()]);
         }
         runners.push((arg(&b), c));

@@ -27,8 +27,8 @@ type Quant = <Cube as BackendTypes>::QuantizedTensorPrimitive;
 /// burn-autodiff's tensor (a cubecl primitive and its graph node).
 type AutodiffTensor = <Autodiff<Cube> as BackendTypes>::FloatTensorPrimitive;
 
-/// Hands the allocator's free pages back every few layers of the backward pass, as the forward
-/// pass does (in the browser: [`crate::memory`]).
+/// Hands the allocator's free pages back every [`crate::memory::tidy_backward_every`] layers of the
+/// backward pass (in the browser; by default never, see [`crate::memory::TIDY_BACKWARD_EVERY`]).
 fn tidy(q: &Quant) {
     crate::memory::tidy_backward_with(
         || Cube::memory_pool_usage(&q.device).map(|u| (u.bytes_reserved, u.bytes_in_use)),

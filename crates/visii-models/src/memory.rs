@@ -63,6 +63,11 @@ pub fn tidy_backward_every(layers: usize) {
     BACKWARD_EVERY.store(layers, Ordering::Relaxed);
 }
 
+/// The hand-back frequencies in force: ([`tidy_every`], [`tidy_backward_every`]).
+pub fn tidy_settings() -> (usize, usize) {
+    (EVERY.load(Ordering::Relaxed), BACKWARD_EVERY.load(Ordering::Relaxed))
+}
+
 /// Note what the allocator holds at every layer too, not only when free pages go back (each
 /// reading waits for the queued work to be submitted): for measuring [`take_peak`].
 pub fn watch(on: bool) {

@@ -2,8 +2,8 @@
 //! natively on wgpu: the model's weights sit in buffers of exactly their size, and handing free
 //! buffers back inside a learning step (every layer of the forward pass, as the browser engine
 //! does; of the backward pass too, which it does not) holds less than handing them back only
-//! between steps; f16 activations make the step's own tensors smaller. Its own process: the allocator is chosen when the wgpu
-//! runtime starts.
+//! between steps; f16 activations make the step's own tensors smaller. Its own process: the
+//! allocator is chosen when the wgpu runtime starts.
 
 use std::path::PathBuf;
 
