@@ -541,7 +541,8 @@ $('measure').onclick = async () => {
   try {
     const { result: r, wasmMemory } = await call({ type: 'measure', what, size, runs: Number(params.get('measureRuns') || 1) });
     document.body.dataset.wasmMemory = wasmMemory;
-    const gpu = r.gpuBytesHeldPeak ? `; GPU memory held at most: ${bytes(r.gpuBytesHeldPeak)} (at most ${bytes(r.gpuBytesInUsePeak)} in use)` : '';
+    const gpu = (r.gpuBytesHeldPeak ? `; GPU memory held at most: ${bytes(r.gpuBytesHeldPeak)} (at most ${bytes(r.gpuBytesInUsePeak)} in use)` : '')
+      + (r.browserGpuBytesPeak ? `; GPU buffers alive in the browser at most: ${bytes(r.browserGpuBytesPeak)}, after: ${bytes(r.browserGpuBytes)}` : '');
     $('measure-text').textContent = `${label} at ${size} px (${size / 8} x ${size / 8} latents): ${r.seconds.toFixed(2)} s (first run, with kernel compilation: ${r.firstSeconds.toFixed(1)} s)${gpu}`;
     document.body.dataset.measured = JSON.stringify(r);
   } catch (e) {

@@ -11,8 +11,35 @@
 //   | {type: 'download', ...progress} | {type: 'convert', source, done, total, path} | {type: 'model', info, source} | {type: 'progress', id, ...}
 //   | {type: 'learned', id, bytes, info} | {type: 'applied', id, png, width, height}
 //   | {type: 'inspected', id, info} | {type: 'measured', id, result, wasmMemory} | {type: 'error', id?, name, message}
+//   (measured.result also has browserGpuBytes / browserGpuBytesPeak: GPU buffers alive as the browser counts them)
 import init, { version, createEngine, inspectInstruction, gpuSelftest, convertPack } from '../dist/pkg/visii_web.js';
 import { ensureSource, readComponent, listStored, deleteSource, SourceWriter, storedLabel } from './store.js';
+
+// What this worker's GPU buffers hold as the browser counts them: bytes of buffers created and
+// neither destroyed nor garbage-collected (`live`), and the most since `reset` (`peak`). The engine's
+// allocator counts what it holds; a buffer it gives back still holds GPU memory until it is
+// destroyed (or, if only dropped, collected), so this is the figure a GPU's memory must hold.
+const gpuBuffers = { live: 0, peak: 0, reset() { this.peak = this.live; } };
+if (self.GPUDevice && self.GPUBuffer) {
+  const records = new WeakMap();
+  const collected = new FinalizationRegistry((r) => { if (!r.freed) gpuBuffers.live -= r.size; });
+  const createBuffer = GPUDevice.prototype.createBuffer;
+  GPUDevice.prototype.createBuffer = function (desc) {
+    const buffer = createBuffer.call(this, desc);
+    const r = { size: Number(desc.size) || 0, freed: false };
+    records.set(buffer, r);
+    collected.register(buffer, r);
+    gpuBuffers.live += r.size;
+    gpuBuffers.peak = Math.max(gpuBuffers.peak, gpuBuffers.live);
+    return buffer;
+  };
+  const destroy = GPUBuffer.prototype.destroy;
+  GPUBuffer.prototype.destroy = function () {
+    const r = records.get(this);
+    if (r && !r.freed) { r.freed = true; gpuBuffers.live -= r.size; }
+    return destroy.call(this);
+  };
+}
 
 let engine = null;
 let wasm = null;
@@ -143,7 +170,10 @@ const handlers = {
     post({ type: 'applied', id: msg.id, png: r.png, width: r.width, height: r.height }, [r.png.buffer]);
   },
   async measure(msg) {
-    post({ type: 'measured', id: msg.id, result: await engine.measure(msg.what, msg.size, msg.runs), wasmMemory: wasm.memory.buffer.byteLength });
+    gpuBuffers.reset();
+    const result = await engine.measure(msg.what, msg.size, msg.runs);
+    Object.assign(result, { browserGpuBytes: gpuBuffers.live, browserGpuBytesPeak: gpuBuffers.peak });
+    post({ type: 'measured', id: msg.id, result, wasmMemory: wasm.memory.buffer.byteLength });
   },
   async inspect(msg) {
     post({ type: 'inspected', id: msg.id, info: inspectInstruction(new Uint8Array(msg.bytes)) });

@@ -33,7 +33,7 @@ struct Cli {
     #[arg(long, global = true, value_enum, default_value = "native")]
     gpu_memory: GpuMemory,
     /// With `--gpu-memory browser`: hand the allocator's free buffers back every N layers inside a
-    /// step (0: only between steps), as the browser does.
+    /// step (default 0: only between steps, as the browser does; see `visii_models::memory`).
     #[arg(long, global = true, default_value_t = visii_models::memory::TIDY_EVERY)]
     gpu_tidy_every: usize,
     /// With `--gpu-memory browser`: the same inside the backward pass through int8 weights (default
@@ -332,6 +332,12 @@ fn main() -> ExitCode {
     visii_models::memory::as_in_browser(browser_memory());
     visii_models::memory::tidy_every(cli.gpu_tidy_every);
     visii_models::memory::tidy_backward_every(cli.gpu_tidy_backward_every);
+    // With the browser's allocator, learn and apply report the most it held (read at every layer).
+    let report_memory = browser_memory() && matches!(cli.command, Command::Learn { .. } | Command::Apply { .. });
+    if report_memory {
+        visii_models::memory::watch(true);
+        visii_models::memory::take_peak();
+    }
     let result = match cli.command {
         Command::Inspect { file: Some(f), .. } => inspect_instruction(&f),
         Command::Inspect { file: None, model, clip, json, backend } => {
@@ -391,6 +397,19 @@ fn main() -> ExitCode {
             })
         }
     };
+    if report_memory && result.is_ok() {
+        let peak = visii_models::memory::take_peak();
+        let size = |b: u64| match b as f64 / (1u64 << 20) as f64 {
+            mib if mib >= 1024.0 => format!("{:.2} GiB", mib / 1024.0),
+            mib => format!("{mib:.1} MiB"),
+        };
+        eprintln!(
+            "GPU memory (browser allocator): held at most {}, at most {} in use; host peak RSS {}",
+            size(peak.held),
+            size(peak.in_use),
+            peak_rss().map_or("unknown".into(), size)
+        );
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -504,3 +504,48 @@ fn convert_then_use_the_pack() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown quantisation"));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// With `--gpu-memory browser` on wgpu, `apply` reports the most device memory burn's allocator
+/// held and had in use, as a tab's would (read at every layer).
+#[test]
+fn apply_reports_what_the_browser_allocator_held() {
+    let f = fixtures();
+    let png = std::env::temp_dir().join(format!("visii-apply-mem-{}.png", std::process::id()));
+    let out = visii(&[
+        "--gpu-memory",
+        "browser",
+        "apply",
+        "--model",
+        f.join("tiny-ip2p").to_str().unwrap(),
+        "--image",
+        f.join("images/before.png").to_str().unwrap(),
+        "--prompt",
+        "make it snowy",
+        "-o",
+        png.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--size",
+        "32",
+        "--backend",
+        "wgpu",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{err}");
+    let line = err.lines().find(|l| l.starts_with("GPU memory (browser allocator): held at most ")).unwrap_or_else(|| panic!("no report: {err}"));
+    // "... held at most 12.3 MiB, at most 4.5 MiB in use; ..."
+    let mib = |after: &str| -> f64 {
+        let rest = &line[line.find(after).unwrap_or_else(|| panic!("{line}")) + after.len()..];
+        let mut words = rest.split_whitespace();
+        let v: f64 = words.next().unwrap().parse().unwrap();
+        match words.next().unwrap().trim_end_matches([',', ';']) {
+            "MiB" => v,
+            "GiB" => v * 1024.0,
+            u => panic!("unit {u} in {line}"),
+        }
+    };
+    let (held, in_use) = (mib("held at most "), mib(", at most "));
+    // The tiny networks' f32 weights alone are several MiB; a 32 px edit adds little.
+    assert!(in_use >= 1.0 && in_use <= held && held < 256.0, "{line}");
+    let _ = std::fs::remove_file(png);
+}

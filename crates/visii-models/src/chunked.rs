@@ -136,6 +136,9 @@ impl Chunked {
 
     /// A convolution, output sliced for a following GroupNorm of `align` channels per group.
     pub fn conv(self, conv: &Conv2d, align: usize) -> Self {
+        // As every other Conv2d / Linear does (`crate::resident::Layer`): in the browser, hand
+        // back free buffers and note what the allocator holds before each layer.
+        crate::memory::tidy(&self.parts[0].device());
         let [b, _, h, w] = self.dims();
         let c_out = conv.weight.dims()[0];
         let (ho, wo) = conv_out_hw(conv, h, w);

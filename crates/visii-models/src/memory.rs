@@ -4,14 +4,23 @@
 //! of one buffer read-only and read-write at once) it gives every allocation a buffer of its own,
 //! taken from 24 size buckets: a page is up to ~1.6x the size asked for, a free page of a larger
 //! bucket serves any smaller request, and free pages go back to the driver only after thousands
-//! of allocations. What a step makes it hold is then several times what is in use at any moment
-//! (measured natively with that allocator, full-size UNet learning step at 8 x 8 latents, int8
-//! weights: 6.0 GiB held at the end of the step for 0.9 GiB in use). So in the browser the free
-//! pages are handed back often: after every learning / sampling step ([`release`]) and, inside one,
-//! as every layer of a forward pass runs ([`tidy`], every [`TIDY_EVERY`] layers; in the backward
-//! pass every [`TIDY_BACKWARD_EVERY`], by default never: see there); and weights and the per-layer
-//! dequantised int8 weights get buffers of exactly their size (`crate::weights::persistent`).
-//! Numbers: BENCHMARKS.md, "What a tab's allocator holds".
+//! of allocations. So in the browser the free pages are handed back after every learning /
+//! sampling step ([`release`]), once the step's values have been read back (the GPU has run all
+//! of it), and weights and the per-layer dequantised int8 weights get buffers of exactly their
+//! size (`crate::weights::persistent`).
+//!
+//! Not inside a step, by default ([`TIDY_EVERY`], [`TIDY_BACKWARD_EVERY`]: 0). In a browser the
+//! wasm side queues a whole step before the GPU has run much of it (natively cubecl waits for the
+//! GPU every 512 launches; WebGPU gives wasm no way to wait), so a buffer handed back inside a step
+//! still holds its memory until the queued work that used it has run, while the allocator creates
+//! new buffers for the layers after it: the browser then holds about everything the step ever
+//! allocated, however little the engine's own account says it holds. Measured in a tab (full-size
+//! UNet learning step at 256 px, int8 weights, SwiftShader): handing back at every layer (the
+//! engine's account, measured natively: at most ~2.9 GB), Chromium's GPU process grew to 15.4 GB
+//! in 45 s and died; handing back only between steps, it stayed at 7.23 GB (SwiftShader's own
+//! ~1.6 GB included) and the step ran (the engine's account: at most 5.60 GB). [`tidy`] still
+//! hands back every [`tidy_every`] layers where asked, for measuring (natively there is no such
+//! pile-up). Numbers: BENCHMARKS.md, "The real sizes".
 //!
 //! Natively the same behaviour can be asked for ([`as_in_browser`], `visii --gpu-memory browser`)
 //! with a device made by [`crate::gpu::browser_allocator_device`]: that is how the numbers above
@@ -30,15 +39,15 @@ static WATCH: AtomicBool = AtomicBool::new(false);
 static BACKWARD_EVERY: AtomicUsize = AtomicUsize::new(TIDY_BACKWARD_EVERY);
 static BACKWARD_LAYERS: AtomicUsize = AtomicUsize::new(0);
 
-/// Layers run between two hand-backs inside a step's forward pass.
-pub const TIDY_EVERY: usize = 1;
+/// Layers run between two hand-backs inside a step's forward pass: 0, none (see the module's
+/// text: in a browser a buffer handed back inside a step keeps its memory until the queued step
+/// has run, and new ones are made meanwhile).
+pub const TIDY_EVERY: usize = 0;
 
 /// Layers run between two hand-backs inside the backward pass through int8 weights: 0, none.
-/// Handing buffers back there (every layer, or every 8) made Chromium's GPU process crash on
-/// SwiftShader during the full-size learning step (device lost, "A valid external Instance
-/// reference no longer exists"; 4 runs of 4), which it never did without (BENCHMARKS.md). On the
-/// web wgpu does not destroy a dropped buffer: it goes when the JS garbage collector collects it,
-/// so a handed-back buffer frees the engine's account at once and the GPU's memory only later.
+/// Handing buffers back there (every layer, or every 8) made Chromium's GPU process die on
+/// SwiftShader during the full-size learning step at 8 x 8 latents (device lost, "A valid external
+/// Instance reference no longer exists"; 4 runs of 4): the pile-up the module's text describes.
 pub const TIDY_BACKWARD_EVERY: usize = 0;
 
 /// Natively, hand free pages back as in a browser (see the module's text).

@@ -1,9 +1,10 @@
 //! burn's device allocator as a browser has it (a buffer per allocation, from size buckets),
 //! natively on wgpu: the model's weights sit in buffers of exactly their size, and handing free
-//! buffers back inside a learning step (every layer of the forward pass, as the browser engine
-//! does; of the backward pass too, which it does not) holds less than handing them back only
-//! between steps; f16 activations make the step's own tensors smaller. Its own process: the
-//! allocator is chosen when the wgpu runtime starts.
+//! buffers back inside a learning step (every layer of the forward pass; of the backward pass
+//! too) holds less in the engine's account than handing them back only between steps (what the
+//! browser engine does: inside a step the handed-back buffers keep their memory in the browser
+//! until the queued step has run, see `visii_models::memory`); f16 activations make the step's
+//! own tensors smaller. Its own process: the allocator is chosen when the wgpu runtime starts.
 
 use std::path::PathBuf;
 

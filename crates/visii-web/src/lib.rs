@@ -274,8 +274,8 @@ pub struct Engine {
 struct EngineOpts {
     /// `"adapter"` (default): the adapter's own limits; `"spec"`: the WebGPU default limits.
     limits: Option<String>,
-    /// Hand the allocator's free buffers back every N layers inside a step (0: only between
-    /// steps; default 1, `visii_models::memory::TIDY_EVERY`).
+    /// Hand the allocator's free buffers back every N layers inside a step (default 0: only
+    /// between steps, `visii_models::memory::TIDY_EVERY`).
     tidy_every: Option<usize>,
     /// The same inside the backward pass through int8 weights (default 0: never, see
     /// `visii_models::memory::TIDY_BACKWARD_EVERY`).
