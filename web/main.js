@@ -561,10 +561,12 @@ const hub = params.get('hub');
 // ?gpuLimits=spec asks for a device with WebGPU's default limits (what the least capable adapter grants).
 const limits = params.get('gpuLimits') === 'spec' ? 'spec' : 'adapter';
 // ?gpuTidyEvery=N&gpuTidyBackwardEvery=M: how often (in layers; 0 = only between steps) the engine
-// hands free GPU buffers back in the forward / backward pass (diagnosis).
+// hands free GPU buffers back in the forward / backward pass; ?gpuExactFit=0: steps in the
+// allocator's size buckets instead of exact-size buffers (diagnosis).
 const tidy = {};
 if (params.has('gpuTidyEvery')) tidy.tidyEvery = Number(params.get('gpuTidyEvery'));
 if (params.has('gpuTidyBackwardEvery')) tidy.tidyBackwardEvery = Number(params.get('gpuTidyBackwardEvery'));
+if (params.has('gpuExactFit')) tidy.exactFit = params.get('gpuExactFit') !== '0';
 describeAdapter().then((ok) => {
   if (ok) worker.postMessage({ type: 'init', hub, limits, tidy });
   else { $('app-version').textContent = 'visii'; $('gpu-selftest').textContent = 'unavailable'; $('gpu-selftest').className = 'bad'; document.body.dataset.ready = 'no'; }

@@ -1,7 +1,7 @@
 // The worker owns the wasm module and the GPU: model storage and loading, learning, applying.
 // The page talks to it with messages (see PROTOCOL below) and never freezes.
 //
-// PROTOCOL (page -> worker): {type: 'init', hub?, limits?: 'adapter' | 'spec', tidy?: {tidyEvery?, tidyBackwardEvery?}} | {type: 'sources'} | {type: 'prepare', source}
+// PROTOCOL (page -> worker): {type: 'init', hub?, limits?: 'adapter' | 'spec', tidy?: {tidyEvery?, tidyBackwardEvery?, exactFit?}} | {type: 'sources'} | {type: 'prepare', source}
 //   | {type: 'local', ip2p: [{path, file}], clip: [{path, file}]} | {type: 'delete', source}
 //   | {type: 'learn', id, befores, afters, options} | {type: 'apply', id, image, options, instruction?}
 //   | {type: 'inspect', id, bytes} | {type: 'measure', id, what, size, runs} | {type: 'cancel'} | {type: 'loadStored', source} | {type: 'convert', source}

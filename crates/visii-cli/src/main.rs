@@ -40,6 +40,11 @@ struct Cli {
     /// 0, never: as the browser does; see `visii_models::memory::TIDY_BACKWARD_EVERY`).
     #[arg(long, global = true, default_value_t = visii_models::memory::TIDY_BACKWARD_EVERY)]
     gpu_tidy_backward_every: usize,
+    /// With `--gpu-memory browser`: run each learning / sampling step in buffers of
+    /// exactly the size asked for (default true, as the browser does; false: the allocator's size
+    /// buckets; see `visii_models::memory::exact_fit`).
+    #[arg(long, global = true, default_value_t = visii_models::memory::EXACT_FIT, action = clap::ArgAction::Set)]
+    gpu_exact_fit: bool,
     /// The UNet's activations: f32, or f16 (weights used as f16, norms and softmax in f32; half the
     /// activation memory; wgpu on a GPU with f16 arithmetic only).
     #[arg(long, global = true, value_enum, default_value = "f32")]
@@ -332,6 +337,7 @@ fn main() -> ExitCode {
     visii_models::memory::as_in_browser(browser_memory());
     visii_models::memory::tidy_every(cli.gpu_tidy_every);
     visii_models::memory::tidy_backward_every(cli.gpu_tidy_backward_every);
+    visii_models::memory::exact_fit_steps(cli.gpu_exact_fit);
     // With the browser's allocator, learn and apply report the most it held (read at every layer).
     let report_memory = browser_memory() && matches!(cli.command, Command::Learn { .. } | Command::Apply { .. });
     if report_memory {
@@ -846,6 +852,7 @@ fn bench(
         if browser_memory() {
             let (every, backward) = visii_models::memory::tidy_settings();
             c.args(["--gpu-memory", "browser", "--gpu-tidy-every", &every.to_string(), "--gpu-tidy-backward-every", &backward.to_string()]);
+            c.args(["--gpu-exact-fit", &visii_models::memory::exact_fit_in_force().to_string()]);
         }
         runners.push((arg(&b), c));
     }

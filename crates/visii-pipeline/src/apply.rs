@@ -146,7 +146,10 @@ impl Ip2p {
         self.vae.encode_mode(image.to_tensor(&self.device))
     }
 
-    /// Scaled latents -> floats in [0, 1], [1, 3, H, W].
+    /// Scaled latents -> floats in [0, 1], [1, 3, H, W]. In the allocator's size buckets, not in
+    /// exact-size buffers (`visii_models::memory::exact_fit`): the decoder's tensors grow layer
+    /// after layer, so exact sizes are seldom asked for again (measured, full size at 256 px: held
+    /// at most 0.49 GiB in exact sizes, 0.43 GiB in buckets, 0.21 GiB in use).
     pub fn decode(&self, latents: Tensor<4>) -> Tensor<4> {
         vae_output_to_unit(self.vae.decode(latents.div_scalar(self.vae.scaling_factor)))
     }
@@ -232,18 +235,21 @@ impl Ip2p {
             if !progress(i, steps) {
                 return Err(PipelineError::Cancelled);
             }
-            let x = sched.scale_model_input(latents.clone(), i);
-            let input = Tensor::cat(vec![Tensor::cat(vec![x.clone(), x.clone(), x], 0), image_rows.clone()], 1);
-            let e = self.unet.forward(input, &[t, t, t], context.clone());
-            let row = |r: usize| e.clone().slice([r..r + 1, 0..lat_c, 0..h, 0..w]);
-            let (ea, eb, ec) = (row(0), row(1), row(2));
-            let guided = ec.clone() + (ea - eb.clone()).mul_scalar(opts.guidance) + (eb - ec).mul_scalar(opts.image_guidance);
             let step_noise = match noise {
                 Noise::Seeded(seed) => draw(*seed, STEP_STREAM + i as u64),
                 Noise::Given { steps, .. } => steps.get(i).cloned().ok_or_else(|| PipelineError::Config(format!("no noise for step {i}")))?,
                 Noise::Reuse(r) => r.noise(*ts.get(i + 1).unwrap_or(&t), lat_c * h * w)?,
             };
-            latents = sched.step(guided, i, latents, noise_tensor(step_noise)?);
+            // The step's work in buffers of its exact size in the browser (see `exact_fit`).
+            latents = visii_models::memory::exact_fit(dev, (latents, noise_tensor(step_noise)?), |(latents, step_noise)| {
+                let x = sched.scale_model_input(latents.clone(), i);
+                let input = Tensor::cat(vec![Tensor::cat(vec![x.clone(), x.clone(), x], 0), image_rows.clone()], 1);
+                let e = self.unet.forward(input, &[t, t, t], context.clone());
+                let row = |r: usize| e.clone().slice([r..r + 1, 0..lat_c, 0..h, 0..w]);
+                let (ea, eb, ec) = (row(0), row(1), row(2));
+                let guided = ec.clone() + (ea - eb.clone()).mul_scalar(opts.guidance) + (eb - ec).mul_scalar(opts.image_guidance);
+                sched.step(guided, i, latents, step_noise)
+            });
             crate::release_free_memory(dev);
             if let Some(f) = trace.as_mut() {
                 f(i, &latents);

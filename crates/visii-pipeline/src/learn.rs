@@ -150,8 +150,21 @@ impl Inversion {
         Ok((Self::stats(self.step as usize, t, crate::block_on(crate::read_f32(vals))?), g))
     }
 
-    /// Forward and backward: ([mse, cos, loss], d loss / d c).
+    /// Forward and backward: ([mse, cos, loss], d loss / d c), in buffers of their exact size in
+    /// the browser (`visii_models::memory::exact_fit`).
     fn graph(
+        &self,
+        unet: &UNet2DConditionModel,
+        text_projection: &Linear,
+        pair: &PairLatents,
+        t: usize,
+        sigma: f32,
+        n: Tensor<4>,
+    ) -> (Tensor<1>, Tensor<3>) {
+        visii_models::memory::exact_fit(&n.device(), n, |n| self.graph_in(unet, text_projection, pair, t, sigma, n))
+    }
+
+    fn graph_in(
         &self,
         unet: &UNet2DConditionModel,
         text_projection: &Linear,

@@ -280,10 +280,14 @@ struct EngineOpts {
     /// The same inside the backward pass through int8 weights (default 0: never, see
     /// `visii_models::memory::TIDY_BACKWARD_EVERY`).
     tidy_backward_every: Option<usize>,
+    /// Run each learning / sampling step in buffers of exactly the size asked for (default true,
+    /// `visii_models::memory::EXACT_FIT`); false: the allocator's size buckets.
+    exact_fit: Option<bool>,
 }
 
 /// Create the engine (initialises WebGPU). `options`: `{ limits: "adapter" | "spec", tidyEvery?,
-/// tidyBackwardEvery? }` (the last two: how often free GPU buffers are handed back; for diagnosis). The models
+/// tidyBackwardEvery?, exactFit? }` (the last three: how often free GPU buffers are handed back, and
+/// whether steps run in exact-size buffers; for diagnosis). The models
 /// keep every buffer they create on purpose within 128 MiB either way
 /// (`visii_models::nn::max_buffer_bytes`).
 #[wasm_bindgen(js_name = createEngine)]
@@ -296,6 +300,7 @@ pub async fn create_engine(options: JsValue) -> Result<Engine, JsValue> {
     };
     visii_models::memory::tidy_every(o.tidy_every.unwrap_or(visii_models::memory::TIDY_EVERY));
     visii_models::memory::tidy_backward_every(o.tidy_backward_every.unwrap_or(visii_models::memory::TIDY_BACKWARD_EVERY));
+    visii_models::memory::exact_fit_steps(o.exact_fit.unwrap_or(visii_models::memory::EXACT_FIT));
     Ok(Engine {
         device: init_device(spec).await?,
         ip2p: RefCell::new(None),
