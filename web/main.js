@@ -561,7 +561,7 @@ const hub = params.get('hub');
 // ?gpuLimits=spec asks for a device with WebGPU's default limits (what the least capable adapter grants).
 const limits = params.get('gpuLimits') === 'spec' ? 'spec' : 'adapter';
 // ?gpuTidyEvery=N&gpuTidyBackwardEvery=M: how often (in layers; 0 = only between steps) the engine
-// hands free GPU buffers back in the forward / backward pass; ?gpuExactFit=0: steps in the
+// hands free GPU buffers back in the forward / backward pass; ?gpuExactFit=0: learning steps in the
 // allocator's size buckets instead of exact-size buffers (diagnosis).
 const tidy = {};
 if (params.has('gpuTidyEvery')) tidy.tidyEvery = Number(params.get('gpuTidyEvery'));

@@ -40,7 +40,7 @@ struct Cli {
     /// 0, never: as the browser does; see `visii_models::memory::TIDY_BACKWARD_EVERY`).
     #[arg(long, global = true, default_value_t = visii_models::memory::TIDY_BACKWARD_EVERY)]
     gpu_tidy_backward_every: usize,
-    /// With `--gpu-memory browser`: run each learning / sampling step in buffers of
+    /// With `--gpu-memory browser`: run each learning step in buffers of
     /// exactly the size asked for (default true, as the browser does; false: the allocator's size
     /// buckets; see `visii_models::memory::exact_fit`).
     #[arg(long, global = true, default_value_t = visii_models::memory::EXACT_FIT, action = clap::ArgAction::Set)]
@@ -983,7 +983,10 @@ fn bench_vae(
     let normal = |shape: [usize; 4]| Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), dev);
     timed(backend, w.param_count(), build_s, runs, dev, || match what {
         BenchWhat::VaeDecode => {
-            let _ = vae.decode(normal([1, cfg.latent_channels, latent, latent])).slice([0..1, 0..1, 0..1, 0..1]).into_data();
+            // As `apply` decodes (stage by stage, handing buffers back between, as in a browser).
+            let z = normal([1, cfg.latent_channels, latent, latent]);
+            let x = visii_pipeline::block_on(visii_pipeline::apply::decode_staged(&vae, z)).expect("decode");
+            let _ = x.slice([0..1, 0..1, 0..1, 0..1]).into_data();
         }
         _ => {
             let _ = vae.encode_mode(normal([1, cfg.in_channels, px, px])).slice([0..1, 0..1, 0..1, 0..1]).into_data();

@@ -67,6 +67,11 @@ impl Chunked {
             .collect()
     }
 
+    /// The first channel slice (all of it where the tensor fits one buffer).
+    pub fn first(&self) -> &Tensor<4> {
+        &self.parts[0]
+    }
+
     /// The whole tensor (one buffer).
     pub fn join(self) -> Tensor<4> {
         if self.parts.len() == 1 {

@@ -7,9 +7,10 @@
 //! of allocations. So in the browser the free pages are handed back after every learning /
 //! sampling step ([`release`]), once the step's values have been read back (the GPU has run all
 //! of it), and weights and the per-layer dequantised int8 weights get buffers of exactly their
-//! size (`crate::weights::persistent`); so do the tensors of each learning / sampling step
-//! ([`exact_fit`]): a free one is reused only for its very size, which the next layers
-//! of the same shapes ask for, instead of bucket pages that hold ~1.6x and pile up.
+//! size (`crate::weights::persistent`); so do the tensors of each learning step ([`exact_fit`]):
+//! a free one is reused only for its very size, which the next layers of the same shapes ask
+//! for, instead of bucket pages that hold ~1.6x and pile up. Forward-only passes (sampling, the
+//! VAE) stay in the buckets: they keep few tensors alive, and exact sizes held more there.
 //!
 //! Not inside a step, by default ([`TIDY_EVERY`], [`TIDY_BACKWARD_EVERY`]: 0). In a browser the
 //! wasm side queues a whole step before the GPU has run much of it (natively cubecl waits for the
@@ -53,7 +54,7 @@ pub const TIDY_EVERY: usize = 0;
 /// Instance reference no longer exists"; 4 runs of 4): the pile-up the module's text describes.
 pub const TIDY_BACKWARD_EVERY: usize = 0;
 
-/// Whether a learning / sampling step's work runs in buffers of exactly the size asked for in the
+/// Whether a learning step's forward and backward pass run in buffers of exactly the size asked for in the
 /// browser ([`exact_fit`]): yes.
 pub const EXACT_FIT: bool = true;
 
@@ -103,13 +104,16 @@ pub fn watch(on: bool) {
 
 /// `work(input)` with what it allocates on the device in buffers of exactly the size asked for
 /// (cubecl's persistent pool: a free buffer is reused only by a request of its very size), in the
-/// browser ([`in_browser`], unless [`exact_fit_steps`] turned it off); natively as it is. For one learning / sampling step:
-/// the bucket pools serve a request from any free page of a larger bucket and make a new page when
-/// none is free, so with nothing handed back inside a step (see the module's text) they held ~2.7x
-/// what was in use at once; exact-size buffers come back to the same shapes layer after layer.
-/// Measured natively (full-size UNet learning step at 32 x 32 latents, int8 weights, browser
-/// allocator, spec limits): held at most 2.78 GiB instead of 4.54 GiB for 1.66 GiB in use. What
-/// such a window leaves free goes back at the next [`release`] like any other free buffer.
+/// browser ([`in_browser`], unless [`exact_fit_steps`] turned it off); natively as it is. For a
+/// learning step's forward and backward pass: the bucket pools serve a request from any free page
+/// of a larger bucket and make a new page when none is free, so with nothing handed back inside a
+/// step (see the module's text) they held ~2.7x what was in use at once; exact-size buffers come
+/// back to the same shapes layer after layer. Measured natively (full-size UNet learning step at
+/// 32 x 32 latents, int8 weights, browser allocator, spec limits): held at most 2.78 GiB instead
+/// of 4.54 GiB for 1.66 GiB in use; in a tab the whole step 3.69 GB instead of 5.60 GB. Not for
+/// forward-only passes, which keep few tensors alive, so freed buffers of sizes not asked for
+/// again add up (sampling step at 64 x 64: 2.71 GiB exact, 2.10 GiB in buckets; VAE decode at 256
+/// px: 0.49 / 0.43 GiB). What such a window leaves free goes back at the next [`release`].
 pub fn exact_fit<I: Send, O: Send>(device: &Device, input: I, work: impl Fn(I) -> O + Send) -> O {
     if in_browser() && exact_fit_in_force() {
         device.memory_persistent_allocations(input, work)

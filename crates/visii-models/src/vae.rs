@@ -228,22 +228,48 @@ impl AutoencoderKL {
 
     /// Latent (unscaled) [b, latent, h, w] -> image in about [-1, 1], [b, 3, 8h, 8w].
     pub fn decode(&self, z: Tensor<4>) -> Tensor<4> {
-        let d = &self.decoder;
-        let x = match &d.post_quant_conv {
-            Some(c) => c.forward(z),
-            None => z,
-        };
-        let g = d.conv_norm_out.num_groups;
-        let mut x = Chunked::new(d.mid_block.forward(d.conv_in.forward(x)));
-        for block in &d.up_blocks {
-            for r in &block.resnets {
-                x = r.forward_chunked(x);
-            }
-            for u in &block.upsamplers {
-                x = u.forward_chunked(x, align(&u.conv, g));
-            }
+        let mut x = Chunked::new(z);
+        for stage in 0..self.decode_stages() {
+            x = self.decode_stage(stage, x);
         }
-        x.group_norm(&d.conv_norm_out).silu().conv(&d.conv_out, 1).join()
+        x.join()
+    }
+
+    /// [`decode`](Self::decode) runs in this many stages: the mid block (with `post_quant_conv`
+    /// and `conv_in`), each up block, the output layers. A caller can wait for the device and hand
+    /// free buffers back between them (the browser cannot inside one queued pass, see
+    /// [`crate::memory`]).
+    pub fn decode_stages(&self) -> usize {
+        self.decoder.up_blocks.len() + 2
+    }
+
+    /// Stage `stage` of [`decode`](Self::decode); stage 0 takes the latent (`Chunked::new(z)`),
+    /// the last returns the image.
+    pub fn decode_stage(&self, stage: usize, x: Chunked) -> Chunked {
+        let d = &self.decoder;
+        let g = d.conv_norm_out.num_groups;
+        match stage {
+            0 => {
+                let z = x.join();
+                let z = match &d.post_quant_conv {
+                    Some(c) => c.forward(z),
+                    None => z,
+                };
+                Chunked::new(d.mid_block.forward(d.conv_in.forward(z)))
+            }
+            s if s <= d.up_blocks.len() => {
+                let block = &d.up_blocks[s - 1];
+                let mut x = x;
+                for r in &block.resnets {
+                    x = r.forward_chunked(x);
+                }
+                for u in &block.upsamplers {
+                    x = u.forward_chunked(x, align(&u.conv, g));
+                }
+                x
+            }
+            _ => x.group_norm(&d.conv_norm_out).silu().conv(&d.conv_out, 1),
+        }
     }
 }
 

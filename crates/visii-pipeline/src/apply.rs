@@ -146,12 +146,15 @@ impl Ip2p {
         self.vae.encode_mode(image.to_tensor(&self.device))
     }
 
-    /// Scaled latents -> floats in [0, 1], [1, 3, H, W]. In the allocator's size buckets, not in
-    /// exact-size buffers (`visii_models::memory::exact_fit`): the decoder's tensors grow layer
-    /// after layer, so exact sizes are seldom asked for again (measured, full size at 256 px: held
-    /// at most 0.49 GiB in exact sizes, 0.43 GiB in buckets, 0.21 GiB in use).
+    /// Scaled latents -> floats in [0, 1], [1, 3, H, W].
     pub fn decode(&self, latents: Tensor<4>) -> Tensor<4> {
         vae_output_to_unit(self.vae.decode(latents.div_scalar(self.vae.scaling_factor)))
+    }
+
+    /// [`decode`](Self::decode) as `apply` runs it: in the browser it waits for the device
+    /// between the decoder's stages and hands free buffers back there ([`decode_staged`]).
+    pub async fn decode_async(&self, latents: Tensor<4>) -> Result<Tensor<4>> {
+        Ok(vae_output_to_unit(decode_staged(&self.vae, latents.div_scalar(self.vae.scaling_factor)).await?))
     }
 
     /// Sample an edit of `image` (already at its working size, multiples of 8) with conditioning
@@ -240,16 +243,17 @@ impl Ip2p {
                 Noise::Given { steps, .. } => steps.get(i).cloned().ok_or_else(|| PipelineError::Config(format!("no noise for step {i}")))?,
                 Noise::Reuse(r) => r.noise(*ts.get(i + 1).unwrap_or(&t), lat_c * h * w)?,
             };
-            // The step's work in buffers of its exact size in the browser (see `exact_fit`).
-            latents = visii_models::memory::exact_fit(dev, (latents, noise_tensor(step_noise)?), |(latents, step_noise)| {
-                let x = sched.scale_model_input(latents.clone(), i);
-                let input = Tensor::cat(vec![Tensor::cat(vec![x.clone(), x.clone(), x], 0), image_rows.clone()], 1);
-                let e = self.unet.forward(input, &[t, t, t], context.clone());
-                let row = |r: usize| e.clone().slice([r..r + 1, 0..lat_c, 0..h, 0..w]);
-                let (ea, eb, ec) = (row(0), row(1), row(2));
-                let guided = ec.clone() + (ea - eb.clone()).mul_scalar(opts.guidance) + (eb - ec).mul_scalar(opts.image_guidance);
-                sched.step(guided, i, latents, step_noise)
-            });
+            // In the allocator's size buckets, not in exact-size buffers as a learning step
+            // (`visii_models::memory::exact_fit`): a forward pass keeps few tensors alive, and
+            // freed buffers of sizes not asked for again added up (full size, 64 x 64 latents,
+            // browser allocator: held at most 2.10 GiB in buckets, 2.71 GiB in exact sizes).
+            let x = sched.scale_model_input(latents.clone(), i);
+            let input = Tensor::cat(vec![Tensor::cat(vec![x.clone(), x.clone(), x], 0), image_rows.clone()], 1);
+            let e = self.unet.forward(input, &[t, t, t], context.clone());
+            let row = |r: usize| e.clone().slice([r..r + 1, 0..lat_c, 0..h, 0..w]);
+            let (ea, eb, ec) = (row(0), row(1), row(2));
+            let guided = ec.clone() + (ea - eb.clone()).mul_scalar(opts.guidance) + (eb - ec).mul_scalar(opts.image_guidance);
+            latents = sched.step(guided, i, latents, noise_tensor(step_noise)?);
             crate::release_free_memory(dev);
             if let Some(f) = trace.as_mut() {
                 f(i, &latents);
@@ -262,12 +266,33 @@ impl Ip2p {
             }
         }
         progress(steps, steps);
-        Ok(self.decode(latents))
+        self.decode_async(latents).await
     }
 
     fn unet_out_channels(&self) -> usize {
         self.unet.conv_out.weight.dims()[0]
     }
+}
+
+/// `vae.decode(z)`, in the browser ([`visii_models::memory::in_browser`]) one stage at a time
+/// (`AutoencoderKL::decode_stage`), reading one value back after each so the device has run it,
+/// then handing the free buffers back: a buffer handed back inside a queued pass keeps its memory
+/// until the pass has run (see `visii_models::memory`), so without these waits the whole decode's
+/// buffers are alive at once, and the decoder's tensors grow layer after layer (neither exact
+/// sizes nor size buckets get reused much: full size at 256 px held at most 0.49 / 0.43 GiB in
+/// one pass for 0.21 GiB in use). In the allocator's size buckets.
+pub async fn decode_staged(vae: &visii_models::AutoencoderKL, z: Tensor<4>) -> Result<Tensor<4>> {
+    let device = z.device();
+    let stages = vae.decode_stages();
+    let mut x = visii_models::chunked::Chunked::new(z);
+    for stage in 0..stages {
+        x = vae.decode_stage(stage, x);
+        if stage + 1 < stages && visii_models::memory::in_browser() {
+            crate::read_f32(x.first().clone().slice([0..1, 0..1, 0..1, 0..1])).await?;
+            crate::release_free_memory(&device);
+        }
+    }
+    Ok(x.join())
 }
 
 /// Hybrid instruction: the extra text's own token rows (positions `1..extra_eos` of its encoding)

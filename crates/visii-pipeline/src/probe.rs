@@ -52,7 +52,7 @@ impl UnetProbe {
     /// One UNet forward, batch 1.
     pub async fn forward(&self, unet: &UNet2DConditionModel) -> Result<()> {
         let ctx = self.context.clone().slice([0..1]);
-        let e = visii_models::memory::exact_fit(&self.device, self.normal(1, self.in_channels), |x| unet.forward(x, &[500.0], ctx.clone()));
+        let e = unet.forward(self.normal(1, self.in_channels), &[500.0], ctx);
         let r = crate::read_f32(e.slice([0..1, 0..1, 0..1, 0..1])).await.map(drop);
         crate::release_free_memory(&self.device);
         r
@@ -69,17 +69,14 @@ impl UnetProbe {
     /// One sampling step of `apply`: the three guidance rows and the scheduler update.
     pub async fn sample_step(&self, unet: &UNet2DConditionModel) -> Result<()> {
         let (lc, ic) = (self.out_channels, self.in_channels - self.out_channels);
-        let inputs = (self.normal(1, lc), self.normal(3, ic), self.normal(1, lc));
-        // As `apply` runs a step (see `visii_models::memory::exact_fit`).
-        let next = visii_models::memory::exact_fit(&self.device, inputs, |(x, image_rows, step_noise)| {
-            let rows = Tensor::cat(vec![x.clone(), x.clone(), x.clone()], 0);
-            let input = Tensor::cat(vec![self.scheduler.scale_model_input(rows, 0), image_rows], 1);
-            let e = unet.forward(input, &[500.0; 3], self.context.clone());
-            let l = self.latent;
-            let row = |r: usize| e.clone().slice([r..r + 1, 0..lc, 0..l, 0..l]);
-            let g = row(2) + (row(0) - row(1)).mul_scalar(7.5) + (row(1) - row(2)).mul_scalar(1.5);
-            self.scheduler.step(g, 0, x, step_noise)
-        });
+        let x = self.normal(1, lc);
+        let rows = Tensor::cat(vec![x.clone(), x.clone(), x.clone()], 0);
+        let input = Tensor::cat(vec![self.scheduler.scale_model_input(rows, 0), self.normal(3, ic)], 1);
+        let e = unet.forward(input, &[500.0; 3], self.context.clone());
+        let l = self.latent;
+        let row = |r: usize| e.clone().slice([r..r + 1, 0..lc, 0..l, 0..l]);
+        let g = row(2) + (row(0) - row(1)).mul_scalar(7.5) + (row(1) - row(2)).mul_scalar(1.5);
+        let next = self.scheduler.step(g, 0, x, self.normal(1, lc));
         let r = crate::read_f32(next.slice([0..1, 0..1, 0..1, 0..1])).await.map(drop);
         crate::release_free_memory(&self.device);
         r

@@ -280,7 +280,7 @@ struct EngineOpts {
     /// The same inside the backward pass through int8 weights (default 0: never, see
     /// `visii_models::memory::TIDY_BACKWARD_EVERY`).
     tidy_backward_every: Option<usize>,
-    /// Run each learning / sampling step in buffers of exactly the size asked for (default true,
+    /// Run each learning step in buffers of exactly the size asked for (default true,
     /// `visii_models::memory::EXACT_FIT`); false: the allocator's size buckets.
     exact_fit: Option<bool>,
 }
