@@ -161,47 +161,36 @@ impl Inversion {
         sigma: f32,
         n: Tensor<4>,
     ) -> (Tensor<1>, Tensor<3>) {
-        visii_models::memory::exact_fit(&n.device(), n, |n| self.graph_in(unet, text_projection, pair, t, sigma, n))
-    }
-
-    fn graph_in(
-        &self,
-        unet: &UNet2DConditionModel,
-        text_projection: &Linear,
-        pair: &PairLatents,
-        t: usize,
-        sigma: f32,
-        n: Tensor<4>,
-    ) -> (Tensor<1>, Tensor<3>) {
-        let [_, lc, h, w] = n.dims();
-        let inp = (pair.z_after.clone() + n.clone().mul_scalar(sigma)).div_scalar((sigma * sigma + 1.0).sqrt());
-        let tf = t as f32;
-        // Rows B and C: no graph.
-        let rows_bc = unet.forward(
-            Tensor::cat(
-                vec![Tensor::cat(vec![inp.clone(), pair.z_before.clone()], 1), Tensor::cat(vec![inp.clone(), pair.z_before.zeros_like()], 1)],
-                0,
-            ),
-            &[tf, tf],
-            Tensor::cat(vec![self.uncond.clone(), self.uncond.clone()], 0),
-        );
-        let e_b = rows_bc.clone().slice([0..1, 0..lc, 0..h, 0..w]).autodiff();
-        let e_c = rows_bc.slice([1..2, 0..lc, 0..h, 0..w]).autodiff();
-        // Row A: autodiff through c only.
-        let c = self.c.clone().autodiff().require_grad();
-        let e_a = unet.forward(Tensor::cat(vec![inp, pair.z_before.clone()], 1).autodiff(), &[tf], c.clone());
-        let e = e_c.clone() + (e_a - e_b.clone()).mul_scalar(self.guidance) + (e_b - e_c).mul_scalar(self.image_guidance);
-        let mse = (e - n.autodiff()).powi_scalar(2).mean();
-        let [_, rows, hidden] = c.dims();
-        let p = text_projection.forward(c.clone().mean_dim(1).reshape([1, hidden]));
-        let p = p.clone().div(p.powi_scalar(2).sum().sqrt().reshape([1, 1]));
-        let cos = (p.reshape([self.direction.dims()[0]]) * self.direction.clone().autodiff()).sum();
-        let loss = mse.clone().mul_scalar(4.0) - cos.clone().clamp(-1.0, 0.5).mul_scalar(0.1);
-        // One readback for the three values (not three), by the caller.
-        let vals = Tensor::cat(vec![mse.inner(), cos.clone().inner(), loss.clone().inner()], 0);
-        let grads = loss.backward();
-        let _ = rows;
-        (vals, c.grad(&grads).expect("gradient w.r.t. the instruction"))
+        visii_models::memory::exact_fit(&n.device(), n, |n| {
+            let [_, lc, h, w] = n.dims();
+            let inp = (pair.z_after.clone() + n.clone().mul_scalar(sigma)).div_scalar((sigma * sigma + 1.0).sqrt());
+            let tf = t as f32;
+            // Rows B and C: no graph.
+            let rows_bc = unet.forward(
+                Tensor::cat(
+                    vec![Tensor::cat(vec![inp.clone(), pair.z_before.clone()], 1), Tensor::cat(vec![inp.clone(), pair.z_before.zeros_like()], 1)],
+                    0,
+                ),
+                &[tf, tf],
+                Tensor::cat(vec![self.uncond.clone(), self.uncond.clone()], 0),
+            );
+            let e_b = rows_bc.clone().slice([0..1, 0..lc, 0..h, 0..w]).autodiff();
+            let e_c = rows_bc.slice([1..2, 0..lc, 0..h, 0..w]).autodiff();
+            // Row A: autodiff through c only.
+            let c = self.c.clone().autodiff().require_grad();
+            let e_a = unet.forward(Tensor::cat(vec![inp, pair.z_before.clone()], 1).autodiff(), &[tf], c.clone());
+            let e = e_c.clone() + (e_a - e_b.clone()).mul_scalar(self.guidance) + (e_b - e_c).mul_scalar(self.image_guidance);
+            let mse = (e - n.autodiff()).powi_scalar(2).mean();
+            let [_, _, hidden] = c.dims();
+            let p = text_projection.forward(c.clone().mean_dim(1).reshape([1, hidden]));
+            let p = p.clone().div(p.powi_scalar(2).sum().sqrt().reshape([1, 1]));
+            let cos = (p.reshape([self.direction.dims()[0]]) * self.direction.clone().autodiff()).sum();
+            let loss = mse.clone().mul_scalar(4.0) - cos.clone().clamp(-1.0, 0.5).mul_scalar(0.1);
+            // One readback for the three values (not three), by the caller.
+            let vals = Tensor::cat(vec![mse.inner(), cos.clone().inner(), loss.clone().inner()], 0);
+            let grads = loss.backward();
+            (vals, c.grad(&grads).expect("gradient w.r.t. the instruction"))
+        })
     }
 
     fn adamw(&mut self, g: Tensor<3>) {
