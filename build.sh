@@ -252,6 +252,6 @@ case "$cmd" in
     if [ "${2:-}" = --no-torch ]; then cargo run -p visii-cli -- bench "${@:3}"
     else py=$(torch_python); cargo run -p visii-cli -- bench --torch "$py" "${@:2}"; fi ;;
   fullsize) run_fullsize ;;
-  fixtures) python3 tests/fixtures/generate.py ;;
+  fixtures) python3 tests/fixtures/generate.py && python3 tests/fixtures/generate_torch.py ;;
   *) sed -n '2,14p' "$0"; [ "$cmd" = help ] || exit 2 ;;
 esac

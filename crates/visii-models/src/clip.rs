@@ -80,11 +80,35 @@ impl Default for ClipVisionConfig {
 
 /// `CLIPConfig` of a `CLIPModel` folder.
 #[derive(Debug, Clone, Deserialize, serde::Serialize, Default)]
-#[serde(default)]
+#[serde(default, from = "RawClipConfig")]
 pub struct ClipConfig {
     pub text_config: ClipTextConfig,
     pub vision_config: ClipVisionConfig,
     pub projection_dim: Option<usize>,
+}
+
+/// `config.json` as transformers 4 (2022-2023) wrote it: besides `text_config` / `vision_config`
+/// it may carry `text_config_dict` / `vision_config_dict`, which then win: transformers 4 builds the
+/// sub-config from the `_dict` (its missing fields at their defaults) and lets every field of that
+/// override `text_config`. `null` sub-configs mean the defaults.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawClipConfig {
+    text_config: Option<ClipTextConfig>,
+    vision_config: Option<ClipVisionConfig>,
+    text_config_dict: Option<ClipTextConfig>,
+    vision_config_dict: Option<ClipVisionConfig>,
+    projection_dim: Option<usize>,
+}
+
+impl From<RawClipConfig> for ClipConfig {
+    fn from(r: RawClipConfig) -> Self {
+        Self {
+            text_config: r.text_config_dict.or(r.text_config).unwrap_or_default(),
+            vision_config: r.vision_config_dict.or(r.vision_config).unwrap_or_default(),
+            projection_dim: r.projection_dim,
+        }
+    }
 }
 
 fn check_act(act: &str) -> Result<bool> {
@@ -335,5 +359,28 @@ impl ClipVision {
     /// Pixel values -> image embeddings [b, projection_dim] (`get_image_features`).
     pub fn image_embeds(&self, pixels: Tensor<4>) -> Tensor<2> {
         self.visual_projection.run(self.pooled(pixels))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_dicts_of_transformers_4_win_over_the_sub_configs() {
+        // openai/clip-vit-large-patch14's config.json carries both; a `_dict` alone (text_config null)
+        // also occurs. Fields the `_dict` omits take transformers' defaults.
+        let both = r#"{"projection_dim": 768,
+            "text_config": {"hidden_size": 512, "intermediate_size": 2048, "max_position_embeddings": 77},
+            "text_config_dict": {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "projection_dim": 768},
+            "vision_config": {"hidden_size": 1024, "patch_size": 14, "num_hidden_layers": 24},
+            "vision_config_dict": null}"#;
+        let c: ClipConfig = serde_json::from_str(both).unwrap();
+        assert_eq!((c.text_config.hidden_size, c.text_config.intermediate_size, c.text_config.num_attention_heads), (768, 3072, 12));
+        assert_eq!(c.text_config.vocab_size, 49408);
+        assert_eq!((c.vision_config.hidden_size, c.vision_config.patch_size, c.vision_config.num_hidden_layers), (1024, 14, 24));
+        let dict_only: ClipConfig = serde_json::from_str(r#"{"text_config": null, "vision_config_dict": {"hidden_size": 1024}}"#).unwrap();
+        assert_eq!((dict_only.text_config.hidden_size, dict_only.vision_config.hidden_size), (512, 1024));
+        assert_eq!(dict_only.projection_dim, None);
     }
 }

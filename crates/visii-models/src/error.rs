@@ -12,6 +12,9 @@ pub enum ModelError {
     /// Bytes that are not a safetensors file.
     #[error("{source_name} is not a valid safetensors file ({message}); the download may be truncated or corrupt: fetch it again")]
     BadSafetensors { source_name: String, message: String },
+    /// Bytes that are not a PyTorch checkpoint we can read.
+    #[error("{source_name} is not a PyTorch checkpoint this app can read ({message}); a truncated download needs fetching again, other files converting to safetensors")]
+    BadTorchFile { source_name: String, message: String },
     /// The config asks for a tensor the weights do not have.
     #[error("{source_name}: missing tensor `{name}` (the config expects shape {expected:?}); the weights do not match this model's config.json")]
     MissingTensor { source_name: String, name: String, expected: Vec<usize> },
@@ -24,7 +27,7 @@ pub enum ModelError {
     )]
     UnexpectedTensor { source_name: String, name: String, component: String },
     /// A dtype we cannot turn into f32.
-    #[error("{source_name}: tensor `{name}` has dtype {dtype}, only F32, F16 and BF16 weights are supported")]
+    #[error("{source_name}: tensor `{name}` has dtype {dtype}, only F32, F16, BF16 and F64 weights are supported")]
     UnsupportedDtype { source_name: String, name: String, dtype: String },
     /// A config value the implementation does not support.
     #[error("unsupported model: {0}")]

@@ -20,6 +20,7 @@ pub mod resident;
 pub mod resnet;
 pub mod source;
 pub mod tokenizer;
+pub mod torch;
 pub mod unet;
 pub mod vae;
 pub mod weights;

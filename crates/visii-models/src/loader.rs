@@ -1,7 +1,9 @@
 //! Model folders in their published layouts: an InstructPix2Pix diffusers folder (`model_index.json`,
 //! `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`) and a transformers `CLIPModel` folder
 //! (`config.json`, `model.safetensors`, `preprocessor_config.json`). Components load from config
-//! text + safetensors buffers, so the browser (bytes) and the CLI (files) share this code.
+//! text + weight files read by range, so the browser (bytes) and the CLI (files) share this code.
+//! Weights are safetensors, or the PyTorch `.bin` checkpoints 2023's libraries wrote by default
+//! (see [`weight_files`]).
 //!
 //! Name rules (source -> ours), all applied as aliases when the first spelling is missing:
 //! | source | accepted as |
@@ -227,38 +229,50 @@ impl Files {
     pub fn weight_file(&self, rel: &str) -> Result<WeightFile> {
         WeightFile::open(self.display(rel), self.source(rel)?)
     }
+
+    /// A PyTorch checkpoint (its pickle is read, never run; tensors later, one at a time).
+    pub fn torch_file(&self, rel: &str) -> Result<WeightFile> {
+        WeightFile::open_torch(self.display(rel), self.source(rel)?)
+    }
 }
 
-/// The safetensors files of a component folder on disk (see [`weight_files`]).
+/// The weight files of a component folder on disk (see [`weight_files`]).
 pub fn weight_files_in(dir: &Path, stem: &str) -> Result<Vec<WeightFile>> {
     weight_files(&Files::Disk(dir.to_path_buf()), "", stem)
 }
 
-/// The safetensors files of component folder `dir`: a sharded index, or one file by its usual
-/// names (full precision first, then the `fp16` variant).
+/// The weight files of component folder `dir`: safetensors first (a sharded index, or one file by
+/// its usual names, full precision then the `fp16` variant), else the PyTorch checkpoints 2023's
+/// libraries wrote by default (`pytorch_model.bin` for transformers' `model`,
+/// `diffusion_pytorch_model.bin` for diffusers; sharded, or the `fp16` variant).
 pub fn weight_files(files: &Files, dir: &str, stem: &str) -> Result<Vec<WeightFile>> {
-    let index = join(dir, &format!("{stem}.safetensors.index.json"));
-    if files.exists(&index) {
-        let v: serde_json::Value = parse_config(&files.display(&index), &files.read_text(&index)?)?;
-        let mut shards: Vec<String> =
-            v["weight_map"].as_object().map(|m| m.values().filter_map(|s| s.as_str().map(String::from)).collect()).unwrap_or_default();
-        shards.sort();
-        shards.dedup();
-        return shards.iter().map(|s| files.weight_file(&join(dir, s))).collect();
-    }
-    for name in [format!("{stem}.safetensors"), format!("{stem}.fp16.safetensors")] {
-        let p = join(dir, &name);
-        if files.exists(&p) {
-            return Ok(vec![files.weight_file(&p)?]);
+    let torch_stem = if stem == "model" { "pytorch_model" } else { stem };
+    for (stem, ext, torch) in [(stem, "safetensors", false), (torch_stem, "bin", true)] {
+        let open = |rel: &str| if torch { files.torch_file(rel) } else { files.weight_file(rel) };
+        let index = join(dir, &format!("{stem}.{ext}.index.json"));
+        if files.exists(&index) {
+            let v: serde_json::Value = parse_config(&files.display(&index), &files.read_text(&index)?)?;
+            let mut shards: Vec<String> =
+                v["weight_map"].as_object().map(|m| m.values().filter_map(|s| s.as_str().map(String::from)).collect()).unwrap_or_default();
+            shards.sort();
+            shards.dedup();
+            if shards.is_empty() {
+                return Err(ModelError::Config { path: files.display(&index), message: "its weight_map names no files".into() });
+            }
+            return shards.iter().map(|s| open(&join(dir, s))).collect();
+        }
+        for name in [format!("{stem}.{ext}"), format!("{stem}.fp16.{ext}")] {
+            let p = join(dir, &name);
+            if files.exists(&p) {
+                return Ok(vec![open(&p)?]);
+            }
         }
     }
-    let bin = join(dir, &format!("{stem}.bin"));
-    let message = if files.exists(&bin) {
-        format!("only {} (PyTorch pickle) is present: convert it to safetensors", files.display(&bin))
-    } else {
-        format!("no {stem}.safetensors")
-    };
-    Err(ModelError::NotAModel { path: files.display(dir), expected: "a model component folder".into(), message })
+    Err(ModelError::NotAModel {
+        path: files.display(dir),
+        expected: "a model component folder".into(),
+        message: format!("no {stem}.safetensors or {torch_stem}.bin"),
+    })
 }
 
 /// An InstructPix2Pix folder in the diffusers layout.

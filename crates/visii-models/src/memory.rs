@@ -40,6 +40,7 @@ static LAYERS: AtomicUsize = AtomicUsize::new(0);
 static EVERY: AtomicUsize = AtomicUsize::new(TIDY_EVERY);
 static WATCH: AtomicBool = AtomicBool::new(false);
 static BACKWARD_EVERY: AtomicUsize = AtomicUsize::new(TIDY_BACKWARD_EVERY);
+#[cfg_attr(not(feature = "frozen"), allow(dead_code))] // used by the backward of frozen int8 layers
 static BACKWARD_LAYERS: AtomicUsize = AtomicUsize::new(0);
 static EXACT: AtomicBool = AtomicBool::new(EXACT_FIT);
 
@@ -155,6 +156,7 @@ pub(crate) fn tidy_with(usage: impl FnOnce() -> Option<(u64, u64)>, cleanup: imp
 }
 
 /// [`tidy_with`] in the backward pass (every [`tidy_backward_every`] layers).
+#[cfg_attr(not(feature = "frozen"), allow(dead_code))]
 pub(crate) fn tidy_backward_with(usage: impl FnOnce() -> Option<(u64, u64)>, cleanup: impl FnOnce()) {
     tidy_counted(&BACKWARD_LAYERS, BACKWARD_EVERY.load(Ordering::Relaxed), usage, cleanup)
 }

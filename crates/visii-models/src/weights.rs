@@ -1,5 +1,6 @@
-//! Safetensors weights from bytes (the browser has no files) or files, looked up by the checkpoints'
-//! own tensor names, converted from f32 / f16 / bf16 to f32 tensors on a device.
+//! Safetensors weights (and PyTorch `.bin` checkpoints, [`crate::torch`]) from bytes (the browser has
+//! no files) or files, looked up by the checkpoints' own tensor names, converted from f32 / f16 / bf16
+//! to f32 tensors on a device.
 //!
 //! Naming variants between 2023 checkpoints and today's writers are handled by *aliases*: when a name
 //! is missing, each alias rule `(from, to)` is tried by replacing `from` with `to` once.
@@ -25,6 +26,9 @@ pub struct WeightFile {
     tensors: HashMap<String, TensorInfo>,
     /// Names of 4-bit packed tensors.
     packed4: std::collections::HashSet<String>,
+    /// Tensors of a PyTorch checkpoint stored as non-contiguous views: their `data_offsets` cover
+    /// the span they lie in, gathered into row-major order when read.
+    strided: HashMap<String, crate::torch::TorchTensor>,
 }
 
 /// Headers larger than this are refused (safetensors' own limit).
@@ -94,7 +98,27 @@ impl WeightFile {
             info.shape = shape;
             packed4.insert(k);
         }
-        Ok(Self { name, source, data_start, tensors, packed4 })
+        Ok(Self { name, source, data_start, tensors, packed4, strided: HashMap::new() })
+    }
+
+    /// Open a PyTorch checkpoint (`pytorch_model.bin`, `diffusion_pytorch_model.bin`: the zip
+    /// archive `torch.save` writes) from any byte source: its pickle is read (never run, see
+    /// [`crate::torch`]) into the same index of byte ranges a safetensors header gives.
+    pub fn open_torch(name: impl Into<String>, source: Arc<dyn ByteSource>) -> Result<Self> {
+        let name = name.into();
+        let bad = |message: String| ModelError::BadTorchFile { source_name: name.clone(), message };
+        let index = crate::torch::read_index(&*source).map_err(bad)?;
+        let mut tensors = HashMap::new();
+        let mut strided = HashMap::new();
+        for (k, t) in index {
+            let a = usize::try_from(t.start).map_err(|_| bad(format!("tensor {k} lies beyond what this platform can address")))?;
+            let b = a + t.span() * t.dtype.bitsize() / 8;
+            tensors.insert(k.clone(), TensorInfo { dtype: t.dtype, shape: t.shape.clone(), data_offsets: (a, b) });
+            if t.strides.is_some() {
+                strided.insert(k, t);
+            }
+        }
+        Ok(Self { name, source, data_start: 0, tensors, packed4: Default::default(), strided })
     }
 
     /// Names of all tensors in the file.
@@ -116,7 +140,14 @@ impl WeightFile {
         })?;
         let (a, b) = info.data_offsets;
         crate::source::READ_STATS.record(b - a);
-        self.source.read_at((self.data_start + a) as u64, b - a).map_err(|e| ModelError::Io { path: format!("{} ({name})", self.name), message: e })
+        let bytes = self
+            .source
+            .read_at((self.data_start + a) as u64, b - a)
+            .map_err(|e| ModelError::Io { path: format!("{} ({name})", self.name), message: e })?;
+        Ok(match self.strided.get(name) {
+            Some(t) => t.gather(&bytes),
+            None => bytes,
+        })
     }
 
     /// The tensor's values as f32, whatever float dtype it is stored in.
@@ -144,6 +175,7 @@ impl WeightFile {
             Dtype::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
             Dtype::F16 => raw.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             Dtype::BF16 => raw.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            Dtype::F64 => raw.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32).collect(),
             // A pack's int8 tensor: one f32 scale per block of contiguous values (crate::pack).
             Dtype::I8 => {
                 let scales = self.read_f32(&format!("{name}{}", crate::pack::SCALE_SUFFIX)).map_err(|_| ModelError::UnsupportedDtype {

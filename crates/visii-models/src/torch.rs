@@ -1,0 +1,684 @@
+//! PyTorch checkpoints (`pytorch_model.bin`, `diffusion_pytorch_model.bin`): what transformers and
+//! diffusers wrote by default through 2023, before safetensors became their default. Such a file is
+//! the zip archive `torch.save` writes (PyTorch >= 1.6): `<root>/data.pkl`, a pickle of the state
+//! dict, and `<root>/data/<key>`, one stored (uncompressed) entry per storage.
+//!
+//! The pickle is *read*, never run: a small interpreter for the opcodes Python's pickler emits builds
+//! a value tree, and only what a state dict is made of is understood (`collections.OrderedDict`,
+//! `torch._utils._rebuild_tensor_v2` / `_rebuild_parameter`, the storage types as persistent ids).
+//! Any other callable is refused by name, so a malicious file cannot do anything. The result is an
+//! index of tensors as byte ranges in the archive, read one at a time like a safetensors file's.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use safetensors::tensor::Dtype;
+
+use crate::source::ByteSource;
+
+/// One tensor of the checkpoint: where its first element lies in the file and how it is laid out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TorchTensor {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    /// Absolute byte offset of the tensor's first element in the file.
+    pub start: u64,
+    /// Element strides when the tensor is not stored contiguously in row-major order.
+    pub strides: Option<Vec<usize>>,
+}
+
+impl TorchTensor {
+    /// Elements spanned in the storage from the first one (the whole tensor when contiguous).
+    pub fn span(&self) -> usize {
+        if self.shape.contains(&0) {
+            return 0;
+        }
+        match &self.strides {
+            None => self.shape.iter().product(),
+            Some(st) => 1 + self.shape.iter().zip(st).map(|(n, s)| (n - 1) * s).sum::<usize>(),
+        }
+    }
+
+    /// The tensor's bytes in row-major order from the bytes of its span.
+    pub fn gather(&self, span: &[u8]) -> Vec<u8> {
+        let Some(st) = &self.strides else { return span.to_vec() };
+        let es = self.dtype.bitsize() / 8;
+        let n: usize = self.shape.iter().product();
+        let mut out = Vec::with_capacity(n * es);
+        let mut idx = vec![0usize; self.shape.len()];
+        for _ in 0..n {
+            let at = idx.iter().zip(st).map(|(i, s)| i * s).sum::<usize>() * es;
+            out.extend_from_slice(&span[at..at + es]);
+            for d in (0..idx.len()).rev() {
+                idx[d] += 1;
+                if idx[d] < self.shape[d] {
+                    break;
+                }
+                idx[d] = 0;
+            }
+        }
+        out
+    }
+}
+
+/// Whether the bytes start like a zip archive (what `torch.save` writes).
+pub fn is_zip(source: &dyn ByteSource) -> bool {
+    source.len() >= 4 && source.read_at(0, 4).map(|b| b == b"PK\x03\x04").unwrap_or(false)
+}
+
+/// The tensors of a `torch.save` archive, by their state-dict names.
+pub fn read_index(source: &dyn ByteSource) -> Result<Vec<(String, TorchTensor)>, String> {
+    let len = source.len();
+    if !is_zip(source) {
+        let legacy = source.len() >= 2 && source.read_at(0, 2).map(|b| b[0] == 0x80).unwrap_or(false);
+        return Err(if legacy {
+            "a PyTorch file in the format before PyTorch 1.6 (not a zip archive): load it in PyTorch and save it again".into()
+        } else {
+            "not a PyTorch checkpoint (no zip archive)".into()
+        });
+    }
+    let entries = zip_entries(source)?;
+    let pkl = entries.keys().filter(|k| k.ends_with("data.pkl") && !k[..k.len() - 8].contains("data/")).min_by_key(|k| k.len()).cloned();
+    let pkl = pkl.ok_or("the archive has no data.pkl (not a torch.save file)")?;
+    let root = pkl[..pkl.len() - "data.pkl".len()].to_string();
+    if let Some(e) = entries.get(&format!("{root}byteorder")) {
+        let b = read_entry(source, e)?;
+        if b != b"little" {
+            return Err(format!("saved with byte order `{}`; only little-endian checkpoints are supported", String::from_utf8_lossy(&b)));
+        }
+    }
+    let pickle = read_entry(source, &entries[&pkl])?;
+    let top = Unpickler::new(&pickle).run()?;
+    let dict = state_dict(&top).ok_or("the pickle holds no state dict (a mapping of names to tensors)")?;
+    let mut out = Vec::new();
+    let mut starts: HashMap<String, u64> = HashMap::new(); // storage key -> where its bytes start
+    for (k, v) in dict.borrow().iter() {
+        let Val::Tensor(t) = v else { continue };
+        let name = match k {
+            Val::Str(s) => s.clone(),
+            _ => return Err("a state-dict key is not a string".into()),
+        };
+        let e = entries.get(&format!("{root}data/{}", t.key)).ok_or_else(|| format!("tensor {name}: storage {} is not in the archive", t.key))?;
+        if e.method != 0 {
+            return Err(format!("storage {} is compressed (method {}); torch.save stores them uncompressed", t.key, e.method));
+        }
+        let es = (t.dtype.bitsize() / 8) as u64;
+        let tensor = TorchTensor {
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            start: 0,
+            strides: if contiguous(&t.shape, &t.stride) { None } else { Some(t.stride.clone()) },
+        };
+        let (first, span) = (t.offset as u64 * es, tensor.span() as u64 * es);
+        if t.stride.len() != t.shape.len() || first + span > e.size || first + span > t.numel as u64 * es {
+            return Err(format!(
+                "tensor {name}: {:?} {:?} at element {} does not lie within its storage of {} elements",
+                t.dtype, t.shape, t.offset, t.numel
+            ));
+        }
+        let data = match starts.get(&t.key) {
+            Some(d) => *d,
+            None => {
+                let d = data_offset(source, e)?;
+                if d + e.size > len {
+                    return Err(format!("storage {} runs past the end of the file (truncated download?)", t.key));
+                }
+                starts.insert(t.key.clone(), d);
+                d
+            }
+        };
+        out.push((name, TorchTensor { start: data + first, ..tensor }));
+    }
+    if out.is_empty() {
+        return Err("the state dict holds no tensors".into());
+    }
+    Ok(out)
+}
+
+fn contiguous(shape: &[usize], stride: &[usize]) -> bool {
+    if shape.len() != stride.len() {
+        return false;
+    }
+    let mut want = 1;
+    for (n, s) in shape.iter().zip(stride).rev() {
+        if *n != 1 && *s != want {
+            return false;
+        }
+        want *= n;
+    }
+    true
+}
+
+/// The state dict in a loaded pickle: the top-level mapping, or its `state_dict` entry (Lightning
+/// and original Stable Diffusion checkpoints wrap it).
+fn state_dict(top: &Val) -> Option<Rc<RefCell<Vec<(Val, Val)>>>> {
+    let Val::Dict(d) = top else { return None };
+    let inner = d.borrow().iter().find_map(|(k, v)| match (k, v) {
+        (Val::Str(s), Val::Dict(inner)) if s == "state_dict" => Some(inner.clone()),
+        _ => None,
+    });
+    Some(inner.unwrap_or_else(|| d.clone()))
+}
+
+// ------------------------------------------------------------------------------------------- zip
+
+struct Entry {
+    method: u16,
+    size: u64,
+    local: u64,
+}
+
+fn le16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+fn le64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// The archive's central directory (zip64 included: a fp32 UNet's archive is 3.4 GB).
+fn zip_entries(source: &dyn ByteSource) -> Result<HashMap<String, Entry>, String> {
+    let len = source.len();
+    let tail_len = len.min(22 + 65535);
+    let tail = source.read_at(len - tail_len, tail_len as usize)?;
+    let eocd = (0..tail.len().saturating_sub(21))
+        .rev()
+        .find(|&i| le32(&tail, i) == 0x0605_4b50)
+        .ok_or("no zip directory at the end (truncated download?)")?;
+    let mut count = le16(&tail, eocd + 10) as u64;
+    let mut cd_size = le32(&tail, eocd + 12) as u64;
+    let mut cd_offset = le32(&tail, eocd + 16) as u64;
+    if count == 0xffff || cd_size == 0xffff_ffff || cd_offset == 0xffff_ffff {
+        let at = (len - tail_len + eocd as u64).checked_sub(20).ok_or("zip64 locator missing")?;
+        let loc = source.read_at(at, 20)?;
+        if le32(&loc, 0) != 0x0706_4b50 {
+            return Err("zip64 locator missing".into());
+        }
+        let rec = source.read_at(le64(&loc, 8), 56).map_err(|e| format!("zip64 directory: {e}"))?;
+        if le32(&rec, 0) != 0x0606_4b50 {
+            return Err("zip64 directory record missing".into());
+        }
+        (count, cd_size, cd_offset) = (le64(&rec, 32), le64(&rec, 40), le64(&rec, 48));
+    }
+    if cd_offset + cd_size > len || cd_size > 1 << 30 {
+        return Err("the zip directory does not lie within the file (truncated download?)".into());
+    }
+    let cd = source.read_at(cd_offset, cd_size as usize)?;
+    let mut entries = HashMap::new();
+    let mut p = 0usize;
+    for _ in 0..count {
+        if p + 46 > cd.len() || le32(&cd, p) != 0x0201_4b50 {
+            return Err("corrupt zip directory".into());
+        }
+        let method = le16(&cd, p + 10);
+        let (mut size, mut local) = (le32(&cd, p + 24) as u64, le32(&cd, p + 42) as u64);
+        let csize = le32(&cd, p + 20) as u64;
+        let (n, x, c) = (le16(&cd, p + 28) as usize, le16(&cd, p + 30) as usize, le16(&cd, p + 32) as usize);
+        if p + 46 + n + x + c > cd.len() {
+            return Err("corrupt zip directory".into());
+        }
+        let name = String::from_utf8_lossy(&cd[p + 46..p + 46 + n]).into_owned();
+        // zip64 extra field: the 64-bit values of the fields that read 0xffffffff, in this order.
+        let mut extra = &cd[p + 46 + n..p + 46 + n + x];
+        while extra.len() >= 4 {
+            let (id, l) = (le16(extra, 0), le16(extra, 2) as usize);
+            let body = extra.get(4..4 + l).ok_or("corrupt zip extra field")?;
+            if id == 1 {
+                let mut q = 0;
+                let mut next = |v: &mut u64| {
+                    if *v == 0xffff_ffff && q + 8 <= body.len() {
+                        *v = le64(body, q);
+                        q += 8;
+                    }
+                };
+                next(&mut size);
+                let mut c64 = csize;
+                next(&mut c64);
+                next(&mut local);
+            }
+            extra = &extra[4 + l..];
+        }
+        entries.insert(name, Entry { method, size, local });
+        p += 46 + n + x + c;
+    }
+    Ok(entries)
+}
+
+/// Where an entry's bytes start (after its local header, whose extra field torch uses for alignment).
+fn data_offset(source: &dyn ByteSource, e: &Entry) -> Result<u64, String> {
+    let h = source.read_at(e.local, 30).map_err(|m| format!("zip entry header: {m}"))?;
+    if le32(&h, 0) != 0x0403_4b50 {
+        return Err("corrupt zip entry header".into());
+    }
+    Ok(e.local + 30 + le16(&h, 26) as u64 + le16(&h, 28) as u64)
+}
+
+fn read_entry(source: &dyn ByteSource, e: &Entry) -> Result<Vec<u8>, String> {
+    if e.method != 0 {
+        return Err(format!("compressed zip entry (method {})", e.method));
+    }
+    if e.size > 1 << 30 {
+        return Err("a zip entry too large to be a state dict's pickle".into());
+    }
+    source.read_at(data_offset(source, e)?, e.size as usize)
+}
+
+// ---------------------------------------------------------------------------------------- pickle
+
+/// A storage as the pickle names it (its persistent id).
+#[derive(Debug, Clone)]
+struct Storage {
+    dtype: Dtype,
+    key: String,
+    numel: usize,
+}
+
+#[derive(Debug, Clone)]
+struct TensorVal {
+    dtype: Dtype,
+    key: String,
+    numel: usize,
+    offset: usize,
+    shape: Vec<usize>,
+    stride: Vec<usize>,
+}
+
+/// A pickled value. Scalars a state dict does not use are kept for the `Debug` text of errors.
+#[derive(Debug, Clone)]
+#[allow(dead_code)]
+enum Val {
+    Mark,
+    None,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+    Bytes(Vec<u8>),
+    Tuple(Vec<Val>),
+    List(Rc<RefCell<Vec<Val>>>),
+    Dict(Rc<RefCell<Vec<(Val, Val)>>>),
+    Global(String, String),
+    Storage(Storage),
+    Tensor(TensorVal),
+}
+
+impl Val {
+    fn int(&self) -> Result<usize, String> {
+        match self {
+            Val::Int(i) if *i >= 0 => Ok(*i as usize),
+            other => Err(format!("expected a non-negative integer, found {}", other.kind())),
+        }
+    }
+    fn ints(&self) -> Result<Vec<usize>, String> {
+        match self {
+            Val::Tuple(v) => v.iter().map(Val::int).collect(),
+            Val::List(v) => v.borrow().iter().map(Val::int).collect(),
+            other => Err(format!("expected a tuple of integers, found {}", other.kind())),
+        }
+    }
+    fn kind(&self) -> String {
+        match self {
+            Val::Global(m, n) => format!("`{m}.{n}`"),
+            Val::Str(s) => format!("the string {s:?}"),
+            other => format!("{other:?}").chars().take(40).collect(),
+        }
+    }
+}
+
+fn storage_dtype(name: &str) -> Option<Dtype> {
+    Some(match name {
+        "FloatStorage" | "float32" | "float" => Dtype::F32,
+        "HalfStorage" | "float16" | "half" => Dtype::F16,
+        "BFloat16Storage" | "bfloat16" => Dtype::BF16,
+        "DoubleStorage" | "float64" | "double" => Dtype::F64,
+        "LongStorage" | "int64" | "long" => Dtype::I64,
+        "IntStorage" | "int32" | "int" => Dtype::I32,
+        "ShortStorage" | "int16" | "short" => Dtype::I16,
+        "CharStorage" | "int8" => Dtype::I8,
+        "ByteStorage" | "uint8" => Dtype::U8,
+        "BoolStorage" | "bool" => Dtype::BOOL,
+        _ => return None,
+    })
+}
+
+struct Unpickler<'a> {
+    data: &'a [u8],
+    pos: usize,
+    stack: Vec<Val>,
+    memo: HashMap<u32, Val>,
+}
+
+impl<'a> Unpickler<'a> {
+    fn new(data: &'a [u8]) -> Self {
+        Self { data, pos: 0, stack: Vec::new(), memo: HashMap::new() }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.data.len()).ok_or("the pickle ends early (truncated file?)")?;
+        let s = &self.data[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, String> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32, String> {
+        Ok(le32(self.take(4)?, 0))
+    }
+    fn line(&mut self) -> Result<String, String> {
+        let rest = &self.data[self.pos..];
+        let n = rest.iter().position(|&b| b == b'\n').ok_or("the pickle ends early (truncated file?)")?;
+        let s = String::from_utf8_lossy(&rest[..n]).into_owned();
+        self.pos += n + 1;
+        Ok(s)
+    }
+    fn pop(&mut self) -> Result<Val, String> {
+        self.stack.pop().ok_or_else(|| "pickle stack underflow".to_string())
+    }
+    fn top(&mut self) -> Result<&mut Val, String> {
+        self.stack.last_mut().ok_or_else(|| "pickle stack underflow".to_string())
+    }
+    /// Everything above the topmost mark (the mark removed).
+    fn pop_mark(&mut self) -> Result<Vec<Val>, String> {
+        let m = self.stack.iter().rposition(|v| matches!(v, Val::Mark)).ok_or("pickle mark missing")?;
+        let items = self.stack.split_off(m + 1);
+        self.stack.pop();
+        Ok(items)
+    }
+    fn str_of(&mut self, n: usize) -> Result<Val, String> {
+        let b = self.take(n)?;
+        Ok(Val::Str(String::from_utf8(b.to_vec()).map_err(|_| "a pickle string is not UTF-8")?))
+    }
+    fn memo_put(&mut self, k: u32) -> Result<(), String> {
+        let v = self.stack.last().ok_or("pickle stack underflow")?.clone();
+        self.memo.insert(k, v);
+        Ok(())
+    }
+    fn memo_get(&mut self, k: u32) -> Result<(), String> {
+        let v = self.memo.get(&k).ok_or_else(|| format!("pickle memo {k} missing"))?.clone();
+        self.stack.push(v);
+        Ok(())
+    }
+    fn len_of(&mut self, n: u64) -> Result<usize, String> {
+        usize::try_from(n).map_err(|_| "a pickle length does not fit".to_string())
+    }
+
+    fn run(mut self) -> Result<Val, String> {
+        if self.data.len() > 1 << 28 {
+            return Err("the pickle is too large to be a state dict".into());
+        }
+        loop {
+            let op = self.u8()?;
+            match op {
+                0x80 => {
+                    self.u8()?; // PROTO
+                }
+                0x95 => {
+                    self.take(8)?; // FRAME
+                }
+                b'.' => return self.pop(),
+                b'(' => self.stack.push(Val::Mark),
+                b'N' => self.stack.push(Val::None),
+                0x88 => self.stack.push(Val::Bool(true)),
+                0x89 => self.stack.push(Val::Bool(false)),
+                b'J' => {
+                    let v = self.u32()? as i32;
+                    self.stack.push(Val::Int(v as i64))
+                }
+                b'K' => {
+                    let v = self.u8()?;
+                    self.stack.push(Val::Int(v as i64))
+                }
+                b'M' => {
+                    let b = self.take(2)?;
+                    self.stack.push(Val::Int(le16(b, 0) as i64))
+                }
+                0x8a | 0x8b => {
+                    let n = if op == 0x8a { self.u8()? as usize } else { self.u32()? as usize };
+                    let b = self.take(n)?;
+                    if n > 8 {
+                        return Err("a pickle integer wider than 64 bits".into());
+                    }
+                    let mut buf = if b.last().is_some_and(|&x| x & 0x80 != 0) { [0xff; 8] } else { [0; 8] };
+                    buf[..n].copy_from_slice(b);
+                    self.stack.push(Val::Int(i64::from_le_bytes(buf)))
+                }
+                b'I' | b'L' => {
+                    let l = self.line()?;
+                    let l = l.trim_end_matches('L');
+                    self.stack.push(match l {
+                        "01" => Val::Bool(true),
+                        "00" => Val::Bool(false),
+                        _ => Val::Int(l.parse().map_err(|_| format!("bad pickle integer {l:?}"))?),
+                    })
+                }
+                b'G' => {
+                    let b = self.take(8)?;
+                    self.stack.push(Val::Float(f64::from_be_bytes(b.try_into().expect("8 bytes"))))
+                }
+                b'F' => {
+                    let l = self.line()?;
+                    self.stack.push(Val::Float(l.parse().map_err(|_| format!("bad pickle float {l:?}"))?))
+                }
+                b'X' => {
+                    let n = self.u32()? as usize;
+                    let v = self.str_of(n)?;
+                    self.stack.push(v)
+                }
+                0x8c => {
+                    let n = self.u8()? as usize;
+                    let v = self.str_of(n)?;
+                    self.stack.push(v)
+                }
+                0x8d => {
+                    let n = u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes"));
+                    let n = self.len_of(n)?;
+                    let v = self.str_of(n)?;
+                    self.stack.push(v)
+                }
+                b'T' | b'U' => {
+                    let n = if op == b'T' { self.u32()? as usize } else { self.u8()? as usize };
+                    let b = self.take(n)?;
+                    self.stack.push(Val::Str(b.iter().map(|&c| c as char).collect()))
+                }
+                b'B' | b'C' | 0x8e => {
+                    let n = match op {
+                        b'B' => self.u32()? as usize,
+                        b'C' => self.u8()? as usize,
+                        _ => {
+                            let n = u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes"));
+                            self.len_of(n)?
+                        }
+                    };
+                    let b = self.take(n)?.to_vec();
+                    self.stack.push(Val::Bytes(b))
+                }
+                b')' => self.stack.push(Val::Tuple(vec![])),
+                b't' => {
+                    let items = self.pop_mark()?;
+                    self.stack.push(Val::Tuple(items))
+                }
+                0x85..=0x87 => {
+                    let n = (op - 0x84) as usize;
+                    if self.stack.len() < n {
+                        return Err("pickle stack underflow".into());
+                    }
+                    let items = self.stack.split_off(self.stack.len() - n);
+                    self.stack.push(Val::Tuple(items))
+                }
+                b']' => self.stack.push(Val::List(Rc::default())),
+                b'l' => {
+                    let items = self.pop_mark()?;
+                    self.stack.push(Val::List(Rc::new(RefCell::new(items))))
+                }
+                b'a' | b'e' => {
+                    let items = if op == b'a' { vec![self.pop()?] } else { self.pop_mark()? };
+                    match self.top()? {
+                        Val::List(l) => l.borrow_mut().extend(items),
+                        other => return Err(format!("pickle appends to {}", other.kind())),
+                    }
+                }
+                b'}' => self.stack.push(Val::Dict(Rc::default())),
+                b'd' | b's' | b'u' => {
+                    let items = match op {
+                        b's' => {
+                            let v = self.pop()?;
+                            let k = self.pop()?;
+                            vec![k, v]
+                        }
+                        _ => self.pop_mark()?,
+                    };
+                    if items.len() % 2 != 0 {
+                        return Err("odd number of pickle dict items".into());
+                    }
+                    let mut pairs = Vec::with_capacity(items.len() / 2);
+                    let mut it = items.into_iter();
+                    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                        pairs.push((k, v));
+                    }
+                    if op == b'd' {
+                        self.stack.push(Val::Dict(Rc::new(RefCell::new(pairs))));
+                    } else {
+                        match self.top()? {
+                            Val::Dict(d) => d.borrow_mut().extend(pairs),
+                            other => return Err(format!("pickle sets items on {}", other.kind())),
+                        }
+                    }
+                }
+                b'c' => {
+                    let module = self.line()?;
+                    let name = self.line()?;
+                    self.stack.push(Val::Global(module, name))
+                }
+                0x93 => {
+                    let name = self.pop()?;
+                    let module = self.pop()?;
+                    match (module, name) {
+                        (Val::Str(m), Val::Str(n)) => self.stack.push(Val::Global(m, n)),
+                        _ => return Err("bad pickle STACK_GLOBAL".into()),
+                    }
+                }
+                b'q' => {
+                    let k = self.u8()? as u32;
+                    self.memo_put(k)?
+                }
+                b'r' => {
+                    let k = self.u32()?;
+                    self.memo_put(k)?
+                }
+                0x94 => {
+                    let k = self.memo.len() as u32;
+                    self.memo_put(k)?
+                }
+                b'p' => {
+                    let k = self.line()?.parse().map_err(|_| "bad pickle PUT")?;
+                    self.memo_put(k)?
+                }
+                b'h' => {
+                    let k = self.u8()? as u32;
+                    self.memo_get(k)?
+                }
+                b'j' => {
+                    let k = self.u32()?;
+                    self.memo_get(k)?
+                }
+                b'g' => {
+                    let k = self.line()?.parse().map_err(|_| "bad pickle GET")?;
+                    self.memo_get(k)?
+                }
+                b'0' => {
+                    self.pop()?;
+                }
+                b'1' => {
+                    self.pop_mark()?;
+                }
+                b'2' => {
+                    let v = self.top()?.clone();
+                    self.stack.push(v)
+                }
+                b'Q' => {
+                    let pid = self.pop()?;
+                    let v = persistent(pid)?;
+                    self.stack.push(v)
+                }
+                b'R' | 0x81 => {
+                    let args = self.pop()?;
+                    let f = self.pop()?;
+                    let v = call(f, args)?;
+                    self.stack.push(v)
+                }
+                b'b' => {
+                    // BUILD: an object's state (an OrderedDict's `_metadata`); not needed.
+                    self.pop()?;
+                }
+                other => return Err(format!("unsupported pickle opcode 0x{other:02x} at byte {}", self.pos - 1)),
+            }
+        }
+    }
+}
+
+/// A persistent id: `('storage', torch.<Type>Storage, key, location, numel)`.
+fn persistent(pid: Val) -> Result<Val, String> {
+    let Val::Tuple(t) = pid else { return Err(format!("unsupported persistent id {}", pid.kind())) };
+    match t.as_slice() {
+        [Val::Str(tag), Val::Global(m, ty), Val::Str(key), _location, numel] if tag == "storage" && m == "torch" => {
+            let dtype = storage_dtype(ty).ok_or_else(|| format!("unsupported storage type torch.{ty}"))?;
+            Ok(Val::Storage(Storage { dtype, key: key.clone(), numel: numel.int()? }))
+        }
+        _ => Err("unsupported persistent id (not a torch storage)".into()),
+    }
+}
+
+/// The only calls a state dict needs. Anything else is refused, never run.
+fn call(f: Val, args: Val) -> Result<Val, String> {
+    let Val::Global(m, n) = &f else { return Err(format!("the pickle calls {}", f.kind())) };
+    let Val::Tuple(a) = args else { return Err(format!("the pickle calls `{m}.{n}` with {}", args.kind())) };
+    match (m.as_str(), n.as_str()) {
+        ("collections", "OrderedDict") | ("builtins", "dict") | ("__builtin__", "dict") => match a.as_slice() {
+            [] => Ok(Val::Dict(Rc::default())),
+            _ => Err(format!("`{m}.{n}` with arguments")),
+        },
+        ("torch._utils", "_rebuild_tensor_v2") | ("torch._utils", "_rebuild_tensor") => match a.as_slice() {
+            [Val::Storage(s), offset, size, stride, ..] => Ok(Val::Tensor(TensorVal {
+                dtype: s.dtype,
+                key: s.key.clone(),
+                numel: s.numel,
+                offset: offset.int()?,
+                shape: size.ints()?,
+                stride: stride.ints()?,
+            })),
+            _ => Err(format!("`{m}.{n}` with unexpected arguments")),
+        },
+        ("torch._utils", "_rebuild_parameter") | ("torch._utils", "_rebuild_parameter_with_state") => match a.into_iter().next() {
+            Some(t @ Val::Tensor(_)) => Ok(t),
+            _ => Err(format!("`{m}.{n}` without a tensor")),
+        },
+        _ => Err(format!("the pickle calls `{m}.{n}`, which a state dict of tensors does not need; it was not run")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strided_tensors_gather_in_row_major_order() {
+        // A 2 x 3 tensor stored transposed: storage [a00 a10 a01 a11 a02 a12], strides (1, 2).
+        let t = TorchTensor { dtype: Dtype::U8, shape: vec![2, 3], start: 0, strides: Some(vec![1, 2]) };
+        assert_eq!(t.span(), 6);
+        assert_eq!(t.gather(&[0, 10, 1, 11, 2, 12]), vec![0, 1, 2, 10, 11, 12]);
+        assert!(contiguous(&[1, 77], &[0, 1]), "size-1 dimensions' strides do not matter");
+        assert!(!contiguous(&[2, 3], &[1, 2]));
+    }
+
+    #[test]
+    fn foreign_calls_are_refused_not_run() {
+        // pickle.dumps(os.system, protocol 2) called with ('echo',): GLOBAL posix system, REDUCE.
+        let p = b"\x80\x02cposix\nsystem\nq\x00X\x04\x00\x00\x00echoq\x01\x85q\x02Rq\x03.";
+        let e = Unpickler::new(p).run().unwrap_err();
+        assert!(e.contains("`posix.system`") && e.contains("not run"), "{e}");
+    }
+}
