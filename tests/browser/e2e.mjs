@@ -7,7 +7,7 @@
 // partial CLIP fetch); a full disk while storing a model; the GPU device lost mid-apply. Screenshots of
 // each state go to tests/output/.
 import { execFileSync } from 'node:child_process';
-import { mkdirSync, readFileSync, writeFileSync, copyFileSync, rmSync, statSync } from 'node:fs';
+import { mkdirSync, readFileSync, writeFileSync, copyFileSync, cpSync, rmSync, statSync } from 'node:fs';
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { serve } from './server.mjs';
@@ -351,6 +351,23 @@ try {
   await page.waitForFunction(() => /^tiny-ip2p \(/.test(document.getElementById('model-loaded').textContent) && document.querySelector('#stored tr[data-source="local"]'), null, { timeout: 300000 });
   check(await page.evaluate(() => document.body.dataset.model) === fingerprint, `local folders loaded: ${await page.textContent('#model-loaded')}`);
   await shot('10-local-files');
+
+  step('PyTorch .bin checkpoints from this computer (the 2023 default)');
+  // The same folders with every safetensors file replaced by tests/fixtures/torch-bin (torch.save:
+  // fp16 UNet variant, sharded text encoder, CLIP with strided views).
+  const binRoot = join(out, 'bin-folders');
+  rmSync(binRoot, { recursive: true, force: true });
+  const noSt = (src) => !src.endsWith('.safetensors');
+  cpSync(join(fx, 'tiny-ip2p'), join(binRoot, 'tiny-ip2p-bin'), { recursive: true, filter: noSt });
+  cpSync(join(fx, 'tiny-clip'), join(binRoot, 'tiny-clip-bin'), { recursive: true, filter: noSt });
+  for (const c of ['unet', 'vae', 'text_encoder']) cpSync(join(fx, 'torch-bin', c), join(binRoot, 'tiny-ip2p-bin', c), { recursive: true });
+  cpSync(join(fx, 'torch-bin', 'clip'), join(binRoot, 'tiny-clip-bin'), { recursive: true });
+  await page.setInputFiles('#local-ip2p', join(binRoot, 'tiny-ip2p-bin'));
+  await page.setInputFiles('#local-clip', join(binRoot, 'tiny-clip-bin'));
+  await page.click('#local-load');
+  await page.waitForFunction(() => /^tiny-ip2p-bin \(/.test(document.getElementById('model-loaded').textContent), null, { timeout: 300000 });
+  const fpBin = await page.evaluate(() => document.body.dataset.model);
+  check(fpBin === fingerprint, `.bin folders loaded as the same model: ${fpBin} (safetensors ${fingerprint})`);
 
   step('a fresh page, the stored model with f32 weights');
   // A fresh page (no instruction loaded) and the stored model; later the device is destroyed from
