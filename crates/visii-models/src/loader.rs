@@ -241,30 +241,33 @@ pub fn weight_files_in(dir: &Path, stem: &str) -> Result<Vec<WeightFile>> {
     weight_files(&Files::Disk(dir.to_path_buf()), "", stem)
 }
 
-/// The weight files of component folder `dir`: safetensors first (a sharded index, or one file by
-/// its usual names, full precision then the `fp16` variant), else the PyTorch checkpoints 2023's
-/// libraries wrote by default (`pytorch_model.bin` for transformers' `model`,
-/// `diffusion_pytorch_model.bin` for diffusers; sharded, or the `fp16` variant).
+/// The weight files of component folder `dir`, in the order transformers / diffusers look for them:
+/// safetensors first (`{stem}.safetensors`, its sharded index `{stem}.safetensors.index.json`, then the
+/// `fp16` variant: `{stem}.fp16.safetensors`, `{stem}.safetensors.index.fp16.json`), else the PyTorch
+/// checkpoints 2023's libraries wrote by default, named alike (`pytorch_model.bin` for transformers'
+/// `model`, `diffusion_pytorch_model.bin` for diffusers).
 pub fn weight_files(files: &Files, dir: &str, stem: &str) -> Result<Vec<WeightFile>> {
     let torch_stem = if stem == "model" { "pytorch_model" } else { stem };
     for (stem, ext, torch) in [(stem, "safetensors", false), (torch_stem, "bin", true)] {
         let open = |rel: &str| if torch { files.torch_file(rel) } else { files.weight_file(rel) };
-        let index = join(dir, &format!("{stem}.{ext}.index.json"));
-        if files.exists(&index) {
-            let v: serde_json::Value = parse_config(&files.display(&index), &files.read_text(&index)?)?;
-            let mut shards: Vec<String> =
-                v["weight_map"].as_object().map(|m| m.values().filter_map(|s| s.as_str().map(String::from)).collect()).unwrap_or_default();
-            shards.sort();
-            shards.dedup();
-            if shards.is_empty() {
-                return Err(ModelError::Config { path: files.display(&index), message: "its weight_map names no files".into() });
-            }
-            return shards.iter().map(|s| open(&join(dir, s))).collect();
-        }
-        for name in [format!("{stem}.{ext}"), format!("{stem}.fp16.{ext}")] {
-            let p = join(dir, &name);
+        for (single, index) in
+            [(format!("{stem}.{ext}"), format!("{stem}.{ext}.index.json")), (format!("{stem}.fp16.{ext}"), format!("{stem}.{ext}.index.fp16.json"))]
+        {
+            let p = join(dir, &single);
             if files.exists(&p) {
                 return Ok(vec![open(&p)?]);
+            }
+            let index = join(dir, &index);
+            if files.exists(&index) {
+                let v: serde_json::Value = parse_config(&files.display(&index), &files.read_text(&index)?)?;
+                let mut shards: Vec<String> =
+                    v["weight_map"].as_object().map(|m| m.values().filter_map(|s| s.as_str().map(String::from)).collect()).unwrap_or_default();
+                shards.sort();
+                shards.dedup();
+                if shards.is_empty() {
+                    return Err(ModelError::Config { path: files.display(&index), message: "its weight_map names no files".into() });
+                }
+                return shards.iter().map(|s| open(&join(dir, s))).collect();
             }
         }
     }

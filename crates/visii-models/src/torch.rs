@@ -30,14 +30,9 @@ pub struct TorchTensor {
 
 impl TorchTensor {
     /// Elements spanned in the storage from the first one (the whole tensor when contiguous).
+    /// [`read_index`] has checked that this fits the storage, so it cannot overflow here.
     pub fn span(&self) -> usize {
-        if self.shape.contains(&0) {
-            return 0;
-        }
-        match &self.strides {
-            None => self.shape.iter().product(),
-            Some(st) => 1 + self.shape.iter().zip(st).map(|(n, s)| (n - 1) * s).sum::<usize>(),
-        }
+        span_of(&self.shape, self.strides.as_deref()).and_then(|n| usize::try_from(n).ok()).unwrap_or(usize::MAX)
     }
 
     /// The tensor's bytes in row-major order from the bytes of its span.
@@ -79,7 +74,8 @@ pub fn read_index(source: &dyn ByteSource) -> Result<Vec<(String, TorchTensor)>,
         });
     }
     let entries = zip_entries(source)?;
-    let pkl = entries.keys().filter(|k| k.ends_with("data.pkl") && !k[..k.len() - 8].contains("data/")).min_by_key(|k| k.len()).cloned();
+    // `<root>/data.pkl`, the root being the archive's name (the file's stem, or `archive`).
+    let pkl = entries.keys().filter(|k| k.split_once('/').map_or(k.as_str(), |(_, rest)| rest) == "data.pkl").min_by_key(|k| k.len()).cloned();
     let pkl = pkl.ok_or("the archive has no data.pkl (not a torch.save file)")?;
     let root = pkl[..pkl.len() - "data.pkl".len()].to_string();
     if let Some(e) = entries.get(&format!("{root}byteorder")) {
@@ -89,14 +85,14 @@ pub fn read_index(source: &dyn ByteSource) -> Result<Vec<(String, TorchTensor)>,
         }
     }
     let pickle = read_entry(source, &entries[&pkl])?;
-    let top = Unpickler::new(&pickle).run()?;
-    let dict = state_dict(&top).ok_or("the pickle holds no state dict (a mapping of names to tensors)")?;
+    let top = Disposed(vec![Unpickler::new(&pickle).run()?]);
+    let dict = state_dict(&top.0[0]).ok_or("the pickle holds no state dict (a mapping of names to tensors)")?;
     let mut out = Vec::new();
     let mut starts: HashMap<String, u64> = HashMap::new(); // storage key -> where its bytes start
     for (k, v) in dict.borrow().iter() {
         let Val::Tensor(t) = v else { continue };
         let name = match k {
-            Val::Str(s) => s.clone(),
+            Val::Str(s) => s.to_string(),
             _ => return Err("a state-dict key is not a string".into()),
         };
         let e = entries.get(&format!("{root}data/{}", t.key)).ok_or_else(|| format!("tensor {name}: storage {} is not in the archive", t.key))?;
@@ -104,36 +100,55 @@ pub fn read_index(source: &dyn ByteSource) -> Result<Vec<(String, TorchTensor)>,
             return Err(format!("storage {} is compressed (method {}); torch.save stores them uncompressed", t.key, e.method));
         }
         let es = (t.dtype.bitsize() / 8) as u64;
-        let tensor = TorchTensor {
-            dtype: t.dtype,
-            shape: t.shape.clone(),
-            start: 0,
-            strides: if contiguous(&t.shape, &t.stride) { None } else { Some(t.stride.clone()) },
-        };
-        let (first, span) = (t.offset as u64 * es, tensor.span() as u64 * es);
-        if t.stride.len() != t.shape.len() || first + span > e.size || first + span > t.numel as u64 * es {
+        let strides = if contiguous(&t.shape, &t.stride) { None } else { Some(t.stride.clone()) };
+        // The tensor's elements, the span they lie in and the storage's bytes must all fit the
+        // storage entry (so a crafted file cannot make a read or a gather larger than the file).
+        let storage = (t.numel as u64).checked_mul(es).filter(|&b| b <= e.size);
+        let fits = (|| {
+            let storage = storage?;
+            let bytes = numel(&t.shape)?.checked_mul(es)?;
+            let end = (t.offset as u64).checked_add(span_of(&t.shape, strides.as_deref())?)?.checked_mul(es)?;
+            (t.stride.len() == t.shape.len() && bytes <= storage && end <= storage).then_some(t.offset as u64 * es)
+        })();
+        let Some(first) = fits else {
             return Err(format!(
-                "tensor {name}: {:?} {:?} at element {} does not lie within its storage of {} elements",
-                t.dtype, t.shape, t.offset, t.numel
+                "tensor {name}: {:?} {:?} at element {} does not lie within its storage of {} elements ({} bytes in the archive)",
+                t.dtype, t.shape, t.offset, t.numel, e.size
             ));
-        }
+        };
         let data = match starts.get(&t.key) {
             Some(d) => *d,
             None => {
                 let d = data_offset(source, e)?;
-                if d + e.size > len {
+                if d.checked_add(e.size).is_none_or(|end| end > len) {
                     return Err(format!("storage {} runs past the end of the file (truncated download?)", t.key));
                 }
                 starts.insert(t.key.clone(), d);
                 d
             }
         };
-        out.push((name, TorchTensor { start: data + first, ..tensor }));
+        out.push((name, TorchTensor { dtype: t.dtype, shape: t.shape.clone(), start: data + first, strides }));
     }
     if out.is_empty() {
         return Err("the state dict holds no tensors".into());
     }
     Ok(out)
+}
+
+/// Elements of `shape` (None on overflow).
+fn numel(shape: &[usize]) -> Option<u64> {
+    shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64))
+}
+
+/// Elements spanned from the first one with these strides (None on overflow).
+fn span_of(shape: &[usize], strides: Option<&[usize]>) -> Option<u64> {
+    if shape.contains(&0) {
+        return Some(0);
+    }
+    match strides {
+        None => numel(shape),
+        Some(st) => shape.iter().zip(st).try_fold(1u64, |acc, (&n, &s)| acc.checked_add((n as u64 - 1).checked_mul(s as u64)?)),
+    }
 }
 
 fn contiguous(shape: &[usize], stride: &[usize]) -> bool {
@@ -155,7 +170,7 @@ fn contiguous(shape: &[usize], stride: &[usize]) -> bool {
 fn state_dict(top: &Val) -> Option<Rc<RefCell<Vec<(Val, Val)>>>> {
     let Val::Dict(d) = top else { return None };
     let inner = d.borrow().iter().find_map(|(k, v)| match (k, v) {
-        (Val::Str(s), Val::Dict(inner)) if s == "state_dict" => Some(inner.clone()),
+        (Val::Str(s), Val::Dict(inner)) if &**s == "state_dict" => Some(inner.clone()),
         _ => None,
     });
     Some(inner.unwrap_or_else(|| d.clone()))
@@ -203,7 +218,7 @@ fn zip_entries(source: &dyn ByteSource) -> Result<HashMap<String, Entry>, String
         }
         (count, cd_size, cd_offset) = (le64(&rec, 32), le64(&rec, 40), le64(&rec, 48));
     }
-    if cd_offset + cd_size > len || cd_size > 1 << 30 {
+    if cd_offset.checked_add(cd_size).is_none_or(|end| end > len) || cd_size > 1 << 30 {
         return Err("the zip directory does not lie within the file (truncated download?)".into());
     }
     let cd = source.read_at(cd_offset, cd_size as usize)?;
@@ -249,6 +264,9 @@ fn zip_entries(source: &dyn ByteSource) -> Result<HashMap<String, Entry>, String
 
 /// Where an entry's bytes start (after its local header, whose extra field torch uses for alignment).
 fn data_offset(source: &dyn ByteSource, e: &Entry) -> Result<u64, String> {
+    if e.local.checked_add(30).is_none_or(|end| end > source.len()) {
+        return Err("a zip entry header lies past the end of the file (truncated download?)".into());
+    }
     let h = source.read_at(e.local, 30).map_err(|m| format!("zip entry header: {m}"))?;
     if le32(&h, 0) != 0x0403_4b50 {
         return Err("corrupt zip entry header".into());
@@ -295,9 +313,9 @@ enum Val {
     Bool(bool),
     Int(i64),
     Float(f64),
-    Str(String),
-    Bytes(Vec<u8>),
-    Tuple(Vec<Val>),
+    Str(Rc<str>),
+    Bytes(Rc<[u8]>),
+    Tuple(Rc<Vec<Val>>),
     List(Rc<RefCell<Vec<Val>>>),
     Dict(Rc<RefCell<Vec<(Val, Val)>>>),
     Global(String, String),
@@ -308,7 +326,7 @@ enum Val {
 impl Val {
     fn int(&self) -> Result<usize, String> {
         match self {
-            Val::Int(i) if *i >= 0 => Ok(*i as usize),
+            Val::Int(i) => usize::try_from(*i).map_err(|_| format!("expected a size, found {i}")),
             other => Err(format!("expected a non-negative integer, found {}", other.kind())),
         }
     }
@@ -319,11 +337,22 @@ impl Val {
             other => Err(format!("expected a tuple of integers, found {}", other.kind())),
         }
     }
+    /// What a value is, for messages (never its contents: they may be huge or cyclic).
     fn kind(&self) -> String {
         match self {
             Val::Global(m, n) => format!("`{m}.{n}`"),
-            Val::Str(s) => format!("the string {s:?}"),
-            other => format!("{other:?}").chars().take(40).collect(),
+            Val::Str(s) => format!("the string {:?}", s.chars().take(60).collect::<String>()),
+            Val::Mark => "a mark".into(),
+            Val::None => "None".into(),
+            Val::Bool(_) => "a bool".into(),
+            Val::Int(i) => format!("the integer {i}"),
+            Val::Float(_) => "a float".into(),
+            Val::Bytes(_) => "bytes".into(),
+            Val::Tuple(_) => "a tuple".into(),
+            Val::List(_) => "a list".into(),
+            Val::Dict(_) => "a dict".into(),
+            Val::Storage(_) => "a storage".into(),
+            Val::Tensor(_) => "a tensor".into(),
         }
     }
 }
@@ -344,11 +373,48 @@ fn storage_dtype(name: &str) -> Option<Dtype> {
     })
 }
 
+/// Values emptied before they are dropped, without recursion: a crafted pickle can nest values
+/// millions deep, which a recursive drop would overflow the stack on. A container is emptied by
+/// whoever holds its last reference; cycles (a list inside itself) are left to leak, bounded by the
+/// pickle's size.
+struct Disposed(Vec<Val>);
+
+impl Drop for Disposed {
+    fn drop(&mut self) {
+        let mut work = std::mem::take(&mut self.0);
+        while let Some(v) = work.pop() {
+            match v {
+                Val::Tuple(rc) => {
+                    if let Ok(items) = Rc::try_unwrap(rc) {
+                        work.extend(items);
+                    }
+                }
+                Val::List(rc) if Rc::strong_count(&rc) == 1 => work.append(&mut rc.borrow_mut()),
+                Val::Dict(rc) if Rc::strong_count(&rc) == 1 => {
+                    for (k, v) in std::mem::take(&mut *rc.borrow_mut()) {
+                        work.push(k);
+                        work.push(v);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
 struct Unpickler<'a> {
     data: &'a [u8],
     pos: usize,
     stack: Vec<Val>,
     memo: HashMap<u32, Val>,
+}
+
+impl Drop for Unpickler<'_> {
+    fn drop(&mut self) {
+        let mut all = std::mem::take(&mut self.stack);
+        all.extend(self.memo.drain().map(|(_, v)| v));
+        drop(Disposed(all));
+    }
 }
 
 impl<'a> Unpickler<'a> {
@@ -390,7 +456,7 @@ impl<'a> Unpickler<'a> {
     }
     fn str_of(&mut self, n: usize) -> Result<Val, String> {
         let b = self.take(n)?;
-        Ok(Val::Str(String::from_utf8(b.to_vec()).map_err(|_| "a pickle string is not UTF-8")?))
+        Ok(Val::Str(std::str::from_utf8(b).map_err(|_| "a pickle string is not UTF-8")?.into()))
     }
     fn memo_put(&mut self, k: u32) -> Result<(), String> {
         let v = self.stack.last().ok_or("pickle stack underflow")?.clone();
@@ -407,7 +473,7 @@ impl<'a> Unpickler<'a> {
     }
 
     fn run(mut self) -> Result<Val, String> {
-        if self.data.len() > 1 << 28 {
+        if self.data.len() > 1 << 26 {
             return Err("the pickle is too large to be a state dict".into());
         }
         loop {
@@ -482,7 +548,7 @@ impl<'a> Unpickler<'a> {
                 b'T' | b'U' => {
                     let n = if op == b'T' { self.u32()? as usize } else { self.u8()? as usize };
                     let b = self.take(n)?;
-                    self.stack.push(Val::Str(b.iter().map(|&c| c as char).collect()))
+                    self.stack.push(Val::Str(b.iter().map(|&c| c as char).collect::<String>().into()))
                 }
                 b'B' | b'C' | 0x8e => {
                     let n = match op {
@@ -493,13 +559,13 @@ impl<'a> Unpickler<'a> {
                             self.len_of(n)?
                         }
                     };
-                    let b = self.take(n)?.to_vec();
-                    self.stack.push(Val::Bytes(b))
+                    let b = self.take(n)?;
+                    self.stack.push(Val::Bytes(b.into()))
                 }
-                b')' => self.stack.push(Val::Tuple(vec![])),
+                b')' => self.stack.push(Val::Tuple(Rc::default())),
                 b't' => {
                     let items = self.pop_mark()?;
-                    self.stack.push(Val::Tuple(items))
+                    self.stack.push(Val::Tuple(Rc::new(items)))
                 }
                 0x85..=0x87 => {
                     let n = (op - 0x84) as usize;
@@ -507,7 +573,7 @@ impl<'a> Unpickler<'a> {
                         return Err("pickle stack underflow".into());
                     }
                     let items = self.stack.split_off(self.stack.len() - n);
-                    self.stack.push(Val::Tuple(items))
+                    self.stack.push(Val::Tuple(Rc::new(items)))
                 }
                 b']' => self.stack.push(Val::List(Rc::default())),
                 b'l' => {
@@ -557,7 +623,7 @@ impl<'a> Unpickler<'a> {
                     let name = self.pop()?;
                     let module = self.pop()?;
                     match (module, name) {
-                        (Val::Str(m), Val::Str(n)) => self.stack.push(Val::Global(m, n)),
+                        (Val::Str(m), Val::Str(n)) => self.stack.push(Val::Global(m.to_string(), n.to_string())),
                         _ => return Err("bad pickle STACK_GLOBAL".into()),
                     }
                 }
@@ -624,9 +690,9 @@ impl<'a> Unpickler<'a> {
 fn persistent(pid: Val) -> Result<Val, String> {
     let Val::Tuple(t) = pid else { return Err(format!("unsupported persistent id {}", pid.kind())) };
     match t.as_slice() {
-        [Val::Str(tag), Val::Global(m, ty), Val::Str(key), _location, numel] if tag == "storage" && m == "torch" => {
+        [Val::Str(tag), Val::Global(m, ty), Val::Str(key), _location, numel] if &**tag == "storage" && m == "torch" => {
             let dtype = storage_dtype(ty).ok_or_else(|| format!("unsupported storage type torch.{ty}"))?;
-            Ok(Val::Storage(Storage { dtype, key: key.clone(), numel: numel.int()? }))
+            Ok(Val::Storage(Storage { dtype, key: key.to_string(), numel: numel.int()? }))
         }
         _ => Err("unsupported persistent id (not a torch storage)".into()),
     }
@@ -652,8 +718,8 @@ fn call(f: Val, args: Val) -> Result<Val, String> {
             })),
             _ => Err(format!("`{m}.{n}` with unexpected arguments")),
         },
-        ("torch._utils", "_rebuild_parameter") | ("torch._utils", "_rebuild_parameter_with_state") => match a.into_iter().next() {
-            Some(t @ Val::Tensor(_)) => Ok(t),
+        ("torch._utils", "_rebuild_parameter") | ("torch._utils", "_rebuild_parameter_with_state") => match a.first() {
+            Some(t @ Val::Tensor(_)) => Ok(t.clone()),
             _ => Err(format!("`{m}.{n}` without a tensor")),
         },
         _ => Err(format!("the pickle calls `{m}.{n}`, which a state dict of tensors does not need; it was not run")),
@@ -672,6 +738,154 @@ mod tests {
         assert_eq!(t.gather(&[0, 10, 1, 11, 2, 12]), vec![0, 1, 2, 10, 11, 12]);
         assert!(contiguous(&[1, 77], &[0, 1]), "size-1 dimensions' strides do not matter");
         assert!(!contiguous(&[2, 3], &[1, 2]));
+    }
+
+    /// A protocol-2 pickle of `{"w": tensor}` as torch writes it: `_rebuild_tensor_v2(storage, offset, size, stride, False, ())`.
+    fn state_dict_pickle(shape: &[usize], stride: &[usize], numel: usize) -> Vec<u8> {
+        let mut p = Vec::new();
+        let s = |p: &mut Vec<u8>, t: &str| {
+            p.push(b'X');
+            p.extend((t.len() as u32).to_le_bytes());
+            p.extend(t.as_bytes());
+        };
+        let int = |p: &mut Vec<u8>, v: usize| {
+            p.extend([0x8a, 8]);
+            p.extend((v as u64).to_le_bytes());
+        };
+        p.extend(b"\x80\x02}(");
+        s(&mut p, "w");
+        p.extend(b"ctorch._utils\n_rebuild_tensor_v2\n((");
+        s(&mut p, "storage");
+        p.extend(b"ctorch\nFloatStorage\n");
+        s(&mut p, "0");
+        s(&mut p, "cpu");
+        int(&mut p, numel);
+        p.extend(b"tQ");
+        int(&mut p, 0);
+        for vs in [shape, stride] {
+            p.push(b'(');
+            vs.iter().for_each(|&v| int(&mut p, v));
+            p.push(b't');
+        }
+        p.extend(b"\x89)tRu.");
+        p
+    }
+
+    /// A zip of stored entries; `zip64`: every size and offset in the directory through zip64 records.
+    fn zip(entries: &[(&str, &[u8])], zip64: bool) -> Vec<u8> {
+        let (mut out, mut cd) = (Vec::new(), Vec::new());
+        for (name, data) in entries {
+            let local = out.len() as u64;
+            out.extend(0x0403_4b50u32.to_le_bytes());
+            out.extend([0u8; 14]);
+            out.extend((data.len() as u32).to_le_bytes());
+            out.extend((data.len() as u32).to_le_bytes());
+            out.extend((name.len() as u16).to_le_bytes());
+            out.extend(3u16.to_le_bytes()); // 3 bytes of extra padding, as torch aligns its data
+            out.extend(name.as_bytes());
+            out.extend([0u8; 3]);
+            out.extend(*data);
+            cd.extend(0x0201_4b50u32.to_le_bytes());
+            cd.extend([0u8; 16]);
+            let big = |v: u64| if zip64 { 0xffff_ffffu32 } else { v as u32 };
+            cd.extend(big(data.len() as u64).to_le_bytes());
+            cd.extend(big(data.len() as u64).to_le_bytes());
+            cd.extend((name.len() as u16).to_le_bytes());
+            cd.extend((if zip64 { 28u16 } else { 0 }).to_le_bytes());
+            cd.extend([0u8; 10]); // comment length, disk, internal and external attributes
+            cd.extend(big(local).to_le_bytes());
+            cd.extend(name.as_bytes());
+            if zip64 {
+                cd.extend(1u16.to_le_bytes());
+                cd.extend(24u16.to_le_bytes());
+                cd.extend((data.len() as u64).to_le_bytes());
+                cd.extend((data.len() as u64).to_le_bytes());
+                cd.extend(local.to_le_bytes());
+            }
+        }
+        let cd_offset = out.len() as u64;
+        out.extend(&cd);
+        if zip64 {
+            let rec = out.len() as u64;
+            out.extend(0x0606_4b50u32.to_le_bytes());
+            out.extend(44u64.to_le_bytes());
+            out.extend([0u8; 12]);
+            out.extend((entries.len() as u64).to_le_bytes());
+            out.extend((entries.len() as u64).to_le_bytes());
+            out.extend((cd.len() as u64).to_le_bytes());
+            out.extend(cd_offset.to_le_bytes());
+            out.extend(0x0706_4b50u32.to_le_bytes());
+            out.extend(0u32.to_le_bytes());
+            out.extend(rec.to_le_bytes());
+            out.extend(1u32.to_le_bytes());
+        }
+        out.extend(0x0605_4b50u32.to_le_bytes());
+        out.extend([0u8; 4]);
+        let n = if zip64 { 0xffff } else { entries.len() as u16 };
+        out.extend([n.to_le_bytes(), n.to_le_bytes()].concat());
+        out.extend((if zip64 { 0xffff_ffff } else { cd.len() as u32 }).to_le_bytes());
+        out.extend((if zip64 { 0xffff_ffff } else { cd_offset as u32 }).to_le_bytes());
+        out.extend(0u16.to_le_bytes());
+        out
+    }
+
+    fn index(archive: Vec<u8>) -> Result<Vec<(String, TorchTensor)>, String> {
+        let src: std::sync::Arc<[u8]> = archive.into();
+        read_index(&src)
+    }
+
+    #[test]
+    fn zip64_directories_are_read() {
+        let values: Vec<u8> = (0..6).flat_map(|i| (i as f32).to_le_bytes()).collect();
+        for zip64 in [false, true] {
+            let pkl = state_dict_pickle(&[2, 3], &[3, 1], 6);
+            let archive = zip(&[("archive/data.pkl", &pkl[..]), ("archive/byteorder", &b"little"[..]), ("archive/data/0", &values[..])], zip64);
+            let t = index(archive.clone()).unwrap_or_else(|e| panic!("zip64 {zip64}: {e}"));
+            assert_eq!(t.len(), 1);
+            let (name, t) = &t[0];
+            assert_eq!((name.as_str(), t.shape.as_slice(), t.strides.is_none(), t.dtype), ("w", &[2usize, 3][..], true, Dtype::F32));
+            assert_eq!(&archive[t.start as usize..t.start as usize + 24], &values[..], "zip64 {zip64}");
+        }
+    }
+
+    #[test]
+    fn crafted_sizes_are_refused() {
+        let values = [0u8; 24];
+        // A huge tensor over one element (stride 0), a span past the storage, and sizes that overflow.
+        for (shape, stride, numel) in [
+            (vec![1usize << 40], vec![0usize], 1usize),
+            (vec![2, 3], vec![4, 1], 6),
+            (vec![1 << 62, 1 << 62], vec![1, 1], 6),
+            (vec![2, 3], vec![3, 1], 1 << 62),
+        ] {
+            let pkl = state_dict_pickle(&shape, &stride, numel);
+            let e = index(zip(&[("a/data.pkl", &pkl[..]), ("a/data/0", &values[..])], false)).unwrap_err();
+            assert!(e.contains("does not lie within its storage"), "{shape:?} {stride:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn deep_or_exploding_pickles_end_cleanly() {
+        // A million nested tuples: dropped without recursion.
+        let mut p = b"\x80\x02)".to_vec();
+        p.extend(std::iter::repeat_n(0x85u8, 1_000_000));
+        p.push(b'.');
+        drop(Disposed(vec![Unpickler::new(&p).run().unwrap()]));
+        // A list holding the next, a million deep (built through the memo), and a list inside itself.
+        let mut p = b"\x80\x02]q\x00".to_vec();
+        for _ in 0..1_000_000 {
+            p.extend(b"]r\x01\x00\x00\x00ah\x00\x30j\x01\x00\x00\x00q\x00");
+        }
+        p.extend(b"h\x00h\x00a.");
+        drop(Disposed(vec![Unpickler::new(&p).run().unwrap()]));
+        // Doubling through the memo 200 times: shared, not copied.
+        let mut p = b"\x80\x02)q\x00".to_vec();
+        for _ in 0..200 {
+            p.extend(b"h\x00h\x00\x86q\x00");
+        }
+        p.push(b'.');
+        let e = index(zip(&[("a/data.pkl", &p[..])], false)).unwrap_err();
+        assert!(e.contains("no state dict"), "{e}");
     }
 
     #[test]
