@@ -627,33 +627,18 @@ impl<'a> Unpickler<'a> {
                         _ => return Err("bad pickle STACK_GLOBAL".into()),
                     }
                 }
-                b'q' => {
-                    let k = self.u8()? as u32;
-                    self.memo_put(k)?
-                }
-                b'r' => {
-                    let k = self.u32()?;
-                    self.memo_put(k)?
-                }
-                0x94 => {
-                    let k = self.memo.len() as u32;
-                    self.memo_put(k)?
-                }
-                b'p' => {
-                    let k = self.line()?.parse().map_err(|_| "bad pickle PUT")?;
-                    self.memo_put(k)?
-                }
-                b'h' => {
-                    let k = self.u8()? as u32;
-                    self.memo_get(k)?
-                }
-                b'j' => {
-                    let k = self.u32()?;
-                    self.memo_get(k)?
-                }
-                b'g' => {
-                    let k = self.line()?.parse().map_err(|_| "bad pickle GET")?;
-                    self.memo_get(k)?
+                b'q' | b'r' | 0x94 | b'p' | b'h' | b'j' | b'g' => {
+                    let k = match op {
+                        b'q' | b'h' => self.u8()? as u32,
+                        b'r' | b'j' => self.u32()?,
+                        0x94 => self.memo.len() as u32,
+                        _ => self.line()?.parse().map_err(|_| "bad pickle memo key")?,
+                    };
+                    if matches!(op, b'h' | b'j' | b'g') {
+                        self.memo_get(k)?
+                    } else {
+                        self.memo_put(k)?
+                    }
                 }
                 b'0' => {
                     self.pop()?;

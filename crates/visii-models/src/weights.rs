@@ -111,8 +111,9 @@ impl WeightFile {
         let mut tensors = HashMap::new();
         let mut strided = HashMap::new();
         for (k, t) in index {
-            let a = usize::try_from(t.start).map_err(|_| bad(format!("tensor {k} lies beyond what this platform can address")))?;
-            let b = a + t.span() * t.dtype.bitsize() / 8;
+            let beyond = || bad(format!("tensor {k} lies beyond what this platform can address"));
+            let a = usize::try_from(t.start).map_err(|_| beyond())?;
+            let b = t.span().checked_mul(t.dtype.bitsize() / 8).and_then(|n| a.checked_add(n)).ok_or_else(beyond)?;
             tensors.insert(k.clone(), TensorInfo { dtype: t.dtype, shape: t.shape.clone(), data_offsets: (a, b) });
             if t.strides.is_some() {
                 strided.insert(k, t);
