@@ -362,12 +362,27 @@ try {
   cpSync(join(fx, 'tiny-clip'), join(binRoot, 'tiny-clip-bin'), { recursive: true, filter: noSt });
   for (const c of ['unet', 'vae', 'text_encoder']) cpSync(join(fx, 'torch-bin', c), join(binRoot, 'tiny-ip2p-bin', c), { recursive: true });
   cpSync(join(fx, 'torch-bin', 'clip'), join(binRoot, 'tiny-clip-bin'), { recursive: true });
+  // What a folder cloned from the hub holds besides: the original single-file checkpoint, other
+  // components' and formats' weights, .git. None of it may be copied into the browser's storage.
+  const junk = Buffer.alloc(256 << 10, 7);
+  for (const rel of ['tiny-ip2p-bin/instruct-pix2pix-00-22000.ckpt', 'tiny-ip2p-bin/.git/objects/pack/junk.pack', 'tiny-ip2p-bin/safety_checker/pytorch_model.bin', 'tiny-clip-bin/tf_model.h5']) {
+    mkdirSync(dirname(join(binRoot, rel)), { recursive: true });
+    writeFileSync(join(binRoot, rel), junk);
+  }
   await page.setInputFiles('#local-ip2p', join(binRoot, 'tiny-ip2p-bin'));
   await page.setInputFiles('#local-clip', join(binRoot, 'tiny-clip-bin'));
   await page.click('#local-load');
   await page.waitForFunction(() => /^tiny-ip2p-bin \(/.test(document.getElementById('model-loaded').textContent), null, { timeout: 300000 });
   const fpBin = await page.evaluate(() => document.body.dataset.model);
   check(fpBin === fingerprint, `.bin folders loaded as the same model: ${fpBin} (safetensors ${fingerprint})`);
+  const storedLocal = await page.evaluate(async () => {
+    const root = await (await navigator.storage.getDirectory()).getDirectoryHandle('visii');
+    const st = JSON.parse(await (await (await (await root.getDirectoryHandle('local')).getFileHandle('state.json')).getFile()).text());
+    return Object.keys(st.files).sort();
+  });
+  const want = ['ip2p/unet/diffusion_pytorch_model.fp16.bin', 'ip2p/text_encoder/pytorch_model.bin.index.json', 'ip2p/text_encoder/pytorch_model-00002-of-00002.bin', 'clip/pytorch_model.bin', 'ip2p/tokenizer/merges.txt'];
+  check(want.every((f) => storedLocal.includes(f)) && !storedLocal.some((f) => /\.ckpt$|\.git\/|safety_checker\/pytorch_model|\.h5$/.test(f)),
+    `only what loading reads was stored (${storedLocal.length} files: ${storedLocal.filter((f) => /\.(bin|json)$/.test(f)).join(', ')})`);
 
   step('a fresh page, the stored model with f32 weights');
   // A fresh page (no instruction loaded) and the stored model; later the device is destroyed from
