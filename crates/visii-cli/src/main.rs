@@ -328,7 +328,21 @@ fn device(b: Backend) -> Device {
     }
 }
 
+/// `visii inspect --json | head`: when the reader of our output goes away, stop quietly (exit
+/// status 141, as a shell reports SIGPIPE) instead of printing a panic about the broken pipe.
+fn quiet_on_closed_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info.payload().downcast_ref::<String>().map(String::as_str).or_else(|| info.payload().downcast_ref::<&str>().copied());
+        if message.is_some_and(|m| m.contains("failed printing to stdout") && m.contains("Broken pipe")) {
+            std::process::exit(141);
+        }
+        default(info)
+    }));
+}
+
 fn main() -> ExitCode {
+    quiet_on_closed_pipe();
     let cli = Cli::parse();
     GPU_LIMITS.set(cli.gpu_limits).expect("set once");
     RESIDENT.set(cli.resident).expect("set once");

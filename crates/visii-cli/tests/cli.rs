@@ -27,6 +27,23 @@ fn inspect_json_reports_exact_parameter_counts() {
 }
 
 #[test]
+fn a_closed_pipe_ends_quietly() {
+    // `visii inspect --json | head -c 0`: the reader is gone before anything is printed.
+    let (ip2p, clip) = (fixtures().join("tiny-ip2p"), fixtures().join("tiny-clip"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_visii"))
+        .args(["inspect", "--model", ip2p.to_str().unwrap(), "--clip", clip.to_str().unwrap(), "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run visii");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
 fn inspect_table_and_errors() {
     let f = fixtures();
     let out = visii(&["inspect", "--model", f.join("tiny-ip2p").to_str().unwrap()]);
