@@ -97,48 +97,6 @@ export async function storedLabel(sourceId) {
 
 /// Writes files of one source and records them in its state.json once, on `commit()` (a picked
 /// folder or a conversion writes ~20 files; a missing state entry just means "not stored yet").
-// Weight files of any format (the original single-file checkpoint, PyTorch, safetensors, Flax, TF,
-// ONNX) and sharded indexes: of these only the set the loader picks is kept (see neededFiles).
-const WEIGHT_FILE = /\.(safetensors|bin|ckpt|pt|pth|msgpack|h5|onnx|gguf)$|\.(safetensors|bin)\.index(\.fp16)?\.json$/i;
-
-/// The files of a model folder picked on this computer that loading reads, so only those are
-/// copied into the browser's storage: the configs, tokenizer and other small files, and per
-/// component folder the one set of weight files the loader picks, in its order (`weight_files` in
-/// crates/visii-models/src/loader.rs: safetensors before PyTorch .bin, the single file before its
-/// sharded index, full precision before the fp16 variant). A folder cloned from the hub also holds
-/// the original single-file checkpoint (7.7 GB), the same weights in other formats and `.git`.
-/// `components`: folder -> file stem, e.g. {unet: 'diffusion_pytorch_model', text_encoder: 'model'};
-/// '' is the folder itself.
-export async function neededFiles(list, components) {
-  const byPath = new Map(list.map((f) => [f.path, f]));
-  const hidden = (path) => path.split('/').some((seg, i, all) => seg.startsWith('.') && !(i === all.length - 1 && seg === '.revision'));
-  const keep = list.filter((f) => !WEIGHT_FILE.test(f.path) && !hidden(f.path));
-  for (const [dir, stem] of Object.entries(components)) {
-    const at = (name) => (dir ? `${dir}/${name}` : name);
-    const torchStem = stem === 'model' ? 'pytorch_model' : stem;
-    let chosen = null;
-    for (const [s, ext] of [[stem, 'safetensors'], [torchStem, 'bin']]) {
-      for (const [single, index] of [[`${s}.${ext}`, `${s}.${ext}.index.json`], [`${s}.fp16.${ext}`, `${s}.${ext}.index.fp16.json`]]) {
-        if (chosen) break;
-        if (byPath.has(at(single))) chosen = [at(single)];
-        else if (byPath.has(at(index))) {
-          let shards = [];
-          try {
-            shards = Object.values(JSON.parse(await byPath.get(at(index)).file.text()).weight_map || {});
-          } catch { /* a broken index: the loader says what is wrong with it */ }
-          chosen = [at(index), ...new Set(shards.map(at))];
-        }
-      }
-    }
-    // Nothing the loader looks for: keep the folder's weight files, and the loader explains.
-    const inDir = (p) => (dir ? p.startsWith(`${dir}/`) && !p.slice(dir.length + 1).includes('/') : !p.includes('/'));
-    for (const p of chosen || list.map((f) => f.path).filter((p) => WEIGHT_FILE.test(p) && inDir(p))) {
-      if (byPath.has(p)) keep.push(byPath.get(p));
-    }
-  }
-  return keep;
-}
-
 export class SourceWriter {
   constructor(sourceId, label) {
     this.sourceId = sourceId;

@@ -12,8 +12,8 @@
 //   | {type: 'learned', id, bytes, info} | {type: 'applied', id, png, width, height}
 //   | {type: 'inspected', id, info} | {type: 'measured', id, result, wasmMemory} | {type: 'error', id?, name, message}
 //   (measured.result also has browserGpuBytes / browserGpuBytesPeak: GPU buffers alive as the browser counts them)
-import init, { version, createEngine, inspectInstruction, gpuSelftest, convertPack } from '../dist/pkg/visii_web.js';
-import { ensureSource, readComponent, listStored, deleteSource, SourceWriter, storedLabel, neededFiles } from './store.js';
+import init, { version, createEngine, inspectInstruction, gpuSelftest, convertPack, neededFiles } from '../dist/pkg/visii_web.js';
+import { ensureSource, readComponent, listStored, deleteSource, SourceWriter, storedLabel } from './store.js';
 
 // What this worker's GPU buffers hold as the browser counts them: bytes of buffers created and
 // neither destroyed nor garbage-collected (`live`), and the most since `reset` (`peak`). The engine's
@@ -109,10 +109,13 @@ const handlers = {
     await deleteSource(id).catch(() => {});
     const out = new SourceWriter(id, `Files from this computer (${msg.ip2pName || 'model'})`);
     try {
-      // Only what loading reads: not the single-file checkpoint, other formats or .git beside it.
-      const ip2p = await neededFiles(msg.ip2p, { unet: 'diffusion_pytorch_model', vae: 'diffusion_pytorch_model', text_encoder: 'model' });
-      const clip = await neededFiles(msg.clip, { '': 'model' });
-      for (const [component, list] of [['ip2p', ip2p], ['clip', clip]]) {
+      // Only what loading reads (the loader's own choice): not the single-file checkpoint, other
+      // formats or .git beside it.
+      const needed = (kind, list) => {
+        const keep = new Set(neededFiles(kind, new Map(list.map((f) => [f.path, f.file]))));
+        return list.filter((f) => keep.has(f.path));
+      };
+      for (const [component, list] of [['ip2p', needed('ip2p', msg.ip2p)], ['clip', needed('clip', msg.clip)]]) {
         for (const { path, file } of list) await out.put(`${component}/${path}`, file);
       }
       await out.commit();

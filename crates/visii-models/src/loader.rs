@@ -247,27 +247,38 @@ pub fn weight_files_in(dir: &Path, stem: &str) -> Result<Vec<WeightFile>> {
 /// checkpoints 2023's libraries wrote by default, named alike (`pytorch_model.bin` for transformers'
 /// `model`, `diffusion_pytorch_model.bin` for diffusers).
 pub fn weight_files(files: &Files, dir: &str, stem: &str) -> Result<Vec<WeightFile>> {
+    let chosen = chosen_weights(files, dir, stem)?;
+    chosen.files.iter().map(|p| if chosen.torch { files.torch_file(p) } else { files.weight_file(p) }).collect()
+}
+
+/// The weight files [`weight_files`] opens (paths within `files`) and the sharded index naming them.
+struct ChosenWeights {
+    torch: bool,
+    index: Option<String>,
+    files: Vec<String>,
+}
+
+fn chosen_weights(files: &Files, dir: &str, stem: &str) -> Result<ChosenWeights> {
     let torch_stem = if stem == "model" { "pytorch_model" } else { stem };
     for (stem, ext, torch) in [(stem, "safetensors", false), (torch_stem, "bin", true)] {
-        let open = |rel: &str| if torch { files.torch_file(rel) } else { files.weight_file(rel) };
         for (single, index) in
             [(format!("{stem}.{ext}"), format!("{stem}.{ext}.index.json")), (format!("{stem}.fp16.{ext}"), format!("{stem}.{ext}.index.fp16.json"))]
         {
             let p = join(dir, &single);
             if files.exists(&p) {
-                return Ok(vec![open(&p)?]);
+                return Ok(ChosenWeights { torch, index: None, files: vec![p] });
             }
             let index = join(dir, &index);
             if files.exists(&index) {
                 let v: serde_json::Value = parse_config(&files.display(&index), &files.read_text(&index)?)?;
                 let mut shards: Vec<String> =
-                    v["weight_map"].as_object().map(|m| m.values().filter_map(|s| s.as_str().map(String::from)).collect()).unwrap_or_default();
+                    v["weight_map"].as_object().map(|m| m.values().filter_map(|s| s.as_str().map(|s| join(dir, s))).collect()).unwrap_or_default();
                 shards.sort();
                 shards.dedup();
                 if shards.is_empty() {
                     return Err(ModelError::Config { path: files.display(&index), message: "its weight_map names no files".into() });
                 }
-                return shards.iter().map(|s| open(&join(dir, s))).collect();
+                return Ok(ChosenWeights { torch, index: Some(index), files: shards });
             }
         }
     }
@@ -276,6 +287,47 @@ pub fn weight_files(files: &Files, dir: &str, stem: &str) -> Result<Vec<WeightFi
         expected: "a model component folder".into(),
         message: format!("no {stem}.safetensors or {torch_stem}.bin"),
     })
+}
+
+/// Component folders of an InstructPix2Pix folder with weights, and their weight files' stem.
+pub const IP2P_WEIGHTS: [(&str, &str); 3] = [("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model")];
+/// The same for a CLIP folder (its weights lie in the folder itself).
+pub const CLIP_WEIGHTS: [(&str, &str); 1] = [("", "model")];
+
+/// Weight files of any format (the original single-file checkpoint, PyTorch, safetensors, Flax,
+/// TF, ONNX) and sharded indexes.
+fn is_weight_file(path: &str) -> bool {
+    let p = path.to_ascii_lowercase();
+    [".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx", ".gguf"].iter().any(|e| p.ends_with(e))
+        || [".safetensors.index.json", ".safetensors.index.fp16.json", ".bin.index.json", ".bin.index.fp16.json"].iter().any(|e| p.ends_with(e))
+}
+
+/// Of `paths` (a model folder's files, within `files`), those loading reads: every file that is not
+/// a weight file and lies outside hidden folders (configs, tokenizer, `.revision`), and per
+/// component folder of `components` ([`IP2P_WEIGHTS`], [`CLIP_WEIGHTS`]) the weight files
+/// [`weight_files`] picks, with their index; where it picks none, the folder's weight files (the
+/// loader then says what is wrong). What the page copies into storage from a picked folder: one
+/// cloned from the hub also holds the 7.7 GB single-file checkpoint, the same weights in other
+/// formats and `.git`.
+pub fn needed_files(files: &Files, paths: &[String], components: &[(&str, &str)]) -> Vec<String> {
+    let hidden = |p: &str| {
+        let segs: Vec<&str> = p.split('/').collect();
+        segs.iter().enumerate().any(|(i, s)| s.starts_with('.') && !(i + 1 == segs.len() && *s == ".revision"))
+    };
+    let mut keep: Vec<String> = paths.iter().filter(|p| !is_weight_file(p) && !hidden(p)).cloned().collect();
+    for (dir, stem) in components {
+        match chosen_weights(files, dir, stem) {
+            Ok(c) => keep.extend(c.index.into_iter().chain(c.files).filter(|p| paths.contains(p))),
+            Err(_) => {
+                let in_dir = |p: &str| match dir.is_empty() {
+                    true => !p.contains('/'),
+                    false => p.strip_prefix(&format!("{dir}/")).is_some_and(|rest| !rest.contains('/')),
+                };
+                keep.extend(paths.iter().filter(|p| is_weight_file(p) && in_dir(p)).cloned());
+            }
+        }
+    }
+    keep
 }
 
 /// An InstructPix2Pix folder in the diffusers layout.
@@ -413,5 +465,76 @@ impl ClipFolder {
             return Ok(ClipPreprocessConfig::default());
         }
         parse_config(&self.files.display("preprocessor_config.json"), &self.files.read_text("preprocessor_config.json")?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hub_clone_keeps_only_what_loading_reads() {
+        let index = r#"{"weight_map": {"a": "pytorch_model-00001-of-00002.bin", "b": "pytorch_model-00002-of-00002.bin"}}"#;
+        let paths: Vec<String> = [
+            "model_index.json",
+            "instruct-pix2pix-00-22000.ckpt",
+            "instruct-pix2pix-00-22000.safetensors",
+            ".git/config",
+            ".gitattributes",
+            ".revision",
+            "unet/config.json",
+            "unet/diffusion_pytorch_model.bin",
+            "unet/diffusion_pytorch_model.safetensors",
+            "unet/diffusion_pytorch_model.fp16.safetensors",
+            "vae/config.json",
+            "vae/diffusion_pytorch_model.fp16.bin",
+            "text_encoder/config.json",
+            "text_encoder/pytorch_model.bin.index.json",
+            "text_encoder/pytorch_model-00001-of-00002.bin",
+            "text_encoder/pytorch_model-00002-of-00002.bin",
+            "text_encoder/flax_model.msgpack",
+            "tokenizer/vocab.json",
+            "tokenizer/merges.txt",
+            "scheduler/scheduler_config.json",
+            "safety_checker/config.json",
+            "safety_checker/pytorch_model.bin",
+        ]
+        .map(String::from)
+        .to_vec();
+        let bytes = |p: &String| -> Arc<[u8]> {
+            if p.ends_with(".index.json") {
+                index.as_bytes().into()
+            } else {
+                Arc::from(&b"x"[..])
+            }
+        };
+        let files = Files::memory("ip2p", paths.iter().map(|p| (p.clone(), bytes(p))).collect());
+        let mut got = needed_files(&files, &paths, &IP2P_WEIGHTS);
+        got.sort();
+        let want = [
+            ".revision",
+            "model_index.json",
+            "safety_checker/config.json",
+            "scheduler/scheduler_config.json",
+            "text_encoder/config.json",
+            "text_encoder/pytorch_model-00001-of-00002.bin",
+            "text_encoder/pytorch_model-00002-of-00002.bin",
+            "text_encoder/pytorch_model.bin.index.json",
+            "tokenizer/merges.txt",
+            "tokenizer/vocab.json",
+            "unet/config.json",
+            "unet/diffusion_pytorch_model.safetensors",
+            "vae/config.json",
+            "vae/diffusion_pytorch_model.fp16.bin",
+        ];
+        assert_eq!(got, want);
+
+        let clip: Vec<String> = ["config.json", "pytorch_model.bin", "model.safetensors", "tf_model.h5", "tokenizer.json"].map(String::from).to_vec();
+        let files = Files::memory("clip", clip.iter().map(|p| (p.clone(), Arc::from(&b"x"[..]))).collect());
+        assert_eq!(needed_files(&files, &clip, &CLIP_WEIGHTS), ["config.json", "tokenizer.json", "model.safetensors"]);
+        // Nothing the loader looks for: the folder's weight files stay, for the loader to explain.
+        let odd: Vec<String> = ["config.json", "weird.safetensors"].map(String::from).to_vec();
+        let files = Files::memory("odd", odd.iter().map(|p| (p.clone(), Arc::from(&b"x"[..]))).collect());
+        assert_eq!(needed_files(&files, &odd, &CLIP_WEIGHTS), odd);
     }
 }

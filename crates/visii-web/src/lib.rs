@@ -204,6 +204,17 @@ impl Sha256 {
     }
 }
 
+/// Of a model folder picked on this computer (`files`: a `Map` of relative path -> `File`; `kind`:
+/// "ip2p" or "clip"), the paths loading reads: what the page copies into storage
+/// (`visii_models::loader::needed_files`: not the single-file checkpoint, other formats or `.git`).
+#[wasm_bindgen(js_name = neededFiles)]
+pub fn needed_files(kind: &str, files: js_sys::Map) -> Vec<String> {
+    use visii_models::loader::{CLIP_WEIGHTS, IP2P_WEIGHTS};
+    let components: &[(&str, &str)] = if kind == "clip" { &CLIP_WEIGHTS } else { &IP2P_WEIGHTS };
+    let paths: Vec<String> = files.keys().into_iter().filter_map(|k| Some(k.ok()?.as_string()?.trim_start_matches("./").to_string())).collect();
+    visii_models::loader::needed_files(&files_from(kind, &files), &paths, components)
+}
+
 /// Model files from JS: a `Map` of relative path -> `Blob`/`File` (read by range) or `Uint8Array`.
 fn files_from(name: &str, files: &js_sys::Map) -> Files {
     let mut map: HashMap<String, Arc<dyn ByteSource>> = HashMap::new();
