@@ -116,8 +116,10 @@ static GPU_LIMITS: std::sync::OnceLock<GpuLimits> = std::sync::OnceLock::new();
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Debug)]
 enum Backend {
-    /// burn's wgpu backend (a GPU, or Mesa lavapipe on the CPU)
+    /// burn's wgpu backend (a GPU, or Mesa lavapipe on the CPU), with our kernels
     Wgpu,
+    /// the same with burn's own conv / matmul ops in place of our kernels (to compare them)
+    WgpuBurn,
     /// burn's ndarray backend (CPU)
     Ndarray,
 }
@@ -162,6 +164,10 @@ enum Command {
         /// Forward passes after the warm-up one.
         #[arg(long, default_value_t = 1)]
         runs: usize,
+        /// The layer `--what conv|linear` times (see there); a UNet resnet conv at 32 x 32 latents,
+        /// or a GEGLU projection at 32 x 32 latents, by default.
+        #[arg(long, value_delimiter = ',')]
+        shape: Vec<usize>,
         /// Also time the PyTorch peer (tests/fullsize/torch_bench.py: the same config, random
         /// weights, CPU) with this Python, and print each backend's time ratio to it.
         #[arg(long)]
@@ -169,6 +175,11 @@ enum Command {
         /// Where the PyTorch peer runs: cpu, or cuda on a machine with an NVIDIA GPU.
         #[arg(long, default_value = "cpu", requires = "torch")]
         torch_device: String,
+        /// Also time every kernel with cubecl's profiler (wgpu backends; each kernel waits for the
+        /// one before, so the times in the main table are then slower) and print where the time went,
+        /// per kernel, for each backend.
+        #[arg(long)]
+        profile: bool,
     },
     /// Edit an image with an InstructPix2Pix instruction given as text.
     Apply {
@@ -280,6 +291,8 @@ enum Command {
     BenchOne {
         #[arg(long)]
         latent: usize,
+        #[arg(long, value_delimiter = ',')]
+        shape: Vec<usize>,
         #[arg(long, value_enum)]
         what: BenchWhat,
         #[arg(long, value_enum)]
@@ -303,6 +316,10 @@ enum BenchWhat {
     VaeDecode,
     /// One VAE encode (latent side x 8 pixels).
     VaeEncode,
+    /// One conv2d of `--shape batch,c_in,h,w,c_out,k,stride` (padding k / 2, with bias).
+    Conv,
+    /// One Linear of `--shape rows,in,out` (with bias).
+    Linear,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Debug)]
@@ -315,6 +332,13 @@ enum BenchConfig {
 
 fn device(b: Backend) -> Device {
     use visii_models::gpu::{capped_device, SPEC_BUFFER, SPEC_STORAGE_BINDING};
+    let b = match b {
+        Backend::WgpuBurn => {
+            visii_models::kernels::set_enabled(false);
+            Backend::Wgpu
+        }
+        b => b,
+    };
     match (b, GPU_LIMITS.get()) {
         (Backend::Wgpu, Some(GpuLimits::Spec)) => {
             visii_pipeline::block_on(capped_device(burn::tensor::wgpu::wgpu::Backends::PRIMARY, SPEC_STORAGE_BINDING, SPEC_BUFFER, browser_memory()))
@@ -325,6 +349,7 @@ fn device(b: Backend) -> Device {
         }
         (Backend::Wgpu, _) => Device::wgpu(DeviceKind::DefaultDevice),
         (Backend::Ndarray, _) => Device::ndarray(),
+        (Backend::WgpuBurn, _) => unreachable!("mapped to wgpu above"),
     }
 }
 
@@ -366,10 +391,10 @@ fn main() -> ExitCode {
         Command::Convert { model, clip, output, quant, clip_quant, shard_mb } => {
             convert(&model, &clip, &output, &quant, clip_quant.as_deref(), shard_mb)
         }
-        Command::Bench { latent, what, config, backends, runs, torch, torch_device } => {
-            bench(latent, what, config, &backends, runs, torch.as_deref().map(|py| (py, torch_device.as_str())))
+        Command::Bench { latent, what, config, backends, runs, shape, torch, torch_device, profile } => {
+            op_shape(what, shape).and_then(|shape| bench(latent, what, config, &backends, runs, &shape, torch.as_deref().map(|py| (py, torch_device.as_str())), profile))
         }
-        Command::BenchOne { latent, what, config, backend, runs } => bench_one(latent, what, config, backend, runs),
+        Command::BenchOne { latent, shape, what, config, backend, runs } => bench_one(latent, &shape, what, config, backend, runs),
         Command::Apply {
             model,
             image,
@@ -810,11 +835,15 @@ fn bench(
     config: BenchConfig,
     backends: &[Backend],
     runs: usize,
+    shape: &[usize],
     torch: Option<(&str, &str)>,
+    profile: bool,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let cfg = bench_config(config)?;
     let full = config == BenchConfig::Full;
-    if matches!(what, BenchWhat::VaeDecode | BenchWhat::VaeEncode) {
+    if matches!(what, BenchWhat::Conv | BenchWhat::Linear) {
+        println!("{what:?} {shape:?}: {:.1} GFLOP per call", op_flop(what, shape) / 1e9);
+    } else if matches!(what, BenchWhat::VaeDecode | BenchWhat::VaeEncode) {
         println!(
             "{what:?}: {} VAE (random weights), batch 1, {1}x{1} pixels",
             if full { "full-size InstructPix2Pix" } else { "tiny test" },
@@ -846,9 +875,14 @@ fn bench(
         .filter(|p| p.is_file())
         .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fullsize/torch_bench.py"));
     let mut runners: Vec<(String, std::process::Command)> = vec![];
+    let mut profiles: Vec<(String, std::path::PathBuf)> = vec![];
     for &b in backends {
         let mut c = std::process::Command::new(std::env::current_exe()?);
-        c.args(["bench-one", "--latent", &latent.to_string(), "--what", &arg(&what), "--config", &arg(&config)]).args([
+        c.args(["bench-one", "--latent", &latent.to_string(), "--what", &arg(&what), "--config", &arg(&config)]);
+        if !shape.is_empty() {
+            c.args(["--shape", &shape.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(",")]);
+        }
+        c.args([
             "--backend",
             &arg(&b),
             "--runs",
@@ -868,9 +902,18 @@ fn bench(
             c.args(["--gpu-memory", "browser", "--gpu-tidy-every", &every.to_string(), "--gpu-tidy-backward-every", &backward.to_string()]);
             c.args(["--gpu-exact-fit", &visii_models::memory::exact_fit_in_force().to_string()]);
         }
+        if profile && b != Backend::Ndarray {
+            // cubecl reads its settings from `cubecl.toml` in the working directory.
+            let dir = std::env::temp_dir().join(format!("visii-profile-{}-{}", std::process::id(), arg(&b)));
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join("cubecl.toml"), "[profiling.logger]\nlevel = \"basic\"\nfile = \"prof.log\"\n")?;
+            let _ = std::fs::remove_file(dir.join("prof.log"));
+            c.current_dir(&dir);
+            profiles.push((arg(&b), dir.join("prof.log")));
+        }
         runners.push((arg(&b), c));
     }
-    if let Some((py, torch_device)) = torch {
+    if let Some((py, torch_device)) = torch.filter(|_| !matches!(what, BenchWhat::Conv | BenchWhat::Linear)) {
         let mut c = std::process::Command::new(py);
         c.arg(&script).args(["--latent", &latent.to_string(), "--what", &arg(&what), "--config", &arg(&config), "--runs", &runs.to_string()]);
         c.args(["--device", torch_device]);
@@ -900,6 +943,9 @@ fn bench(
                 gib(&r["device_in_use_bytes"])
             );
         }
+        if matches!(what, BenchWhat::Conv | BenchWhat::Linear) {
+            println!("  {name}: {:.1} GFLOP/s", op_flop(what, shape) / r["run_s"].as_f64().unwrap_or(f64::NAN) / 1e9);
+        }
         times.push((name, r["run_s"].as_f64().unwrap_or(f64::NAN)));
     }
     for w in times.windows(2).filter(|w| w[1].0 != "pytorch") {
@@ -910,7 +956,50 @@ fn bench(
             println!("time ratio {n}/pytorch: {:.2}", x / t);
         }
     }
+    for (name, log) in profiles {
+        let text = std::fs::read_to_string(&log).map_err(|e| format!("the {name} profile {}: {e}", log.display()))?;
+        print_profile(&name, &text);
+    }
     Ok(())
+}
+
+/// A duration as Rust's `Debug` prints it (`12.5µs`, `3.1ms`, `1.2s`, `800ns`), in seconds.
+fn debug_duration_s(text: &str) -> Option<f64> {
+    let text = text.trim();
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let (value, unit) = text.split_at(split);
+    let scale = match unit {
+        "s" => 1.0,
+        "ms" => 1e-3,
+        "µs" | "us" => 1e-6,
+        "ns" => 1e-9,
+        _ => return None,
+    };
+    Some(value.parse::<f64>().ok()? * scale)
+}
+
+/// The time cubecl's profiler logged (`| <duration> | <kernel>` lines), summed per kernel (its
+/// name without type parameters), largest first.
+fn print_profile(backend: &str, log: &str) {
+    let mut per: std::collections::BTreeMap<String, (f64, usize)> = Default::default();
+    for line in log.lines() {
+        let mut cols = line.trim_start_matches('|').splitn(2, '|');
+        let (Some(d), Some(name)) = (cols.next(), cols.next()) else { continue };
+        let Some(s) = debug_duration_s(d) else { continue };
+        let name = name.trim();
+        let class = name.split(['<', '{', ' ']).next().unwrap_or(name).rsplit("::").next().unwrap_or(name);
+        let class = if name.starts_with("visii::") { name.to_string() } else { class.to_string() };
+        let e = per.entry(class).or_default();
+        e.0 += s;
+        e.1 += 1;
+    }
+    let total: f64 = per.values().map(|v| v.0).sum();
+    let mut rows: Vec<_> = per.into_iter().collect();
+    rows.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
+    println!("\n{backend}: time per kernel (cubecl profiler, all runs): {:.3} s in {} launches", total, rows.iter().map(|r| r.1 .1).sum::<usize>());
+    for (name, (s, n)) in rows.iter().take(15) {
+        println!("  {:>6.1}%  {:>9.3} s  {:>7}x  {}", 100.0 * s / total.max(1e-12), s, n, name);
+    }
 }
 
 fn bench_config(config: BenchConfig) -> Result<visii_models::UNetConfig, Box<dyn std::error::Error>> {
@@ -920,10 +1009,79 @@ fn bench_config(config: BenchConfig) -> Result<visii_models::UNetConfig, Box<dyn
     })
 }
 
-fn bench_one(latent: usize, what: BenchWhat, config: BenchConfig, backend: Backend, runs: usize) -> Result<(), Box<dyn std::error::Error>> {
+/// `--shape` for `--what conv|linear` (checked, defaults filled in); empty for the rest.
+fn op_shape(what: BenchWhat, shape: Vec<usize>) -> Result<Vec<usize>, Box<dyn std::error::Error>> {
+    let shape = match (what, shape.is_empty()) {
+        (BenchWhat::Conv, true) => vec![1, 320, 32, 32, 320, 3, 1],
+        (BenchWhat::Linear, true) => vec![1024, 320, 2560],
+        (BenchWhat::Conv | BenchWhat::Linear, false) => shape,
+        (_, true) => return Ok(shape),
+        (_, false) => return Err("--shape is for --what conv or linear".into()),
+    };
+    let want = if what == BenchWhat::Conv { 7 } else { 3 };
+    if shape.len() != want || shape.contains(&0) || shape.iter().any(|&v| v > 1 << 20) {
+        return Err(format!("--shape takes {want} positive sizes for --what {what:?} (batch,c_in,h,w,c_out,k,stride / rows,in,out)").into());
+    }
+    Ok(shape)
+}
+
+/// Multiply-adds x 2 of one call of `--what conv|linear`.
+fn op_flop(what: BenchWhat, s: &[usize]) -> f64 {
+    match what {
+        BenchWhat::Conv => {
+            let (oh, ow) = ((s[2] + 2 * (s[5] / 2) - s[5]) / s[6] + 1, (s[3] + 2 * (s[5] / 2) - s[5]) / s[6] + 1);
+            2.0 * (s[0] * s[4] * oh * ow * s[1] * s[5] * s[5]) as f64
+        }
+        _ => 2.0 * (s[0] * s[1] * s[2]) as f64,
+    }
+}
+
+/// `bench-one` for one conv or Linear (random values; our kernel, or burn's op on `wgpu-burn`).
+fn bench_op(what: BenchWhat, s: &[usize], backend: Backend, runs: usize, dev: &Device) -> Result<(), Box<dyn std::error::Error>> {
+    use burn::module::Param;
+    use visii_models::resident::Layer;
+    let normal = |shape: Vec<usize>, sd: f64| Tensor::<1>::random([shape.iter().product::<usize>()], Distribution::Normal(0.0, sd), dev);
+    let t0 = Instant::now();
+    match what {
+        BenchWhat::Conv => {
+            let (k, pad) = (s[5], s[5] / 2);
+            let conv = burn::nn::conv::Conv2d {
+                weight: Param::from_tensor(normal(vec![s[4], s[1], k, k], 0.05).reshape([s[4], s[1], k, k])),
+                bias: Some(Param::from_tensor(normal(vec![s[4]], 0.1))),
+                stride: [s[6], s[6]],
+                kernel_size: [k, k],
+                dilation: [1, 1],
+                groups: 1,
+                padding: burn::nn::PaddingConfig2d::Explicit(pad, pad, pad, pad),
+            };
+            let x = normal(vec![s[0], s[1], s[2], s[3]], 1.0).reshape([s[0], s[1], s[2], s[3]]);
+            let build_s = t0.elapsed().as_secs_f64();
+            timed(backend, s[1] * s[4] * k * k, build_s, runs, dev, || {
+                let _ = conv.run(x.clone()).slice([0..1, 0..1, 0..1, 0..1]).into_data();
+            });
+        }
+        _ => {
+            let linear = burn::nn::Linear {
+                weight: Param::from_tensor(normal(vec![s[1], s[2]], 0.05).reshape([s[1], s[2]])),
+                bias: Some(Param::from_tensor(normal(vec![s[2]], 0.1))),
+            };
+            let x = normal(vec![1, s[0], s[1]], 1.0).reshape([1, s[0], s[1]]);
+            let build_s = t0.elapsed().as_secs_f64();
+            timed(backend, s[1] * s[2], build_s, runs, dev, || {
+                let _ = linear.run(x.clone()).slice([0..1, 0..1, 0..1]).into_data();
+            });
+        }
+    }
+    Ok(())
+}
+
+fn bench_one(latent: usize, shape: &[usize], what: BenchWhat, config: BenchConfig, backend: Backend, runs: usize) -> Result<(), Box<dyn std::error::Error>> {
     use visii_pipeline::block_on;
     use visii_pipeline::probe::UnetProbe;
     let dev = device(backend);
+    if matches!(what, BenchWhat::Conv | BenchWhat::Linear) {
+        return bench_op(what, &op_shape(what, shape.to_vec())?, backend, runs, &dev);
+    }
     if matches!(what, BenchWhat::VaeDecode | BenchWhat::VaeEncode) {
         return bench_vae(latent, what, config, backend, runs, &dev);
     }
@@ -941,6 +1099,7 @@ fn bench_one(latent: usize, what: BenchWhat, config: BenchConfig, backend: Backe
             BenchWhat::LearnStep => block_on(probe.learn_step(&unet)),
             BenchWhat::SampleStep => block_on(probe.sample_step(&unet)),
             BenchWhat::VaeDecode | BenchWhat::VaeEncode => unreachable!("bench_vae"),
+            BenchWhat::Conv | BenchWhat::Linear => unreachable!("bench_op"),
         };
         failed = failed.take().or(r.err());
     });

@@ -8,8 +8,12 @@
 //! compute the input gradient. The weights are frozen, so no weight gradient is ever needed, and
 //! neither is the layer's input (burn's conv2d keeps it; this step does not).
 //!
-//! Runs on burn's cubecl backend (wgpu / WebGPU), the only one with quantised tensors; any other
-//! tensor takes the ordinary path ([`linear`] / [`conv2d`] hand the input back).
+//! The same step serves f32 weights (frozen too): its forward and input gradient run on our own
+//! kernels (`crate::kernels`: the implicit-GEMM conv, and for a stride-1 conv's gradient the same
+//! GEMM reading the weight flipped in place) instead of burn's direct conv and conv_transpose2d.
+//!
+//! Runs on burn's cubecl backend (wgpu / WebGPU); any other tensor takes the ordinary path
+//! ([`linear`] / [`conv2d`] hand the input back).
 
 use burn::tensor::ops::{ConvOptions, ConvTransposeOptions};
 use burn::tensor::Tensor;
@@ -27,23 +31,46 @@ type Quant = <Cube as BackendTypes>::QuantizedTensorPrimitive;
 /// burn-autodiff's tensor (a cubecl primitive and its graph node).
 type AutodiffTensor = <Autodiff<Cube> as BackendTypes>::FloatTensorPrimitive;
 
+/// A frozen weight as the layer keeps it: int8 on the device, or f32.
+#[derive(Debug, Clone)]
+enum Frozen {
+    Quant(Quant),
+    Float(Float),
+}
+
+impl Frozen {
+    fn device(&self) -> &burn_cubecl::CubeDevice {
+        match self {
+            Frozen::Quant(q) => &q.device,
+            Frozen::Float(f) => &f.device,
+        }
+    }
+}
+
 /// Hands the allocator's free pages back every [`crate::memory::tidy_backward_every`] layers of the
 /// backward pass (in the browser; by default never, see [`crate::memory::TIDY_BACKWARD_EVERY`]).
-fn tidy(q: &Quant) {
+fn tidy(w: &Frozen) {
+    let device = w.device();
     crate::memory::tidy_backward_with(
-        || Cube::memory_pool_usage(&q.device).map(|u| (u.bytes_reserved, u.bytes_in_use)),
-        || Cube::memory_cleanup(&q.device),
+        || Cube::memory_pool_usage(device).map(|u| (u.bytes_reserved, u.bytes_in_use)),
+        || Cube::memory_cleanup(device),
     );
 }
 
-/// The weight of a quantised base in the activations' float type (f32, or f16), in its real shape.
-fn weight(q: &Quant, shape: &Shape, dtype: FloatDType) -> Float {
-    let w = if crate::memory::in_browser() {
-        Cube::memory_persistent_allocations(&q.device, q.clone(), |q| Cube::dequantize(q, dtype))
-    } else {
-        Cube::dequantize(q.clone(), dtype)
+/// The weight in the activations' float type (f32, or f16), in its real shape: a quantised base
+/// dequantised, an f32 one as it is.
+fn weight(w: &Frozen, shape: &Shape, dtype: FloatDType) -> Float {
+    let w = match w {
+        Frozen::Quant(q) if crate::memory::in_browser() => Cube::memory_persistent_allocations(&q.device, q.clone(), |q| Cube::dequantize(q, dtype)),
+        Frozen::Quant(q) => Cube::dequantize(q.clone(), dtype),
+        Frozen::Float(f) => f.clone(),
     };
     Cube::float_reshape(w, shape.clone())
+}
+
+/// Whether our kernels run this step (f32 activations; see `crate::kernels`).
+fn ours(dtype: FloatDType) -> bool {
+    dtype == FloatDType::F32 && crate::kernels::enabled()
 }
 
 /// A `[in, out]` weight as `[1, .., 1, in, out]` of the given rank (matmul broadcasts it).
@@ -58,13 +85,23 @@ fn batched(shape: &Shape, rank: usize) -> Shape {
 struct FrozenMatmul;
 
 impl Backward<Cube, 1> for FrozenMatmul {
-    type State = (Quant, Shape);
+    type State = (Frozen, Shape);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let (q, shape) = ops.state;
         tidy(&q);
         unary::<Cube, _>(ops.parents, ops.node, grads, |grad| {
-            let w = Cube::float_reshape(weight(&q, &shape, grad.dtype().into()), batched(&shape, grad.shape().num_dims()));
+            let dtype: FloatDType = grad.dtype().into();
+            let w = weight(&q, &shape, dtype);
+            let (grad, w) = if ours(dtype) {
+                match crate::kernels::linear_input_grad_cube(grad, w) {
+                    Ok(g) => return g,
+                    Err(back) => back,
+                }
+            } else {
+                (grad, w)
+            };
+            let w = Cube::float_reshape(w, batched(&shape, grad.shape().num_dims()));
             Cube::float_matmul(grad, Cube::float_transpose(w))
         });
     }
@@ -75,7 +112,7 @@ impl Backward<Cube, 1> for FrozenMatmul {
 struct FrozenConv2d;
 
 impl Backward<Cube, 1> for FrozenConv2d {
-    type State = (Quant, Shape, ConvOptions<2>, [usize; 2]);
+    type State = (Frozen, Shape, ConvOptions<2>, [usize; 2]);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let (q, shape, o, size_in) = ops.state;
@@ -90,8 +127,17 @@ impl Backward<Cube, 1> for FrozenConv2d {
                 let covered = (size_out - 1) * o.stride[i] + o.dilation[i] * (k - 1) + 1;
                 (size_in[i] + 2 * pad[i]).saturating_sub(covered)
             };
+            let dtype: FloatDType = grad.dtype().into();
+            let w = weight(&q, &shape, dtype);
+            let (grad, w) = if ours(dtype) {
+                match crate::kernels::conv2d_input_grad_cube(grad, w, &o, size_in) {
+                    Ok(g) => return g,
+                    Err(back) => back,
+                }
+            } else {
+                (grad, w)
+            };
             let options = ConvTransposeOptions::new(o.stride, pad, [out(0, kh, ho), out(1, kw, wo)], o.dilation, o.groups);
-            let w = weight(&q, &shape, grad.dtype().into());
             Cube::conv_transpose2d(grad, w, None, options)
         });
     }
@@ -102,12 +148,23 @@ enum Op {
     Conv(ConvOptions<2>),
 }
 
-fn record<C: CheckpointStrategy>(x: AutodiffTensor, q: Quant, shape: Shape, op: Op) -> AutodiffTensor {
-    let w = weight(&q, &shape, x.dtype().into());
+fn record<C: CheckpointStrategy>(x: AutodiffTensor, q: Frozen, shape: Shape, op: Op) -> AutodiffTensor {
+    let dtype: FloatDType = x.dtype().into();
+    let w = weight(&q, &shape, dtype);
     match op {
         Op::Matmul => {
-            let w = Cube::float_reshape(w, batched(&shape, x.shape().num_dims()));
-            let y = |x: Float| Cube::float_matmul(x, w);
+            let batched_shape = batched(&shape, x.shape().num_dims());
+            let y = |x: Float| {
+                let (x, w) = if ours(dtype) {
+                    match crate::kernels::linear_cube(x, w, None) {
+                        Ok(y) => return y,
+                        Err((x, w, _)) => (x, w),
+                    }
+                } else {
+                    (x, w)
+                };
+                Cube::float_matmul(x, Cube::float_reshape(w, batched_shape))
+            };
             match FrozenMatmul.prepare::<C>([x.node()]).compute_bound().stateful() {
                 OpsKind::Tracked(prep) => prep.finish((q, shape), y(x.into_primitive())),
                 OpsKind::UnTracked(prep) => prep.finish(y(x.into_primitive())),
@@ -115,7 +172,17 @@ fn record<C: CheckpointStrategy>(x: AutodiffTensor, q: Quant, shape: Shape, op: 
         }
         Op::Conv(options) => {
             let [_, _, h, wd] = x.shape().dims();
-            let y = |x: Float| Cube::conv2d(x, w, None, options.clone());
+            let y = |x: Float| {
+                let (x, w) = if ours(dtype) {
+                    match crate::kernels::conv2d_cube(x, w, None, &options) {
+                        Ok(y) => return y,
+                        Err((x, w, _)) => (x, w),
+                    }
+                } else {
+                    (x, w)
+                };
+                Cube::conv2d(x, w, None, options.clone())
+            };
             match FrozenConv2d.prepare::<C>([x.node()]).compute_bound().stateful() {
                 OpsKind::Tracked(prep) => prep.finish((q, shape, options.clone(), [h, wd]), y(x.into_primitive())),
                 OpsKind::UnTracked(prep) => prep.finish(y(x.into_primitive())),
@@ -131,7 +198,13 @@ fn frozen<const D: usize, const W: usize>(x: Tensor<D>, base: Tensor<W>, shape: 
     let fits = matches!(&xp, DispatchTensor { kind: DispatchTensorKind::Autodiff(inner), autodiff: DispatchAutodiffContext::Enabled(_) }
         if matches!(**inner, DispatchTensorKind::Cube(BackendTensor::Autodiff(_))));
     let q = match base.into_dispatch() {
-        DispatchTensor { kind: DispatchTensorKind::Cube(BackendTensor::Quantized(q)), .. } if fits => q,
+        DispatchTensor { kind: DispatchTensorKind::Cube(BackendTensor::Quantized(q)), .. } if fits => Frozen::Quant(q),
+        // An f32 weight outside autodiff (frozen), under f32 activations.
+        DispatchTensor { kind: DispatchTensorKind::Cube(BackendTensor::Float(f)), autodiff: DispatchAutodiffContext::Disabled }
+            if fits && f.dtype == burn_backend::DType::F32 && xp.dtype() == burn_backend::DType::F32 =>
+        {
+            Frozen::Float(f)
+        }
         _ => return Err(Tensor::from_dispatch(xp)),
     };
     let DispatchTensor { kind: DispatchTensorKind::Autodiff(inner), autodiff: DispatchAutodiffContext::Enabled(strategy) } = xp else {
@@ -147,12 +220,13 @@ fn frozen<const D: usize, const W: usize>(x: Tensor<D>, base: Tensor<W>, shape: 
     Ok(Tensor::from_dispatch(DispatchTensor { kind, autodiff: DispatchAutodiffContext::Enabled(strategy) }))
 }
 
-/// `x · W` (no bias) for a Linear whose int8 base is `base` and whose weight is `[in, out]`.
+/// `x · W` (no bias) for a Linear whose frozen weight (int8 base, or f32) is `base`, `[in, out]`.
 pub fn linear<const D: usize, const W: usize>(x: Tensor<D>, base: Tensor<W>, shape: &[usize]) -> Result<Tensor<D>, Tensor<D>> {
     frozen(x, base, shape, Op::Matmul)
 }
 
-/// A Conv2d (no bias, symmetric padding `options`) whose int8 base is `base`, weight `shape`.
+/// A Conv2d (no bias, symmetric padding `options`) whose frozen weight (int8 base, or f32) is
+/// `base`, weight `shape`.
 pub fn conv2d<const W: usize>(x: Tensor<4>, base: Tensor<W>, shape: &[usize], options: ConvOptions<2>) -> Result<Tensor<4>, Tensor<4>> {
     frozen(x, base, shape, Op::Conv(options))
 }

@@ -10,6 +10,8 @@ pub mod error;
 mod frozen;
 #[cfg(any(feature = "wgpu", feature = "webgpu"))]
 pub mod gpu;
+#[cfg(feature = "frozen")]
+pub mod kernels;
 pub mod loader;
 pub mod memory;
 pub mod nn;

@@ -94,9 +94,29 @@ fn float<const D: usize>(x: &Tensor<D>) -> FloatDType {
     FloatDType::from(x.dtype())
 }
 
+/// Under autodiff on wgpu / WebGPU, the weight a frozen step (`frozen.rs`) saves for the backward
+/// pass and its real shape: the int8 base of a resident weight, or an f32 weight itself when our
+/// kernels run (f32 activations); `None` where burn's own autodiff op runs.
+#[cfg(feature = "frozen")]
+fn frozen_weight<const W: usize, const D: usize>(weight: &Param<Tensor<W>>, x: &Tensor<D>) -> Option<(Tensor<W>, Vec<usize>)> {
+    if !x.is_autodiff() {
+        return None;
+    }
+    match weight.reparameterization::<Dequantized>() {
+        Some(r) => Some((weight.base(), r.shape.clone())),
+        None if x.dtype() == DType::F32 && crate::kernels::enabled() => {
+            let w = weight.val();
+            let dims = w.dims().to_vec();
+            Some((w, dims))
+        }
+        None => None,
+    }
+}
+
 /// A frozen Linear / Conv2d of the models, int8-resident or not: `forward`, except that an
 /// int8-resident weight under autodiff is saved for the backward pass as int8 (wgpu / WebGPU),
-/// and that with f16 activations the weights (f32 or int8 on the device) are used as f16.
+/// and that with f16 activations the weights (f32 or int8 on the device) are used as f16. On
+/// wgpu / WebGPU with f32 activations the layer runs on our kernels (`crate::kernels`).
 pub trait Layer<T> {
     fn run(&self, x: T) -> T;
 }
@@ -105,8 +125,8 @@ impl<const D: usize> Layer<Tensor<D>> for Linear {
     fn run(&self, x: Tensor<D>) -> Tensor<D> {
         crate::memory::tidy(&x.device());
         #[cfg(feature = "frozen")]
-        let x = match self.weight.reparameterization::<Dequantized>().filter(|_| x.is_autodiff()) {
-            Some(r) => match crate::frozen::linear(x, self.weight.base(), &r.shape) {
+        let x = match frozen_weight(&self.weight, &x) {
+            Some((w, shape)) => match crate::frozen::linear(x, w, &shape) {
                 Ok(y) => {
                     return match &self.bias {
                         Some(b) => y.clone() + b.val().cast(float(&y)).unsqueeze(),
@@ -116,6 +136,15 @@ impl<const D: usize> Layer<Tensor<D>> for Linear {
                 Err(x) => x,
             },
             None => x,
+        };
+        #[cfg(feature = "frozen")]
+        let x = if x.dtype() == DType::F32 && !x.is_autodiff() {
+            match crate::kernels::linear(x, &self.weight.val(), self.bias.as_ref().map(|b| b.val()).as_ref()) {
+                Ok(y) => return y,
+                Err(x) => x,
+            }
+        } else {
+            x
         };
         if x.dtype() != DType::F32 {
             let dt = float(&x);
@@ -129,16 +158,27 @@ impl Layer<Tensor<4>> for Conv2d {
     fn run(&self, x: Tensor<4>) -> Tensor<4> {
         crate::memory::tidy(&x.device());
         #[cfg(feature = "frozen")]
-        let x = match (self.weight.reparameterization::<Dequantized>().filter(|_| x.is_autodiff()), &self.padding) {
-            (Some(r), &burn::nn::PaddingConfig2d::Explicit(t, l, b, rr)) if t == b && l == rr => {
+        let x = match (frozen_weight(&self.weight, &x), &self.padding) {
+            (Some((w, shape)), &burn::nn::PaddingConfig2d::Explicit(t, l, b, rr)) if t == b && l == rr => {
                 let options = burn::tensor::ops::ConvOptions::new(self.stride, [t, l], self.dilation, self.groups);
-                match crate::frozen::conv2d(x, self.weight.base(), &r.shape, options) {
+                match crate::frozen::conv2d(x, w, &shape, options) {
                     Ok(y) => {
                         return match &self.bias {
-                            Some(b) => y.clone() + b.val().cast(float(&y)).reshape([1, r.shape[0], 1, 1]),
+                            Some(b) => y.clone() + b.val().cast(float(&y)).reshape([1, shape[0], 1, 1]),
                             None => y,
                         }
                     }
+                    Err(x) => x,
+                }
+            }
+            _ => x,
+        };
+        #[cfg(feature = "frozen")]
+        let x = match &self.padding {
+            &burn::nn::PaddingConfig2d::Explicit(top, left, bottom, right) if x.dtype() == DType::F32 && !x.is_autodiff() => {
+                let options = burn::tensor::ops::ConvOptions::new_with_padding(self.stride, [(top, bottom), (left, right)], self.dilation, self.groups);
+                match crate::kernels::conv2d(x, &self.weight.val(), self.bias.as_ref().map(|b| b.val()).as_ref(), &options) {
+                    Ok(y) => return y,
                     Err(x) => x,
                 }
             }

@@ -1,0 +1,259 @@
+//! Our own kernels for burn's cubecl backend (wgpu natively, WebGPU in a browser), written as plain
+//! WGSL: no subgroups, no cooperative matrices, nothing a browser's WebGPU may lack.
+//!
+//! - [`conv2d`]: convolution as an implicit GEMM on NCHW tensors (no layout copies; `gemm.rs`).
+//! - [`linear`]: `x · W + b` on the same GEMM.
+//!
+//! Each entry point takes burn tensors and returns `Err` with its input untouched where the kernel
+//! does not apply (another backend, a non-f32 type, autodiff, grouped or dilated convs), so the
+//! caller falls back to burn's own op. Set `VISII_KERNELS=burn` (or [`set_enabled`]) to run burn's
+//! ops everywhere, for comparisons. The parity tests against burn's ops are in
+//! `tests/kernels.rs`, the speed in `visii bench --what conv|linear`.
+
+pub mod gemm;
+
+use burn::tensor::ops::ConvOptions;
+use burn::tensor::{DType, Tensor};
+use burn_backend::TensorMetadata;
+use burn_cubecl::cubecl::ir::settings::Dim3;
+use burn_cubecl::cubecl::prelude::*;
+use burn_cubecl::cubecl::server::{KernelArguments, MetadataBindingInfo};
+use burn_cubecl::tensor::CubeTensor;
+use burn_dispatch::{BackendTensor, DispatchAutodiffContext, DispatchTensor, DispatchTensorKind};
+use std::sync::atomic::{AtomicU8, Ordering};
+
+pub use gemm::{ALayout, BLayout, Bias, GemmConfig};
+
+/// 0: not yet read from the environment, 1: ours, 2: burn's.
+static ENABLED: AtomicU8 = AtomicU8::new(0);
+
+/// Whether our kernels replace burn's ops (default yes; `VISII_KERNELS=burn` says no).
+pub fn enabled() -> bool {
+    match ENABLED.load(Ordering::Relaxed) {
+        0 => {
+            #[cfg(not(target_family = "wasm"))]
+            let on = std::env::var("VISII_KERNELS").map(|v| v != "burn").unwrap_or(true);
+            #[cfg(target_family = "wasm")]
+            let on = true;
+            ENABLED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+            on
+        }
+        v => v == 1,
+    }
+}
+
+/// Turns our kernels on or off for this process (benchmarks and parity tests compare both).
+pub fn set_enabled(on: bool) {
+    ENABLED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+/// The generated kernel as cubecl sees it: an id covering its configuration and the WGSL text.
+struct GemmKernel(GemmConfig);
+
+impl KernelMetadata for GemmKernel {
+    fn name(&self) -> &'static str {
+        match self.0.b {
+            BLayout::Pointwise | BLayout::PointwiseT => "visii::gemm_pointwise",
+            BLayout::Conv { .. } => "visii::gemm_conv2d",
+        }
+    }
+
+    fn id(&self) -> KernelId {
+        KernelId::new::<Self>().info(self.0).cube_dim(Dim3::new_1d(self.0.threads()))
+    }
+
+    fn address_type(&self) -> ElemType {
+        ElemType::UInt(burn_cubecl::cubecl::ir::UIntKind::U32)
+    }
+}
+
+impl CubeKernel for GemmKernel {
+    fn define(&self) -> KernelDefinition {
+        let settings = KernelSettings::new(Dim3::new_1d(self.0.threads()), ExecutionMode::Checked, AddressType::U32);
+        KernelDefinition { body: Scope::root(settings.clone()), settings, info: Default::default() }
+    }
+
+    fn source(&self) -> Option<PrecompiledSource> {
+        Some(PrecompiledSource { source: self.0.wgsl(), entrypoint_name: "main".into(), lang: "wgsl" })
+    }
+}
+
+/// The problem a launch solves, in the kernel's terms (see `gemm.rs`).
+struct Problem {
+    m: usize,
+    n: usize,
+    k: usize,
+    /// Output pixels per image and the output width.
+    ohw: usize,
+    ow: usize,
+    /// Input height, width and values per image.
+    h: usize,
+    w: usize,
+    img: usize,
+}
+
+/// Launches `cfg` with `a`, `b`, `bias` (contiguous f32) into a new contiguous `out_shape` tensor.
+fn launch(cfg: GemmConfig, a: &CubeTensor, b: &CubeTensor, bias: Option<&CubeTensor>, p: Problem, out_shape: Vec<usize>) -> CubeTensor {
+    let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(a.client.clone(), a.device.clone(), out_shape.into(), DType::F32);
+    let words = [p.m, p.n, p.k, p.ohw, p.ow, p.h, p.w, p.img].map(|v| u32::try_from(v).expect("GEMM sizes fit u32"));
+    let info: Vec<u64> = words.chunks(2).map(|w| w[0] as u64 | (w[1] as u64) << 32).collect();
+    let mut args = KernelArguments::new()
+        .with_buffer_io(a.handle.clone().binding(), BufferIOAttr::ReadOnly)
+        .with_buffer_io(b.handle.clone().binding(), BufferIOAttr::ReadOnly);
+    if let Some(bias) = bias {
+        args = args.with_buffer_io(bias.handle.clone().binding(), BufferIOAttr::ReadOnly);
+    }
+    let args = args.with_buffer_io(out.handle.clone().binding(), BufferIOAttr::WriteOnly).with_info(MetadataBindingInfo::custom(info));
+    let count = CubeCount::Static(p.n.div_ceil(cfg.bn() as usize) as u32, p.m.div_ceil(cfg.bm() as usize) as u32, 1);
+    a.client.launch(Box::new(GemmKernel(cfg)), count, args);
+    out
+}
+
+fn contiguous(t: CubeTensor) -> CubeTensor {
+    burn_cubecl::kernel::into_contiguous(t)
+}
+
+/// Largest dispatch along one axis (WebGPU's default `maxComputeWorkgroupsPerDimension`).
+const MAX_GROUPS: usize = 65535;
+
+/// The kernel's conv on cubecl primitives: `x` `[n, c_in, h, w]`, `w` `[c_out, c_in, kh, kw]`,
+/// `bias` `[c_out]`, with `options` (groups 1, dilation 1). `None` where it does not apply.
+pub fn conv2d_cube(x: CubeTensor, w: CubeTensor, bias: Option<CubeTensor>, options: &ConvOptions<2>) -> Result<CubeTensor, (CubeTensor, CubeTensor, Option<CubeTensor>)> {
+    let f32s = x.dtype == DType::F32 && w.dtype == DType::F32 && bias.as_ref().is_none_or(|b| b.dtype == DType::F32);
+    let [nb, c_in, h, wd] = x.shape().dims::<4>();
+    let [c_out, c_in_w, kh, kw] = w.shape().dims::<4>();
+    let [(pt, pb), (pl, pr)] = options.padding;
+    let ok = f32s && options.groups == 1 && options.dilation == [1, 1] && c_in == c_in_w && h + pt + pb >= kh && wd + pl + pr >= kw;
+    if !ok || nb == 0 || c_out == 0 {
+        return Err((x, w, bias));
+    }
+    let [sh, sw] = options.stride;
+    let (oh, ow) = ((h + pt + pb - kh) / sh + 1, (wd + pl + pr - kw) / sw + 1);
+    let (m, n, k) = (c_out, nb * oh * ow, c_in * kh * kw);
+    let pointwise = kh == 1 && kw == 1 && sh == 1 && sw == 1 && pt + pb + pl + pr == 0;
+    let layout = if pointwise {
+        BLayout::Pointwise
+    } else {
+        BLayout::Conv { kh: kh as u32, kw: kw as u32, sh: sh as u32, sw: sw as u32, ph: pt as u32, pw: pl as u32 }
+    };
+    let cfg = GemmConfig::pick(m, n, ALayout::RowMajor, layout, if bias.is_some() { Bias::Row } else { Bias::None });
+    if n.div_ceil(cfg.bn() as usize) > MAX_GROUPS || m.div_ceil(cfg.bm() as usize) > MAX_GROUPS || n * c_out.max(c_in) >= u32::MAX as usize {
+        return Err((x, w, bias));
+    }
+    let (x, w, bias) = (contiguous(x), contiguous(w), bias.map(contiguous));
+    let p = Problem { m, n, k, ohw: oh * ow, ow, h, w: wd, img: c_in * h * wd };
+    Ok(launch(cfg, &w, &x, bias.as_ref(), p, vec![nb, c_out, oh, ow]))
+}
+
+/// `x · w + bias` on cubecl primitives: `x` `[.., K]`, `w` `[K, N]`, `bias` `[N]`.
+pub fn linear_cube(x: CubeTensor, w: CubeTensor, bias: Option<CubeTensor>) -> Result<CubeTensor, (CubeTensor, CubeTensor, Option<CubeTensor>)> {
+    let f32s = x.dtype == DType::F32 && w.dtype == DType::F32 && bias.as_ref().is_none_or(|b| b.dtype == DType::F32);
+    let dims = x.shape().to_vec();
+    let wdims = w.shape().to_vec();
+    let k = *dims.last().unwrap_or(&0);
+    if !f32s || wdims.len() != 2 || wdims[0] != k || k == 0 {
+        return Err((x, w, bias));
+    }
+    let n = wdims[1];
+    let m: usize = dims[..dims.len() - 1].iter().product();
+    let cfg = GemmConfig::pick(m, n, ALayout::RowMajor, BLayout::Pointwise, if bias.is_some() { Bias::Col } else { Bias::None });
+    if m == 0 || n == 0 || n.div_ceil(cfg.bn() as usize) > MAX_GROUPS || m.div_ceil(cfg.bm() as usize) > MAX_GROUPS || m * n.max(k) >= u32::MAX as usize {
+        return Err((x, w, bias));
+    }
+    let (x, w, bias) = (contiguous(x), contiguous(w), bias.map(contiguous));
+    let mut out = dims;
+    *out.last_mut().unwrap() = n;
+    // B = w as a one-image pointwise input: c_in = K rows of N "pixels".
+    let p = Problem { m, n, k, ohw: n, ow: n, h: 1, w: n, img: k * n };
+    Ok(launch(cfg, &x, &w, bias.as_ref(), p, out))
+}
+
+/// The input gradient of a conv (weights frozen): `grad` `[n, c_out, oh, ow]`, `w` `[c_out, c_in,
+/// kh, kw]`, for an input of `size_in` `[h, w]`. Stride 1 only (the transposed conv is then a conv
+/// with the flipped, transposed weight, read in place); `Err` otherwise.
+pub fn conv2d_input_grad_cube(grad: CubeTensor, w: CubeTensor, options: &ConvOptions<2>, size_in: [usize; 2]) -> Result<CubeTensor, (CubeTensor, CubeTensor)> {
+    let [nb, c_out, oh, ow] = grad.shape().dims::<4>();
+    let [c_out_w, c_in, kh, kw] = w.shape().dims::<4>();
+    let [(pt, _), (pl, _)] = options.padding;
+    let ok = grad.dtype == DType::F32 && w.dtype == DType::F32 && options.groups == 1 && options.dilation == [1, 1] && options.stride == [1, 1];
+    if !ok || c_out != c_out_w || pt + 1 > kh || pl + 1 > kw || oh + kh - 1 != size_in[0] + 2 * pt || ow + kw - 1 != size_in[1] + 2 * pl || nb * c_in == 0 {
+        return Err((grad, w));
+    }
+    let [h, wd] = size_in;
+    let (m, n, k) = (c_in, nb * h * wd, c_out * kh * kw);
+    let (ph, pw) = (kh - 1 - pt, kw - 1 - pl);
+    let layout = if kh == 1 && kw == 1 && ph + pw == 0 {
+        BLayout::Pointwise
+    } else {
+        BLayout::Conv { kh: kh as u32, kw: kw as u32, sh: 1, sw: 1, ph: ph as u32, pw: pw as u32 }
+    };
+    let cfg = GemmConfig::pick(m, n, ALayout::ConvFlipped { kk: (kh * kw) as u32 }, layout, Bias::None);
+    if n.div_ceil(cfg.bn() as usize) > MAX_GROUPS || m.div_ceil(cfg.bm() as usize) > MAX_GROUPS || n * c_out.max(c_in) >= u32::MAX as usize {
+        return Err((grad, w));
+    }
+    let (grad, w) = (contiguous(grad), contiguous(w));
+    let p = Problem { m, n, k, ohw: h * wd, ow: wd, h: oh, w: ow, img: c_out * oh * ow };
+    Ok(launch(cfg, &w, &grad, None, p, vec![nb, c_in, h, wd]))
+}
+
+/// The input gradient of `x · w` (weights frozen): `grad` `[.., N]`, `w` `[K, N]`, giving `[.., K]`.
+pub fn linear_input_grad_cube(grad: CubeTensor, w: CubeTensor) -> Result<CubeTensor, (CubeTensor, CubeTensor)> {
+    let dims = grad.shape().to_vec();
+    let wdims = w.shape().to_vec();
+    let n = *dims.last().unwrap_or(&0);
+    if grad.dtype != DType::F32 || w.dtype != DType::F32 || wdims.len() != 2 || wdims[1] != n || n == 0 {
+        return Err((grad, w));
+    }
+    let k_in = wdims[0];
+    let m: usize = dims[..dims.len() - 1].iter().product();
+    let cfg = GemmConfig::pick(m, k_in, ALayout::RowMajor, BLayout::PointwiseT, Bias::None);
+    if m == 0 || k_in == 0 || k_in.div_ceil(cfg.bn() as usize) > MAX_GROUPS || m.div_ceil(cfg.bm() as usize) > MAX_GROUPS || m * n.max(k_in) >= u32::MAX as usize {
+        return Err((grad, w));
+    }
+    let (grad, w) = (contiguous(grad), contiguous(w));
+    let mut out = dims;
+    *out.last_mut().unwrap() = k_in;
+    let p = Problem { m, n: k_in, k: n, ohw: k_in, ow: k_in, h: 1, w: k_in, img: 0 };
+    Ok(launch(cfg, &grad, &w, None, p, out))
+}
+
+/// The cubecl primitive of a float tensor outside autodiff, if it is one.
+fn primitive<const D: usize>(t: &Tensor<D>) -> Option<CubeTensor> {
+    match t.clone().into_dispatch() {
+        DispatchTensor { kind: DispatchTensorKind::Cube(BackendTensor::Float(c)), autodiff: DispatchAutodiffContext::Disabled } => Some(c),
+        _ => None,
+    }
+}
+
+fn wrap<const D: usize>(c: CubeTensor) -> Tensor<D> {
+    Tensor::from_dispatch(DispatchTensor { kind: DispatchTensorKind::Cube(BackendTensor::Float(c)), autodiff: DispatchAutodiffContext::Disabled })
+}
+
+/// Our conv2d for a tensor outside autodiff on a cubecl device; `Err(x)` where burn's must run.
+pub fn conv2d(x: Tensor<4>, weight: &Tensor<4>, bias: Option<&Tensor<1>>, options: &ConvOptions<2>) -> Result<Tensor<4>, Tensor<4>> {
+    if !enabled() {
+        return Err(x);
+    }
+    let (Some(xc), Some(wc)) = (primitive(&x), primitive(weight)) else { return Err(x) };
+    let bc = match bias.map(primitive) {
+        Some(None) => return Err(x),
+        Some(b) => b,
+        None => None,
+    };
+    conv2d_cube(xc, wc, bc, options).map(wrap).map_err(|_| x)
+}
+
+/// Our `x · weight + bias` (weight `[K, N]`) outside autodiff on a cubecl device; `Err(x)` where
+/// burn's must run.
+pub fn linear<const D: usize>(x: Tensor<D>, weight: &Tensor<2>, bias: Option<&Tensor<1>>) -> Result<Tensor<D>, Tensor<D>> {
+    if !enabled() {
+        return Err(x);
+    }
+    let (Some(xc), Some(wc)) = (primitive(&x), primitive(weight)) else { return Err(x) };
+    let bc = match bias.map(primitive) {
+        Some(None) => return Err(x),
+        Some(b) => b,
+        None => None,
+    };
+    linear_cube(xc, wc, bc).map(wrap).map_err(|_| x)
+}
