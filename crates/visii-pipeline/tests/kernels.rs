@@ -41,6 +41,11 @@ fn conv2d_matches_burn_and_ndarray() {
         (1, 4, 16, 12, 12, 3, 1, (1, 1), (1, 1), true),    // VAE decoder conv_in (4 latent channels)
         (1, 128, 136, 40, 36, 3, 1, (1, 1), (1, 1), true), // several tiles both ways, 136 rows
         (1, 16, 8, 6, 6, 1, 2, (0, 0), (0, 0), true),      // 1x1 with stride: the general path
+        // The deepest UNet levels at 8 x 8 latents (1, 2 x 2, 3 x 4, 4 x 5 pixels: the narrow tiles).
+        (1, 64, 136, 1, 1, 3, 1, (1, 1), (1, 1), true),
+        (1, 32, 40, 2, 2, 3, 1, (1, 1), (1, 1), true),
+        (1, 24, 40, 3, 4, 3, 1, (1, 1), (1, 1), false),
+        (1, 24, 40, 4, 5, 1, 1, (0, 0), (0, 0), true),
     ];
     for &(b, ci, co, h, w, k, s, ph, pw, with_bias) in cases {
         let x = Tensor::<4>::random([b, ci, h, w], Distribution::Normal(0.0, 1.0), &gpu);
@@ -73,6 +78,9 @@ fn linear_matches_burn_and_ndarray() {
         (&[3, 64], 320, 2560, true), // GEGLU projection at 8 x 8 latents
         (&[1, 5], 7, 3, false),      // nothing divides anything
         (&[130], 40, 136, true),     // rank 2, several row tiles
+        (&[1, 4], 40, 300, true),    // a few tokens: the flat tiles (8, 16 and 32 rows)
+        (&[12], 40, 300, true),
+        (&[2, 15], 40, 300, false),
     ];
     for &(lead, k, n, with_bias) in cases {
         let w = Tensor::<2>::random([k, n], Distribution::Normal(0.0, 0.1), &gpu);
@@ -111,4 +119,57 @@ fn inputs_that_are_views_are_read_as_their_values() {
     let ours = values(kernels::linear(x.clone(), &w, None).expect("applies"));
     let reference = values(x.matmul(w.unsqueeze()));
     assert!(rel(&ours, &reference) < 2e-6);
+}
+
+/// Input gradient of `f` at `x` for the loss `sum(f(x) * r)`, on `x`'s device.
+fn input_grad<const D: usize>(x: &Tensor<D>, r: &Tensor<D>, f: impl Fn(Tensor<D>) -> Tensor<D>) -> Vec<f32> {
+    let xa = x.clone().autodiff().require_grad();
+    let grads = (f(xa.clone()) * r.clone().autodiff()).sum().backward();
+    values(xa.grad(&grads).expect("x has a gradient"))
+}
+
+#[test]
+fn frozen_f32_layers_backpropagate_through_our_kernels_like_ndarray() {
+    use burn::module::Param;
+    use burn::nn::conv::Conv2d;
+    use burn::nn::{Linear, PaddingConfig2d};
+    use visii_models::resident::Layer;
+    let gpu = Device::wgpu(DeviceKind::DefaultDevice);
+    let cpu = Device::ndarray();
+    // 3x3 stride 1 (our transposed-conv GEMM), 1x1 (the pointwise one), 3x3 stride 2 on an odd
+    // size (burn's conv_transpose2d behind our forward).
+    for (b, ci, co, hw, k, s, p) in [(2, 24, 40, 10, 3, 1, 1), (1, 64, 48, 7, 1, 1, 0), (1, 16, 24, 9, 3, 2, 1)] {
+        let conv = |dev: &Device, w: &Tensor<4>, bias: &Tensor<1>| Conv2d {
+            weight: Param::from_tensor(on(w, dev)),
+            bias: Some(Param::from_tensor(on(bias, dev))),
+            stride: [s, s],
+            kernel_size: [k, k],
+            dilation: [1, 1],
+            groups: 1,
+            padding: PaddingConfig2d::Explicit(p, p, p, p),
+        };
+        let w = Tensor::<4>::random([co, ci, k, k], Distribution::Normal(0.0, 0.1), &gpu);
+        let bias = Tensor::<1>::random([co], Distribution::Normal(0.0, 0.5), &gpu);
+        let x = Tensor::<4>::random([b, ci, hw, hw], Distribution::Normal(0.0, 1.0), &gpu);
+        let out = (hw + 2 * p - k) / s + 1;
+        let r = Tensor::<4>::random([b, co, out, out], Distribution::Normal(0.0, 1.0), &gpu);
+        let (layer_gpu, layer_cpu) = (conv(&gpu, &w, &bias), conv(&cpu, &w, &bias));
+        let ours = input_grad(&x, &r, |x| layer_gpu.run(x));
+        let reference = input_grad(&on(&x, &cpu), &on(&r, &cpu), |x| layer_cpu.forward(x));
+        let e = rel(&ours, &reference);
+        println!("conv {b}x{ci}x{hw}x{hw} -> {co}, k{k} s{s}: input gradient vs ndarray {e:.2e}");
+        assert!(e < 5e-6, "conv k{k} s{s}: {e}");
+        assert!(reference.iter().any(|v| v.abs() > 0.1));
+    }
+    let w = Tensor::<2>::random([96, 72], Distribution::Normal(0.0, 0.1), &gpu);
+    let bias = Tensor::<1>::random([72], Distribution::Normal(0.0, 0.5), &gpu);
+    let linear = |dev: &Device| Linear { weight: Param::from_tensor(on(&w, dev)), bias: Some(Param::from_tensor(on(&bias, dev))) };
+    let x = Tensor::<3>::random([2, 33, 96], Distribution::Normal(0.0, 1.0), &gpu);
+    let r = Tensor::<3>::random([2, 33, 72], Distribution::Normal(0.0, 1.0), &gpu);
+    let (lg, lc) = (linear(&gpu), linear(&cpu));
+    let ours = input_grad(&x, &r, |x| lg.run(x));
+    let reference = input_grad(&on(&x, &cpu), &on(&r, &cpu), |x| lc.forward(x));
+    let e = rel(&ours, &reference);
+    println!("linear [2, 33] x 96 -> 72: input gradient vs ndarray {e:.2e}");
+    assert!(e < 5e-6, "linear: {e}");
 }

@@ -71,6 +71,11 @@ pub struct GemmConfig {
 /// The step along `K`.
 pub const BK: u32 = 8;
 
+/// The workgroup shapes `(wg_x, wg_y)` compiled: square and half tiles for large problems, narrow
+/// ones (8 to 32 columns) for the few pixels of the deepest UNet levels, flat ones (8 to 32 rows) for
+/// Linear layers over a few tokens.
+pub const VARIANTS: [(u32, u32); 10] = [(16, 16), (16, 8), (8, 16), (8, 8), (1, 16), (2, 16), (4, 16), (16, 1), (16, 2), (16, 4)];
+
 impl GemmConfig {
     pub fn bm(&self) -> u32 {
         8 * self.wg_y
@@ -82,9 +87,9 @@ impl GemmConfig {
         self.wg_x * self.wg_y
     }
 
-    /// The tile for an `m x n` output: the one that wastes the least work on padding, preferring
-    /// larger tiles on a tie; below 64 workgroups the most workgroups (small problems must still
-    /// fill a GPU).
+    /// The tile for an `m x n` output: the one that wastes the least work on padding, the larger
+    /// on a tie. (Small problems on a large GPU would want more workgroups: a split along K is
+    /// not done yet.)
     pub fn pick(m: usize, n: usize, a: ALayout, b: BLayout, bias: Bias) -> Self {
         let cost = |wg_x: u32, wg_y: u32| {
             let (bm, bn) = (8 * wg_y as usize, 8 * wg_x as usize);
@@ -92,15 +97,14 @@ impl GemmConfig {
             (groups * bm * bn, groups)
         };
         let mut best = (16, 16);
-        for (x, y) in [(16, 16), (16, 8), (8, 16), (8, 8)] {
+        for (x, y) in VARIANTS {
             let (work, groups) = cost(x, y);
             let (best_work, best_groups) = cost(best.0, best.1);
-            let better = match (groups >= 64, best_groups >= 64) {
-                (true, false) => true,
-                (false, true) => false,
-                (true, true) => work < best_work,
-                (false, false) => groups > best_groups || (groups == best_groups && work < best_work),
-            };
+            // Least padded work (at 8 x 8 latents the deepest UNet levels have 1 to 4 pixels: a
+            // 64-wide tile would compute 16 to 64 times what is needed); on a tie the larger tile
+            // (earlier in VARIANTS: it reads each weight fewer times).
+            let _ = (groups, best_groups);
+            let better = work < best_work;
             if better {
                 best = (x, y);
             }
@@ -121,7 +125,9 @@ impl GemmConfig {
     pub fn wgsl(&self) -> String {
         let (wg_x, wg_y, t) = (self.wg_x, self.wg_y, self.threads());
         let (bm, bn) = (self.bm(), self.bn());
-        assert!(matches!(wg_x, 8 | 16) && matches!(wg_y, 8 | 16), "unsupported workgroup {wg_x} x {wg_y}");
+        assert!(VARIANTS.contains(&(wg_x, wg_y)), "unsupported workgroup {wg_x} x {wg_y}");
+        // Whether each invocation loads one fixed column of the B tile (else columns vary per pass).
+        let fixed_col = t % bn == 0;
         let out = self.out_binding();
         let mut s = String::new();
         let w = &mut s;
@@ -142,13 +148,19 @@ impl GemmConfig {
         let _ = writeln!(w, "fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {{");
         let _ = writeln!(w, "  let tx = t % {wg_x}u; let ty = t / {wg_x}u;");
         let _ = writeln!(w, "  let m0 = wid.y * {bm}u; let n0 = wid.x * {bn}u;");
-        // The B loader's fixed column (one output pixel) and its image coordinates.
-        let _ = writeln!(w, "  let bcol = t % {bn}u; let brow = t / {bn}u;");
-        let _ = writeln!(w, "  let pc = n0 + bcol; let pvalid = pc < p.n;");
-        let _ = writeln!(w, "  let pimg = pc / p.ohw; let ppix = pc % p.ohw; let xbase = pimg * p.img;");
-        if let BLayout::Conv { sh, sw, ph, pw, .. } = self.b {
-            let _ = writeln!(w, "  let iy0 = i32((ppix / p.ow) * {sh}u) - {ph}; let ix0 = i32((ppix % p.ow) * {sw}u) - {pw};");
-            let _ = writeln!(w, "  let hw = p.h * p.w;");
+        // The B loader's column (one output pixel) and its image coordinates: once, where every
+        // pass loads the same column, else in each pass.
+        let column = |w: &mut String, indent: &str| {
+            let _ = writeln!(w, "{indent}let pc = n0 + bcol; let pvalid = pc < p.n;");
+            let _ = writeln!(w, "{indent}let pimg = pc / p.ohw; let ppix = pc % p.ohw; let xbase = pimg * p.img;");
+            if let BLayout::Conv { sh, sw, ph, pw, .. } = self.b {
+                let _ = writeln!(w, "{indent}let iy0 = i32((ppix / p.ow) * {sh}u) - {ph}; let ix0 = i32((ppix % p.ow) * {sw}u) - {pw};");
+            }
+        };
+        let _ = writeln!(w, "  let hw = p.h * p.w;");
+        if fixed_col {
+            let _ = writeln!(w, "  let bcol = t % {bn}u; let brow = t / {bn}u;");
+            column(w, "  ");
         }
         // The A loader: two invocations per row, four consecutive k each.
         let _ = writeln!(w, "  let am = t / 2u; let aq = (t % 2u) * 4u;");
@@ -171,7 +183,12 @@ impl GemmConfig {
         }
         // B: 8 k x BN columns, t / BN rows per pass.
         for pass in 0..(BK * bn / t) {
-            let _ = writeln!(w, "    {{ let kr = brow + {}u; let gk = k0 + kr; var v = 0.0;", pass * (t / bn));
+            if fixed_col {
+                let _ = writeln!(w, "    {{ let kr = brow + {}u; let gk = k0 + kr; var v = 0.0;", pass * (t / bn));
+            } else {
+                let _ = writeln!(w, "    {{ let e = t + {}u; let kr = e / {bn}u; let bcol = e % {bn}u; let gk = k0 + kr; var v = 0.0;", pass * t);
+                column(w, "      ");
+            }
             match self.b {
                 BLayout::Pointwise => {
                     let _ = writeln!(w, "      if (pvalid && gk < p.k) {{ v = b[xbase + gk * p.ohw + ppix]; }}");
@@ -242,10 +259,10 @@ mod tests {
     #[test]
     fn every_variant_is_valid_wgsl_shape() {
         // The generator's arithmetic: loads cover the tiles exactly.
-        for (x, y) in [(16, 16), (16, 8), (8, 16), (8, 8)] {
+        for (x, y) in VARIANTS {
             let c = GemmConfig { wg_x: x, wg_y: y, a: ALayout::RowMajor, b: BLayout::Conv { kh: 3, kw: 3, sh: 2, sw: 2, ph: 0, pw: 0 }, bias: Bias::Row };
             assert_eq!((2 * c.bm() / c.threads()) * (c.threads() / 2), c.bm(), "A passes cover the rows");
-            assert_eq!((BK * c.bn() / c.threads()) * (c.threads() / c.bn()), BK, "B passes cover the k rows");
+            assert_eq!((BK * c.bn() / c.threads()) * c.threads(), BK * c.bn(), "B passes cover the tile");
             let src = c.wgsl();
             assert!(src.contains("@workgroup_size") && src.contains("bias[m]"));
         }
@@ -261,5 +278,9 @@ mod tests {
         // 64 pixels: a 128-wide tile would be half padding.
         assert_eq!(p(1280, 64).1, 64);
         assert_eq!(p(64, 64), (64, 64));
+        // The deepest level at 8 x 8 latents: one pixel, 1280 channels.
+        assert_eq!(p(1280, 1), (128, 8));
+        // A Linear over 4 tokens.
+        assert_eq!(p(4, 1280), (8, 128));
     }
 }
