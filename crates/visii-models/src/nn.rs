@@ -98,7 +98,30 @@ pub struct GroupNorm {
 impl GroupNorm {
     /// [b, c, ...] -> [b, c, ...].
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        in_f32(x, |x| self.forward_f32(x))
+        self.run(x, false)
+    }
+
+    /// `silu(self.forward(x))`, fused into the normalisation on our kernels.
+    pub fn forward_silu<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        self.run(x, true)
+    }
+
+    fn run<const D: usize>(&self, x: Tensor<D>, silu: bool) -> Tensor<D> {
+        #[cfg(feature = "frozen")]
+        let x = if x.dtype() == DType::F32 && !x.is_autodiff() {
+            match crate::kernels::group_norm(x, &self.gamma.val(), &self.beta.val(), self.num_groups, self.epsilon, silu) {
+                Ok(y) => return y,
+                Err(x) => x,
+            }
+        } else {
+            x
+        };
+        let y = in_f32(x, |x| self.forward_f32(x));
+        if silu {
+            burn::tensor::activation::silu(y)
+        } else {
+            y
+        }
     }
 
     fn forward_f32<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {

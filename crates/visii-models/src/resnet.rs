@@ -42,13 +42,13 @@ impl ResnetBlock2D {
 
     /// x: [b, c_in, h, w]; temb: [b, temb] (already computed by the time embedding).
     pub fn forward(&self, x: Tensor<4>, temb: Option<&Tensor<2>>) -> Tensor<4> {
-        let mut h = self.conv1.run(silu(self.norm1.forward(x.clone())));
+        let mut h = self.conv1.run(self.norm1.forward_silu(x.clone()));
         if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
             let t = proj.run(silu(t.clone()));
             let [b, c] = t.dims();
             h = h + t.reshape([b, c, 1, 1]);
         }
-        let h = self.conv2.run(silu(self.norm2.forward(h)));
+        let h = self.conv2.run(self.norm2.forward_silu(h));
         let skip = match &self.conv_shortcut {
             Some(c) => c.run(x),
             None => x,

@@ -391,6 +391,6 @@ impl UNet2DConditionModel {
             }
         }
         // 6. head
-        self.conv_out.run(silu(self.conv_norm_out.forward(x))).cast(FloatDType::F32)
+        self.conv_out.run(self.conv_norm_out.forward_silu(x)).cast(FloatDType::F32)
     }
 }

@@ -5,7 +5,6 @@
 use crate::nn::GroupNorm;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
-use burn::tensor::activation::silu;
 use burn::tensor::Tensor;
 use serde::Deserialize;
 
@@ -210,7 +209,7 @@ impl AutoencoderKL {
             }
         }
         let x = e.mid_block.forward(x.join());
-        let mut x = e.conv_out.forward(silu(e.conv_norm_out.forward(x)));
+        let mut x = e.conv_out.forward(e.conv_norm_out.forward_silu(x));
         if let Some(q) = &e.quant_conv {
             x = q.forward(x);
         }

@@ -173,3 +173,42 @@ fn frozen_f32_layers_backpropagate_through_our_kernels_like_ndarray() {
     println!("linear [2, 33] x 96 -> 72: input gradient vs ndarray {e:.2e}");
     assert!(e < 5e-6, "linear: {e}");
 }
+
+#[test]
+fn group_norm_silu_and_layer_norm_match_ndarray() {
+    use visii_models::nn::GroupNorm;
+    let gpu = Device::wgpu(DeviceKind::DefaultDevice);
+    let cpu = Device::ndarray();
+    // (shape, groups): UNet resnet norms (32 groups), the VAE's at a larger size, a batch of
+    // three guidance rows, and an offset mean (the two-pass variance must not cancel).
+    let cases: &[(&[usize], usize, f32)] = &[(&[1, 320, 8, 8], 32, 0.0), (&[1, 128, 48, 40], 32, 0.0), (&[3, 64, 6, 6], 32, 0.0), (&[2, 48, 9, 7], 4, 100.0)];
+    for &(shape, groups, offset) in cases {
+        let c = shape[1];
+        let x = Tensor::<4>::random([shape[0], shape[1], shape[2], shape[3]], Distribution::Normal(offset as f64, 2.0), &gpu);
+        let gamma = Tensor::<1>::random([c], Distribution::Normal(1.0, 0.3), &gpu);
+        let beta = Tensor::<1>::random([c], Distribution::Normal(0.0, 0.3), &gpu);
+        for silu in [false, true] {
+            let ours = values(kernels::group_norm(x.clone(), &gamma, &beta, groups, 1e-6, silu).expect("our group norm applies"));
+            // The reference: the models' own GroupNorm (burn's ops) on ndarray.
+            let gn = GroupNorm {
+                gamma: burn::module::Param::from_tensor(on(&gamma, &cpu)),
+                beta: burn::module::Param::from_tensor(on(&beta, &cpu)),
+                num_groups: groups,
+                epsilon: 1e-6,
+            };
+            let reference = if silu { gn.forward_silu(on(&x, &cpu)) } else { gn.forward(on(&x, &cpu)) };
+            let e = rel(&ours, &values(reference));
+            println!("group norm {shape:?} / {groups} (mean {offset}), silu {silu}: vs ndarray {e:.2e}");
+            assert!(e < 1e-5, "{shape:?} silu {silu}: {e}");
+        }
+    }
+    // LayerNorm over the last axis of [b, tokens, c].
+    let x = Tensor::<3>::random([2, 77, 320], Distribution::Normal(0.5, 1.5), &gpu);
+    let gamma = Tensor::<1>::random([320], Distribution::Normal(1.0, 0.3), &gpu);
+    let beta = Tensor::<1>::random([320], Distribution::Normal(0.0, 0.3), &gpu);
+    let ours = values(kernels::layer_norm(x.clone(), &gamma, &beta, 1e-5).expect("our layer norm applies"));
+    let reference = values(burn::tensor::module::layer_norm(on(&x, &cpu), on(&gamma, &cpu), Some(on(&beta, &cpu)), 1e-5));
+    let e = rel(&ours, &reference);
+    println!("layer norm [2, 77, 320]: vs ndarray {e:.2e}");
+    assert!(e < 1e-5, "layer norm: {e}");
+}

@@ -3,6 +3,8 @@
 //!
 //! - [`conv2d`]: convolution as an implicit GEMM on NCHW tensors (no layout copies; `gemm.rs`).
 //! - [`linear`]: `x · W + b` on the same GEMM.
+//! - [`group_norm`]: GroupNorm (+ SiLU) and LayerNorm in two kernels with parallel reductions
+//!   (`norm.rs`).
 //!
 //! Each entry point takes burn tensors and returns `Err` with its input untouched where the kernel
 //! does not apply (another backend, a non-f32 type, autodiff, grouped or dilated convs), so the
@@ -11,6 +13,7 @@
 //! `tests/kernels.rs`, the speed in `visii bench --what conv|linear`.
 
 pub mod gemm;
+pub mod norm;
 
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, Tensor};
@@ -47,19 +50,37 @@ pub fn set_enabled(on: bool) {
     ENABLED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
 }
 
-/// The generated kernel as cubecl sees it: an id covering its configuration and the WGSL text.
-struct GemmKernel(GemmConfig);
+/// One of our generated kernels as cubecl sees it: an id covering its configuration (so every
+/// configuration compiles once) and the WGSL text, made only when cubecl compiles it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Wgsl {
+    Gemm(GemmConfig),
+    Norm(norm::NormKernel),
+}
 
-impl KernelMetadata for GemmKernel {
+impl Wgsl {
+    fn threads(&self) -> u32 {
+        match self {
+            Wgsl::Gemm(c) => c.threads(),
+            Wgsl::Norm(_) => norm::THREADS,
+        }
+    }
+}
+
+impl KernelMetadata for Wgsl {
     fn name(&self) -> &'static str {
-        match self.0.b {
-            BLayout::Pointwise | BLayout::PointwiseT => "visii::gemm_pointwise",
-            BLayout::Conv { .. } => "visii::gemm_conv2d",
+        match self {
+            Wgsl::Gemm(c) => match c.b {
+                BLayout::Pointwise | BLayout::PointwiseT => "visii::gemm_pointwise",
+                BLayout::Conv { .. } => "visii::gemm_conv2d",
+            },
+            Wgsl::Norm(norm::NormKernel::Stats) => "visii::norm_stats",
+            Wgsl::Norm(norm::NormKernel::Apply { .. }) => "visii::norm_apply",
         }
     }
 
     fn id(&self) -> KernelId {
-        KernelId::new::<Self>().info(self.0).cube_dim(Dim3::new_1d(self.0.threads()))
+        KernelId::new::<Self>().info(*self).cube_dim(Dim3::new_1d(self.threads()))
     }
 
     fn address_type(&self) -> ElemType {
@@ -67,15 +88,31 @@ impl KernelMetadata for GemmKernel {
     }
 }
 
-impl CubeKernel for GemmKernel {
+impl CubeKernel for Wgsl {
     fn define(&self) -> KernelDefinition {
-        let settings = KernelSettings::new(Dim3::new_1d(self.0.threads()), ExecutionMode::Checked, AddressType::U32);
+        let settings = KernelSettings::new(Dim3::new_1d(self.threads()), ExecutionMode::Checked, AddressType::U32);
         KernelDefinition { body: Scope::root(settings.clone()), settings, info: Default::default() }
     }
 
     fn source(&self) -> Option<PrecompiledSource> {
-        Some(PrecompiledSource { source: self.0.wgsl(), entrypoint_name: "main".into(), lang: "wgsl" })
+        let source = match self {
+            Wgsl::Gemm(c) => c.wgsl(),
+            Wgsl::Norm(k) => k.wgsl(),
+        };
+        Some(PrecompiledSource { source, entrypoint_name: "main".into(), lang: "wgsl" })
     }
+}
+
+/// Eight u32 parameters as the uniform cubecl appends after the buffers.
+fn params(words: [usize; 8]) -> MetadataBindingInfo {
+    let words = words.map(|v| u32::try_from(v).expect("kernel sizes fit u32"));
+    MetadataBindingInfo::custom(words.chunks(2).map(|w| w[0] as u64 | (w[1] as u64) << 32).collect())
+}
+
+/// A 2-D dispatch of `groups` workgroups (WebGPU allows 65535 per axis): `(x, y)`.
+fn spread(groups: usize) -> (u32, u32) {
+    let x = groups.min(MAX_GROUPS);
+    (x as u32, groups.div_ceil(x.max(1)) as u32)
 }
 
 /// The problem a launch solves, in the kernel's terms (see `gemm.rs`).
@@ -95,17 +132,15 @@ struct Problem {
 /// Launches `cfg` with `a`, `b`, `bias` (contiguous f32) into a new contiguous `out_shape` tensor.
 fn launch(cfg: GemmConfig, a: &CubeTensor, b: &CubeTensor, bias: Option<&CubeTensor>, p: Problem, out_shape: Vec<usize>) -> CubeTensor {
     let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(a.client.clone(), a.device.clone(), out_shape.into(), DType::F32);
-    let words = [p.m, p.n, p.k, p.ohw, p.ow, p.h, p.w, p.img].map(|v| u32::try_from(v).expect("GEMM sizes fit u32"));
-    let info: Vec<u64> = words.chunks(2).map(|w| w[0] as u64 | (w[1] as u64) << 32).collect();
     let mut args = KernelArguments::new()
         .with_buffer_io(a.handle.clone().binding(), BufferIOAttr::ReadOnly)
         .with_buffer_io(b.handle.clone().binding(), BufferIOAttr::ReadOnly);
     if let Some(bias) = bias {
         args = args.with_buffer_io(bias.handle.clone().binding(), BufferIOAttr::ReadOnly);
     }
-    let args = args.with_buffer_io(out.handle.clone().binding(), BufferIOAttr::WriteOnly).with_info(MetadataBindingInfo::custom(info));
+    let args = args.with_buffer_io(out.handle.clone().binding(), BufferIOAttr::WriteOnly).with_info(params([p.m, p.n, p.k, p.ohw, p.ow, p.h, p.w, p.img]));
     let count = CubeCount::Static(p.n.div_ceil(cfg.bn() as usize) as u32, p.m.div_ceil(cfg.bm() as usize) as u32, 1);
-    a.client.launch(Box::new(GemmKernel(cfg)), count, args);
+    a.client.launch(Box::new(Wgsl::Gemm(cfg)), count, args);
     out
 }
 
@@ -215,6 +250,71 @@ pub fn linear_input_grad_cube(grad: CubeTensor, w: CubeTensor) -> Result<CubeTen
     *out.last_mut().unwrap() = k_in;
     let p = Problem { m, n: k_in, k: n, ohw: k_in, ow: k_in, h: 1, w: k_in, img: 0 };
     Ok(launch(cfg, &grad, &w, None, p, out))
+}
+
+/// GroupNorm of `x` `[b, c, ..]` over `groups` groups with per-channel `gamma`, `beta`, then SiLU
+/// where asked; LayerNorm of `[.., c]` is `groups = 1` over a `[rows, c]` view (see `norm.rs`).
+/// `Err` where the kernels do not apply.
+pub fn group_norm_cube(x: CubeTensor, gamma: &CubeTensor, beta: &CubeTensor, groups: usize, eps: f64, silu: bool, layer_norm: bool) -> Result<CubeTensor, CubeTensor> {
+    let dims = x.shape().to_vec();
+    let ok = x.dtype == DType::F32 && gamma.dtype == DType::F32 && beta.dtype == DType::F32 && dims.len() >= 2 && groups > 0;
+    if !ok {
+        return Err(x);
+    }
+    // (rows, values per row, values per channel, channels)
+    let (rows, len, s, c) = if layer_norm {
+        let c = dims[dims.len() - 1];
+        (dims[..dims.len() - 1].iter().product::<usize>(), c, 1, c)
+    } else {
+        let (b, c) = (dims[0], dims[1]);
+        let s: usize = dims[2..].iter().product();
+        (b * groups, c / groups * s, s, c)
+    };
+    let total = rows * len;
+    if total == 0 || c % groups != 0 || gamma.shape().num_elements() != c || beta.shape().num_elements() != c || total >= u32::MAX as usize {
+        return Err(x);
+    }
+    let x = contiguous(x);
+    let (gamma, beta) = (contiguous(gamma.clone()), contiguous(beta.clone()));
+    let (client, device) = (x.client.clone(), x.device.clone());
+    let stats = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(client.clone(), device.clone(), vec![rows, 2].into(), DType::F32);
+    let (gx, gy) = spread(rows);
+    let eps_bits = (eps as f32).to_bits() as usize;
+    let args = KernelArguments::new()
+        .with_buffer_io(x.handle.clone().binding(), BufferIOAttr::ReadOnly)
+        .with_buffer_io(stats.handle.clone().binding(), BufferIOAttr::WriteOnly)
+        .with_info(params([rows, len, s, c, eps_bits, gx as usize, 0, 0]));
+    client.launch(Box::new(Wgsl::Norm(norm::NormKernel::Stats)), CubeCount::Static(gx, gy, 1), args);
+    let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(client.clone(), device, dims.into(), DType::F32);
+    let (ax, ay) = spread(total.div_ceil(norm::THREADS as usize));
+    let args = KernelArguments::new()
+        .with_buffer_io(x.handle.clone().binding(), BufferIOAttr::ReadOnly)
+        .with_buffer_io(stats.handle.clone().binding(), BufferIOAttr::ReadOnly)
+        .with_buffer_io(gamma.handle.clone().binding(), BufferIOAttr::ReadOnly)
+        .with_buffer_io(beta.handle.clone().binding(), BufferIOAttr::ReadOnly)
+        .with_buffer_io(out.handle.clone().binding(), BufferIOAttr::WriteOnly)
+        .with_info(params([rows, len, s, c, eps_bits, ax as usize, 0, 0]));
+    client.launch(Box::new(Wgsl::Norm(norm::NormKernel::Apply { silu })), CubeCount::Static(ax, ay, 1), args);
+    Ok(out)
+}
+
+/// Our GroupNorm (+ SiLU) outside autodiff on a cubecl device; `Err(x)` where burn's must run.
+pub fn group_norm<const D: usize>(x: Tensor<D>, gamma: &Tensor<1>, beta: &Tensor<1>, groups: usize, eps: f64, silu: bool) -> Result<Tensor<D>, Tensor<D>> {
+    norm_with(x, gamma, beta, groups, eps, silu, false)
+}
+
+/// Our LayerNorm over the last axis outside autodiff on a cubecl device; `Err(x)` where burn's
+/// must run.
+pub fn layer_norm<const D: usize>(x: Tensor<D>, gamma: &Tensor<1>, beta: &Tensor<1>, eps: f64) -> Result<Tensor<D>, Tensor<D>> {
+    norm_with(x, gamma, beta, 1, eps, false, true)
+}
+
+fn norm_with<const D: usize>(x: Tensor<D>, gamma: &Tensor<1>, beta: &Tensor<1>, groups: usize, eps: f64, silu: bool, layer: bool) -> Result<Tensor<D>, Tensor<D>> {
+    if !enabled() {
+        return Err(x);
+    }
+    let (Some(xc), Some(g), Some(b)) = (primitive(&x), primitive(gamma), primitive(beta)) else { return Err(x) };
+    group_norm_cube(xc, &g, &b, groups, eps, silu, layer).map(wrap).map_err(|_| x)
 }
 
 /// The cubecl primitive of a float tensor outside autodiff, if it is one.

@@ -1,0 +1,84 @@
+//! GroupNorm (optionally followed by SiLU) and LayerNorm as two WGSL kernels with parallel
+//! reductions, in place of burn's chain (mean, subtract, square, mean, add, sqrt, divide, multiply,
+//! add: nine kernels and four full-size temporaries, reductions one invocation per row).
+//!
+//! The input `[b, c, s..]` is read as `rows = b * groups` rows of `len = c / groups * s` values
+//! (LayerNorm over the last axis of `[rows, c]` is the case `groups = 1`, `s = 1`).
+//! 1. `stats`: one workgroup per row; each invocation sums a strided share, the workgroup adds the
+//!    partial sums as a tree; the mean, then (a second read) the mean of squared deviations, as
+//!    PyTorch does (two passes: no cancellation of `E[x²] - E[x]²`). Writes `(mean, 1 / sqrt(var +
+//!    eps))` per row.
+//! 2. `apply`: one invocation per value: `(x - mean) * rstd * gamma[ch] + beta[ch]`, then SiLU
+//!    where asked.
+
+use std::fmt::Write;
+
+/// Invocations per workgroup of both kernels.
+pub const THREADS: u32 = 256;
+
+/// Which kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NormKernel {
+    /// Per-row mean and reciprocal standard deviation.
+    Stats,
+    /// Normalise, scale and shift (and SiLU).
+    Apply { silu: bool },
+}
+
+impl NormKernel {
+    /// Params of both: rows, len (values per row), s (values per channel), c (channels), eps (f32
+    /// bits), groups_x (workgroups along x of a 2-D dispatch), 2 unused.
+    pub fn wgsl(&self) -> String {
+        let mut s = String::new();
+        let w = &mut s;
+        let _ = writeln!(w, "struct Params {{ rows: u32, len: u32, s: u32, c: u32, eps: u32, gx: u32, u0: u32, u1: u32 }}");
+        match self {
+            NormKernel::Stats => {
+                let _ = writeln!(w, "@group(0) @binding(0) var<storage, read_write> x: array<f32>;");
+                let _ = writeln!(w, "@group(0) @binding(1) var<storage, read_write> stats: array<f32>;");
+                let _ = writeln!(w, "@group(0) @binding(2) var<uniform> p: Params;");
+                let _ = writeln!(w, "var<workgroup> part: array<f32, {THREADS}>;");
+                let _ = writeln!(w, "fn reduce(t: u32, v: f32) -> f32 {{");
+                let _ = writeln!(w, "  part[t] = v; workgroupBarrier();");
+                let mut half = THREADS / 2;
+                while half > 0 {
+                    let _ = writeln!(w, "  if (t < {half}u) {{ part[t] = part[t] + part[t + {half}u]; }} workgroupBarrier();");
+                    half /= 2;
+                }
+                let _ = writeln!(w, "  let r = part[0]; workgroupBarrier(); return r;");
+                let _ = writeln!(w, "}}");
+                let _ = writeln!(w, "@compute @workgroup_size({THREADS})");
+                let _ = writeln!(w, "fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {{");
+                let _ = writeln!(w, "  let row = wid.x + wid.y * p.gx;");
+                // Every invocation of the workgroup runs the reductions (uniform control flow).
+                let _ = writeln!(w, "  let live = row < p.rows; let base = min(row, p.rows - 1u) * p.len;");
+                let _ = writeln!(w, "  var acc = 0.0; for (var i = t; i < p.len; i = i + {THREADS}u) {{ acc = acc + x[base + i]; }}");
+                let _ = writeln!(w, "  let mean = reduce(t, acc) / f32(p.len);");
+                let _ = writeln!(w, "  var sq = 0.0; for (var i = t; i < p.len; i = i + {THREADS}u) {{ let d = x[base + i] - mean; sq = sq + d * d; }}");
+                let _ = writeln!(w, "  let var_ = reduce(t, sq) / f32(p.len);");
+                let _ = writeln!(w, "  if (live && t == 0u) {{ stats[row * 2u] = mean; stats[row * 2u + 1u] = 1.0 / sqrt(var_ + bitcast<f32>(p.eps)); }}");
+                let _ = writeln!(w, "}}");
+            }
+            NormKernel::Apply { silu } => {
+                let _ = writeln!(w, "@group(0) @binding(0) var<storage, read_write> x: array<f32>;");
+                let _ = writeln!(w, "@group(0) @binding(1) var<storage, read_write> stats: array<f32>;");
+                let _ = writeln!(w, "@group(0) @binding(2) var<storage, read_write> gamma: array<f32>;");
+                let _ = writeln!(w, "@group(0) @binding(3) var<storage, read_write> beta: array<f32>;");
+                let _ = writeln!(w, "@group(0) @binding(4) var<storage, read_write> y: array<f32>;");
+                let _ = writeln!(w, "@group(0) @binding(5) var<uniform> p: Params;");
+                let _ = writeln!(w, "@compute @workgroup_size({THREADS})");
+                let _ = writeln!(w, "fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {{");
+                let _ = writeln!(w, "  let i = (wid.x + wid.y * p.gx) * {THREADS}u + t;");
+                let _ = writeln!(w, "  if (i >= p.rows * p.len) {{ return; }}");
+                let _ = writeln!(w, "  let row = i / p.len; let ch = (i / p.s) % p.c;");
+                let _ = writeln!(w, "  var v = (x[i] - stats[row * 2u]) * stats[row * 2u + 1u] * gamma[ch] + beta[ch];");
+                if *silu {
+                    let _ = writeln!(w, "  v = v / (1.0 + exp(-v));");
+                }
+                let _ = writeln!(w, "  y[i] = v;");
+                let _ = writeln!(w, "}}");
+            }
+        }
+        s
+    }
+}
