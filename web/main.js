@@ -567,8 +567,10 @@ const tidy = {};
 if (params.has('gpuTidyEvery')) tidy.tidyEvery = Number(params.get('gpuTidyEvery'));
 if (params.has('gpuTidyBackwardEvery')) tidy.tidyBackwardEvery = Number(params.get('gpuTidyBackwardEvery'));
 if (params.has('gpuExactFit')) tidy.exactFit = params.get('gpuExactFit') !== '0';
+// ?kernels=burn: burn's own conv / matmul / norm kernels instead of ours (to compare them).
+const kernels = params.get('kernels') === 'burn' ? 'burn' : undefined;
 describeAdapter().then((ok) => {
-  if (ok) worker.postMessage({ type: 'init', hub, limits, tidy });
+  if (ok) worker.postMessage({ type: 'init', hub, limits, tidy, kernels });
   else { $('app-version').textContent = 'visii'; $('gpu-selftest').textContent = 'unavailable'; $('gpu-selftest').className = 'bad'; document.body.dataset.ready = 'no'; }
 });
 updateButtons();

@@ -1,7 +1,7 @@
 // The worker owns the wasm module and the GPU: model storage and loading, learning, applying.
 // The page talks to it with messages (see PROTOCOL below) and never freezes.
 //
-// PROTOCOL (page -> worker): {type: 'init', hub?, limits?: 'adapter' | 'spec', tidy?: {tidyEvery?, tidyBackwardEvery?, exactFit?}} | {type: 'sources'} | {type: 'prepare', source}
+// PROTOCOL (page -> worker): {type: 'init', hub?, limits?: 'adapter' | 'spec', tidy?: {tidyEvery?, tidyBackwardEvery?, exactFit?}, kernels?: 'ours' | 'burn'} | {type: 'sources'} | {type: 'prepare', source}
 //   | {type: 'local', ip2p: [{path, file}], clip: [{path, file}]} | {type: 'delete', source}
 //   | {type: 'learn', id, befores, afters, options} | {type: 'apply', id, image, options, instruction?}
 //   | {type: 'inspect', id, bytes} | {type: 'measure', id, what, size, runs} | {type: 'cancel'} | {type: 'loadStored', source} | {type: 'convert', source}
@@ -81,11 +81,23 @@ async function loadInto(sourceId, label, ip2pFiles, clipFiles, manifest, opts) {
   post({ type: 'model', source: sourceId, label, info, clip: clipInfo, demo: !!(manifest && manifest.demo), wasmMemory: wasm.memory.buffer.byteLength });
 }
 
+// Whether WebGPU runs on the CPU here (SwiftShader, a fallback adapter): our GEMM kernels then use
+// their shapes for CPUs.
+async function cpuAdapter() {
+  try {
+    const adapter = await navigator.gpu.requestAdapter({ powerPreference: 'high-performance' });
+    const info = adapter.info || {};
+    return !!(adapter.isFallbackAdapter || info.isFallbackAdapter) || /swiftshader|llvmpipe|lavapipe/i.test([info.vendor, info.architecture, info.description].join(' '));
+  } catch {
+    return false;
+  }
+}
+
 const handlers = {
   async init(msg) {
     hub = msg.hub || null;
     wasm = await init();
-    engine = await createEngine({ limits: msg.limits || 'adapter', ...msg.tidy });
+    engine = await createEngine({ limits: msg.limits || 'adapter', ...msg.tidy, cpuAdapter: await cpuAdapter(), ...(msg.kernels ? { kernels: msg.kernels } : {}) });
     post({ type: 'ready', version: version(), selftest: await gpuSelftest(), limits: msg.limits || 'adapter' });
   },
   async sources() {

@@ -5,7 +5,8 @@ use crate::nn::GroupNorm;
 use crate::resident::Layer;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
-use burn::nn::{LayerNorm, Linear};
+use burn::nn::Linear;
+use crate::nn::LayerNorm;
 use burn::tensor::activation::gelu;
 use burn::tensor::Tensor;
 

@@ -3,7 +3,8 @@
 
 use burn::module::{Module, Param};
 use burn::nn::conv::Conv2d;
-use burn::nn::{LayerNorm, Linear, PaddingConfig2d};
+use burn::nn::{Linear, PaddingConfig2d};
+use crate::nn::LayerNorm;
 use burn::tensor::activation::{gelu, sigmoid};
 use burn::tensor::module::embedding;
 use burn::tensor::{Int, Tensor, TensorData};

@@ -4,7 +4,7 @@
 use burn::module::Module;
 use burn::module::Param;
 use burn::nn::conv::Conv2d;
-use burn::nn::{LayerNorm, LayerNormConfig, Linear, PaddingConfig2d};
+use burn::nn::{Linear, PaddingConfig2d};
 use burn::tensor::activation::softmax;
 use burn::tensor::{DType, FloatDType, Tensor, TensorData};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -80,9 +80,33 @@ pub fn in_f32<const D: usize>(x: Tensor<D>, f: impl FnOnce(Tensor<D>) -> Tensor<
     }
 }
 
-/// `norm.forward(x)` in f32 (see [`in_f32`]).
+/// `norm.forward(x)` (statistics in f32, see [`in_f32`]).
 pub fn layer_norm_run<const D: usize>(norm: &LayerNorm, x: Tensor<D>) -> Tensor<D> {
-    in_f32(x, |x| norm.forward(x))
+    norm.forward(x)
+}
+
+/// `torch.nn.LayerNorm(dim, eps)` over the last axis (burn's, with its epsilon readable: our
+/// kernel needs it).
+#[derive(Module, Debug)]
+pub struct LayerNorm {
+    pub gamma: Param<Tensor<1>>,
+    pub beta: Param<Tensor<1>>,
+    pub epsilon: f64,
+}
+
+impl LayerNorm {
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        #[cfg(feature = "frozen")]
+        let x = if x.dtype() == DType::F32 && !x.is_autodiff() {
+            match crate::kernels::layer_norm(x, &self.gamma.val(), &self.beta.val(), self.epsilon) {
+                Ok(y) => return y,
+                Err(x) => x,
+            }
+        } else {
+            x
+        };
+        in_f32(x, |x| burn::tensor::module::layer_norm(x, self.gamma.val(), Some(self.beta.val()), self.epsilon))
+    }
 }
 
 /// `torch.nn.GroupNorm(groups, channels, eps, affine=True)`, with long-axis-safe statistics (in
@@ -153,10 +177,7 @@ impl GroupNorm {
 
 /// `torch.nn.LayerNorm(dim, eps)` at `vb`.
 pub fn layer_norm(vb: &Vb, dim: usize, eps: f64) -> Result<LayerNorm> {
-    let mut ln = LayerNormConfig::new(dim).with_epsilon(eps).init(vb.device());
-    ln.gamma = Param::from_tensor(vb.get("weight", [dim])?);
-    ln.beta = Some(Param::from_tensor(vb.get("bias", [dim])?));
-    Ok(ln)
+    Ok(LayerNorm { gamma: Param::from_tensor(vb.get("weight", [dim])?), beta: Param::from_tensor(vb.get("bias", [dim])?), epsilon: eps })
 }
 
 /// The largest GPU buffer the models create on purpose (attention scores, embedding-table chunks),

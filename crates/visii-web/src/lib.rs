@@ -294,10 +294,16 @@ struct EngineOpts {
     /// Run each learning step in buffers of exactly the size asked for (default true,
     /// `visii_models::memory::EXACT_FIT`); false: the allocator's size buckets.
     exact_fit: Option<bool>,
+    /// The adapter is a CPU rasteriser (SwiftShader, a fallback adapter): our GEMM then uses its
+    /// shapes for CPUs (`visii_models::kernels::set_cpu_adapter`). The worker reads it off the
+    /// adapter's info; absent, the adapter's name decides.
+    cpu_adapter: Option<bool>,
+    /// `"ours"` (default) or `"burn"`: whose conv / matmul / norm kernels run (for comparisons).
+    kernels: Option<String>,
 }
 
 /// Create the engine (initialises WebGPU). `options`: `{ limits: "adapter" | "spec", tidyEvery?,
-/// tidyBackwardEvery?, exactFit? }` (the last three: how often free GPU buffers are handed back, and
+/// tidyBackwardEvery?, exactFit?, cpuAdapter?, kernels? }` (tidy* and exactFit: how often free GPU buffers are handed back, and
 /// whether steps run in exact-size buffers; for diagnosis). The models
 /// keep every buffer they create on purpose within 128 MiB either way
 /// (`visii_models::nn::max_buffer_bytes`).
@@ -312,6 +318,14 @@ pub async fn create_engine(options: JsValue) -> Result<Engine, JsValue> {
     visii_models::memory::tidy_every(o.tidy_every.unwrap_or(visii_models::memory::TIDY_EVERY));
     visii_models::memory::tidy_backward_every(o.tidy_backward_every.unwrap_or(visii_models::memory::TIDY_BACKWARD_EVERY));
     visii_models::memory::exact_fit_steps(o.exact_fit.unwrap_or(visii_models::memory::EXACT_FIT));
+    if let Some(cpu) = o.cpu_adapter {
+        visii_models::kernels::set_cpu_adapter(cpu);
+    }
+    match o.kernels.as_deref() {
+        None | Some("ours") => visii_models::kernels::set_enabled(true),
+        Some("burn") => visii_models::kernels::set_enabled(false),
+        Some(other) => return Err(error("OptionsError", format!("kernels must be \"ours\" or \"burn\", not {other:?}"))),
+    }
     Ok(Engine {
         device: init_device(spec).await?,
         ip2p: RefCell::new(None),

@@ -59,10 +59,14 @@ pub enum Bias {
 /// A compiled variant of the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct GemmConfig {
-    /// Invocations along `p` (columns); the tile is `8 * wg_x` wide. 8 or 16.
+    /// Invocations along `p` (columns).
     pub wg_x: u32,
-    /// Invocations along `m` (rows); the tile is `8 * wg_y` high. 8 or 16.
+    /// Invocations along `m` (rows).
     pub wg_y: u32,
+    /// Output rows per invocation in groups of 4 (1 or 2): the tile is `4 * hm * wg_y` high.
+    pub hm: u32,
+    /// Output columns per invocation in groups of 4 (1 or 2): the tile is `4 * hn * wg_x` wide.
+    pub hn: u32,
     pub a: ALayout,
     pub b: BLayout,
     pub bias: Bias,
@@ -71,45 +75,52 @@ pub struct GemmConfig {
 /// The step along `K`.
 pub const BK: u32 = 8;
 
-/// The workgroup shapes `(wg_x, wg_y)` compiled: square and half tiles for large problems, narrow
-/// ones (8 to 32 columns) for the few pixels of the deepest UNet levels, flat ones (8 to 32 rows) for
-/// Linear layers over a few tokens.
-pub const VARIANTS: [(u32, u32); 10] = [(16, 16), (16, 8), (8, 16), (8, 8), (1, 16), (2, 16), (4, 16), (16, 1), (16, 2), (16, 4)];
+/// The shapes `(wg_x, wg_y, hm, hn)` compiled for GPUs: 8 x 8 outputs per invocation in square
+/// and half tiles for large problems, narrow ones (8 to 32 columns) for the few pixels of the
+/// deepest UNet levels, flat ones (8 to 32 rows) for Linear layers over a few tokens.
+pub const VARIANTS: [(u32, u32, u32, u32); 10] =
+    [(16, 16, 2, 2), (16, 8, 2, 2), (8, 16, 2, 2), (8, 8, 2, 2), (1, 16, 2, 2), (2, 16, 2, 2), (4, 16, 2, 2), (16, 1, 2, 2), (16, 2, 2, 2), (16, 4, 2, 2)];
+
+/// The shapes for CPU adapters (lavapipe, SwiftShader): they run each invocation as one SIMD
+/// lane, so every per-invocation register is a whole vector register; 4 x 4 outputs per
+/// invocation keep the accumulators in registers.
+pub const CPU_VARIANTS: [(u32, u32, u32, u32); 8] =
+    [(16, 16, 1, 1), (16, 8, 1, 1), (8, 16, 1, 1), (8, 8, 1, 1), (2, 16, 1, 1), (4, 16, 1, 1), (16, 2, 1, 1), (16, 4, 1, 1)];
 
 impl GemmConfig {
     pub fn bm(&self) -> u32 {
-        8 * self.wg_y
+        4 * self.hm * self.wg_y
     }
     pub fn bn(&self) -> u32 {
-        8 * self.wg_x
+        4 * self.hn * self.wg_x
     }
     pub fn threads(&self) -> u32 {
         self.wg_x * self.wg_y
     }
 
-    /// The tile for an `m x n` output: the one that wastes the least work on padding, the larger
-    /// on a tie. (Small problems on a large GPU would want more workgroups: a split along K is
-    /// not done yet.)
-    pub fn pick(m: usize, n: usize, a: ALayout, b: BLayout, bias: Bias) -> Self {
-        let cost = |wg_x: u32, wg_y: u32| {
-            let (bm, bn) = (8 * wg_y as usize, 8 * wg_x as usize);
-            let groups = m.div_ceil(bm) * n.div_ceil(bn);
-            (groups * bm * bn, groups)
+    /// The tile for an `m x n` output among `variants`: the one that wastes the least work on
+    /// padding, the earlier (larger) on a tie. (Small problems on a large GPU would want more
+    /// workgroups: a split along K is not done yet.)
+    pub fn pick_from(variants: &[(u32, u32, u32, u32)], m: usize, n: usize, a: ALayout, b: BLayout, bias: Bias) -> Self {
+        let work = |&(x, y, hm, hn): &(u32, u32, u32, u32)| {
+            let (bm, bn) = ((4 * hm * y) as usize, (4 * hn * x) as usize);
+            m.div_ceil(bm) * n.div_ceil(bn) * bm * bn
         };
-        let mut best = (16, 16);
-        for (x, y) in VARIANTS {
-            let (work, groups) = cost(x, y);
-            let (best_work, best_groups) = cost(best.0, best.1);
-            // Least padded work (at 8 x 8 latents the deepest UNet levels have 1 to 4 pixels: a
-            // 64-wide tile would compute 16 to 64 times what is needed); on a tie the larger tile
-            // (earlier in VARIANTS: it reads each weight fewer times).
-            let _ = (groups, best_groups);
-            let better = work < best_work;
-            if better {
-                best = (x, y);
+        // Least padded work: at 8 x 8 latents the deepest UNet levels have 1 to 4 pixels, where a
+        // 64-wide tile would compute 16 to 64 times what is needed.
+        let mut best = variants[0];
+        for v in variants {
+            if work(v) < work(&best) {
+                best = *v;
             }
         }
-        GemmConfig { wg_x: best.0, wg_y: best.1, a, b, bias }
+        let (wg_x, wg_y, hm, hn) = best;
+        GemmConfig { wg_x, wg_y, hm, hn, a, b, bias }
+    }
+
+    /// [`Self::pick_from`] the GPU variants.
+    pub fn pick(m: usize, n: usize, a: ALayout, b: BLayout, bias: Bias) -> Self {
+        Self::pick_from(&VARIANTS, m, n, a, b, bias)
     }
 
     /// The binding index of `C` and of the parameters.
@@ -123,9 +134,10 @@ impl GemmConfig {
 
     /// The WGSL source of this variant; entry point `main`.
     pub fn wgsl(&self) -> String {
-        let (wg_x, wg_y, t) = (self.wg_x, self.wg_y, self.threads());
+        let (wg_x, wg_y, t, hm, hn) = (self.wg_x, self.wg_y, self.threads(), self.hm, self.hn);
         let (bm, bn) = (self.bm(), self.bn());
-        assert!(VARIANTS.contains(&(wg_x, wg_y)), "unsupported workgroup {wg_x} x {wg_y}");
+        let shape = (wg_x, wg_y, hm, hn);
+        assert!(VARIANTS.contains(&shape) || CPU_VARIANTS.contains(&shape), "unsupported GEMM variant {shape:?}");
         // Whether each invocation loads one fixed column of the B tile (else columns vary per pass).
         let fixed_col = t % bn == 0;
         let out = self.out_binding();
@@ -162,31 +174,30 @@ impl GemmConfig {
             let _ = writeln!(w, "  let bcol = t % {bn}u; let brow = t / {bn}u;");
             column(w, "  ");
         }
-        // The A loader: two invocations per row, four consecutive k each.
-        let _ = writeln!(w, "  let am = t / 2u; let aq = (t % 2u) * 4u;");
-        for i in 0..16 {
+        for i in 0..4 * hm * hn {
             let _ = writeln!(w, "  var c{i} = vec4<f32>(0.0);");
         }
         let _ = writeln!(w, "  for (var k0 = 0u; k0 < p.k; k0 = k0 + {BK}u) {{");
-        // A: BM rows x 8 k, (t / 2) rows per pass.
-        for pass in 0..(2 * bm / t) {
-            let _ = writeln!(w, "    {{ let m = am + {}u; let gm = m0 + m; let row = gm * p.k;", pass * (t / 2));
-            for j in 0..4 {
-                let load = match self.a {
-                    ALayout::RowMajor => "a[row + gk]".to_string(),
-                    ALayout::ConvFlipped { kk } => format!("a[(gk / {kk}u) * p.m * {kk}u + gm * {kk}u + {}u - gk % {kk}u]", kk - 1),
-                };
-                let _ = writeln!(w, "      {{ let kk = aq + {j}u; let gk = k0 + kk; var v = 0.0; if (gm < p.m && gk < p.k) {{ v = {load}; }}");
-                let _ = writeln!(w, "        let f = kk * {bm}u + m; sa[f / 4u][f % 4u] = v; }}");
-            }
-            let _ = writeln!(w, "    }}");
+        // A: BM rows x 8 k; consecutive invocations take consecutive k of one row.
+        let a_elems = BK * bm;
+        for pass in 0..a_elems.div_ceil(t) {
+            let guard = if (pass + 1) * t > a_elems { format!("if (e < {a_elems}u) ") } else { String::new() };
+            let load = match self.a {
+                ALayout::RowMajor => "a[gm * p.k + gk]".to_string(),
+                ALayout::ConvFlipped { kk } => format!("a[(gk / {kk}u) * p.m * {kk}u + gm * {kk}u + {}u - gk % {kk}u]", kk - 1),
+            };
+            let _ = writeln!(w, "    {{ let e = t + {}u; {guard}{{ let m = e / {BK}u; let kk = e % {BK}u; let gm = m0 + m; let gk = k0 + kk;", pass * t);
+            let _ = writeln!(w, "      var v = 0.0; if (gm < p.m && gk < p.k) {{ v = {load}; }}");
+            let _ = writeln!(w, "      let f = kk * {bm}u + m; sa[f / 4u][f % 4u] = v; }} }}");
         }
-        // B: 8 k x BN columns, t / BN rows per pass.
-        for pass in 0..(BK * bn / t) {
+        // B: 8 k x BN columns.
+        let b_elems = BK * bn;
+        for pass in 0..b_elems.div_ceil(t) {
+            let guard = if (pass + 1) * t > b_elems { format!("if (t + {}u < {b_elems}u) ", pass * t) } else { String::new() };
             if fixed_col {
-                let _ = writeln!(w, "    {{ let kr = brow + {}u; let gk = k0 + kr; var v = 0.0;", pass * (t / bn));
+                let _ = writeln!(w, "    {guard}{{ let kr = brow + {}u; let gk = k0 + kr; var v = 0.0;", pass * (t / bn));
             } else {
-                let _ = writeln!(w, "    {{ let e = t + {}u; let kr = e / {bn}u; let bcol = e % {bn}u; let gk = k0 + kr; var v = 0.0;", pass * t);
+                let _ = writeln!(w, "    {guard}{{ let e = t + {}u; let kr = e / {bn}u; let bcol = e % {bn}u; let gk = k0 + kr; var v = 0.0;", pass * t);
                 column(w, "      ");
             }
             match self.b {
@@ -207,37 +218,40 @@ impl GemmConfig {
             let _ = writeln!(w, "      let f = kr * {bn}u + bcol; sb[f / 4u][f % 4u] = v; }}");
         }
         let _ = writeln!(w, "    workgroupBarrier();");
-        // The 8 x 8 block: rows ty*4+i and BM/2+ty*4+i, columns tx*4.. and BN/2+tx*4...
+        // The block: rows ty*4+i (and BM/2+ty*4+i), columns tx*4.. (and BN/2+tx*4..).
+        let rows = ["a0.x", "a0.y", "a0.z", "a0.w", "a1.x", "a1.y", "a1.z", "a1.w"];
         for kk in 0..BK {
-            let _ = writeln!(
-                w,
-                "    {{ let a0 = sa[{}u + ty]; let a1 = sa[{}u + ty]; let b0 = sb[{}u + tx]; let b1 = sb[{}u + tx];",
-                kk * bm / 4,
-                kk * bm / 4 + bm / 8,
-                kk * bn / 4,
-                kk * bn / 4 + bn / 8
-            );
-            for i in 0..8 {
-                let a = ["a0.x", "a0.y", "a0.z", "a0.w", "a1.x", "a1.y", "a1.z", "a1.w"][i];
-                let _ = writeln!(w, "      c{} = fma(vec4<f32>({a}), b0, c{}); c{} = fma(vec4<f32>({a}), b1, c{});", 2 * i, 2 * i, 2 * i + 1, 2 * i + 1);
+            let _ = write!(w, "    {{ let a0 = sa[{}u + ty]; let b0 = sb[{}u + tx];", kk * bm / 4, kk * bn / 4);
+            if hm == 2 {
+                let _ = write!(w, " let a1 = sa[{}u + ty];", kk * bm / 4 + bm / 8);
             }
-            let _ = writeln!(w, "    }}");
+            if hn == 2 {
+                let _ = write!(w, " let b1 = sb[{}u + tx];", kk * bn / 4 + bn / 8);
+            }
+            let _ = writeln!(w);
+            for (i, a) in rows.iter().enumerate().take(4 * hm as usize) {
+                for h in 0..hn as usize {
+                    let r = i * hn as usize + h;
+                    let _ = write!(w, " c{r} = fma(vec4<f32>({a}), b{h}, c{r});");
+                }
+            }
+            let _ = writeln!(w, " }}");
         }
         let _ = writeln!(w, "    workgroupBarrier();");
         let _ = writeln!(w, "  }}");
         // Store: per column its output offset (image * M * ohw + pixel), then every row.
-        for j in 0..8 {
+        for j in 0..4 * hn {
             let col = if j < 4 { format!("tx * 4u + {j}u") } else { format!("{}u + tx * 4u + {}u", bn / 2, j - 4) };
             let _ = writeln!(w, "  let q{j} = n0 + {col}; let o{j} = (q{j} / p.ohw) * p.m * p.ohw + q{j} % p.ohw;");
         }
-        for i in 0..8 {
+        for i in 0..4 * hm {
             let row = if i < 4 { format!("ty * 4u + {i}u") } else { format!("{}u + ty * 4u + {}u", bm / 2, i - 4) };
             let _ = writeln!(w, "  {{ let m = m0 + {row}; if (m < p.m) {{ let ro = m * p.ohw;");
             if self.bias == Bias::Row {
                 let _ = writeln!(w, "    let bv = bias[m];");
             }
-            for j in 0..8 {
-                let reg = format!("c{}[{}]", 2 * i + j / 4, j % 4);
+            for j in 0..4 * hn {
+                let reg = format!("c{}[{}]", i * hn + j / 4, j % 4);
                 let v = match self.bias {
                     Bias::None => reg,
                     Bias::Row => format!("{reg} + bv"),
@@ -259,10 +273,9 @@ mod tests {
     #[test]
     fn every_variant_is_valid_wgsl_shape() {
         // The generator's arithmetic: loads cover the tiles exactly.
-        for (x, y) in VARIANTS {
-            let c = GemmConfig { wg_x: x, wg_y: y, a: ALayout::RowMajor, b: BLayout::Conv { kh: 3, kw: 3, sh: 2, sw: 2, ph: 0, pw: 0 }, bias: Bias::Row };
-            assert_eq!((2 * c.bm() / c.threads()) * (c.threads() / 2), c.bm(), "A passes cover the rows");
-            assert_eq!((BK * c.bn() / c.threads()) * c.threads(), BK * c.bn(), "B passes cover the tile");
+        for (wg_x, wg_y, hm, hn) in VARIANTS.into_iter().chain(CPU_VARIANTS) {
+            let c = GemmConfig { wg_x, wg_y, hm, hn, a: ALayout::RowMajor, b: BLayout::Conv { kh: 3, kw: 3, sh: 2, sw: 2, ph: 0, pw: 0 }, bias: Bias::Row };
+            assert!(c.bm() % 4 == 0 && c.bn() % 4 == 0 && c.bm() / 4 / hm == wg_y && c.bn() / 4 / hn == wg_x);
             let src = c.wgsl();
             assert!(src.contains("@workgroup_size") && src.contains("bias[m]"));
         }

@@ -115,6 +115,40 @@ fn spread(groups: usize) -> (u32, u32) {
     (x as u32, groups.div_ceil(x.max(1)) as u32)
 }
 
+/// 0: not yet decided, 1: GPU variants, 2: CPU variants.
+static CPU_TILES: AtomicU8 = AtomicU8::new(0);
+
+/// Whether to use the GEMM shapes for CPU adapters ([`gemm::CPU_VARIANTS`]): set by
+/// [`set_cpu_adapter`], else `VISII_GEMM=cpu|gpu`, else whether the adapter's name says it is
+/// Mesa's llvmpipe / lavapipe or SwiftShader.
+fn cpu_tiles(client: &Client) -> bool {
+    match CPU_TILES.load(Ordering::Relaxed) {
+        0 => {
+            #[cfg(not(target_family = "wasm"))]
+            let forced = std::env::var("VISII_GEMM").ok().map(|v| v == "cpu");
+            #[cfg(target_family = "wasm")]
+            let forced = None;
+            let cpu = forced.unwrap_or_else(|| {
+                let name = client.properties().identity.name.to_lowercase();
+                ["llvmpipe", "lavapipe", "swiftshader"].iter().any(|n| name.contains(n))
+            });
+            CPU_TILES.store(if cpu { 2 } else { 1 }, Ordering::Relaxed);
+            cpu
+        }
+        v => v == 2,
+    }
+}
+
+/// Says whether the adapter is a CPU rasteriser (the page knows from `GPUAdapterInfo`).
+pub fn set_cpu_adapter(cpu: bool) {
+    CPU_TILES.store(if cpu { 2 } else { 1 }, Ordering::Relaxed);
+}
+
+fn pick(client: &Client, m: usize, n: usize, a: ALayout, b: BLayout, bias: Bias) -> GemmConfig {
+    let variants: &[_] = if cpu_tiles(client) { &gemm::CPU_VARIANTS } else { &gemm::VARIANTS };
+    GemmConfig::pick_from(variants, m, n, a, b, bias)
+}
+
 /// The problem a launch solves, in the kernel's terms (see `gemm.rs`).
 struct Problem {
     m: usize,
@@ -171,7 +205,7 @@ pub fn conv2d_cube(x: CubeTensor, w: CubeTensor, bias: Option<CubeTensor>, optio
     } else {
         BLayout::Conv { kh: kh as u32, kw: kw as u32, sh: sh as u32, sw: sw as u32, ph: pt as u32, pw: pl as u32 }
     };
-    let cfg = GemmConfig::pick(m, n, ALayout::RowMajor, layout, if bias.is_some() { Bias::Row } else { Bias::None });
+    let cfg = pick(&x.client, m, n, ALayout::RowMajor, layout, if bias.is_some() { Bias::Row } else { Bias::None });
     if n.div_ceil(cfg.bn() as usize) > MAX_GROUPS || m.div_ceil(cfg.bm() as usize) > MAX_GROUPS || n * c_out.max(c_in) >= u32::MAX as usize {
         return Err((x, w, bias));
     }
@@ -191,7 +225,7 @@ pub fn linear_cube(x: CubeTensor, w: CubeTensor, bias: Option<CubeTensor>) -> Re
     }
     let n = wdims[1];
     let m: usize = dims[..dims.len() - 1].iter().product();
-    let cfg = GemmConfig::pick(m, n, ALayout::RowMajor, BLayout::Pointwise, if bias.is_some() { Bias::Col } else { Bias::None });
+    let cfg = pick(&x.client, m, n, ALayout::RowMajor, BLayout::Pointwise, if bias.is_some() { Bias::Col } else { Bias::None });
     if m == 0 || n == 0 || n.div_ceil(cfg.bn() as usize) > MAX_GROUPS || m.div_ceil(cfg.bm() as usize) > MAX_GROUPS || m * n.max(k) >= u32::MAX as usize {
         return Err((x, w, bias));
     }
@@ -222,7 +256,7 @@ pub fn conv2d_input_grad_cube(grad: CubeTensor, w: CubeTensor, options: &ConvOpt
     } else {
         BLayout::Conv { kh: kh as u32, kw: kw as u32, sh: 1, sw: 1, ph: ph as u32, pw: pw as u32 }
     };
-    let cfg = GemmConfig::pick(m, n, ALayout::ConvFlipped { kk: (kh * kw) as u32 }, layout, Bias::None);
+    let cfg = pick(&grad.client, m, n, ALayout::ConvFlipped { kk: (kh * kw) as u32 }, layout, Bias::None);
     if n.div_ceil(cfg.bn() as usize) > MAX_GROUPS || m.div_ceil(cfg.bm() as usize) > MAX_GROUPS || n * c_out.max(c_in) >= u32::MAX as usize {
         return Err((grad, w));
     }
@@ -241,7 +275,7 @@ pub fn linear_input_grad_cube(grad: CubeTensor, w: CubeTensor) -> Result<CubeTen
     }
     let k_in = wdims[0];
     let m: usize = dims[..dims.len() - 1].iter().product();
-    let cfg = GemmConfig::pick(m, k_in, ALayout::RowMajor, BLayout::PointwiseT, Bias::None);
+    let cfg = pick(&grad.client, m, k_in, ALayout::RowMajor, BLayout::PointwiseT, Bias::None);
     if m == 0 || k_in == 0 || k_in.div_ceil(cfg.bn() as usize) > MAX_GROUPS || m.div_ceil(cfg.bm() as usize) > MAX_GROUPS || m * n.max(k_in) >= u32::MAX as usize {
         return Err((grad, w));
     }
