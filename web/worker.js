@@ -81,13 +81,13 @@ async function loadInto(sourceId, label, ip2pFiles, clipFiles, manifest, opts) {
   post({ type: 'model', source: sourceId, label, info, clip: clipInfo, demo: !!(manifest && manifest.demo), wasmMemory: wasm.memory.buffer.byteLength });
 }
 
-// Whether WebGPU runs on the CPU here (SwiftShader, a fallback adapter): our GEMM kernels then use
-// their shapes for CPUs.
+// Whether WebGPU runs on SwiftShader (or another fallback adapter) here: our GEMM kernels then use
+// their small shapes (the large ones make SwiftShader's shader JIT take gigabytes).
 async function cpuAdapter() {
   try {
     const adapter = await navigator.gpu.requestAdapter({ powerPreference: 'high-performance' });
     const info = adapter.info || {};
-    return !!(adapter.isFallbackAdapter || info.isFallbackAdapter) || /swiftshader|llvmpipe|lavapipe/i.test([info.vendor, info.architecture, info.description].join(' '));
+    return !!(adapter.isFallbackAdapter || info.isFallbackAdapter) || /swiftshader/i.test([info.vendor, info.architecture, info.description].join(' '));
   } catch {
     return false;
   }

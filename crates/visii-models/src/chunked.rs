@@ -18,6 +18,7 @@ use burn::module::Param;
 use burn::nn::conv::Conv2d;
 use burn::nn::PaddingConfig2d;
 use burn::tensor::activation::silu;
+use crate::resident::Layer;
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::Tensor;
@@ -149,7 +150,7 @@ impl Chunked {
         let (ho, wo) = conv_out_hw(conv, h, w);
         let out = plan(b, c_out, ho, wo, align);
         if out.len() == 1 && self.parts.len() == 1 {
-            return self.map(|t| conv.forward(t));
+            return self.map(|t| conv.run(t));
         }
         let ins = self.ranges();
         // Once: with int8-resident weights (`crate::resident`) `val()` dequantises.
@@ -163,7 +164,7 @@ impl Chunked {
                     let mut part = conv.clone();
                     part.weight = Param::from_tensor(weight.clone().slice([o.clone(), i.clone(), 0..kh, 0..kw]));
                     part.bias = if k == 0 { conv.bias.as_ref().map(|bias| Param::from_tensor(bias.val().slice([o.clone()]))) } else { None };
-                    let y = part.forward(x.clone());
+                    let y = part.run(x.clone());
                     acc = Some(match acc {
                         Some(a) => a + y,
                         None => y,

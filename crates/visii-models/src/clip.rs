@@ -344,7 +344,7 @@ impl ClipVision {
 
     /// Pixel values [b, 3, S, S] -> pooled output [b, hidden] (post-layer-norm of the class token).
     pub fn pooled(&self, pixels: Tensor<4>) -> Tensor<2> {
-        let p = self.patch_embedding.forward(pixels);
+        let p = self.patch_embedding.run(pixels);
         let [b, c, gh, gw] = p.dims();
         let p = p.reshape([b, c, gh * gw]).swap_dims(1, 2);
         let cls = self.class_embedding.val().reshape([1, 1, c]).expand([b, 1, c]);

@@ -12,6 +12,7 @@ use crate::attention::SpatialAttention;
 use crate::chunked::Chunked;
 use crate::error::{ModelError, Result};
 use crate::nn::{conv2d, group_norm};
+use crate::resident::Layer;
 use crate::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 use crate::weights::{Vb, Weights};
 
@@ -209,9 +210,9 @@ impl AutoencoderKL {
             }
         }
         let x = e.mid_block.forward(x.join());
-        let mut x = e.conv_out.forward(e.conv_norm_out.forward_silu(x));
+        let mut x = e.conv_out.run(e.conv_norm_out.forward_silu(x));
         if let Some(q) = &e.quant_conv {
-            x = q.forward(x);
+            x = q.run(x);
         }
         let [b, c, h, w] = x.dims();
         let half = c / 2;
@@ -251,10 +252,10 @@ impl AutoencoderKL {
             0 => {
                 let z = x.join();
                 let z = match &d.post_quant_conv {
-                    Some(c) => c.forward(z),
+                    Some(c) => c.run(z),
                     None => z,
                 };
-                Chunked::new(d.mid_block.forward(d.conv_in.forward(z)))
+                Chunked::new(d.mid_block.forward(d.conv_in.run(z)))
             }
             s if s <= d.up_blocks.len() => {
                 let block = &d.up_blocks[s - 1];

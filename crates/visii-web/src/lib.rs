@@ -294,9 +294,9 @@ struct EngineOpts {
     /// Run each learning step in buffers of exactly the size asked for (default true,
     /// `visii_models::memory::EXACT_FIT`); false: the allocator's size buckets.
     exact_fit: Option<bool>,
-    /// The adapter is a CPU rasteriser (SwiftShader, a fallback adapter): our GEMM then uses its
-    /// shapes for CPUs (`visii_models::kernels::set_cpu_adapter`). The worker reads it off the
-    /// adapter's info; absent, the adapter's name decides.
+    /// The adapter is SwiftShader or another fallback adapter: our GEMM then uses its small
+    /// shapes (`visii_models::kernels::set_cpu_adapter`). The worker reads it off the adapter's
+    /// info; absent, the adapter's name decides.
     cpu_adapter: Option<bool>,
     /// `"ours"` (default) or `"burn"`: whose conv / matmul / norm kernels run (for comparisons).
     kernels: Option<String>,
