@@ -164,8 +164,9 @@ enum Command {
         /// Forward passes after the warm-up one.
         #[arg(long, default_value_t = 1)]
         runs: usize,
-        /// The layer `--what conv|linear` times (see there); a UNet resnet conv at 32 x 32 latents,
-        /// or a GEGLU projection at 32 x 32 latents, by default.
+        /// The layer `--what conv|linear|groupnorm` times (see there); by default a UNet resnet
+        /// conv at 32 x 32 latents, a GEGLU projection at 32 x 32 latents, the VAE's GroupNorm at
+        /// 256 px.
         #[arg(long, value_delimiter = ',')]
         shape: Vec<usize>,
         /// Also time the PyTorch peer (tests/fullsize/torch_bench.py: the same config, random
@@ -320,6 +321,8 @@ enum BenchWhat {
     Conv,
     /// One Linear of `--shape rows,in,out` (with bias).
     Linear,
+    /// One GroupNorm + SiLU of `--shape batch,c,h,w,groups`.
+    Groupnorm,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Debug)]
@@ -843,6 +846,8 @@ fn bench(
     let full = config == BenchConfig::Full;
     if matches!(what, BenchWhat::Conv | BenchWhat::Linear) {
         println!("{what:?} {shape:?}: {:.1} GFLOP per call", op_flop(what, shape) / 1e9);
+    } else if what == BenchWhat::Groupnorm {
+        println!("{what:?} {shape:?}: {:.1} M values", shape[..4].iter().product::<usize>() as f64 / 1e6);
     } else if matches!(what, BenchWhat::VaeDecode | BenchWhat::VaeEncode) {
         println!(
             "{what:?}: {} VAE (random weights), batch 1, {1}x{1} pixels",
@@ -913,7 +918,7 @@ fn bench(
         }
         runners.push((arg(&b), c));
     }
-    if let Some((py, torch_device)) = torch.filter(|_| !matches!(what, BenchWhat::Conv | BenchWhat::Linear)) {
+    if let Some((py, torch_device)) = torch.filter(|_| !matches!(what, BenchWhat::Conv | BenchWhat::Linear | BenchWhat::Groupnorm)) {
         let mut c = std::process::Command::new(py);
         c.arg(&script).args(["--latent", &latent.to_string(), "--what", &arg(&what), "--config", &arg(&config), "--runs", &runs.to_string()]);
         c.args(["--device", torch_device]);
@@ -943,8 +948,12 @@ fn bench(
                 gib(&r["device_in_use_bytes"])
             );
         }
-        if matches!(what, BenchWhat::Conv | BenchWhat::Linear) {
-            println!("  {name}: {:.1} GFLOP/s", op_flop(what, shape) / r["run_s"].as_f64().unwrap_or(f64::NAN) / 1e9);
+        let run_s = r["run_s"].as_f64().unwrap_or(f64::NAN);
+        match what {
+            BenchWhat::Conv | BenchWhat::Linear => println!("  {name}: {:.1} GFLOP/s", op_flop(what, shape) / run_s / 1e9),
+            // What a norm cannot do with less: read the input once, write the output once.
+            BenchWhat::Groupnorm => println!("  {name}: {:.1} GB/s (one read + one write)", 8.0 * shape[..4].iter().product::<usize>() as f64 / run_s / 1e9),
+            _ => {}
         }
         times.push((name, r["run_s"].as_f64().unwrap_or(f64::NAN)));
     }
@@ -1009,18 +1018,26 @@ fn bench_config(config: BenchConfig) -> Result<visii_models::UNetConfig, Box<dyn
     })
 }
 
-/// `--shape` for `--what conv|linear` (checked, defaults filled in); empty for the rest.
+/// `--shape` for `--what conv|linear|groupnorm` (checked, defaults filled in); empty for the rest.
 fn op_shape(what: BenchWhat, shape: Vec<usize>) -> Result<Vec<usize>, Box<dyn std::error::Error>> {
     let shape = match (what, shape.is_empty()) {
         (BenchWhat::Conv, true) => vec![1, 320, 32, 32, 320, 3, 1],
         (BenchWhat::Linear, true) => vec![1024, 320, 2560],
-        (BenchWhat::Conv | BenchWhat::Linear, false) => shape,
+        (BenchWhat::Groupnorm, true) => vec![1, 128, 256, 256, 32],
+        (BenchWhat::Conv | BenchWhat::Linear | BenchWhat::Groupnorm, false) => shape,
         (_, true) => return Ok(shape),
-        (_, false) => return Err("--shape is for --what conv or linear".into()),
+        (_, false) => return Err("--shape is for --what conv, linear or groupnorm".into()),
     };
-    let want = if what == BenchWhat::Conv { 7 } else { 3 };
+    let want = match what {
+        BenchWhat::Conv => 7,
+        BenchWhat::Groupnorm => 5,
+        _ => 3,
+    };
     if shape.len() != want || shape.contains(&0) || shape.iter().any(|&v| v > 1 << 20) {
-        return Err(format!("--shape takes {want} positive sizes for --what {what:?} (batch,c_in,h,w,c_out,k,stride / rows,in,out)").into());
+        return Err(format!("--shape takes {want} positive sizes for --what {what:?} (conv: batch,c_in,h,w,c_out,k,stride; linear: rows,in,out; groupnorm: batch,c,h,w,groups)").into());
+    }
+    if what == BenchWhat::Groupnorm && shape[1] % shape[4] != 0 {
+        return Err(format!("--shape: {} channels do not split into {} groups", shape[1], shape[4]).into());
     }
     Ok(shape)
 }
@@ -1060,6 +1077,19 @@ fn bench_op(what: BenchWhat, s: &[usize], backend: Backend, runs: usize, dev: &D
                 let _ = conv.run(x.clone()).slice([0..1, 0..1, 0..1, 0..1]).into_data();
             });
         }
+        BenchWhat::Groupnorm => {
+            let norm = visii_models::nn::GroupNorm {
+                gamma: Param::from_tensor(normal(vec![s[1]], 0.1).add_scalar(1.0)),
+                beta: Param::from_tensor(normal(vec![s[1]], 0.1)),
+                num_groups: s[4],
+                epsilon: 1e-6,
+            };
+            let x = normal(vec![s[0], s[1], s[2], s[3]], 1.0).reshape([s[0], s[1], s[2], s[3]]);
+            let build_s = t0.elapsed().as_secs_f64();
+            timed(backend, 2 * s[1], build_s, runs, dev, || {
+                let _ = norm.forward_silu(x.clone()).slice([0..1, 0..1, 0..1, 0..1]).into_data();
+            });
+        }
         _ => {
             let linear = burn::nn::Linear {
                 weight: Param::from_tensor(normal(vec![s[1], s[2]], 0.05).reshape([s[1], s[2]])),
@@ -1079,7 +1109,7 @@ fn bench_one(latent: usize, shape: &[usize], what: BenchWhat, config: BenchConfi
     use visii_pipeline::block_on;
     use visii_pipeline::probe::UnetProbe;
     let dev = device(backend);
-    if matches!(what, BenchWhat::Conv | BenchWhat::Linear) {
+    if matches!(what, BenchWhat::Conv | BenchWhat::Linear | BenchWhat::Groupnorm) {
         return bench_op(what, &op_shape(what, shape.to_vec())?, backend, runs, &dev);
     }
     if matches!(what, BenchWhat::VaeDecode | BenchWhat::VaeEncode) {
@@ -1099,7 +1129,7 @@ fn bench_one(latent: usize, shape: &[usize], what: BenchWhat, config: BenchConfi
             BenchWhat::LearnStep => block_on(probe.learn_step(&unet)),
             BenchWhat::SampleStep => block_on(probe.sample_step(&unet)),
             BenchWhat::VaeDecode | BenchWhat::VaeEncode => unreachable!("bench_vae"),
-            BenchWhat::Conv | BenchWhat::Linear => unreachable!("bench_op"),
+            BenchWhat::Conv | BenchWhat::Linear | BenchWhat::Groupnorm => unreachable!("bench_op"),
         };
         failed = failed.take().or(r.err());
     });

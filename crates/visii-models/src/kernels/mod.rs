@@ -365,31 +365,29 @@ fn wrap<const D: usize>(c: CubeTensor) -> Tensor<D> {
     Tensor::from_dispatch(DispatchTensor { kind: DispatchTensorKind::Cube(BackendTensor::Float(c)), autodiff: DispatchAutodiffContext::Disabled })
 }
 
-/// Our conv2d for a tensor outside autodiff on a cubecl device; `Err(x)` where burn's must run.
-pub fn conv2d(x: Tensor<4>, weight: &Tensor<4>, bias: Option<&Tensor<1>>, options: &ConvOptions<2>) -> Result<Tensor<4>, Tensor<4>> {
+/// The primitives of `x`, `weight` and `bias` where our kernels may run (enabled, all three
+/// cubecl float tensors outside autodiff).
+fn layer_primitives<const D: usize, const W: usize>(x: &Tensor<D>, weight: &Tensor<W>, bias: Option<&Tensor<1>>) -> Option<(CubeTensor, CubeTensor, Option<CubeTensor>)> {
     if !enabled() {
-        return Err(x);
+        return None;
     }
-    let (Some(xc), Some(wc)) = (primitive(&x), primitive(weight)) else { return Err(x) };
-    let bc = match bias.map(primitive) {
-        Some(None) => return Err(x),
+    let bias = match bias.map(primitive) {
+        Some(None) => return None,
         Some(b) => b,
         None => None,
     };
+    Some((primitive(x)?, primitive(weight)?, bias))
+}
+
+/// Our conv2d for a tensor outside autodiff on a cubecl device; `Err(x)` where burn's must run.
+pub fn conv2d(x: Tensor<4>, weight: &Tensor<4>, bias: Option<&Tensor<1>>, options: &ConvOptions<2>) -> Result<Tensor<4>, Tensor<4>> {
+    let Some((xc, wc, bc)) = layer_primitives(&x, weight, bias) else { return Err(x) };
     conv2d_cube(xc, wc, bc, options).map(wrap).map_err(|_| x)
 }
 
 /// Our `x · weight + bias` (weight `[K, N]`) outside autodiff on a cubecl device; `Err(x)` where
 /// burn's must run.
 pub fn linear<const D: usize>(x: Tensor<D>, weight: &Tensor<2>, bias: Option<&Tensor<1>>) -> Result<Tensor<D>, Tensor<D>> {
-    if !enabled() {
-        return Err(x);
-    }
-    let (Some(xc), Some(wc)) = (primitive(&x), primitive(weight)) else { return Err(x) };
-    let bc = match bias.map(primitive) {
-        Some(None) => return Err(x),
-        Some(b) => b,
-        None => None,
-    };
+    let Some((xc, wc, bc)) = layer_primitives(&x, weight, bias) else { return Err(x) };
     linear_cube(xc, wc, bc).map(wrap).map_err(|_| x)
 }
