@@ -201,6 +201,20 @@ pub fn attention_rows(b: usize, heads: usize, n: usize, m: usize) -> usize {
     ((max_buffer_bytes() / 2 / row_bytes) as usize).clamp(1, n.max(1))
 }
 
+/// Softmax over the last axis of `[b, heads, rows, m]`; on our kernel where it applies.
+fn softmax_last(s: Tensor<4>) -> Tensor<4> {
+    #[cfg(feature = "frozen")]
+    let s = if !s.is_autodiff() {
+        match crate::kernels::softmax(s) {
+            Ok(y) => return y,
+            Err(s) => s,
+        }
+    } else {
+        s
+    };
+    softmax(s, 3)
+}
+
 /// Scaled dot-product attention over `[b, n, heads * d]` inputs; `causal` masks future positions.
 /// Long sequences are computed in slices of query rows ([`attention_rows`]).
 pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, causal: bool) -> Tensor<3> {
@@ -219,7 +233,7 @@ pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, causal:
             let mask = Tensor::<2, burn::tensor::Bool>::tril_mask([n, m], 0, &scores.device()).slice([from..from + r, 0..m]);
             scores = scores.mask_fill(mask.unsqueeze::<4>().expand([b, heads, r, m]), f32::NEG_INFINITY);
         }
-        in_f32(scores, |s| softmax(s, 3)).matmul(v.clone())
+        in_f32(scores, softmax_last).matmul(v.clone())
     };
     let out = if rows >= n {
         part(q, 0)

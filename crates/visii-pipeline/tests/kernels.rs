@@ -212,3 +212,27 @@ fn group_norm_silu_and_layer_norm_match_ndarray() {
     println!("layer norm [2, 77, 320]: vs ndarray {e:.2e}");
     assert!(e < 1e-5, "layer norm: {e}");
 }
+
+#[test]
+fn softmax_matches_ndarray_with_masked_positions() {
+    let gpu = Device::wgpu(DeviceKind::DefaultDevice);
+    let cpu = Device::ndarray();
+    // Attention scores: self-attention rows of 64, cross-attention rows of 77, a long row of 1500
+    // (several values per invocation), large offsets (the max must be subtracted), and a causal
+    // mask's -inf entries.
+    for (shape, scale) in [([2, 8, 64, 64], 1.0), ([1, 8, 40, 77], 30.0), ([1, 2, 3, 1500], 5.0)] {
+        let x = Tensor::<4>::random(shape, Distribution::Normal(0.0, scale), &gpu);
+        let x = if shape[3] == 64 {
+            let mask = Tensor::<2, burn::tensor::Bool>::tril_mask([64, 64], 0, &gpu).unsqueeze::<4>().expand(shape);
+            x.mask_fill(mask, f32::NEG_INFINITY)
+        } else {
+            x
+        };
+        let ours = values(kernels::softmax(x.clone()).expect("our softmax applies"));
+        let reference = values(burn::tensor::activation::softmax(on(&x, &cpu), 3));
+        let e = rel(&ours, &reference);
+        println!("softmax {shape:?} (scale {scale}): vs ndarray {e:.2e}");
+        assert!(e < 1e-5, "softmax {shape:?}: {e}");
+        assert!(ours.iter().all(|v| v.is_finite()));
+    }
+}

@@ -3,8 +3,8 @@
 //!
 //! - [`conv2d`]: convolution as an implicit GEMM on NCHW tensors (no layout copies; `gemm.rs`).
 //! - [`linear`]: `x · W + b` on the same GEMM.
-//! - [`group_norm`]: GroupNorm (+ SiLU) and LayerNorm in two kernels with parallel reductions
-//!   (`norm.rs`).
+//! - [`group_norm`]: GroupNorm (+ SiLU) and LayerNorm in two kernels with parallel reductions,
+//!   [`softmax`] in one (`norm.rs`).
 //!
 //! Each entry point takes burn tensors and returns `Err` with its input untouched where the kernel
 //! does not apply (another backend, a non-f32 type, autodiff, grouped or dilated convs), so the
@@ -76,6 +76,7 @@ impl KernelMetadata for Wgsl {
             },
             Wgsl::Norm(norm::NormKernel::Stats) => "visii::norm_stats",
             Wgsl::Norm(norm::NormKernel::Apply { .. }) => "visii::norm_apply",
+            Wgsl::Norm(norm::NormKernel::Softmax) => "visii::softmax",
         }
     }
 
@@ -332,6 +333,36 @@ pub fn group_norm_cube(x: CubeTensor, gamma: &CubeTensor, beta: &CubeTensor, gro
         .with_info(params([rows, len, s, c, eps_bits, ax as usize, 0, 0]));
     client.launch(Box::new(Wgsl::Norm(norm::NormKernel::Apply { silu })), CubeCount::Static(ax, ay, 1), args);
     Ok(out)
+}
+
+/// Softmax over the last axis of `x` (see `norm.rs`); `Err` where the kernel does not apply.
+pub fn softmax_cube(x: CubeTensor) -> Result<CubeTensor, CubeTensor> {
+    let dims = x.shape().to_vec();
+    let len = *dims.last().unwrap_or(&0);
+    let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+    if x.dtype != DType::F32 || dims.is_empty() || len == 0 || rows == 0 || rows * len >= u32::MAX as usize {
+        return Err(x);
+    }
+    let x = contiguous(x);
+    let (client, device) = (x.client.clone(), x.device.clone());
+    let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(client.clone(), device, dims.into(), DType::F32);
+    let (gx, gy) = spread(rows);
+    let args = KernelArguments::new()
+        .with_buffer_io(x.handle.clone().binding(), BufferIOAttr::ReadOnly)
+        .with_buffer_io(out.handle.clone().binding(), BufferIOAttr::WriteOnly)
+        .with_info(params([rows, len, 1, 1, 0, gx as usize, 0, 0]));
+    client.launch(Box::new(Wgsl::Norm(norm::NormKernel::Softmax)), CubeCount::Static(gx, gy, 1), args);
+    Ok(out)
+}
+
+/// Our softmax over the last axis outside autodiff on a cubecl device; `Err(x)` where burn's must
+/// run.
+pub fn softmax<const D: usize>(x: Tensor<D>) -> Result<Tensor<D>, Tensor<D>> {
+    if !enabled() {
+        return Err(x);
+    }
+    let Some(xc) = primitive(&x) else { return Err(x) };
+    softmax_cube(xc).map(wrap).map_err(|_| x)
 }
 
 /// Our GroupNorm (+ SiLU) outside autodiff on a cubecl device; `Err(x)` where burn's must run.

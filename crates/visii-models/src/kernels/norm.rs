@@ -10,6 +10,10 @@
 //!    eps))` per row.
 //! 2. `apply`: one invocation per value: `(x - mean) * rstd * gamma[ch] + beta[ch]`, then SiLU
 //!    where asked.
+//!
+//! Softmax over the last axis (attention scores) is the same shape of work: one workgroup per row
+//! finds the row's maximum and the sum of exponentials (tree reductions), then writes
+//! `exp(x - max) / sum`: one kernel where burn runs five (max, subtract, exp, sum, divide).
 
 use std::fmt::Write;
 
@@ -23,6 +27,8 @@ pub enum NormKernel {
     Stats,
     /// Normalise, scale and shift (and SiLU).
     Apply { silu: bool },
+    /// Softmax of each row.
+    Softmax,
 }
 
 impl NormKernel {
@@ -57,6 +63,35 @@ impl NormKernel {
                 let _ = writeln!(w, "  var sq = 0.0; for (var i = t; i < p.len; i = i + {THREADS}u) {{ let d = x[base + i] - mean; sq = sq + d * d; }}");
                 let _ = writeln!(w, "  let var_ = reduce(t, sq) / f32(p.len);");
                 let _ = writeln!(w, "  if (live && t == 0u) {{ stats[row * 2u] = mean; stats[row * 2u + 1u] = 1.0 / sqrt(var_ + bitcast<f32>(p.eps)); }}");
+                let _ = writeln!(w, "}}");
+            }
+            NormKernel::Softmax => {
+                let _ = writeln!(w, "@group(0) @binding(0) var<storage, read_write> x: array<f32>;");
+                let _ = writeln!(w, "@group(0) @binding(1) var<storage, read_write> y: array<f32>;");
+                let _ = writeln!(w, "@group(0) @binding(2) var<uniform> p: Params;");
+                let _ = writeln!(w, "var<workgroup> part: array<f32, {THREADS}>;");
+                for (name, op) in [("reduce_max", "max(part[t], part[t + {h}u])"), ("reduce_sum", "part[t] + part[t + {h}u]")] {
+                    let _ = writeln!(w, "fn {name}(t: u32, v: f32) -> f32 {{");
+                    let _ = writeln!(w, "  part[t] = v; workgroupBarrier();");
+                    let mut half = THREADS / 2;
+                    while half > 0 {
+                        let _ = writeln!(w, "  if (t < {half}u) {{ part[t] = {}; }} workgroupBarrier();", op.replace("{h}", &half.to_string()));
+                        half /= 2;
+                    }
+                    let _ = writeln!(w, "  let r = part[0]; workgroupBarrier(); return r;");
+                    let _ = writeln!(w, "}}");
+                }
+                let _ = writeln!(w, "@compute @workgroup_size({THREADS})");
+                let _ = writeln!(w, "fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {{");
+                let _ = writeln!(w, "  let row = wid.x + wid.y * p.gx;");
+                let _ = writeln!(w, "  let live = row < p.rows; let base = min(row, p.rows - 1u) * p.len;");
+                // -inf entries (masked positions) give exp(-inf) = 0; a row of only -inf gives NaN,
+                // as PyTorch's softmax does.
+                let _ = writeln!(w, "  var m = -3.4028234663852886e38; for (var i = t; i < p.len; i = i + {THREADS}u) {{ m = max(m, x[base + i]); }}");
+                let _ = writeln!(w, "  let mx = reduce_max(t, m);");
+                let _ = writeln!(w, "  var acc = 0.0; for (var i = t; i < p.len; i = i + {THREADS}u) {{ acc = acc + exp(x[base + i] - mx); }}");
+                let _ = writeln!(w, "  let inv = 1.0 / reduce_sum(t, acc);");
+                let _ = writeln!(w, "  if (live) {{ for (var i = t; i < p.len; i = i + {THREADS}u) {{ y[base + i] = exp(x[base + i] - mx) * inv; }} }}");
                 let _ = writeln!(w, "}}");
             }
             NormKernel::Apply { silu } => {
