@@ -236,3 +236,26 @@ fn softmax_matches_ndarray_with_masked_positions() {
         assert!(ours.iter().all(|v| v.is_finite()));
     }
 }
+
+#[test]
+fn what_the_kernels_do_not_cover_is_handed_back_for_burn() {
+    let gpu = Device::wgpu(DeviceKind::DefaultDevice);
+    let cpu = Device::ndarray();
+    let x = Tensor::<4>::random([1, 8, 9, 9], Distribution::Normal(0.0, 1.0), &gpu);
+    let w = Tensor::<4>::random([8, 8, 3, 3], Distribution::Normal(0.0, 0.1), &gpu);
+    // Dilated and grouped convs, a weight whose input channels disagree, an ndarray tensor: `Err`
+    // with the input itself, never a launch and never a panic.
+    let dilated = ConvOptions::new([1, 1], [2, 2], [2, 2], 1);
+    let back = kernels::conv2d(x.clone(), &w, None, &dilated).expect_err("dilation is burn's");
+    assert_eq!(values(back), values(x.clone()));
+    let grouped = Tensor::<4>::random([8, 4, 3, 3], Distribution::Normal(0.0, 0.1), &gpu);
+    assert!(kernels::conv2d(x.clone(), &grouped, None, &ConvOptions::new([1, 1], [1, 1], [1, 1], 2)).is_err());
+    let wrong = Tensor::<4>::random([8, 5, 3, 3], Distribution::Normal(0.0, 0.1), &gpu);
+    assert!(kernels::conv2d(x.clone(), &wrong, None, &ConvOptions::new([1, 1], [1, 1], [1, 1], 1)).is_err());
+    assert!(kernels::conv2d(on(&x, &cpu), &on(&w, &cpu), None, &ConvOptions::new([1, 1], [1, 1], [1, 1], 1)).is_err());
+    let lin = Tensor::<2>::random([7, 3], Distribution::Normal(0.0, 0.1), &gpu);
+    assert!(kernels::linear(Tensor::<2>::random([4, 6], Distribution::Normal(0.0, 1.0), &gpu), &lin, None).is_err());
+    // A GroupNorm whose groups do not divide the channels.
+    let g = Tensor::<1>::ones([8], &gpu);
+    assert!(kernels::group_norm(x, &g, &g.clone().zeros_like(), 3, 1e-5, false).is_err());
+}

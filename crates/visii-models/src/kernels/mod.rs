@@ -188,6 +188,17 @@ fn contiguous(t: CubeTensor) -> CubeTensor {
 /// Largest dispatch along one axis (WebGPU's default `maxComputeWorkgroupsPerDimension`).
 const MAX_GROUPS: usize = 65535;
 
+/// Whether every tensor of these shapes has fewer than 2^32 - 1 values (the kernels index in u32;
+/// counted in u64 so that a 32-bit target cannot wrap).
+fn fits_u32(shapes: &[&[usize]]) -> bool {
+    shapes.iter().all(|s| s.iter().try_fold(1u64, |a, &d| a.checked_mul(d as u64)).is_some_and(|n| n < u32::MAX as u64))
+}
+
+/// Whether a `cfg` dispatch for an `m x n` output stays within WebGPU's workgroup counts.
+fn dispatchable(cfg: &GemmConfig, m: usize, n: usize) -> bool {
+    n.div_ceil(cfg.bn() as usize) <= MAX_GROUPS && m.div_ceil(cfg.bm() as usize) <= MAX_GROUPS
+}
+
 /// The kernel's conv on cubecl primitives: `x` `[n, c_in, h, w]`, `w` `[c_out, c_in, kh, kw]`,
 /// `bias` `[c_out]`, with `options` (groups 1, dilation 1). `None` where it does not apply.
 pub fn conv2d_cube(x: CubeTensor, w: CubeTensor, bias: Option<CubeTensor>, options: &ConvOptions<2>) -> Result<CubeTensor, (CubeTensor, CubeTensor, Option<CubeTensor>)> {
@@ -209,7 +220,7 @@ pub fn conv2d_cube(x: CubeTensor, w: CubeTensor, bias: Option<CubeTensor>, optio
         BLayout::Conv { kh: kh as u32, kw: kw as u32, sh: sh as u32, sw: sw as u32, ph: pt as u32, pw: pl as u32 }
     };
     let cfg = pick(&x.client, m, n, ALayout::RowMajor, layout, if bias.is_some() { Bias::Row } else { Bias::None });
-    if n.div_ceil(cfg.bn() as usize) > MAX_GROUPS || m.div_ceil(cfg.bm() as usize) > MAX_GROUPS || n * c_out.max(c_in) >= u32::MAX as usize {
+    if !dispatchable(&cfg, m, n) || !fits_u32(&[&[nb, c_in, h, wd], &[c_out, c_in, kh, kw], &[nb, c_out, oh, ow]]) {
         return Err((x, w, bias));
     }
     let (x, w, bias) = (contiguous(x), contiguous(w), bias.map(contiguous));
@@ -229,7 +240,7 @@ pub fn linear_cube(x: CubeTensor, w: CubeTensor, bias: Option<CubeTensor>) -> Re
     let n = wdims[1];
     let m: usize = dims[..dims.len() - 1].iter().product();
     let cfg = pick(&x.client, m, n, ALayout::RowMajor, BLayout::Pointwise, if bias.is_some() { Bias::Col } else { Bias::None });
-    if m == 0 || n == 0 || n.div_ceil(cfg.bn() as usize) > MAX_GROUPS || m.div_ceil(cfg.bm() as usize) > MAX_GROUPS || m * n.max(k) >= u32::MAX as usize {
+    if m == 0 || n == 0 || !dispatchable(&cfg, m, n) || !fits_u32(&[&[m, k], &[k, n], &[m, n]]) {
         return Err((x, w, bias));
     }
     let (x, w, bias) = (contiguous(x), contiguous(w), bias.map(contiguous));
@@ -260,7 +271,7 @@ pub fn conv2d_input_grad_cube(grad: CubeTensor, w: CubeTensor, options: &ConvOpt
         BLayout::Conv { kh: kh as u32, kw: kw as u32, sh: 1, sw: 1, ph: ph as u32, pw: pw as u32 }
     };
     let cfg = pick(&grad.client, m, n, ALayout::ConvFlipped { kk: (kh * kw) as u32 }, layout, Bias::None);
-    if n.div_ceil(cfg.bn() as usize) > MAX_GROUPS || m.div_ceil(cfg.bm() as usize) > MAX_GROUPS || n * c_out.max(c_in) >= u32::MAX as usize {
+    if !dispatchable(&cfg, m, n) || !fits_u32(&[&[nb, c_out, oh, ow], &[c_out, c_in, kh, kw], &[nb, c_in, h, wd]]) {
         return Err((grad, w));
     }
     let (grad, w) = (contiguous(grad), contiguous(w));
@@ -279,7 +290,7 @@ pub fn linear_input_grad_cube(grad: CubeTensor, w: CubeTensor) -> Result<CubeTen
     let k_in = wdims[0];
     let m: usize = dims[..dims.len() - 1].iter().product();
     let cfg = pick(&grad.client, m, k_in, ALayout::RowMajor, BLayout::PointwiseT, Bias::None);
-    if m == 0 || k_in == 0 || k_in.div_ceil(cfg.bn() as usize) > MAX_GROUPS || m.div_ceil(cfg.bm() as usize) > MAX_GROUPS || m * n.max(k_in) >= u32::MAX as usize {
+    if m == 0 || k_in == 0 || !dispatchable(&cfg, m, k_in) || !fits_u32(&[&[m, n], &[k_in, n], &[m, k_in]]) {
         return Err((grad, w));
     }
     let (grad, w) = (contiguous(grad), contiguous(w));
@@ -295,7 +306,7 @@ pub fn linear_input_grad_cube(grad: CubeTensor, w: CubeTensor) -> Result<CubeTen
 pub fn group_norm_cube(x: CubeTensor, gamma: &CubeTensor, beta: &CubeTensor, groups: usize, eps: f64, silu: bool, layer_norm: bool) -> Result<CubeTensor, CubeTensor> {
     let dims = x.shape().to_vec();
     let ok = x.dtype == DType::F32 && gamma.dtype == DType::F32 && beta.dtype == DType::F32 && dims.len() >= 2 && groups > 0;
-    if !ok {
+    if !ok || !fits_u32(&[&dims]) || dims[1] % groups != 0 || (layer_norm && groups != 1) {
         return Err(x);
     }
     // (rows, values per row, values per channel, channels)
@@ -308,7 +319,7 @@ pub fn group_norm_cube(x: CubeTensor, gamma: &CubeTensor, beta: &CubeTensor, gro
         (b * groups, c / groups * s, s, c)
     };
     let total = rows * len;
-    if total == 0 || c % groups != 0 || gamma.shape().num_elements() != c || beta.shape().num_elements() != c || total >= u32::MAX as usize {
+    if total == 0 || gamma.shape().num_elements() != c || beta.shape().num_elements() != c {
         return Err(x);
     }
     let x = contiguous(x);
@@ -339,8 +350,11 @@ pub fn group_norm_cube(x: CubeTensor, gamma: &CubeTensor, beta: &CubeTensor, gro
 pub fn softmax_cube(x: CubeTensor) -> Result<CubeTensor, CubeTensor> {
     let dims = x.shape().to_vec();
     let len = *dims.last().unwrap_or(&0);
-    let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
-    if x.dtype != DType::F32 || dims.is_empty() || len == 0 || rows == 0 || rows * len >= u32::MAX as usize {
+    if x.dtype != DType::F32 || dims.is_empty() || len == 0 || !fits_u32(&[&dims]) {
+        return Err(x);
+    }
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    if rows == 0 {
         return Err(x);
     }
     let x = contiguous(x);
