@@ -31,6 +31,20 @@ pub enum NormKernel {
     Softmax,
 }
 
+/// A WGSL function `name(t, v)` combining every invocation's `v` with `op` (`{h}` stands for the
+/// partner's offset) as a tree in the workgroup array `part`; called in uniform control flow.
+fn reduction(w: &mut String, name: &str, op: &str) {
+    let _ = writeln!(w, "fn {name}(t: u32, v: f32) -> f32 {{");
+    let _ = writeln!(w, "  part[t] = v; workgroupBarrier();");
+    let mut half = THREADS / 2;
+    while half > 0 {
+        let _ = writeln!(w, "  if (t < {half}u) {{ part[t] = {}; }} workgroupBarrier();", op.replace("{h}", &half.to_string()));
+        half /= 2;
+    }
+    let _ = writeln!(w, "  let r = part[0]; workgroupBarrier(); return r;");
+    let _ = writeln!(w, "}}");
+}
+
 impl NormKernel {
     /// Params of both: rows, len (values per row), s (values per channel), c (channels), eps (f32
     /// bits), groups_x (workgroups along x of a 2-D dispatch), 2 unused.
@@ -44,15 +58,7 @@ impl NormKernel {
                 let _ = writeln!(w, "@group(0) @binding(1) var<storage, read_write> stats: array<f32>;");
                 let _ = writeln!(w, "@group(0) @binding(2) var<uniform> p: Params;");
                 let _ = writeln!(w, "var<workgroup> part: array<f32, {THREADS}>;");
-                let _ = writeln!(w, "fn reduce(t: u32, v: f32) -> f32 {{");
-                let _ = writeln!(w, "  part[t] = v; workgroupBarrier();");
-                let mut half = THREADS / 2;
-                while half > 0 {
-                    let _ = writeln!(w, "  if (t < {half}u) {{ part[t] = part[t] + part[t + {half}u]; }} workgroupBarrier();");
-                    half /= 2;
-                }
-                let _ = writeln!(w, "  let r = part[0]; workgroupBarrier(); return r;");
-                let _ = writeln!(w, "}}");
+                reduction(w, "reduce", "part[t] + part[t + {h}u]");
                 let _ = writeln!(w, "@compute @workgroup_size({THREADS})");
                 let _ = writeln!(w, "fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {{");
                 let _ = writeln!(w, "  let row = wid.x + wid.y * p.gx;");
@@ -70,17 +76,8 @@ impl NormKernel {
                 let _ = writeln!(w, "@group(0) @binding(1) var<storage, read_write> y: array<f32>;");
                 let _ = writeln!(w, "@group(0) @binding(2) var<uniform> p: Params;");
                 let _ = writeln!(w, "var<workgroup> part: array<f32, {THREADS}>;");
-                for (name, op) in [("reduce_max", "max(part[t], part[t + {h}u])"), ("reduce_sum", "part[t] + part[t + {h}u]")] {
-                    let _ = writeln!(w, "fn {name}(t: u32, v: f32) -> f32 {{");
-                    let _ = writeln!(w, "  part[t] = v; workgroupBarrier();");
-                    let mut half = THREADS / 2;
-                    while half > 0 {
-                        let _ = writeln!(w, "  if (t < {half}u) {{ part[t] = {}; }} workgroupBarrier();", op.replace("{h}", &half.to_string()));
-                        half /= 2;
-                    }
-                    let _ = writeln!(w, "  let r = part[0]; workgroupBarrier(); return r;");
-                    let _ = writeln!(w, "}}");
-                }
+                reduction(w, "reduce_max", "max(part[t], part[t + {h}u])");
+                reduction(w, "reduce_sum", "part[t] + part[t + {h}u]");
                 let _ = writeln!(w, "@compute @workgroup_size({THREADS})");
                 let _ = writeln!(w, "fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {{");
                 let _ = writeln!(w, "  let row = wid.x + wid.y * p.gx;");
