@@ -17,7 +17,6 @@ use std::ops::Range;
 use burn::module::Param;
 use burn::nn::conv::Conv2d;
 use burn::nn::PaddingConfig2d;
-use burn::tensor::activation::silu;
 use crate::resident::Layer;
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
@@ -124,19 +123,15 @@ impl Chunked {
         Self { parts: self.parts.into_iter().zip(other.parts).map(|(a, b)| a + b).collect() }
     }
 
-    pub fn silu(self) -> Self {
-        self.map(silu)
-    }
-
-    /// `GroupNorm` on group-aligned slices.
-    pub fn group_norm(self, gn: &GroupNorm) -> Self {
+    /// `GroupNorm` then SiLU on group-aligned slices (one pass each on our kernels).
+    pub fn group_norm_silu(self, gn: &GroupNorm) -> Self {
         let [b, c, h, w] = self.dims();
         let cpg = c / gn.num_groups;
         let x = self.resliced(&plan(b, c, h, w, cpg));
         if x.parts.len() == 1 {
-            return x.map(|t| gn.forward(t));
+            return x.map(|t| gn.forward_silu(t));
         }
-        let parts = x.ranges().into_iter().zip(x.parts).map(|(r, t)| gn.channels(r).forward(t)).collect();
+        let parts = x.ranges().into_iter().zip(x.parts).map(|(r, t)| gn.channels(r).forward_silu(t)).collect();
         Self { parts }
     }
 
@@ -200,8 +195,8 @@ impl ResnetBlock2D {
     pub fn forward_chunked(&self, x: Chunked) -> Chunked {
         let c_out = self.conv2.weight.dims()[0];
         let align = c_out / self.norm2.num_groups;
-        let h = x.clone().group_norm(&self.norm1).silu().conv(&self.conv1, align);
-        let h = h.group_norm(&self.norm2).silu().conv(&self.conv2, align);
+        let h = x.clone().group_norm_silu(&self.norm1).conv(&self.conv1, align);
+        let h = h.group_norm_silu(&self.norm2).conv(&self.conv2, align);
         let skip = match &self.conv_shortcut {
             Some(c) => x.conv(c, align),
             None => x,

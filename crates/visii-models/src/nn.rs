@@ -97,13 +97,9 @@ pub struct LayerNorm {
 impl LayerNorm {
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         #[cfg(feature = "frozen")]
-        let x = if x.dtype() == DType::F32 && !x.is_autodiff() {
-            match crate::kernels::layer_norm(x, &self.gamma.val(), &self.beta.val(), self.epsilon) {
-                Ok(y) => return y,
-                Err(x) => x,
-            }
-        } else {
-            x
+        let x = match crate::kernels::layer_norm(x, &self.gamma.val(), &self.beta.val(), self.epsilon) {
+            Ok(y) => return y,
+            Err(x) => x,
         };
         in_f32(x, |x| burn::tensor::module::layer_norm(x, self.gamma.val(), Some(self.beta.val()), self.epsilon))
     }
@@ -132,13 +128,9 @@ impl GroupNorm {
 
     fn run<const D: usize>(&self, x: Tensor<D>, silu: bool) -> Tensor<D> {
         #[cfg(feature = "frozen")]
-        let x = if x.dtype() == DType::F32 && !x.is_autodiff() {
-            match crate::kernels::group_norm(x, &self.gamma.val(), &self.beta.val(), self.num_groups, self.epsilon, silu) {
-                Ok(y) => return y,
-                Err(x) => x,
-            }
-        } else {
-            x
+        let x = match crate::kernels::group_norm(x, &self.gamma.val(), &self.beta.val(), self.num_groups, self.epsilon, silu) {
+            Ok(y) => return y,
+            Err(x) => x,
         };
         let y = in_f32(x, |x| self.forward_f32(x));
         if silu {
@@ -204,13 +196,9 @@ pub fn attention_rows(b: usize, heads: usize, n: usize, m: usize) -> usize {
 /// Softmax over the last axis of `[b, heads, rows, m]`; on our kernel where it applies.
 fn softmax_last(s: Tensor<4>) -> Tensor<4> {
     #[cfg(feature = "frozen")]
-    let s = if !s.is_autodiff() {
-        match crate::kernels::softmax(s) {
-            Ok(y) => return y,
-            Err(s) => s,
-        }
-    } else {
-        s
+    let s = match crate::kernels::softmax(s) {
+        Ok(y) => return y,
+        Err(s) => s,
     };
     softmax(s, 3)
 }

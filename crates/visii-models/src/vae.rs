@@ -268,7 +268,7 @@ impl AutoencoderKL {
                 }
                 x
             }
-            _ => x.group_norm(&d.conv_norm_out).silu().conv(&d.conv_out, 1),
+            _ => x.group_norm_silu(&d.conv_norm_out).conv(&d.conv_out, 1),
         }
     }
 }
