@@ -416,7 +416,13 @@ fn main() -> ExitCode {
             backend,
         } => {
             let opts = ApplyOptions { steps, guidance, image_guidance, seed };
-            parse_size(&size).and_then(|size| {
+            // Everything that can be refused is refused before any model is loaded.
+            let inputs: Vec<&std::path::Path> = [Some(image.as_path()), instruction.as_deref(), noise.as_deref()].into_iter().flatten().collect();
+            check_apply_flags(steps, guidance, image_guidance)
+                .and_then(|()| opts.validate().map_err(|e| e.to_string().into()))
+                .and_then(|()| check_output(&output, &inputs, &[model.as_path()]).map_err(Into::into))
+                .and_then(|()| parse_size(&size))
+                .and_then(|size| {
                 let how = ApplyInputs {
                     text: text.as_deref(),
                     instruction: instruction.as_deref(),
@@ -432,6 +438,24 @@ fn main() -> ExitCode {
         Command::Learn { model, clip, before, after, output, init, caption_iterations, steps, size, lr, schedule, seed, patience, log, backend } => {
             parse_size(&size).and_then(|(side, exact)| {
                 let opts = LearnOptions { steps, size: side, exact_size: exact, seed, patience, adam: AdamWConfig { lr, ..AdamWConfig::default() } };
+                if !(1..=visii_pipeline::learn::MAX_STEPS).contains(&steps) {
+                    return Err(format!("--steps {steps}: expected 1..={}", visii_pipeline::learn::MAX_STEPS).into());
+                }
+                if !(lr.is_finite() && (0.0..=10.0).contains(&lr)) {
+                    return Err(format!("--lr {lr}: expected a finite learning rate in 0..=10").into());
+                }
+                opts.validate()?;
+                if caption_iterations > MAX_CAPTION_ITERATIONS {
+                    return Err(format!("--caption-iterations {caption_iterations}: at most {MAX_CAPTION_ITERATIONS}").into());
+                }
+                let mut inputs: Vec<&std::path::Path> = before.iter().chain(&after).map(|p| p.as_path()).collect();
+                inputs.extend(schedule.as_deref());
+                let dirs: Vec<&std::path::Path> = [Some(model.as_path()), clip.as_deref()].into_iter().flatten().collect();
+                check_output(&output, &inputs, &dirs)?;
+                if let Some(l) = log.as_deref() {
+                    inputs.push(&output);
+                    check_output(l, &inputs, &dirs).map_err(|e| format!("--log: {e}"))?;
+                }
                 let init = match init {
                     Some(t) => Init::Text(t),
                     None => Init::Search(CaptionOptions { iterations: caption_iterations, seed, ..CaptionOptions::default() }),
@@ -458,10 +482,14 @@ fn main() -> ExitCode {
             peak_rss().map_or("unknown".into(), size)
         );
     }
+    if std::env::var_os("VISII_PEAK_RSS").is_some() {
+        eprintln!("peak RSS: {} bytes", peak_rss().unwrap_or(0));
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            // Messages quote file names and contents: escaped, so nothing reaches the terminal raw.
+            eprintln!("error: {}", visii_formats::text::printable(&e.to_string()));
             ExitCode::from(2)
         }
     }
@@ -469,6 +497,8 @@ fn main() -> ExitCode {
 
 fn inspect(model: &std::path::Path, clip: Option<&std::path::Path>, as_json: bool, dev: Device) -> Result<(), Box<dyn std::error::Error>> {
     let folder = open_ip2p(model)?;
+    // The configs that are not part of a network are checked too (a model that inspects cleanly runs).
+    visii_pipeline::SchedulerConfig::from_json(&folder.scheduler_config()?)?;
     // Load time, bytes in use on the device and the largest single read, per component.
     let mut clock = Instant::now();
     let memory = |t: &mut Instant| {
@@ -519,6 +549,7 @@ fn inspect(model: &std::path::Path, clip: Option<&std::path::Path>, as_json: boo
     visii_models::memory::release(&dev);
     if let Some(c) = clip {
         let cf = open_clip(c)?;
+        cf.preprocess_config()?;
         let parts = cf.vision(&dev)?;
         let vc = &parts.config.vision_config;
         report.insert(
@@ -549,8 +580,8 @@ fn inspect(model: &std::path::Path, clip: Option<&std::path::Path>, as_json: boo
 }
 
 fn read_image(p: &std::path::Path) -> Result<RgbImage, Box<dyn std::error::Error>> {
-    let bytes = std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
-    Ok(RgbImage::decode(&bytes).map_err(|e| format!("{}: {e}", p.display()))?)
+    let bytes = read_input(p, MAX_IMAGE_FILE)?;
+    Ok(RgbImage::decode(&bytes).map_err(|e| format!("{}: {e}", shown(p)))?)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -568,7 +599,7 @@ fn learn_cmd(
 ) -> Result<(), Box<dyn std::error::Error>> {
     let schedule = match schedule {
         Some(p) => Some(
-            visii_pipeline::repro::read_schedule(&std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?)
+            visii_pipeline::repro::read_schedule(&read_input(p, MAX_DATA_FILE)?)
                 .map_err(|e| format!("{}: {e}", p.display()))?,
         ),
         None => None,
@@ -644,23 +675,44 @@ fn learn_cmd(
             extra: &[("created_at_unix", created.to_string()), ("hyper_parameters", serde_json::to_string(opts)?)],
         },
     )?;
-    std::fs::write(output, bytes).map_err(|e| format!("cannot write {}: {e}", output.display()))?;
+    write_output(output, &bytes)?;
     eprintln!("{} steps, best mse {:.4}: wrote {}", learned.steps_run, learned.best_mse, output.display());
     Ok(())
 }
 
-/// `N` (longer side) or `WxH` (exact, multiples of 8).
+/// `apply`'s numeric options, refused by their flag names.
+fn check_apply_flags(steps: usize, guidance: f32, image_guidance: f32) -> Result<(), Box<dyn std::error::Error>> {
+    let max = visii_pipeline::apply::MAX_APPLY_STEPS;
+    if !(1..=max).contains(&steps) {
+        return Err(format!("--steps {steps}: expected 1..={max}").into());
+    }
+    let g = visii_pipeline::apply::MAX_GUIDANCE;
+    for (flag, v) in [("--guidance", guidance), ("--image-guidance", image_guidance)] {
+        if !v.is_finite() || v.abs() > g {
+            return Err(format!("{flag} {v}: expected a finite number within ±{g}").into());
+        }
+    }
+    Ok(())
+}
+
+/// Most caption-search iterations `learn` runs.
+const MAX_CAPTION_ITERATIONS: usize = 10_000;
+
+/// `N` (longer side) or `WxH` (exact, multiples of 8), at most [`visii_pipeline::apply::MAX_SIDE`].
 fn parse_size(s: &str) -> Result<(usize, Option<(usize, usize)>), Box<dyn std::error::Error>> {
-    let bad = || format!("--size {s:?}: give WxH with multiples of 8 (e.g. 512x384) or one number for the longer side");
+    let max = visii_pipeline::apply::MAX_SIDE;
+    let bad = || {
+        format!("--size {:?}: give WxH with multiples of 8 (e.g. 512x384) or one number for the longer side, at most {max}", visii_formats::text::printable_short(s, 40))
+    };
     if let Some((w, h)) = s.split_once(['x', 'X']) {
         let (w, h): (usize, usize) = (w.trim().parse().map_err(|_| bad())?, h.trim().parse().map_err(|_| bad())?);
-        if w == 0 || h == 0 || w % 8 != 0 || h % 8 != 0 {
+        if w == 0 || h == 0 || w % 8 != 0 || h % 8 != 0 || w.max(h) > max {
             return Err(bad().into());
         }
         Ok((w.max(h), Some((w, h))))
     } else {
         let n: usize = s.trim().parse().map_err(|_| bad())?;
-        if n < 8 {
+        if !(8..=max).contains(&n) {
             return Err(bad().into());
         }
         Ok((n, None))
@@ -683,20 +735,24 @@ enum Init {
 }
 
 fn inspect_instruction(path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let ins = visii_pipeline::instruction::peek(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    let bytes = read_input(path, visii_pipeline::instruction::MAX_BYTES as u64)?;
+    let ins = visii_pipeline::instruction::peek(&bytes).map_err(|e| format!("{}: {e}", shown(path)))?;
     let mut keys: Vec<_> = ins.metadata.iter().collect();
     keys.sort();
-    println!("{}: instruction [{} x {}], learned span 1..{}", path.display(), ins.positions, ins.hidden, ins.eos);
+    // Everything from the file is printed escaped: a shared file's metadata must not act on the terminal.
+    let p = visii_formats::text::printable;
+    println!("{}: instruction [{} x {}], learned span 1..{}", shown(path), ins.positions, ins.hidden, ins.eos);
     for (k, v) in keys {
         if k == "thumbnail_png_base64" {
             continue;
         }
-        println!("  {k:<18} {v}");
+        println!("  {:<18} {}", p(k), p(v));
     }
     if let Some(png) = ins.thumbnail_png() {
-        match RgbImage::decode(&png) {
-            Ok(t) => println!("  {:<18} {}x{} PNG, {} bytes", "thumbnail", t.width, t.height, png.len()),
+        // A thumbnail is small: its size is checked before it is decoded.
+        let small = visii_formats::image::Limits { max_side: 1024, max_pixels: 1 << 20, max_aspect: 16, max_alloc: 64 << 20, min_side: 1 };
+        match visii_formats::image::decode_rgb_within(&png, &small) {
+            Ok((_, w, h)) => println!("  {:<18} {w}x{h} PNG, {} bytes", "thumbnail", png.len()),
             Err(_) => println!("  {:<18} unreadable", "thumbnail"),
         }
     }
@@ -722,11 +778,11 @@ fn apply(
     let cond = match (text, instruction) {
         (Some(t), _) => ip2p.encode_text(t)?,
         (None, Some(p)) => {
-            let bytes = std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+            let bytes = read_input(p, visii_pipeline::instruction::MAX_BYTES as u64)?;
             let (cond, ins) =
                 ip2p.instruction_conditioning(&bytes, &ModelIdentity::of(&ip2p)?, how.allow_foreign_model, how.extra).map_err(|e| match e {
-                    visii_pipeline::PipelineError::ForeignModel(_) => format!("{}: {e}. To apply it anyway, pass --allow-foreign-model", p.display()),
-                    e => format!("{}: {e}", p.display()),
+                    visii_pipeline::PipelineError::ForeignModel(_) => format!("{}: {e}. To apply it anyway, pass --allow-foreign-model", shown(p)),
+                    e => format!("{}: {e}", shown(p)),
                 })?;
             if how.reuse_noise {
                 reuse = Some(ins.noise_reuse.clone().ok_or_else(|| {
@@ -740,7 +796,7 @@ fn apply(
     let t1 = Instant::now();
     let noise = match how.noise {
         Some(p) => {
-            let (noise, n) = visii_pipeline::repro::read_noise(&std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?)
+            let (noise, n) = visii_pipeline::repro::read_noise(&read_input(p, MAX_DATA_FILE)?)
                 .map_err(|e| format!("{}: {e}", p.display()))?;
             if n < opts.steps {
                 return Err(format!("{}: {n} step noises for {} steps", p.display(), opts.steps).into());
@@ -760,8 +816,11 @@ fn apply(
     })?;
     eprintln!();
     let v: Vec<f32> = out.into_data().try_to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
+    if v.iter().any(|x| !x.is_finite()) {
+        return Err("the decoded image holds non-finite values (the model's weights or the settings are broken); nothing was written".into());
+    }
     let result = RgbImage::from_unit_floats(&v, w, h);
-    std::fs::write(output, result.to_png()?).map_err(|e| format!("cannot write {}: {e}", output.display()))?;
+    write_output(output, &result.to_png()?)?;
     eprintln!("wrote {}", output.display());
     Ok(())
 }
@@ -823,6 +882,84 @@ fn group_digits(n: u64) -> String {
         out.push(c);
     }
     out
+}
+
+/// Largest input image file read (a 50 MP PNG is well under this).
+const MAX_IMAGE_FILE: u64 = 256 << 20;
+/// Largest noise or schedule file read (a 1024 px latent's noises for 1000 steps are ~260 MB).
+const MAX_DATA_FILE: u64 = 1 << 30;
+
+/// A whole input file, regular files only (a named pipe or a device is refused, not read forever),
+/// at most `max` bytes.
+fn read_input(p: &std::path::Path, max: u64) -> Result<Vec<u8>, String> {
+    visii_formats::files::read_regular(p, max).map_err(|e| format!("cannot read {}: {e}", shown(p)))
+}
+
+/// A path as printed: control characters and bidi overrides escaped.
+fn shown(p: &std::path::Path) -> String {
+    visii_formats::text::printable(&p.display().to_string())
+}
+
+/// Whether two paths name the same file (through links and other spellings).
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let (Ok(x), Ok(y)) = (std::fs::metadata(a), std::fs::metadata(b)) {
+            return x.dev() == y.dev() && x.ino() == y.ino();
+        }
+    }
+    matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+}
+
+/// Refuse an output that would overwrite an input or land inside an input folder, or that cannot be
+/// written, before anything is computed.
+fn check_output(out: &std::path::Path, input_files: &[&std::path::Path], input_dirs: &[&std::path::Path]) -> Result<(), String> {
+    let name = shown(out);
+    if out.as_os_str().is_empty() || out.is_dir() {
+        return Err(format!("-o {name}: is a directory (or empty); give a file name"));
+    }
+    for i in input_files {
+        if same_file(out, i) {
+            return Err(format!("-o {name} is an input ({}): it would overwrite it; choose another output file", shown(i)));
+        }
+    }
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let parent = parent.canonicalize().map_err(|e| format!("-o {name}: its directory {} does not exist ({e})", shown(&parent)))?;
+    if !parent.is_dir() {
+        return Err(format!("-o {name}: {} is not a directory", shown(&parent)));
+    }
+    for d in input_dirs {
+        if let Ok(d) = d.canonicalize() {
+            if parent.starts_with(&d) {
+                return Err(format!("-o {name} lies inside the model folder {}: write outputs elsewhere", shown(&d)));
+            }
+        }
+    }
+    // Writable? An existing file is opened for appending (nothing changes); otherwise a probe file is made and removed.
+    if out.exists() {
+        std::fs::OpenOptions::new().append(true).open(out).map_err(|e| format!("-o {name}: not writable ({e})"))?;
+    } else {
+        let probe = parent.join(format!(".visii-write-test-{}", std::process::id()));
+        std::fs::File::create(&probe).map_err(|e| format!("-o {name}: the folder is not writable ({e})"))?;
+        let _ = std::fs::remove_file(&probe);
+    }
+    Ok(())
+}
+
+/// Write `bytes` to `out` through a temporary file in the same folder, renamed into place: an
+/// interrupted write never leaves a half file where a good one was.
+fn write_output(out: &std::path::Path, bytes: &[u8]) -> Result<(), String> {
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let tmp = parent.join(format!(".{}.visii-tmp-{}", out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(|e| format!("cannot write {}: {e}", shown(out)))?;
+    std::fs::rename(&tmp, out).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        format!("cannot write {}: {e}", shown(out))
+    })
 }
 
 /// Peak resident memory of this process (Linux), in bytes.

@@ -139,13 +139,13 @@ fn learn_then_apply_the_instruction_file() {
     assert!(lines.iter().all(|l| l["mse"].as_f64().unwrap().is_finite() && l["t"].as_u64().unwrap() < 1000));
     // The file validates and carries its metadata.
     let bytes = std::fs::read(&ins).unwrap();
-    let loaded = visii_pipeline::instruction::load(&bytes, 32).unwrap();
+    let loaded = visii_pipeline::instruction::load(&bytes, 32, 77).unwrap();
     assert_eq!((loaded.positions, loaded.hidden), (77, 32));
     assert_eq!(loaded.metadata["init_caption"], "a watercolor painting");
     assert_eq!(loaded.metadata["seed"], "5");
     assert_eq!(loaded.metadata["steps_run"], "4");
     // A model of another width refuses it, naming the model it needs.
-    let err = visii_pipeline::instruction::load(&bytes, 768).unwrap_err().to_string();
+    let err = visii_pipeline::instruction::load(&bytes, 768, 77).unwrap_err().to_string();
     assert!(err.contains("width 32") && err.contains("tiny-ip2p"), "{err}");
 
     let png = dir.join("out.png");
@@ -373,7 +373,7 @@ fn automatic_caption_noise_reuse_and_foreign_models() {
     assert!(out.status.success(), "{err}");
     assert!(err.contains("initial caption: \""), "{err}");
     let bytes = std::fs::read(&ins).unwrap();
-    let loaded = visii_pipeline::instruction::load(&bytes, 32).unwrap();
+    let loaded = visii_pipeline::instruction::load(&bytes, 32, 77).unwrap();
     let caption = &loaded.metadata["init_caption"];
     assert_eq!(caption.split(' ').count(), 8, "{caption}");
     assert!(caption.chars().all(|c| c == ' ' || c.is_ascii_lowercase()), "{caption}");

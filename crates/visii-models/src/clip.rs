@@ -8,109 +8,13 @@ use crate::nn::LayerNorm;
 use burn::tensor::activation::{gelu, sigmoid};
 use burn::tensor::module::embedding;
 use burn::tensor::{Int, Tensor, TensorData};
-use serde::Deserialize;
 
 use crate::error::{ModelError, Result};
 use crate::nn::{attention, conv2d_padded, layer_norm, linear};
 use crate::resident::Layer;
 use crate::weights::{Vb, Weights};
 
-/// `CLIPTextConfig` (defaults are transformers' own, used when a config omits a field).
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
-#[serde(default)]
-pub struct ClipTextConfig {
-    pub vocab_size: usize,
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub num_hidden_layers: usize,
-    pub num_attention_heads: usize,
-    pub max_position_embeddings: usize,
-    pub hidden_act: String,
-    pub layer_norm_eps: f64,
-    pub projection_dim: usize,
-}
-
-impl Default for ClipTextConfig {
-    fn default() -> Self {
-        Self {
-            vocab_size: 49408,
-            hidden_size: 512,
-            intermediate_size: 2048,
-            num_hidden_layers: 12,
-            num_attention_heads: 8,
-            max_position_embeddings: 77,
-            hidden_act: "quick_gelu".into(),
-            layer_norm_eps: 1e-5,
-            projection_dim: 512,
-        }
-    }
-}
-
-/// `CLIPVisionConfig`.
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
-#[serde(default)]
-pub struct ClipVisionConfig {
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub num_hidden_layers: usize,
-    pub num_attention_heads: usize,
-    pub num_channels: usize,
-    pub image_size: usize,
-    pub patch_size: usize,
-    pub hidden_act: String,
-    pub layer_norm_eps: f64,
-    pub projection_dim: usize,
-}
-
-impl Default for ClipVisionConfig {
-    fn default() -> Self {
-        Self {
-            hidden_size: 768,
-            intermediate_size: 3072,
-            num_hidden_layers: 12,
-            num_attention_heads: 12,
-            num_channels: 3,
-            image_size: 224,
-            patch_size: 32,
-            hidden_act: "quick_gelu".into(),
-            layer_norm_eps: 1e-5,
-            projection_dim: 512,
-        }
-    }
-}
-
-/// `CLIPConfig` of a `CLIPModel` folder.
-#[derive(Debug, Clone, Deserialize, serde::Serialize, Default)]
-#[serde(default, from = "RawClipConfig")]
-pub struct ClipConfig {
-    pub text_config: ClipTextConfig,
-    pub vision_config: ClipVisionConfig,
-    pub projection_dim: Option<usize>,
-}
-
-/// `config.json` as transformers 4 (2022-2023) wrote it: besides `text_config` / `vision_config`
-/// it may carry `text_config_dict` / `vision_config_dict`, which then win: transformers 4 builds the
-/// sub-config from the `_dict` (its missing fields at their defaults) and lets every field of that
-/// override `text_config`. `null` sub-configs mean the defaults.
-#[derive(Deserialize, Default)]
-#[serde(default)]
-struct RawClipConfig {
-    text_config: Option<ClipTextConfig>,
-    vision_config: Option<ClipVisionConfig>,
-    text_config_dict: Option<ClipTextConfig>,
-    vision_config_dict: Option<ClipVisionConfig>,
-    projection_dim: Option<usize>,
-}
-
-impl From<RawClipConfig> for ClipConfig {
-    fn from(r: RawClipConfig) -> Self {
-        Self {
-            text_config: r.text_config_dict.or(r.text_config).unwrap_or_default(),
-            vision_config: r.vision_config_dict.or(r.vision_config).unwrap_or_default(),
-            projection_dim: r.projection_dim,
-        }
-    }
-}
+pub use visii_formats::config::{ClipConfig, ClipTextConfig, ClipVisionConfig};
 
 fn check_act(act: &str) -> Result<bool> {
     match act {

@@ -41,6 +41,9 @@ pub enum ModelError {
     /// An image could not be decoded or is unusable.
     #[error("image: {0}")]
     Image(String),
+    /// A config, image or preprocessing refusal from the byte readers.
+    #[error(transparent)]
+    Format(#[from] visii_formats::FormatError),
     /// A folder is not a model folder of the expected kind.
     #[error("{path} is not {expected}: {message}")]
     NotAModel { path: String, expected: String, message: String },

@@ -16,16 +16,17 @@ pub mod loader;
 pub mod memory;
 pub mod nn;
 pub mod pack;
-pub mod preprocess;
 pub mod presets;
 pub mod resident;
 pub mod resnet;
-pub mod source;
 pub mod tokenizer;
-pub mod torch;
 pub mod unet;
 pub mod vae;
 pub mod weights;
+
+// The readers of untrusted bytes live in visii-formats (no burn, fuzzed); re-exported where they were.
+pub use visii_formats::{preprocess, source, torch};
+pub use visii_formats::text::printable;
 
 pub use clip::{ClipConfig, ClipTextConfig, ClipTextTransformer, ClipVision, ClipVisionConfig};
 pub use error::{ModelError, Result};

@@ -25,7 +25,8 @@ use crate::clip::{ClipConfig, ClipTextConfig, ClipTextTransformer, ClipVision};
 use crate::error::{ModelError, Result};
 use crate::nn::linear;
 use crate::preprocess::ClipPreprocessConfig;
-use crate::source::{ByteSource, DiskFile};
+use visii_formats::manifest::Manifest;
+use visii_formats::source::{ByteSource, DiskFile};
 use crate::tokenizer::ClipTokenizer;
 use crate::unet::{UNet2DConditionModel, UNetConfig};
 use crate::vae::{AutoencoderKL, VaeConfig};
@@ -41,9 +42,23 @@ pub struct Loaded<M, C> {
     pub resident_values: usize,
 }
 
+/// Config files larger than this are not configs (a sharded index of a large model is ~100 kB).
+pub const MAX_CONFIG_BYTES: usize = 4 << 20;
+/// Any other whole file read (tokenizer files are a few MB).
+pub const MAX_SMALL_FILE_BYTES: u64 = 32 << 20;
+
 /// Parse a config from JSON text; `name` appears in errors.
 pub fn parse_config<C: DeserializeOwned>(name: &str, text: &str) -> Result<C> {
+    if text.len() > MAX_CONFIG_BYTES {
+        return Err(ModelError::Config { path: name.into(), message: format!("{} bytes is far too large for a config", text.len()) });
+    }
     serde_json::from_str(text).map_err(|e| ModelError::Config { path: name.into(), message: e.to_string() })
+}
+
+/// A config's own validation (every field a network is built from), naming the file.
+fn validated<C>(name: &str, cfg: C, check: impl Fn(&C) -> std::result::Result<(), String>) -> Result<C> {
+    check(&cfg).map_err(|message| ModelError::Config { path: name.into(), message })?;
+    Ok(cfg)
 }
 
 fn is_buffer(name: &str) -> bool {
@@ -56,7 +71,7 @@ pub fn unet_from_parts(config: &str, files: Vec<WeightFile>, device: &Device) ->
 }
 
 fn unet_load(config: &str, files: Vec<WeightFile>, device: &Device, resident_q8: bool) -> Result<Loaded<UNet2DConditionModel, UNetConfig>> {
-    let cfg: UNetConfig = parse_config("unet/config.json", config)?;
+    let cfg: UNetConfig = validated("unet/config.json", parse_config("unet/config.json", config)?, UNetConfig::validate)?;
     let w = Weights::new(files, device).with_resident_q8(resident_q8);
     let model = UNet2DConditionModel::load(&w, &cfg)?;
     w.finish("UNet2DConditionModel", is_buffer)?;
@@ -69,7 +84,7 @@ pub fn vae_from_parts(config: &str, files: Vec<WeightFile>, device: &Device) -> 
 }
 
 fn vae_load(config: &str, files: Vec<WeightFile>, device: &Device, resident_q8: bool) -> Result<Loaded<AutoencoderKL, VaeConfig>> {
-    let cfg: VaeConfig = parse_config("vae/config.json", config)?;
+    let cfg: VaeConfig = validated("vae/config.json", parse_config("vae/config.json", config)?, VaeConfig::validate)?;
     let w = Weights::new(files, device)
         .with_resident_q8(resident_q8)
         .with_alias(".to_q.", ".query.")
@@ -95,6 +110,7 @@ fn text_load(config: &str, files: Vec<WeightFile>, device: &Device, resident_q8:
         None => serde_json::from_value(value),
     }
     .map_err(|e| ModelError::Config { path: "text_encoder/config.json".into(), message: e.to_string() })?;
+    let cfg = validated("text_encoder/config.json", cfg, ClipTextConfig::validate)?;
     let w = Weights::new(files, device).with_alias("text_model.", "").with_resident_q8(resident_q8);
     let model = ClipTextTransformer::load(&w, &cfg)?;
     // A CLIPModel file also holds the vision side: not part of the text encoder.
@@ -120,7 +136,7 @@ pub fn clip_vision_from_parts(config: &str, files: Vec<WeightFile>, device: &Dev
 
 /// The vision side; with `resident_q8`, the tower's layers and the visual projection int8 on the device.
 fn clip_vision_load(config: &str, files: Vec<WeightFile>, device: &Device, resident_q8: bool) -> Result<Loaded<ClipVisionParts, ClipConfig>> {
-    let cfg: ClipConfig = parse_config("config.json", config)?;
+    let cfg: ClipConfig = validated("config.json", parse_config("config.json", config)?, ClipConfig::validate)?;
     let proj = cfg.projection_dim.unwrap_or(cfg.vision_config.projection_dim);
     let w = Weights::new(files, device).with_resident_q8(resident_q8);
     let vision = ClipVision::load(&w, &cfg.vision_config, proj)?;
@@ -142,6 +158,10 @@ fn clip_vision_load(config: &str, files: Vec<WeightFile>, device: &Device, resid
 pub enum Files {
     Disk(PathBuf),
     Sources { name: String, files: Arc<HashMap<String, Arc<dyn ByteSource>>> },
+    /// A weight pack's files: every small file read is checked against the pack's `manifest.json`
+    /// (size and sha256), every weight file's size too. `prefix` places these files in the pack
+    /// (`clip/` for the CLIP side).
+    Checked { inner: Box<Files>, manifest: Arc<Manifest>, prefix: String },
 }
 
 fn join(dir: &str, name: &str) -> String {
@@ -169,6 +189,22 @@ impl Files {
         match self {
             Files::Disk(root) => root.join(rel).display().to_string(),
             Files::Sources { name, .. } => format!("{name}: {rel}"),
+            Files::Checked { inner, .. } => inner.display(rel),
+        }
+    }
+
+    /// These files checked against a pack manifest when `manifest_text` is one (see [`Files::Checked`]).
+    pub fn checked_by(self, manifest_text: &[u8], prefix: &str) -> Result<Self> {
+        let manifest = visii_formats::manifest::parse(manifest_text).map_err(|message| ModelError::Config { path: self.display("manifest.json"), message })?;
+        Ok(Files::Checked { inner: Box::new(self), manifest: Arc::new(manifest), prefix: prefix.into() })
+    }
+
+    /// Wrap in [`Files::Checked`] when `manifest` (within these files, or `None` for beside them) is
+    /// a pack manifest.
+    fn with_pack_manifest(self, manifest_bytes: Option<Vec<u8>>, prefix: &str) -> Result<Self> {
+        match manifest_bytes {
+            Some(b) if visii_formats::manifest::is_manifest(&b) => self.checked_by(&b, prefix),
+            _ => Ok(self),
         }
     }
 
@@ -179,13 +215,16 @@ impl Files {
                 root.canonicalize().unwrap_or(root.clone()).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
             }
             Files::Sources { name, .. } => name.clone(),
+            Files::Checked { inner, .. } => inner.label(),
         }
     }
 
+    /// Whether something is there (reading a pipe, a device or a folder then fails, saying so).
     pub fn exists(&self, rel: &str) -> bool {
         match self {
-            Files::Disk(root) => root.join(rel).is_file(),
+            Files::Disk(root) => std::fs::metadata(root.join(rel)).is_ok(),
             Files::Sources { files, .. } => files.contains_key(rel),
+            Files::Checked { inner, .. } => inner.exists(rel),
         }
     }
 
@@ -197,6 +236,7 @@ impl Files {
                 let prefix = format!("{}/", rel.trim_end_matches('/'));
                 files.keys().any(|k| k.starts_with(&prefix))
             }
+            Files::Checked { inner, .. } => inner.has_dir(rel),
         }
     }
 
@@ -211,13 +251,41 @@ impl Files {
             Files::Sources { files, .. } => {
                 files.get(rel).cloned().ok_or_else(|| ModelError::Io { path: self.display(rel), message: "the file was not provided".into() })
             }
+            Files::Checked { inner, manifest, prefix } => {
+                let s = inner.source(rel)?;
+                let listed = manifest.size_of(&format!("{prefix}{rel}"));
+                if listed != Some(s.len()) {
+                    return Err(ModelError::Io {
+                        path: self.display(rel),
+                        message: match listed {
+                            Some(n) => format!("{} bytes where the pack's manifest.json lists {n} (edited or truncated): download or convert the pack again", s.len()),
+                            None => "not listed in the pack's manifest.json".into(),
+                        },
+                    });
+                }
+                Ok(s)
+            }
         }
     }
 
     /// A whole (small) file: configs, tokenizers.
     pub fn read(&self, rel: &str) -> Result<Vec<u8>> {
-        let s = self.source(rel)?;
-        s.read_at(0, s.len() as usize).map_err(|e| ModelError::Io { path: self.display(rel), message: e })
+        let io = |message: String| ModelError::Io { path: self.display(rel), message };
+        match self {
+            Files::Disk(root) => visii_formats::files::read_regular(&root.join(rel), MAX_SMALL_FILE_BYTES).map_err(|e| io(e.to_string())),
+            Files::Checked { inner, manifest, prefix } => {
+                let bytes = inner.read(rel)?;
+                manifest.verify(&format!("{prefix}{rel}"), &bytes).map_err(io)?;
+                Ok(bytes)
+            }
+            Files::Sources { .. } => {
+                let s = self.source(rel)?;
+                if s.len() > MAX_SMALL_FILE_BYTES {
+                    return Err(io(format!("{} bytes is far too large for this file", s.len())));
+                }
+                s.read_at(0, s.len() as usize).map_err(io)
+            }
+        }
     }
 
     pub fn read_text(&self, rel: &str) -> Result<String> {
@@ -271,8 +339,12 @@ fn chosen_weights(files: &Files, dir: &str, stem: &str) -> Result<ChosenWeights>
             let index = join(dir, &index);
             if files.exists(&index) {
                 let v: serde_json::Value = parse_config(&files.display(&index), &files.read_text(&index)?)?;
-                let mut shards: Vec<String> =
-                    v["weight_map"].as_object().map(|m| m.values().filter_map(|s| s.as_str().map(|s| join(dir, s))).collect()).unwrap_or_default();
+                let mut shards = Vec::new();
+                for s in v["weight_map"].as_object().into_iter().flat_map(|m| m.values()) {
+                    let s = s.as_str().ok_or_else(|| ModelError::Config { path: files.display(&index), message: "a weight_map entry is not a file name".into() })?;
+                    visii_formats::files::check_relative(s).map_err(|message| ModelError::Config { path: files.display(&index), message })?;
+                    shards.push(join(dir, s));
+                }
                 shards.sort();
                 shards.dedup();
                 if shards.is_empty() {
@@ -358,12 +430,18 @@ impl Ip2pFolder {
         Self::from_files(Files::Disk(root))
     }
 
-    /// The same layout from any file source.
+    /// The same layout from any file source (a pack's `manifest.json` among them: checked against it).
     pub fn from_files(files: Files) -> Result<Self> {
+        let manifest = if files.exists("manifest.json") && !matches!(files, Files::Checked { .. }) { Some(files.read("manifest.json")?) } else { None };
+        let files = files.with_pack_manifest(manifest, "")?;
         let not =
             |m: &str| ModelError::NotAModel { path: files.display(""), expected: "an InstructPix2Pix diffusers folder".into(), message: m.into() };
         if !files.exists("model_index.json") {
             return Err(not("model_index.json is missing"));
+        }
+        let index: serde_json::Value = parse_config(&files.display("model_index.json"), &files.read_text("model_index.json")?)?;
+        if !index.is_object() {
+            return Err(ModelError::Config { path: files.display("model_index.json"), message: "not a JSON object".into() });
         }
         for c in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
             if !files.has_dir(c) {
@@ -425,8 +503,19 @@ impl std::fmt::Debug for ClipFolder {
 }
 
 impl ClipFolder {
+    /// A CLIP folder on disk; a pack's `clip/` folder is checked against the pack's manifest.
     pub fn open(root: impl AsRef<Path>) -> Result<Self> {
-        Self::from_files(Files::Disk(root.as_ref().to_path_buf()))
+        let root = root.as_ref();
+        let files = Files::Disk(root.to_path_buf());
+        let pack_manifest = root.canonicalize().ok().filter(|r| r.file_name().is_some_and(|n| n == "clip")).and_then(|r| r.parent().map(|p| p.join("manifest.json")));
+        let manifest = match pack_manifest {
+            Some(m) if m.exists() => Some(
+                visii_formats::files::read_regular(&m, visii_formats::manifest::MAX_BYTES)
+                    .map_err(|e| ModelError::Io { path: m.display().to_string(), message: e.to_string() })?,
+            ),
+            _ => None,
+        };
+        Self::from_files(files.with_pack_manifest(manifest, "clip/")?)
     }
 
     pub fn from_files(files: Files) -> Result<Self> {
@@ -461,10 +550,22 @@ impl ClipFolder {
     }
 
     pub fn preprocess_config(&self) -> Result<ClipPreprocessConfig> {
-        if !self.files.exists("preprocessor_config.json") {
-            return Ok(ClipPreprocessConfig::default());
+        let cfg = if self.files.exists("preprocessor_config.json") {
+            let name = self.files.display("preprocessor_config.json");
+            validated(&name, parse_config(&name, &self.files.read_text("preprocessor_config.json")?)?, ClipPreprocessConfig::validate)?
+        } else {
+            ClipPreprocessConfig::default()
+        };
+        // The crop is what the vision tower sees: it must be the tower's image size.
+        let clip: ClipConfig = parse_config(&self.files.display("config.json"), &self.files.read_text("config.json")?)?;
+        let want = clip.vision_config.image_size;
+        if cfg.do_center_crop && cfg.crop().ok() != Some((want, want)) {
+            return Err(ModelError::Config {
+                path: self.files.display("preprocessor_config.json"),
+                message: format!("`crop_size` {:?} differs from the vision tower's image_size {want} in config.json", cfg.crop()),
+            });
         }
-        parse_config(&self.files.display("preprocessor_config.json"), &self.files.read_text("preprocessor_config.json")?)
+        Ok(cfg)
     }
 }
 

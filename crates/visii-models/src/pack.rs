@@ -301,6 +301,8 @@ pub struct PackConverter {
     entries: Vec<TensorEntry>,
     params: usize,
     header: serde_json::Value,
+    /// Every file handed out that is not a weight shard (configs, tokenizer, indexes), with its checksum.
+    listed: Vec<visii_formats::manifest::FileEntry>,
     report: Option<PackReport>,
     /// Tensors converted so far and in all, for progress.
     pub done_tensors: usize,
@@ -356,6 +358,7 @@ impl PackConverter {
             entries: vec![],
             params: 0,
             header,
+            listed: vec![],
             report: None,
             done_tensors: 0,
             total_tensors,
@@ -367,6 +370,10 @@ impl PackConverter {
     pub fn next_file(&mut self) -> Result<Option<(String, Vec<u8>)>> {
         loop {
             if let Some(f) = self.ready.pop_front() {
+                if f.0 != "manifest.json" && !self.shards.iter().any(|s| s.path == f.0) && !f.0.ends_with(".safetensors") {
+                    let (bytes, sha256) = (f.1.len() as u64, visii_formats::manifest::sha256_hex(&f.1));
+                    self.listed.push(visii_formats::manifest::FileEntry { path: f.0.clone(), bytes, sha256 });
+                }
                 return Ok(Some(f));
             }
             if self.report.is_some() {
@@ -410,6 +417,7 @@ impl PackConverter {
         manifest["params"] = self.params.into();
         manifest["bytes"] = bytes.into();
         manifest["shards"] = serde_json::to_value(&self.shards).unwrap_or_default();
+        manifest["files"] = serde_json::to_value(&self.listed).unwrap_or_default();
         manifest["tensors"] = serde_json::to_value(&self.entries).unwrap_or_default();
         self.ready.push_back(("manifest.json".into(), serde_json::to_string_pretty(&manifest).unwrap_or_default().into_bytes()));
         self.report = Some(PackReport { tensors: self.entries.len(), params: self.params, bytes, shards: self.shards.len(), fingerprint });

@@ -8,7 +8,6 @@ use burn::nn::conv::Conv2d;
 use burn::nn::Linear;
 use burn::tensor::activation::silu;
 use burn::tensor::{FloatDType, Tensor, TensorData};
-use serde::Deserialize;
 
 use crate::attention::Transformer2DModel;
 use crate::error::{ModelError, Result};
@@ -16,141 +15,7 @@ use crate::nn::{conv2d, group_norm, linear};
 use crate::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 use crate::weights::{Vb, Weights};
 
-/// An int or a per-block list (diffusers writes both).
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
-#[serde(untagged)]
-pub enum PerBlock {
-    One(usize),
-    Each(Vec<usize>),
-}
-
-impl PerBlock {
-    pub fn get(&self, i: usize) -> usize {
-        match self {
-            PerBlock::One(v) => *v,
-            PerBlock::Each(v) => v[i.min(v.len() - 1)],
-        }
-    }
-}
-
-/// `UNet2DConditionModel` config (diffusers defaults where a field is absent, as in 2023 configs).
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
-#[serde(default)]
-pub struct UNetConfig {
-    pub in_channels: usize,
-    pub out_channels: usize,
-    pub flip_sin_to_cos: bool,
-    pub freq_shift: f64,
-    pub down_block_types: Vec<String>,
-    pub mid_block_type: Option<String>,
-    pub up_block_types: Vec<String>,
-    pub block_out_channels: Vec<usize>,
-    pub layers_per_block: PerBlock,
-    pub downsample_padding: usize,
-    pub norm_num_groups: usize,
-    pub norm_eps: f64,
-    pub cross_attention_dim: PerBlock,
-    pub transformer_layers_per_block: PerBlock,
-    /// SD1.x writes the number of heads here (a historical misnomer diffusers keeps).
-    pub attention_head_dim: PerBlock,
-    pub num_attention_heads: Option<PerBlock>,
-    pub use_linear_projection: bool,
-    pub only_cross_attention: serde_json::Value,
-    pub upcast_attention: bool,
-    pub class_embed_type: Option<String>,
-    pub addition_embed_type: Option<String>,
-    pub time_embedding_type: String,
-    pub resnet_time_scale_shift: String,
-    pub conv_in_kernel: usize,
-    pub conv_out_kernel: usize,
-    pub sample_size: Option<usize>,
-    pub center_input_sample: bool,
-    pub mid_block_scale_factor: f64,
-}
-
-impl Default for UNetConfig {
-    fn default() -> Self {
-        Self {
-            in_channels: 4,
-            out_channels: 4,
-            flip_sin_to_cos: true,
-            freq_shift: 0.0,
-            down_block_types: vec!["CrossAttnDownBlock2D".into(), "CrossAttnDownBlock2D".into(), "CrossAttnDownBlock2D".into(), "DownBlock2D".into()],
-            mid_block_type: Some("UNetMidBlock2DCrossAttn".into()),
-            up_block_types: vec!["UpBlock2D".into(), "CrossAttnUpBlock2D".into(), "CrossAttnUpBlock2D".into(), "CrossAttnUpBlock2D".into()],
-            block_out_channels: vec![320, 640, 1280, 1280],
-            layers_per_block: PerBlock::One(2),
-            downsample_padding: 1,
-            norm_num_groups: 32,
-            norm_eps: 1e-5,
-            cross_attention_dim: PerBlock::One(1280),
-            transformer_layers_per_block: PerBlock::One(1),
-            attention_head_dim: PerBlock::One(8),
-            num_attention_heads: None,
-            use_linear_projection: false,
-            only_cross_attention: serde_json::Value::Bool(false),
-            upcast_attention: false,
-            class_embed_type: None,
-            addition_embed_type: None,
-            time_embedding_type: "positional".into(),
-            resnet_time_scale_shift: "default".into(),
-            conv_in_kernel: 3,
-            conv_out_kernel: 3,
-            sample_size: None,
-            center_input_sample: false,
-            mid_block_scale_factor: 1.0,
-        }
-    }
-}
-
-impl UNetConfig {
-    /// Reject configs outside what this implementation mirrors, with a message naming the field.
-    pub fn validate(&self) -> Result<()> {
-        let n = self.block_out_channels.len();
-        let bad = |m: String| Err(ModelError::Unsupported(format!("UNet config: {m}")));
-        if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
-            return bad("down_block_types, up_block_types and block_out_channels must have the same length".into());
-        }
-        for t in &self.down_block_types {
-            if t != "CrossAttnDownBlock2D" && t != "DownBlock2D" {
-                return bad(format!("down block type `{t}`"));
-            }
-        }
-        for t in &self.up_block_types {
-            if t != "CrossAttnUpBlock2D" && t != "UpBlock2D" {
-                return bad(format!("up block type `{t}`"));
-            }
-        }
-        if let Some(m) = &self.mid_block_type {
-            if m != "UNetMidBlock2DCrossAttn" {
-                return bad(format!("mid block type `{m}`"));
-            }
-        }
-        if self.class_embed_type.is_some() || self.addition_embed_type.is_some() {
-            return bad("class / addition embeddings (SDXL-style conditioning) are not supported".into());
-        }
-        if self.time_embedding_type != "positional" || self.resnet_time_scale_shift != "default" {
-            return bad(format!("time_embedding_type `{}` / resnet_time_scale_shift `{}`", self.time_embedding_type, self.resnet_time_scale_shift));
-        }
-        if self.only_cross_attention != serde_json::Value::Bool(false) {
-            return bad("only_cross_attention".into());
-        }
-        if self.conv_in_kernel % 2 == 0 || self.conv_out_kernel % 2 == 0 {
-            return bad("even conv kernels".into());
-        }
-        Ok(())
-    }
-
-    /// Heads of block `i` (down order): `num_attention_heads`, or `attention_head_dim` as SD1.x means it.
-    pub fn heads(&self, i: usize) -> usize {
-        self.num_attention_heads.as_ref().unwrap_or(&self.attention_head_dim).get(i)
-    }
-
-    /// Width of the time embedding (`block_out_channels[0] * 4`).
-    pub fn time_embed_dim(&self) -> usize {
-        self.block_out_channels[0] * 4
-    }
-}
+pub use visii_formats::config::{PerBlock, UNetConfig};
 
 /// A down block: `CrossAttnDownBlock2D` (with attentions) or `DownBlock2D` (without).
 #[derive(Module, Debug)]
@@ -219,7 +84,7 @@ pub fn check_f16(on: bool, device: &burn::tensor::Device) -> Result<()> {
 
 impl UNet2DConditionModel {
     pub fn load(w: &Weights, cfg: &UNetConfig) -> Result<Self> {
-        cfg.validate()?;
+        cfg.validate().map_err(|message| crate::ModelError::Config { path: "unet/config.json".into(), message })?;
         let vb = w.root();
         let ch = &cfg.block_out_channels;
         let n = ch.len();

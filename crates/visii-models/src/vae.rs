@@ -6,7 +6,6 @@ use crate::nn::GroupNorm;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::tensor::Tensor;
-use serde::Deserialize;
 
 use crate::attention::SpatialAttention;
 use crate::chunked::Chunked;
@@ -16,51 +15,7 @@ use crate::resident::Layer;
 use crate::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 use crate::weights::{Vb, Weights};
 
-/// `AutoencoderKL` config (diffusers defaults for absent fields).
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
-#[serde(default)]
-pub struct VaeConfig {
-    pub in_channels: usize,
-    pub out_channels: usize,
-    pub down_block_types: Vec<String>,
-    pub up_block_types: Vec<String>,
-    pub block_out_channels: Vec<usize>,
-    pub layers_per_block: usize,
-    pub latent_channels: usize,
-    pub norm_num_groups: usize,
-    pub scaling_factor: f64,
-    pub use_quant_conv: bool,
-    pub use_post_quant_conv: bool,
-    pub mid_block_add_attention: bool,
-    pub sample_size: Option<usize>,
-}
-
-impl Default for VaeConfig {
-    fn default() -> Self {
-        Self {
-            in_channels: 3,
-            out_channels: 3,
-            down_block_types: vec!["DownEncoderBlock2D".into()],
-            up_block_types: vec!["UpDecoderBlock2D".into()],
-            block_out_channels: vec![64],
-            layers_per_block: 1,
-            latent_channels: 4,
-            norm_num_groups: 32,
-            scaling_factor: 0.18215,
-            use_quant_conv: true,
-            use_post_quant_conv: true,
-            mid_block_add_attention: true,
-            sample_size: None,
-        }
-    }
-}
-
-impl VaeConfig {
-    /// Spatial downsampling factor between image and latent (8 for Stable Diffusion VAEs).
-    pub fn downscale(&self) -> usize {
-        1 << (self.block_out_channels.len() - 1)
-    }
-}
+pub use visii_formats::config::VaeConfig;
 
 const EPS: f64 = 1e-6;
 

@@ -11,9 +11,9 @@ use std::sync::Arc;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use safetensors::tensor::{Dtype, TensorInfo};
+use visii_formats::source::{ByteSource, DiskFile};
 
 use crate::error::{ModelError, Result};
-use crate::source::{ByteSource, DiskFile};
 
 /// One safetensors file: its parsed header and where its bytes come from. Tensors are read one at
 /// a time, by range, when they are loaded (see [`crate::source`]).
@@ -30,9 +30,6 @@ pub struct WeightFile {
     /// the span they lie in, gathered into row-major order when read.
     strided: HashMap<String, crate::torch::TorchTensor>,
 }
-
-/// Headers larger than this are refused (safetensors' own limit).
-const MAX_HEADER: u64 = 100_000_000;
 
 impl WeightFile {
     /// Parse a safetensors buffer held in memory; `name` is used in error messages.
@@ -53,46 +50,22 @@ impl WeightFile {
     pub fn open(name: impl Into<String>, source: Arc<dyn ByteSource>) -> Result<Self> {
         let name = name.into();
         let bad = |message: String| ModelError::BadSafetensors { source_name: name.clone(), message };
-        let len = source.len();
-        if len < 8 {
-            return Err(bad(format!("the file has {len} bytes, fewer than a header needs")));
-        }
-        let n = u64::from_le_bytes(source.read_at(0, 8).map_err(&bad)?.try_into().expect("8 bytes"));
-        if n > MAX_HEADER || 8 + n > len {
-            return Err(bad(format!("header length {n} does not fit the file's {len} bytes")));
-        }
-        let header = source.read_at(8, n as usize).map_err(&bad)?;
-        let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
-        let data_start = 8 + n as usize;
-        let data_len = (len - 8 - n) as usize;
-        let mut tensors = HashMap::new();
-        let mut shapes = HashMap::new();
+        let header = visii_formats::safetensors::read_header(&*source).map_err(&bad)?;
+        let data_start = usize::try_from(header.data_start).map_err(|_| bad("the header is beyond what this platform can address".into()))?;
+        let mut tensors = header.tensors;
         let mut packed4 = std::collections::HashSet::new();
-        for (k, v) in map {
-            if k == "__metadata__" {
-                // A pack's 4-bit tensors keep their real shape here (crate::pack).
-                for (mk, mv) in v.as_object().into_iter().flatten() {
-                    if let (Some(name), Some(shape)) = (mk.strip_prefix(crate::pack::Q4_SHAPE_KEY), mv.as_str()) {
-                        let shape: Vec<usize> = serde_json::from_str(shape).map_err(|e| bad(format!("{mk}: {e}")))?;
-                        shapes.insert(name.to_string(), shape);
-                    }
-                }
-                continue;
+        // A pack's 4-bit tensors keep their real shape in the metadata (crate::pack).
+        let mut shapes = HashMap::new();
+        for (mk, mv) in &header.metadata {
+            if let Some(name) = mk.strip_prefix(crate::pack::Q4_SHAPE_KEY) {
+                let shape: Vec<usize> = serde_json::from_str(mv).map_err(|e| bad(format!("{}: {e}", crate::printable(mk))))?;
+                shapes.insert(name.to_string(), shape);
             }
-            let info: TensorInfo = serde_json::from_value(v).map_err(|e| bad(format!("tensor {k}: {e}")))?;
-            let (a, b) = info.data_offsets;
-            let bits = info.shape.iter().product::<usize>() * info.dtype.bitsize();
-            if b < a || b > data_len || (b - a) * 8 != bits {
-                return Err(bad(format!(
-                    "tensor {k}: bytes {a}..{b} do not hold {:?} {:?} within the file's {data_len} data bytes (truncated download?)",
-                    info.dtype, info.shape
-                )));
-            }
-            tensors.insert(k, info);
         }
         for (k, shape) in shapes {
             let info = tensors.get_mut(&k).ok_or_else(|| bad(format!("metadata names a 4-bit tensor {k} the file does not have")))?;
-            if info.dtype != Dtype::U8 || info.shape.iter().product::<usize>() != shape.iter().product::<usize>().div_ceil(2) {
+            let n4 = visii_formats::safetensors::numel(&shape);
+            if info.dtype != Dtype::U8 || n4.is_none() || visii_formats::safetensors::numel(&info.shape) != n4.map(|n| n.div_ceil(2)) {
                 return Err(bad(format!("tensor {k}: {:?} {:?} cannot hold 4-bit values of shape {shape:?}", info.dtype, info.shape)));
             }
             info.shape = shape;
@@ -140,7 +113,7 @@ impl WeightFile {
             expected: vec![],
         })?;
         let (a, b) = info.data_offsets;
-        crate::source::READ_STATS.record(b - a);
+        visii_formats::source::READ_STATS.record(b - a);
         let bytes = self
             .source
             .read_at((self.data_start + a) as u64, b - a)

@@ -37,6 +37,35 @@ pub struct ApplyOptions {
     pub seed: u64,
 }
 
+/// Bounds on what an apply may be asked (the page and the CLI pass options from users).
+pub const MAX_APPLY_STEPS: usize = 1000;
+pub const MAX_GUIDANCE: f32 = 1000.0;
+/// Longest side of the working size: 2048 px is 16x the pixels of the 512 px InstructPix2Pix was trained at.
+pub const MAX_SIDE: usize = 2048;
+
+impl ApplyOptions {
+    /// Refuse options no sampling can use, naming the option.
+    pub fn validate(&self) -> Result<()> {
+        if !(1..=MAX_APPLY_STEPS).contains(&self.steps) {
+            return Err(PipelineError::Config(format!("steps is {}, expected 1..={MAX_APPLY_STEPS}", self.steps)));
+        }
+        for (name, g) in [("guidance", self.guidance), ("image guidance", self.image_guidance)] {
+            if !g.is_finite() || g.abs() > MAX_GUIDANCE {
+                return Err(PipelineError::Config(format!("{name} is {g}, expected a finite number within ±{MAX_GUIDANCE}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Refuse a working size outside what can be computed, naming it.
+pub fn check_working_size(w: usize, h: usize) -> Result<()> {
+    if w == 0 || h == 0 || w % 8 != 0 || h % 8 != 0 || w.max(h) > MAX_SIDE {
+        return Err(PipelineError::Config(format!("size {w}x{h}: both sides must be positive multiples of 8, at most {MAX_SIDE}")));
+    }
+    Ok(())
+}
+
 impl Default for ApplyOptions {
     fn default() -> Self {
         Self { steps: 20, guidance: 7.5, image_guidance: 1.5, seed: 0 }
@@ -113,6 +142,11 @@ impl Ip2p {
         Ok((self.text.forward(Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &self.device)), eos))
     }
 
+    /// Token positions of the text conditioning (what the tokenizer pads to: 77 for CLIP).
+    pub fn text_positions(&self) -> Result<usize> {
+        Ok(self.token_ids("")?.len())
+    }
+
     /// Width of the text encoder's output (what an instruction file's rows must have).
     pub fn hidden_size(&self) -> usize {
         self.text.final_layer_norm.gamma.dims()[0]
@@ -129,7 +163,7 @@ impl Ip2p {
         extra: Option<&str>,
     ) -> Result<(Tensor<3>, crate::instruction::Instruction)> {
         crate::instruction::peek(bytes)?.check_model(identity, allow_foreign)?;
-        let ins = crate::instruction::load(bytes, self.hidden_size())?;
+        let ins = crate::instruction::load(bytes, self.hidden_size(), self.text_positions()?)?;
         let cond = Tensor::<3>::from_data(TensorData::new(ins.rows.clone(), [1, ins.positions, ins.hidden]), &self.device);
         let cond = match extra.map(str::trim) {
             Some(extra) if !extra.is_empty() => {
@@ -207,9 +241,8 @@ impl Ip2p {
         mut trace: Option<&mut dyn FnMut(usize, &Tensor<4>)>,
         wait_each_step: bool,
     ) -> Result<Tensor<4>> {
-        if image.width % 8 != 0 || image.height % 8 != 0 {
-            return Err(PipelineError::Config(format!("image size {}x{} is not a multiple of 8", image.width, image.height)));
-        }
+        opts.validate()?;
+        check_working_size(image.width, image.height)?;
         let dev = &self.device;
         let sched = EulerAncestral::new(&self.scheduler, opts.steps)?;
         let z_img = self.encode_image(image);
@@ -265,8 +298,13 @@ impl Ip2p {
                 }
             }
         }
+        // Sampling that went non-finite would decode to a black image: stop with an error instead.
+        if crate::read_f32(latents.clone()).await?.iter().any(|v| !v.is_finite()) {
+            return Err(PipelineError::Config("sampling diverged (non-finite latents): try a lower guidance".into()));
+        }
         progress(steps, steps);
-        self.decode_async(latents).await
+        let out = self.decode_async(latents).await?;
+        Ok(out)
     }
 
     fn unet_out_channels(&self) -> usize {

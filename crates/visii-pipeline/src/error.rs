@@ -22,3 +22,9 @@ pub enum PipelineError {
 }
 
 pub type Result<T, E = PipelineError> = std::result::Result<T, E>;
+
+impl From<visii_formats::FormatError> for PipelineError {
+    fn from(e: visii_formats::FormatError) -> Self {
+        PipelineError::Model(e.into())
+    }
+}

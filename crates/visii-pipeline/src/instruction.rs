@@ -13,10 +13,7 @@ use crate::error::{PipelineError, Result};
 use crate::identity::ModelIdentity;
 use crate::learn::Learned;
 
-pub const FORMAT: &str = "visii-instruction";
-pub const FORMAT_VERSION: &str = "1";
-/// Files larger than this are not instructions (a [77, 4096] f32 row is 1.2 MB).
-pub const MAX_BYTES: usize = 16 << 20;
+pub use visii_formats::instruction::{FORMAT, FORMAT_VERSION, MAX_BYTES};
 
 /// A loaded instruction.
 #[derive(Clone, Debug)]
@@ -109,56 +106,38 @@ pub fn save(learned: &Learned, info: &SaveInfo) -> Result<Vec<u8>> {
 
 /// Parse and validate an instruction file without a model at hand (its own width is used).
 pub fn peek(bytes: &[u8]) -> Result<Instruction> {
-    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|_| bad("this is not a visii instruction file (not safetensors data)"))?;
-    let hidden = st.tensor("instruction").map(|t| t.shape().get(1).copied().unwrap_or(0)).unwrap_or(0);
-    load(bytes, hidden)
+    let file = visii_formats::instruction::parse(bytes).map_err(bad)?;
+    from_file(file)
 }
 
-/// Parse and validate an instruction file for a text encoder of width `hidden`.
-pub fn load(bytes: &[u8], hidden: usize) -> Result<Instruction> {
-    if bytes.len() > MAX_BYTES {
-        return Err(bad(format!("{} bytes is far too large for an instruction file", bytes.len())));
-    }
-    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|_| bad("this is not a visii instruction file (not safetensors data)"))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
-    let metadata = meta.metadata().clone().unwrap_or_default();
-    if metadata.get("format").map(String::as_str) != Some(FORMAT) {
-        return Err(bad("this safetensors file is not a visii instruction (no `format: visii-instruction` in its metadata)"));
-    }
-    if metadata.get("format_version").map(String::as_str) != Some(FORMAT_VERSION) {
-        return Err(bad(format!(
-            "instruction format version {:?} is not supported (this app reads version {FORMAT_VERSION})",
-            metadata.get("format_version")
-        )));
-    }
-    let t = st.tensor("instruction").map_err(|_| bad("the file has no `instruction` tensor"))?;
-    if t.dtype() != Dtype::F32 || t.shape().len() != 2 {
-        return Err(bad(format!("`instruction` must be a 2-D f32 tensor, found {:?} {:?}", t.dtype(), t.shape())));
-    }
-    let (positions, file_hidden) = (t.shape()[0], t.shape()[1]);
-    if file_hidden != hidden {
-        return Err(bad(format!(
-            "this instruction was learned for a text encoder of width {file_hidden}, the loaded model's is {hidden}: load the model it was made with ({})",
-            metadata.get("model").cloned().unwrap_or_else(|| "unnamed".into())
-        )));
-    }
-    let eos: usize = metadata.get("eos").and_then(|v| v.parse().ok()).ok_or_else(|| bad("metadata `eos` is missing"))?;
-    if positions == 0 || positions > 1024 || eos == 0 || eos >= positions {
-        return Err(bad(format!("implausible instruction shape: {positions} positions, eos at {eos}")));
-    }
-    let rows: Vec<f32> = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-    if rows.iter().any(|v| !v.is_finite()) {
-        return Err(bad("the instruction holds non-finite values"));
-    }
+/// Parse and validate an instruction file for a text encoder of width `hidden` and `positions`
+/// token positions: a file of another shape is refused here, before any tensor is built from it.
+pub fn load(bytes: &[u8], hidden: usize, positions: usize) -> Result<Instruction> {
+    let file = visii_formats::instruction::parse(bytes).map_err(bad)?;
+    file.check_fits(hidden, positions).map_err(bad)?;
+    from_file(file)
+}
+
+/// Most timesteps a `noise_reuse` may list (a learning run is at most this many steps).
+pub const MAX_REUSE_STEPS: usize = crate::learn::MAX_STEPS;
+
+fn from_file(f: visii_formats::instruction::InstructionFile) -> Result<Instruction> {
+    let metadata: HashMap<String, String> = f.metadata.into_iter().collect();
     let base_model = match metadata.get("base_model") {
         Some(v) => Some(serde_json::from_str::<ModelIdentity>(v).map_err(|_| bad("metadata `base_model` is corrupt"))?),
         None => None,
     };
     let noise_reuse = match metadata.get("noise_reuse") {
-        Some(v) => Some(serde_json::from_str::<NoiseReuse>(v).map_err(|_| bad("metadata `noise_reuse` is corrupt"))?),
+        Some(v) => {
+            let r = serde_json::from_str::<NoiseReuse>(v).map_err(|_| bad("metadata `noise_reuse` is corrupt"))?;
+            if r.timesteps.is_empty() || r.timesteps.len() > MAX_REUSE_STEPS || r.timesteps.iter().any(|&t| t >= visii_formats::config::MAX_TRAIN_TIMESTEPS) {
+                return Err(bad("metadata `noise_reuse` lists implausible timesteps"));
+            }
+            Some(r)
+        }
         None => None,
     };
-    Ok(Instruction { rows, positions, hidden, eos, metadata, base_model, noise_reuse })
+    Ok(Instruction { rows: f.rows, positions: f.positions, hidden: f.hidden, eos: f.eos, metadata, base_model, noise_reuse })
 }
 
 fn json<T: serde::Serialize>(v: &T) -> String {

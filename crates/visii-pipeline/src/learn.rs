@@ -233,6 +233,36 @@ pub struct LearnOptions {
     pub adam: AdamWConfig,
 }
 
+/// Bounds on what a learning run may be asked.
+pub const MAX_STEPS: usize = 100_000;
+pub const MAX_LEARN_SIDE: usize = 1024;
+
+impl LearnOptions {
+    /// Refuse options no learning run can use, naming the option.
+    pub fn validate(&self) -> Result<()> {
+        if !(1..=MAX_STEPS).contains(&self.steps) {
+            return Err(PipelineError::Config(format!("steps is {}, expected 1..={MAX_STEPS}", self.steps)));
+        }
+        if !(8..=MAX_LEARN_SIDE).contains(&self.size) {
+            return Err(PipelineError::Config(format!("size is {}, expected 8..={MAX_LEARN_SIDE}", self.size)));
+        }
+        if let Some((w, h)) = self.exact_size {
+            crate::apply::check_working_size(w, h)?;
+            if w.max(h) > MAX_LEARN_SIDE {
+                return Err(PipelineError::Config(format!("size {w}x{h}: at most {MAX_LEARN_SIDE} per side for learning")));
+            }
+        }
+        let a = &self.adam;
+        if !(a.lr.is_finite() && (0.0..=10.0).contains(&a.lr)) {
+            return Err(PipelineError::Config(format!("learning rate is {}, expected a finite number in 0..=10", a.lr)));
+        }
+        if ![a.beta1, a.beta2, a.eps, a.weight_decay].iter().all(|v| v.is_finite()) {
+            return Err(PipelineError::Config("the optimiser's settings must be finite".into()));
+        }
+        Ok(())
+    }
+}
+
 impl Default for LearnOptions {
     fn default() -> Self {
         Self { steps: 300, size: 256, exact_size: None, seed: 0, patience: 100, adam: AdamWConfig::default() }
@@ -336,6 +366,7 @@ pub async fn learn_async(
     if pairs.is_empty() {
         return Err(PipelineError::Config("at least one before/after pair is needed".into()));
     }
+    opts.validate()?;
     let dev = &model.device;
     // CLIP direction: mean over pairs of (after - before) image embeddings, normalised.
     let embed = |img: &RgbImage| clip_image_embed(clip, clip_pre, img, dev);
@@ -348,8 +379,7 @@ pub async fn learn_async(
             None => d,
         });
         let (w, h) = match opts.exact_size {
-            Some((w, h)) if w % 8 == 0 && h % 8 == 0 && w > 0 && h > 0 => (w, h),
-            Some((w, h)) => return Err(PipelineError::Config(format!("size {w}x{h}: both sides must be positive multiples of 8"))),
+            Some((w, h)) => (w, h),
             None => before.working_size(opts.size),
         };
         latents.push(PairLatents {
@@ -402,12 +432,21 @@ pub async fn learn_async(
         } else {
             since_best += 1;
         }
+        if !(s.loss.is_finite() && s.mse.is_finite() && s.cos.is_finite()) {
+            return Err(PipelineError::Config(format!("learning diverged at step {} (non-finite loss): try a smaller learning rate", k + 1)));
+        }
         history.push(s.clone());
         if !progress(&s, best) || (opts.patience > 0 && since_best >= opts.patience) {
             break;
         }
     }
+    if history.is_empty() {
+        return Err(PipelineError::Config("no learning step ran".into()));
+    }
     let rows = crate::read_f32(best_c).await?;
+    if rows.iter().any(|v| !v.is_finite()) {
+        return Err(PipelineError::Config("learning produced non-finite values: try a smaller learning rate".into()));
+    }
     Ok(Learned {
         rows,
         positions,

@@ -38,12 +38,35 @@ impl SchedulerConfig {
     pub fn from_json(text: &str) -> Result<Self> {
         let c: Self = serde_json::from_str(text).map_err(|e| PipelineError::Config(format!("scheduler_config.json: {e}")))?;
         if c.prediction_type != "epsilon" {
-            return Err(PipelineError::Config(format!("prediction_type `{}` (only epsilon is supported)", c.prediction_type)));
+            return Err(PipelineError::Config(format!(
+                "scheduler_config.json: `prediction_type` {:?} is not supported (only epsilon)",
+                visii_formats::text::printable_short(&c.prediction_type, 40)
+            )));
         }
-        if c.num_train_timesteps < 2 {
-            return Err(PipelineError::Config("num_train_timesteps must be at least 2".into()));
-        }
+        c.validate().map_err(|m| PipelineError::Config(format!("scheduler_config.json: {m}")))?;
         Ok(c)
+    }
+
+    /// Every field the schedules are computed from, naming the one that is wrong.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let max = visii_formats::config::MAX_TRAIN_TIMESTEPS;
+        if !(2..=max).contains(&self.num_train_timesteps) {
+            return Err(format!("`num_train_timesteps` is {}, expected 2..={max}", self.num_train_timesteps));
+        }
+        let (a, b) = (self.beta_start, self.beta_end);
+        if !(a.is_finite() && b.is_finite() && a > 0.0 && a <= b && b < 1.0) {
+            return Err(format!("`beta_start` {a} and `beta_end` {b} must satisfy 0 < beta_start <= beta_end < 1"));
+        }
+        if self.steps_offset >= self.num_train_timesteps {
+            return Err(format!("`steps_offset` {} is not below `num_train_timesteps` {}", self.steps_offset, self.num_train_timesteps));
+        }
+        if !["linspace", "leading", "trailing"].contains(&self.timestep_spacing.as_str()) {
+            return Err(format!("`timestep_spacing` {:?} is not supported (linspace, leading, trailing)", visii_formats::text::printable_short(&self.timestep_spacing, 40)));
+        }
+        if !["scaled_linear", "linear"].contains(&self.beta_schedule.as_str()) {
+            return Err(format!("`beta_schedule` {:?} is not supported (scaled_linear, linear)", visii_formats::text::printable_short(&self.beta_schedule, 40)));
+        }
+        Ok(())
     }
 
     /// `alphas_cumprod`, computed in f32 as diffusers does.

@@ -190,7 +190,7 @@ fn instruction_file_round_trip_identity_and_refusals() {
     let id = ModelIdentity::of(&s.model).unwrap();
     let thumb = RgbImage::strip(&[&image("before.png"), &image("after.png")], 48).to_png().unwrap();
     let bytes = instruction::save(&learned, &SaveInfo { model: &id, thumbnail_png: Some(&thumb), extra: &[("note", "x".into())] }).unwrap();
-    let ins = instruction::load(&bytes, 32).unwrap();
+    let ins = instruction::load(&bytes, 32, 77).unwrap();
     assert_eq!(ins.rows, learned.rows);
     assert_eq!((ins.positions, ins.hidden, ins.eos), (77, 32, learned.eos));
     assert_eq!(ins.base_model.as_ref(), Some(&id));
@@ -227,13 +227,13 @@ fn instruction_file_round_trip_identity_and_refusals() {
     assert!(!id.matches(&ModelIdentity::of(&shuffled).unwrap()));
 
     // Refusals: wrong width, not safetensors, truncated, foreign safetensors, corrupt metadata.
-    assert!(instruction::load(&bytes, 768).unwrap_err().to_string().contains("width 32"));
-    assert!(instruction::load(b"GIF89a....", 32).unwrap_err().to_string().contains("not a visii instruction"));
-    assert!(instruction::load(&bytes[..bytes.len() - 100], 32).is_err());
+    assert!(instruction::load(&bytes, 768, 77).unwrap_err().to_string().contains("width 32"));
+    assert!(instruction::load(b"GIF89a....", 32, 77).unwrap_err().to_string().contains("not a readable instruction file"));
+    assert!(instruction::load(&bytes[..bytes.len() - 100], 32, 77).is_err());
     let foreign = std::fs::read(fixtures().join("goldens/apply_noise.safetensors")).unwrap();
-    assert!(instruction::load(&foreign, 32).unwrap_err().to_string().contains("not a visii instruction"));
+    assert!(instruction::load(&foreign, 32, 77).unwrap_err().to_string().contains("not a visii instruction"));
     let text = String::from_utf8_lossy(&bytes).replace("\"signature\":[", "\"signature\":[[");
-    assert!(instruction::load(text.as_bytes(), 32).is_err());
+    assert!(instruction::load(text.as_bytes(), 32, 77).is_err());
 }
 
 #[test]
@@ -242,7 +242,7 @@ fn noise_reuse_regenerates_the_learning_noises() {
     let s = learn_setup(&dev);
     let learned = short_learn(&s, 9);
     let bytes = instruction::save(&learned, &SaveInfo { model: &ModelIdentity::of(&s.model).unwrap(), thumbnail_png: None, extra: &[] }).unwrap();
-    let reuse = instruction::load(&bytes, 32).unwrap().noise_reuse.unwrap();
+    let reuse = instruction::load(&bytes, 32, 77).unwrap().noise_reuse.unwrap();
     // Nearest learning step of a sampling timestep.
     let ts = &reuse.timesteps;
     let k = reuse.nearest_step(999.0).unwrap();

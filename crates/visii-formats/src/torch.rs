@@ -407,6 +407,16 @@ struct Unpickler<'a> {
     pos: usize,
     stack: Vec<Val>,
     memo: HashMap<u32, Val>,
+    /// Values the pickle may still create (see [`value_budget`]).
+    budget: usize,
+}
+
+/// Values a pickle of `len` bytes may create. A state dict's pickle creates about one value per
+/// five bytes (names, storage ids, shapes, strides); a crafted one of one-byte push opcodes would
+/// create one per byte, each tens of bytes in memory. The budget keeps a reader's memory within a
+/// small multiple of the pickle's size.
+fn value_budget(len: usize) -> usize {
+    len / 2 + 100_000
 }
 
 impl Drop for Unpickler<'_> {
@@ -419,7 +429,7 @@ impl Drop for Unpickler<'_> {
 
 impl<'a> Unpickler<'a> {
     fn new(data: &'a [u8]) -> Self {
-        Self { data, pos: 0, stack: Vec::new(), memo: HashMap::new() }
+        Self { data, pos: 0, stack: Vec::new(), memo: HashMap::new(), budget: value_budget(data.len()) }
     }
 
     fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
@@ -478,6 +488,11 @@ impl<'a> Unpickler<'a> {
         }
         loop {
             let op = self.u8()?;
+            // Every opcode creates at most one value (or moves existing ones); charge one per opcode
+            // that is not pure bookkeeping.
+            if !matches!(op, 0x80 | 0x95 | b'q' | b'r' | 0x94 | b'p' | b'0' | b'b') {
+                self.budget = self.budget.checked_sub(1).ok_or("the pickle creates far more values than a state dict of its size has")?;
+            }
             match op {
                 0x80 => {
                     self.u8()?; // PROTO
@@ -855,6 +870,12 @@ mod tests {
         let mut p = b"\x80\x02)".to_vec();
         p.extend(std::iter::repeat_n(0x85u8, 1_000_000));
         p.push(b'.');
+        // More values than a state dict of this size has: refused part way, the nesting built so far
+        // dropped without recursion.
+        let e = Unpickler::new(&p).run().err().expect("over budget");
+        assert!(e.contains("far more values"), "{e}");
+        p.truncate(3 + 150_000);
+        p.push(b'.');
         drop(Disposed(vec![Unpickler::new(&p).run().unwrap()]));
         // A list holding the next, a million deep (built through the memo), and a list inside itself.
         let mut p = b"\x80\x02]q\x00".to_vec();
@@ -862,7 +883,10 @@ mod tests {
             p.extend(b"]r\x01\x00\x00\x00ah\x00\x30j\x01\x00\x00\x00q\x00");
         }
         p.extend(b"h\x00h\x00a.");
-        drop(Disposed(vec![Unpickler::new(&p).run().unwrap()]));
+        match Unpickler::new(&p).run() {
+            Ok(v) => drop(Disposed(vec![v])),
+            Err(e) => assert!(e.contains("far more values"), "{e}"),
+        }
         // Doubling through the memo 200 times: shared, not copied.
         let mut p = b"\x80\x02)q\x00".to_vec();
         for _ in 0..200 {
@@ -871,6 +895,13 @@ mod tests {
         p.push(b'.');
         let e = index(zip(&[("a/data.pkl", &p[..])], false)).unwrap_err();
         assert!(e.contains("no state dict"), "{e}");
+        // Tens of MB of one-byte pushes: refused within a small multiple of the pickle's size.
+        for op in [b']', b'}', b'(', b')', b'N'] {
+            let mut p = b"\x80\x02".to_vec();
+            p.extend(std::iter::repeat_n(op, 20 << 20));
+            let e = Unpickler::new(&p).run().err().expect("over budget");
+            assert!(e.contains("far more values"), "{e}");
+        }
     }
 
     #[test]

@@ -38,8 +38,9 @@ pub struct DiskFile {
 }
 
 impl DiskFile {
+    /// Open a regular file (see [`crate::files::open_regular`]: pipes, devices and folders are refused).
     pub fn open(path: &std::path::Path) -> std::io::Result<Self> {
-        let file = std::fs::File::open(path)?;
+        let file = crate::files::open_regular(path)?;
         let len = file.metadata()?.len();
         Ok(Self { file: Mutex::new(file), len })
     }
@@ -52,6 +53,9 @@ impl ByteSource for DiskFile {
     fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, String> {
         let mut f = self.file.lock().map_err(|_| "file lock poisoned".to_string())?;
         f.seek(SeekFrom::Start(offset)).map_err(|e| e.to_string())?;
+        if offset.checked_add(len as u64).is_none_or(|end| end > self.len) {
+            return Err(format!("range {offset}+{len} is past the end ({} bytes)", self.len));
+        }
         let mut buf = vec![0; len];
         f.read_exact(&mut buf).map_err(|e| e.to_string())?;
         Ok(buf)

@@ -5,7 +5,8 @@
 
 use serde::Deserialize;
 
-use crate::error::{ModelError, Result};
+use crate::error::{FormatError, Result};
+pub use crate::image::decode_rgb;
 
 /// The fields of `preprocessor_config.json` we use (CLIP defaults otherwise).
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
@@ -40,40 +41,86 @@ impl Default for ClipPreprocessConfig {
     }
 }
 
+/// A side length from a config value: a positive integer up to 4096.
+fn side(field: &str, v: &serde_json::Value) -> std::result::Result<usize, String> {
+    match v.as_u64() {
+        Some(n) if (1..=4096).contains(&n) => Ok(n as usize),
+        _ => Err(format!("`{field}` is {v}, expected a whole number of pixels in 1..=4096")),
+    }
+}
+
 impl ClipPreprocessConfig {
-    fn shortest_edge(&self) -> usize {
+    /// `size` as `{"shortest_edge": N}` (transformers 4.2x) or a bare number (older files).
+    pub fn shortest_edge(&self) -> std::result::Result<usize, String> {
         match &self.size {
-            serde_json::Value::Number(n) => n.as_u64().unwrap_or(224) as usize,
-            v => v["shortest_edge"].as_u64().unwrap_or(224) as usize,
+            v @ serde_json::Value::Number(_) => side("size", v),
+            serde_json::Value::Object(m) => side("size.shortest_edge", m.get("shortest_edge").unwrap_or(&serde_json::Value::Null)),
+            v => Err(format!("`size` is {v}, expected {{\"shortest_edge\": N}}")),
         }
     }
-    fn crop(&self) -> (usize, usize) {
+
+    /// `crop_size` as `{"height": H, "width": W}` or a bare number: (height, width).
+    pub fn crop(&self) -> std::result::Result<(usize, usize), String> {
         match &self.crop_size {
-            serde_json::Value::Number(n) => (n.as_u64().unwrap_or(224) as usize, n.as_u64().unwrap_or(224) as usize),
-            v => (v["height"].as_u64().unwrap_or(224) as usize, v["width"].as_u64().unwrap_or(224) as usize),
+            v @ serde_json::Value::Number(_) => side("crop_size", v).map(|n| (n, n)),
+            serde_json::Value::Object(m) => {
+                let get = |k: &str| side(&format!("crop_size.{k}"), m.get(k).unwrap_or(&serde_json::Value::Null));
+                Ok((get("height")?, get("width")?))
+            }
+            v => Err(format!("`crop_size` is {v}, expected {{\"height\": H, \"width\": W}}")),
         }
+    }
+
+    /// Every field `apply` uses, naming the one that is wrong.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.do_resize {
+            self.shortest_edge()?;
+            if self.resample != 2 && self.resample != 3 {
+                return Err(format!("`resample` {} is not supported (bicubic = 3, bilinear = 2)", self.resample));
+            }
+        }
+        if self.do_center_crop {
+            self.crop()?;
+        }
+        if self.do_rescale && !(self.rescale_factor.is_finite() && self.rescale_factor > 0.0 && self.rescale_factor <= 1.0) {
+            return Err(format!("`rescale_factor` is {}, expected a number in (0, 1]", self.rescale_factor));
+        }
+        if self.do_normalize {
+            if self.image_mean.len() != 3 || self.image_std.len() != 3 {
+                return Err(format!("`image_mean` and `image_std` need 3 values each, found {} and {}", self.image_mean.len(), self.image_std.len()));
+            }
+            if self.image_mean.iter().any(|v| !v.is_finite()) || self.image_std.iter().any(|v| !v.is_finite() || *v <= 0.0) {
+                return Err("`image_mean` must be finite and `image_std` finite and positive".into());
+            }
+        }
+        Ok(())
     }
 
     /// RGB8 image (row-major, `w * h * 3`) -> pixel values [3, crop_h, crop_w] (channel-major).
     pub fn apply(&self, rgb: &[u8], w: usize, h: usize) -> Result<(Vec<f32>, [usize; 3])> {
-        if w == 0 || h == 0 || rgb.len() != w * h * 3 {
-            return Err(ModelError::Image(format!("expected {w}x{h} RGB pixels, got {} bytes", rgb.len())));
+        if w == 0 || h == 0 || w.checked_mul(h).and_then(|n| n.checked_mul(3)) != Some(rgb.len()) {
+            return Err(FormatError::Image(format!("expected {w}x{h} RGB pixels, got {} bytes", rgb.len())));
         }
+        self.validate().map_err(|m| FormatError::Config { path: "preprocessor_config.json".into(), message: m })?;
         let (mut img, mut w, mut h) = (rgb.to_vec(), w, h);
         if self.do_resize {
-            let s = self.shortest_edge();
+            let s = self.shortest_edge().map_err(|m| FormatError::Config { path: "preprocessor_config.json".into(), message: m })?;
             let (nw, nh) = if w <= h { (s, (s as f64 * h as f64 / w as f64) as usize) } else { ((s as f64 * w as f64 / h as f64) as usize, s) };
+            // The longer side grows with the aspect ratio: bound it (decoding bounds the ratio to 16:1).
+            if nw.max(nh) > 16 * s || nw == 0 || nh == 0 {
+                return Err(FormatError::Image(format!("a {w}x{h} image is too elongated for CLIP's {s} px shortest-side resize")));
+            }
             let filter = match self.resample {
                 3 => Filter::Bicubic,
                 2 => Filter::Bilinear,
-                other => return Err(ModelError::Unsupported(format!("preprocessor resample mode {other} (bicubic = 3, bilinear = 2)"))),
+                other => return Err(FormatError::Unsupported(format!("preprocessor resample mode {other} (bicubic = 3, bilinear = 2)"))),
             };
             img = pil_resize(&img, w, h, nw, nh, filter);
             (w, h) = (nw, nh);
         }
-        let (ch, cw) = if self.do_center_crop { self.crop() } else { (h, w) };
+        let (ch, cw) = if self.do_center_crop { self.crop().map_err(|m| FormatError::Config { path: "preprocessor_config.json".into(), message: m })? } else { (h, w) };
         if ch > h || cw > w {
-            return Err(ModelError::Image(format!("image {w}x{h} is smaller than the {cw}x{ch} crop")));
+            return Err(FormatError::Image(format!("image {w}x{h} is smaller than the {cw}x{ch} crop")));
         }
         let (top, left) = ((h - ch) / 2, (w - cw) / 2);
         let scale = if self.do_rescale { self.rescale_factor as f32 } else { 1.0 };
@@ -213,12 +260,4 @@ pub fn pil_resize(src: &[u8], w: usize, h: usize, nw: usize, nh: usize, filter: 
         cur = out;
     }
     cur
-}
-
-/// Decode any supported image (PNG, JPEG) to RGB8.
-pub fn decode_rgb(bytes: &[u8]) -> Result<(Vec<u8>, usize, usize)> {
-    let img = image::load_from_memory(bytes).map_err(|e| ModelError::Image(format!("not a readable PNG or JPEG image ({e})")))?;
-    let rgb = img.to_rgb8();
-    let (w, h) = rgb.dimensions();
-    Ok((rgb.into_raw(), w as usize, h as usize))
 }
