@@ -484,7 +484,6 @@ impl Suite {
             eprintln!("HOSTILE {} | KNOWN OPEN | {}", self.class, f.trim());
         }
         self.failures = failing;
-        self.passed += 0;
         let total = self.passed + self.failures.len() + open.len();
         eprintln!("HOSTILE {}: {} of {total} cases pass, {} skipped", self.class, self.passed, self.skipped.len());
         assert!(

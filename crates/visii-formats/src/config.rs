@@ -288,28 +288,46 @@ impl From<RawClipConfig> for ClipConfig {
 }
 
 
+/// The block lists shared by the UNet and the VAE: as many block types (of the supported kinds)
+/// as block widths, every width in range and divisible by the norm's group count.
+fn check_blocks(channels: &[usize], max_blocks: usize, down: &[String], up: &[String], down_ok: &[&str], up_ok: &[&str], groups: usize) -> Result<(), String> {
+    let n = channels.len();
+    range("block_out_channels (its length)", n, 1, max_blocks)?;
+    if down.len() != n || up.len() != n {
+        return Err(format!(
+            "`down_block_types` ({}), `up_block_types` ({}) and `block_out_channels` ({n}) must have the same length",
+            down.len(),
+            up.len()
+        ));
+    }
+    for (field, types, ok) in [("down_block_types", down, down_ok), ("up_block_types", up, up_ok)] {
+        if let Some(t) = types.iter().find(|t| !ok.contains(&t.as_str())) {
+            return Err(format!("`{field}`: block type {t:?} is not supported ({})", ok.join(", ")));
+        }
+    }
+    for &c in channels {
+        range("block_out_channels", c, 1, MAX_CHANNELS)?;
+    }
+    range("norm_num_groups", groups, 1, MAX_CHANNELS)?;
+    if let Some(c) = channels.iter().find(|&&c| c % groups != 0) {
+        return Err(format!("`norm_num_groups` {groups} does not divide the block width {c}"));
+    }
+    Ok(())
+}
+
 impl UNetConfig {
     /// Reject configs outside what this implementation mirrors, naming the field.
     pub fn validate(&self) -> Result<(), String> {
         let n = self.block_out_channels.len();
-        range("block_out_channels (its length)", n, 1, MAX_BLOCKS)?;
-        if self.down_block_types.len() != n || self.up_block_types.len() != n {
-            return Err(format!(
-                "`down_block_types` ({}), `up_block_types` ({}) and `block_out_channels` ({n}) must have the same length",
-                self.down_block_types.len(),
-                self.up_block_types.len()
-            ));
-        }
-        for t in &self.down_block_types {
-            if t != "CrossAttnDownBlock2D" && t != "DownBlock2D" {
-                return Err(format!("`down_block_types`: block type {t:?} is not supported (CrossAttnDownBlock2D, DownBlock2D)"));
-            }
-        }
-        for t in &self.up_block_types {
-            if t != "CrossAttnUpBlock2D" && t != "UpBlock2D" {
-                return Err(format!("`up_block_types`: block type {t:?} is not supported (CrossAttnUpBlock2D, UpBlock2D)"));
-            }
-        }
+        check_blocks(
+            &self.block_out_channels,
+            MAX_BLOCKS,
+            &self.down_block_types,
+            &self.up_block_types,
+            &["CrossAttnDownBlock2D", "DownBlock2D"],
+            &["CrossAttnUpBlock2D", "UpBlock2D"],
+            self.norm_num_groups,
+        )?;
         if let Some(m) = &self.mid_block_type {
             if m != "UNetMidBlock2DCrossAttn" {
                 return Err(format!("`mid_block_type` {m:?} is not supported (UNetMidBlock2DCrossAttn)"));
@@ -329,13 +347,6 @@ impl UNetConfig {
         }
         range("in_channels", self.in_channels, 1, 64)?;
         range("out_channels", self.out_channels, 1, 64)?;
-        for &c in &self.block_out_channels {
-            range("block_out_channels", c, 1, MAX_CHANNELS)?;
-        }
-        range("norm_num_groups", self.norm_num_groups, 1, MAX_CHANNELS)?;
-        if let Some(c) = self.block_out_channels.iter().find(|&&c| c % self.norm_num_groups != 0) {
-            return Err(format!("`norm_num_groups` {} does not divide the block width {c}", self.norm_num_groups));
-        }
         finite("norm_eps", self.norm_eps, 0.0, 1.0)?;
         finite("freq_shift", self.freq_shift, -1e6, 1e6)?;
         finite("mid_block_scale_factor", self.mid_block_scale_factor, -1e6, 1e6)?;
@@ -370,36 +381,19 @@ impl UNetConfig {
 impl VaeConfig {
     /// Reject configs outside what this implementation mirrors, naming the field.
     pub fn validate(&self) -> Result<(), String> {
-        let n = self.block_out_channels.len();
-        range("block_out_channels (its length)", n, 1, 6)?;
-        if self.down_block_types.len() != n || self.up_block_types.len() != n {
-            return Err(format!(
-                "`down_block_types` ({}), `up_block_types` ({}) and `block_out_channels` ({n}) must have the same length",
-                self.down_block_types.len(),
-                self.up_block_types.len()
-            ));
-        }
-        for t in &self.down_block_types {
-            if t != "DownEncoderBlock2D" {
-                return Err(format!("`down_block_types`: block type {t:?} is not supported (DownEncoderBlock2D)"));
-            }
-        }
-        for t in &self.up_block_types {
-            if t != "UpDecoderBlock2D" {
-                return Err(format!("`up_block_types`: block type {t:?} is not supported (UpDecoderBlock2D)"));
-            }
-        }
+        check_blocks(
+            &self.block_out_channels,
+            6,
+            &self.down_block_types,
+            &self.up_block_types,
+            &["DownEncoderBlock2D"],
+            &["UpDecoderBlock2D"],
+            self.norm_num_groups,
+        )?;
         range("in_channels", self.in_channels, 1, 16)?;
         range("out_channels", self.out_channels, 1, 16)?;
         range("latent_channels", self.latent_channels, 1, 64)?;
         range("layers_per_block", self.layers_per_block, 1, 16)?;
-        for &c in &self.block_out_channels {
-            range("block_out_channels", c, 1, MAX_CHANNELS)?;
-        }
-        range("norm_num_groups", self.norm_num_groups, 1, MAX_CHANNELS)?;
-        if let Some(c) = self.block_out_channels.iter().find(|&&c| c % self.norm_num_groups != 0) {
-            return Err(format!("`norm_num_groups` {} does not divide the block width {c}", self.norm_num_groups));
-        }
         finite("scaling_factor", self.scaling_factor, 1e-6, 1e6)?;
         if let Some(s) = self.sample_size {
             range("sample_size", s, 1, 8192)?;

@@ -104,18 +104,7 @@ pub fn parse_header(header: &[u8], data_len: u64) -> Result<(HashMap<String, Ten
 
 /// Read and validate a whole safetensors file held in memory: the header, and each tensor's bytes.
 pub fn read_bytes(bytes: &[u8]) -> Result<(Header, &[u8]), String> {
-    struct Slice<'a>(&'a [u8]);
-    // A borrowed source: the header is parsed without copying the data.
-    impl ByteSource for Slice<'_> {
-        fn len(&self) -> u64 {
-            self.0.len() as u64
-        }
-        fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, String> {
-            let a = usize::try_from(offset).map_err(|e| e.to_string())?;
-            self.0.get(a..a.saturating_add(len)).map(<[u8]>::to_vec).ok_or_else(|| "range past the end".to_string())
-        }
-    }
-    let header = read_header(&Slice(bytes))?;
+    let header = read_header(&bytes)?;
     let data = &bytes[header.data_start as usize..];
     Ok((header, data))
 }

@@ -21,13 +21,22 @@ pub trait ByteSource: Send + Sync {
     }
 }
 
-impl ByteSource for Arc<[u8]> {
+impl ByteSource for &[u8] {
     fn len(&self) -> u64 {
         <[u8]>::len(self) as u64
     }
     fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, String> {
         let a = usize::try_from(offset).map_err(|e| e.to_string())?;
-        self.get(a..a.saturating_add(len)).map(<[u8]>::to_vec).ok_or_else(|| format!("range {a}+{len} is past the end ({} bytes)", self.len()))
+        self.get(a..a.saturating_add(len)).map(<[u8]>::to_vec).ok_or_else(|| format!("range {a}+{len} is past the end ({} bytes)", <[u8]>::len(self)))
+    }
+}
+
+impl ByteSource for Arc<[u8]> {
+    fn len(&self) -> u64 {
+        <[u8]>::len(self) as u64
+    }
+    fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, String> {
+        (&**self).read_at(offset, len)
     }
 }
 

@@ -370,7 +370,8 @@ impl PackConverter {
     pub fn next_file(&mut self) -> Result<Option<(String, Vec<u8>)>> {
         loop {
             if let Some(f) = self.ready.pop_front() {
-                if f.0 != "manifest.json" && !self.shards.iter().any(|s| s.path == f.0) && !f.0.ends_with(".safetensors") {
+                // Shards (`.safetensors`) are listed with their checksums as `shards`.
+                if f.0 != "manifest.json" && !f.0.ends_with(".safetensors") {
                     let (bytes, sha256) = (f.1.len() as u64, visii_formats::manifest::sha256_hex(&f.1));
                     self.listed.push(visii_formats::manifest::FileEntry { path: f.0.clone(), bytes, sha256 });
                 }
