@@ -934,8 +934,13 @@ fn check_output(out: &std::path::Path, input_files: &[&std::path::Path], input_d
     }
     for d in input_dirs {
         if let Ok(d) = d.canonicalize() {
-            if parent.starts_with(&d) {
-                return Err(format!("-o {name} lies inside the model folder {}: write outputs elsewhere", shown(&d)));
+            // A new file at the top of the model folder is harmless; replacing one of its files, or adding one
+            // to a component folder (where it could be read as weights or config next time), is not.
+            if parent.starts_with(&d) && (out.exists() || parent != d) {
+                return Err(format!(
+                    "-o {name} lies inside the model folder {} and would replace or add a model file: write outputs elsewhere",
+                    shown(&d)
+                ));
             }
         }
     }
