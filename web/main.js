@@ -32,7 +32,10 @@ function showError(title, text, hint = '', kind = '') {
 }
 function showWorkerError(e) {
   if (e.name === 'CancelledError' || e.name === 'AbortError') return;
-  showError(TITLES[e.name] || 'Something went wrong', e.message, HINTS[e.name] || '', e.name);
+  const hint = e.restarted
+    ? 'The GPU engine was restarted and the model is loading again; your images and instruction are still here. If it happens again, lower the sizes or steps.'
+    : HINTS[e.name] || '';
+  showError(TITLES[e.name] || 'Something went wrong', e.message, hint, e.name);
 }
 $('error-close').onclick = () => { $('error-panel').hidden = true; };
 
@@ -73,8 +76,44 @@ async function describeAdapter() {
 }
 
 // ---------------------------------------------------------------- worker
-const worker = new Worker(new URL('./worker.js', import.meta.url), { type: 'module' });
+// A wasm trap or a lost GPU device ends the worker's engine. The page then starts a new worker,
+// loads the model that was loaded (from storage: nothing is downloaded again) and keeps everything
+// on the page (images, instruction, results): one bad file or one GPU hiccup never needs a reload.
+let worker = null;
+let initMessage = null;
+const restarts = [];
 const pending = new Map();
+function startWorker() {
+  worker = new Worker(new URL('./worker.js', import.meta.url), { type: 'module' });
+  worker.onmessage = onWorkerMessage;
+  worker.onerror = (e) => showError('The GPU worker could not start', e.message || String(e), '', 'Worker');
+  if (initMessage) worker.postMessage(initMessage);
+}
+// After a fatal error: a fresh worker, and the model again. More than three restarts in a minute
+// means something is wrong with this GPU or browser: then it stays stopped and says so.
+function restartWorker(error) {
+  const now = Date.now();
+  while (restarts.length && now - restarts[0] > 60000) restarts.shift();
+  const old = worker;
+  worker = null;
+  old.terminate();
+  for (const [, p] of pending) p.reject(error);
+  pending.clear();
+  state.busy = null;
+  const reload = state.model && state.model.source;
+  state.model = null;
+  updateButtons();
+  if (restarts.length >= 3) {
+    $('gpu-selftest').textContent = 'failed repeatedly: reload the page';
+    return false;
+  }
+  restarts.push(now);
+  state.reloadAfterRestart = reload || null;
+  document.body.dataset.restarts = Number(document.body.dataset.restarts || 0) + 1;
+  $('gpu-selftest').textContent = 'restarting the GPU engine…';
+  startWorker();
+  return true;
+}
 function call(msg, onProgress, transfer) {
   const id = nextId++;
   return new Promise((resolve, reject) => {
@@ -82,7 +121,7 @@ function call(msg, onProgress, transfer) {
     worker.postMessage({ ...msg, id }, transfer || []);
   });
 }
-worker.onmessage = ({ data }) => {
+function onWorkerMessage({ data }) {
   const p = data.id !== undefined ? pending.get(data.id) : null;
   switch (data.type) {
     case 'ready':
@@ -93,6 +132,11 @@ worker.onmessage = ({ data }) => {
         document.body.dataset.limits = data.limits;
         $('gpu-selftest').className = ok ? 'ok' : 'bad';
         document.body.dataset.ready = ok ? 'yes' : 'no';
+        if (ok && state.reloadAfterRestart) {
+          const source = state.reloadAfterRestart;
+          state.reloadAfterRestart = null;
+          modelJob({ type: 'loadStored', source });
+        }
       }
       worker.postMessage({ type: 'sources' });
       return;
@@ -117,9 +161,14 @@ worker.onmessage = ({ data }) => {
         $('gpu-selftest').textContent = 'failed: reload the page';
         $('gpu-selftest').className = 'bad';
         document.body.dataset.ready = 'no';
-        // Nothing can run on a dead engine: no model, buttons off.
-        state.model = null;
-        updateButtons();
+        // Nothing can run on a dead engine: no model, buttons off; a fresh one is started (when the
+        // engine had started at all: a GPU that cannot start one stays stopped).
+        if (p) pending.delete(data.id);
+        const restarted = !!initMessage && data.restartable !== false && restartWorker(data);
+        const shown = { ...data, restarted };
+        if (p) { p.reject(shown); return; }
+        showWorkerError(shown);
+        return;
       }
       if (p) { pending.delete(data.id); p.reject(data); return; }
       showWorkerError(data);
@@ -127,8 +176,8 @@ worker.onmessage = ({ data }) => {
     default:
       if (p) { pending.delete(data.id); p.resolve(data); }
   }
-};
-worker.onerror = (e) => showError('The GPU worker could not start', e.message || String(e), '', 'Worker');
+}
+startWorker();
 
 // ---------------------------------------------------------------- models
 let sources = [];
@@ -265,8 +314,40 @@ $('local-files').addEventListener('drop', async (e) => {
 });
 
 // ---------------------------------------------------------------- images
+// What an input image may be (the engine's own limits, visii_formats::image::LIMITS): checked from
+// the file's header before anything decodes it, so a small file claiming a huge image costs nothing.
+const IMAGE_LIMITS = { maxSide: 16384, maxPixels: 50e6, maxAspect: 16, minSide: 8, maxBytes: 256 << 20 };
+// Width and height from a PNG's IHDR or a JPEG's SOF marker (null: another format, or not found).
+function headerSize(b) {
+  const u16 = (i) => (b[i] << 8) | b[i + 1];
+  const u32 = (i) => ((b[i] << 24) >>> 0) + (b[i + 1] << 16) + (b[i + 2] << 8) + b[i + 3];
+  if (b.length >= 24 && b[0] === 0x89 && b[1] === 0x50 && b[2] === 0x4e && b[3] === 0x47) return { w: u32(16), h: u32(20) };
+  if (b[0] === 0xff && b[1] === 0xd8) {
+    for (let i = 2; i + 9 < b.length;) {
+      if (b[i] !== 0xff) return null;
+      const m = b[i + 1];
+      if (m === 0xff) { i++; continue; }
+      if (m >= 0xc0 && m <= 0xcf && m !== 0xc4 && m !== 0xc8 && m !== 0xcc) return { w: u16(i + 7), h: u16(i + 5) };
+      i += 2 + u16(i + 2);
+    }
+  }
+  return null;
+}
+function checkImage(name, size, dims) {
+  const refuse = (why) => { throw Object.assign(new Error(`"${name}" ${why}`), { name: 'ImageError' }); };
+  if (size > IMAGE_LIMITS.maxBytes) refuse(`is ${bytes(size)}: too large for an input image (at most ${bytes(IMAGE_LIMITS.maxBytes)}).`);
+  if (!dims) return;
+  const { w, h } = dims;
+  const L = IMAGE_LIMITS;
+  if (!w || !h) refuse(`is ${w} x ${h} px: empty.`);
+  if (Math.max(w, h) > L.maxSide || w * h > L.maxPixels) refuse(`is ${w} x ${h} px: larger than an input image may be (at most ${L.maxSide} px a side and ${L.maxPixels / 1e6} megapixels).`);
+  if (Math.min(w, h) < L.minSide) refuse(`is ${w} x ${h} px: smaller than ${L.minSide} px on a side.`);
+  if (Math.max(w, h) > L.maxAspect * Math.min(w, h)) refuse(`is ${w} x ${h} px: more than ${L.maxAspect} times longer than it is wide.`);
+}
 async function imageBytes(file) {
-  const head = new Uint8Array(await file.slice(0, 12).arrayBuffer());
+  const head = new Uint8Array(await file.slice(0, 65536).arrayBuffer());
+  const name = file.name || 'the pasted data';
+  checkImage(name, file.size, headerSize(head));
   const isPng = head[0] === 0x89 && head[1] === 0x50 && head[2] === 0x4e && head[3] === 0x47;
   if (isPng) return file.arrayBuffer();
   // JPEG (which may carry an EXIF orientation the browser applies) and the other formats the
@@ -277,6 +358,7 @@ async function imageBytes(file) {
   } catch {
     throw Object.assign(new Error(`"${file.name || 'the pasted data'}" is not an image this browser can read.`), { name: 'ImageError' });
   }
+  checkImage(name, file.size, { w: bitmap.width, h: bitmap.height });
   const canvas = new OffscreenCanvas(bitmap.width, bitmap.height);
   canvas.getContext('2d').drawImage(bitmap, 0, 0);
   return (await canvas.convertToBlob({ type: 'image/png' })).arrayBuffer();
@@ -444,8 +526,13 @@ function checkInstructionModel() {
       HINTS.ForeignModelError, 'ForeignModelError');
   }
 }
+// The engine's own cap (visii_formats::instruction::MAX_BYTES): a larger file is not read at all.
+const INSTRUCTION_MAX_BYTES = 16 << 20;
 async function loadInstruction(file) {
   try {
+    if (file.size > INSTRUCTION_MAX_BYTES) {
+      throw Object.assign(new Error(`"${file.name}" is ${bytes(file.size)}: far too large for an instruction file (at most ${bytes(INSTRUCTION_MAX_BYTES)}).`), { name: 'InstructionError' });
+    }
     const buf = await file.arrayBuffer();
     const r = await call({ type: 'inspect', bytes: buf.slice(0) });
     setInstruction(buf, r.info, file.name);
@@ -570,7 +657,10 @@ if (params.has('gpuExactFit')) tidy.exactFit = params.get('gpuExactFit') !== '0'
 // ?kernels=burn: burn's own conv / matmul / norm kernels instead of ours (to compare them).
 const kernels = params.get('kernels') === 'burn' ? 'burn' : undefined;
 describeAdapter().then((ok) => {
-  if (ok) worker.postMessage({ type: 'init', hub, limits, tidy, kernels });
+  if (ok) {
+    initMessage = { type: 'init', hub, limits, tidy, kernels };
+    worker.postMessage(initMessage);
+  }
   else { $('app-version').textContent = 'visii'; $('gpu-selftest').textContent = 'unavailable'; $('gpu-selftest').className = 'bad'; document.body.dataset.ready = 'no'; }
 });
 updateButtons();

@@ -59,7 +59,8 @@ const fail = (e, id, type) => {
     engine = null;
   }
   // Fatal: the engine is gone (or never started); a bad file while no engine exists (inspect) is not.
-  post({ type: 'error', id, name, message, fatal: !engine && (name === 'GpuError' || type === 'init') });
+  // A failure to start at all is not retried (`restartable: false`): it would fail the same way.
+  post({ type: 'error', id, name, message, fatal: !engine && (name === 'GpuError' || type === 'init'), restartable: type !== 'init' });
 };
 
 async function loadSources() {

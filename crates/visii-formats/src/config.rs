@@ -8,6 +8,36 @@
 use serde::Deserialize;
 
 /// Check helpers: each returns a message naming the field.
+/// A config from JSON, the field at fault named when one does not fit (serde's own message names
+/// only the value: "invalid type: string \"NaN\", expected f64").
+pub fn from_json<C: serde::de::DeserializeOwned>(text: &str) -> Result<C, String> {
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    from_value(value)
+}
+
+/// [`from_json`] of an already parsed value.
+pub fn from_value<C: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<C, String> {
+    let e = match C::deserialize(&value) {
+        Ok(c) => return Ok(c),
+        Err(e) => e,
+    };
+    // The field whose removal changes the error (to none, or to "missing field" for itself) is the one.
+    if let serde_json::Value::Object(map) = &value {
+        for key in map.keys() {
+            let mut without = map.clone();
+            without.remove(key);
+            let culprit = match C::deserialize(&serde_json::Value::Object(without)) {
+                Ok(_) => true,
+                Err(e2) => e2.to_string() == format!("missing field `{key}`"),
+            };
+            if culprit {
+                return Err(format!("field `{}`: {e}", crate::text::printable_short(key, 80)));
+            }
+        }
+    }
+    Err(e.to_string())
+}
+
 fn range(field: &str, v: usize, lo: usize, hi: usize) -> Result<(), String> {
     if v < lo || v > hi {
         return Err(format!("`{field}` is {v}, expected {lo}..={hi}"));
@@ -447,5 +477,30 @@ impl ClipConfig {
             range("projection_dim", p, 1, MAX_CHANNELS)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_value_of_the_wrong_type_is_named_by_its_field() {
+        #[derive(serde::Deserialize, Debug)]
+        #[allow(dead_code)]
+        struct C {
+            beta_start: f64,
+            block_out_channels: Vec<usize>,
+            #[serde(default)]
+            name: String,
+        }
+        let e = from_json::<C>(r#"{"beta_start": "NaN", "block_out_channels": [1]}"#).unwrap_err();
+        assert!(e.starts_with("field `beta_start`:") && e.contains("NaN"), "{e}");
+        let e = from_json::<C>(r#"{"beta_start": 0.1, "block_out_channels": [32, 48, -48], "name": "x"}"#).unwrap_err();
+        assert!(e.starts_with("field `block_out_channels`:") && e.contains("-48"), "{e}");
+        let e = from_json::<C>(r#"{"beta_start": 0.1}"#).unwrap_err();
+        assert!(e.contains("missing field `block_out_channels`"), "{e}");
+        assert!(from_json::<C>("[1]").is_err() && from_json::<C>("{").is_err());
+        assert_eq!(from_json::<C>(r#"{"beta_start": 0.5, "block_out_channels": []}"#).unwrap().beta_start, 0.5);
     }
 }

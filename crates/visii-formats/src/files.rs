@@ -77,8 +77,11 @@ pub fn check_relative(name: &str) -> Result<(), String> {
     if name.starts_with('/') || name.contains('\\') || name.contains(':') || name.chars().any(char::is_control) {
         return Err(format!("file name {shown:?} points outside the model folder"));
     }
-    if name.split('/').any(|seg| seg.is_empty() || seg == "." || seg == "..") {
+    if name.split('/').any(|seg| seg == "..") {
         return Err(format!("file name {shown:?} points outside the model folder"));
+    }
+    if name.split('/').any(|seg| seg.is_empty() || seg == ".") || name.ends_with('/') {
+        return Err(format!("file name {shown:?} names a directory (or an empty path), not a regular file"));
     }
     Ok(())
 }
@@ -89,9 +92,11 @@ mod tests {
 
     #[test]
     fn names_outside_the_folder_are_refused() {
-        for bad in ["../x.safetensors", "a/../../x", "/etc/passwd", "C:\\x", "a//b", "./a", "", "a\0b", "..", "a/.."] {
+        for bad in ["../x.safetensors", "a/../../x", "/etc/passwd", "C:\\x", "a//b", "./a", "", "a\0b", "..", "a/..", ".", "a/"] {
             assert!(check_relative(bad).is_err(), "{bad:?}");
         }
+        assert!(check_relative(".").unwrap_err().contains("directory"));
+        assert!(check_relative("../a").unwrap_err().contains("outside"));
         for good in ["diffusion_pytorch_model-00001-of-00002.safetensors", "sub/x.bin", "a..b.safetensors"] {
             assert!(check_relative(good).is_ok(), "{good:?}");
         }

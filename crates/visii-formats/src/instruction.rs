@@ -47,8 +47,13 @@ pub fn parse(bytes: &[u8]) -> Result<InstructionFile, String> {
         return Err(format!("`instruction` must be a 2-D F32 tensor, found {:?} {:?}", t.dtype, t.shape));
     }
     let (positions, hidden) = (t.shape[0], t.shape[1]);
-    if !(2..=MAX_POSITIONS).contains(&positions) || !(1..=MAX_HIDDEN).contains(&hidden) {
-        return Err(format!("implausible instruction shape [{positions}, {hidden}]"));
+    if !(2..=MAX_POSITIONS).contains(&positions) {
+        return Err(format!(
+            "the instruction has {positions} token positions (shape [{positions}, {hidden}]); an instruction has 2 to {MAX_POSITIONS} (start of text, the learned words, end of text)"
+        ));
+    }
+    if !(1..=MAX_HIDDEN).contains(&hidden) {
+        return Err(format!("the instruction's width (hidden size) is {hidden} (shape [{positions}, {hidden}]); expected 1 to {MAX_HIDDEN}"));
     }
     let eos_text = metadata.get("eos").ok_or("metadata `eos` is missing")?;
     let eos: usize = eos_text.trim().parse().map_err(|_| format!("metadata `eos` is {:?}, not a position", crate::text::printable_short(eos_text, 32)))?;

@@ -52,7 +52,7 @@ pub fn parse_config<C: DeserializeOwned>(name: &str, text: &str) -> Result<C> {
     if text.len() > MAX_CONFIG_BYTES {
         return Err(ModelError::Config { path: name.into(), message: format!("{} bytes is far too large for a config", text.len()) });
     }
-    serde_json::from_str(text).map_err(|e| ModelError::Config { path: name.into(), message: e.to_string() })
+    visii_formats::config::from_json(text).map_err(|message| ModelError::Config { path: name.into(), message })
 }
 
 /// A config's own validation (every field a network is built from), naming the file.
@@ -106,10 +106,10 @@ pub fn text_encoder_from_parts(config: &str, files: Vec<WeightFile>, device: &De
 fn text_load(config: &str, files: Vec<WeightFile>, device: &Device, resident_q8: bool) -> Result<Loaded<ClipTextTransformer, ClipTextConfig>> {
     let value: serde_json::Value = parse_config("text_encoder/config.json", config)?;
     let cfg: ClipTextConfig = match value.get("text_config") {
-        Some(t) => serde_json::from_value(t.clone()),
-        None => serde_json::from_value(value),
+        Some(t) => visii_formats::config::from_value(t.clone()),
+        None => visii_formats::config::from_value(value),
     }
-    .map_err(|e| ModelError::Config { path: "text_encoder/config.json".into(), message: e.to_string() })?;
+    .map_err(|message| ModelError::Config { path: "text_encoder/config.json".into(), message })?;
     let cfg = validated("text_encoder/config.json", cfg, ClipTextConfig::validate)?;
     let w = Weights::new(files, device).with_alias("text_model.", "").with_resident_q8(resident_q8);
     let model = ClipTextTransformer::load(&w, &cfg)?;
@@ -159,7 +159,8 @@ pub enum Files {
     Disk(PathBuf),
     Sources { name: String, files: Arc<HashMap<String, Arc<dyn ByteSource>>> },
     /// A weight pack's files: every small file read is checked against the pack's `manifest.json`
-    /// (size and sha256), every weight file's size too. `prefix` places these files in the pack
+    /// (size and sha256), every weight file too (its size when opened, its sha256 before its first
+    /// tensor is read: a flipped byte anywhere is refused, not loaded). `prefix` places these files in the pack
     /// (`clip/` for the CLIP side).
     Checked { inner: Box<Files>, manifest: Arc<Manifest>, prefix: String },
 }
@@ -194,9 +195,17 @@ impl Files {
     }
 
     /// These files checked against a pack manifest when `manifest_text` is one (see [`Files::Checked`]).
+    /// Every small file the manifest lists under `prefix` is checked now, read or not: an edited
+    /// pack is refused as a whole, whichever of its files was changed.
     pub fn checked_by(self, manifest_text: &[u8], prefix: &str) -> Result<Self> {
         let manifest = visii_formats::manifest::parse(manifest_text).map_err(|message| ModelError::Config { path: self.display("manifest.json"), message })?;
-        Ok(Files::Checked { inner: Box::new(self), manifest: Arc::new(manifest), prefix: prefix.into() })
+        let checked = Files::Checked { inner: Box::new(self), manifest: Arc::new(manifest), prefix: prefix.into() };
+        if let Files::Checked { manifest, .. } = &checked {
+            for rel in manifest.small_files(prefix) {
+                checked.read(rel)?;
+            }
+        }
+        Ok(checked)
     }
 
     /// Wrap in [`Files::Checked`] when `manifest` (within these files, or `None` for beside them) is
@@ -253,17 +262,8 @@ impl Files {
             }
             Files::Checked { inner, manifest, prefix } => {
                 let s = inner.source(rel)?;
-                let listed = manifest.size_of(&format!("{prefix}{rel}"));
-                if listed != Some(s.len()) {
-                    return Err(ModelError::Io {
-                        path: self.display(rel),
-                        message: match listed {
-                            Some(n) => format!("{} bytes where the pack's manifest.json lists {n} (edited or truncated): download or convert the pack again", s.len()),
-                            None => "not listed in the pack's manifest.json".into(),
-                        },
-                    });
-                }
-                Ok(s)
+                let v = manifest.verified(&format!("{prefix}{rel}"), s).map_err(|message| ModelError::Io { path: self.display(rel), message })?;
+                Ok(Arc::new(v))
             }
         }
     }
@@ -519,11 +519,10 @@ impl ClipFolder {
     }
 
     pub fn from_files(files: Files) -> Result<Self> {
-        let text = files.read_text("config.json").map_err(|_| ModelError::NotAModel {
-            path: files.display(""),
-            expected: "a CLIP model folder".into(),
-            message: "config.json is missing".into(),
-        })?;
+        if !files.exists("config.json") {
+            return Err(ModelError::NotAModel { path: files.display(""), expected: "a CLIP model folder".into(), message: "config.json is missing".into() });
+        }
+        let text = files.read_text("config.json")?;
         let v: serde_json::Value = parse_config(&files.display("config.json"), &text)?;
         if v.get("vision_config").is_none() {
             return Err(ModelError::NotAModel {

@@ -245,6 +245,14 @@ impl Ip2p {
         check_working_size(image.width, image.height)?;
         let dev = &self.device;
         let sched = EulerAncestral::new(&self.scheduler, opts.steps)?;
+        if let Noise::Reuse(r) = noise {
+            let n = self.scheduler.num_train_timesteps;
+            if let Some(t) = r.timesteps.iter().find(|&&t| t >= n) {
+                return Err(PipelineError::Instruction(format!(
+                    "the instruction's noise_reuse lists timestep {t}, but this model's scheduler has timesteps 0..{n}: it was not learned on this model, so its noise cannot be reused"
+                )));
+            }
+        }
         let z_img = self.encode_image(image);
         let [_, c, h, w] = z_img.dims();
         let lat_c = self.unet_out_channels();

@@ -36,7 +36,7 @@ impl Default for SchedulerConfig {
 
 impl SchedulerConfig {
     pub fn from_json(text: &str) -> Result<Self> {
-        let c: Self = serde_json::from_str(text).map_err(|e| PipelineError::Config(format!("scheduler_config.json: {e}")))?;
+        let c: Self = visii_formats::config::from_json(text).map_err(|e| PipelineError::Config(format!("scheduler_config.json: {e}")))?;
         if c.prediction_type != "epsilon" {
             return Err(PipelineError::Config(format!(
                 "scheduler_config.json: `prediction_type` {:?} is not supported (only epsilon)",
