@@ -442,6 +442,32 @@ try {
   check(want.every((f) => storedLocal.includes(f)) && !storedLocal.some((f) => /\.ckpt$|\.git\/|safety_checker\/pytorch_model|\.h5$/.test(f)),
     `only what loading reads was stored (${storedLocal.length} files: ${storedLocal.filter((f) => /\.(bin|json)$/.test(f)).join(', ')})`);
 
+  step('hostile model folders: the error panel, the loaded model stays');
+  for (const [label, edit] of [
+    ['a negative channel count in unet/config.json', (dir) => {
+      const p = join(dir, 'unet', 'config.json');
+      const c = JSON.parse(readFileSync(p, 'utf8'));
+      c.block_out_channels = [32, 48, -48];
+      writeFileSync(p, JSON.stringify(c));
+    }],
+    ['a sharded index naming a file outside the folder', (dir) => {
+      rmSync(join(dir, 'vae', 'diffusion_pytorch_model.safetensors'));
+      writeFileSync(join(dir, 'vae', 'diffusion_pytorch_model.safetensors.index.json'), JSON.stringify({ metadata: {}, weight_map: { 'decoder.conv_in.weight': '../../../etc/passwd' } }));
+    }],
+  ]) {
+    const dir = join(out, 'hostile-model', 'tiny-ip2p');
+    rmSync(join(out, 'hostile-model'), { recursive: true, force: true });
+    cpSync(join(fx, 'tiny-ip2p'), dir, { recursive: true });
+    edit(dir);
+    await page.setInputFiles('#local-ip2p', dir);
+    await page.setInputFiles('#local-clip', join(fx, 'tiny-clip'));
+    await page.click('#local-load');
+    await waitError('ModelError');
+    check(await page.evaluate(() => document.body.dataset.ready) === 'yes' && /^tiny-ip2p-bin \(/.test(await page.textContent('#model-loaded')),
+      `a model folder with ${label}: ${await page.textContent('#error-text')} (loaded: ${await page.textContent('#model-loaded')})`);
+    await dismiss();
+  }
+
   step('a fresh page, the stored model with f32 weights');
   // A fresh page (no instruction loaded) and the stored model; later the device is destroyed from
   // inside the worker at the engine's next buffer allocation: what a GPU reset or removal does.
