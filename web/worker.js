@@ -76,6 +76,8 @@ async function loadInto(sourceId, label, ip2pFiles, clipFiles, manifest, opts) {
   const ip2p = await readComponent(sourceId, 'ip2p', ip2pFiles);
   const clip = await readComponent(sourceId, 'clip', clipFiles);
   if (!ip2p || !clip) throw Object.assign(new Error(`the stored files of "${label}" are incomplete: download them again`), { name: 'ModelError' });
+  // A weight pack's manifest covers its clip/ files too: the engine checks them against it.
+  if (ip2p.has('manifest.json') && !clip.has('manifest.json')) clip.set('manifest.json', ip2p.get('manifest.json'));
   // CLIP first: if it fails, the model shown as loaded stays the one that is.
   const clipInfo = engine.loadClip(manifest ? manifest.clip.name : 'clip', clip, { resident });
   const info = await engine.loadIp2p(manifest ? manifest.ip2p.name : label, ip2p, { resident, activations: opts.activations || 'f32' });

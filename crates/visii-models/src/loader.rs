@@ -165,6 +165,9 @@ pub enum Files {
     Checked { inner: Box<Files>, manifest: Arc<Manifest>, prefix: String },
 }
 
+/// Where a weight pack keeps its CLIP vision tower's files.
+const PACK_CLIP_DIR: &str = "clip/";
+
 fn join(dir: &str, name: &str) -> String {
     if dir.is_empty() {
         name.to_string()
@@ -201,7 +204,9 @@ impl Files {
         let manifest = visii_formats::manifest::parse(manifest_text).map_err(|message| ModelError::Config { path: self.display("manifest.json"), message })?;
         let checked = Files::Checked { inner: Box::new(self), manifest: Arc::new(manifest), prefix: prefix.into() };
         if let Files::Checked { manifest, .. } = &checked {
-            for rel in manifest.small_files(prefix) {
+            // The InstructPix2Pix side (prefix "") leaves the pack's `clip/` files to the CLIP side:
+            // in the browser each side is given only its own files.
+            for rel in manifest.small_files(prefix).filter(|rel| !(prefix.is_empty() && rel.starts_with(PACK_CLIP_DIR))) {
                 checked.read(rel)?;
             }
         }
@@ -515,10 +520,14 @@ impl ClipFolder {
             ),
             _ => None,
         };
-        Self::from_files(files.with_pack_manifest(manifest, "clip/")?)
+        Self::from_files(files.with_pack_manifest(manifest, PACK_CLIP_DIR)?)
     }
 
+    /// The same layout from any file source. A pack's `clip/` files come with the pack's
+    /// `manifest.json` beside them (the page gives it so): they are checked against it.
     pub fn from_files(files: Files) -> Result<Self> {
+        let manifest = if files.exists("manifest.json") && !matches!(files, Files::Checked { .. }) { Some(files.read("manifest.json")?) } else { None };
+        let files = files.with_pack_manifest(manifest, PACK_CLIP_DIR)?;
         if !files.exists("config.json") {
             return Err(ModelError::NotAModel { path: files.display(""), expected: "a CLIP model folder".into(), message: "config.json is missing".into() });
         }

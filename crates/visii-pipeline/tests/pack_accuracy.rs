@@ -107,3 +107,63 @@ fn packs_load_and_stay_close_to_f32() {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+/// Every file under `dir` by its `/`-separated path relative to `base`.
+fn files_under(base: &std::path::Path, dir: &std::path::Path, out: &mut std::collections::HashMap<String, std::sync::Arc<[u8]>>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            files_under(base, &p, out);
+        } else {
+            let rel = p.strip_prefix(base).unwrap().to_string_lossy().replace('\\', "/");
+            out.insert(rel, std::fs::read(&p).unwrap().into());
+        }
+    }
+}
+
+/// A pack as the page gives it to the engine: the InstructPix2Pix files without `clip/`, the
+/// `clip/` files on their own with the pack's manifest beside them. Both load (the CI failure of
+/// 2026-12-05: the InstructPix2Pix side asked for `clip/config.json`), and both sides are checked
+/// against the manifest: an edited CLIP config or CLIP shard is refused, not loaded.
+#[test]
+fn a_pack_split_as_the_page_gives_it_loads_and_is_checked() {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use visii_models::loader::Files;
+    let dev = Device::ndarray();
+    let dir = std::env::temp_dir().join(format!("visii-pack-split-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    convert(&Ip2pFolder::open(fixtures().join("tiny-ip2p")).unwrap(), &ClipFolder::open(fixtures().join("tiny-clip")).unwrap(), &dir, Quant::Q8, Quant::Q8, 1)
+        .unwrap();
+    let mut all = HashMap::new();
+    files_under(&dir, &dir, &mut all);
+    let _ = std::fs::remove_dir_all(&dir);
+    let ip2p: HashMap<String, Arc<[u8]>> = all.iter().filter(|(k, _)| !k.starts_with("clip/")).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let clip_of = |all: &HashMap<String, Arc<[u8]>>| -> HashMap<String, Arc<[u8]>> {
+        let mut c: HashMap<String, Arc<[u8]>> =
+            all.iter().filter_map(|(k, v)| k.strip_prefix("clip/").map(|r| (r.to_string(), v.clone()))).collect();
+        c.insert("manifest.json".into(), all["manifest.json"].clone());
+        c
+    };
+    assert!(ip2p.contains_key("manifest.json") && !ip2p.keys().any(|k| k.starts_with("clip/")));
+    let folder = Ip2pFolder::from_files(Files::memory("pack", ip2p)).expect("the InstructPix2Pix side of a pack, without clip/");
+    Ip2p::from_folder(&folder, &dev).expect("its networks load");
+    let clip = ClipFolder::from_files(Files::memory("clip", clip_of(&all))).expect("the CLIP side with the manifest beside it");
+    clip.vision(&dev).expect("the CLIP vision tower loads");
+
+    // Edited CLIP files, given the same way: refused, naming the checksum.
+    let mut edited = all.clone();
+    let mut cfg = edited["clip/config.json"].to_vec();
+    cfg.push(b' ');
+    edited.insert("clip/config.json".into(), cfg.into());
+    let e = ClipFolder::from_files(Files::memory("clip", clip_of(&edited))).err().expect("an edited CLIP config is refused");
+    assert!(e.to_string().contains("checksum"), "{e}");
+    let shard = all.keys().find(|k| k.starts_with("clip/") && k.ends_with(".safetensors")).expect("a CLIP shard").clone();
+    let mut edited = all.clone();
+    let mut bytes = edited[&shard].to_vec();
+    *bytes.last_mut().unwrap() ^= 1;
+    edited.insert(shard.clone(), bytes.into());
+    let clip = ClipFolder::from_files(Files::memory("clip", clip_of(&edited))).expect("configs intact");
+    let e = clip.vision(&dev).err().expect("a CLIP shard with a flipped byte is refused");
+    assert!(e.to_string().contains("checksum") || e.to_string().contains("sha256"), "{e}");
+}
