@@ -127,13 +127,18 @@ enum Backend {
 #[derive(Subcommand)]
 enum Command {
     /// Load every component of a model and print its key config values and parameter count, or
-    /// print an instruction file's metadata (`visii inspect EDIT.visii.safetensors`).
+    /// print an instruction file's metadata (`visii inspect EDIT.visii.safetensors`), and with
+    /// `--model` the words nearest to each of its learned token positions.
     Inspect {
         /// An instruction file to describe.
         file: Option<std::path::PathBuf>,
-        /// An InstructPix2Pix folder in the diffusers layout (model_index.json, unet/, vae/, ...).
+        /// An InstructPix2Pix folder in the diffusers layout (model_index.json, unet/, vae/, ...);
+        /// with an instruction file, the model whose vocabulary reads it.
         #[arg(long, required_unless_present = "file")]
         model: Option<std::path::PathBuf>,
+        /// Nearest words shown per learned position (with an instruction file and --model).
+        #[arg(long, default_value_t = 3)]
+        words: usize,
         /// A transformers CLIPModel folder (e.g. openai/clip-vit-large-patch14).
         #[arg(long)]
         clip: Option<std::path::PathBuf>,
@@ -182,21 +187,22 @@ enum Command {
         #[arg(long)]
         profile: bool,
     },
-    /// Edit an image with an InstructPix2Pix instruction given as text.
+    /// Edit an image, or a batch of them, with a learned instruction or one given as text.
     Apply {
         /// An InstructPix2Pix folder in the diffusers layout.
         #[arg(long)]
         model: std::path::PathBuf,
-        /// The image to edit (PNG or JPEG).
-        #[arg(long)]
-        image: std::path::PathBuf,
+        /// The image(s) to edit (PNG or JPEG): repeat --image, or give folders (their PNG and JPEG
+        /// files, not recursively). With more than one image, or a folder, -o is a folder.
+        #[arg(long, required = true, num_args = 1..)]
+        image: Vec<std::path::PathBuf>,
         /// A plain-text instruction, e.g. "turn it into a watercolor painting".
         #[arg(long = "prompt", alias = "text", required_unless_present = "instruction")]
         text: Option<String>,
         /// A learned instruction file (.visii.safetensors).
         #[arg(long, conflicts_with = "text")]
         instruction: Option<std::path::PathBuf>,
-        /// Output PNG.
+        /// Output PNG; for a batch, a folder (made if missing) that gets one NAME.png per input.
         #[arg(short, long)]
         output: std::path::PathBuf,
         #[arg(long, default_value_t = 20)]
@@ -387,16 +393,15 @@ fn main() -> ExitCode {
         visii_models::memory::take_peak();
     }
     let result = match cli.command {
-        Command::Inspect { file: Some(f), .. } => inspect_instruction(&f),
-        Command::Inspect { file: None, model, clip, json, backend } => {
+        Command::Inspect { file: Some(f), model, words, json, backend, .. } => inspect_instruction(&f, model.as_deref(), words, json, backend),
+        Command::Inspect { file: None, model, clip, json, backend, .. } => {
             inspect(model.as_deref().expect("clap requires --model"), clip.as_deref(), json, device(backend))
         }
         Command::Convert { model, clip, output, quant, clip_quant, shard_mb } => {
             convert(&model, &clip, &output, &quant, clip_quant.as_deref(), shard_mb)
         }
-        Command::Bench { latent, what, config, backends, runs, shape, torch, torch_device, profile } => {
-            op_shape(what, shape).and_then(|shape| bench(latent, what, config, &backends, runs, &shape, torch.as_deref().map(|py| (py, torch_device.as_str())), profile))
-        }
+        Command::Bench { latent, what, config, backends, runs, shape, torch, torch_device, profile } => op_shape(what, shape)
+            .and_then(|shape| bench(latent, what, config, &backends, runs, &shape, torch.as_deref().map(|py| (py, torch_device.as_str())), profile)),
         Command::BenchOne { latent, shape, what, config, backend, runs } => bench_one(latent, &shape, what, config, backend, runs),
         Command::Apply {
             model,
@@ -417,23 +422,22 @@ fn main() -> ExitCode {
         } => {
             let opts = ApplyOptions { steps, guidance, image_guidance, seed };
             // Everything that can be refused is refused before any model is loaded.
-            let inputs: Vec<&std::path::Path> = [Some(image.as_path()), instruction.as_deref(), noise.as_deref()].into_iter().flatten().collect();
             check_apply_flags(steps, guidance, image_guidance)
                 .and_then(|()| opts.validate().map_err(|e| e.to_string().into()))
-                .and_then(|()| check_output(&output, &inputs, &[model.as_path()]).map_err(Into::into))
-                .and_then(|()| parse_size(&size))
-                .and_then(|size| {
-                let how = ApplyInputs {
-                    text: text.as_deref(),
-                    instruction: instruction.as_deref(),
-                    extra: extra.as_deref(),
-                    noise: noise.as_deref(),
-                    size,
-                    reuse_noise,
-                    allow_foreign_model,
-                };
-                apply(&model, &image, &how, &output, &opts, device(backend))
-            })
+                .and_then(|()| batch_jobs(&image, &output, &[instruction.as_deref(), noise.as_deref()], &model).map_err(Into::into))
+                .and_then(|jobs| parse_size(&size).map(|s| (jobs, s)))
+                .and_then(|(jobs, size)| {
+                    let how = ApplyInputs {
+                        text: text.as_deref(),
+                        instruction: instruction.as_deref(),
+                        extra: extra.as_deref(),
+                        noise: noise.as_deref(),
+                        size,
+                        reuse_noise,
+                        allow_foreign_model,
+                    };
+                    apply(&model, &jobs, &how, &opts, device(backend))
+                })
         }
         Command::Learn { model, clip, before, after, output, init, caption_iterations, steps, size, lr, schedule, seed, patience, log, backend } => {
             parse_size(&size).and_then(|(side, exact)| {
@@ -598,10 +602,7 @@ fn learn_cmd(
     dev: Device,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let schedule = match schedule {
-        Some(p) => Some(
-            visii_pipeline::repro::read_schedule(&read_input(p, MAX_DATA_FILE)?)
-                .map_err(|e| format!("{}: {e}", p.display()))?,
-        ),
+        Some(p) => Some(visii_pipeline::repro::read_schedule(&read_input(p, MAX_DATA_FILE)?).map_err(|e| format!("{}: {e}", p.display()))?),
         None => None,
     };
     let total = schedule.as_ref().map(|s| s.timesteps.len()).unwrap_or(opts.steps);
@@ -702,7 +703,10 @@ const MAX_CAPTION_ITERATIONS: usize = 10_000;
 fn parse_size(s: &str) -> Result<(usize, Option<(usize, usize)>), Box<dyn std::error::Error>> {
     let max = visii_pipeline::apply::MAX_SIDE;
     let bad = || {
-        format!("--size {:?}: give WxH with multiples of 8 (e.g. 512x384) or one number for the longer side, at most {max}", visii_formats::text::printable_short(s, 40))
+        format!(
+            "--size {:?}: give WxH with multiples of 8 (e.g. 512x384) or one number for the longer side, at most {max}",
+            visii_formats::text::printable_short(s, 40)
+        )
     };
     if let Some((w, h)) = s.split_once(['x', 'X']) {
         let (w, h): (usize, usize) = (w.trim().parse().map_err(|_| bad())?, h.trim().parse().map_err(|_| bad())?);
@@ -734,9 +738,43 @@ enum Init {
     Search(CaptionOptions),
 }
 
-fn inspect_instruction(path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+fn inspect_instruction(
+    path: &std::path::Path,
+    model: Option<&std::path::Path>,
+    k: usize,
+    as_json: bool,
+    backend: Backend,
+) -> Result<(), Box<dyn std::error::Error>> {
+    if !(1..=20).contains(&k) {
+        return Err(format!("--words {k}: expected 1..=20").into());
+    }
     let bytes = read_input(path, visii_pipeline::instruction::MAX_BYTES as u64)?;
     let ins = visii_pipeline::instruction::peek(&bytes).map_err(|e| format!("{}: {e}", shown(path)))?;
+    // The nearest words need the model's text encoder and vocabulary (not its UNet or VAE).
+    let words = match model {
+        Some(m) => {
+            let folder = open_ip2p(m)?;
+            let dev = device(backend);
+            let text = folder.text_encoder(&dev)?.model;
+            let tokenizer = folder.tokenizer()?;
+            let full = visii_pipeline::instruction::load(&bytes, text.final_layer_norm.gamma.val().dims()[0], tokenizer.encode("")?.len())
+                .map_err(|e| format!("{}: {e} (for the model {})", shown(path), shown(m)))?;
+            Some(visii_pipeline::words::nearest_words(&text, &tokenizer, &full.rows, full.positions, 1..full.eos, k)?)
+        }
+        None => None,
+    };
+    if as_json {
+        let mut meta = ins.metadata.clone();
+        meta.remove("thumbnail_png_base64");
+        let v = serde_json::json!({
+            "positions": ins.positions, "hidden": ins.hidden, "eos": ins.eos, "metadata": meta,
+            "baseModel": ins.base_model.as_ref().map(|b| serde_json::json!({"name": b.name, "fingerprint": b.fingerprint()})),
+            "reusableNoise": ins.noise_reuse.is_some(),
+            "words": words,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
     let mut keys: Vec<_> = ins.metadata.iter().collect();
     keys.sort();
     // Everything from the file is printed escaped: a shared file's metadata must not act on the terminal.
@@ -756,25 +794,107 @@ fn inspect_instruction(path: &std::path::Path) -> Result<(), Box<dyn std::error:
             Err(_) => println!("  {:<18} unreadable", "thumbnail"),
         }
     }
+    if let Some(words) = words {
+        println!("  nearest words (position: word cosine, ...; a hint of what it does):");
+        for (i, list) in words.iter().enumerate() {
+            let shown: Vec<String> = list.iter().map(|w| format!("{} {:.2}", p(&w.word), w.score)).collect();
+            println!("  {:>4}: {}", i + 1, shown.join(", "));
+        }
+        let first: Vec<String> = words.iter().filter_map(|l| l.first()).map(|w| p(&w.word)).collect();
+        println!("  reads roughly as: \"{}\"", first.join(" "));
+    }
     Ok(())
 }
 
+/// The images `--image` names (files as given; folders as their PNG / JPEG files, sorted, not
+/// recursively), each with its output: `-o` itself for one image file, else `-o/NAME.png` (a
+/// second image of the same name gets `NAME-2.png`). Every output is checked before anything is
+/// computed (not an input, not in the model folder, writable); a batch's output folder is made
+/// if missing, but is never an input folder.
+fn batch_jobs(
+    images: &[std::path::PathBuf],
+    output: &std::path::Path,
+    other_inputs: &[Option<&std::path::Path>],
+    model: &std::path::Path,
+) -> Result<Vec<(std::path::PathBuf, std::path::PathBuf)>, String> {
+    let mut files = vec![];
+    let mut folders = vec![];
+    for p in images {
+        if p.is_dir() {
+            let mut found: Vec<std::path::PathBuf> = std::fs::read_dir(p)
+                .map_err(|e| format!("--image {}: cannot list the folder ({e})", shown(p)))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| {
+                    f.is_file()
+                        && f.extension().and_then(|x| x.to_str()).is_some_and(|x| ["png", "jpg", "jpeg"].contains(&x.to_ascii_lowercase().as_str()))
+                })
+                .collect();
+            if found.is_empty() {
+                return Err(format!("--image {}: the folder holds no PNG or JPEG files", shown(p)));
+            }
+            found.sort();
+            files.extend(found);
+            folders.push(p.as_path());
+        } else {
+            files.push(p.clone());
+        }
+    }
+    if files.len() > MAX_BATCH {
+        return Err(format!("{} images: a batch may have at most {MAX_BATCH}; split it", files.len()));
+    }
+    let mut inputs: Vec<&std::path::Path> = files.iter().map(|p| p.as_path()).collect();
+    inputs.extend(other_inputs.iter().flatten());
+    // One image file: -o is the output file (a folder there is refused, as it always was).
+    if files.len() == 1 && folders.is_empty() {
+        check_output(output, &inputs, &[model])?;
+        return Ok(vec![(files[0].clone(), output.to_path_buf())]);
+    }
+    // A batch: -o is a folder.
+    if output.exists() && !output.is_dir() {
+        return Err(format!("-o {}: {} images are edited, so -o must be a folder, and this is a file", shown(output), files.len()));
+    }
+    if !output.exists() {
+        std::fs::create_dir(output).map_err(|e| format!("-o {}: cannot make the folder ({e})", shown(output)))?;
+    }
+    for f in &folders {
+        if same_file(f, output) {
+            return Err(format!("-o {} is an input folder: its results would be read as inputs next time; choose another folder", shown(output)));
+        }
+    }
+    let mut taken = std::collections::HashSet::new();
+    let mut jobs = vec![];
+    for f in &files {
+        let stem = f.file_stem().map(|s| s.to_string_lossy().into_owned()).filter(|s| !s.is_empty()).unwrap_or_else(|| "image".into());
+        let mut name = format!("{stem}.png");
+        let mut k = 2;
+        while !taken.insert(name.clone()) {
+            name = format!("{stem}-{k}.png");
+            k += 1;
+        }
+        let out = output.join(&name);
+        check_output(&out, &inputs, &[model])?;
+        jobs.push((f.clone(), out));
+    }
+    Ok(jobs)
+}
+
+/// Most images one `apply` edits.
+const MAX_BATCH: usize = 10_000;
+
 fn apply(
     model: &std::path::Path,
-    image: &std::path::Path,
+    jobs: &[(std::path::PathBuf, std::path::PathBuf)],
     how: &ApplyInputs,
-    output: &std::path::Path,
     opts: &ApplyOptions,
     dev: Device,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let (text, instruction) = (how.text, how.instruction);
     let mut reuse = None;
-    let input = read_image(image)?;
+    // A single image is read before the model loads (a bad one costs nothing); a batch's one at a time.
+    let first = if jobs.len() == 1 { Some(read_image(&jobs[0].0)?) } else { None };
     let t0 = Instant::now();
     let ip2p = load_ip2p(model, &dev)?;
-    let (w, h) = how.size.1.unwrap_or_else(|| input.working_size(how.size.0));
-    eprintln!("loaded {} in {:.1} s; editing at {w}x{h}", model.display(), t0.elapsed().as_secs_f64());
-    let work = input.resized(w, h);
+    eprintln!("loaded {} in {:.1} s", model.display(), t0.elapsed().as_secs_f64());
     let cond = match (text, instruction) {
         (Some(t), _) => ip2p.encode_text(t)?,
         (None, Some(p)) => {
@@ -793,11 +913,9 @@ fn apply(
         }
         (None, None) => return Err("give --text or --instruction".into()),
     };
-    let t1 = Instant::now();
     let noise = match how.noise {
         Some(p) => {
-            let (noise, n) = visii_pipeline::repro::read_noise(&read_input(p, MAX_DATA_FILE)?)
-                .map_err(|e| format!("{}: {e}", p.display()))?;
+            let (noise, n) = visii_pipeline::repro::read_noise(&read_input(p, MAX_DATA_FILE)?).map_err(|e| format!("{}: {e}", p.display()))?;
             if n < opts.steps {
                 return Err(format!("{}: {n} step noises for {} steps", p.display(), opts.steps).into());
             }
@@ -808,20 +926,51 @@ fn apply(
             None => Noise::Seeded(opts.seed),
         },
     };
-    let out = ip2p.apply(&work, cond, opts, &noise, &mut |i, n| {
-        let el = t1.elapsed().as_secs_f64();
-        let eta = if i > 0 { el / i as f64 * (n - i) as f64 } else { 0.0 };
-        eprint!("\r  step {i}/{n}  {el:.1} s elapsed, ETA {eta:.1} s   ");
-        true
-    })?;
-    eprintln!();
-    let v: Vec<f32> = out.into_data().try_to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
-    if v.iter().any(|x| !x.is_finite()) {
-        return Err("the decoded image holds non-finite values (the model's weights or the settings are broken); nothing was written".into());
+    // Each image as a single apply with the same settings and seed would edit it; a batch goes on
+    // past an image that fails (unreadable, too large) and names every failure at the end.
+    let mut failed = vec![];
+    for (k, (image, output)) in jobs.iter().enumerate() {
+        let label = if jobs.len() > 1 { format!("[{}/{}] {}: ", k + 1, jobs.len(), shown(image)) } else { String::new() };
+        let one = || -> Result<(), Box<dyn std::error::Error>> {
+            let input = match &first {
+                Some(i) => i.clone(),
+                None => read_image(image)?,
+            };
+            let (w, h) = how.size.1.unwrap_or_else(|| input.working_size(how.size.0));
+            eprintln!("{label}editing at {w}x{h}");
+            let work = input.resized(w, h);
+            let t1 = Instant::now();
+            let out = ip2p.apply(&work, cond.clone(), opts, &noise, &mut |i, n| {
+                let el = t1.elapsed().as_secs_f64();
+                let eta = if i > 0 { el / i as f64 * (n - i) as f64 } else { 0.0 };
+                eprint!("\r  step {i}/{n}  {el:.1} s elapsed, ETA {eta:.1} s   ");
+                true
+            })?;
+            eprintln!();
+            let v: Vec<f32> = out.into_data().try_to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
+            if v.iter().any(|x| !x.is_finite()) {
+                return Err("the decoded image holds non-finite values (the model's weights or the settings are broken); nothing was written".into());
+            }
+            let result = RgbImage::from_unit_floats(&v, w, h);
+            write_output(output, &result.to_png()?)?;
+            eprintln!("wrote {}", output.display());
+            Ok(())
+        };
+        match one() {
+            Ok(()) => {}
+            Err(e) if jobs.len() == 1 => return Err(e),
+            Err(e) => {
+                eprintln!("\n{label}not edited: {e}");
+                failed.push(format!("{}: {e}", shown(image)));
+            }
+        }
     }
-    let result = RgbImage::from_unit_floats(&v, w, h);
-    write_output(output, &result.to_png()?)?;
-    eprintln!("wrote {}", output.display());
+    if !failed.is_empty() {
+        return Err(format!("{} of {} images were not edited (the others were written):\n  {}", failed.len(), jobs.len(), failed.join("\n  ")).into());
+    }
+    if jobs.len() > 1 {
+        eprintln!("{} images edited", jobs.len());
+    }
     Ok(())
 }
 
@@ -959,7 +1108,8 @@ fn check_output(out: &std::path::Path, input_files: &[&std::path::Path], input_d
 /// interrupted write never leaves a half file where a good one was.
 fn write_output(out: &std::path::Path, bytes: &[u8]) -> Result<(), String> {
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-    let tmp = parent.join(format!(".{}.visii-tmp-{}", out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), std::process::id()));
+    let tmp =
+        parent.join(format!(".{}.visii-tmp-{}", out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), std::process::id()));
     std::fs::write(&tmp, bytes).map_err(|e| format!("cannot write {}: {e}", shown(out)))?;
     std::fs::rename(&tmp, out).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
@@ -1029,12 +1179,7 @@ fn bench(
         if !shape.is_empty() {
             c.args(["--shape", &shape.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(",")]);
         }
-        c.args([
-            "--backend",
-            &arg(&b),
-            "--runs",
-            &runs.to_string(),
-        ]);
+        c.args(["--backend", &arg(&b), "--runs", &runs.to_string()]);
         if GPU_LIMITS.get() == Some(&GpuLimits::Spec) {
             c.args(["--gpu-limits", "spec"]);
         }
@@ -1094,7 +1239,9 @@ fn bench(
         match what {
             BenchWhat::Conv | BenchWhat::Linear => println!("  {name}: {:.1} GFLOP/s", op_flop(what, shape) / run_s / 1e9),
             // What a norm cannot do with less: read the input once, write the output once.
-            BenchWhat::Groupnorm => println!("  {name}: {:.1} GB/s (one read + one write)", 8.0 * shape[..4].iter().product::<usize>() as f64 / run_s / 1e9),
+            BenchWhat::Groupnorm => {
+                println!("  {name}: {:.1} GB/s (one read + one write)", 8.0 * shape[..4].iter().product::<usize>() as f64 / run_s / 1e9)
+            }
             _ => {}
         }
         times.push((name, r["run_s"].as_f64().unwrap_or(f64::NAN)));
@@ -1247,7 +1394,14 @@ fn bench_op(what: BenchWhat, s: &[usize], backend: Backend, runs: usize, dev: &D
     Ok(())
 }
 
-fn bench_one(latent: usize, shape: &[usize], what: BenchWhat, config: BenchConfig, backend: Backend, runs: usize) -> Result<(), Box<dyn std::error::Error>> {
+fn bench_one(
+    latent: usize,
+    shape: &[usize],
+    what: BenchWhat,
+    config: BenchConfig,
+    backend: Backend,
+    runs: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
     use visii_pipeline::block_on;
     use visii_pipeline::probe::UnetProbe;
     let dev = device(backend);

@@ -566,3 +566,114 @@ fn apply_reports_what_the_browser_allocator_held() {
     assert!(in_use >= 1.0 && in_use <= held && held < 256.0, "{line}");
     let _ = std::fs::remove_file(png);
 }
+
+/// A batch: three images (two named on the command line, one from a folder, one name taken twice)
+/// edited into a folder give exactly what three single applies with the same seed give; a batch
+/// needs a folder as -o and never writes into an input folder; an unreadable image in a batch is
+/// named at the end while the others are written.
+#[test]
+fn batch_apply_equals_single_applies() {
+    let f = fixtures();
+    let dir = std::env::temp_dir().join(format!("visii-batch-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let inputs = dir.join("more");
+    std::fs::create_dir_all(&inputs).unwrap();
+    std::fs::copy(f.join("images/before.png"), inputs.join("tall.png")).unwrap();
+    std::fs::write(inputs.join("notes.txt"), "not an image").unwrap();
+    let model = f.join("tiny-ip2p");
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let common = ["--prompt", "make it snowy", "--steps", "2", "--size", "64", "--seed", "7", "--backend", "ndarray"];
+    let run = |images: &[String], out: &std::path::Path| {
+        let mut a: Vec<String> = vec!["apply".into(), "--model".into(), s(&model)];
+        for i in images {
+            a.extend(["--image".into(), i.clone()]);
+        }
+        a.extend(["-o".into(), s(out)]);
+        a.extend(common.iter().map(|x| x.to_string()));
+        Command::new(env!("CARGO_BIN_EXE_visii")).args(&a).output().expect("run visii")
+    };
+    let batch = dir.join("results");
+    let out = run(&[s(&f.join("images/tall.png")), s(&f.join("images/after.png")), s(&inputs)], &batch);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut names: Vec<String> = std::fs::read_dir(&batch).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names, ["after.png", "tall-2.png", "tall.png"]);
+    for (input, name) in [(f.join("images/tall.png"), "tall.png"), (f.join("images/after.png"), "after.png"), (inputs.join("tall.png"), "tall-2.png")]
+    {
+        let single = dir.join(format!("single-{name}"));
+        let o = run(&[s(&input)], &single);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(
+            image::open(batch.join(name)).unwrap().to_rgb8().into_raw(),
+            image::open(&single).unwrap().to_rgb8().into_raw(),
+            "{name}: batch and single apply differ"
+        );
+    }
+    // Several images need a folder as -o.
+    let file_out = dir.join("single-tall.png");
+    let o = run(&[s(&f.join("images/tall.png")), s(&f.join("images/after.png"))], &file_out);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("must be a folder"), "{}", String::from_utf8_lossy(&o.stderr));
+    // Not into an input folder.
+    let o = run(&[s(&inputs)], &inputs);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("is an input folder"), "{}", String::from_utf8_lossy(&o.stderr));
+    // An unreadable image among good ones: named, the others written.
+    std::fs::write(inputs.join("broken.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
+    let partial = dir.join("partial");
+    let o = run(&[s(&inputs)], &partial);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("1 of 2 images were not edited") && err.contains("broken.png"), "{err}");
+    assert!(partial.join("tall.png").is_file() && !partial.join("broken.png").exists());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `visii inspect FILE --model DIR`: an instruction learned at --lr 0 from a caption reads as that
+/// caption.
+#[test]
+fn inspect_reads_an_instruction_as_words() {
+    let f = fixtures();
+    let dir = std::env::temp_dir().join(format!("visii-words-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ins = dir.join("w.visii.safetensors");
+    let caption = "a watercolor painting of a cat";
+    let out = visii(&[
+        "learn",
+        "--model",
+        f.join("tiny-ip2p").to_str().unwrap(),
+        "--clip",
+        f.join("tiny-clip").to_str().unwrap(),
+        "--before",
+        f.join("images/before.png").to_str().unwrap(),
+        "--after",
+        f.join("images/after.png").to_str().unwrap(),
+        "-o",
+        ins.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--size",
+        "32",
+        "--lr",
+        "0",
+        "--init",
+        caption,
+        "--backend",
+        "ndarray",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = visii(&["inspect", ins.to_str().unwrap(), "--model", f.join("tiny-ip2p").to_str().unwrap(), "--json", "--words", "2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let words: Vec<&str> = v["words"].as_array().unwrap().iter().map(|l| l[0]["word"].as_str().unwrap()).collect();
+    assert_eq!(words.join(" "), caption);
+    assert!(v["words"].as_array().unwrap().iter().all(|l| l.as_array().unwrap().len() == 2));
+    let out = visii(&["inspect", ins.to_str().unwrap(), "--model", f.join("tiny-ip2p").to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("reads roughly as: \"{caption}\"")), "{text}");
+    // Without --model: the metadata only, no words.
+    let out = visii(&["inspect", ins.to_str().unwrap(), "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["words"].is_null() && v["eos"].as_u64().is_some());
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -172,7 +172,6 @@ impl UNetConfig {
     }
 }
 
-
 /// `AutoencoderKL` config (diffusers defaults for absent fields).
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(default)]
@@ -218,7 +217,6 @@ impl VaeConfig {
         1usize.checked_shl(self.block_out_channels.len().saturating_sub(1) as u32).unwrap_or(0)
     }
 }
-
 
 /// `CLIPTextConfig` (defaults are transformers' own, used when a config omits a field).
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
@@ -317,10 +315,17 @@ impl From<RawClipConfig> for ClipConfig {
     }
 }
 
-
 /// The block lists shared by the UNet and the VAE: as many block types (of the supported kinds)
 /// as block widths, every width in range and divisible by the norm's group count.
-fn check_blocks(channels: &[usize], max_blocks: usize, down: &[String], up: &[String], down_ok: &[&str], up_ok: &[&str], groups: usize) -> Result<(), String> {
+fn check_blocks(
+    channels: &[usize],
+    max_blocks: usize,
+    down: &[String],
+    up: &[String],
+    down_ok: &[&str],
+    up_ok: &[&str],
+    groups: usize,
+) -> Result<(), String> {
     let n = channels.len();
     range("block_out_channels (its length)", n, 1, max_blocks)?;
     if down.len() != n || up.len() != n {
@@ -450,7 +455,14 @@ fn check_transformer(hidden: usize, intermediate: usize, layers: usize, heads: u
 impl ClipTextConfig {
     /// Reject configs outside what this implementation mirrors, naming the field.
     pub fn validate(&self) -> Result<(), String> {
-        check_transformer(self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.num_attention_heads, self.layer_norm_eps, &self.hidden_act)?;
+        check_transformer(
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_hidden_layers,
+            self.num_attention_heads,
+            self.layer_norm_eps,
+            &self.hidden_act,
+        )?;
         range("vocab_size", self.vocab_size, 1, 1 << 20)?;
         range("max_position_embeddings", self.max_position_embeddings, 2, 4096)?;
         range("projection_dim", self.projection_dim, 1, MAX_CHANNELS)
@@ -460,7 +472,14 @@ impl ClipTextConfig {
 impl ClipVisionConfig {
     /// Reject configs outside what this implementation mirrors, naming the field.
     pub fn validate(&self) -> Result<(), String> {
-        check_transformer(self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.num_attention_heads, self.layer_norm_eps, &self.hidden_act)?;
+        check_transformer(
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_hidden_layers,
+            self.num_attention_heads,
+            self.layer_norm_eps,
+            &self.hidden_act,
+        )?;
         range("num_channels", self.num_channels, 1, 4)?;
         range("image_size", self.image_size, 1, 4096)?;
         range("patch_size", self.patch_size, 1, self.image_size)?;

@@ -56,7 +56,8 @@ pub fn parse(bytes: &[u8]) -> Result<InstructionFile, String> {
         return Err(format!("the instruction's width (hidden size) is {hidden} (shape [{positions}, {hidden}]); expected 1 to {MAX_HIDDEN}"));
     }
     let eos_text = metadata.get("eos").ok_or("metadata `eos` is missing")?;
-    let eos: usize = eos_text.trim().parse().map_err(|_| format!("metadata `eos` is {:?}, not a position", crate::text::printable_short(eos_text, 32)))?;
+    let eos: usize =
+        eos_text.trim().parse().map_err(|_| format!("metadata `eos` is {:?}, not a position", crate::text::printable_short(eos_text, 32)))?;
     if eos == 0 || eos >= positions {
         return Err(format!("metadata `eos` is {eos}, outside the instruction's positions 1..{positions}"));
     }

@@ -59,7 +59,8 @@ pub fn parse(text: &[u8]) -> Result<Manifest, String> {
     if raw.format != FORMAT {
         return Err(format!("manifest.json's format is {:?}, not {FORMAT:?}", crate::text::printable_short(&raw.format, 40)));
     }
-    let files = raw.files.ok_or("manifest.json lists no checksums for the pack's configs (a pack made by an older visii): convert the model again")?;
+    let files =
+        raw.files.ok_or("manifest.json lists no checksums for the pack's configs (a pack made by an older visii): convert the model again")?;
     let mut out = HashMap::new();
     let shards = raw.shards.iter().map(|f| f.path.clone()).collect();
     for f in raw.shards.into_iter().chain(files) {
@@ -77,7 +78,10 @@ impl Manifest {
     pub fn verify(&self, rel: &str, bytes: &[u8]) -> Result<(), String> {
         let e = self.files.get(rel).ok_or_else(|| format!("{} is not listed in the pack's manifest.json", crate::text::printable_short(rel, 120)))?;
         if e.bytes != bytes.len() as u64 || sha256_hex(bytes) != e.sha256 {
-            return Err(format!("{} does not match the checksum in the pack's manifest.json (edited or corrupt): convert or download the pack again", rel));
+            return Err(format!(
+                "{} does not match the checksum in the pack's manifest.json (edited or corrupt): convert or download the pack again",
+                rel
+            ));
         }
         Ok(())
     }
@@ -133,7 +137,9 @@ impl Verified {
                 }
                 let digest: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
                 if digest != self.sha256 {
-                    return Err("does not match the checksum in the pack's manifest.json (edited or corrupt): convert or download the pack again".into());
+                    return Err(
+                        "does not match the checksum in the pack's manifest.json (edited or corrupt): convert or download the pack again".into()
+                    );
                 }
                 Ok(())
             })

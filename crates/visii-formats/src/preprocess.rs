@@ -118,7 +118,11 @@ impl ClipPreprocessConfig {
             img = pil_resize(&img, w, h, nw, nh, filter);
             (w, h) = (nw, nh);
         }
-        let (ch, cw) = if self.do_center_crop { self.crop().map_err(|m| FormatError::Config { path: "preprocessor_config.json".into(), message: m })? } else { (h, w) };
+        let (ch, cw) = if self.do_center_crop {
+            self.crop().map_err(|m| FormatError::Config { path: "preprocessor_config.json".into(), message: m })?
+        } else {
+            (h, w)
+        };
         if ch > h || cw > w {
             return Err(FormatError::Image(format!("image {w}x{h} is smaller than the {cw}x{ch} crop")));
         }

@@ -56,7 +56,8 @@ pub fn parse_header(header: &[u8], data_len: u64) -> Result<(HashMap<String, Ten
     if header.first() != Some(&b'{') {
         return Err("the header is not a JSON object (not safetensors data)".into());
     }
-    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(header).map_err(|e| format!("the header is not valid JSON ({e})"))?;
+    let map: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(header).map_err(|e| format!("the header is not valid JSON ({e})"))?;
     let mut tensors = HashMap::new();
     let mut metadata = HashMap::new();
     for (k, v) in map {
@@ -128,7 +129,14 @@ mod tests {
         let cases: &[(Vec<u8>, &str)] = &[
             (vec![1, 2, 3], "fewer than"),
             (u64::MAX.to_le_bytes().to_vec(), "more than"),
-            ({ let mut f = file(ok, 8); f.truncate(20); f }, "truncated"),
+            (
+                {
+                    let mut f = file(ok, 8);
+                    f.truncate(20);
+                    f
+                },
+                "truncated",
+            ),
             (file(ok, 4), "truncated"),
             (file(r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#, 8), "overlap"),
             (file(r#"{"a":{"dtype":"F32","shape":[1099511627776,1099511627776],"data_offsets":[0,8]}}"#, 8), "too many"),

@@ -5,8 +5,7 @@
 /// (ESC, CSI, OSC, BEL, CR, ...), DEL, bidirectional overrides and isolates, and other invisible
 /// format characters that can hide or reorder text.
 pub fn is_unsafe(c: char) -> bool {
-    c.is_control()
-        || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}')
+    c.is_control() || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}')
 }
 
 /// `s` with every unsafe character replaced by its escape (`\u{1b}`), so nothing is hidden and

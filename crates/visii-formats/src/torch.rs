@@ -561,9 +561,10 @@ impl<'a> Unpickler<'a> {
     }
     /// Take `bytes` from the memory budget.
     fn charge(&mut self, bytes: usize) -> Result<(), String> {
-        self.budget = self.budget.checked_sub(bytes).ok_or(
-            "the pickle creates far more values than a state dict of its size has (over its memory limit); it is not a state dict",
-        )?;
+        self.budget = self
+            .budget
+            .checked_sub(bytes)
+            .ok_or("the pickle creates far more values than a state dict of its size has (over its memory limit); it is not a state dict")?;
         Ok(())
     }
     /// Push a value, charging what it costs.
@@ -596,10 +597,7 @@ impl<'a> Unpickler<'a> {
 
     fn run_all(&mut self) -> Result<Val, String> {
         if self.data.len() > MAX_PICKLE_BYTES {
-            return Err(format!(
-                "the pickle has {} bytes, too large to be a state dict (at most {MAX_PICKLE_BYTES})",
-                self.data.len()
-            ));
+            return Err(format!("the pickle has {} bytes, too large to be a state dict (at most {MAX_PICKLE_BYTES})", self.data.len()));
         }
         loop {
             let op = self.u8()?;
@@ -1027,7 +1025,12 @@ mod tests {
     fn real_state_dicts_charge_a_few_bytes_per_pickle_byte() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/torch-bin");
         let mut seen = 0;
-        for rel in ["unet/diffusion_pytorch_model.fp16.bin", "vae/diffusion_pytorch_model.bin", "clip/pytorch_model.bin", "text_encoder/pytorch_model-00001-of-00002.bin"] {
+        for rel in [
+            "unet/diffusion_pytorch_model.fp16.bin",
+            "vae/diffusion_pytorch_model.bin",
+            "clip/pytorch_model.bin",
+            "text_encoder/pytorch_model-00001-of-00002.bin",
+        ] {
             let bytes = std::fs::read(dir.join(rel)).unwrap();
             let source: &[u8] = &bytes;
             let entries = zip_entries(&source).unwrap();

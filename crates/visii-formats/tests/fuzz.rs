@@ -107,24 +107,8 @@ impl Rng {
 }
 
 /// Integers that break size arithmetic.
-const INTERESTING: [u64; 16] = [
-    0,
-    1,
-    2,
-    7,
-    8,
-    0x7f,
-    0x80,
-    0xff,
-    0x7fff,
-    0xffff,
-    0x7fff_ffff,
-    0x8000_0000,
-    0xffff_ffff,
-    0x1_0000_0000,
-    0x7fff_ffff_ffff_ffff,
-    u64::MAX,
-];
+const INTERESTING: [u64; 16] =
+    [0, 1, 2, 7, 8, 0x7f, 0x80, 0xff, 0x7fff, 0xffff, 0x7fff_ffff, 0x8000_0000, 0xffff_ffff, 0x1_0000_0000, 0x7fff_ffff_ffff_ffff, u64::MAX];
 
 /// Blind byte-level mutations (one to four of them).
 fn mutate_bytes(rng: &mut Rng, data: &mut Vec<u8>, other: &[u8]) {
@@ -533,7 +517,8 @@ fn targets() -> Vec<Target> {
                 if let Ok(c) = visii_formats::config::from_json::<ClipConfig>(t) {
                     accepted |= c.validate().is_ok();
                 }
-                accepted |= visii_formats::config::from_json::<visii_formats::config::ClipTextConfig>(t).map(|c| c.validate().is_ok()).unwrap_or(false);
+                accepted |=
+                    visii_formats::config::from_json::<visii_formats::config::ClipTextConfig>(t).map(|c| c.validate().is_ok()).unwrap_or(false);
                 accepted
             },
             max_alloc: small,
@@ -747,7 +732,8 @@ fn fuzz_every_reader() {
 /// The harness finds what it is meant to: a reader that panics, one that allocates far beyond its
 /// input, and a structure-aware mutation that reaches past the first check.
 fn harness_catches_panics_and_blowups() {
-    let t = Target { name: "probe", seeds: vec![], structured: |_, _| None, run: |b| b.len() != 3 || panic!("three bytes"), max_alloc: |_| usize::MAX };
+    let t =
+        Target { name: "probe", seeds: vec![], structured: |_, _| None, run: |b| b.len() != 3 || panic!("three bytes"), max_alloc: |_| usize::MAX };
     assert!(run_case(&t, b"abc").unwrap_err().contains("three bytes"));
     assert_eq!(run_case(&t, b"ab"), Ok(true));
     let t = Target {

@@ -2,11 +2,11 @@
 //! `Transformer2DModel` for continuous inputs (`transformer_2d.py`).
 
 use crate::nn::GroupNorm;
+use crate::nn::LayerNorm;
 use crate::resident::Layer;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::Linear;
-use crate::nn::LayerNorm;
 use burn::tensor::activation::gelu;
 use burn::tensor::Tensor;
 

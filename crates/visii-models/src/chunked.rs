@@ -14,10 +14,10 @@
 
 use std::ops::Range;
 
+use crate::resident::Layer;
 use burn::module::Param;
 use burn::nn::conv::Conv2d;
 use burn::nn::PaddingConfig2d;
-use crate::resident::Layer;
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::Tensor;

@@ -1,10 +1,10 @@
 //! CLIP text and vision transformers, mirroring transformers' `CLIPTextModel`, `CLIPVisionModel` and
 //! the projections of `CLIPModel` (`modeling_clip.py`). Shapes come from `config.json`.
 
+use crate::nn::LayerNorm;
 use burn::module::{Module, Param};
 use burn::nn::conv::Conv2d;
 use burn::nn::{Linear, PaddingConfig2d};
-use crate::nn::LayerNorm;
 use burn::tensor::activation::{gelu, sigmoid};
 use burn::tensor::module::embedding;
 use burn::tensor::{Int, Tensor, TensorData};

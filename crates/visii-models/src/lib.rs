@@ -25,8 +25,8 @@ pub mod vae;
 pub mod weights;
 
 // The readers of untrusted bytes live in visii-formats (no burn, fuzzed); re-exported where they were.
-pub use visii_formats::{preprocess, source, torch};
 pub use visii_formats::text::printable;
+pub use visii_formats::{preprocess, source, torch};
 
 pub use clip::{ClipConfig, ClipTextConfig, ClipTextTransformer, ClipVision, ClipVisionConfig};
 pub use error::{ModelError, Result};

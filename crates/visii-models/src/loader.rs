@@ -25,12 +25,12 @@ use crate::clip::{ClipConfig, ClipTextConfig, ClipTextTransformer, ClipVision};
 use crate::error::{ModelError, Result};
 use crate::nn::linear;
 use crate::preprocess::ClipPreprocessConfig;
-use visii_formats::manifest::Manifest;
-use visii_formats::source::{ByteSource, DiskFile};
 use crate::tokenizer::ClipTokenizer;
 use crate::unet::{UNet2DConditionModel, UNetConfig};
 use crate::vae::{AutoencoderKL, VaeConfig};
 use crate::weights::{WeightFile, Weights};
+use visii_formats::manifest::Manifest;
+use visii_formats::source::{ByteSource, DiskFile};
 
 /// A loaded component with its config and the number of parameters read from the weights.
 #[derive(Debug)]
@@ -157,12 +157,19 @@ fn clip_vision_load(config: &str, files: Vec<WeightFile>, device: &Device, resid
 #[derive(Clone)]
 pub enum Files {
     Disk(PathBuf),
-    Sources { name: String, files: Arc<HashMap<String, Arc<dyn ByteSource>>> },
+    Sources {
+        name: String,
+        files: Arc<HashMap<String, Arc<dyn ByteSource>>>,
+    },
     /// A weight pack's files: every small file read is checked against the pack's `manifest.json`
     /// (size and sha256), every weight file too (its size when opened, its sha256 before its first
     /// tensor is read: a flipped byte anywhere is refused, not loaded). `prefix` places these files in the pack
     /// (`clip/` for the CLIP side).
-    Checked { inner: Box<Files>, manifest: Arc<Manifest>, prefix: String },
+    Checked {
+        inner: Box<Files>,
+        manifest: Arc<Manifest>,
+        prefix: String,
+    },
 }
 
 /// Where a weight pack keeps its CLIP vision tower's files.
@@ -201,7 +208,8 @@ impl Files {
     /// Every small file the manifest lists under `prefix` is checked now, read or not: an edited
     /// pack is refused as a whole, whichever of its files was changed.
     pub fn checked_by(self, manifest_text: &[u8], prefix: &str) -> Result<Self> {
-        let manifest = visii_formats::manifest::parse(manifest_text).map_err(|message| ModelError::Config { path: self.display("manifest.json"), message })?;
+        let manifest =
+            visii_formats::manifest::parse(manifest_text).map_err(|message| ModelError::Config { path: self.display("manifest.json"), message })?;
         let checked = Files::Checked { inner: Box::new(self), manifest: Arc::new(manifest), prefix: prefix.into() };
         if let Files::Checked { manifest, .. } = &checked {
             // The InstructPix2Pix side (prefix "") leaves the pack's `clip/` files to the CLIP side:
@@ -346,7 +354,9 @@ fn chosen_weights(files: &Files, dir: &str, stem: &str) -> Result<ChosenWeights>
                 let v: serde_json::Value = parse_config(&files.display(&index), &files.read_text(&index)?)?;
                 let mut shards = Vec::new();
                 for s in v["weight_map"].as_object().into_iter().flat_map(|m| m.values()) {
-                    let s = s.as_str().ok_or_else(|| ModelError::Config { path: files.display(&index), message: "a weight_map entry is not a file name".into() })?;
+                    let s = s
+                        .as_str()
+                        .ok_or_else(|| ModelError::Config { path: files.display(&index), message: "a weight_map entry is not a file name".into() })?;
                     visii_formats::files::check_relative(s).map_err(|message| ModelError::Config { path: files.display(&index), message })?;
                     shards.push(join(dir, s));
                 }
@@ -437,7 +447,8 @@ impl Ip2pFolder {
 
     /// The same layout from any file source (a pack's `manifest.json` among them: checked against it).
     pub fn from_files(files: Files) -> Result<Self> {
-        let manifest = if files.exists("manifest.json") && !matches!(files, Files::Checked { .. }) { Some(files.read("manifest.json")?) } else { None };
+        let manifest =
+            if files.exists("manifest.json") && !matches!(files, Files::Checked { .. }) { Some(files.read("manifest.json")?) } else { None };
         let files = files.with_pack_manifest(manifest, "")?;
         let not =
             |m: &str| ModelError::NotAModel { path: files.display(""), expected: "an InstructPix2Pix diffusers folder".into(), message: m.into() };
@@ -512,7 +523,8 @@ impl ClipFolder {
     pub fn open(root: impl AsRef<Path>) -> Result<Self> {
         let root = root.as_ref();
         let files = Files::Disk(root.to_path_buf());
-        let pack_manifest = root.canonicalize().ok().filter(|r| r.file_name().is_some_and(|n| n == "clip")).and_then(|r| r.parent().map(|p| p.join("manifest.json")));
+        let pack_manifest =
+            root.canonicalize().ok().filter(|r| r.file_name().is_some_and(|n| n == "clip")).and_then(|r| r.parent().map(|p| p.join("manifest.json")));
         let manifest = match pack_manifest {
             Some(m) if m.exists() => Some(
                 visii_formats::files::read_regular(&m, visii_formats::manifest::MAX_BYTES)
@@ -526,10 +538,15 @@ impl ClipFolder {
     /// The same layout from any file source. A pack's `clip/` files come with the pack's
     /// `manifest.json` beside them (the page gives it so): they are checked against it.
     pub fn from_files(files: Files) -> Result<Self> {
-        let manifest = if files.exists("manifest.json") && !matches!(files, Files::Checked { .. }) { Some(files.read("manifest.json")?) } else { None };
+        let manifest =
+            if files.exists("manifest.json") && !matches!(files, Files::Checked { .. }) { Some(files.read("manifest.json")?) } else { None };
         let files = files.with_pack_manifest(manifest, PACK_CLIP_DIR)?;
         if !files.exists("config.json") {
-            return Err(ModelError::NotAModel { path: files.display(""), expected: "a CLIP model folder".into(), message: "config.json is missing".into() });
+            return Err(ModelError::NotAModel {
+                path: files.display(""),
+                expected: "a CLIP model folder".into(),
+                message: "config.json is missing".into(),
+            });
         }
         let text = files.read_text("config.json")?;
         let v: serde_json::Value = parse_config(&files.display("config.json"), &text)?;

@@ -176,7 +176,8 @@ impl Layer<Tensor<4>> for Conv2d {
         #[cfg(feature = "frozen")]
         let x = match &self.padding {
             &burn::nn::PaddingConfig2d::Explicit(top, left, bottom, right) if x.dtype() == DType::F32 && !x.is_autodiff() => {
-                let options = burn::tensor::ops::ConvOptions::new_with_padding(self.stride, [(top, bottom), (left, right)], self.dilation, self.groups);
+                let options =
+                    burn::tensor::ops::ConvOptions::new_with_padding(self.stride, [(top, bottom), (left, right)], self.dilation, self.groups);
                 match crate::kernels::conv2d(x, &self.weight.val(), self.bias.as_ref().map(|b| b.val()).as_ref(), &options) {
                     Ok(y) => return y,
                     Err(x) => x,

@@ -214,7 +214,7 @@ impl Ip2p {
         progress: &mut dyn FnMut(usize, usize) -> bool,
         trace: Option<&mut dyn FnMut(usize, &Tensor<4>)>,
     ) -> Result<Tensor<4>> {
-        crate::block_on(self.sample(image, cond, opts, noise, progress, trace, false))
+        crate::block_on(self.sample(image, cond, opts, noise, progress, trace, None, false))
     }
 
     /// `apply` for the browser: after each step it waits for the GPU (a one-value readback), so
@@ -227,7 +227,34 @@ impl Ip2p {
         noise: &Noise,
         progress: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<Tensor<4>> {
-        self.sample(image, cond, opts, noise, progress, None, true).await
+        self.sample(image, cond, opts, noise, progress, None, None, true).await
+    }
+
+    /// `apply_async` handing the predicted clean latent (x0) of the steps `preview` asks for to its
+    /// sink (live previews: see [`crate::preview`]).
+    pub async fn apply_previewed_async(
+        &self,
+        image: &RgbImage,
+        cond: Tensor<3>,
+        opts: &ApplyOptions,
+        noise: &Noise,
+        progress: &mut dyn FnMut(usize, usize) -> bool,
+        preview: Option<&mut crate::preview::PreviewSink<'_>>,
+    ) -> Result<Tensor<4>> {
+        self.sample(image, cond, opts, noise, progress, None, preview, true).await
+    }
+
+    /// [`apply_previewed_async`](Self::apply_previewed_async), blocking (native).
+    pub fn apply_previewed(
+        &self,
+        image: &RgbImage,
+        cond: Tensor<3>,
+        opts: &ApplyOptions,
+        noise: &Noise,
+        progress: &mut dyn FnMut(usize, usize) -> bool,
+        preview: Option<&mut crate::preview::PreviewSink<'_>>,
+    ) -> Result<Tensor<4>> {
+        crate::block_on(self.sample(image, cond, opts, noise, progress, None, preview, false))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -239,6 +266,7 @@ impl Ip2p {
         noise: &Noise,
         progress: &mut dyn FnMut(usize, usize) -> bool,
         mut trace: Option<&mut dyn FnMut(usize, &Tensor<4>)>,
+        mut preview: Option<&mut crate::preview::PreviewSink<'_>>,
         wait_each_step: bool,
     ) -> Result<Tensor<4>> {
         opts.validate()?;
@@ -294,6 +322,10 @@ impl Ip2p {
             let row = |r: usize| e.clone().slice([r..r + 1, 0..lat_c, 0..h, 0..w]);
             let (ea, eb, ec) = (row(0), row(1), row(2));
             let guided = ec.clone() + (ea - eb.clone()).mul_scalar(opts.guidance) + (eb - ec).mul_scalar(opts.image_guidance);
+            if let Some(p) = preview.as_mut().filter(|p| p.wants(i, steps)) {
+                let x0 = crate::preview::Latents::read(sched.pred_original(guided.clone(), i, latents.clone())).await?;
+                (p.sink)(i, &x0);
+            }
             latents = sched.step(guided, i, latents, noise_tensor(step_noise)?);
             crate::release_free_memory(dev);
             if let Some(f) = trace.as_mut() {

@@ -130,7 +130,10 @@ fn from_file(f: visii_formats::instruction::InstructionFile) -> Result<Instructi
     let noise_reuse = match metadata.get("noise_reuse") {
         Some(v) => {
             let r = serde_json::from_str::<NoiseReuse>(v).map_err(|_| bad("metadata `noise_reuse` is corrupt"))?;
-            if r.timesteps.is_empty() || r.timesteps.len() > MAX_REUSE_STEPS || r.timesteps.iter().any(|&t| t >= visii_formats::config::MAX_TRAIN_TIMESTEPS) {
+            if r.timesteps.is_empty()
+                || r.timesteps.len() > MAX_REUSE_STEPS
+                || r.timesteps.iter().any(|&t| t >= visii_formats::config::MAX_TRAIN_TIMESTEPS)
+            {
                 return Err(bad("metadata `noise_reuse` lists implausible timesteps"));
             }
             Some(r)

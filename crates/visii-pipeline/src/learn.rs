@@ -122,12 +122,27 @@ impl Inversion {
         sigma: f32,
         n: Tensor<4>,
     ) -> Result<StepStats> {
+        Ok(self.step_previewed_async(unet, text_projection, pair, t, sigma, n).await?.0)
+    }
+
+    /// `step_async`, also giving the clean *after* latent this step predicts, `z_t - sigma e`
+    /// ([1, 4, h, w], scaled; what the instruction makes of the *before* image at this timestep:
+    /// the learning preview), left on the device.
+    pub async fn step_previewed_async(
+        &mut self,
+        unet: &UNet2DConditionModel,
+        text_projection: &Linear,
+        pair: &PairLatents,
+        t: usize,
+        sigma: f32,
+        n: Tensor<4>,
+    ) -> Result<(StepStats, Tensor<4>)> {
         let step = self.step as usize;
-        let (vals, g) = self.graph(unet, text_projection, pair, t, sigma, n);
+        let (vals, g, x0) = self.graph(unet, text_projection, pair, t, sigma, n);
         self.adamw(g.clamp(-self.clip_value, self.clip_value));
         self.reset_outside_span();
         self.step += 1;
-        Ok(Self::stats(step, t, crate::read_f32(vals).await?))
+        Ok((Self::stats(step, t, crate::read_f32(vals).await?), x0))
     }
 
     fn stats(step: usize, t: usize, v: Vec<f32>) -> StepStats {
@@ -146,12 +161,12 @@ impl Inversion {
         sigma: f32,
         n: Tensor<4>,
     ) -> Result<(StepStats, Tensor<3>)> {
-        let (vals, g) = self.graph(unet, text_projection, pair, t, sigma, n);
+        let (vals, g, _) = self.graph(unet, text_projection, pair, t, sigma, n);
         Ok((Self::stats(self.step as usize, t, crate::block_on(crate::read_f32(vals))?), g))
     }
 
-    /// Forward and backward: ([mse, cos, loss], d loss / d c), in buffers of their exact size in
-    /// the browser (`visii_models::memory::exact_fit`).
+    /// Forward and backward: ([mse, cos, loss], d loss / d c, the predicted clean latent), in
+    /// buffers of their exact size in the browser (`visii_models::memory::exact_fit`).
     fn graph(
         &self,
         unet: &UNet2DConditionModel,
@@ -160,7 +175,7 @@ impl Inversion {
         t: usize,
         sigma: f32,
         n: Tensor<4>,
-    ) -> (Tensor<1>, Tensor<3>) {
+    ) -> (Tensor<1>, Tensor<3>, Tensor<4>) {
         visii_models::memory::exact_fit(&n.device(), n, |n| {
             let [_, lc, h, w] = n.dims();
             let inp = (pair.z_after.clone() + n.clone().mul_scalar(sigma)).div_scalar((sigma * sigma + 1.0).sqrt());
@@ -180,6 +195,8 @@ impl Inversion {
             let c = self.c.clone().autodiff().require_grad();
             let e_a = unet.forward(Tensor::cat(vec![inp, pair.z_before.clone()], 1).autodiff(), &[tf], c.clone());
             let e = e_c.clone() + (e_a - e_b.clone()).mul_scalar(self.guidance) + (e_b - e_c).mul_scalar(self.image_guidance);
+            // x0 = z_t - sigma e with z_t = z_after + sigma n.
+            let x0 = pair.z_after.clone() + (n.clone() - e.clone().inner()).mul_scalar(sigma);
             let mse = (e - n.autodiff()).powi_scalar(2).mean();
             let [_, _, hidden] = c.dims();
             let p = text_projection.forward(c.clone().mean_dim(1).reshape([1, hidden]));
@@ -189,7 +206,7 @@ impl Inversion {
             // One readback for the three values (not three), by the caller.
             let vals = Tensor::cat(vec![mse.inner(), cos.clone().inner(), loss.clone().inner()], 0);
             let grads = loss.backward();
-            (vals, c.grad(&grads).expect("gradient w.r.t. the instruction"))
+            (vals, c.grad(&grads).expect("gradient w.r.t. the instruction"), x0)
         })
     }
 
@@ -348,10 +365,12 @@ pub fn learn(
     schedule: Option<&crate::repro::Schedule>,
     progress: &mut dyn FnMut(&StepStats, f32) -> bool,
 ) -> Result<Learned> {
-    crate::block_on(learn_async(model, clip, clip_pre, pairs, init_caption, opts, schedule, progress))
+    crate::block_on(learn_async(model, clip, clip_pre, pairs, init_caption, opts, schedule, progress, None))
 }
 
 /// `learn` without blocking readbacks (the browser): it yields to the event loop once per step.
+/// `preview` gets the clean latent the steps it asks for predict (see
+/// [`Inversion::step_previewed_async`]), before `progress` hears of that step.
 #[allow(clippy::too_many_arguments)]
 pub async fn learn_async(
     model: &Ip2p,
@@ -362,6 +381,7 @@ pub async fn learn_async(
     opts: &LearnOptions,
     schedule: Option<&crate::repro::Schedule>,
     progress: &mut dyn FnMut(&StepStats, f32) -> bool,
+    mut preview: Option<&mut crate::preview::PreviewSink<'_>>,
 ) -> Result<Learned> {
     if pairs.is_empty() {
         return Err(PipelineError::Config("at least one before/after pair is needed".into()));
@@ -422,7 +442,11 @@ pub async fn learn_async(
         };
         let noise = Tensor::from_data(TensorData::new(values, [1, lc, h, w]), dev);
         let before_update = inv.c.clone();
-        let s = inv.step_async(&model.unet, &clip.text_projection, pair, t, sigmas[t], noise).await?;
+        let (s, x0) = inv.step_previewed_async(&model.unet, &clip.text_projection, pair, t, sigmas[t], noise).await?;
+        if let Some(p) = preview.as_mut().filter(|p| p.wants(k, ts.len())) {
+            let x0 = crate::preview::Latents::read(x0).await?;
+            (p.sink)(k, &x0);
+        }
         crate::release_free_memory(dev);
         // The MSE is measured for the instruction before this update.
         if s.mse < best {

@@ -8,10 +8,12 @@ pub mod identity;
 pub mod image;
 pub mod instruction;
 pub mod learn;
+pub mod preview;
 pub mod probe;
 pub mod repro;
 pub mod rng;
 pub mod scheduler;
+pub mod words;
 
 pub use apply::{hybrid, ApplyOptions, Ip2p, Noise};
 pub use error::{PipelineError, Result};

@@ -61,10 +61,16 @@ impl SchedulerConfig {
             return Err(format!("`steps_offset` {} is not below `num_train_timesteps` {}", self.steps_offset, self.num_train_timesteps));
         }
         if !["linspace", "leading", "trailing"].contains(&self.timestep_spacing.as_str()) {
-            return Err(format!("`timestep_spacing` {:?} is not supported (linspace, leading, trailing)", visii_formats::text::printable_short(&self.timestep_spacing, 40)));
+            return Err(format!(
+                "`timestep_spacing` {:?} is not supported (linspace, leading, trailing)",
+                visii_formats::text::printable_short(&self.timestep_spacing, 40)
+            ));
         }
         if !["scaled_linear", "linear"].contains(&self.beta_schedule.as_str()) {
-            return Err(format!("`beta_schedule` {:?} is not supported (scaled_linear, linear)", visii_formats::text::printable_short(&self.beta_schedule, 40)));
+            return Err(format!(
+                "`beta_schedule` {:?} is not supported (scaled_linear, linear)",
+                visii_formats::text::printable_short(&self.beta_schedule, 40)
+            ));
         }
         Ok(())
     }
@@ -153,6 +159,12 @@ impl EulerAncestral {
     pub fn scale_model_input(&self, sample: Tensor<4>, i: usize) -> Tensor<4> {
         let s = self.sigmas[i];
         sample.div_scalar((s * s + 1.0).sqrt())
+    }
+
+    /// The clean latent `sample` predicts at step `i` with the noise prediction `eps`:
+    /// `sample - sigma_i eps` (what a live preview shows).
+    pub fn pred_original(&self, eps: Tensor<4>, i: usize, sample: Tensor<4>) -> Tensor<4> {
+        sample - eps.mul_scalar(self.sigmas[i])
     }
 
     /// One ancestral step from `sample` with the noise prediction `eps` and the injected `noise`.

@@ -181,7 +181,8 @@ fn group_norm_silu_and_layer_norm_match_ndarray() {
     let cpu = Device::ndarray();
     // (shape, groups): UNet resnet norms (32 groups), the VAE's at a larger size, a batch of
     // three guidance rows, and an offset mean (the two-pass variance must not cancel).
-    let cases: &[(&[usize], usize, f32)] = &[(&[1, 320, 8, 8], 32, 0.0), (&[1, 128, 48, 40], 32, 0.0), (&[3, 64, 6, 6], 32, 0.0), (&[2, 48, 9, 7], 4, 100.0)];
+    let cases: &[(&[usize], usize, f32)] =
+        &[(&[1, 320, 8, 8], 32, 0.0), (&[1, 128, 48, 40], 32, 0.0), (&[3, 64, 6, 6], 32, 0.0), (&[2, 48, 9, 7], 4, 100.0)];
     for &(shape, groups, offset) in cases {
         let c = shape[1];
         let x = Tensor::<4>::random([shape[0], shape[1], shape[2], shape[3]], Distribution::Normal(offset as f64, 2.0), &gpu);

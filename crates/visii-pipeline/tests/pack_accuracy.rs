@@ -133,15 +133,21 @@ fn a_pack_split_as_the_page_gives_it_loads_and_is_checked() {
     let dev = Device::ndarray();
     let dir = std::env::temp_dir().join(format!("visii-pack-split-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    convert(&Ip2pFolder::open(fixtures().join("tiny-ip2p")).unwrap(), &ClipFolder::open(fixtures().join("tiny-clip")).unwrap(), &dir, Quant::Q8, Quant::Q8, 1)
-        .unwrap();
+    convert(
+        &Ip2pFolder::open(fixtures().join("tiny-ip2p")).unwrap(),
+        &ClipFolder::open(fixtures().join("tiny-clip")).unwrap(),
+        &dir,
+        Quant::Q8,
+        Quant::Q8,
+        1,
+    )
+    .unwrap();
     let mut all = HashMap::new();
     files_under(&dir, &dir, &mut all);
     let _ = std::fs::remove_dir_all(&dir);
     let ip2p: HashMap<String, Arc<[u8]>> = all.iter().filter(|(k, _)| !k.starts_with("clip/")).map(|(k, v)| (k.clone(), v.clone())).collect();
     let clip_of = |all: &HashMap<String, Arc<[u8]>>| -> HashMap<String, Arc<[u8]>> {
-        let mut c: HashMap<String, Arc<[u8]>> =
-            all.iter().filter_map(|(k, v)| k.strip_prefix("clip/").map(|r| (r.to_string(), v.clone()))).collect();
+        let mut c: HashMap<String, Arc<[u8]>> = all.iter().filter_map(|(k, v)| k.strip_prefix("clip/").map(|r| (r.to_string(), v.clone()))).collect();
         c.insert("manifest.json".into(), all["manifest.json"].clone());
         c
     };

@@ -21,6 +21,7 @@ use visii_models::{ByteSource, ClipFolder, ClipPreprocessConfig, Files, Ip2pFold
 use visii_pipeline::caption::CaptionOptions;
 use visii_pipeline::instruction::{self, SaveInfo};
 use visii_pipeline::learn::{AdamWConfig, LearnOptions};
+use visii_pipeline::preview::{LatentPreview, Latents, PreviewSink};
 use visii_pipeline::{ApplyOptions, Ip2p, ModelIdentity, Noise, PipelineError, RgbImage};
 use wasm_bindgen::prelude::*;
 
@@ -276,6 +277,8 @@ pub struct Engine {
     /// The model and its identity, replaced together.
     ip2p: RefCell<Option<(Rc<Ip2p>, ModelIdentity)>>,
     clip: RefCell<Option<Rc<Clip>>>,
+    /// The loaded VAE's latent -> RGB map for live previews (fitted at load; none if the fit failed).
+    preview: RefCell<Option<Rc<LatentPreview>>>,
     cancel: Rc<Cell<bool>>,
     busy: Rc<Cell<bool>>,
 }
@@ -330,6 +333,7 @@ pub async fn create_engine(options: JsValue) -> Result<Engine, JsValue> {
         device: init_device(spec).await?,
         ip2p: RefCell::new(None),
         clip: RefCell::new(None),
+        preview: RefCell::new(None),
         cancel: Rc::new(Cell::new(false)),
         busy: Rc::new(Cell::new(false)),
     })
@@ -348,6 +352,8 @@ struct LearnOpts {
     caption_iterations: Option<usize>,
     /// Free-form fields stored in the file (e.g. `createdAt`).
     created_at: Option<String>,
+    /// A live preview every this many steps (default 1; 0: none).
+    preview_every: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]
@@ -363,6 +369,8 @@ struct ApplyOpts {
     extra: Option<String>,
     reuse_noise: bool,
     allow_foreign_model: bool,
+    /// A live preview every this many steps (default 1; 0: none).
+    preview_every: Option<usize>,
 }
 
 #[derive(Serialize)]
@@ -382,6 +390,27 @@ fn report(f: &js_sys::Function, p: &Progress) -> bool {
     let v = to_js(p);
     // A callback that returns `false` asks to stop.
     !matches!(f.call1(&JsValue::NULL, &v), Ok(r) if r == JsValue::FALSE)
+}
+
+/// A live preview to `f`: `{phase: "preview", of, step, total, width, height, rgba: Uint8ClampedArray}`
+/// (one pixel per latent pixel; the page scales it up). Returning `false` asks to stop.
+fn report_preview(f: &js_sys::Function, of: &str, step: usize, total: usize, img: &RgbImage) -> bool {
+    let mut rgba = Vec::with_capacity(img.width * img.height * 4);
+    for px in img.data.chunks_exact(3) {
+        rgba.extend_from_slice(&[px[0], px[1], px[2], 255]);
+    }
+    let o = js_sys::Object::new();
+    let set = |k: &str, v: JsValue| {
+        let _ = js_sys::Reflect::set(&o, &k.into(), &v);
+    };
+    set("phase", "preview".into());
+    set("of", of.into());
+    set("step", (step as u32).into());
+    set("total", (total as u32).into());
+    set("width", (img.width as u32).into());
+    set("height", (img.height as u32).into());
+    set("rgba", js_sys::Uint8ClampedArray::from(&rgba[..]).into());
+    !matches!(f.call1(&JsValue::NULL, &o), Ok(r) if r == JsValue::FALSE)
 }
 
 fn decode_image(bytes: &[u8], what: &str) -> Result<RgbImage, JsValue> {
@@ -420,6 +449,8 @@ impl Engine {
         // Files are read by range, one tensor at a time: the largest single read is one tensor.
         let (read_total, read_largest) = visii_models::READ_STATS.get();
         let id = ModelIdentity::of_async(&model).await.map_err(pipeline_error)?;
+        // Previews are a help, not a need: a VAE the fit fails on loads without them.
+        let preview = LatentPreview::fit_async(&model).await.ok().map(Rc::new);
         // The identity's readback has waited for every upload and conversion: what loading used
         // on the side (f32 weights before their int8 conversion) can go back now.
         visii_pipeline::release_free_memory(&self.device);
@@ -430,11 +461,13 @@ impl Engine {
             "unetParams": up, "vaeParams": vp, "textParams": tp,
             "bytesRead": read_total, "largestRead": read_largest, "residentInt8Values": model.resident_values,
             "activations": if f16 { "f16" } else { "f32" },
+            "previewFitRmse": preview.as_ref().map(|p| p.fit_rmse),
             "gpuBytesInUse": pool.as_ref().map(|u| u.bytes_in_use), "gpuBytesReserved": pool.map(|u| u.bytes_reserved),
         });
         // A learn or apply may have started while the identity was read back.
         self.idle()?;
         *self.ip2p.borrow_mut() = Some((Rc::new(model), id));
+        *self.preview.borrow_mut() = preview;
         Ok(to_js(&info))
     }
 
@@ -534,19 +567,36 @@ impl Engine {
             return Err(pipeline_error(PipelineError::Cancelled));
         }
         let total = opts.steps;
-        let learned = visii_pipeline::learn::learn_async(&model, &clip.parts, &clip.pre, &pairs, &caption, &opts, None, &mut |s, best| {
-            let p = Progress {
-                phase: "learn",
-                step: s.step + 1,
-                total,
-                t: Some(s.t),
-                mse: Some(s.mse),
-                cos: Some(s.cos),
-                loss: Some(s.loss),
-                best: Some(best),
-            };
-            report(&on_progress, &p) && !cancel.get()
-        })
+        let previewer = self.preview.borrow().clone();
+        let mut show = |step: usize, z: &Latents| {
+            if let Some(img) = previewer.as_ref().and_then(|p| p.render(z).ok()) {
+                report_preview(&on_progress, "learn", step + 1, total, &img);
+            }
+        };
+        let mut sink = PreviewSink { every: if previewer.is_some() { o.preview_every.unwrap_or(1) } else { 0 }, sink: &mut show };
+        let learned = visii_pipeline::learn::learn_async(
+            &model,
+            &clip.parts,
+            &clip.pre,
+            &pairs,
+            &caption,
+            &opts,
+            None,
+            &mut |s, best| {
+                let p = Progress {
+                    phase: "learn",
+                    step: s.step + 1,
+                    total,
+                    t: Some(s.t),
+                    mse: Some(s.mse),
+                    cos: Some(s.cos),
+                    loss: Some(s.loss),
+                    best: Some(best),
+                };
+                report(&on_progress, &p) && !cancel.get()
+            },
+            Some(&mut sink),
+        )
         .await
         .map_err(pipeline_error)?;
         let thumb = RgbImage::strip(&[&pairs[0].0, &pairs[0].1], 64).to_png().map_err(pipeline_error)?;
@@ -605,11 +655,26 @@ impl Engine {
             }
         };
         let cancel = self.cancel.clone();
+        let previewer = self.preview.borrow().clone();
+        let steps = opts.steps;
+        let mut show = |step: usize, z: &Latents| {
+            if let Some(img) = previewer.as_ref().and_then(|p| p.render(z).ok()) {
+                report_preview(&on_progress, "apply", step + 1, steps, &img);
+            }
+        };
+        let mut sink = PreviewSink { every: if previewer.is_some() { o.preview_every.unwrap_or(1) } else { 0 }, sink: &mut show };
         let out = model
-            .apply_async(&work, cond, &opts, &noise, &mut |i, n| {
-                let p = Progress { phase: "apply", step: i, total: n, t: None, mse: None, cos: None, loss: None, best: None };
-                report(&on_progress, &p) && !cancel.get()
-            })
+            .apply_previewed_async(
+                &work,
+                cond,
+                &opts,
+                &noise,
+                &mut |i, n| {
+                    let p = Progress { phase: "apply", step: i, total: n, t: None, mse: None, cos: None, loss: None, best: None };
+                    report(&on_progress, &p) && !cancel.get()
+                },
+                Some(&mut sink),
+            )
             .await
             .map_err(pipeline_error)?;
         let v = visii_pipeline::read_f32(out).await.map_err(pipeline_error)?;
@@ -676,6 +741,19 @@ impl Engine {
         Ok(to_js(&serde_json::json!({"what": what, "size": size, "firstSeconds": times[0], "seconds": best,
             "gpuBytesInUse": pool.as_ref().map(|u| u.bytes_in_use), "gpuBytesReserved": pool.map(|u| u.bytes_reserved),
             "gpuBytesHeldPeak": peak.held, "gpuBytesInUsePeak": peak.in_use})))
+    }
+
+    /// The vocabulary entries nearest to each learned position of an instruction file, read with the
+    /// loaded model's text encoder (see `visii_pipeline::words`): `[[{word, id, score}, ...], ...]`,
+    /// one list per position of the learned span, best first, `k` (1..=20) each.
+    #[wasm_bindgen(js_name = instructionWords)]
+    pub async fn instruction_words(&self, bytes: js_sys::Uint8Array, k: usize) -> Result<JsValue, JsValue> {
+        let (model, _, _busy) = self.begin()?;
+        let ins = instruction::load(&bytes.to_vec(), model.hidden_size(), model.text_positions().map_err(pipeline_error)?).map_err(pipeline_error)?;
+        let words = visii_pipeline::words::nearest_words_async(&model.text, &model.tokenizer, &ins.rows, ins.positions, 1..ins.eos, k.clamp(1, 20))
+            .await
+            .map_err(pipeline_error)?;
+        Ok(to_js(&words))
     }
 
     /// What is loaded: `{ ip2p: {name, fingerprint} | null, clip: bool }`.

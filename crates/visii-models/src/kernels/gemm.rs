@@ -78,8 +78,18 @@ pub const BK: u32 = 8;
 /// The shapes `(wg_x, wg_y, hm, hn)` compiled for GPUs: 8 x 8 outputs per invocation in square
 /// and half tiles for large problems, narrow ones (8 to 32 columns) for the few pixels of the
 /// deepest UNet levels, flat ones (8 to 32 rows) for Linear layers over a few tokens.
-pub const VARIANTS: [(u32, u32, u32, u32); 10] =
-    [(16, 16, 2, 2), (16, 8, 2, 2), (8, 16, 2, 2), (8, 8, 2, 2), (1, 16, 2, 2), (2, 16, 2, 2), (4, 16, 2, 2), (16, 1, 2, 2), (16, 2, 2, 2), (16, 4, 2, 2)];
+pub const VARIANTS: [(u32, u32, u32, u32); 10] = [
+    (16, 16, 2, 2),
+    (16, 8, 2, 2),
+    (8, 16, 2, 2),
+    (8, 8, 2, 2),
+    (1, 16, 2, 2),
+    (2, 16, 2, 2),
+    (4, 16, 2, 2),
+    (16, 1, 2, 2),
+    (16, 2, 2, 2),
+    (16, 4, 2, 2),
+];
 
 /// The shapes for SwiftShader (Chrome's CPU WebGPU, the headless tests' adapter): 4 x 4 outputs
 /// per invocation. With the 8 x 8 shapes its shader JIT made Chromium's GPU process grow past
@@ -187,7 +197,8 @@ impl GemmConfig {
                 ALayout::RowMajor => "a[gm * p.k + gk]".to_string(),
                 ALayout::ConvFlipped { kk } => format!("a[(gk / {kk}u) * p.m * {kk}u + gm * {kk}u + {}u - gk % {kk}u]", kk - 1),
             };
-            let _ = writeln!(w, "    {{ let e = t + {}u; {guard}{{ let m = e / {BK}u; let kk = e % {BK}u; let gm = m0 + m; let gk = k0 + kk;", pass * t);
+            let _ =
+                writeln!(w, "    {{ let e = t + {}u; {guard}{{ let m = e / {BK}u; let kk = e % {BK}u; let gm = m0 + m; let gk = k0 + kk;", pass * t);
             let _ = writeln!(w, "      var v = 0.0; if (gm < p.m && gk < p.k) {{ v = {load}; }}");
             let _ = writeln!(w, "      let f = kk * {bm}u + m; sa[f / 4u][f % 4u] = v; }} }}");
         }
@@ -198,7 +209,8 @@ impl GemmConfig {
             if fixed_col {
                 let _ = writeln!(w, "    {guard}{{ let kr = brow + {}u; let gk = k0 + kr; var v = 0.0;", pass * (t / bn));
             } else {
-                let _ = writeln!(w, "    {guard}{{ let e = t + {}u; let kr = e / {bn}u; let bcol = e % {bn}u; let gk = k0 + kr; var v = 0.0;", pass * t);
+                let _ =
+                    writeln!(w, "    {guard}{{ let e = t + {}u; let kr = e / {bn}u; let bcol = e % {bn}u; let gk = k0 + kr; var v = 0.0;", pass * t);
                 column(w, "      ");
             }
             match self.b {
@@ -211,8 +223,12 @@ impl GemmConfig {
                 BLayout::Conv { kh, kw, .. } => {
                     let kk = kh * kw;
                     let _ = writeln!(w, "      if (pvalid && gk < p.k) {{");
-                    let _ = writeln!(w, "        let ci = gk / {kk}u; let r = gk % {kk}u; let iy = iy0 + i32(r / {kw}u); let ix = ix0 + i32(r % {kw}u);");
-                    let _ = writeln!(w, "        if (iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w)) {{ v = b[xbase + ci * hw + u32(iy) * p.w + u32(ix)]; }}");
+                    let _ =
+                        writeln!(w, "        let ci = gk / {kk}u; let r = gk % {kk}u; let iy = iy0 + i32(r / {kw}u); let ix = ix0 + i32(r % {kw}u);");
+                    let _ = writeln!(
+                        w,
+                        "        if (iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w)) {{ v = b[xbase + ci * hw + u32(iy) * p.w + u32(ix)]; }}"
+                    );
                     let _ = writeln!(w, "      }}");
                 }
             }
@@ -275,7 +291,15 @@ mod tests {
     fn every_variant_is_valid_wgsl_shape() {
         // The generator's arithmetic: loads cover the tiles exactly.
         for (wg_x, wg_y, hm, hn) in VARIANTS.into_iter().chain(CPU_VARIANTS) {
-            let c = GemmConfig { wg_x, wg_y, hm, hn, a: ALayout::RowMajor, b: BLayout::Conv { kh: 3, kw: 3, sh: 2, sw: 2, ph: 0, pw: 0 }, bias: Bias::Row };
+            let c = GemmConfig {
+                wg_x,
+                wg_y,
+                hm,
+                hn,
+                a: ALayout::RowMajor,
+                b: BLayout::Conv { kh: 3, kw: 3, sh: 2, sw: 2, ph: 0, pw: 0 },
+                bias: Bias::Row,
+            };
             assert!(c.bm() % 4 == 0 && c.bn() % 4 == 0 && c.bm() / 4 / hm == wg_y && c.bn() / 4 / hn == wg_x);
             let src = c.wgsl();
             assert!(src.contains("@workgroup_size") && src.contains("bias[m]"));

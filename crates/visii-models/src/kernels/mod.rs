@@ -175,7 +175,8 @@ fn launch(cfg: GemmConfig, a: &CubeTensor, b: &CubeTensor, bias: Option<&CubeTen
     if let Some(bias) = bias {
         args = args.with_buffer_io(bias.handle.clone().binding(), BufferIOAttr::ReadOnly);
     }
-    let args = args.with_buffer_io(out.handle.clone().binding(), BufferIOAttr::WriteOnly).with_info(params([p.m, p.n, p.k, p.ohw, p.ow, p.h, p.w, p.img]));
+    let args =
+        args.with_buffer_io(out.handle.clone().binding(), BufferIOAttr::WriteOnly).with_info(params([p.m, p.n, p.k, p.ohw, p.ow, p.h, p.w, p.img]));
     let count = CubeCount::Static(p.n.div_ceil(cfg.bn() as usize) as u32, p.m.div_ceil(cfg.bm() as usize) as u32, 1);
     a.client.launch(Box::new(Wgsl::Gemm(cfg)), count, args);
     out
@@ -201,7 +202,12 @@ fn dispatchable(cfg: &GemmConfig, m: usize, n: usize) -> bool {
 
 /// The kernel's conv on cubecl primitives: `x` `[n, c_in, h, w]`, `w` `[c_out, c_in, kh, kw]`,
 /// `bias` `[c_out]`, with `options` (groups 1, dilation 1). `None` where it does not apply.
-pub fn conv2d_cube(x: CubeTensor, w: CubeTensor, bias: Option<CubeTensor>, options: &ConvOptions<2>) -> Result<CubeTensor, (CubeTensor, CubeTensor, Option<CubeTensor>)> {
+pub fn conv2d_cube(
+    x: CubeTensor,
+    w: CubeTensor,
+    bias: Option<CubeTensor>,
+    options: &ConvOptions<2>,
+) -> Result<CubeTensor, (CubeTensor, CubeTensor, Option<CubeTensor>)> {
     let f32s = x.dtype == DType::F32 && w.dtype == DType::F32 && bias.as_ref().is_none_or(|b| b.dtype == DType::F32);
     let [nb, c_in, h, wd] = x.shape().dims::<4>();
     let [c_out, c_in_w, kh, kw] = w.shape().dims::<4>();
@@ -254,12 +260,24 @@ pub fn linear_cube(x: CubeTensor, w: CubeTensor, bias: Option<CubeTensor>) -> Re
 /// The input gradient of a conv (weights frozen): `grad` `[n, c_out, oh, ow]`, `w` `[c_out, c_in,
 /// kh, kw]`, for an input of `size_in` `[h, w]`. Stride 1 only (the transposed conv is then a conv
 /// with the flipped, transposed weight, read in place); `Err` otherwise.
-pub fn conv2d_input_grad_cube(grad: CubeTensor, w: CubeTensor, options: &ConvOptions<2>, size_in: [usize; 2]) -> Result<CubeTensor, (CubeTensor, CubeTensor)> {
+pub fn conv2d_input_grad_cube(
+    grad: CubeTensor,
+    w: CubeTensor,
+    options: &ConvOptions<2>,
+    size_in: [usize; 2],
+) -> Result<CubeTensor, (CubeTensor, CubeTensor)> {
     let [nb, c_out, oh, ow] = grad.shape().dims::<4>();
     let [c_out_w, c_in, kh, kw] = w.shape().dims::<4>();
     let [(pt, _), (pl, _)] = options.padding;
     let ok = grad.dtype == DType::F32 && w.dtype == DType::F32 && options.groups == 1 && options.dilation == [1, 1] && options.stride == [1, 1];
-    if !ok || c_out != c_out_w || pt + 1 > kh || pl + 1 > kw || oh + kh - 1 != size_in[0] + 2 * pt || ow + kw - 1 != size_in[1] + 2 * pl || nb * c_in == 0 {
+    if !ok
+        || c_out != c_out_w
+        || pt + 1 > kh
+        || pl + 1 > kw
+        || oh + kh - 1 != size_in[0] + 2 * pt
+        || ow + kw - 1 != size_in[1] + 2 * pl
+        || nb * c_in == 0
+    {
         return Err((grad, w));
     }
     let [h, wd] = size_in;
@@ -303,7 +321,15 @@ pub fn linear_input_grad_cube(grad: CubeTensor, w: CubeTensor) -> Result<CubeTen
 /// GroupNorm of `x` `[b, c, ..]` over `groups` groups with per-channel `gamma`, `beta`, then SiLU
 /// where asked; LayerNorm of `[.., c]` is `groups = 1` over a `[rows, c]` view (see `norm.rs`).
 /// `Err` where the kernels do not apply.
-pub fn group_norm_cube(x: CubeTensor, gamma: &CubeTensor, beta: &CubeTensor, groups: usize, eps: f64, silu: bool, layer_norm: bool) -> Result<CubeTensor, CubeTensor> {
+pub fn group_norm_cube(
+    x: CubeTensor,
+    gamma: &CubeTensor,
+    beta: &CubeTensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+    layer_norm: bool,
+) -> Result<CubeTensor, CubeTensor> {
     let dims = x.shape().to_vec();
     let ok = x.dtype == DType::F32 && gamma.dtype == DType::F32 && beta.dtype == DType::F32 && dims.len() >= 2 && groups > 0;
     if !ok || !fits_u32(&[&dims]) || dims[1] % groups != 0 || (layer_norm && groups != 1) {
@@ -380,7 +406,14 @@ pub fn softmax<const D: usize>(x: Tensor<D>) -> Result<Tensor<D>, Tensor<D>> {
 }
 
 /// Our GroupNorm (+ SiLU) outside autodiff on a cubecl device; `Err(x)` where burn's must run.
-pub fn group_norm<const D: usize>(x: Tensor<D>, gamma: &Tensor<1>, beta: &Tensor<1>, groups: usize, eps: f64, silu: bool) -> Result<Tensor<D>, Tensor<D>> {
+pub fn group_norm<const D: usize>(
+    x: Tensor<D>,
+    gamma: &Tensor<1>,
+    beta: &Tensor<1>,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor<D>, Tensor<D>> {
     norm_with(x, gamma, beta, groups, eps, silu, false)
 }
 
@@ -390,7 +423,15 @@ pub fn layer_norm<const D: usize>(x: Tensor<D>, gamma: &Tensor<1>, beta: &Tensor
     norm_with(x, gamma, beta, 1, eps, false, true)
 }
 
-fn norm_with<const D: usize>(x: Tensor<D>, gamma: &Tensor<1>, beta: &Tensor<1>, groups: usize, eps: f64, silu: bool, layer: bool) -> Result<Tensor<D>, Tensor<D>> {
+fn norm_with<const D: usize>(
+    x: Tensor<D>,
+    gamma: &Tensor<1>,
+    beta: &Tensor<1>,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+    layer: bool,
+) -> Result<Tensor<D>, Tensor<D>> {
     if !enabled() {
         return Err(x);
     }
@@ -412,7 +453,11 @@ fn wrap<const D: usize>(c: CubeTensor) -> Tensor<D> {
 
 /// The primitives of `x`, `weight` and `bias` where our kernels may run (enabled, all three
 /// cubecl float tensors outside autodiff).
-fn layer_primitives<const D: usize, const W: usize>(x: &Tensor<D>, weight: &Tensor<W>, bias: Option<&Tensor<1>>) -> Option<(CubeTensor, CubeTensor, Option<CubeTensor>)> {
+fn layer_primitives<const D: usize, const W: usize>(
+    x: &Tensor<D>,
+    weight: &Tensor<W>,
+    bias: Option<&Tensor<1>>,
+) -> Option<(CubeTensor, CubeTensor, Option<CubeTensor>)> {
     if !enabled() {
         return None;
     }

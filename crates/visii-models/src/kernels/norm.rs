@@ -66,9 +66,13 @@ impl NormKernel {
                 let _ = writeln!(w, "  let live = row < p.rows; let base = min(row, p.rows - 1u) * p.len;");
                 let _ = writeln!(w, "  var acc = 0.0; for (var i = t; i < p.len; i = i + {THREADS}u) {{ acc = acc + x[base + i]; }}");
                 let _ = writeln!(w, "  let mean = reduce(t, acc) / f32(p.len);");
-                let _ = writeln!(w, "  var sq = 0.0; for (var i = t; i < p.len; i = i + {THREADS}u) {{ let d = x[base + i] - mean; sq = sq + d * d; }}");
+                let _ =
+                    writeln!(w, "  var sq = 0.0; for (var i = t; i < p.len; i = i + {THREADS}u) {{ let d = x[base + i] - mean; sq = sq + d * d; }}");
                 let _ = writeln!(w, "  let var_ = reduce(t, sq) / f32(p.len);");
-                let _ = writeln!(w, "  if (live && t == 0u) {{ stats[row * 2u] = mean; stats[row * 2u + 1u] = 1.0 / sqrt(var_ + bitcast<f32>(p.eps)); }}");
+                let _ = writeln!(
+                    w,
+                    "  if (live && t == 0u) {{ stats[row * 2u] = mean; stats[row * 2u + 1u] = 1.0 / sqrt(var_ + bitcast<f32>(p.eps)); }}"
+                );
                 let _ = writeln!(w, "}}");
             }
             NormKernel::Softmax => {
@@ -84,11 +88,13 @@ impl NormKernel {
                 let _ = writeln!(w, "  let live = row < p.rows; let base = min(row, p.rows - 1u) * p.len;");
                 // -inf entries (masked positions) give exp(-inf) = 0; a row of only -inf gives NaN,
                 // as PyTorch's softmax does.
-                let _ = writeln!(w, "  var m = -3.4028234663852886e38; for (var i = t; i < p.len; i = i + {THREADS}u) {{ m = max(m, x[base + i]); }}");
+                let _ =
+                    writeln!(w, "  var m = -3.4028234663852886e38; for (var i = t; i < p.len; i = i + {THREADS}u) {{ m = max(m, x[base + i]); }}");
                 let _ = writeln!(w, "  let mx = reduce_max(t, m);");
                 let _ = writeln!(w, "  var acc = 0.0; for (var i = t; i < p.len; i = i + {THREADS}u) {{ acc = acc + exp(x[base + i] - mx); }}");
                 let _ = writeln!(w, "  let inv = 1.0 / reduce_sum(t, acc);");
-                let _ = writeln!(w, "  if (live) {{ for (var i = t; i < p.len; i = i + {THREADS}u) {{ y[base + i] = exp(x[base + i] - mx) * inv; }} }}");
+                let _ =
+                    writeln!(w, "  if (live) {{ for (var i = t; i < p.len; i = i + {THREADS}u) {{ y[base + i] = exp(x[base + i] - mx) * inv; }} }}");
                 let _ = writeln!(w, "}}");
             }
             NormKernel::Apply { silu } => {
