@@ -84,10 +84,10 @@ deps_bindgen() {
 # --- Node tools: binaryen's wasm-opt and playwright-core (Debian's chromium is the browser)
 deps_node() {
   have npm || apt_install nodejs npm
-  if [ ! -d "$TOOLS/node/node_modules/playwright-core" ] || [ ! -d "$TOOLS/node/node_modules/binaryen" ]; then
-    log "npm install playwright-core binaryen"
+  if [ ! -d "$TOOLS/node/node_modules/playwright-core" ] || [ ! -d "$TOOLS/node/node_modules/binaryen" ] || [ ! -d "$TOOLS/node/node_modules/axe-core" ]; then
+    log "npm install playwright-core binaryen axe-core"
     mkdir -p "$TOOLS/node"
-    (cd "$TOOLS/node" && npm init -y >/dev/null && npm install --silent --no-audit --no-fund playwright-core@1.64.1 binaryen@132.0.0 >/dev/null)
+    (cd "$TOOLS/node" && npm init -y >/dev/null && npm install --silent --no-audit --no-fund playwright-core@1.64.1 binaryen@132.0.0 axe-core@4.14.1 >/dev/null)
   fi
 }
 deps_browser() {

@@ -2,7 +2,13 @@
 // (web/worker.js), so the page never freezes. State a test (or a curious person) can read is kept
 // in `window.visii`.
 const $ = (id) => document.getElementById(id);
-const state = { model: null, instruction: null, instructionInfo: null, result: null, images: {}, losses: [], busy: null };
+const state = {
+  model: null, instruction: null, instructionInfo: null, result: null, images: {}, losses: [], busy: null,
+  // Live previews: the steps each run showed (`apply` / `learn`), the last one's pixels.
+  previewSteps: { apply: [], learn: [] }, previewHashes: { apply: [], learn: [] }, previewSums: { apply: [], learn: [] }, lastPreview: null,
+  // Results kept with their settings (the gallery), the images waiting in a batch, the words read.
+  gallery: [], batch: [], words: null, imageNames: {}, timing: {},
+};
 window.visii = state;
 let nextId = 1;
 
@@ -255,6 +261,8 @@ function showDownload(d) {
 }
 function modelLoaded(d) {
   state.model = d;
+  state.timing = {};
+  showEstimates();
   const int8Values = (d.info.residentInt8Values || 0) + ((d.clip && d.clip.residentInt8Values) || 0);
   const int8 = int8Values ? `, ${(int8Values / 1e6).toFixed(1)} M weights int8 on the GPU` : '';
   const f16 = d.info.activations === 'f16' ? ', f16 activations' : '';
@@ -368,6 +376,7 @@ async function setImage(slot, file) {
     const buf = await imageBytes(file);
     if (!$(`slot-${slot}`)) return; // its pair was removed meanwhile
     state.images[slot] = buf;
+    state.imageNames[slot] = file.name || 'pasted image';
     setSrc($(`slot-${slot}`).querySelector('img'), new Blob([buf]));
     $(`slot-${slot}`).classList.add('filled');
     updateButtons();
@@ -382,16 +391,22 @@ function setupSlot(slot) {
   const input = el.querySelector('input');
   el.onclick = (e) => { if (e.target !== input) input.click(); };
   el.onkeydown = (e) => { if (e.key === 'Enter' || e.key === ' ') input.click(); };
-  input.onchange = () => input.files[0] && setImage(slot, input.files[0]);
+  // Several images on "Image to edit" make a batch (the first is shown in the box).
+  const take = (files) => {
+    if (!files.length) return;
+    if (slot === 'edit' && files.length > 1) addToBatch(files);
+    setImage(slot, files[0]);
+  };
+  input.onchange = () => take([...input.files]);
   el.ondragover = (e) => { e.preventDefault(); el.classList.add('over'); };
   el.ondragleave = () => el.classList.remove('over');
   el.ondrop = (e) => {
     e.preventDefault();
     e.stopPropagation();
     el.classList.remove('over');
-    const f = e.dataTransfer.files[0];
-    if (f && /\.safetensors$/i.test(f.name)) return loadInstruction(f);
-    if (f) setImage(slot, f);
+    const files = [...e.dataTransfer.files];
+    if (files[0] && /\.safetensors$/i.test(files[0].name)) return loadInstruction(files[0]);
+    take(files);
   };
 }
 for (const slot of ['before', 'after', 'edit']) setupSlot(slot);
@@ -471,7 +486,15 @@ $('learn').onclick = async () => {
   try {
     const options = { steps: num('learn-steps'), size: num('learn-size'), seed: num('learn-seed'), init: $('learn-init').value, captionIterations: num('learn-caption-iterations'), createdAt: new Date().toISOString() };
     const pairs = learningPairs();
+    state.previewSteps.learn = [];
+    state.previewHashes.learn = [];
+    state.previewSums.learn = [];
     const r = await call({ type: 'learn', befores: pairs.map((p) => p[0].slice(0)), afters: pairs.map((p) => p[1].slice(0)), options }, (p) => {
+      if (p.phase === 'preview') {
+        drawPreview($('learn-preview'), p);
+        $('learn-preview-text').textContent = `step ${p.step}: what the instruction makes of the before image`;
+        return;
+      }
       if (p.phase === 'caption') {
         $('learn-bar').value = p.step / p.total * 0.1;
         $('learn-text').textContent = `finding a caption ${p.step}/${p.total} (similarity ${p.cos.toFixed(3)})`;
@@ -484,6 +507,11 @@ $('learn').onclick = async () => {
       $('learn-text').textContent = `step ${p.step}/${p.total} · t ${p.t} · mse ${p.mse.toFixed(4)} · best ${p.best.toFixed(4)} · about ${Math.ceil(per * (p.total - p.step) / 1000)} s left`;
       drawLoss();
     });
+    if (learnStart && state.losses.length) {
+      const [w, h] = [num('learn-size'), num('learn-size') * 0.75];
+      state.timing.learn = (performance.now() - learnStart) / 1000 / state.losses.length / (w * h);
+      showEstimates();
+    }
     $('learn-bar').value = 1;
     $('learn-text').textContent = `done in ${((performance.now() - t0) / 1000).toFixed(1)} s (${r.info.metadata.steps_run} steps, best mse ${Number(r.info.metadata.best_mse).toFixed(4)})`;
     setInstruction(r.bytes, r.info, 'learned.visii.safetensors');
@@ -502,6 +530,7 @@ $('learn-stop').onclick = () => worker.postMessage({ type: 'cancel' });
 // ---------------------------------------------------------------- instruction files
 function setInstruction(bytesBuf, info, name) {
   state.instruction = bytesBuf;
+  state.instructionSerial = (state.instructionSerial || 0) + 1;
   state.instructionInfo = info;
   state.instructionName = name;
   const m = info.metadata;
@@ -568,40 +597,333 @@ $('instruction-download').onclick = () => {
   download(state.instruction, `${caption || 'edit'}.visii.safetensors`, 'application/octet-stream');
 };
 
+// ---------------------------------------------------------------- live previews
+/// Draw a preview ({width, height, rgba}: one pixel per latent pixel) into a canvas; the canvas is
+/// scaled up by CSS with smoothing.
+function drawPreview(canvas, p) {
+  canvas.width = p.width;
+  canvas.height = p.height;
+  canvas.getContext('2d').putImageData(new ImageData(new Uint8ClampedArray(p.rgba), p.width, p.height), 0, 0);
+  state.previewSteps[p.of].push(p.step);
+  // A checksum per preview (a test reads whether each step changed the image).
+  let h = 0;
+  for (let i = 0; i < p.rgba.length; i++) h = (Math.imul(h, 31) + p.rgba[i]) | 0;
+  (state.previewHashes[p.of] = state.previewHashes[p.of] || []).push(h);
+  (state.previewSums[p.of] = state.previewSums[p.of] || []).push(p.latentSum);
+  state.lastPreview = { of: p.of, step: p.step, width: p.width, height: p.height };
+  document.body.dataset[`${p.of}Previews`] = state.previewSteps[p.of].length;
+}
+
+// ---------------------------------------------------------------- compare
+/// A compare widget: the after image over the before one, cut where the slider is; a click, Enter,
+/// Space or F flips to the before image and back.
+function setupCompare(box, slider) {
+  const cut = () => box.style.setProperty('--cut', `${slider.value}%`);
+  slider.oninput = cut;
+  cut();
+  const flip = () => {
+    box.classList.toggle('flipped');
+    box.setAttribute('aria-label', box.classList.contains('flipped') ? 'Showing the image before the edit: press F to flip back' : 'Showing the edit: press F or click to flip to the image before it');
+  };
+  box.onclick = flip;
+  box.onkeydown = (e) => {
+    if (e.key === 'f' || e.key === 'F' || e.key === 'Enter' || e.key === ' ') { e.preventDefault(); flip(); }
+  };
+}
+setupCompare($('result-compare'), $('result-slider'));
+
 // ---------------------------------------------------------------- apply
-$('apply').onclick = async () => {
+/// The apply settings on the page now.
+function applySettings() {
+  return {
+    steps: num('apply-steps'), guidance: num('apply-guidance'), imageGuidance: num('apply-image-guidance'), seed: num('apply-seed'),
+    size: num('apply-size'), prompt: $('apply-prompt').value, extra: $('apply-extra').value,
+    reuseNoise: $('apply-reuse').checked && !$('apply-reuse').disabled,
+  };
+}
+/// One apply: `input` image bytes with `settings` and the instruction bytes (or none: the text
+/// instruction in the settings). Shows the previews in the result box; resolves to the result.
+async function runApply(input, settings, instruction, label) {
+  const t0 = performance.now();
+  state.previewSteps.apply = [];
+  state.previewHashes.apply = [];
+  state.previewSums.apply = [];
+  $('slot-result').classList.remove('filled');
+  $('apply-preview').hidden = false;
+  $('result-slider').hidden = true;
+  const r = await call({ type: 'apply', image: input.slice(0), options: settings, instruction: instruction ? instruction.slice(0) : undefined }, (p) => {
+    if (p.phase === 'preview') return drawPreview($('apply-preview'), p);
+    $('apply-bar').value = p.step / p.total;
+    const per = p.step ? (performance.now() - t0) / p.step : 0;
+    $('apply-text').textContent = `${label ? `${label}: ` : ''}step ${p.step}/${p.total}${p.step ? ` · about ${Math.ceil(per * (p.total - p.step) / 1000)} s left` : ''}`;
+  });
+  const seconds = (performance.now() - t0) / 1000;
+  // Seconds per step and working pixel on this GPU with this model: the next estimates.
+  state.timing.apply = seconds / (settings.steps * r.width * r.height);
+  showEstimates();
+  return { ...r, seconds };
+}
+/// "About N s on this GPU" beside Learn and Apply, from the last run of each (or "Measure this GPU").
+function showEstimates() {
+  const fmt = (s) => (s < 90 ? `about ${Math.max(1, Math.round(s))} s` : `about ${Math.round(s / 60)} min`);
+  const side = (n) => n * n * 0.75; // a 4:3 image of that longer side
+  const a = state.timing.apply, l = state.timing.learn;
+  $('apply-estimate').textContent = a ? `${fmt(a * num('apply-steps') * side(num('apply-size')))} on this GPU (from the last apply)` : '';
+  $('learn-estimate').textContent = l ? `${fmt(l * num('learn-steps') * side(num('learn-size')))} on this GPU (from the last learning run; fewer if it stops early)` : '';
+}
+for (const id of ['apply-steps', 'apply-size', 'learn-steps', 'learn-size']) $(id).addEventListener('input', showEstimates);
+/// Show a result in the result box (compare with its input) and keep it in the gallery.
+function showResult(input, r, settings, instruction, name) {
+  state.result = r.png;
+  setSrc($('result-before'), new Blob([input]));
+  setSrc($('result'), new Blob([r.png], { type: 'image/png' }));
+  $('apply-preview').hidden = true;
+  $('slot-result').classList.add('filled');
+  $('result-slider').hidden = false;
+  $('result-compare').classList.remove('flipped');
+  addToGallery({ input, png: r.png, width: r.width, height: r.height, settings, instruction, instructionName: instruction ? state.instructionName : null, name });
+  document.body.dataset.applied = String(Number(document.body.dataset.applied || 0) + 1);
+}
+/// Run `job` as the page's one running job: buttons off, Stop shown; errors shown (a stop is not one).
+async function applyJob(job) {
   state.busy = 'apply';
   updateButtons();
   $('apply-stop').hidden = false;
-  const t0 = performance.now();
   try {
-    const options = {
-      steps: num('apply-steps'), guidance: num('apply-guidance'), imageGuidance: num('apply-image-guidance'), seed: num('apply-seed'),
-      size: num('apply-size'), prompt: $('apply-prompt').value, extra: $('apply-extra').value,
-      reuseNoise: $('apply-reuse').checked && !$('apply-reuse').disabled,
-    };
-    const instruction = state.instruction ? state.instruction.slice(0) : undefined;
-    const r = await call({ type: 'apply', image: state.images.edit.slice(0), options, instruction }, (p) => {
-      $('apply-bar').value = p.step / p.total;
-      const per = p.step ? (performance.now() - t0) / p.step : 0;
-      $('apply-text').textContent = `step ${p.step}/${p.total}${p.step ? ` · about ${Math.ceil(per * (p.total - p.step) / 1000)} s left` : ''}`;
-    });
-    state.result = r.png;
-    setSrc($('result'), new Blob([r.png], { type: 'image/png' }));
-    $('slot-result').classList.add('filled');
-    $('apply-text').textContent = `done in ${((performance.now() - t0) / 1000).toFixed(1)} s, ${r.width} x ${r.height}`;
-    document.body.dataset.applied = String(Number(document.body.dataset.applied || 0) + 1);
-  } catch (e) {
-    if (e.name === 'CancelledError') $('apply-text').textContent = 'stopped';
-    showWorkerError(e);
+    await job();
   } finally {
     state.busy = null;
     $('apply-stop').hidden = true;
+    $('apply-preview').hidden = true;
+    if (state.result) $('slot-result').classList.add('filled');
+    updateButtons();
+  }
+}
+$('apply').onclick = () => applyJob(async () => {
+  const settings = applySettings();
+  const input = state.images.edit;
+  try {
+    const r = await runApply(input, settings, state.instruction, '');
+    showResult(input, r, settings, state.instruction, state.imageNames.edit || 'image');
+    $('apply-text').textContent = `done in ${r.seconds.toFixed(1)} s, ${r.width} x ${r.height}`;
+  } catch (e) {
+    if (e.name === 'CancelledError') $('apply-text').textContent = 'stopped';
+    showWorkerError(e);
+  }
+});
+$('apply-stop').onclick = () => { state.stopBatch = true; worker.postMessage({ type: 'cancel' }); };
+$('result-download').onclick = () => download(state.result, 'visii-result.png', 'image/png');
+
+// ---------------------------------------------------------------- batch
+/// Add files to the batch (each checked and read now; one that fails is listed as failed).
+async function addToBatch(files) {
+  for (const f of files) {
+    const item = { name: f.name || 'pasted image', buf: null, status: 'waiting' };
+    try {
+      item.buf = await imageBytes(f);
+    } catch (e) {
+      item.status = 'failed';
+      item.error = e.message;
+    }
+    state.batch.push(item);
+  }
+  showBatch();
+}
+function showBatch() {
+  $('batch').hidden = !state.batch.length;
+  $('batch-count').textContent = state.batch.length;
+  $('batch-list').replaceChildren(...state.batch.map((it) => {
+    const li = document.createElement('li');
+    const status = Object.assign(document.createElement('span'), { className: `status ${it.status}`, textContent: it.status === 'failed' ? `failed: ${it.error}` : it.status });
+    li.append(it.name, status);
+    li.dataset.status = it.status;
+    return li;
+  }));
+  updateButtons();
+}
+$('batch-clear').onclick = () => { state.batch = []; showBatch(); };
+// Every waiting image of the batch with the same settings (and seed), one after the other; Stop
+// ends the batch after the running image (the rest stay waiting).
+$('batch-apply').onclick = () => applyJob(async () => {
+  const settings = applySettings();
+  const instruction = state.instruction;
+  state.stopBatch = false;
+  const todo = state.batch.filter((it) => it.status !== 'done' && it.buf);
+  let done = 0;
+  for (const [k, it] of todo.entries()) {
+    if (state.stopBatch) break;
+    it.status = 'running';
+    showBatch();
+    try {
+      const r = await runApply(it.buf, settings, instruction, `${k + 1}/${todo.length} ${it.name}`);
+      showResult(it.buf, r, settings, instruction, it.name);
+      it.status = 'done';
+      done++;
+    } catch (e) {
+      if (e.name === 'CancelledError') { it.status = 'stopped'; state.stopBatch = true; }
+      else { it.status = 'failed'; it.error = e.message; }
+      // A lost engine ends the batch (the engine restarts itself; run the batch again).
+      if (e.restarted) { showWorkerError(e); state.stopBatch = true; }
+    }
+    showBatch();
+  }
+  $('apply-text').textContent = `batch: ${done} of ${todo.length} images edited${state.stopBatch ? ' (stopped)' : ''}`;
+  document.body.dataset.batches = String(Number(document.body.dataset.batches || 0) + 1);
+});
+
+// ---------------------------------------------------------------- gallery
+const settingsText = (s, instructionName) => [
+  instructionName ? `instruction ${instructionName}` : `"${s.prompt}"`, s.extra ? `+ "${s.extra}"` : '',
+  `steps ${s.steps}`, `guidance ${s.guidance}`, `image guidance ${s.imageGuidance}`, `seed ${s.seed}`, `size ${s.size}`, s.reuseNoise ? 'learning noise' : '',
+].filter(Boolean).join(' · ');
+let galleryId = 0;
+function addToGallery(entry) {
+  entry.id = ++galleryId;
+  state.gallery.push(entry);
+  const li = document.createElement('li');
+  li.dataset.id = entry.id;
+  const fig = document.createElement('figure');
+  const box = Object.assign(document.createElement('div'), { className: 'compare', tabIndex: 0 });
+  box.setAttribute('role', 'group');
+  box.setAttribute('aria-label', `Result ${entry.id} (${entry.name}): press F or click to flip between before and after`);
+  const before = Object.assign(document.createElement('img'), { className: 'before', alt: `${entry.name} before the edit` });
+  const after = Object.assign(document.createElement('img'), { className: 'after', alt: `${entry.name} edited` });
+  before.src = URL.createObjectURL(new Blob([entry.input]));
+  after.src = URL.createObjectURL(new Blob([entry.png], { type: 'image/png' }));
+  box.append(before, after);
+  const slider = Object.assign(document.createElement('input'), { type: 'range', min: 0, max: 100, value: 50, className: 'compare-slider' });
+  slider.setAttribute('aria-label', `Compare result ${entry.id}: before on the left, after on the right`);
+  setupCompare(box, slider);
+  const cap = document.createElement('figcaption');
+  const settings = Object.assign(document.createElement('div'), { className: 'settings', textContent: settingsText(entry.settings, entry.instructionName) });
+  const actions = Object.assign(document.createElement('div'), { className: 'actions' });
+  const button = (text, cls, f) => {
+    const b = Object.assign(document.createElement('button'), { type: 'button', textContent: text, className: cls });
+    b.onclick = f;
+    actions.append(b);
+    return b;
+  };
+  button('Download', 'download', () => download(entry.png, `${fileStem(entry.name)}-visii.png`, 'image/png'));
+  // Run again with one setting changed (the instruction the result was made with).
+  const again = (change, what) => applyJob(async () => {
+    const s = { ...entry.settings, ...change(entry.settings) };
+    try {
+      const r = await runApply(entry.input, s, entry.instruction, what);
+      showResult(entry.input, r, s, entry.instruction, entry.name);
+      $('apply-text').textContent = `${what}: done in ${r.seconds.toFixed(1)} s`;
+    } catch (e) {
+      if (e.name === 'CancelledError') $('apply-text').textContent = 'stopped';
+      showWorkerError(e);
+    }
+  });
+  button('Another seed', 'rerun-seed', () => again((s) => ({ seed: s.seed + 1 }), 'another seed'));
+  button('Stronger', 'rerun-stronger', () => again((s) => ({ guidance: Math.round(s.guidance * 1.3 * 10) / 10 }), 'stronger'));
+  button('Weaker', 'rerun-weaker', () => again((s) => ({ guidance: Math.round(s.guidance / 1.3 * 10) / 10 }), 'weaker'));
+  button('Remove', 'remove', () => {
+    state.gallery = state.gallery.filter((e) => e !== entry);
+    URL.revokeObjectURL(before.src);
+    URL.revokeObjectURL(after.src);
+    li.remove();
+    updateButtons();
+  });
+  cap.append(Object.assign(document.createElement('strong'), { textContent: `${entry.name} · ${entry.width} x ${entry.height}` }), settings, actions);
+  fig.append(box, slider, cap);
+  li.append(fig);
+  $('gallery').prepend(li);
+  updateButtons();
+}
+const fileStem = (name) => (name || 'image').replace(/\.[^.]*$/, '').replace(/[^\w.-]+/g, '-').slice(0, 60) || 'image';
+$('gallery-clear').onclick = () => {
+  for (const img of $('gallery').querySelectorAll('img')) URL.revokeObjectURL(img.src);
+  state.gallery = [];
+  $('gallery').replaceChildren();
+  updateButtons();
+};
+// All results as one zip (stored, not compressed: PNGs are compressed already), written here.
+$('gallery-zip').onclick = () => {
+  const used = new Set();
+  const files = state.gallery.map((e, i) => {
+    let name = `${String(i + 1).padStart(3, '0')}-${fileStem(e.name)}.png`;
+    while (used.has(name)) name = `x${name}`;
+    used.add(name);
+    return { name, bytes: new Uint8Array(e.png) };
+  });
+  const settings = state.gallery.map((e, i) => ({ file: files[i].name, input: e.name, instruction: e.instructionName, ...e.settings }));
+  files.push({ name: 'settings.json', bytes: new TextEncoder().encode(JSON.stringify(settings, null, 2)) });
+  const zip = makeZip(files);
+  state.lastZip = zip;
+  download(zip, 'visii-results.zip', 'application/zip');
+};
+const CRC_TABLE = new Uint32Array(256).map((_, n) => {
+  let c = n;
+  for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+  return c >>> 0;
+});
+function crc32(b) {
+  let c = 0xffffffff;
+  for (let i = 0; i < b.length; i++) c = CRC_TABLE[(c ^ b[i]) & 0xff] ^ (c >>> 8);
+  return (c ^ 0xffffffff) >>> 0;
+}
+/// A zip archive of `files` ([{name, bytes}]), stored (method 0), names in UTF-8.
+function makeZip(files) {
+  const enc = new TextEncoder();
+  const parts = [];
+  const central = [];
+  let offset = 0;
+  for (const f of files) {
+    const name = enc.encode(f.name);
+    const crc = crc32(f.bytes);
+    const head = new DataView(new ArrayBuffer(30));
+    head.setUint32(0, 0x04034b50, true); head.setUint16(4, 20, true); head.setUint16(6, 0x0800, true); head.setUint16(8, 0, true);
+    head.setUint32(14, crc, true); head.setUint32(18, f.bytes.length, true); head.setUint32(22, f.bytes.length, true); head.setUint16(26, name.length, true);
+    const dir = new DataView(new ArrayBuffer(46));
+    dir.setUint32(0, 0x02014b50, true); dir.setUint16(4, 20, true); dir.setUint16(6, 20, true); dir.setUint16(8, 0x0800, true);
+    dir.setUint32(16, crc, true); dir.setUint32(20, f.bytes.length, true); dir.setUint32(24, f.bytes.length, true); dir.setUint16(28, name.length, true);
+    dir.setUint32(42, offset, true);
+    parts.push(new Uint8Array(head.buffer), name, f.bytes);
+    central.push(new Uint8Array(dir.buffer), name);
+    offset += 30 + name.length + f.bytes.length;
+  }
+  const size = central.reduce((a, b) => a + b.length, 0);
+  const end = new DataView(new ArrayBuffer(22));
+  end.setUint32(0, 0x06054b50, true); end.setUint16(8, files.length, true); end.setUint16(10, files.length, true);
+  end.setUint32(12, size, true); end.setUint32(16, offset, true);
+  const out = new Uint8Array(offset + size + 22);
+  let at = 0;
+  for (const p of [...parts, ...central, new Uint8Array(end.buffer)]) { out.set(p, at); at += p.length; }
+  return out.buffer;
+}
+
+// ---------------------------------------------------------------- readable instructions
+// The words nearest to the instruction's learned positions, read with the loaded model on request
+// (a job like any other: the engine reads them position by position); hidden again when the
+// instruction or the model changes.
+let wordsFor = null;
+const wordsKey = () => (state.instruction && state.model ? `${state.model.info.fingerprint}:${state.instructionSerial}` : null);
+$('instruction-read').onclick = async () => {
+  const key = wordsKey();
+  if (!key || state.busy) return;
+  state.busy = 'words';
+  updateButtons();
+  $('instruction-reads').textContent = 'reading…';
+  $('instruction-words').hidden = false;
+  try {
+    const r = await call({ type: 'words', bytes: state.instruction.slice(0), k: 3 });
+    wordsFor = key;
+    state.words = r.words;
+    $('instruction-reads').textContent = r.words.map((l) => (l[0] ? l[0].word : '?')).join(' ');
+    $('instruction-word-list').replaceChildren(...r.words.map((l) => Object.assign(document.createElement('li'), {
+      textContent: l.map((w) => `${w.word} (${w.score.toFixed(2)})`).join(', '),
+    })));
+    document.body.dataset.words = $('instruction-reads').textContent;
+  } catch (e) {
+    $('instruction-words').hidden = true;
+    showWorkerError(e);
+  } finally {
+    state.busy = null;
     updateButtons();
   }
 };
-$('apply-stop').onclick = () => worker.postMessage({ type: 'cancel' });
-$('result-download').onclick = () => download(state.result, 'visii-result.png', 'image/png');
 
 function updateButtons() {
   const idle = !state.busy;
@@ -614,6 +936,14 @@ function updateButtons() {
   $('apply').disabled = !(idle && model && state.images.edit && (state.instruction || $('apply-prompt').value.trim()));
   $('instruction-download').disabled = !state.instruction;
   $('result-download').disabled = !state.result;
+  $('batch-apply').disabled = !(idle && model && state.batch.some((it) => it.buf && it.status !== 'done') && (state.instruction || $('apply-prompt').value.trim()));
+  $('gallery-zip').disabled = !state.gallery.length;
+  $('gallery-clear').disabled = !(idle && state.gallery.length);
+  for (const b of document.querySelectorAll('#gallery .actions button:not(.download):not(.remove)')) b.disabled = !(idle && model);
+  $('gallery-empty').hidden = !!state.gallery.length;
+  $('instruction-read').disabled = !(idle && model && state.instruction);
+  // Words read for another instruction or model are not shown.
+  if (idle && wordsFor && wordsFor !== wordsKey()) { wordsFor = null; state.words = null; $('instruction-words').hidden = true; }
 }
 $('apply-prompt').oninput = updateButtons;
 

@@ -4,13 +4,14 @@
 // PROTOCOL (page -> worker): {type: 'init', hub?, limits?: 'adapter' | 'spec', tidy?: {tidyEvery?, tidyBackwardEvery?, exactFit?}, kernels?: 'ours' | 'burn'} | {type: 'sources'} | {type: 'prepare', source}
 //   | {type: 'local', ip2p: [{path, file}], clip: [{path, file}]} | {type: 'delete', source}
 //   | {type: 'learn', id, befores, afters, options} | {type: 'apply', id, image, options, instruction?}
-//   | {type: 'inspect', id, bytes} | {type: 'measure', id, what, size, runs} | {type: 'cancel'} | {type: 'loadStored', source} | {type: 'convert', source}
+//   | {type: 'inspect', id, bytes} | {type: 'words', id, bytes, k} | {type: 'measure', id, what, size, runs} | {type: 'cancel'} | {type: 'loadStored', source} | {type: 'convert', source}
 //   (prepare, local, loadStored and convert take resident?: 'f32' | 'q8', how the weights live on the GPU,
 //   and activations?: 'f32' | 'f16', the UNet's activations: f16 needs the adapter's shader-f16)
 // (worker -> page): {type: 'ready', version, selftest, limits} | {type: 'sources', sources, stored}
 //   | {type: 'download', ...progress} | {type: 'convert', source, done, total, path} | {type: 'model', info, source} | {type: 'progress', id, ...}
 //   | {type: 'learned', id, bytes, info} | {type: 'applied', id, png, width, height}
-//   | {type: 'inspected', id, info} | {type: 'measured', id, result, wasmMemory} | {type: 'error', id?, name, message}
+//   | {type: 'inspected', id, info} | {type: 'words', id, words} | {type: 'measured', id, result, wasmMemory} | {type: 'error', id?, name, message}
+//   (progress of learn / apply includes {phase: 'preview', of, step, total, width, height, rgba}: the step's predicted image)
 //   (measured.result also has browserGpuBytes / browserGpuBytesPeak: GPU buffers alive as the browser counts them)
 import init, { version, createEngine, inspectInstruction, gpuSelftest, convertPack, neededFiles } from '../dist/pkg/visii_web.js';
 import { ensureSource, readComponent, listStored, deleteSource, SourceWriter, storedLabel } from './store.js';
@@ -195,6 +196,9 @@ const handlers = {
     const result = await engine.measure(msg.what, msg.size, msg.runs);
     Object.assign(result, { browserGpuBytes: gpuBuffers.live, browserGpuBytesPeak: gpuBuffers.peak });
     post({ type: 'measured', id: msg.id, result, wasmMemory: wasm.memory.buffer.byteLength });
+  },
+  async words(msg) {
+    post({ type: 'words', id: msg.id, words: await engine.instructionWords(new Uint8Array(msg.bytes), msg.k || 3) });
   },
   async inspect(msg) {
     post({ type: 'inspected', id: msg.id, info: inspectInstruction(new Uint8Array(msg.bytes)) });

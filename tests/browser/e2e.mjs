@@ -67,6 +67,27 @@ function rewriteMeta(buf, edit) {
   return Buffer.concat([len, head, buf.subarray(8 + n)]);
 }
 
+// The entries of a zip archive (stored or deflated), read from its central directory; a CRC that
+// does not match throws.
+function readZip(buf) {
+  const end = buf.lastIndexOf(Buffer.from([0x50, 0x4b, 0x05, 0x06]));
+  const count = buf.readUInt16LE(end + 10);
+  let at = buf.readUInt32LE(end + 16);
+  const out = [];
+  const crcTable = Array.from({ length: 256 }, (_, n) => { let c = n; for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1; return c >>> 0; });
+  const crc32 = (b) => { let c = 0xffffffff; for (const x of b) c = crcTable[(c ^ x) & 0xff] ^ (c >>> 8); return (c ^ 0xffffffff) >>> 0; };
+  for (let i = 0; i < count; i++) {
+    const [crc, size, nameLen, extra, comment, local] = [buf.readUInt32LE(at + 16), buf.readUInt32LE(at + 20), buf.readUInt16LE(at + 28), buf.readUInt16LE(at + 30), buf.readUInt16LE(at + 32), buf.readUInt32LE(at + 42)];
+    const name = buf.subarray(at + 46, at + 46 + nameLen).toString('utf8');
+    const start = local + 30 + buf.readUInt16LE(local + 26) + buf.readUInt16LE(local + 28);
+    const data = buf.subarray(start, start + size);
+    if (crc32(data) !== crc) throw new Error(`zip entry ${name}: CRC mismatch`);
+    out.push({ name, data });
+    at += 46 + nameLen + extra + comment;
+  }
+  return out;
+}
+
 let browser;
 try {
   browser = await launch({ acceptDownloads: true, viewport: { width: 1200, height: 1800 } });
@@ -83,6 +104,17 @@ try {
     await page.fill('#apply-seed', '5');
   };
   const dismiss = () => page.click('#error-close');
+  // axe-core on the page as it is: no serious or critical accessibility violation. (Its source is
+  // evaluated through the DevTools protocol: the page's Content-Security-Policy stays as it is.)
+  const axeSource = readFileSync(join(root, 'tests', 'browser', 'node_modules', 'axe-core', 'axe.min.js'), 'utf8');
+  const a11y = async (label) => {
+    const found = await page.evaluate(async (src) => {
+      if (!window.axe) (0, eval)(src);
+      const r = await window.axe.run(document, { resultTypes: ['violations'] });
+      return r.violations.filter((v) => v.impact === 'serious' || v.impact === 'critical').map((v) => `${v.id} (${v.impact}): ${v.nodes.slice(0, 3).map((n) => n.target.join(' ')).join('; ')}`);
+    }, axeSource);
+    check(found.length === 0, `accessibility of ${label}: ${found.length ? found.join(' | ') : 'no serious or critical violations'}`);
+  };
   // The same learning natively (CLI, ndarray, tiny model): pairs of fixture image names, 64 px, seed 3;
   // returns the per-step MSEs of its log.
   const cliLearn = (name, pairs, steps, init) => {
@@ -181,6 +213,10 @@ try {
   console.log(`learned: ${learned.text}; caption "${learned.caption}"; mse per step ${learned.losses.map((v) => v.toFixed(4)).join(' ')}`);
   check(learned.losses.length === 4 && learned.losses.every(Number.isFinite), 'four finite learning steps reported');
   check(/^[a-z]+( [a-z]+){7}$/.test(learned.caption), `automatic caption of eight words: "${learned.caption}"`);
+  {
+    const lp = await page.evaluate(() => ({ steps: window.visii.previewSteps.learn, hashes: window.visii.previewHashes.learn }));
+    check(lp.steps.join() === '1,2,3,4' && new Set(lp.hashes).size === 4, `a learning preview at every step (${lp.steps.join(', ')}), each different`);
+  }
 
   step('download the instruction');
   const [dl] = await Promise.all([page.waitForEvent('download'), page.click('#instruction-download')]);
@@ -222,6 +258,113 @@ try {
   check(cmp.size[0] === 32 && cmp.size[1] === 64 && cmp.size[2] === 32 && cmp.size[3] === 64, 'result is 32 x 64 in both');
   check(cmp.max <= 2 && cmp.mean <= 0.1, 'browser result equals the native CLI result within 2 levels (mean <= 0.1)');
   check(cmp.moved > 5, 'the result differs from the input');
+
+  step('live previews of the apply, compare, gallery, re-run, batch, zip');
+  {
+    const ap = await page.evaluate(() => ({ steps: window.visii.previewSteps.apply, hashes: window.visii.previewHashes.apply, sums: window.visii.previewSums.apply }));
+    // Every step's predicted latent differs from the one before; the 8-bit preview of a 4 x 8 latent
+    // may not at the last step (the sampler converges), so the image is compared first to last.
+    check(ap.steps.join() === '1,2,3' && ap.sums.every((v, i) => i === 0 || v !== ap.sums[i - 1]) && ap.hashes[0] !== ap.hashes[2],
+      `an apply preview at every step (${ap.steps.join(', ')}): the predicted latent changes at each (sums ${ap.sums.map((v) => v.toFixed(3)).join(', ')}), the image from first to last (${new Set(ap.hashes).size} distinct images)`);
+    // The last preview (one pixel per latent pixel) against the result averaged over 8 x 8 blocks.
+    const err = await page.evaluate(async () => {
+      const c = document.getElementById('apply-preview');
+      const pv = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+      const bmp = await createImageBitmap(new Blob([window.visii.result], { type: 'image/png' }));
+      const oc = new OffscreenCanvas(bmp.width, bmp.height);
+      oc.getContext('2d').drawImage(bmp, 0, 0);
+      const full = oc.getContext('2d').getImageData(0, 0, bmp.width, bmp.height).data;
+      let sum = 0;
+      for (let y = 0; y < c.height; y++) for (let x = 0; x < c.width; x++) for (let k = 0; k < 3; k++) {
+        let acc = 0;
+        for (let dy = 0; dy < 8; dy++) for (let dx = 0; dx < 8; dx++) acc += full[((y * 8 + dy) * bmp.width + x * 8 + dx) * 4 + k];
+        sum += Math.abs(Math.round(acc / 64) - pv[(y * c.width + x) * 4 + k]);
+      }
+      return { err: sum / (c.width * c.height * 3) / 255, size: [c.width, c.height, bmp.width, bmp.height] };
+    });
+    // Tolerance: what the native test measures for the tiny random VAE's linear fit (0.0998 of the range).
+    check(err.size.join() === '4,8,32,64' && err.err < 0.11, `the last preview is ${err.err.toFixed(4)} of the range from the result's 8 x 8 means (tolerance 0.11; preview ${err.size[0]} x ${err.size[1]})`);
+  }
+  // Compare: the slider cuts the after image; a click and F flip to the before image and back.
+  await page.evaluate(() => { const s = document.getElementById('result-slider'); s.value = 20; s.dispatchEvent(new Event('input')); });
+  check(await page.evaluate(() => document.getElementById('result-compare').style.getPropertyValue('--cut')) === '20%', 'the compare slider moves the cut');
+  await page.click('#result-compare');
+  const flipped = await page.evaluate(() => document.getElementById('result-compare').classList.contains('flipped'));
+  await page.focus('#result-compare');
+  await page.keyboard.press('f');
+  check(flipped && !(await page.evaluate(() => document.getElementById('result-compare').classList.contains('flipped'))), 'a click flips to the before image, F flips back');
+  check(await page.locator('#gallery li').count() === 1 && /seed 5/.test(await page.textContent('#gallery li .settings')), `the result is in the gallery with its settings: ${await page.textContent('#gallery li .settings')}`);
+  // Run again with another seed: a new result, seed 6.
+  await page.click('#gallery li:first-child .rerun-seed');
+  await waitData('applied', '2');
+  const reseeded = await page.evaluate(() => Array.from(new Uint8Array(window.visii.result)));
+  check(await page.locator('#gallery li').count() === 2 && /seed 6/.test(await page.textContent('#gallery li:first-child .settings'))
+    && !Buffer.from(reseeded).equals(Buffer.from(resultA)), `"Another seed" ran again with seed 6 and gave another image`);
+  // A batch of three images with the same settings: each result equals a single apply of that image.
+  await page.setInputFiles('#slot-edit input', ['tall.png', 'before.png', 'after.png'].map((n) => join(fx, 'images', n)));
+  await page.waitForFunction(() => document.querySelectorAll('#batch-list li').length === 3);
+  await page.fill('#apply-seed', '5');
+  await shot('4b-batch');
+  await page.click('#batch-apply');
+  await waitData('batches', '1');
+  const batch = await page.evaluate(() => window.visii.gallery.slice(-3).map((e) => ({ name: e.name, png: Array.from(new Uint8Array(e.png)) })));
+  check(batch.map((b) => b.name).join() === 'tall.png,before.png,after.png' && await page.locator('#batch-list li[data-status="done"]').count() === 3,
+    `a batch of three: ${batch.map((b) => b.name).join(', ')} done`);
+  check(Buffer.from(batch[0].png).equals(Buffer.from(resultA)), 'the batch result of tall.png equals its single apply (same seed)');
+  let applied = 2 + 3;
+  for (const [k, n] of [[1, 'before.png'], [2, 'after.png']]) {
+    await page.setInputFiles('#slot-edit input', join(fx, 'images', n));
+    await page.click('#apply');
+    await waitData('applied', String(++applied));
+    const single = await page.evaluate(() => Array.from(new Uint8Array(window.visii.result)));
+    check(Buffer.from(single).equals(Buffer.from(batch[k].png)), `the batch result of ${n} equals its single apply (same seed)`);
+  }
+  // Download all: a zip of every result and their settings.
+  {
+    const [dz] = await Promise.all([page.waitForEvent('download'), page.click('#gallery-zip')]);
+    const zipPath = join(out, 'e2e-results.zip');
+    await dz.saveAs(zipPath);
+    const entries = readZip(readFileSync(zipPath));
+    const gallery = await page.evaluate(() => window.visii.gallery.map((e) => Array.from(new Uint8Array(e.png))));
+    const pngs = entries.filter((e) => e.name.endsWith('.png'));
+    const settings = JSON.parse(entries.find((e) => e.name === 'settings.json').data.toString('utf8'));
+    check(pngs.length === gallery.length && pngs.every((e, i) => e.data.equals(Buffer.from(gallery[i]))) && settings.length === gallery.length && settings[1].seed === 6,
+      `the zip holds the ${pngs.length} results (${pngs.map((e) => e.name).join(', ')}) and their settings, CRCs valid`);
+  }
+  await shot('4c-gallery');
+
+  step('readable instructions: the nearest words');
+  {
+    const caption = 'a watercolor cat';
+    const lr0 = join(out, 'e2e-cli-lr0.visii.safetensors');
+    execFileSync(visiiBin, ['learn', '--model', join(fx, 'tiny-ip2p'), '--clip', join(fx, 'tiny-clip'), '--before', join(fx, 'images', 'before.png'),
+      '--after', join(fx, 'images', 'after.png'), '-o', lr0, '--steps', '1', '--size', '32', '--lr', '0', '--init', caption, '--backend', 'ndarray'], { stdio: ['ignore', 'ignore', 'inherit'] });
+    await page.setInputFiles('#instruction-file', lr0);
+    await page.waitForFunction(() => document.getElementById('instruction-meta').textContent.includes('e2e-cli-lr0') && !document.getElementById('instruction-read').disabled);
+    const t0 = Date.now();
+    await page.click('#instruction-read');
+    await page.waitForFunction(() => document.body.dataset.words || !document.getElementById('error-panel').hidden, null, { timeout: 600000 });
+    console.log(`words read in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
+    check(await page.evaluate(() => document.body.dataset.words) === caption, `an instruction learned from "${caption}" at learning rate 0 reads as "${await page.textContent('#instruction-reads')}"`);
+    await page.setInputFiles('#instruction-file', insPath);
+    await page.waitForFunction(() => !document.getElementById('instruction-info').hidden);
+  }
+
+  step('accessibility (axe-core) and the phone layout');
+  await a11y('the workspace with results');
+  await page.setViewportSize({ width: 1280, height: 800 });
+  await page.screenshot({ path: join(out, 'e2e-layout-1280x800.png') });
+  check(await page.evaluate(() => document.getElementById('column-results').getBoundingClientRect().left > document.getElementById('column-inputs').getBoundingClientRect().left + 300),
+    'at 1280 px: two columns (inputs | results)');
+  await page.setViewportSize({ width: 390, height: 844 });
+  await page.screenshot({ path: join(out, 'e2e-layout-390x844.png') });
+  check(await page.evaluate(() => document.documentElement.scrollWidth <= 390 && Math.abs(document.getElementById('column-results').getBoundingClientRect().left - document.getElementById('column-inputs').getBoundingClientRect().left) < 2),
+    `at 390 px (a phone): one column, nothing wider than the screen (page ${await page.evaluate(() => document.documentElement.scrollWidth)} px wide${await page.evaluate(() => {
+      const wide = [...document.querySelectorAll('body *')].filter((e) => e.getBoundingClientRect().right > 391 && e.getClientRects().length).slice(0, 6);
+      return wide.length ? `; wider: ${wide.map((e) => `${e.tagName.toLowerCase()}${e.id ? `#${e.id}` : ''}${e.className ? `.${String(e.className).split(' ')[0]}` : ''} (${Math.round(e.getBoundingClientRect().right)})`).join(', ')}` : '';
+    })})`);
+  await a11y('the phone layout');
+  await page.setViewportSize({ width: 1200, height: 1800 });
 
   step('reload with the network off (the server stopped)');
   check(await page.evaluate(() => !!navigator.serviceWorker.controller), 'a service worker controls the page');

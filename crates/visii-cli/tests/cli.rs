@@ -677,3 +677,42 @@ fn inspect_reads_an_instruction_as_words() {
     assert!(v["words"].is_null() && v["eos"].as_u64().is_some());
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Instruction files other tools can use: diffusers' `StableDiffusionInstructPix2PixPipeline` given a
+/// committed instruction file as `prompt_embeds` (tests/fixtures/generate_interop.py) and `visii
+/// apply --instruction` with the same injected noises make the same image.
+#[test]
+fn diffusers_applies_an_instruction_file() {
+    let f = fixtures();
+    let png = std::env::temp_dir().join(format!("visii-interop-{}.png", std::process::id()));
+    let out = visii(&[
+        "apply",
+        "--model",
+        f.join("tiny-ip2p").to_str().unwrap(),
+        "--image",
+        f.join("images/before.png").to_str().unwrap(),
+        "--instruction",
+        f.join("goldens/interop.visii.safetensors").to_str().unwrap(),
+        "--noise",
+        f.join("goldens/interop_noise.safetensors").to_str().unwrap(),
+        "--steps",
+        "3",
+        "-o",
+        png.to_str().unwrap(),
+        "--backend",
+        "ndarray",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let img = image::open(&png).unwrap().to_rgb8();
+    let want = visii_models::WeightFile::from_path(f.join("goldens/interop_output.safetensors")).unwrap().read_f32("output").unwrap();
+    let n = (img.width() * img.height()) as usize;
+    assert_eq!(want.len(), 3 * n, "{}x{}", img.width(), img.height());
+    let worst = img.pixels().enumerate().fold(0f32, |m, (i, p)| (0..3).fold(m, |m, c| m.max((p[c] as f32 - want[c * n + i] * 255.0).abs())));
+    assert!(worst <= 0.51, "pixels differ from diffusers' by up to {worst} levels");
+    // And the result is not the input: the instruction did something.
+    let input = image::open(f.join("images/before.png")).unwrap().to_rgb8();
+    let moved =
+        img.pixels().zip(input.pixels()).map(|(a, b)| (0..3).map(|c| (a[c] as f32 - b[c] as f32).abs()).sum::<f32>()).sum::<f32>() / (3 * n) as f32;
+    assert!(moved > 5.0, "mean change from the input {moved} levels");
+    let _ = std::fs::remove_file(png);
+}

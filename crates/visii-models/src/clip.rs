@@ -194,6 +194,49 @@ impl ClipTextTransformer {
         self.token_embedding.iter().map(|c| c.val().dims()[0]).sum()
     }
 
+    /// The encoder's output at the last position of `prefix ++ [v]` for every candidate `v` of
+    /// `candidates` [b] (ids), [b, hidden]: what [`forward`](Self::forward) gives there, with the
+    /// prefix computed once (its keys and values per layer are shared by every candidate; the
+    /// encoder is causal, so nothing after the candidate matters). `prefix` is at least one id (BOS).
+    pub fn forward_last_after(&self, prefix: &[i64], candidates: Tensor<1, Int>) -> Tensor<2> {
+        let device = candidates.device();
+        let p = prefix.len();
+        let [b] = candidates.dims();
+        let hidden = self.position_embedding.val().dims()[1];
+        // The prefix, causally, keeping each layer's keys and values.
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(prefix.to_vec(), [1, p]), &device);
+        let mut x = self.embed(ids) + self.position_embedding.val().slice([0..p]).unsqueeze::<3>();
+        let mut kv = vec![];
+        for layer in &self.layers {
+            let h = layer.layer_norm1.forward(x.clone());
+            let a = &layer.self_attn;
+            kv.push((a.k_proj.run(h.clone()), a.v_proj.run(h)));
+            x = layer.forward(x, true);
+        }
+        // Each candidate as the next token: its query attends to the prefix and to itself.
+        let pos = self.position_embedding.val().slice([p..p + 1]).unsqueeze::<3>();
+        let mut x = self.embed(candidates.reshape([b, 1])) + pos;
+        for (layer, (k_pre, v_pre)) in self.layers.iter().zip(kv) {
+            let a = &layer.self_attn;
+            let (heads, d) = (a.heads, hidden / a.heads);
+            let h = layer.layer_norm1.forward(x.clone());
+            // [b, positions, heads, d]; one query per candidate, so products and sums, not
+            // batches of one-row matrix products (which GEMM kernels run poorly).
+            let split = |t: Tensor<3>, n: usize| t.reshape([b, n, heads, d]);
+            let q = split(a.q_proj.run(h.clone()), 1);
+            let k = Tensor::cat(vec![k_pre.expand([b, p, hidden]), a.k_proj.run(h.clone())], 1);
+            let v = Tensor::cat(vec![v_pre.expand([b, p, hidden]), a.v_proj.run(h)], 1);
+            let scores = (split(k, p + 1) * q).sum_dim(3).div_scalar((d as f64).sqrt()); // [b, p + 1, heads, 1]
+            let weights = burn::tensor::activation::softmax(scores, 1);
+            let o = (split(v, p + 1) * weights).sum_dim(1); // [b, 1, heads, d]
+            x = x + a.out_proj.run(o.reshape([b, 1, hidden]));
+            let h = layer.mlp.fc1.run(layer.layer_norm2.forward(x.clone()));
+            let h = if layer.mlp.quick_gelu { h.clone() * sigmoid(h.mul_scalar(1.702)) } else { gelu(h) };
+            x = x + layer.mlp.fc2.run(h);
+        }
+        self.final_layer_norm.forward(x).reshape([b, hidden])
+    }
+
     /// Token embeddings [b, n, hidden] (n <= max positions) -> hidden states [b, n, hidden]. Used
     /// by prompt search, which differentiates through the encoder with respect to its inputs.
     pub fn forward_embeds(&self, tokens: Tensor<3>) -> Tensor<3> {

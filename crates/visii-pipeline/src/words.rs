@@ -31,8 +31,9 @@ pub struct NearWord {
 /// At most this many words per position.
 const MAX_K: usize = 20;
 
-/// How much encoding one position's candidates may cost, in layer x width^2 x tokens units (the
-/// tiny models score every entry; CLIP ViT-L/14 about 280 / n candidates for a span position n).
+/// How much encoding one position's candidates may cost, in layer x width^2 x candidates units
+/// (each candidate is one token after the shared prefix: the tiny models score every entry; CLIP
+/// ViT-L/14 about 280).
 const REFINE_BUDGET: usize = 2_000_000_000;
 /// At least this many candidates per position.
 const MIN_CANDIDATES: usize = 32;
@@ -76,10 +77,10 @@ pub async fn nearest_words_async(
     let vocab = text.vocab_rows();
     let per_token = text.layers.len().max(1) * hidden * hidden;
     // Candidates per position: all, or the nearest by embedding where encoding all costs too much.
-    let most = (REFINE_BUDGET / (per_token * (span.start + 1))).max(MIN_CANDIDATES);
+    let most = (REFINE_BUDGET / per_token).max(MIN_CANDIDATES);
     let shortlist = if most >= vocab { None } else { Some(by_embedding(text, rows, span.clone(), most.min(vocab)).await?) };
-    // Sequences encoded at once: about 32 MiB of activations of the widest layer.
-    let tokens_per_chunk = ((32usize << 20) / (16 * hidden)).max(64);
+    // Candidates encoded at once: their keys and values over the prefix (2 x positions x hidden
+    // f32 each) within about 32 MiB.
     let bos = tokenizer.encode("")?.first().copied().unwrap_or(0);
     let mut prefix: Vec<i64> = vec![bos as i64];
     let mut out = vec![];
@@ -89,8 +90,8 @@ pub async fn nearest_words_async(
         while prefix.len() < i {
             prefix.push(bos as i64);
         }
-        let n = i + 1;
-        let limit = (REFINE_BUDGET / (per_token * n)).max(MIN_CANDIDATES);
+        let limit = (REFINE_BUDGET / per_token).max(MIN_CANDIDATES);
+        let per_chunk = ((32usize << 20) / (8 * (i + 1) * hidden)).clamp(16, 16384);
         let candidates: Vec<u32> = match &shortlist {
             None => (0..vocab as u32).collect(),
             Some(lists) => lists[j].iter().take(limit).copied().collect(),
@@ -98,15 +99,10 @@ pub async fn nearest_words_async(
         let target = Tensor::<2>::from_data(TensorData::new(rows[i * hidden..(i + 1) * hidden].to_vec(), [1, hidden]), &dev);
         let target = unit(target);
         let mut best: Vec<(f32, u32)> = vec![];
-        for chunk in candidates.chunks((tokens_per_chunk / n).max(1)) {
+        for chunk in candidates.chunks(per_chunk) {
             let b = chunk.len();
-            let mut ids = Vec::with_capacity(b * n);
-            for &v in chunk {
-                ids.extend_from_slice(&prefix);
-                ids.push(v as i64);
-            }
-            let ids = Tensor::<2, burn::tensor::Int>::from_data(TensorData::new(ids, [b, n]), &dev);
-            let at_i = text.forward(ids).slice([0..b, i..n, 0..hidden]).reshape([b, hidden]);
+            let ids = Tensor::<1, burn::tensor::Int>::from_data(TensorData::new(chunk.iter().map(|&v| v as i64).collect::<Vec<_>>(), [b]), &dev);
+            let at_i = text.forward_last_after(&prefix, ids);
             let cos = (unit(at_i) * target.clone()).sum_dim(1).reshape([b]);
             let scores = crate::read_f32(cos).await?;
             for (&s, &v) in scores.iter().zip(chunk) {

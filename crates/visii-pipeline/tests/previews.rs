@@ -12,7 +12,7 @@
 mod common;
 use common::{fixtures, image};
 
-use burn::tensor::Device;
+use burn::tensor::{Device, Tensor};
 use visii_models::{ClipFolder, Ip2pFolder};
 use visii_pipeline::learn::{learn_async, LearnOptions};
 use visii_pipeline::preview::{LatentPreview, Latents, PreviewSink};
@@ -138,6 +138,24 @@ fn learning_previews_every_step() {
 fn nearest_words_of_a_caption_are_the_caption() {
     let dev = Device::ndarray();
     let m = model(&dev);
+    // The prefix-cached pass equals the full pass at the candidate's position.
+    {
+        use burn::tensor::{Int, TensorData};
+        let ids: Vec<i64> = m.token_ids("a watercolor cat").unwrap().iter().map(|&v| v as i64).collect();
+        let full: Vec<f32> = m
+            .text
+            .forward(Tensor::<2, Int>::from_data(TensorData::new(ids[..4].to_vec(), [1, 4]), &dev))
+            .slice([0..1, 3..4, 0..32])
+            .into_data()
+            .try_to_vec()
+            .unwrap();
+        let cands = Tensor::<1, Int>::from_data(TensorData::new(vec![ids[3], 320, ids[3]], [3]), &dev);
+        let last: Vec<f32> = m.text.forward_last_after(&ids[..3], cands).into_data().try_to_vec().unwrap();
+        let err = full.iter().zip(&last[..32]).fold(0f32, |e, (a, b)| e.max((a - b).abs()));
+        assert!(err < 1e-4, "prefix-cached vs full pass: {err}");
+        assert_eq!(last[..32], last[64..], "the same candidate twice in a batch");
+        assert!(last[..32] != last[32..64]);
+    }
     for caption in ["a watercolor cat"] {
         let (c, eos) = m.encode_text_with_eos(caption).unwrap();
         let [_, positions, _] = c.dims();

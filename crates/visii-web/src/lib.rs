@@ -392,9 +392,11 @@ fn report(f: &js_sys::Function, p: &Progress) -> bool {
     !matches!(f.call1(&JsValue::NULL, &v), Ok(r) if r == JsValue::FALSE)
 }
 
-/// A live preview to `f`: `{phase: "preview", of, step, total, width, height, rgba: Uint8ClampedArray}`
-/// (one pixel per latent pixel; the page scales it up). Returning `false` asks to stop.
-fn report_preview(f: &js_sys::Function, of: &str, step: usize, total: usize, img: &RgbImage) -> bool {
+/// A live preview to `f`: `{phase: "preview", of, step, total, width, height, rgba: Uint8ClampedArray,
+/// latentSum}` (one pixel per latent pixel, the page scales it up; `latentSum`: the sum of the
+/// predicted latent's values, which changes at every step even where the 8-bit image does not).
+/// Returning `false` asks to stop.
+fn report_preview(f: &js_sys::Function, of: &str, step: usize, total: usize, img: &RgbImage, z: &Latents) -> bool {
     let mut rgba = Vec::with_capacity(img.width * img.height * 4);
     for px in img.data.chunks_exact(3) {
         rgba.extend_from_slice(&[px[0], px[1], px[2], 255]);
@@ -410,6 +412,7 @@ fn report_preview(f: &js_sys::Function, of: &str, step: usize, total: usize, img
     set("width", (img.width as u32).into());
     set("height", (img.height as u32).into());
     set("rgba", js_sys::Uint8ClampedArray::from(&rgba[..]).into());
+    set("latentSum", z.values.iter().map(|&v| v as f64).sum::<f64>().into());
     !matches!(f.call1(&JsValue::NULL, &o), Ok(r) if r == JsValue::FALSE)
 }
 
@@ -570,7 +573,7 @@ impl Engine {
         let previewer = self.preview.borrow().clone();
         let mut show = |step: usize, z: &Latents| {
             if let Some(img) = previewer.as_ref().and_then(|p| p.render(z).ok()) {
-                report_preview(&on_progress, "learn", step + 1, total, &img);
+                report_preview(&on_progress, "learn", step + 1, total, &img, z);
             }
         };
         let mut sink = PreviewSink { every: if previewer.is_some() { o.preview_every.unwrap_or(1) } else { 0 }, sink: &mut show };
@@ -659,7 +662,7 @@ impl Engine {
         let steps = opts.steps;
         let mut show = |step: usize, z: &Latents| {
             if let Some(img) = previewer.as_ref().and_then(|p| p.render(z).ok()) {
-                report_preview(&on_progress, "apply", step + 1, steps, &img);
+                report_preview(&on_progress, "apply", step + 1, steps, &img, z);
             }
         };
         let mut sink = PreviewSink { every: if previewer.is_some() { o.preview_every.unwrap_or(1) } else { 0 }, sink: &mut show };
@@ -747,8 +750,9 @@ impl Engine {
     /// loaded model's text encoder (see `visii_pipeline::words`): `[[{word, id, score}, ...], ...]`,
     /// one list per position of the learned span, best first, `k` (1..=20) each.
     #[wasm_bindgen(js_name = instructionWords)]
+    /// It does not hold the engine: a learn or apply may run meanwhile (both only read the model).
     pub async fn instruction_words(&self, bytes: js_sys::Uint8Array, k: usize) -> Result<JsValue, JsValue> {
-        let (model, _, _busy) = self.begin()?;
+        let model = self.ip2p.borrow().as_ref().map(|(m, _)| m.clone()).ok_or_else(|| error("ModelError", "no model is loaded yet"))?;
         let ins = instruction::load(&bytes.to_vec(), model.hidden_size(), model.text_positions().map_err(pipeline_error)?).map_err(pipeline_error)?;
         let words = visii_pipeline::words::nearest_words_async(&model.text, &model.tokenizer, &ins.rows, ins.positions, 1..ins.eos, k.clamp(1, 20))
             .await
