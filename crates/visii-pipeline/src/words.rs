@@ -99,9 +99,14 @@ pub async fn nearest_words_async(
         let target = Tensor::<2>::from_data(TensorData::new(rows[i * hidden..(i + 1) * hidden].to_vec(), [1, hidden]), &dev);
         let target = unit(target);
         let mut best: Vec<(f32, u32)> = vec![];
+        let full = candidates.len() > per_chunk;
         for chunk in candidates.chunks(per_chunk) {
-            let b = chunk.len();
-            let ids = Tensor::<1, burn::tensor::Int>::from_data(TensorData::new(chunk.iter().map(|&v| v as i64).collect::<Vec<_>>(), [b]), &dev);
+            // A short last chunk is padded to the others' size: one set of kernel shapes per
+            // position (compiling kernels is most of the time on a software adapter).
+            let b = if full { per_chunk } else { chunk.len() };
+            let mut ids: Vec<i64> = chunk.iter().map(|&v| v as i64).collect();
+            ids.resize(b, ids[0]);
+            let ids = Tensor::<1, burn::tensor::Int>::from_data(TensorData::new(ids, [b]), &dev);
             let at_i = text.forward_last_after(&prefix, ids);
             let cos = (unit(at_i) * target.clone()).sum_dim(1).reshape([b]);
             let scores = crate::read_f32(cos).await?;
