@@ -830,7 +830,7 @@ fn batch_jobs(
                 })
                 .collect();
             if found.is_empty() {
-                return Err(format!("--image {}: the folder holds no PNG or JPEG files", shown(p)));
+                return Err(format!("--image {}: a directory (not a regular file) that holds no PNG or JPEG files to edit", shown(p)));
             }
             found.sort();
             files.extend(found);
