@@ -1276,10 +1276,11 @@ fn debug_duration_s(text: &str) -> Option<f64> {
     Some(value.parse::<f64>().ok()? * scale)
 }
 
-/// The time cubecl's profiler logged (`| <duration> | <kernel>` lines), summed per kernel (its
-/// name without type parameters), largest first.
+/// The time cubecl's profiler logged (`| <duration> | <kernel>` lines) per kernel (its name without
+/// type parameters): the sum over all runs, and the median launch times the launches, which leaves
+/// out the first launch's shader compilation (it lands in that launch's time); sorted by the latter.
 fn print_profile(backend: &str, log: &str) {
-    let mut per: std::collections::BTreeMap<String, (f64, usize)> = Default::default();
+    let mut per: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
     for line in log.lines() {
         let mut cols = line.trim_start_matches('|').splitn(2, '|');
         let (Some(d), Some(name)) = (cols.next(), cols.next()) else { continue };
@@ -1287,16 +1288,26 @@ fn print_profile(backend: &str, log: &str) {
         let name = name.trim();
         let class = name.split(['<', '{', ' ']).next().unwrap_or(name).rsplit("::").next().unwrap_or(name);
         let class = if name.starts_with("visii::") { name.to_string() } else { class.to_string() };
-        let e = per.entry(class).or_default();
-        e.0 += s;
-        e.1 += 1;
+        per.entry(class).or_default().push(s);
     }
-    let total: f64 = per.values().map(|v| v.0).sum();
-    let mut rows: Vec<_> = per.into_iter().collect();
-    rows.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
-    println!("\n{backend}: time per kernel (cubecl profiler, all runs): {:.3} s in {} launches", total, rows.iter().map(|r| r.1 .1).sum::<usize>());
-    for (name, (s, n)) in rows.iter().take(15) {
-        println!("  {:>6.1}%  {:>9.3} s  {:>7}x  {}", 100.0 * s / total.max(1e-12), s, n, name);
+    let mut rows: Vec<(String, f64, f64, usize)> = per
+        .into_iter()
+        .map(|(name, mut times)| {
+            times.sort_by(f64::total_cmp);
+            let median = times[times.len() / 2];
+            (name, times.iter().sum(), median * times.len() as f64, times.len())
+        })
+        .collect();
+    let total: f64 = rows.iter().map(|r| r.1).sum();
+    let steady: f64 = rows.iter().map(|r| r.2).sum();
+    rows.sort_by(|a, b| b.2.total_cmp(&a.2));
+    println!(
+        "\n{backend}: time per kernel (cubecl profiler, all runs): {total:.3} s in {} launches; median launch x launches: {steady:.3} s",
+        rows.iter().map(|r| r.3).sum::<usize>()
+    );
+    println!("  {:>6}  {:>9}  {:>9}  {:>7}  kernel", "share", "median x n", "sum", "n");
+    for (name, sum, est, n) in rows.iter().take(15) {
+        println!("  {:>5.1}%  {:>8.3} s  {:>7.3} s  {:>6}x  {}", 100.0 * est / steady.max(1e-12), est, sum, n, name);
     }
 }
 

@@ -12,7 +12,9 @@
 //! ops everywhere, for comparisons. The parity tests against burn's ops are in
 //! `tests/kernels.rs`, the speed in `visii bench --what conv|linear`.
 
+pub mod flash;
 pub mod gemm;
+pub mod gemv;
 pub mod norm;
 
 use burn::tensor::ops::ConvOptions;
@@ -26,6 +28,7 @@ use burn_dispatch::{BackendTensor, DispatchAutodiffContext, DispatchTensor, Disp
 use std::sync::atomic::{AtomicU8, Ordering};
 
 pub use gemm::{ALayout, BLayout, Bias, GemmConfig};
+pub use gemv::{SkinnyA, SkinnyB, SkinnyConfig};
 
 /// 0: not yet read from the environment, 1: ours, 2: burn's.
 static ENABLED: AtomicU8 = AtomicU8::new(0);
@@ -55,6 +58,8 @@ pub fn set_enabled(on: bool) {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Wgsl {
     Gemm(GemmConfig),
+    Skinny(SkinnyConfig),
+    Flash(flash::FlashConfig),
     Norm(norm::NormKernel),
 }
 
@@ -62,6 +67,8 @@ impl Wgsl {
     fn threads(&self) -> u32 {
         match self {
             Wgsl::Gemm(c) => c.threads(),
+            Wgsl::Skinny(c) => c.threads(),
+            Wgsl::Flash(_) => flash::THREADS,
             Wgsl::Norm(_) => norm::THREADS,
         }
     }
@@ -74,6 +81,11 @@ impl KernelMetadata for Wgsl {
                 BLayout::Pointwise | BLayout::PointwiseT => "visii::gemm_pointwise",
                 BLayout::Conv { .. } => "visii::gemm_conv2d",
             },
+            Wgsl::Skinny(c) => match c.b {
+                SkinnyB::Rows => "visii::gemv_rows",
+                SkinnyB::Conv { .. } => "visii::gemv_conv2d",
+            },
+            Wgsl::Flash(_) => "visii::flash_attention",
             Wgsl::Norm(norm::NormKernel::Stats) => "visii::norm_stats",
             Wgsl::Norm(norm::NormKernel::Apply { .. }) => "visii::norm_apply",
             Wgsl::Norm(norm::NormKernel::Softmax) => "visii::softmax",
@@ -98,14 +110,16 @@ impl CubeKernel for Wgsl {
     fn source(&self) -> Option<PrecompiledSource> {
         let source = match self {
             Wgsl::Gemm(c) => c.wgsl(),
+            Wgsl::Skinny(c) => c.wgsl(),
+            Wgsl::Flash(c) => c.wgsl(),
             Wgsl::Norm(k) => k.wgsl(),
         };
         Some(PrecompiledSource { source, entrypoint_name: "main".into(), lang: "wgsl" })
     }
 }
 
-/// Eight u32 parameters as the uniform cubecl appends after the buffers.
-fn params(words: [usize; 8]) -> MetadataBindingInfo {
+/// u32 parameters (an even number) as the uniform cubecl appends after the buffers.
+fn params<const N: usize>(words: [usize; N]) -> MetadataBindingInfo {
     let words = words.map(|v| u32::try_from(v).expect("kernel sizes fit u32"));
     MetadataBindingInfo::custom(words.chunks(2).map(|w| w[0] as u64 | (w[1] as u64) << 32).collect())
 }
@@ -116,40 +130,73 @@ fn spread(groups: usize) -> (u32, u32) {
     (x as u32, groups.div_ceil(x.max(1)) as u32)
 }
 
-/// 0: not yet decided, 1: GPU variants, 2: CPU variants.
-static CPU_TILES: AtomicU8 = AtomicU8::new(0);
+/// Which GEMM shapes suit the adapter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tiles {
+    /// A GPU: [`gemm::VARIANTS`], the least padded work.
+    Gpu,
+    /// SwiftShader (Chrome's CPU WebGPU): [`gemm::CPU_VARIANTS`], 4 x 4 per invocation.
+    SwiftShader,
+    /// Mesa's lavapipe (Vulkan on the CPU): [`gemm::VARIANTS`] by padded work over a measured rate
+    /// per workgroup size (larger workgroups run faster there, see [`GemmConfig::pick_lavapipe`]).
+    Lavapipe,
+}
 
-/// Whether to use the GEMM shapes for CPU adapters ([`gemm::CPU_VARIANTS`]): set by
-/// [`set_cpu_adapter`], else `VISII_GEMM=cpu|gpu`, else whether the adapter's name says it is
-/// SwiftShader. (Mesa's lavapipe runs the 8 x 8 shapes faster: 5.6 / 6.8 against 4.0 / 4.1
-/// GFLOP/s on 3x3 convs at 8 x 8 / 32 x 32; SwiftShader needs the small ones, see `gemm.rs`.)
-fn cpu_tiles(client: &Client) -> bool {
-    match CPU_TILES.load(Ordering::Relaxed) {
+/// 0: not yet decided, else 1 + the [`Tiles`] index.
+static TILES: AtomicU8 = AtomicU8::new(0);
+
+/// The adapter's GEMM shapes: set by [`set_cpu_adapter`], else `VISII_GEMM=gpu|cpu|lavapipe`,
+/// else from the adapter's name (SwiftShader; llvmpipe is lavapipe's).
+fn tiles(client: &Client) -> Tiles {
+    const ALL: [Tiles; 3] = [Tiles::Gpu, Tiles::SwiftShader, Tiles::Lavapipe];
+    match TILES.load(Ordering::Relaxed) {
         0 => {
             #[cfg(not(target_family = "wasm"))]
-            let forced = std::env::var("VISII_GEMM").ok().map(|v| v == "cpu");
+            let forced = std::env::var("VISII_GEMM").ok().and_then(|v| match v.as_str() {
+                "gpu" => Some(Tiles::Gpu),
+                "cpu" | "swiftshader" => Some(Tiles::SwiftShader),
+                "lavapipe" => Some(Tiles::Lavapipe),
+                _ => None,
+            });
             #[cfg(target_family = "wasm")]
             let forced = None;
-            let cpu = forced.unwrap_or_else(|| {
+            let t = forced.unwrap_or_else(|| {
                 let name = client.properties().identity.name.to_lowercase();
-                name.contains("swiftshader")
+                if name.contains("swiftshader") {
+                    Tiles::SwiftShader
+                } else if name.contains("llvmpipe") {
+                    Tiles::Lavapipe
+                } else {
+                    Tiles::Gpu
+                }
             });
-            CPU_TILES.store(if cpu { 2 } else { 1 }, Ordering::Relaxed);
-            cpu
+            TILES.store(1 + ALL.iter().position(|&a| a == t).unwrap_or(0) as u8, Ordering::Relaxed);
+            t
         }
-        v => v == 2,
+        v => ALL[(v - 1) as usize % 3],
     }
 }
 
 /// Says whether the adapter is SwiftShader or another fallback adapter (the page knows from
 /// `GPUAdapterInfo`, where wgpu's name of the adapter may be empty).
 pub fn set_cpu_adapter(cpu: bool) {
-    CPU_TILES.store(if cpu { 2 } else { 1 }, Ordering::Relaxed);
+    TILES.store(if cpu { 2 } else { 1 }, Ordering::Relaxed);
 }
 
 fn pick(client: &Client, m: usize, n: usize, a: ALayout, b: BLayout, bias: Bias) -> GemmConfig {
-    let variants: &[_] = if cpu_tiles(client) { &gemm::CPU_VARIANTS } else { &gemm::VARIANTS };
-    GemmConfig::pick_from(variants, m, n, a, b, bias)
+    match tiles(client) {
+        Tiles::Gpu => GemmConfig::pick_from(&gemm::VARIANTS, m, n, a, b, bias),
+        Tiles::SwiftShader => GemmConfig::pick_from(&gemm::CPU_VARIANTS, m, n, a, b, bias),
+        Tiles::Lavapipe => GemmConfig::pick_lavapipe(m, n, a, b, bias),
+    }
+}
+
+/// The most output pixels of a conv, rows of a Linear and rows of a Linear's input gradient that go
+/// to the skinny kernel (more go to the tiled GEMM). Measured on lavapipe: 3x3 conv 1280 -> 1280 at
+/// 8 columns 4.3 against 3.4 GFLOP/s, at 12 columns 2.1 against 2.5; Linear 640 -> 5120 over 8 rows
+/// 2.7 against 2.3 (the best tile), over 16 rows 2.7 against 4.6.
+fn skinny_limits() -> (usize, usize, usize) {
+    (8, 8, 8)
 }
 
 /// The problem a launch solves, in the kernel's terms (see `gemm.rs`).
@@ -182,6 +229,47 @@ fn launch(cfg: GemmConfig, a: &CubeTensor, b: &CubeTensor, bias: Option<&CubeTen
     out
 }
 
+/// 0: not yet read from the environment, 1: on, 2: off.
+static SKINNY: AtomicU8 = AtomicU8::new(0);
+
+/// Whether GEMMs with a few columns (or rows, for a Linear; see [`skinny_limits`]) run on the skinny
+/// kernel (default yes; `VISII_GEMV=off` keeps them on the tiled one, for comparisons).
+pub fn skinny_enabled() -> bool {
+    match SKINNY.load(Ordering::Relaxed) {
+        0 => {
+            #[cfg(not(target_family = "wasm"))]
+            let on = std::env::var("VISII_GEMV").map(|v| v != "off").unwrap_or(true);
+            #[cfg(target_family = "wasm")]
+            let on = true;
+            SKINNY.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+            on
+        }
+        v => v == 1,
+    }
+}
+
+/// Launches the skinny kernel `cfg` (see `gemv.rs`) with `a`, `b`, `bias` (contiguous f32) into a
+/// new contiguous `out_shape` tensor; `None` where the dispatch would be too large.
+fn launch_skinny(cfg: SkinnyConfig, a: &CubeTensor, b: &CubeTensor, bias: Option<&CubeTensor>, p: Problem, out_shape: Vec<usize>) -> CubeTensor {
+    let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(a.client.clone(), a.device.clone(), out_shape.into(), DType::F32);
+    let mut args = KernelArguments::new()
+        .with_buffer_io(a.handle.clone().binding(), BufferIOAttr::ReadOnly)
+        .with_buffer_io(b.handle.clone().binding(), BufferIOAttr::ReadOnly);
+    if let Some(bias) = bias {
+        args = args.with_buffer_io(bias.handle.clone().binding(), BufferIOAttr::ReadOnly);
+    }
+    let (gx, gy) = spread(p.m.div_ceil(cfg.rows_per_group() as usize));
+    let words = [p.m, p.n, p.k, cfg.steps(p.k), p.ohw, p.ow, p.h, p.w, p.img, gx as usize, 0, 0];
+    let args = args.with_buffer_io(out.handle.clone().binding(), BufferIOAttr::WriteOnly).with_info(params(words));
+    a.client.launch(Box::new(Wgsl::Skinny(cfg)), CubeCount::Static(gx, gy, 1), args);
+    out
+}
+
+/// Whether a skinny dispatch for `m` rows fits WebGPU's workgroup counts (a 2-D spread).
+fn skinny_dispatchable(cfg: &SkinnyConfig, m: usize) -> bool {
+    m.div_ceil(cfg.rows_per_group() as usize) <= MAX_GROUPS * MAX_GROUPS
+}
+
 fn contiguous(t: CubeTensor) -> CubeTensor {
     burn_cubecl::kernel::into_contiguous(t)
 }
@@ -208,6 +296,17 @@ pub fn conv2d_cube(
     bias: Option<CubeTensor>,
     options: &ConvOptions<2>,
 ) -> Result<CubeTensor, (CubeTensor, CubeTensor, Option<CubeTensor>)> {
+    conv2d_cube_on(x, w, bias, options, skinny_enabled())
+}
+
+/// [`conv2d_cube`] with the skinny kernel allowed or not (for a few output pixels).
+pub fn conv2d_cube_on(
+    x: CubeTensor,
+    w: CubeTensor,
+    bias: Option<CubeTensor>,
+    options: &ConvOptions<2>,
+    skinny: bool,
+) -> Result<CubeTensor, (CubeTensor, CubeTensor, Option<CubeTensor>)> {
     let f32s = x.dtype == DType::F32 && w.dtype == DType::F32 && bias.as_ref().is_none_or(|b| b.dtype == DType::F32);
     let [nb, c_in, h, wd] = x.shape().dims::<4>();
     let [c_out, c_in_w, kh, kw] = w.shape().dims::<4>();
@@ -225,17 +324,42 @@ pub fn conv2d_cube(
     } else {
         BLayout::Conv { kh: kh as u32, kw: kw as u32, sh: sh as u32, sw: sw as u32, ph: pt as u32, pw: pl as u32 }
     };
-    let cfg = pick(&x.client, m, n, ALayout::RowMajor, layout, if bias.is_some() { Bias::Row } else { Bias::None });
-    if !dispatchable(&cfg, m, n) || !fits_u32(&[&[nb, c_in, h, wd], &[c_out, c_in, kh, kw], &[nb, c_out, oh, ow]]) {
+    let bias_kind = if bias.is_some() { Bias::Row } else { Bias::None };
+    if !fits_u32(&[&[nb, c_in, h, wd], &[c_out, c_in, kh, kw], &[nb, c_out, oh, ow]]) {
+        return Err((x, w, bias));
+    }
+    let p = Problem { m, n, k, ohw: oh * ow, ow, h, w: wd, img: c_in * h * wd };
+    if n <= skinny_limits().0 && skinny {
+        // A few pixels: the skinny kernel, visiting only the taps that reach the image.
+        let (ky0, nky) = gemv::taps(kh, sh, pt, h, oh);
+        let (kx0, nkx) = gemv::taps(kw, sw, pl, wd, ow);
+        let (kh, kw, sh, sw, ph, pw) = (kh as u32, kw as u32, sh as u32, sw as u32, pt as u32, pl as u32);
+        let cfg = SkinnyConfig::new(n, SkinnyA::RowMajor, SkinnyB::Conv { kh, kw, sh, sw, ph, pw, ky0, nky, kx0, nkx }, bias_kind);
+        if skinny_dispatchable(&cfg, m) {
+            let (x, w, bias) = (contiguous(x), contiguous(w), bias.map(contiguous));
+            return Ok(launch_skinny(cfg, &w, &x, bias.as_ref(), p, vec![nb, c_out, oh, ow]));
+        }
+    }
+    let cfg = pick(&x.client, m, n, ALayout::RowMajor, layout, bias_kind);
+    if !dispatchable(&cfg, m, n) {
         return Err((x, w, bias));
     }
     let (x, w, bias) = (contiguous(x), contiguous(w), bias.map(contiguous));
-    let p = Problem { m, n, k, ohw: oh * ow, ow, h, w: wd, img: c_in * h * wd };
     Ok(launch(cfg, &w, &x, bias.as_ref(), p, vec![nb, c_out, oh, ow]))
 }
 
 /// `x · w + bias` on cubecl primitives: `x` `[.., K]`, `w` `[K, N]`, `bias` `[N]`.
 pub fn linear_cube(x: CubeTensor, w: CubeTensor, bias: Option<CubeTensor>) -> Result<CubeTensor, (CubeTensor, CubeTensor, Option<CubeTensor>)> {
+    linear_cube_on(x, w, bias, skinny_enabled())
+}
+
+/// [`linear_cube`] with the skinny kernel allowed or not (for a few rows).
+pub fn linear_cube_on(
+    x: CubeTensor,
+    w: CubeTensor,
+    bias: Option<CubeTensor>,
+    skinny: bool,
+) -> Result<CubeTensor, (CubeTensor, CubeTensor, Option<CubeTensor>)> {
     let f32s = x.dtype == DType::F32 && w.dtype == DType::F32 && bias.as_ref().is_none_or(|b| b.dtype == DType::F32);
     let dims = x.shape().to_vec();
     let wdims = w.shape().to_vec();
@@ -245,13 +369,25 @@ pub fn linear_cube(x: CubeTensor, w: CubeTensor, bias: Option<CubeTensor>) -> Re
     }
     let n = wdims[1];
     let m: usize = dims[..dims.len() - 1].iter().product();
+    if m == 0 || n == 0 || !fits_u32(&[&[m, k], &[k, n], &[m, n]]) {
+        return Err((x, w, bias));
+    }
+    let mut out = dims;
+    *out.last_mut().unwrap() = n;
+    if m <= skinny_limits().1 && skinny {
+        // A few rows: `outᵀ = wᵀ xᵀ` on the skinny kernel (output features as its rows).
+        let cfg = SkinnyConfig::new(m, SkinnyA::Transposed, SkinnyB::Rows, if bias.is_some() { Bias::Row } else { Bias::None });
+        if skinny_dispatchable(&cfg, n) {
+            let (x, w, bias) = (contiguous(x), contiguous(w), bias.map(contiguous));
+            let p = Problem { m: n, n: m, k, ohw: 1, ow: 1, h: 1, w: 1, img: 0 };
+            return Ok(launch_skinny(cfg, &w, &x, bias.as_ref(), p, out));
+        }
+    }
     let cfg = pick(&x.client, m, n, ALayout::RowMajor, BLayout::Pointwise, if bias.is_some() { Bias::Col } else { Bias::None });
-    if m == 0 || n == 0 || !dispatchable(&cfg, m, n) || !fits_u32(&[&[m, k], &[k, n], &[m, n]]) {
+    if !dispatchable(&cfg, m, n) {
         return Err((x, w, bias));
     }
     let (x, w, bias) = (contiguous(x), contiguous(w), bias.map(contiguous));
-    let mut out = dims;
-    *out.last_mut().unwrap() = n;
     // B = w as a one-image pointwise input: c_in = K rows of N "pixels".
     let p = Problem { m, n, k, ohw: n, ow: n, h: 1, w: n, img: k * n };
     Ok(launch(cfg, &x, &w, bias.as_ref(), p, out))
@@ -307,13 +443,25 @@ pub fn linear_input_grad_cube(grad: CubeTensor, w: CubeTensor) -> Result<CubeTen
     }
     let k_in = wdims[0];
     let m: usize = dims[..dims.len() - 1].iter().product();
+    if m == 0 || k_in == 0 || !fits_u32(&[&[m, n], &[k_in, n], &[m, k_in]]) {
+        return Err((grad, w));
+    }
+    let mut out = dims;
+    *out.last_mut().unwrap() = k_in;
+    if m <= skinny_limits().2 && skinny_enabled() {
+        // A few rows: `outᵀ = w gradᵀ`, `w` `[K_in, N]` row-major as stored.
+        let cfg = SkinnyConfig::new(m, SkinnyA::RowMajor, SkinnyB::Rows, Bias::None);
+        if skinny_dispatchable(&cfg, k_in) {
+            let (grad, w) = (contiguous(grad), contiguous(w));
+            let p = Problem { m: k_in, n: m, k: n, ohw: 1, ow: 1, h: 1, w: 1, img: 0 };
+            return Ok(launch_skinny(cfg, &w, &grad, None, p, out));
+        }
+    }
     let cfg = pick(&grad.client, m, k_in, ALayout::RowMajor, BLayout::PointwiseT, Bias::None);
-    if m == 0 || k_in == 0 || !dispatchable(&cfg, m, k_in) || !fits_u32(&[&[m, n], &[k_in, n], &[m, k_in]]) {
+    if !dispatchable(&cfg, m, k_in) {
         return Err((grad, w));
     }
     let (grad, w) = (contiguous(grad), contiguous(w));
-    let mut out = dims;
-    *out.last_mut().unwrap() = k_in;
     let p = Problem { m, n: k_in, k: n, ohw: k_in, ow: k_in, h: 1, w: k_in, img: 0 };
     Ok(launch(cfg, &grad, &w, None, p, out))
 }
@@ -370,6 +518,74 @@ pub fn group_norm_cube(
         .with_info(params([rows, len, s, c, eps_bits, ax as usize, 0, 0]));
     client.launch(Box::new(Wgsl::Norm(norm::NormKernel::Apply { silu })), CubeCount::Static(ax, ay, 1), args);
     Ok(out)
+}
+
+/// 0: not yet read from the environment, 1: on, 2: off.
+static FLASH: AtomicU8 = AtomicU8::new(0);
+
+/// Whether attention runs on the fused kernel (default yes; `VISII_FLASH=off` keeps burn's chain
+/// with our softmax, for comparisons).
+pub fn flash_enabled() -> bool {
+    match FLASH.load(Ordering::Relaxed) {
+        0 => {
+            #[cfg(not(target_family = "wasm"))]
+            let on = std::env::var("VISII_FLASH").map(|v| v != "off").unwrap_or(true);
+            #[cfg(target_family = "wasm")]
+            let on = true;
+            FLASH.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+            on
+        }
+        v => v == 1,
+    }
+}
+
+/// Scaled dot-product attention (see `flash.rs`): `q` `[b, n, heads * d]`, `k` and `v` `[b, m,
+/// heads * d]`, giving `[b, n, heads * d]`; `Err` with the inputs where the kernel does not apply.
+#[allow(clippy::type_complexity)]
+pub fn attention_cube(
+    q: CubeTensor,
+    k: CubeTensor,
+    v: CubeTensor,
+    heads: usize,
+    causal: bool,
+) -> Result<CubeTensor, (CubeTensor, CubeTensor, CubeTensor)> {
+    let (qd, kd, vd) = (q.shape().to_vec(), k.shape().to_vec(), v.shape().to_vec());
+    let f32s = q.dtype == DType::F32 && k.dtype == DType::F32 && v.dtype == DType::F32;
+    if !f32s || qd.len() != 3 || kd.len() != 3 || kd != vd || heads == 0 {
+        return Err((q, k, v));
+    }
+    let ([b, n, inner], [kb, m, kinner]) = ([qd[0], qd[1], qd[2]], [kd[0], kd[1], kd[2]]);
+    let d = inner / heads;
+    let shape_ok = kb == b && kinner == inner && inner % heads == 0 && (1..=flash::MAX_HEAD_DIM).contains(&d) && n > 0 && m > 0;
+    let groups_ok = n.div_ceil(flash::THREADS as usize) <= MAX_GROUPS && b * heads <= MAX_GROUPS;
+    if !shape_ok || !groups_ok || !fits_u32(&[&qd, &kd]) {
+        return Err((q, k, v));
+    }
+    let (q, k, v) = (contiguous(q), contiguous(k), contiguous(v));
+    let (client, device) = (q.client.clone(), q.device.clone());
+    let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(client.clone(), device, qd.into(), DType::F32);
+    let scale = ((d as f32).powf(-0.5)).to_bits() as usize;
+    let args = KernelArguments::new()
+        .with_buffer_io(q.handle.clone().binding(), BufferIOAttr::ReadOnly)
+        .with_buffer_io(k.handle.clone().binding(), BufferIOAttr::ReadOnly)
+        .with_buffer_io(v.handle.clone().binding(), BufferIOAttr::ReadOnly)
+        .with_buffer_io(out.handle.clone().binding(), BufferIOAttr::WriteOnly)
+        .with_info(params([n, m, inner, inner, heads, scale, 0, 0]));
+    let cfg = flash::FlashConfig { d: d as u32, causal };
+    let count = CubeCount::Static(n.div_ceil(flash::THREADS as usize) as u32, (b * heads) as u32, 1);
+    client.launch(Box::new(Wgsl::Flash(cfg)), count, args);
+    Ok(out)
+}
+
+/// Our fused attention outside autodiff on a cubecl device; `Err` with the inputs where burn's ops
+/// must run (see [`attention_cube`]).
+#[allow(clippy::type_complexity)]
+pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, causal: bool) -> Result<Tensor<3>, (Tensor<3>, Tensor<3>, Tensor<3>)> {
+    if !enabled() || !flash_enabled() {
+        return Err((q, k, v));
+    }
+    let (Some(qc), Some(kc), Some(vc)) = (primitive(&q), primitive(&k), primitive(&v)) else { return Err((q, k, v)) };
+    attention_cube(qc, kc, vc, heads, causal).map(wrap).map_err(|_| (q, k, v))
 }
 
 /// Softmax over the last axis of `x` (see `norm.rs`); `Err` where the kernel does not apply.
@@ -471,13 +687,23 @@ fn layer_primitives<const D: usize, const W: usize>(
 
 /// Our conv2d for a tensor outside autodiff on a cubecl device; `Err(x)` where burn's must run.
 pub fn conv2d(x: Tensor<4>, weight: &Tensor<4>, bias: Option<&Tensor<1>>, options: &ConvOptions<2>) -> Result<Tensor<4>, Tensor<4>> {
+    conv2d_on(x, weight, bias, options, skinny_enabled())
+}
+
+/// [`conv2d`] with the skinny kernel allowed or not (parity tests run both paths).
+pub fn conv2d_on(x: Tensor<4>, weight: &Tensor<4>, bias: Option<&Tensor<1>>, options: &ConvOptions<2>, skinny: bool) -> Result<Tensor<4>, Tensor<4>> {
     let Some((xc, wc, bc)) = layer_primitives(&x, weight, bias) else { return Err(x) };
-    conv2d_cube(xc, wc, bc, options).map(wrap).map_err(|_| x)
+    conv2d_cube_on(xc, wc, bc, options, skinny).map(wrap).map_err(|_| x)
 }
 
 /// Our `x · weight + bias` (weight `[K, N]`) outside autodiff on a cubecl device; `Err(x)` where
 /// burn's must run.
 pub fn linear<const D: usize>(x: Tensor<D>, weight: &Tensor<2>, bias: Option<&Tensor<1>>) -> Result<Tensor<D>, Tensor<D>> {
+    linear_on(x, weight, bias, skinny_enabled())
+}
+
+/// [`linear`] with the skinny kernel allowed or not (parity tests run both paths).
+pub fn linear_on<const D: usize>(x: Tensor<D>, weight: &Tensor<2>, bias: Option<&Tensor<1>>, skinny: bool) -> Result<Tensor<D>, Tensor<D>> {
     let Some((xc, wc, bc)) = layer_primitives(&x, weight, bias) else { return Err(x) };
-    linear_cube(xc, wc, bc).map(wrap).map_err(|_| x)
+    linear_cube_on(xc, wc, bc, skinny).map(wrap).map_err(|_| x)
 }
