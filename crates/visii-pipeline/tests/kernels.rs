@@ -282,7 +282,7 @@ fn fused_attention_matches_ndarray() {
         (1, 77, 77, 12, 64, true, 1.0),
         (1, 70, 70, 2, 8, true, 1.0),
         (1, 300, 257, 2, 128, false, 1.0),
-        (2, 5, 3, 3, 7, false, 1.0),
+        (2, 5, 3, 3, 4, false, 1.0),
         (1, 129, 50, 4, 40, false, 12.0),
     ];
     for &(b, n, m, heads, d, causal, spread) in cases {
@@ -304,9 +304,12 @@ fn fused_attention_matches_ndarray() {
         assert!(e < tol, "{case} (tolerance {tol:.1e})");
         assert!(reference.iter().any(|x| x.abs() > 0.1), "{case}");
     }
-    // Heads wider than the kernel takes (the UNet's deepest level, the VAE's 512) and f32 only.
+    // Heads wider than the kernel takes (the UNet's deepest level, the VAE's 512), head dims that
+    // are not multiples of 4, and f32 only.
     let q = Tensor::<3>::random([1, 4, 320], Distribution::Normal(0.0, 1.0), &gpu);
     assert!(kernels::attention(q.clone(), q.clone(), q.clone(), 2, false).is_err());
+    let q7 = Tensor::<3>::random([1, 4, 21], Distribution::Normal(0.0, 1.0), &gpu);
+    assert!(kernels::attention(q7.clone(), q7.clone(), q7.clone(), 3, false).is_err());
     assert!(kernels::attention(on(&q, &cpu), on(&q, &cpu), on(&q, &cpu), 8, false).is_err());
 }
 

@@ -11,7 +11,7 @@
 //! of `exp(s - mx)`, and the output rescaled by `exp(mx_old - mx_new)` when the maximum grows. The
 //! result is `o / l`, softmax(q kᵀ / sqrt(d)) v up to the order of the sums.
 //!
-//! Head dims up to [`MAX_HEAD_DIM`] (registers: `2 d` per invocation); larger heads (the UNet's
+//! Head dims that are multiples of 4 up to [`MAX_HEAD_DIM`] (registers: `2 d` per invocation); others (the UNet's
 //! deepest level at 160, the VAE's single 512-wide head) stay on burn's ops. `causal` masks the keys
 //! after the query's own position (CLIP's text encoder).
 
@@ -45,84 +45,9 @@ impl FlashConfig {
 
     /// The WGSL source; entry point `main`. Params: `n, m, qs (q / output row stride), ks (k / v row
     /// stride), heads, scale (f32 bits)`. Dispatch: `x` blocks of 64 query rows, `y` batch x heads.
+    /// The row, the output and the staged keys / values are `vec4`s (head dims are multiples of 4).
     pub fn wgsl(&self) -> String {
-        if self.d % 4 == 0 {
-            return self.wgsl_vec4();
-        }
-        let (d, bc, t) = (self.d, self.block(), THREADS);
-        let mut s = String::new();
-        let w = &mut s;
-        let _ = writeln!(w, "struct Params {{ n: u32, m: u32, qs: u32, ks: u32, heads: u32, scale: u32, u0: u32, u1: u32 }}");
-        let _ = writeln!(w, "@group(0) @binding(0) var<storage, read_write> q: array<f32>;");
-        let _ = writeln!(w, "@group(0) @binding(1) var<storage, read_write> k: array<f32>;");
-        let _ = writeln!(w, "@group(0) @binding(2) var<storage, read_write> v: array<f32>;");
-        let _ = writeln!(w, "@group(0) @binding(3) var<storage, read_write> o: array<f32>;");
-        let _ = writeln!(w, "@group(0) @binding(4) var<uniform> p: Params;");
-        let _ = writeln!(w, "var<workgroup> kt: array<f32, {}>;", bc * d);
-        let _ = writeln!(w, "var<workgroup> vt: array<f32, {}>;", bc * d);
-        let _ = writeln!(w, "@compute @workgroup_size({t})");
-        let _ = writeln!(w, "fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {{");
-        let _ = writeln!(w, "  let bi = wid.y / p.heads; let h = wid.y % p.heads;");
-        let _ = writeln!(w, "  let i = wid.x * {t}u + t; let row = min(i, p.n - 1u);");
-        let _ = writeln!(w, "  let scale = bitcast<f32>(p.scale);");
-        let _ = writeln!(w, "  let qb = (bi * p.n + row) * p.qs + h * {d}u;");
-        for c in 0..d {
-            let _ = writeln!(w, "  let q{c} = q[qb + {c}u] * scale; var o{c} = 0.0;");
-        }
-        // A finite start: the first key's rescale factor exp(mx - s) is then 0, never NaN.
-        let _ = writeln!(w, "  var mx = -3.0e38; var l = 0.0;");
-        let _ = writeln!(w, "  let kb = bi * p.m * p.ks + h * {d}u;");
-        // Causal: no key after the block's last row (a bound the whole workgroup shares).
-        if self.causal {
-            let _ = writeln!(w, "  let kend = min(p.m, wid.x * {t}u + {t}u);");
-        } else {
-            let _ = writeln!(w, "  let kend = p.m;");
-        }
-        let _ = writeln!(w, "  for (var j0 = 0u; j0 < kend; j0 = j0 + {bc}u) {{");
-        let _ = writeln!(w, "    for (var e = t; e < {}u; e = e + {t}u) {{", bc * d);
-        let _ = writeln!(w, "      let j = j0 + e / {d}u; let c = e % {d}u; var kv = 0.0; var vv = 0.0;");
-        let _ = writeln!(w, "      if (j < p.m) {{ let a = kb + j * p.ks + c; kv = k[a]; vv = v[a]; }}");
-        let _ = writeln!(w, "      kt[e] = kv; vt[e] = vv;");
-        let _ = writeln!(w, "    }}");
-        let _ = writeln!(w, "    workgroupBarrier();");
-        let _ = writeln!(w, "    for (var jj = 0u; jj < {bc}u; jj = jj + 1u) {{");
-        let _ = writeln!(w, "      let j = j0 + jj; let kr = jj * {d}u;");
-        let _ = write!(w, "      var sc = 0.0;");
-        for c in 0..d {
-            let _ = write!(w, " sc = fma(q{c}, kt[kr + {c}u], sc);");
-        }
-        let _ = writeln!(w);
-        let valid = if self.causal { "j < p.m && j <= i" } else { "j < p.m" };
-        let _ = writeln!(w, "      if ({valid}) {{");
-        let _ = write!(w, "        if (sc > mx) {{ let f = exp(mx - sc); l = l * f;");
-        for c in 0..d {
-            let _ = write!(w, " o{c} = o{c} * f;");
-        }
-        let _ = writeln!(w, " mx = sc; }}");
-        let _ = write!(w, "        let e = exp(sc - mx); l = l + e;");
-        for c in 0..d {
-            let _ = write!(w, " o{c} = fma(e, vt[kr + {c}u], o{c});");
-        }
-        let _ = writeln!(w);
-        let _ = writeln!(w, "      }}");
-        let _ = writeln!(w, "    }}");
-        let _ = writeln!(w, "    workgroupBarrier();");
-        let _ = writeln!(w, "  }}");
-        let _ = writeln!(w, "  if (i < p.n) {{");
-        let _ = writeln!(w, "    let ob = (bi * p.n + i) * p.qs + h * {d}u; let r = 1.0 / l;");
-        for c in 0..d {
-            let _ = writeln!(w, "    o[ob + {c}u] = o{c} * r;");
-        }
-        let _ = writeln!(w, "  }}");
-        let _ = writeln!(w, "}}");
-        s
-    }
-}
-
-impl FlashConfig {
-    /// [`Self::wgsl`] for head dims that are multiples of 4: the row, the output and the staged
-    /// keys / values as `vec4`s (a quarter of the workgroup-memory reads).
-    fn wgsl_vec4(&self) -> String {
+        assert!(self.d % 4 == 0 && self.d as usize <= MAX_HEAD_DIM, "unsupported head dim {}", self.d);
         let (d, bc, t) = (self.d, self.block(), THREADS);
         let d4 = d / 4;
         let mut s = String::new();
@@ -216,10 +141,11 @@ mod tests {
 
     #[test]
     fn key_blocks_fit_workgroup_memory() {
-        for d in [1, 8, 40, 64, 80, 128] {
+        for d in [4, 8, 40, 64, 80, 128] {
             let c = FlashConfig { d, causal: false };
             let b = c.block();
             assert!(b.is_power_of_two() && b * d * 4 * 2 <= 16384 && b <= 32, "d {d}: block {b}");
+            assert!(c.wgsl().contains("@workgroup_size(64)"));
         }
         assert_eq!(FlashConfig { d: 40, causal: false }.block(), 32);
         assert_eq!(FlashConfig { d: 128, causal: true }.block(), 16);

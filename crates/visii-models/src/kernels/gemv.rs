@@ -106,21 +106,9 @@ impl SkinnyConfig {
         }
         let (cols, rows, t) = (self.cols, self.rows, THREADS);
         let parts = cols * rows;
-        let out = if self.bias == Bias::None { 2 } else { 3 };
         let mut s = String::new();
         let w = &mut s;
-        let _ = writeln!(
-            w,
-            "struct Params {{ m: u32, n: u32, k: u32, steps: u32, ohw: u32, ow: u32, h: u32, w: u32, img: u32, gx: u32, u0: u32, u1: u32 }}"
-        );
-        // Every buffer read_write, as in gemm.rs (cubecl may bind one buffer twice natively).
-        let _ = writeln!(w, "@group(0) @binding(0) var<storage, read_write> a: array<f32>;");
-        let _ = writeln!(w, "@group(0) @binding(1) var<storage, read_write> b: array<f32>;");
-        if self.bias != Bias::None {
-            let _ = writeln!(w, "@group(0) @binding(2) var<storage, read_write> bias: array<f32>;");
-        }
-        let _ = writeln!(w, "@group(0) @binding({out}) var<storage, read_write> c: array<f32>;");
-        let _ = writeln!(w, "@group(0) @binding({}) var<uniform> p: Params;", out + 1);
+        self.header(w);
         let _ = writeln!(w, "var<workgroup> red: array<f32, {}>;", parts * t);
         let _ = writeln!(w, "@compute @workgroup_size({t})");
         let _ = writeln!(w, "fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {{");
@@ -224,13 +212,10 @@ impl SkinnyConfig {
 }
 
 impl SkinnyConfig {
-    /// [`Self::wgsl`] for a transposed `A` with rows of `B` (a Linear over a few tokens).
-    fn wgsl_columns(&self) -> String {
-        assert!(self.b == SkinnyB::Rows, "a transposed A goes with rows of B");
-        let (cols, t) = (self.cols, THREADS);
+    /// The parameters and bindings of both forms: `a`, `b`, (`bias`), `c`, `p`. Every buffer
+    /// read_write, as in gemm.rs (cubecl may bind one buffer twice natively).
+    fn header(&self, w: &mut String) {
         let out = if self.bias == Bias::None { 2 } else { 3 };
-        let mut s = String::new();
-        let w = &mut s;
         let _ = writeln!(
             w,
             "struct Params {{ m: u32, n: u32, k: u32, steps: u32, ohw: u32, ow: u32, h: u32, w: u32, img: u32, gx: u32, u0: u32, u1: u32 }}"
@@ -242,6 +227,15 @@ impl SkinnyConfig {
         }
         let _ = writeln!(w, "@group(0) @binding({out}) var<storage, read_write> c: array<f32>;");
         let _ = writeln!(w, "@group(0) @binding({}) var<uniform> p: Params;", out + 1);
+    }
+
+    /// [`Self::wgsl`] for a transposed `A` with rows of `B` (a Linear over a few tokens).
+    fn wgsl_columns(&self) -> String {
+        assert!(self.b == SkinnyB::Rows, "a transposed A goes with rows of B");
+        let (cols, t) = (self.cols, THREADS);
+        let mut s = String::new();
+        let w = &mut s;
+        self.header(w);
         let _ = writeln!(w, "@compute @workgroup_size({t})");
         let _ = writeln!(w, "fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {{");
         let _ = writeln!(w, "  let m = (wid.y * p.gx + wid.x) * {t}u + t;");

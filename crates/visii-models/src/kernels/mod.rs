@@ -30,22 +30,31 @@ use std::sync::atomic::{AtomicU8, Ordering};
 pub use gemm::{ALayout, BLayout, Bias, GemmConfig};
 pub use gemv::{SkinnyA, SkinnyB, SkinnyConfig};
 
+/// A switch read once from the environment variable `var` (natively; always on in a browser): on
+/// unless it says `off_value`. `cell` holds 0 (not read yet), 1 (on) or 2 (off).
+fn switch(cell: &AtomicU8, var: &str, off_value: &str) -> bool {
+    match cell.load(Ordering::Relaxed) {
+        0 => {
+            #[cfg(not(target_family = "wasm"))]
+            let on = std::env::var(var).map(|v| v != off_value).unwrap_or(true);
+            #[cfg(target_family = "wasm")]
+            let on = {
+                let _ = (var, off_value);
+                true
+            };
+            cell.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+            on
+        }
+        v => v == 1,
+    }
+}
+
 /// 0: not yet read from the environment, 1: ours, 2: burn's.
 static ENABLED: AtomicU8 = AtomicU8::new(0);
 
 /// Whether our kernels replace burn's ops (default yes; `VISII_KERNELS=burn` says no).
 pub fn enabled() -> bool {
-    match ENABLED.load(Ordering::Relaxed) {
-        0 => {
-            #[cfg(not(target_family = "wasm"))]
-            let on = std::env::var("VISII_KERNELS").map(|v| v != "burn").unwrap_or(true);
-            #[cfg(target_family = "wasm")]
-            let on = true;
-            ENABLED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
-            on
-        }
-        v => v == 1,
-    }
+    switch(&ENABLED, "VISII_KERNELS", "burn")
 }
 
 /// Turns our kernels on or off for this process (benchmarks and parity tests compare both).
@@ -235,17 +244,7 @@ static SKINNY: AtomicU8 = AtomicU8::new(0);
 /// Whether GEMMs with a few columns (or rows, for a Linear; see [`skinny_limits`]) run on the skinny
 /// kernel (default yes; `VISII_GEMV=off` keeps them on the tiled one, for comparisons).
 pub fn skinny_enabled() -> bool {
-    match SKINNY.load(Ordering::Relaxed) {
-        0 => {
-            #[cfg(not(target_family = "wasm"))]
-            let on = std::env::var("VISII_GEMV").map(|v| v != "off").unwrap_or(true);
-            #[cfg(target_family = "wasm")]
-            let on = true;
-            SKINNY.store(if on { 1 } else { 2 }, Ordering::Relaxed);
-            on
-        }
-        v => v == 1,
-    }
+    switch(&SKINNY, "VISII_GEMV", "off")
 }
 
 /// Launches the skinny kernel `cfg` (see `gemv.rs`) with `a`, `b`, `bias` (contiguous f32) into a
@@ -526,17 +525,7 @@ static FLASH: AtomicU8 = AtomicU8::new(0);
 /// Whether attention runs on the fused kernel (default yes; `VISII_FLASH=off` keeps burn's chain
 /// with our softmax, for comparisons).
 pub fn flash_enabled() -> bool {
-    match FLASH.load(Ordering::Relaxed) {
-        0 => {
-            #[cfg(not(target_family = "wasm"))]
-            let on = std::env::var("VISII_FLASH").map(|v| v != "off").unwrap_or(true);
-            #[cfg(target_family = "wasm")]
-            let on = true;
-            FLASH.store(if on { 1 } else { 2 }, Ordering::Relaxed);
-            on
-        }
-        v => v == 1,
-    }
+    switch(&FLASH, "VISII_FLASH", "off")
 }
 
 /// Scaled dot-product attention (see `flash.rs`): `q` `[b, n, heads * d]`, `k` and `v` `[b, m,
@@ -556,7 +545,7 @@ pub fn attention_cube(
     }
     let ([b, n, inner], [kb, m, kinner]) = ([qd[0], qd[1], qd[2]], [kd[0], kd[1], kd[2]]);
     let d = inner / heads;
-    let shape_ok = kb == b && kinner == inner && inner % heads == 0 && (1..=flash::MAX_HEAD_DIM).contains(&d) && n > 0 && m > 0;
+    let shape_ok = kb == b && kinner == inner && inner % heads == 0 && d % 4 == 0 && (4..=flash::MAX_HEAD_DIM).contains(&d) && n > 0 && m > 0;
     let groups_ok = n.div_ceil(flash::THREADS as usize) <= MAX_GROUPS && b * heads <= MAX_GROUPS;
     if !shape_ok || !groups_ok || !fits_u32(&[&qd, &kd]) {
         return Err((q, k, v));
