@@ -225,8 +225,9 @@ struct Problem {
     img: usize,
 }
 
-/// Launches `cfg` with `a`, `b`, `bias` (contiguous f32) into a new contiguous `out_shape` tensor.
-fn launch(cfg: GemmConfig, a: &CubeTensor, b: &CubeTensor, bias: Option<&CubeTensor>, p: Problem, out_shape: Vec<usize>) -> CubeTensor {
+/// A new contiguous f32 `out_shape` tensor and the bindings `a`, `b`, (`bias`), `out` of both GEMM
+/// kernels (the caller adds the parameters).
+fn gemm_operands(a: &CubeTensor, b: &CubeTensor, bias: Option<&CubeTensor>, out_shape: Vec<usize>) -> (CubeTensor, KernelArguments) {
     let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(a.client.clone(), a.device.clone(), out_shape.into(), DType::F32);
     let mut args = KernelArguments::new()
         .with_buffer_io(a.handle.clone().binding(), BufferIOAttr::ReadOnly)
@@ -234,8 +235,14 @@ fn launch(cfg: GemmConfig, a: &CubeTensor, b: &CubeTensor, bias: Option<&CubeTen
     if let Some(bias) = bias {
         args = args.with_buffer_io(bias.handle.clone().binding(), BufferIOAttr::ReadOnly);
     }
-    let args =
-        args.with_buffer_io(out.handle.clone().binding(), BufferIOAttr::WriteOnly).with_info(params([p.m, p.n, p.k, p.ohw, p.ow, p.h, p.w, p.img]));
+    let args = args.with_buffer_io(out.handle.clone().binding(), BufferIOAttr::WriteOnly);
+    (out, args)
+}
+
+/// Launches `cfg` with `a`, `b`, `bias` (contiguous f32) into a new contiguous `out_shape` tensor.
+fn launch(cfg: GemmConfig, a: &CubeTensor, b: &CubeTensor, bias: Option<&CubeTensor>, p: Problem, out_shape: Vec<usize>) -> CubeTensor {
+    let (out, args) = gemm_operands(a, b, bias, out_shape);
+    let args = args.with_info(params([p.m, p.n, p.k, p.ohw, p.ow, p.h, p.w, p.img]));
     let count = CubeCount::Static(p.n.div_ceil(cfg.bn() as usize) as u32, p.m.div_ceil(cfg.bm() as usize) as u32, 1);
     a.client.launch(Box::new(Wgsl::Gemm(cfg)), count, args);
     out
@@ -253,18 +260,11 @@ pub fn skinny_enabled() -> bool {
 }
 
 /// Launches the skinny kernel `cfg` (see `gemv.rs`) with `a`, `b`, `bias` (contiguous f32) into a
-/// new contiguous `out_shape` tensor; `None` where the dispatch would be too large.
+/// new contiguous `out_shape` tensor.
 fn launch_skinny(cfg: SkinnyConfig, a: &CubeTensor, b: &CubeTensor, bias: Option<&CubeTensor>, p: Problem, out_shape: Vec<usize>) -> CubeTensor {
-    let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(a.client.clone(), a.device.clone(), out_shape.into(), DType::F32);
-    let mut args = KernelArguments::new()
-        .with_buffer_io(a.handle.clone().binding(), BufferIOAttr::ReadOnly)
-        .with_buffer_io(b.handle.clone().binding(), BufferIOAttr::ReadOnly);
-    if let Some(bias) = bias {
-        args = args.with_buffer_io(bias.handle.clone().binding(), BufferIOAttr::ReadOnly);
-    }
+    let (out, args) = gemm_operands(a, b, bias, out_shape);
     let (gx, gy) = spread(p.m.div_ceil(cfg.rows_per_group() as usize));
-    let words = [p.m, p.n, p.k, cfg.steps(p.k), p.ohw, p.ow, p.h, p.w, p.img, gx as usize, 0, 0];
-    let args = args.with_buffer_io(out.handle.clone().binding(), BufferIOAttr::WriteOnly).with_info(params(words));
+    let args = args.with_info(params([p.m, p.n, p.k, cfg.steps(p.k), p.ohw, p.ow, p.h, p.w, p.img, gx as usize, 0, 0]));
     a.client.launch(Box::new(Wgsl::Skinny(cfg)), CubeCount::Static(gx, gy, 1), args);
     out
 }
