@@ -233,6 +233,7 @@ $('model-source').onchange = () => {
 };
 // Downloads and loads (from the network, from storage or from local files): one at a time.
 async function modelJob(msg) {
+  await stopEstimate();
   if (state.busy) return;
   msg = { ...msg, resident: $('model-int8').checked ? 'q8' : 'f32', activations: $('model-f16').checked ? 'f16' : 'f32' };
   state.busy = 'download';
@@ -263,6 +264,8 @@ function modelLoaded(d) {
   state.model = d;
   state.timing = {};
   showEstimates();
+  // After the job that loaded it has ended (the busy flag is cleared then).
+  setTimeout(autoEstimate, 0);
   const int8Values = (d.info.residentInt8Values || 0) + ((d.clip && d.clip.residentInt8Values) || 0);
   const int8 = int8Values ? `, ${(int8Values / 1e6).toFixed(1)} M weights int8 on the GPU` : '';
   const f16 = d.info.activations === 'f16' ? ', f16 activations' : '';
@@ -477,6 +480,8 @@ function drawLoss() {
 }
 const num = (id) => Number($(id).value);
 $('learn').onclick = async () => {
+  await stopEstimate();
+  if (state.busy) return;
   state.busy = 'learn';
   state.losses = [];
   updateButtons();
@@ -509,7 +514,7 @@ $('learn').onclick = async () => {
     });
     if (learnStart && state.losses.length) {
       const [w, h] = [num('learn-size'), num('learn-size') * 0.75];
-      state.timing.learn = (performance.now() - learnStart) / 1000 / state.losses.length / (w * h);
+      state.timing.learn = { perPixel: (performance.now() - learnStart) / 1000 / state.losses.length / (w * h), from: 'the last learning run; fewer if it stops early' };
       showEstimates();
     }
     $('learn-bar').value = 1;
@@ -659,17 +664,57 @@ async function runApply(input, settings, instruction, label) {
   });
   const seconds = (performance.now() - t0) / 1000;
   // Seconds per step and working pixel on this GPU with this model: the next estimates.
-  state.timing.apply = seconds / (settings.steps * r.width * r.height);
+  state.timing.apply = { perPixel: seconds / (settings.steps * r.width * r.height), from: 'the last apply' };
   showEstimates();
   return { ...r, seconds };
 }
-/// "About N s on this GPU" beside Learn and Apply, from the last run of each (or "Measure this GPU").
+/// "About N s on this GPU" beside Learn and Apply: from the last run of each, else from the steps
+/// timed when the model loaded.
 function showEstimates() {
   const fmt = (s) => (s < 90 ? `about ${Math.max(1, Math.round(s))} s` : `about ${Math.round(s / 60)} min`);
   const side = (n) => n * n * 0.75; // a 4:3 image of that longer side
   const a = state.timing.apply, l = state.timing.learn;
-  $('apply-estimate').textContent = a ? `${fmt(a * num('apply-steps') * side(num('apply-size')))} on this GPU (from the last apply)` : '';
-  $('learn-estimate').textContent = l ? `${fmt(l * num('learn-steps') * side(num('learn-size')))} on this GPU (from the last learning run; fewer if it stops early)` : '';
+  const measuring = state.busy === 'estimate' ? 'timing one step on this GPU…' : '';
+  $('apply-estimate').textContent = a ? `${fmt(a.perPixel * num('apply-steps') * side(num('apply-size')))} on this GPU (from ${a.from})` : measuring;
+  $('learn-estimate').textContent = l ? `${fmt(l.perPixel * num('learn-steps') * side(num('learn-size')))} on this GPU (from ${l.from})` : measuring;
+}
+// When a model loads, one apply step and one learning step are timed on this GPU (the panel "Measure
+// this GPU" made automatic) at a small size (`?estimateSize=`, default 128 px), and scaled by pixels
+// to the chosen size until a real run replaces them. It runs in the background: the buttons stay
+// usable, and starting anything stops it first (between its steps).
+let estimateJob = null;
+function autoEstimate() {
+  if (state.busy || !state.model || params.get('estimate') === 'off') return;
+  const size = Number(params.get('estimateSize')) || 128;
+  const model = state.model;
+  state.busy = 'estimate';
+  updateButtons();
+  showEstimates();
+  estimateJob = (async () => {
+    try {
+      for (const [what, key, label] of [['sample-step', 'apply', 'an apply step'], ['learn-step', 'learn', 'a learning step']]) {
+        const { result: r } = await call({ type: 'measure', what, size, runs: 1 });
+        if (state.model !== model || state.timing[key]) continue;
+        state.timing[key] = { perPixel: r.seconds / (size * size), from: `${label} timed at ${size} px when the model loaded` };
+        showEstimates();
+      }
+      document.body.dataset.estimated = String(Number(document.body.dataset.estimated || 0) + 1);
+    } catch (e) {
+      // Stopped by a job the person started, or a failure: no estimate (a failed GPU shows its panel).
+      if (e.name !== 'CancelledError' && e.fatal) showWorkerError(e);
+    } finally {
+      state.busy = null;
+      estimateJob = null;
+      showEstimates();
+      updateButtons();
+    }
+  })();
+}
+/// Stop the background timing (if it runs) and wait until it has.
+async function stopEstimate() {
+  if (state.busy !== 'estimate' || !estimateJob) return;
+  worker.postMessage({ type: 'cancel' });
+  await estimateJob;
 }
 for (const id of ['apply-steps', 'apply-size', 'learn-steps', 'learn-size']) $(id).addEventListener('input', showEstimates);
 /// Show a result in the result box (compare with its input) and keep it in the gallery.
@@ -686,6 +731,8 @@ function showResult(input, r, settings, instruction, name) {
 }
 /// Run `job` as the page's one running job: buttons off, Stop shown; errors shown (a stop is not one).
 async function applyJob(job) {
+  await stopEstimate();
+  if (state.busy) return;
   state.busy = 'apply';
   updateButtons();
   $('apply-stop').hidden = false;
@@ -839,60 +886,26 @@ $('gallery-clear').onclick = () => {
   $('gallery').replaceChildren();
   updateButtons();
 };
-// All results as one zip (stored, not compressed: PNGs are compressed already), written here.
-$('gallery-zip').onclick = () => {
+// All results as one zip (stored, not compressed: PNGs are compressed already), made by the wasm
+// module in the worker (visii_formats::zip: names checked) and handed back as a Blob.
+$('gallery-zip').onclick = async () => {
   const used = new Set();
   const files = state.gallery.map((e, i) => {
     let name = `${String(i + 1).padStart(3, '0')}-${fileStem(e.name)}.png`;
     while (used.has(name)) name = `x${name}`;
     used.add(name);
-    return { name, bytes: new Uint8Array(e.png) };
+    return { name, bytes: new Uint8Array(e.png).slice().buffer };
   });
   const settings = state.gallery.map((e, i) => ({ file: files[i].name, input: e.name, instruction: e.instructionName, ...e.settings }));
-  files.push({ name: 'settings.json', bytes: new TextEncoder().encode(JSON.stringify(settings, null, 2)) });
-  const zip = makeZip(files);
-  state.lastZip = zip;
-  download(zip, 'visii-results.zip', 'application/zip');
-};
-const CRC_TABLE = new Uint32Array(256).map((_, n) => {
-  let c = n;
-  for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
-  return c >>> 0;
-});
-function crc32(b) {
-  let c = 0xffffffff;
-  for (let i = 0; i < b.length; i++) c = CRC_TABLE[(c ^ b[i]) & 0xff] ^ (c >>> 8);
-  return (c ^ 0xffffffff) >>> 0;
-}
-/// A zip archive of `files` ([{name, bytes}]), stored (method 0), names in UTF-8.
-function makeZip(files) {
-  const enc = new TextEncoder();
-  const parts = [];
-  const central = [];
-  let offset = 0;
-  for (const f of files) {
-    const name = enc.encode(f.name);
-    const crc = crc32(f.bytes);
-    const head = new DataView(new ArrayBuffer(30));
-    head.setUint32(0, 0x04034b50, true); head.setUint16(4, 20, true); head.setUint16(6, 0x0800, true); head.setUint16(8, 0, true);
-    head.setUint32(14, crc, true); head.setUint32(18, f.bytes.length, true); head.setUint32(22, f.bytes.length, true); head.setUint16(26, name.length, true);
-    const dir = new DataView(new ArrayBuffer(46));
-    dir.setUint32(0, 0x02014b50, true); dir.setUint16(4, 20, true); dir.setUint16(6, 20, true); dir.setUint16(8, 0x0800, true);
-    dir.setUint32(16, crc, true); dir.setUint32(20, f.bytes.length, true); dir.setUint32(24, f.bytes.length, true); dir.setUint16(28, name.length, true);
-    dir.setUint32(42, offset, true);
-    parts.push(new Uint8Array(head.buffer), name, f.bytes);
-    central.push(new Uint8Array(dir.buffer), name);
-    offset += 30 + name.length + f.bytes.length;
+  files.push({ name: 'settings.json', bytes: new TextEncoder().encode(JSON.stringify(settings, null, 2)).buffer });
+  try {
+    const { blob } = await call({ type: 'zip', files }, null, files.map((f) => f.bytes));
+    state.lastZip = blob;
+    download(blob, 'visii-results.zip', 'application/zip');
+  } catch (e) {
+    showWorkerError(e);
   }
-  const size = central.reduce((a, b) => a + b.length, 0);
-  const end = new DataView(new ArrayBuffer(22));
-  end.setUint32(0, 0x06054b50, true); end.setUint16(8, files.length, true); end.setUint16(10, files.length, true);
-  end.setUint32(12, size, true); end.setUint32(16, offset, true);
-  const out = new Uint8Array(offset + size + 22);
-  let at = 0;
-  for (const p of [...parts, ...central, new Uint8Array(end.buffer)]) { out.set(p, at); at += p.length; }
-  return out.buffer;
-}
+};
 
 // ---------------------------------------------------------------- readable instructions
 // The words nearest to the instruction's learned positions, read with the loaded model on request
@@ -901,6 +914,7 @@ function makeZip(files) {
 let wordsFor = null;
 const wordsKey = () => (state.instruction && state.model ? `${state.model.info.fingerprint}:${state.instructionSerial}` : null);
 $('instruction-read').onclick = async () => {
+  await stopEstimate();
   const key = wordsKey();
   if (!key || state.busy) return;
   state.busy = 'words';
@@ -926,7 +940,8 @@ $('instruction-read').onclick = async () => {
 };
 
 function updateButtons() {
-  const idle = !state.busy;
+  // The background timing at model load does not hold the page: starting anything stops it.
+  const idle = !state.busy || state.busy === 'estimate';
   for (const b of document.querySelectorAll('#stored button')) b.disabled = !idle;
   const model = !!state.model;
   $('model-load').disabled = !idle;
@@ -949,6 +964,8 @@ $('apply-prompt').oninput = updateButtons;
 
 // ---------------------------------------------------------------- measure
 $('measure').onclick = async () => {
+  await stopEstimate();
+  if (state.busy) return;
   const what = $('measure-what').value;
   const size = num('measure-size');
   const label = $('measure-what').selectedOptions[0].textContent;
@@ -986,9 +1003,12 @@ if (params.has('gpuTidyBackwardEvery')) tidy.tidyBackwardEvery = Number(params.g
 if (params.has('gpuExactFit')) tidy.exactFit = params.get('gpuExactFit') !== '0';
 // ?kernels=burn: burn's own conv / matmul / norm kernels instead of ours (to compare them).
 const kernels = params.get('kernels') === 'burn' ? 'burn' : undefined;
+// ?gemv=on|off, ?flash=on|off: the skinny GEMM / the fused attention (off in a browser by default for now).
+const onOff = (k) => (params.get(k) === 'on' ? true : params.get(k) === 'off' ? false : undefined);
+const [gemv, flash] = [onOff('gemv'), onOff('flash')];
 describeAdapter().then((ok) => {
   if (ok) {
-    initMessage = { type: 'init', hub, limits, tidy, kernels };
+    initMessage = { type: 'init', hub, limits, tidy, kernels, gemv, flash };
     worker.postMessage(initMessage);
   }
   else { $('app-version').textContent = 'visii'; $('gpu-selftest').textContent = 'unavailable'; $('gpu-selftest').className = 'bad'; document.body.dataset.ready = 'no'; }

@@ -1,19 +1,19 @@
 // The worker owns the wasm module and the GPU: model storage and loading, learning, applying.
 // The page talks to it with messages (see PROTOCOL below) and never freezes.
 //
-// PROTOCOL (page -> worker): {type: 'init', hub?, limits?: 'adapter' | 'spec', tidy?: {tidyEvery?, tidyBackwardEvery?, exactFit?}, kernels?: 'ours' | 'burn'} | {type: 'sources'} | {type: 'prepare', source}
+// PROTOCOL (page -> worker): {type: 'init', hub?, limits?: 'adapter' | 'spec', tidy?: {tidyEvery?, tidyBackwardEvery?, exactFit?}, kernels?: 'ours' | 'burn', gemv?: bool, flash?: bool} | {type: 'sources'} | {type: 'prepare', source}
 //   | {type: 'local', ip2p: [{path, file}], clip: [{path, file}]} | {type: 'delete', source}
 //   | {type: 'learn', id, befores, afters, options} | {type: 'apply', id, image, options, instruction?}
-//   | {type: 'inspect', id, bytes} | {type: 'words', id, bytes, k} | {type: 'measure', id, what, size, runs} | {type: 'cancel'} | {type: 'loadStored', source} | {type: 'convert', source}
+//   | {type: 'inspect', id, bytes} | {type: 'zip', id, files: [{name, bytes}]} | {type: 'words', id, bytes, k} | {type: 'measure', id, what, size, runs} | {type: 'cancel'} | {type: 'loadStored', source} | {type: 'convert', source}
 //   (prepare, local, loadStored and convert take resident?: 'f32' | 'q8', how the weights live on the GPU,
 //   and activations?: 'f32' | 'f16', the UNet's activations: f16 needs the adapter's shader-f16)
 // (worker -> page): {type: 'ready', version, selftest, limits} | {type: 'sources', sources, stored}
 //   | {type: 'download', ...progress} | {type: 'convert', source, done, total, path} | {type: 'model', info, source} | {type: 'progress', id, ...}
 //   | {type: 'learned', id, bytes, info} | {type: 'applied', id, png, width, height}
-//   | {type: 'inspected', id, info} | {type: 'words', id, words} | {type: 'measured', id, result, wasmMemory} | {type: 'error', id?, name, message}
+//   | {type: 'inspected', id, info} | {type: 'zipped', id, blob} | {type: 'words', id, words} | {type: 'measured', id, result, wasmMemory} | {type: 'error', id?, name, message}
 //   (progress of learn / apply includes {phase: 'preview', of, step, total, width, height, rgba}: the step's predicted image)
 //   (measured.result also has browserGpuBytes / browserGpuBytesPeak: GPU buffers alive as the browser counts them)
-import init, { version, createEngine, inspectInstruction, gpuSelftest, convertPack, neededFiles } from '../dist/pkg/visii_web.js';
+import init, { version, createEngine, inspectInstruction, gpuSelftest, convertPack, neededFiles, makeZip } from '../dist/pkg/visii_web.js';
 import { ensureSource, readComponent, listStored, deleteSource, SourceWriter, storedLabel } from './store.js';
 
 // What this worker's GPU buffers hold as the browser counts them: bytes of buffers created and
@@ -101,7 +101,8 @@ const handlers = {
   async init(msg) {
     hub = msg.hub || null;
     wasm = await init();
-    engine = await createEngine({ limits: msg.limits || 'adapter', ...msg.tidy, cpuAdapter: await cpuAdapter(), ...(msg.kernels ? { kernels: msg.kernels } : {}) });
+    engine = await createEngine({ limits: msg.limits || 'adapter', ...msg.tidy, cpuAdapter: await cpuAdapter(), ...(msg.kernels ? { kernels: msg.kernels } : {}),
+      ...(msg.gemv != null ? { gemv: msg.gemv } : {}), ...(msg.flash != null ? { flash: msg.flash } : {}) });
     post({ type: 'ready', version: version(), selftest: await gpuSelftest(), limits: msg.limits || 'adapter' });
   },
   async sources() {
@@ -200,6 +201,10 @@ const handlers = {
   async words(msg) {
     post({ type: 'words', id: msg.id, words: await engine.instructionWords(new Uint8Array(msg.bytes), msg.k || 3) });
   },
+  async zip(msg) {
+    // Made by the wasm module (names checked there), handed back as a Blob.
+    post({ type: 'zipped', id: msg.id, blob: makeZip(msg.files.map((f) => f.name), msg.files.map((f) => new Uint8Array(f.bytes))) });
+  },
   async inspect(msg) {
     post({ type: 'inspected', id: msg.id, info: inspectInstruction(new Uint8Array(msg.bytes)) });
   },
@@ -213,10 +218,11 @@ self.onmessage = async ({ data }) => {
   const h = handlers[data.type];
   if (!h) return fail(new Error(`unknown request ${data.type}`), data.id);
   try {
-    if (data.type !== 'init' && data.type !== 'sources' && data.type !== 'delete' && data.type !== 'inspect' && !engine) {
+    const noEngine = ['init', 'sources', 'delete', 'inspect', 'zip'];
+    if (!noEngine.includes(data.type) && !engine) {
       throw Object.assign(new Error('the GPU engine is not ready'), { name: 'GpuError' });
     }
-    if (data.type === 'inspect' && !engine) await init();
+    if ((data.type === 'inspect' || data.type === 'zip') && !engine) await init();
     await h(data);
     if (['prepare', 'local', 'delete', 'loadStored', 'convert'].includes(data.type)) post({ type: 'done', id: data.id });
   } catch (e) {

@@ -107,8 +107,9 @@ try {
   // axe-core on the page as it is: no serious or critical accessibility violation. (Its source is
   // evaluated through the DevTools protocol: the page's Content-Security-Policy stays as it is.)
   const axeSource = readFileSync(join(root, 'tests', 'browser', 'node_modules', 'axe-core', 'axe.min.js'), 'utf8');
-  const a11y = async (label) => {
-    const found = await page.evaluate(async (src) => {
+  // axe-core on the page as it is now (every state the e2e reaches: panels, progress, errors).
+  const a11y = async (label, p = page) => {
+    const found = await p.evaluate(async (src) => {
       if (!window.axe) (0, eval)(src);
       const r = await window.axe.run(document, { resultTypes: ['violations'] });
       return r.violations.filter((v) => v.impact === 'serious' || v.impact === 'critical').map((v) => `${v.id} (${v.impact}): ${v.nodes.slice(0, 3).map((n) => n.target.join(' ')).join('; ')}`);
@@ -155,13 +156,15 @@ try {
 
   step('open the page');
   // The device is requested with WebGPU's default limits (128 MiB bindings): the app must work on them.
-  await page.goto(`${base}/index.html?gpuLimits=spec&hub=${encodeURIComponent(`${base}/hub/`)}`);
+  // estimateSize=32: the automatic timing at model load runs its steps at 32 px (SwiftShader is slow).
+  await page.goto(`${base}/index.html?gpuLimits=spec&estimateSize=32&hub=${encodeURIComponent(`${base}/hub/`)}`);
   await page.waitForFunction(() => document.body.dataset.ready, null, { timeout: 300000 });
   check(await page.evaluate(() => document.body.dataset.ready) === 'yes', `WebGPU engine ready: ${await page.textContent('#gpu-selftest')} (${await page.textContent('#gpu-adapter')})`);
   check(/visii \d+\.\d+\.\d+/.test(await page.textContent('#app-version')), 'version shown');
   check(await page.evaluate(() => document.body.dataset.limits) === 'spec', 'device requested with the spec default limits');
   await page.waitForFunction(() => document.getElementById('model-source').options.length >= 2);
   await shot('1-ready');
+  await a11y('the page before a model is loaded');
 
   step('a full disk while storing the model');
   // The browser's storage quota for this origin lowered to 300 kB (CDP; what a full disk does):
@@ -175,6 +178,7 @@ try {
   check(await page.textContent('#error-title') === 'Not enough storage for this model' && /refused to store/.test(await page.textContent('#error-text'))
     && /Nothing was lost/.test(await page.textContent('#error-hint')), `storage full: "${await page.textContent('#error-text')}"`);
   check(!(await page.isDisabled('#model-load')), 'the page is usable again');
+  await a11y('the storage-full error panel');
   await dismiss();
   await cdp.send('Storage.overrideQuotaForOrigin', { origin: base });
 
@@ -191,12 +195,30 @@ try {
     const textFile = statSync(join(fx, 'tiny-ip2p/text_encoder/model.safetensors')).size;
     check(largest > 0 && largest < textFile, `largest single read while loading ${(largest / 1e6).toFixed(2)} MB (the text encoder file is ${(textFile / 1e6).toFixed(2)} MB); wasm memory ${(heap / 1e6).toFixed(1)} MB`);
   }
+  // Time estimates before the first run: one apply step and one learning step timed when the model
+  // loaded (in the background: the buttons stay usable meanwhile), scaled to the chosen sizes.
+  check(await page.evaluate(() => document.body.dataset.estimated === '1' || /timing one step/.test(document.getElementById('apply-estimate').textContent)),
+    `while the model's steps are timed: "${await page.textContent('#apply-estimate')}"`);
+  await page.waitForFunction(() => document.body.dataset.estimated === '1', null, { timeout: 300000 });
+  {
+    const [a, l] = [await page.textContent('#apply-estimate'), await page.textContent('#learn-estimate')];
+    check(/^about \d+ (s|min) on this GPU \(from an apply step timed at 32 px when the model loaded\)$/.test(a)
+      && /^about \d+ (s|min) on this GPU \(from a learning step timed at 32 px when the model loaded\)$/.test(l),
+    `estimates from the timing at load: apply "${a}", learn "${l}"`);
+    await page.fill('#apply-steps', '40');
+    const doubled = await page.textContent('#apply-estimate');
+    await page.fill('#apply-steps', '20');
+    const secs = (t) => Number(/about (\d+) (s|min)/.exec(t)[1]) * (/ min/.test(t) ? 60 : 1);
+    check(secs(doubled) >= 1.4 * secs(a) && secs(doubled) <= 2.5 * secs(a) + 1, `twice the steps, about twice the estimate ("${doubled}")`);
+  }
+  await a11y('a loaded model with its time estimates');
 
   step('a file that is not an image is refused');
   await page.setInputFiles('#slot-before input', join(fx, 'goldens', 'goldens.json'));
   await waitError('ImageError');
   await shot('2-not-an-image');
   check(true, `non-image refused: ${await page.textContent('#error-text')}`);
+  await a11y('the not-an-image error panel');
   await dismiss();
 
   step('learn from two PNGs');
@@ -207,8 +229,11 @@ try {
   await page.fill('#learn-seed', '3');
   await page.fill('#learn-caption-iterations', '20');
   await page.click('#learn');
+  await page.waitForFunction(() => window.visii.previewSteps.learn.length >= 1 || document.body.dataset.learned, null, { timeout: 300000 });
+  await a11y('learning in progress (progress, loss curve, preview)');
   await waitData('learned', '1');
   await shot('3-learned');
+  await a11y('a learned instruction');
   const learned = await page.evaluate(() => ({ losses: window.visii.losses, caption: document.getElementById('learn-caption').textContent, text: document.getElementById('learn-text').textContent }));
   console.log(`learned: ${learned.text}; caption "${learned.caption}"; mse per step ${learned.losses.map((v) => v.toFixed(4)).join(' ')}`);
   check(learned.losses.length === 4 && learned.losses.every(Number.isFinite), 'four finite learning steps reported');
@@ -413,6 +438,7 @@ try {
   await waitError('ForeignModelError');
   await shot('6-foreign-instruction');
   check((await page.textContent('#error-text')).includes('someone/other-model'), `foreign instruction refused on load: ${await page.textContent('#error-text')}`);
+  await a11y('the foreign-instruction error panel');
   await dismiss();
   await page.click('#apply');
   await waitError('ForeignModelError');
@@ -499,6 +525,7 @@ try {
   await waitError('NetworkError');
   await shot('8-download-interrupted');
   check(true, `interrupted download reported: ${await page.textContent('#error-text')}`);
+  await a11y('the interrupted-download error panel (with the download panel)');
   await dismiss();
   await page.click('#model-load');
   await page.waitForFunction(() => document.body.dataset.model && /instruct-pix2pix/.test(document.getElementById('model-loaded').textContent), null, { timeout: 300000 });
@@ -727,6 +754,7 @@ try {
   await page.click('#apply');
   await waitError('GpuError');
   await shot('10b-gpu-lost');
+  await a11y('the GPU-failed error panel');
   check(await page.textContent('#error-title') === 'The GPU failed' && /lost/.test(await page.textContent('#error-text')) && /restarted/.test(await page.textContent('#error-hint')),
     `device loss reported: "${await page.textContent('#error-text')}" (${await page.textContent('#error-hint')})`);
   // No reload: the page starts a fresh worker and loads the stored model into it by itself.
@@ -754,6 +782,7 @@ try {
   await weak.goto(`${base}/index.html`);
   await weak.waitForSelector('#error-panel:not([hidden])', { timeout: 60000 });
   await weak.screenshot({ path: join(out, 'e2e-10d-weak-adapter.png'), fullPage: true });
+  await a11y('the page on a weak adapter', weak);
   check(await weak.evaluate(() => document.getElementById('error-panel').dataset.kind) === 'Limits'
     && /maxStorageBufferBindingSize >= 134217728 \(this adapter: 67108864\)/.test(await weak.textContent('#error-text')),
   `a weak adapter is named: "${await weak.textContent('#error-title')}: ${await weak.textContent('#error-text')}"`);
@@ -765,6 +794,7 @@ try {
   await p2.goto(`${base}/index.html`);
   await p2.waitForSelector('#error-panel:not([hidden])', { timeout: 60000 });
   await p2.screenshot({ path: join(out, 'e2e-11-no-webgpu.png'), fullPage: true });
+  await a11y('the page without WebGPU', p2);
   check(/WebGPU/.test(await p2.textContent('#error-title')), `without WebGPU: "${await p2.textContent('#error-title')}"`);
   await noGpu.close();
 } catch (e) {

@@ -9,7 +9,8 @@
 //! - [`image`]: PNG / JPEG decoding within limits on size, pixels and aspect;
 //! - [`files`]: regular files only, relative names that stay inside their folder;
 //! - [`text`]: strings from files made safe to print on a terminal;
-//! - [`source`]: random-access byte sources (memory, disk, the browser's blobs).
+//! - [`source`]: random-access byte sources (memory, disk, the browser's blobs);
+//! - [`zip`]: the one writer here: a stored zip of results, names checked.
 //!
 //! `visii-models` builds tensors from what these return.
 
@@ -24,6 +25,7 @@ pub mod safetensors;
 pub mod source;
 pub mod text;
 pub mod torch;
+pub mod zip;
 
 pub use error::{FormatError, Result};
 pub use source::{ByteSource, DiskFile, READ_STATS};

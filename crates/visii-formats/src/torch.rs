@@ -181,7 +181,7 @@ fn state_dict(top: &Val) -> Option<Rc<RefCell<Pairs>>> {
 
 // ------------------------------------------------------------------------------------------- zip
 
-struct Entry {
+pub(crate) struct Entry {
     method: u16,
     size: u64,
     local: u64,
@@ -198,7 +198,7 @@ fn le64(b: &[u8], at: usize) -> u64 {
 }
 
 /// The archive's central directory (zip64 included: a fp32 UNet's archive is 3.4 GB).
-fn zip_entries(source: &dyn ByteSource) -> Result<HashMap<String, Entry>, String> {
+pub(crate) fn zip_entries(source: &dyn ByteSource) -> Result<HashMap<String, Entry>, String> {
     let len = source.len();
     let tail_len = len.min(22 + 65535);
     let tail = source.read_at(len - tail_len, tail_len as usize)?;
@@ -277,7 +277,7 @@ fn data_offset(source: &dyn ByteSource, e: &Entry) -> Result<u64, String> {
     Ok(e.local + 30 + le16(&h, 26) as u64 + le16(&h, 28) as u64)
 }
 
-fn read_entry(source: &dyn ByteSource, e: &Entry) -> Result<Vec<u8>, String> {
+pub(crate) fn read_entry(source: &dyn ByteSource, e: &Entry) -> Result<Vec<u8>, String> {
     if e.method != 0 {
         return Err(format!("compressed zip entry (method {})", e.method));
     }

@@ -5,7 +5,9 @@
 //! JS surface (see web/worker.js): `createEngine()` -> `Engine` with `loadIp2p(name, files)`,
 //! `loadClip(name, files)`, `learn(befores, afters, options, onProgress)`, `apply(image, options,
 //! instruction, onProgress)`, `measure(what, size, runs)`, `cancel()`, `modelInfo()`; and
-//! `inspectInstruction(bytes)`.
+//! `inspectInstruction(bytes)`, `makeZip(names, files)`. It reaches the browser through typed
+//! `web-sys` bindings (`Blob`, `FileReaderSync`) and makes files with `gloo-file`, never by looking
+//! properties up by name.
 //! Errors are JS `Error`s whose `name` says what kind of problem it is (`ImageError`,
 //! `InstructionError`, `ForeignModelError`, `ModelError`, `CancelledError`, `OptionsError`, `GpuError`).
 
@@ -104,25 +106,25 @@ async fn init_device(spec_limits: bool) -> Result<Device, JsValue> {
 }
 
 /// Synchronous ranged read of a `Blob` / `File` (OPFS or picked) with `FileReaderSync` (only in
-/// workers): `new FileReaderSync().readAsArrayBuffer(blob.slice(offset, offset + len))`. Through
-/// `Reflect` rather than an inline JS snippet, so the shipped files stay the ones the service
-/// worker caches.
-fn read_blob(blob: &JsValue, offset: f64, len: f64) -> Result<js_sys::Uint8Array, JsValue> {
-    use js_sys::{Function, Reflect};
-    let get = |o: &JsValue, k: &str| Reflect::get(o, &JsValue::from_str(k));
-    let ctor: Function =
-        get(&js_sys::global(), "FileReaderSync")?.dyn_into().map_err(|_| JsValue::from_str("FileReaderSync is not available here"))?;
-    let reader = Reflect::construct(&ctor, &js_sys::Array::new())?;
-    let slice: Function = get(blob, "slice")?.dyn_into()?;
-    let part = slice.call2(blob, &offset.into(), &(offset + len).into())?;
-    let read: Function = get(&reader, "readAsArrayBuffer")?.dyn_into()?;
-    Ok(js_sys::Uint8Array::new(&read.call1(&reader, &part)?))
+/// workers): `new FileReaderSync().readAsArrayBuffer(blob.slice(offset, offset + len))`.
+fn read_blob(blob: &web_sys::Blob, offset: f64, len: f64) -> Result<js_sys::Uint8Array, JsValue> {
+    let reader = web_sys::FileReaderSync::new().map_err(|_| error("ModelError", "FileReaderSync is not available here (stored files are read in the worker)"))?;
+    let part = blob.slice_with_f64_and_f64(offset, offset + len)?;
+    Ok(js_sys::Uint8Array::new(&reader.read_as_array_buffer(&part)?.into()))
+}
+
+/// The message of a JS exception (an `Error`'s `message`, else how it prints).
+fn js_message(e: &JsValue) -> String {
+    match e.dyn_ref::<js_sys::Error>() {
+        Some(e) => String::from(e.message()),
+        None => e.as_string().unwrap_or_else(|| format!("{e:?}")),
+    }
 }
 
 /// A `Blob` read by range: model files stay in storage, only the tensor being loaded is copied
 /// into wasm memory.
 struct BlobSource {
-    blob: JsValue,
+    blob: web_sys::Blob,
     len: u64,
 }
 
@@ -135,8 +137,7 @@ impl ByteSource for BlobSource {
         self.len
     }
     fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, String> {
-        let a = read_blob(&self.blob, offset as f64, len as f64)
-            .map_err(|e| js_sys::Reflect::get(&e, &"message".into()).ok().and_then(|m| m.as_string()).unwrap_or_else(|| format!("{e:?}")))?;
+        let a = read_blob(&self.blob, offset as f64, len as f64).map_err(|e| js_message(&e))?;
         if a.length() as usize != len {
             return Err(format!("read {} of {len} bytes at {offset}: the stored file changed or is truncated", a.length()));
         }
@@ -228,8 +229,9 @@ fn files_from(name: &str, files: &js_sys::Map) -> Files {
             v.copy_to_uninit(Arc::get_mut(&mut buf).expect("a new Arc is unique"));
             // SAFETY: copy_to_uninit initialised every byte.
             map.insert(k, Arc::new(unsafe { buf.assume_init() }));
-        } else if let Some(size) = js_sys::Reflect::get(&value, &"size".into()).ok().and_then(|s| s.as_f64()) {
-            map.insert(k, Arc::new(BlobSource { blob: value, len: size as u64 }));
+        } else if let Some(blob) = value.dyn_ref::<web_sys::Blob>() {
+            // A `File` is a `Blob`; its size is what storage holds now (a read past it is refused).
+            map.insert(k, Arc::new(BlobSource { blob: blob.clone(), len: blob.size() as u64 }));
         }
     });
     Files::sources(name, map)
@@ -303,10 +305,14 @@ struct EngineOpts {
     cpu_adapter: Option<bool>,
     /// `"ours"` (default) or `"burn"`: whose conv / matmul / norm kernels run (for comparisons).
     kernels: Option<String>,
+    /// The skinny GEMM and the fused attention on or off (default off in a browser for now:
+    /// `visii_models::kernels::skinny_enabled`); for diagnosis and comparisons.
+    gemv: Option<bool>,
+    flash: Option<bool>,
 }
 
 /// Create the engine (initialises WebGPU). `options`: `{ limits: "adapter" | "spec", tidyEvery?,
-/// tidyBackwardEvery?, exactFit?, cpuAdapter?, kernels? }` (tidy* and exactFit: how often free GPU buffers are handed back, and
+/// tidyBackwardEvery?, exactFit?, cpuAdapter?, kernels?, gemv?, flash? }` (tidy* and exactFit: how often free GPU buffers are handed back, and
 /// whether steps run in exact-size buffers; for diagnosis). The models
 /// keep every buffer they create on purpose within 128 MiB either way
 /// (`visii_models::nn::max_buffer_bytes`).
@@ -328,6 +334,12 @@ pub async fn create_engine(options: JsValue) -> Result<Engine, JsValue> {
         None | Some("ours") => visii_models::kernels::set_enabled(true),
         Some("burn") => visii_models::kernels::set_enabled(false),
         Some(other) => return Err(error("OptionsError", format!("kernels must be \"ours\" or \"burn\", not {other:?}"))),
+    }
+    if let Some(on) = o.gemv {
+        visii_models::kernels::set_skinny(on);
+    }
+    if let Some(on) = o.flash {
+        visii_models::kernels::set_flash(on);
     }
     Ok(Engine {
         device: init_device(spec).await?,
@@ -401,18 +413,28 @@ fn report_preview(f: &js_sys::Function, of: &str, step: usize, total: usize, img
     for px in img.data.chunks_exact(3) {
         rgba.extend_from_slice(&[px[0], px[1], px[2], 255]);
     }
-    let o = js_sys::Object::new();
-    let set = |k: &str, v: JsValue| {
-        let _ = js_sys::Reflect::set(&o, &k.into(), &v);
-    };
-    set("phase", "preview".into());
-    set("of", of.into());
-    set("step", (step as u32).into());
-    set("total", (total as u32).into());
-    set("width", (img.width as u32).into());
-    set("height", (img.height as u32).into());
-    set("rgba", js_sys::Uint8ClampedArray::from(&rgba[..]).into());
-    set("latentSum", z.values.iter().map(|&v| v as f64).sum::<f64>().into());
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Preview<'a> {
+        phase: &'static str,
+        of: &'a str,
+        step: usize,
+        total: usize,
+        width: usize,
+        height: usize,
+        rgba: serde_bytes::ByteBuf,
+        latent_sum: f64,
+    }
+    let o = to_js(&Preview {
+        phase: "preview",
+        of,
+        step,
+        total,
+        width: img.width,
+        height: img.height,
+        rgba: serde_bytes::ByteBuf::from(rgba),
+        latent_sum: z.values.iter().map(|&v| v as f64).sum(),
+    });
     !matches!(f.call1(&JsValue::NULL, &o), Ok(r) if r == JsValue::FALSE)
 }
 
@@ -685,12 +707,13 @@ impl Engine {
             return Err(error("GpuError", "the GPU returned invalid values"));
         }
         let png = RgbImage::from_unit_floats(&v, w, h).to_png().map_err(pipeline_error)?;
-        let result = js_sys::Object::new();
-        let set = |k: &str, v: JsValue| js_sys::Reflect::set(&result, &k.into(), &v);
-        set("png", js_sys::Uint8Array::from(&png[..]).into())?;
-        set("width", (w as u32).into())?;
-        set("height", (h as u32).into())?;
-        Ok(result.into())
+        #[derive(Serialize)]
+        struct Applied {
+            png: serde_bytes::ByteBuf,
+            width: usize,
+            height: usize,
+        }
+        Ok(to_js(&Applied { png: serde_bytes::ByteBuf::from(png), width: w, height: h }))
     }
 
     /// Time the loaded UNet on this GPU with random inputs at `size` px (`size / 8` latents):
@@ -784,11 +807,26 @@ pub fn inspect_instruction(bytes: js_sys::Uint8Array) -> Result<JsValue, JsValue
         "baseModel": ins.base_model.as_ref().map(|b| serde_json::json!({"name": b.name, "fingerprint": b.fingerprint()})),
         "reusableNoise": ins.noise_reuse.is_some(),
     });
-    let out = to_js(&info);
-    let thumb = match ins.thumbnail_png() {
-        Some(png) => js_sys::Uint8Array::from(&png[..]).into(),
-        None => JsValue::NULL,
-    };
-    js_sys::Reflect::set(&out, &"thumbnailPng".into(), &thumb)?;
-    Ok(out)
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Inspected {
+        #[serde(flatten)]
+        info: serde_json::Value,
+        thumbnail_png: Option<serde_bytes::ByteBuf>,
+    }
+    Ok(to_js(&Inspected { info, thumbnail_png: ins.thumbnail_png().map(serde_bytes::ByteBuf::from) }))
+}
+
+/// The page's results as one zip (`names[i]` holds `files[i]`; stored, not compressed: PNGs are
+/// compressed already), made here rather than in JS so its names are checked
+/// (`visii_formats::zip`): resolves to a `Blob` of type `application/zip`.
+#[wasm_bindgen(js_name = makeZip)]
+pub fn make_zip(names: Vec<String>, files: Vec<js_sys::Uint8Array>) -> Result<web_sys::Blob, JsValue> {
+    if names.len() != files.len() {
+        return Err(error("OptionsError", format!("{} names for {} files", names.len(), files.len())));
+    }
+    let entries: Vec<(String, Vec<u8>)> = names.into_iter().zip(files.iter().map(|f| f.to_vec())).collect();
+    let zip = visii_formats::zip::stored(&entries).map_err(|e| error("OptionsError", e))?;
+    drop(entries);
+    Ok(gloo_file::Blob::new_with_options(&zip[..], Some("application/zip")).into())
 }

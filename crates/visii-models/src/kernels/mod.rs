@@ -259,6 +259,11 @@ pub fn skinny_enabled() -> bool {
     switch(&SKINNY, "VISII_GEMV", "off", false)
 }
 
+/// Turns the skinny kernel on or off for this process (the page's `?gemv=on|off`, for diagnosis).
+pub fn set_skinny(on: bool) {
+    SKINNY.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+}
+
 /// Launches the skinny kernel `cfg` (see `gemv.rs`) with `a`, `b`, `bias` (contiguous f32) into a
 /// new contiguous `out_shape` tensor.
 fn launch_skinny(cfg: SkinnyConfig, a: &CubeTensor, b: &CubeTensor, bias: Option<&CubeTensor>, p: Problem, out_shape: Vec<usize>) -> CubeTensor {
@@ -531,6 +536,11 @@ static FLASH: AtomicU8 = AtomicU8::new(0);
 /// chain with our softmax, for comparisons). Off in a browser for now (see [`skinny_enabled`]).
 pub fn flash_enabled() -> bool {
     switch(&FLASH, "VISII_FLASH", "off", false)
+}
+
+/// Turns the fused attention on or off for this process (the page's `?flash=on|off`, for diagnosis).
+pub fn set_flash(on: bool) {
+    FLASH.store(if on { 1 } else { 2 }, Ordering::Relaxed);
 }
 
 /// Scaled dot-product attention (see `flash.rs`): `q` `[b, n, heads * d]`, `k` and `v` `[b, m,
