@@ -235,9 +235,9 @@ run_tests() {
     package_models
     log "browser end-to-end test (headless Chromium, WebGPU on SwiftShader)"
     ln -sfn "$TOOLS/node/node_modules" tests/browser/node_modules
-    # The CLI the e2e compares the page with runs the page's kernels (the skinny GEMM and the fused
-    # attention are native-only for now).
-    VISII_GEMV=off VISII_FLASH=off VISII_BIN="$CARGO_TARGET_DIR/debug/visii" node tests/browser/e2e.mjs
+    # The CLI the e2e compares the page with runs the page's kernels (the skinny GEMM is native-only
+    # for now).
+    VISII_GEMV=off VISII_BIN="$CARGO_TARGET_DIR/debug/visii" node tests/browser/e2e.mjs
   fi
   log "all tests passed"
 }

@@ -263,8 +263,9 @@ function showDownload(d) {
 function modelLoaded(d) {
   state.model = d;
   state.timing = {};
+  // Timed after the job that loaded it has ended (the busy flag is cleared then); said at once.
+  state.estimatePending = params.get('estimate') !== 'off';
   showEstimates();
-  // After the job that loaded it has ended (the busy flag is cleared then).
   setTimeout(autoEstimate, 0);
   const int8Values = (d.info.residentInt8Values || 0) + ((d.clip && d.clip.residentInt8Values) || 0);
   const int8 = int8Values ? `, ${(int8Values / 1e6).toFixed(1)} M weights int8 on the GPU` : '';
@@ -674,7 +675,7 @@ function showEstimates() {
   const fmt = (s) => (s < 90 ? `about ${Math.max(1, Math.round(s))} s` : `about ${Math.round(s / 60)} min`);
   const side = (n) => n * n * 0.75; // a 4:3 image of that longer side
   const a = state.timing.apply, l = state.timing.learn;
-  const measuring = state.busy === 'estimate' ? 'timing one step on this GPU…' : '';
+  const measuring = state.busy === 'estimate' || state.estimatePending ? 'timing one step on this GPU…' : '';
   $('apply-estimate').textContent = a ? `${fmt(a.perPixel * num('apply-steps') * side(num('apply-size')))} on this GPU (from ${a.from})` : measuring;
   $('learn-estimate').textContent = l ? `${fmt(l.perPixel * num('learn-steps') * side(num('learn-size')))} on this GPU (from ${l.from})` : measuring;
 }
@@ -684,7 +685,9 @@ function showEstimates() {
 // usable, and starting anything stops it first (between its steps).
 let estimateJob = null;
 function autoEstimate() {
-  if (state.busy || !state.model || params.get('estimate') === 'off') return;
+  const pending = state.estimatePending;
+  state.estimatePending = false;
+  if (state.busy || !state.model || !pending) return showEstimates();
   const size = Number(params.get('estimateSize')) || 128;
   const model = state.model;
   state.busy = 'estimate';
@@ -1003,12 +1006,13 @@ if (params.has('gpuTidyBackwardEvery')) tidy.tidyBackwardEvery = Number(params.g
 if (params.has('gpuExactFit')) tidy.exactFit = params.get('gpuExactFit') !== '0';
 // ?kernels=burn: burn's own conv / matmul / norm kernels instead of ours (to compare them).
 const kernels = params.get('kernels') === 'burn' ? 'burn' : undefined;
-// ?gemv=on|off, ?flash=on|off: the skinny GEMM / the fused attention (off in a browser by default for now).
+// ?gemv=on|off, ?gemvGrad=on|off, ?flash=on|off: the skinny GEMM (off in a browser by default for
+// now), its use for a Linear's input gradient, the fused attention (on by default).
 const onOff = (k) => (params.get(k) === 'on' ? true : params.get(k) === 'off' ? false : undefined);
-const [gemv, flash] = [onOff('gemv'), onOff('flash')];
+const [gemv, gemvGrad, flash] = [onOff('gemv'), onOff('gemvGrad'), onOff('flash')];
 describeAdapter().then((ok) => {
   if (ok) {
-    initMessage = { type: 'init', hub, limits, tidy, kernels, gemv, flash };
+    initMessage = { type: 'init', hub, limits, tidy, kernels, gemv, gemvGrad, flash };
     worker.postMessage(initMessage);
   }
   else { $('app-version').textContent = 'visii'; $('gpu-selftest').textContent = 'unavailable'; $('gpu-selftest').className = 'bad'; document.body.dataset.ready = 'no'; }

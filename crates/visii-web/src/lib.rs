@@ -46,8 +46,10 @@ fn error(kind: &str, message: impl std::fmt::Display) -> JsValue {
 }
 
 /// Plain JS objects (not `Map`s), numbers (not `BigInt`s).
+/// JSON-like values (maps as objects, `None` as null, u64 as numbers), except that byte buffers
+/// (`serde_bytes`) become `Uint8Array`s (the page transfers their buffers between threads).
 fn to_js<T: Serialize + ?Sized>(v: &T) -> JsValue {
-    v.serialize(&serde_wasm_bindgen::Serializer::json_compatible()).unwrap_or(JsValue::NULL)
+    v.serialize(&serde_wasm_bindgen::Serializer::json_compatible().serialize_bytes_as_arrays(false)).unwrap_or(JsValue::NULL)
 }
 
 /// An options object that may be left out (`undefined` / `null`: the defaults).
@@ -308,11 +310,12 @@ struct EngineOpts {
     /// The skinny GEMM and the fused attention on or off (default off in a browser for now:
     /// `visii_models::kernels::skinny_enabled`); for diagnosis and comparisons.
     gemv: Option<bool>,
+    gemv_grad: Option<bool>,
     flash: Option<bool>,
 }
 
 /// Create the engine (initialises WebGPU). `options`: `{ limits: "adapter" | "spec", tidyEvery?,
-/// tidyBackwardEvery?, exactFit?, cpuAdapter?, kernels?, gemv?, flash? }` (tidy* and exactFit: how often free GPU buffers are handed back, and
+/// tidyBackwardEvery?, exactFit?, cpuAdapter?, kernels?, gemv?, gemvGrad?, flash? }` (tidy* and exactFit: how often free GPU buffers are handed back, and
 /// whether steps run in exact-size buffers; for diagnosis). The models
 /// keep every buffer they create on purpose within 128 MiB either way
 /// (`visii_models::nn::max_buffer_bytes`).
@@ -337,6 +340,9 @@ pub async fn create_engine(options: JsValue) -> Result<Engine, JsValue> {
     }
     if let Some(on) = o.gemv {
         visii_models::kernels::set_skinny(on);
+    }
+    if let Some(on) = o.gemv_grad {
+        visii_models::kernels::set_skinny_grad(on);
     }
     if let Some(on) = o.flash {
         visii_models::kernels::set_flash(on);

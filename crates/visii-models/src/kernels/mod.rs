@@ -253,8 +253,8 @@ static SKINNY: AtomicU8 = AtomicU8::new(0);
 
 /// Whether GEMMs with a few columns (or rows, for a Linear; see [`skinny_limits`]) run on the skinny
 /// kernel (natively by default; `VISII_GEMV=off` keeps them on the tiled one, for comparisons). Off
-/// in a browser for now: on SwiftShader the e2e's learning step lost the device with the skinny and
-/// fused-attention kernels on (not yet run through Dawn on a GPU).
+/// in a browser for now: on SwiftShader its forward inside a learning step crashed the GPU process
+/// (BENCHMARKS.md; not yet run through Dawn on a GPU).
 pub fn skinny_enabled() -> bool {
     switch(&SKINNY, "VISII_GEMV", "off", false)
 }
@@ -262,6 +262,21 @@ pub fn skinny_enabled() -> bool {
 /// Turns the skinny kernel on or off for this process (the page's `?gemv=on|off`, for diagnosis).
 pub fn set_skinny(on: bool) {
     SKINNY.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+/// 0: not yet read from the environment, 1: on, 2: off.
+static SKINNY_GRAD: AtomicU8 = AtomicU8::new(0);
+
+/// Whether a Linear's input gradient over a few rows runs on the skinny kernel where the skinny
+/// kernel is on at all (`VISII_GEMV_GRAD=off`, the page's `?gemvGrad=off`: the tiled one; for
+/// diagnosis).
+pub fn skinny_grad_enabled() -> bool {
+    skinny_enabled() && switch(&SKINNY_GRAD, "VISII_GEMV_GRAD", "off", true)
+}
+
+/// Turns the skinny input gradient on or off for this process (see [`skinny_grad_enabled`]).
+pub fn set_skinny_grad(on: bool) {
+    SKINNY_GRAD.store(if on { 1 } else { 2 }, Ordering::Relaxed);
 }
 
 /// Launches the skinny kernel `cfg` (see `gemv.rs`) with `a`, `b`, `bias` (contiguous f32) into a
@@ -457,7 +472,7 @@ pub fn linear_input_grad_cube(grad: CubeTensor, w: CubeTensor) -> Result<CubeTen
     }
     let mut out = dims;
     *out.last_mut().unwrap() = k_in;
-    if m <= skinny_limits().2 && skinny_enabled() {
+    if m <= skinny_limits().2 && skinny_grad_enabled() {
         // A few rows: `outᵀ = w gradᵀ`, `w` `[K_in, N]` row-major as stored.
         let cfg = SkinnyConfig::new(m, SkinnyA::RowMajor, SkinnyB::Rows, Bias::None);
         if skinny_dispatchable(&cfg, k_in) {
@@ -533,9 +548,10 @@ pub fn group_norm_cube(
 static FLASH: AtomicU8 = AtomicU8::new(0);
 
 /// Whether attention runs on the fused kernel (natively by default; `VISII_FLASH=off` keeps burn's
-/// chain with our softmax, for comparisons). Off in a browser for now (see [`skinny_enabled`]).
+/// chain with our softmax, for comparisons; the page's `?flash=off`). On in a browser too: on
+/// SwiftShader it ran the tiny model's UNet pass at 8 x 8 latents in 7.0 s against 10.8 s.
 pub fn flash_enabled() -> bool {
-    switch(&FLASH, "VISII_FLASH", "off", false)
+    switch(&FLASH, "VISII_FLASH", "off", true)
 }
 
 /// Turns the fused attention on or off for this process (the page's `?flash=on|off`, for diagnosis).
