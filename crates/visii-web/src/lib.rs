@@ -45,7 +45,6 @@ fn error(kind: &str, message: impl std::fmt::Display) -> JsValue {
     e.into()
 }
 
-/// Plain JS objects (not `Map`s), numbers (not `BigInt`s).
 /// JSON-like values (maps as objects, `None` as null, u64 as numbers), except that byte buffers
 /// (`serde_bytes`) become `Uint8Array`s (the page transfers their buffers between threads).
 fn to_js<T: Serialize + ?Sized>(v: &T) -> JsValue {
@@ -307,8 +306,9 @@ struct EngineOpts {
     cpu_adapter: Option<bool>,
     /// `"ours"` (default) or `"burn"`: whose conv / matmul / norm kernels run (for comparisons).
     kernels: Option<String>,
-    /// The skinny GEMM and the fused attention on or off (default off in a browser for now:
-    /// `visii_models::kernels::skinny_enabled`); for diagnosis and comparisons.
+    /// The skinny GEMM (default off in a browser for now: `visii_models::kernels::skinny_enabled`),
+    /// its use for a Linear's input gradient, the fused attention (default on); for diagnosis and
+    /// comparisons.
     gemv: Option<bool>,
     gemv_grad: Option<bool>,
     flash: Option<bool>,
