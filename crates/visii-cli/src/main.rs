@@ -1214,7 +1214,8 @@ fn bench(
     for (name, mut cmd) in runners {
         let out = cmd.stderr(std::process::Stdio::inherit()).output()?;
         if !out.status.success() {
-            return Err(format!("the {name} run failed").into());
+            // The child's exit status says how it ended (a code, or the signal that killed it).
+            return Err(format!("the {name} run failed ({})", out.status).into());
         }
         let line = String::from_utf8_lossy(&out.stdout);
         let r: serde_json::Value = serde_json::from_str(line.lines().last().unwrap_or(""))?;

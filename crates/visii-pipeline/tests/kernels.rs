@@ -209,9 +209,16 @@ fn group_norm_silu_and_layer_norm_match_ndarray() {
     let gpu = Device::wgpu(DeviceKind::DefaultDevice);
     let cpu = Device::ndarray();
     // (shape, groups): UNet resnet norms (32 groups), the VAE's at a larger size, a batch of
-    // three guidance rows, and an offset mean (the two-pass variance must not cancel).
-    let cases: &[(&[usize], usize, f32)] =
-        &[(&[1, 320, 8, 8], 32, 0.0), (&[1, 128, 48, 40], 32, 0.0), (&[3, 64, 6, 6], 32, 0.0), (&[2, 48, 9, 7], 4, 100.0)];
+    // three guidance rows, an offset mean (the two-pass variance must not cancel), and rows of
+    // one and of two values (one and two lanes per row, many rows per workgroup).
+    let cases: &[(&[usize], usize, f32)] = &[
+        (&[1, 320, 8, 8], 32, 0.0),
+        (&[1, 128, 48, 40], 32, 0.0),
+        (&[3, 64, 6, 6], 32, 0.0),
+        (&[2, 48, 9, 7], 4, 100.0),
+        (&[3, 96, 1, 1], 96, 0.0),
+        (&[5, 64, 1, 2], 64, 3.0),
+    ];
     for &(shape, groups, offset) in cases {
         let c = shape[1];
         let x = Tensor::<4>::random([shape[0], shape[1], shape[2], shape[3]], Distribution::Normal(offset as f64, 2.0), &gpu);
@@ -232,15 +239,19 @@ fn group_norm_silu_and_layer_norm_match_ndarray() {
             assert!(e < 1e-5, "{shape:?} silu {silu}: {e}");
         }
     }
-    // LayerNorm over the last axis of [b, tokens, c].
-    let x = Tensor::<3>::random([2, 77, 320], Distribution::Normal(0.5, 1.5), &gpu);
-    let gamma = Tensor::<1>::random([320], Distribution::Normal(1.0, 0.3), &gpu);
-    let beta = Tensor::<1>::random([320], Distribution::Normal(0.0, 0.3), &gpu);
-    let ours = values(kernels::layer_norm(x.clone(), &gamma, &beta, 1e-5).expect("our layer norm applies"));
-    let reference = values(burn::tensor::module::layer_norm(on(&x, &cpu), on(&gamma, &cpu), Some(on(&beta, &cpu)), 1e-5));
-    let e = rel(&ours, &reference);
-    println!("layer norm [2, 77, 320]: vs ndarray {e:.2e}");
-    assert!(e < 1e-5, "layer norm: {e}");
+    // LayerNorm over the last axis of [b, tokens, c]: CLIP's width at 77 tokens; the tiny text
+    // encoder's 32 channels over thousands of rows (8 lanes per row, 32 rows per workgroup; 3001
+    // rows end in a part-filled workgroup); 1, 3 and 1100 channels (1, 1 and 256 lanes).
+    for [b, n, c] in [[2, 77, 320], [1, 3001, 32], [4, 7, 1], [2, 5, 3], [1, 6, 1100]] {
+        let x = Tensor::<3>::random([b, n, c], Distribution::Normal(0.5, 1.5), &gpu);
+        let gamma = Tensor::<1>::random([c], Distribution::Normal(1.0, 0.3), &gpu);
+        let beta = Tensor::<1>::random([c], Distribution::Normal(0.0, 0.3), &gpu);
+        let ours = values(kernels::layer_norm(x.clone(), &gamma, &beta, 1e-5).expect("our layer norm applies"));
+        let reference = values(burn::tensor::module::layer_norm(on(&x, &cpu), on(&gamma, &cpu), Some(on(&beta, &cpu)), 1e-5));
+        let e = rel(&ours, &reference);
+        println!("layer norm [{b}, {n}, {c}]: vs ndarray {e:.2e}");
+        assert!(e < 1e-5, "layer norm [{b}, {n}, {c}]: {e}");
+    }
 }
 
 #[test]
@@ -249,8 +260,8 @@ fn softmax_matches_ndarray_with_masked_positions() {
     let cpu = Device::ndarray();
     // Attention scores: self-attention rows of 64, cross-attention rows of 77, a long row of 1500
     // (several values per invocation), large offsets (the max must be subtracted), and a causal
-    // mask's -inf entries.
-    for (shape, scale) in [([2, 8, 64, 64], 1.0), ([1, 8, 40, 77], 30.0), ([1, 2, 3, 1500], 5.0)] {
+    // mask's -inf entries; rows of 5 and of 1 (two and one lanes, many rows per workgroup).
+    for (shape, scale) in [([2, 8, 64, 64], 1.0), ([1, 8, 40, 77], 30.0), ([1, 2, 3, 1500], 5.0), ([3, 7, 11, 5], 20.0), ([1, 1, 300, 1], 1.0)] {
         let x = Tensor::<4>::random(shape, Distribution::Normal(0.0, scale), &gpu);
         let x = if shape[3] == 64 {
             let mask = Tensor::<2, burn::tensor::Bool>::tril_mask([64, 64], 0, &gpu).unsqueeze::<4>().expand(shape);

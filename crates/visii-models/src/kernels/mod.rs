@@ -98,9 +98,9 @@ impl KernelMetadata for Wgsl {
                 SkinnyB::Conv { .. } => "visii::gemv_conv2d",
             },
             Wgsl::Flash(_) => "visii::flash_attention",
-            Wgsl::Norm(norm::NormKernel::Stats) => "visii::norm_stats",
+            Wgsl::Norm(norm::NormKernel::Stats { .. }) => "visii::norm_stats",
             Wgsl::Norm(norm::NormKernel::Apply { .. }) => "visii::norm_apply",
-            Wgsl::Norm(norm::NormKernel::Softmax) => "visii::softmax",
+            Wgsl::Norm(norm::NormKernel::Softmax { .. }) => "visii::softmax",
         }
     }
 
@@ -524,13 +524,14 @@ pub fn group_norm_cube(
     let (gamma, beta) = (contiguous(gamma.clone()), contiguous(beta.clone()));
     let (client, device) = (x.client.clone(), x.device.clone());
     let stats = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(client.clone(), device.clone(), vec![rows, 2].into(), DType::F32);
-    let (gx, gy) = spread(rows);
+    let lanes = norm::lanes(len);
+    let (gx, gy) = spread(rows.div_ceil((norm::THREADS / lanes) as usize));
     let eps_bits = (eps as f32).to_bits() as usize;
     let args = KernelArguments::new()
         .with_buffer_io(x.handle.clone().binding(), BufferIOAttr::ReadOnly)
         .with_buffer_io(stats.handle.clone().binding(), BufferIOAttr::WriteOnly)
         .with_info(params([rows, len, s, c, eps_bits, gx as usize, 0, 0]));
-    client.launch(Box::new(Wgsl::Norm(norm::NormKernel::Stats)), CubeCount::Static(gx, gy, 1), args);
+    client.launch(Box::new(Wgsl::Norm(norm::NormKernel::Stats { lanes })), CubeCount::Static(gx, gy, 1), args);
     let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(client.clone(), device, dims.into(), DType::F32);
     let (ax, ay) = spread(total.div_ceil(norm::THREADS as usize));
     let args = KernelArguments::new()
@@ -622,12 +623,13 @@ pub fn softmax_cube(x: CubeTensor) -> Result<CubeTensor, CubeTensor> {
     let x = contiguous(x);
     let (client, device) = (x.client.clone(), x.device.clone());
     let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(client.clone(), device, dims.into(), DType::F32);
-    let (gx, gy) = spread(rows);
+    let lanes = norm::lanes(len);
+    let (gx, gy) = spread(rows.div_ceil((norm::THREADS / lanes) as usize));
     let args = KernelArguments::new()
         .with_buffer_io(x.handle.clone().binding(), BufferIOAttr::ReadOnly)
         .with_buffer_io(out.handle.clone().binding(), BufferIOAttr::WriteOnly)
         .with_info(params([rows, len, 1, 1, 0, gx as usize, 0, 0]));
-    client.launch(Box::new(Wgsl::Norm(norm::NormKernel::Softmax)), CubeCount::Static(gx, gy, 1), args);
+    client.launch(Box::new(Wgsl::Norm(norm::NormKernel::Softmax { lanes })), CubeCount::Static(gx, gy, 1), args);
     Ok(out)
 }
 

@@ -4,45 +4,65 @@
 //!
 //! The input `[b, c, s..]` is read as `rows = b * groups` rows of `len = c / groups * s` values
 //! (LayerNorm over the last axis of `[rows, c]` is the case `groups = 1`, `s = 1`).
-//! 1. `stats`: one workgroup per row; each invocation sums a strided share, the workgroup adds the
-//!    partial sums as a tree; the mean, then (a second read) the mean of squared deviations, as
-//!    PyTorch does (two passes: no cancellation of `E[x²] - E[x]²`). Writes `(mean, 1 / sqrt(var +
-//!    eps))` per row.
+//! 1. `stats`: `lanes` invocations per row (a power of two up to the workgroup's 256, about a
+//!    quarter of the row's length: see [`lanes`]), so a workgroup holds `256 / lanes` rows; each
+//!    invocation sums a strided share of its row, the row's lanes add their partial sums as a tree;
+//!    the mean, then (a second read) the mean of squared deviations, as PyTorch does (two passes: no
+//!    cancellation of `E[x²] - E[x]²`). Writes `(mean, 1 / sqrt(var + eps))` per row.
 //! 2. `apply`: one invocation per value: `(x - mean) * rstd * gamma[ch] + beta[ch]`, then SiLU
 //!    where asked.
 //!
-//! Softmax over the last axis (attention scores) is the same shape of work: one workgroup per row
-//! finds the row's maximum and the sum of exponentials (tree reductions), then writes
-//! `exp(x - max) / sum`: one kernel where burn runs five (max, subtract, exp, sum, divide).
+//! Softmax over the last axis (attention scores) is the same shape of work: the row's lanes find
+//! its maximum and the sum of exponentials (tree reductions), then write `exp(x - max) / sum`: one
+//! kernel where burn runs five (max, subtract, exp, sum, divide).
+//!
+//! Short rows are the reason for the lanes: LayerNorms over a few dozen channels for thousands of
+//! rows (the text encoder scoring a vocabulary, the tiny models) with one 256-wide workgroup per row
+//! left 7 of 8 invocations idle through eight barriers each, and took 60% of reading an
+//! instruction's words on lavapipe.
 
 use std::fmt::Write;
 
 /// Invocations per workgroup of both kernels.
 pub const THREADS: u32 = 256;
 
-/// Which kernel.
+/// Which kernel; `lanes`: invocations per row (a power of two, at most [`THREADS`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum NormKernel {
     /// Per-row mean and reciprocal standard deviation.
-    Stats,
+    Stats { lanes: u32 },
     /// Normalise, scale and shift (and SiLU).
     Apply { silu: bool },
     /// Softmax of each row.
-    Softmax,
+    Softmax { lanes: u32 },
 }
 
-/// A WGSL function `name(t, v)` combining every invocation's `v` with `op` (`{h}` stands for the
-/// partner's offset) as a tree in the workgroup array `part`; called in uniform control flow.
-fn reduction(w: &mut String, name: &str, op: &str) {
+/// Invocations per row for rows of `len` values: about four values each, a power of two from 1 to
+/// [`THREADS`] (a workgroup then holds `THREADS / lanes` rows).
+pub fn lanes(len: usize) -> u32 {
+    (len.div_ceil(4).next_power_of_two().min(THREADS as usize)) as u32
+}
+
+/// A WGSL function `name(t, v)` combining the `v` of the `lanes` invocations of `t`'s row with `op`
+/// (`{h}` stands for the partner's offset) as a tree in the workgroup array `part`; called in
+/// uniform control flow.
+fn reduction(w: &mut String, name: &str, op: &str, lanes: u32) {
     let _ = writeln!(w, "fn {name}(t: u32, v: f32) -> f32 {{");
     let _ = writeln!(w, "  part[t] = v; workgroupBarrier();");
-    let mut half = THREADS / 2;
+    let mut half = lanes / 2;
     while half > 0 {
-        let _ = writeln!(w, "  if (t < {half}u) {{ part[t] = {}; }} workgroupBarrier();", op.replace("{h}", &half.to_string()));
+        let _ = writeln!(w, "  if (t % {lanes}u < {half}u) {{ part[t] = {}; }} workgroupBarrier();", op.replace("{h}", &half.to_string()));
         half /= 2;
     }
-    let _ = writeln!(w, "  let r = part[0]; workgroupBarrier(); return r;");
+    let _ = writeln!(w, "  let r = part[t - t % {lanes}u]; workgroupBarrier(); return r;");
     let _ = writeln!(w, "}}");
+}
+
+/// The row and lane of invocation `t` of workgroup `wid` (rows of `lanes` invocations), and the
+/// row's first value (a row past the end reads the last row, and writes nothing).
+fn row_of(w: &mut String, lanes: u32) {
+    let _ = writeln!(w, "  let row = (wid.x + wid.y * p.gx) * {}u + t / {lanes}u; let lane = t % {lanes}u;", THREADS / lanes);
+    let _ = writeln!(w, "  let live = row < p.rows; let base = min(row, p.rows - 1u) * p.len;");
 }
 
 impl NormKernel {
@@ -53,48 +73,46 @@ impl NormKernel {
         let w = &mut s;
         let _ = writeln!(w, "struct Params {{ rows: u32, len: u32, s: u32, c: u32, eps: u32, gx: u32, u0: u32, u1: u32 }}");
         match self {
-            NormKernel::Stats => {
+            &NormKernel::Stats { lanes } => {
                 let _ = writeln!(w, "@group(0) @binding(0) var<storage, read_write> x: array<f32>;");
                 let _ = writeln!(w, "@group(0) @binding(1) var<storage, read_write> stats: array<f32>;");
                 let _ = writeln!(w, "@group(0) @binding(2) var<uniform> p: Params;");
                 let _ = writeln!(w, "var<workgroup> part: array<f32, {THREADS}>;");
-                reduction(w, "reduce", "part[t] + part[t + {h}u]");
+                reduction(w, "reduce", "part[t] + part[t + {h}u]", lanes);
                 let _ = writeln!(w, "@compute @workgroup_size({THREADS})");
                 let _ = writeln!(w, "fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {{");
-                let _ = writeln!(w, "  let row = wid.x + wid.y * p.gx;");
                 // Every invocation of the workgroup runs the reductions (uniform control flow).
-                let _ = writeln!(w, "  let live = row < p.rows; let base = min(row, p.rows - 1u) * p.len;");
-                let _ = writeln!(w, "  var acc = 0.0; for (var i = t; i < p.len; i = i + {THREADS}u) {{ acc = acc + x[base + i]; }}");
+                row_of(w, lanes);
+                let _ = writeln!(w, "  var acc = 0.0; for (var i = lane; i < p.len; i = i + {lanes}u) {{ acc = acc + x[base + i]; }}");
                 let _ = writeln!(w, "  let mean = reduce(t, acc) / f32(p.len);");
                 let _ =
-                    writeln!(w, "  var sq = 0.0; for (var i = t; i < p.len; i = i + {THREADS}u) {{ let d = x[base + i] - mean; sq = sq + d * d; }}");
+                    writeln!(w, "  var sq = 0.0; for (var i = lane; i < p.len; i = i + {lanes}u) {{ let d = x[base + i] - mean; sq = sq + d * d; }}");
                 let _ = writeln!(w, "  let var_ = reduce(t, sq) / f32(p.len);");
                 let _ = writeln!(
                     w,
-                    "  if (live && t == 0u) {{ stats[row * 2u] = mean; stats[row * 2u + 1u] = 1.0 / sqrt(var_ + bitcast<f32>(p.eps)); }}"
+                    "  if (live && lane == 0u) {{ stats[row * 2u] = mean; stats[row * 2u + 1u] = 1.0 / sqrt(var_ + bitcast<f32>(p.eps)); }}"
                 );
                 let _ = writeln!(w, "}}");
             }
-            NormKernel::Softmax => {
+            &NormKernel::Softmax { lanes } => {
                 let _ = writeln!(w, "@group(0) @binding(0) var<storage, read_write> x: array<f32>;");
                 let _ = writeln!(w, "@group(0) @binding(1) var<storage, read_write> y: array<f32>;");
                 let _ = writeln!(w, "@group(0) @binding(2) var<uniform> p: Params;");
                 let _ = writeln!(w, "var<workgroup> part: array<f32, {THREADS}>;");
-                reduction(w, "reduce_max", "max(part[t], part[t + {h}u])");
-                reduction(w, "reduce_sum", "part[t] + part[t + {h}u]");
+                reduction(w, "reduce_max", "max(part[t], part[t + {h}u])", lanes);
+                reduction(w, "reduce_sum", "part[t] + part[t + {h}u]", lanes);
                 let _ = writeln!(w, "@compute @workgroup_size({THREADS})");
                 let _ = writeln!(w, "fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {{");
-                let _ = writeln!(w, "  let row = wid.x + wid.y * p.gx;");
-                let _ = writeln!(w, "  let live = row < p.rows; let base = min(row, p.rows - 1u) * p.len;");
+                row_of(w, lanes);
                 // -inf entries (masked positions) give exp(-inf) = 0; a row of only -inf gives NaN,
                 // as PyTorch's softmax does.
                 let _ =
-                    writeln!(w, "  var m = -3.4028234663852886e38; for (var i = t; i < p.len; i = i + {THREADS}u) {{ m = max(m, x[base + i]); }}");
+                    writeln!(w, "  var m = -3.4028234663852886e38; for (var i = lane; i < p.len; i = i + {lanes}u) {{ m = max(m, x[base + i]); }}");
                 let _ = writeln!(w, "  let mx = reduce_max(t, m);");
-                let _ = writeln!(w, "  var acc = 0.0; for (var i = t; i < p.len; i = i + {THREADS}u) {{ acc = acc + exp(x[base + i] - mx); }}");
+                let _ = writeln!(w, "  var acc = 0.0; for (var i = lane; i < p.len; i = i + {lanes}u) {{ acc = acc + exp(x[base + i] - mx); }}");
                 let _ = writeln!(w, "  let inv = 1.0 / reduce_sum(t, acc);");
                 let _ =
-                    writeln!(w, "  if (live) {{ for (var i = t; i < p.len; i = i + {THREADS}u) {{ y[base + i] = exp(x[base + i] - mx) * inv; }} }}");
+                    writeln!(w, "  if (live) {{ for (var i = lane; i < p.len; i = i + {lanes}u) {{ y[base + i] = exp(x[base + i] - mx) * inv; }} }}");
                 let _ = writeln!(w, "}}");
             }
             NormKernel::Apply { silu } => {
