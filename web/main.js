@@ -1006,13 +1006,14 @@ if (params.has('gpuTidyBackwardEvery')) tidy.tidyBackwardEvery = Number(params.g
 if (params.has('gpuExactFit')) tidy.exactFit = params.get('gpuExactFit') !== '0';
 // ?kernels=burn: burn's own conv / matmul / norm kernels instead of ours (to compare them).
 const kernels = params.get('kernels') === 'burn' ? 'burn' : undefined;
-// ?gemv=on|off, ?gemvGrad=on|off, ?flash=on|off: the skinny GEMM (off in a browser by default for
-// now), its use for a Linear's input gradient, the fused attention (on by default).
+// ?gemv=on|off, ?gemvGrad=on|off, ?flash=on|off, ?flashGrad=on|off: the skinny GEMM (off in a
+// browser by default for now), its use for a Linear's input gradient, the fused attention (on by
+// default) and its step in learning (off by default for now).
 const onOff = (k) => (params.get(k) === 'on' ? true : params.get(k) === 'off' ? false : undefined);
-const [gemv, gemvGrad, flash] = [onOff('gemv'), onOff('gemvGrad'), onOff('flash')];
+const [gemv, gemvGrad, flash, flashGrad] = [onOff('gemv'), onOff('gemvGrad'), onOff('flash'), onOff('flashGrad')];
 describeAdapter().then((ok) => {
   if (ok) {
-    initMessage = { type: 'init', hub, limits, tidy, kernels, gemv, gemvGrad, flash };
+    initMessage = { type: 'init', hub, limits, tidy, kernels, gemv, gemvGrad, flash, flashGrad };
     worker.postMessage(initMessage);
   }
   else { $('app-version').textContent = 'visii'; $('gpu-selftest').textContent = 'unavailable'; $('gpu-selftest').className = 'bad'; document.body.dataset.ready = 'no'; }

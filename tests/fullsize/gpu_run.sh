@@ -56,6 +56,8 @@ B="$V --gpu-limits spec --resident ${RESIDENT:-f32} bench --backends wgpu --torc
 phase vae-decode-512 40 $B --what vae-decode --latent 64
 phase sample-step-512 60 $B --what sample-step --latent 64
 phase learn-step-256 60 $B --what learn-step --latent 32
+# The fused attention as one autodiff step (off by default until a GPU measures it).
+phase learn-step-256-flash-grad 60 env VISII_FLASH_GRAD=on $B --what learn-step --latent 32
 fi
 FS=/tmp/fullsize
 phase make-checkpoints 60 python3 tests/fullsize/make_fullsize.py $FS

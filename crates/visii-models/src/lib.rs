@@ -8,6 +8,8 @@ pub mod clip;
 pub mod error;
 #[cfg(feature = "frozen")]
 mod frozen;
+#[cfg(feature = "frozen")]
+pub mod fused;
 #[cfg(any(feature = "wgpu", feature = "webgpu"))]
 pub mod gpu;
 #[cfg(feature = "frozen")]

@@ -307,15 +307,16 @@ struct EngineOpts {
     /// `"ours"` (default) or `"burn"`: whose conv / matmul / norm kernels run (for comparisons).
     kernels: Option<String>,
     /// The skinny GEMM (default off in a browser for now: `visii_models::kernels::skinny_enabled`),
-    /// its use for a Linear's input gradient, the fused attention (default on); for diagnosis and
-    /// comparisons.
+    /// its use for a Linear's input gradient, the fused attention (default on), and its autodiff
+    /// step in learning (default off for now, `visii_models::fused`); for diagnosis and comparisons.
     gemv: Option<bool>,
     gemv_grad: Option<bool>,
     flash: Option<bool>,
+    flash_grad: Option<bool>,
 }
 
 /// Create the engine (initialises WebGPU). `options`: `{ limits: "adapter" | "spec", tidyEvery?,
-/// tidyBackwardEvery?, exactFit?, cpuAdapter?, kernels?, gemv?, gemvGrad?, flash? }` (tidy* and exactFit: how often free GPU buffers are handed back, and
+/// tidyBackwardEvery?, exactFit?, cpuAdapter?, kernels?, gemv?, gemvGrad?, flash?, flashGrad? }` (tidy* and exactFit: how often free GPU buffers are handed back, and
 /// whether steps run in exact-size buffers; for diagnosis). The models
 /// keep every buffer they create on purpose within 128 MiB either way
 /// (`visii_models::nn::max_buffer_bytes`).
@@ -346,6 +347,9 @@ pub async fn create_engine(options: JsValue) -> Result<Engine, JsValue> {
     }
     if let Some(on) = o.flash {
         visii_models::kernels::set_flash(on);
+    }
+    if let Some(on) = o.flash_grad {
+        visii_models::fused::set_enabled(on);
     }
     Ok(Engine {
         device: init_device(spec).await?,

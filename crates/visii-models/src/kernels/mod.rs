@@ -560,6 +560,20 @@ pub fn set_flash(on: bool) {
     FLASH.store(if on { 1 } else { 2 }, Ordering::Relaxed);
 }
 
+/// Whether the fused attention takes `q` `[b, n, heads * d]`, `k` and `v` `[b, m, heads * d]` of
+/// these shapes (f32 is checked apart): head dims a multiple of 4 up to [`flash::MAX_HEAD_DIM`],
+/// a grid within WebGPU's limits, sizes that fit u32.
+pub fn attention_applies(qd: &[usize], kd: &[usize], vd: &[usize], heads: usize) -> bool {
+    if qd.len() != 3 || kd.len() != 3 || kd != vd || heads == 0 {
+        return false;
+    }
+    let ([b, n, inner], [kb, m, kinner]) = ([qd[0], qd[1], qd[2]], [kd[0], kd[1], kd[2]]);
+    let d = inner / heads;
+    let shape_ok = kb == b && kinner == inner && inner % heads == 0 && d % 4 == 0 && (4..=flash::MAX_HEAD_DIM).contains(&d) && n > 0 && m > 0;
+    let groups_ok = n.div_ceil(flash::THREADS as usize) <= MAX_GROUPS && b * heads <= MAX_GROUPS;
+    shape_ok && groups_ok && fits_u32(&[qd, kd])
+}
+
 /// Scaled dot-product attention (see `flash.rs`): `q` `[b, n, heads * d]`, `k` and `v` `[b, m,
 /// heads * d]`, giving `[b, n, heads * d]`; `Err` with the inputs where the kernel does not apply.
 #[allow(clippy::type_complexity)]
@@ -572,16 +586,11 @@ pub fn attention_cube(
 ) -> Result<CubeTensor, (CubeTensor, CubeTensor, CubeTensor)> {
     let (qd, kd, vd) = (q.shape().to_vec(), k.shape().to_vec(), v.shape().to_vec());
     let f32s = q.dtype == DType::F32 && k.dtype == DType::F32 && v.dtype == DType::F32;
-    if !f32s || qd.len() != 3 || kd.len() != 3 || kd != vd || heads == 0 {
+    if !f32s || !attention_applies(&qd, &kd, &vd, heads) {
         return Err((q, k, v));
     }
-    let ([b, n, inner], [kb, m, kinner]) = ([qd[0], qd[1], qd[2]], [kd[0], kd[1], kd[2]]);
+    let ([b, n, inner], m) = ([qd[0], qd[1], qd[2]], kd[1]);
     let d = inner / heads;
-    let shape_ok = kb == b && kinner == inner && inner % heads == 0 && d % 4 == 0 && (4..=flash::MAX_HEAD_DIM).contains(&d) && n > 0 && m > 0;
-    let groups_ok = n.div_ceil(flash::THREADS as usize) <= MAX_GROUPS && b * heads <= MAX_GROUPS;
-    if !shape_ok || !groups_ok || !fits_u32(&[&qd, &kd]) {
-        return Err((q, k, v));
-    }
     let (q, k, v) = (contiguous(q), contiguous(k), contiguous(v));
     let (client, device) = (q.client.clone(), q.device.clone());
     let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(client.clone(), device, qd.into(), DType::F32);
@@ -678,14 +687,14 @@ fn norm_with<const D: usize>(
 }
 
 /// The cubecl primitive of a float tensor outside autodiff, if it is one.
-fn primitive<const D: usize>(t: &Tensor<D>) -> Option<CubeTensor> {
+pub(crate) fn primitive<const D: usize>(t: &Tensor<D>) -> Option<CubeTensor> {
     match t.clone().into_dispatch() {
         DispatchTensor { kind: DispatchTensorKind::Cube(BackendTensor::Float(c)), autodiff: DispatchAutodiffContext::Disabled } => Some(c),
         _ => None,
     }
 }
 
-fn wrap<const D: usize>(c: CubeTensor) -> Tensor<D> {
+pub(crate) fn wrap<const D: usize>(c: CubeTensor) -> Tensor<D> {
     Tensor::from_dispatch(DispatchTensor { kind: DispatchTensorKind::Cube(BackendTensor::Float(c)), autodiff: DispatchAutodiffContext::Disabled })
 }
 
