@@ -46,8 +46,11 @@ pub fn enabled() -> bool {
             let on = std::env::var("VISII_FLASH_GRAD").is_ok_and(|v| v == "on");
             #[cfg(target_family = "wasm")]
             let on = false;
-            FUSED_GRAD.store(if on { 1 } else { 2 }, Ordering::Relaxed);
-            on
+            // A `set_enabled` meanwhile wins over the environment's default.
+            match FUSED_GRAD.compare_exchange(0, if on { 1 } else { 2 }, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => on,
+                Err(set) => set == 1,
+            }
         }
         v => v == 1,
     };
@@ -100,8 +103,12 @@ pub fn attention_grads(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, grad: Tensor<3>
     let split = |x: Tensor<3>, len: usize| x.reshape([b, len, heads, d]).swap_dims(1, 2);
     let (q, k, v, g) = (split(q, n), split(k, m), split(v, m), split(grad, n));
     let (kt, vt) = (k.clone().swap_dims(2, 3), v.swap_dims(2, 3));
-    // The weights and their gradient, [b, heads, rows, m] each, live at once.
-    let rows = (crate::nn::attention_rows(b, heads, n, m) / 2).max(1);
+    // The weights and their gradient, [b, heads, rows, m] each, live at once: both within half the
+    // buffer budget (as the forward's slices, `nn::attention_rows`).
+    let row_bytes = (b * heads * m * 4).max(1) as u64;
+    let rows = ((crate::nn::max_buffer_bytes() / 4 / row_bytes) as usize).clamp(1, n.max(1));
+    // burn's tril_mask is true outside the lower triangle: the future positions.
+    let mask = causal.then(|| Tensor::<2, burn::tensor::Bool>::tril_mask([n, m], 0, &q.device()));
     let mut dq = vec![];
     let mut dk: Option<Tensor<4>> = None;
     let mut dv: Option<Tensor<4>> = None;
@@ -110,9 +117,8 @@ pub fn attention_grads(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, grad: Tensor<3>
         let qr = q.clone().slice([0..b, 0..heads, from..to, 0..d]);
         let gr = g.clone().slice([0..b, 0..heads, from..to, 0..d]);
         let mut scores = qr.clone().matmul(kt.clone()).mul_scalar(scale);
-        if causal {
-            // burn's tril_mask is true outside the lower triangle: the future positions.
-            let mask = Tensor::<2, burn::tensor::Bool>::tril_mask([n, m], 0, &scores.device()).slice([from..to, 0..m]);
+        if let Some(mask) = &mask {
+            let mask = mask.clone().slice([from..to, 0..m]);
             scores = scores.mask_fill(mask.unsqueeze::<4>().expand([b, heads, to - from, m]), f32::NEG_INFINITY);
         }
         let p = match crate::kernels::softmax(scores) {

@@ -209,8 +209,9 @@ fn group_norm_silu_and_layer_norm_match_ndarray() {
     let gpu = Device::wgpu(DeviceKind::DefaultDevice);
     let cpu = Device::ndarray();
     // (shape, groups): UNet resnet norms (32 groups), the VAE's at a larger size, a batch of
-    // three guidance rows, an offset mean (the two-pass variance must not cancel), and rows of
-    // one and of two values (one and two lanes per row, many rows per workgroup).
+    // three guidance rows, an offset mean (the two-pass variance must not cancel), and short
+    // rows: of 1, 2, 6, 12 and 64 values (1, 1, 2, 4 and 16 lanes per row, many rows per
+    // workgroup).
     let cases: &[(&[usize], usize, f32)] = &[
         (&[1, 320, 8, 8], 32, 0.0),
         (&[1, 128, 48, 40], 32, 0.0),
@@ -218,6 +219,9 @@ fn group_norm_silu_and_layer_norm_match_ndarray() {
         (&[2, 48, 9, 7], 4, 100.0),
         (&[3, 96, 1, 1], 96, 0.0),
         (&[5, 64, 1, 2], 64, 3.0),
+        (&[2, 64, 1, 6], 64, 0.0),
+        (&[3, 32, 3, 4], 32, 1.0),
+        (&[1, 64, 8, 8], 64, 0.0),
     ];
     for &(shape, groups, offset) in cases {
         let c = shape[1];
@@ -363,7 +367,7 @@ fn fused_attention_backward_matches_ndarray() {
         }
     }
     // The backward in slices of query rows (a 64 KiB budget: 4 rows of 2 x 8 x 64 scores at a
-    // time, 16 slices), as on a device with small buffers: the same gradients.
+    // time, 16 slices), as on a device with small buffers: the same gradients as in one slice.
     {
         let (b, n, heads, d) = (2, 64, 8, 8);
         let t = |seed: usize| Tensor::<3>::random([b, n, heads * d], Distribution::Normal(0.0, 1.0 + seed as f64 * 0.1), &gpu);
