@@ -200,12 +200,18 @@ function showSources(list, stored) {
     const del = document.createElement('button');
     del.textContent = 'Delete';
     del.className = 'delete';
-    del.disabled = !!state.busy;
-    del.onclick = () => call({ type: 'delete', source: s.source }).catch(showWorkerError);
+    // The background timing at model load does not hold these buttons: they stop it first.
+    const idle = !state.busy || state.busy === 'estimate';
+    del.disabled = !idle;
+    del.onclick = async () => {
+      await stopEstimate();
+      if (state.busy) return;
+      await call({ type: 'delete', source: s.source }).catch(showWorkerError);
+    };
     const load = document.createElement('button');
     load.textContent = 'Load';
     load.className = 'load';
-    load.disabled = !!state.busy;
+    load.disabled = !idle;
     load.onclick = () => modelJob({ type: 'loadStored', source: s.source });
     const actions = [load, del];
     if (!s.source.endsWith('-q8') && s.files.some((f) => /\.safetensors$/.test(f.path)) && !s.files.some((f) => f.path === 'ip2p/manifest.json')) {
@@ -213,7 +219,7 @@ function showSources(list, stored) {
       const conv = document.createElement('button');
       conv.textContent = 'Convert to q8 pack';
       conv.className = 'convert';
-      conv.disabled = !!state.busy;
+      conv.disabled = !idle;
       conv.onclick = () => modelJob({ type: 'convert', source: s.source });
       actions.unshift(conv);
     }
