@@ -201,7 +201,7 @@ function showSources(list, stored) {
     del.textContent = 'Delete';
     del.className = 'delete';
     // The background timing at model load does not hold these buttons: they stop it first.
-    const idle = !state.busy || state.busy === 'estimate';
+    const idle = isIdle();
     del.disabled = !idle;
     del.onclick = async () => {
       await stopEstimate();
@@ -948,9 +948,13 @@ $('instruction-read').onclick = async () => {
   }
 };
 
+/// Whether a job may start: nothing runs, or only the background timing at model load (which
+/// starting anything stops first).
+function isIdle() {
+  return !state.busy || state.busy === 'estimate';
+}
 function updateButtons() {
-  // The background timing at model load does not hold the page: starting anything stops it.
-  const idle = !state.busy || state.busy === 'estimate';
+  const idle = isIdle();
   for (const b of document.querySelectorAll('#stored button')) b.disabled = !idle;
   const model = !!state.model;
   $('model-load').disabled = !idle;

@@ -40,21 +40,9 @@ static FUSED_GRAD: AtomicU8 = AtomicU8::new(0);
 /// and weights of every attention layer, which on a GPU at full size is the larger part of a
 /// learning step's activations. Needs the fused forward on ([`crate::kernels::flash_enabled`]).
 pub fn enabled() -> bool {
-    let on = match FUSED_GRAD.load(Ordering::Relaxed) {
-        0 => {
-            #[cfg(not(target_family = "wasm"))]
-            let on = std::env::var("VISII_FLASH_GRAD").is_ok_and(|v| v == "on");
-            #[cfg(target_family = "wasm")]
-            let on = false;
-            // A `set_enabled` meanwhile wins over the environment's default.
-            match FUSED_GRAD.compare_exchange(0, if on { 1 } else { 2 }, Ordering::Relaxed, Ordering::Relaxed) {
-                Ok(_) => on,
-                Err(set) => set == 1,
-            }
-        }
-        v => v == 1,
-    };
-    on && crate::kernels::flash_enabled() && crate::kernels::enabled()
+    crate::kernels::switch_with(&FUSED_GRAD, "VISII_FLASH_GRAD", |v| v == Some("on"), false)
+        && crate::kernels::flash_enabled()
+        && crate::kernels::enabled()
 }
 
 /// Turns the fused attention step of learning on or off for this process.

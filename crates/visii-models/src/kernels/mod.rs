@@ -33,20 +33,29 @@ pub use gemv::{SkinnyA, SkinnyB, SkinnyConfig};
 /// A switch read once from the environment variable `var` natively (on unless it says
 /// `off_value`); in a browser it is `web`. `cell` holds 0 (not read yet), 1 (on) or 2 (off).
 fn switch(cell: &AtomicU8, var: &str, off_value: &str, web: bool) -> bool {
+    switch_with(cell, var, |v| v.is_none_or(|v| v != off_value), web)
+}
+
+/// A switch read once: natively `native` of the environment variable `var` (`None` when unset),
+/// in a browser `web`; a `set_*` call before the first read wins (the value is stored only where
+/// the cell still holds 0). `cell` holds 0 (not read yet), 1 (on) or 2 (off).
+pub(crate) fn switch_with(cell: &AtomicU8, var: &str, native: impl FnOnce(Option<&str>) -> bool, web: bool) -> bool {
     match cell.load(Ordering::Relaxed) {
         0 => {
             #[cfg(not(target_family = "wasm"))]
             let on = {
                 let _ = web;
-                std::env::var(var).map(|v| v != off_value).unwrap_or(true)
+                native(std::env::var(var).ok().as_deref())
             };
             #[cfg(target_family = "wasm")]
             let on = {
-                let _ = (var, off_value);
+                let _ = (var, native);
                 web
             };
-            cell.store(if on { 1 } else { 2 }, Ordering::Relaxed);
-            on
+            match cell.compare_exchange(0, if on { 1 } else { 2 }, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => on,
+                Err(set) => set == 1,
+            }
         }
         v => v == 1,
     }
