@@ -678,23 +678,29 @@ async function runApply(input, settings, instruction, label) {
 /// "About N s on this GPU" beside Learn and Apply: from the last run of each, else from the steps
 /// timed when the model loaded.
 function showEstimates() {
-  const fmt = (s) => (s < 90 ? `about ${Math.max(1, Math.round(s))} s` : `about ${Math.round(s / 60)} min`);
+  const fmt = (s) => (s < 90 ? `about ${Math.max(1, Math.round(s))} s` : s < 5400 ? `about ${Math.round(s / 60)} min` : `about ${(s / 3600).toFixed(1)} h`);
   const side = (n) => n * n * 0.75; // a 4:3 image of that longer side
+  // Seconds for `steps` steps at `size`: a fixed cost per step (kernel launches, small layers)
+  // plus a cost per working pixel.
+  const time = (t, steps, size) => steps * ((t.fixed || 0) + t.perPixel * side(size));
   const a = state.timing.apply, l = state.timing.learn;
-  const measuring = state.busy === 'estimate' || state.estimatePending ? 'timing one step on this GPU…' : '';
-  $('apply-estimate').textContent = a ? `${fmt(a.perPixel * num('apply-steps') * side(num('apply-size')))} on this GPU (from ${a.from})` : measuring;
-  $('learn-estimate').textContent = l ? `${fmt(l.perPixel * num('learn-steps') * side(num('learn-size')))} on this GPU (from ${l.from})` : measuring;
+  const measuring = state.busy === 'estimate' || state.estimatePending ? 'timing steps on this GPU…' : '';
+  $('apply-estimate').textContent = a ? `${fmt(time(a, num('apply-steps'), num('apply-size')))} on this GPU (from ${a.from})` : measuring;
+  $('learn-estimate').textContent = l ? `${fmt(time(l, num('learn-steps'), num('learn-size')))} on this GPU (from ${l.from})` : measuring;
 }
-// When a model loads, one apply step and one learning step are timed on this GPU (the panel "Measure
-// this GPU" made automatic) at a small size (`?estimateSize=`, default 128 px), and scaled by pixels
-// to the chosen size until a real run replaces them. It runs in the background: the buttons stay
-// usable, and starting anything stops it first (between its steps).
+// When a model loads, an apply step and a learning step are timed on this GPU (the panel "Measure
+// this GPU" made automatic) at a small size (`?estimateSize=`, default 128 px) and at half of it,
+// and a fixed cost per step plus a cost per pixel fitted to the two: scaling one small timing by
+// pixels alone took the fixed cost for work per pixel (SwiftShader at 32 px said "about 8880 min"
+// for a learning run). They stand until a real run replaces them. It runs in the background: the
+// buttons stay usable, and starting anything stops it first (between its steps).
 let estimateJob = null;
 function autoEstimate() {
   const pending = state.estimatePending;
   state.estimatePending = false;
   if (state.busy || !state.model || !pending) return showEstimates();
-  const size = Number(params.get('estimateSize')) || 128;
+  const size = Math.max(16, Math.round((Number(params.get('estimateSize')) || 128) / 8) * 8);
+  const half = Math.max(8, Math.round(size / 16) * 8);
   const model = state.model;
   state.busy = 'estimate';
   updateButtons();
@@ -702,9 +708,13 @@ function autoEstimate() {
   estimateJob = (async () => {
     try {
       for (const [what, key, label] of [['sample-step', 'apply', 'an apply step'], ['learn-step', 'learn', 'a learning step']]) {
-        const { result: r } = await call({ type: 'measure', what, size, runs: 1 });
+        const points = [];
+        for (const s of [half, size]) {
+          const { result: r } = await call({ type: 'measure', what, size: s, runs: 1 });
+          points.push([s * s, r.seconds]);
+        }
         if (state.model !== model || state.timing[key]) continue;
-        state.timing[key] = { perPixel: r.seconds / (size * size), from: `${label} timed at ${size} px when the model loaded` };
+        state.timing[key] = { ...fitSteps(points), from: `${label} timed at ${half} and ${size} px when the model loaded` };
         showEstimates();
       }
       document.body.dataset.estimated = String(Number(document.body.dataset.estimated || 0) + 1);
@@ -718,6 +728,13 @@ function autoEstimate() {
       updateButtons();
     }
   })();
+}
+/// A fixed cost per step plus a cost per pixel through two timings `[[pixels, seconds], ..]`
+/// (smaller first); where the larger was not slower (noise), all of it per pixel.
+function fitSteps([[p1, t1], [p2, t2]]) {
+  const perPixel = (t2 - t1) / (p2 - p1);
+  if (!(perPixel > 0)) return { fixed: 0, perPixel: t2 / p2 };
+  return { fixed: Math.max(0, t2 - perPixel * p2), perPixel };
 }
 /// Stop the background timing (if it runs) and wait until it has.
 async function stopEstimate() {

@@ -156,7 +156,7 @@ try {
 
   step('open the page');
   // The device is requested with WebGPU's default limits (128 MiB bindings): the app must work on them.
-  // estimateSize=32: the automatic timing at model load runs its steps at 32 px (SwiftShader is slow).
+  // estimateSize=32: the automatic timing at model load runs its steps at 16 and 32 px (SwiftShader is slow).
   await page.goto(`${base}/index.html?gpuLimits=spec&estimateSize=32&hub=${encodeURIComponent(`${base}/hub/`)}`);
   await page.waitForFunction(() => document.body.dataset.ready, null, { timeout: 300000 });
   check(await page.evaluate(() => document.body.dataset.ready) === 'yes', `WebGPU engine ready: ${await page.textContent('#gpu-selftest')} (${await page.textContent('#gpu-adapter')})`);
@@ -195,20 +195,21 @@ try {
     const textFile = statSync(join(fx, 'tiny-ip2p/text_encoder/model.safetensors')).size;
     check(largest > 0 && largest < textFile, `largest single read while loading ${(largest / 1e6).toFixed(2)} MB (the text encoder file is ${(textFile / 1e6).toFixed(2)} MB); wasm memory ${(heap / 1e6).toFixed(1)} MB`);
   }
-  // Time estimates before the first run: one apply step and one learning step timed when the model
-  // loaded (in the background: the buttons stay usable meanwhile), scaled to the chosen sizes.
-  check(await page.evaluate(() => document.body.dataset.estimated === '1' || /timing one step/.test(document.getElementById('apply-estimate').textContent)),
+  // Time estimates before the first run: apply and learning steps timed at 16 and 32 px when the model
+  // loaded (in the background: the buttons stay usable meanwhile), a fixed cost per step plus a cost
+  // per pixel fitted to them, scaled to the chosen sizes.
+  check(await page.evaluate(() => document.body.dataset.estimated === '1' || /timing steps/.test(document.getElementById('apply-estimate').textContent)),
     `while the model's steps are timed: "${await page.textContent('#apply-estimate')}"`);
   await page.waitForFunction(() => document.body.dataset.estimated === '1', null, { timeout: 300000 });
   {
     const [a, l] = [await page.textContent('#apply-estimate'), await page.textContent('#learn-estimate')];
-    check(/^about \d+ (s|min) on this GPU \(from an apply step timed at 32 px when the model loaded\)$/.test(a)
-      && /^about \d+ (s|min) on this GPU \(from a learning step timed at 32 px when the model loaded\)$/.test(l),
+    check(/^about \d+(\.\d)? (s|min|h) on this GPU \(from an apply step timed at 16 and 32 px when the model loaded\)$/.test(a)
+      && /^about \d+(\.\d)? (s|min|h) on this GPU \(from a learning step timed at 16 and 32 px when the model loaded\)$/.test(l),
     `estimates from the timing at load: apply "${a}", learn "${l}"`);
     await page.fill('#apply-steps', '40');
     const doubled = await page.textContent('#apply-estimate');
     await page.fill('#apply-steps', '20');
-    const secs = (t) => Number(/about (\d+) (s|min)/.exec(t)[1]) * (/ min/.test(t) ? 60 : 1);
+    const secs = (t) => Number(/about (\d+(\.\d)?) (s|min|h)/.exec(t)[1]) * (/ min/.test(t) ? 60 : / h /.test(t) ? 3600 : 1);
     check(secs(doubled) >= 1.4 * secs(a) && secs(doubled) <= 2.5 * secs(a) + 1, `twice the steps, about twice the estimate ("${doubled}")`);
   }
   await a11y('a loaded model with its time estimates');

@@ -1359,6 +1359,9 @@ fn bench_op(what: BenchWhat, s: &[usize], backend: Backend, runs: usize, dev: &D
     use burn::module::Param;
     use visii_models::resident::Layer;
     let normal = |shape: Vec<usize>, sd: f64| Tensor::<1>::random([shape.iter().product::<usize>()], Distribution::Normal(0.0, sd), dev);
+    // `--activations f16`: the input in f16, the weights f32 (as the models keep them).
+    visii_models::unet::check_f16(f16_activations(), dev)?;
+    let act = if f16_activations() { burn::tensor::FloatDType::F16 } else { burn::tensor::FloatDType::F32 };
     let t0 = Instant::now();
     match what {
         BenchWhat::Conv => {
@@ -1372,7 +1375,7 @@ fn bench_op(what: BenchWhat, s: &[usize], backend: Backend, runs: usize, dev: &D
                 groups: 1,
                 padding: burn::nn::PaddingConfig2d::Explicit(pad, pad, pad, pad),
             };
-            let x = normal(vec![s[0], s[1], s[2], s[3]], 1.0).reshape([s[0], s[1], s[2], s[3]]);
+            let x = normal(vec![s[0], s[1], s[2], s[3]], 1.0).reshape([s[0], s[1], s[2], s[3]]).cast(act);
             let build_s = t0.elapsed().as_secs_f64();
             timed(backend, s[1] * s[4] * k * k, build_s, runs, dev, || {
                 let _ = conv.run(x.clone()).slice([0..1, 0..1, 0..1, 0..1]).into_data();
@@ -1385,7 +1388,7 @@ fn bench_op(what: BenchWhat, s: &[usize], backend: Backend, runs: usize, dev: &D
                 num_groups: s[4],
                 epsilon: 1e-6,
             };
-            let x = normal(vec![s[0], s[1], s[2], s[3]], 1.0).reshape([s[0], s[1], s[2], s[3]]);
+            let x = normal(vec![s[0], s[1], s[2], s[3]], 1.0).reshape([s[0], s[1], s[2], s[3]]).cast(act);
             let build_s = t0.elapsed().as_secs_f64();
             timed(backend, 2 * s[1], build_s, runs, dev, || {
                 let _ = norm.forward_silu(x.clone()).slice([0..1, 0..1, 0..1, 0..1]).into_data();
@@ -1396,7 +1399,7 @@ fn bench_op(what: BenchWhat, s: &[usize], backend: Backend, runs: usize, dev: &D
                 weight: Param::from_tensor(normal(vec![s[1], s[2]], 0.05).reshape([s[1], s[2]])),
                 bias: Some(Param::from_tensor(normal(vec![s[2]], 0.1))),
             };
-            let x = normal(vec![1, s[0], s[1]], 1.0).reshape([1, s[0], s[1]]);
+            let x = normal(vec![1, s[0], s[1]], 1.0).reshape([1, s[0], s[1]]).cast(act);
             let build_s = t0.elapsed().as_secs_f64();
             timed(backend, s[1] * s[2], build_s, runs, dev, || {
                 let _ = linear.run(x.clone()).slice([0..1, 0..1, 0..1]).into_data();

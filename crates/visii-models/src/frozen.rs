@@ -57,20 +57,31 @@ fn tidy(w: &Frozen) {
     );
 }
 
-/// The weight in the activations' float type (f32, or f16), in its real shape: a quantised base
-/// dequantised, an f32 one as it is.
+/// The weight for activations of `dtype` (f32, or f16), in its real shape: a quantised base
+/// dequantised into `dtype`, an f32 one as it is where our kernels run (they read f32 weights
+/// under f16 activations), else cast to `dtype` (burn's ops want one type).
 fn weight(w: &Frozen, shape: &Shape, dtype: FloatDType) -> Float {
     let w = match w {
         Frozen::Quant(q) if crate::memory::in_browser() => Cube::memory_persistent_allocations(&q.device, q.clone(), |q| Cube::dequantize(q, dtype)),
         Frozen::Quant(q) => Cube::dequantize(q.clone(), dtype),
-        Frozen::Float(f) => f.clone(),
+        Frozen::Float(f) if ours(dtype) || FloatDType::from(f.dtype) == dtype => f.clone(),
+        Frozen::Float(f) => Cube::float_cast(f.clone(), dtype),
     };
     Cube::float_reshape(w, shape.clone())
 }
 
-/// Whether our kernels run this step (f32 activations; see `crate::kernels`).
+/// `w` in `dtype` for burn's ops, where our kernel handed it back (a no-op where it already is).
+fn same_type(w: Float, dtype: FloatDType) -> Float {
+    if FloatDType::from(w.dtype) == dtype {
+        w
+    } else {
+        Cube::float_cast(w, dtype)
+    }
+}
+
+/// Whether our kernels run this step (f32 or f16 activations; see `crate::kernels`).
 fn ours(dtype: FloatDType) -> bool {
-    dtype == FloatDType::F32 && crate::kernels::enabled()
+    matches!(dtype, FloatDType::F32 | FloatDType::F16) && crate::kernels::enabled()
 }
 
 /// A `[in, out]` weight as `[1, .., 1, in, out]` of the given rank (matmul broadcasts it).
@@ -101,7 +112,7 @@ impl Backward<Cube, 1> for FrozenMatmul {
             } else {
                 (grad, w)
             };
-            let w = Cube::float_reshape(w, batched(&shape, grad.shape().num_dims()));
+            let w = Cube::float_reshape(same_type(w, dtype), batched(&shape, grad.shape().num_dims()));
             Cube::float_matmul(grad, Cube::float_transpose(w))
         });
     }
@@ -138,7 +149,7 @@ impl Backward<Cube, 1> for FrozenConv2d {
                 (grad, w)
             };
             let options = ConvTransposeOptions::new(o.stride, pad, [out(0, kh, ho), out(1, kw, wo)], o.dilation, o.groups);
-            Cube::conv_transpose2d(grad, w, None, options)
+            Cube::conv_transpose2d(grad, same_type(w, dtype), None, options)
         });
     }
 }
@@ -163,7 +174,7 @@ fn record<C: CheckpointStrategy>(x: AutodiffTensor, q: Frozen, shape: Shape, op:
                 } else {
                     (x, w)
                 };
-                Cube::float_matmul(x, Cube::float_reshape(w, batched_shape))
+                Cube::float_matmul(x, Cube::float_reshape(same_type(w, dtype), batched_shape))
             };
             match FrozenMatmul.prepare::<C>([x.node()]).compute_bound().stateful() {
                 OpsKind::Tracked(prep) => prep.finish((q, shape), y(x.into_primitive())),
@@ -181,7 +192,7 @@ fn record<C: CheckpointStrategy>(x: AutodiffTensor, q: Frozen, shape: Shape, op:
                 } else {
                     (x, w)
                 };
-                Cube::conv2d(x, w, None, options.clone())
+                Cube::conv2d(x, same_type(w, dtype), None, options.clone())
             };
             match FrozenConv2d.prepare::<C>([x.node()]).compute_bound().stateful() {
                 OpsKind::Tracked(prep) => prep.finish((q, shape, options.clone(), [h, wd]), y(x.into_primitive())),
@@ -199,9 +210,9 @@ fn frozen<const D: usize, const W: usize>(x: Tensor<D>, base: Tensor<W>, shape: 
         if matches!(**inner, DispatchTensorKind::Cube(BackendTensor::Autodiff(_))));
     let q = match base.into_dispatch() {
         DispatchTensor { kind: DispatchTensorKind::Cube(BackendTensor::Quantized(q)), .. } if fits => Frozen::Quant(q),
-        // An f32 weight outside autodiff (frozen), under f32 activations.
+        // An f32 weight outside autodiff (frozen), under f32 or f16 activations.
         DispatchTensor { kind: DispatchTensorKind::Cube(BackendTensor::Float(f)), autodiff: DispatchAutodiffContext::Disabled }
-            if fits && f.dtype == burn_backend::DType::F32 && xp.dtype() == burn_backend::DType::F32 =>
+            if fits && f.dtype == burn_backend::DType::F32 && matches!(xp.dtype(), burn_backend::DType::F32 | burn_backend::DType::F16) =>
         {
             Frozen::Float(f)
         }

@@ -193,20 +193,21 @@ pub fn attention_rows(b: usize, heads: usize, n: usize, m: usize) -> usize {
     ((max_buffer_bytes() / 2 / row_bytes) as usize).clamp(1, n.max(1))
 }
 
-/// Softmax over the last axis of `[b, heads, rows, m]`; on our kernel where it applies.
+/// Softmax over the last axis of `[b, heads, rows, m]`: on our kernel where it applies (f32 or
+/// f16 scores, summed in f32), else burn's in f32 (see [`in_f32`]).
 fn softmax_last(s: Tensor<4>) -> Tensor<4> {
     #[cfg(feature = "frozen")]
     let s = match crate::kernels::softmax(s) {
         Ok(y) => return y,
         Err(s) => s,
     };
-    softmax(s, 3)
+    in_f32(s, |s| softmax(s, 3))
 }
 
 /// Scaled dot-product attention over `[b, n, heads * d]` inputs; `causal` masks future positions.
 /// Long sequences are computed in slices of query rows ([`attention_rows`]).
 pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, causal: bool) -> Tensor<3> {
-    // Our fused kernel where it applies (cubecl, f32, head dim <= 128): outside autodiff, and in
+    // Our fused kernel where it applies (cubecl, f32 or f16, head dim <= 128): outside autodiff, and in
     // learning as one autodiff step whose backward recomputes the weights (`fused.rs`).
     #[cfg(feature = "frozen")]
     let (q, k, v) = match crate::kernels::attention(q, k, v, heads, causal) {
@@ -231,7 +232,7 @@ pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, causal:
             let mask = Tensor::<2, burn::tensor::Bool>::tril_mask([n, m], 0, &scores.device()).slice([from..from + r, 0..m]);
             scores = scores.mask_fill(mask.unsqueeze::<4>().expand([b, heads, r, m]), f32::NEG_INFINITY);
         }
-        in_f32(scores, softmax_last).matmul(v.clone())
+        softmax_last(scores).matmul(v.clone())
     };
     let out = if rows >= n {
         part(q, 0)

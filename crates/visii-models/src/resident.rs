@@ -104,7 +104,8 @@ fn frozen_weight<const W: usize, const D: usize>(weight: &Param<Tensor<W>>, x: &
     }
     match weight.reparameterization::<Dequantized>() {
         Some(r) => Some((weight.base(), r.shape.clone())),
-        None if x.dtype() == DType::F32 && crate::kernels::enabled() => {
+        // f32 weights stay f32 under f16 activations too: our kernels read them as they are.
+        None if matches!(x.dtype(), DType::F32 | DType::F16) && crate::kernels::enabled() => {
             let w = weight.val();
             let dims = w.dims().to_vec();
             Some((w, dims))
@@ -138,7 +139,7 @@ impl<const D: usize> Layer<Tensor<D>> for Linear {
             None => x,
         };
         #[cfg(feature = "frozen")]
-        let x = if x.dtype() == DType::F32 && !x.is_autodiff() {
+        let x = if matches!(x.dtype(), DType::F32 | DType::F16) && !x.is_autodiff() {
             match crate::kernels::linear(x, &self.weight.val(), self.bias.as_ref().map(|b| b.val()).as_ref()) {
                 Ok(y) => return y,
                 Err(x) => x,
@@ -175,7 +176,7 @@ impl Layer<Tensor<4>> for Conv2d {
         };
         #[cfg(feature = "frozen")]
         let x = match &self.padding {
-            &burn::nn::PaddingConfig2d::Explicit(top, left, bottom, right) if x.dtype() == DType::F32 && !x.is_autodiff() => {
+            &burn::nn::PaddingConfig2d::Explicit(top, left, bottom, right) if matches!(x.dtype(), DType::F32 | DType::F16) && !x.is_autodiff() => {
                 let options =
                     burn::tensor::ops::ConvOptions::new_with_padding(self.stride, [(top, bottom), (left, right)], self.dilation, self.groups);
                 match crate::kernels::conv2d(x, &self.weight.val(), self.bias.as_ref().map(|b| b.val()).as_ref(), &options) {

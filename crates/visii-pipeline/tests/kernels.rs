@@ -8,7 +8,7 @@
 #![allow(deprecated)] // Device::ndarray is deprecated in burn 0.22 but is the reference CPU backend here.
 
 use burn::tensor::ops::ConvOptions;
-use burn::tensor::{Device, DeviceKind, Distribution, Tensor, TensorData};
+use burn::tensor::{DType, Device, DeviceKind, Distribution, FloatDType, Tensor, TensorData};
 use visii_models::kernels;
 
 fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
@@ -415,4 +415,160 @@ fn what_the_kernels_do_not_cover_is_handed_back_for_burn() {
     // A GroupNorm whose groups do not divide the channels.
     let g = Tensor::<1>::ones([8], &gpu);
     assert!(kernels::group_norm(x, &g, &g.clone().zeros_like(), 3, 1e-5, false).is_err());
+}
+
+/// `t` rounded to f16 (on its device) and the same values in f32 on `dev` (the reference's input).
+fn half<const D: usize>(t: &Tensor<D>, dev: &Device) -> (Tensor<D>, Tensor<D>) {
+    let h = t.clone().cast(FloatDType::F16);
+    let f = on(&h.clone().cast(FloatDType::F32), dev);
+    (h, f)
+}
+
+/// The values of an f16 result (checked to be f16: the kernel wrote in the activations' type).
+fn values16<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    assert_eq!(t.dtype(), DType::F16, "the result is in f16");
+    values(t.cast(FloatDType::F32))
+}
+
+/// f16 kernels sum in f32 and round once, on the store: against an f32 reference on the same
+/// (f16-rounded) values, an output may differ by half an f16 step (2^-11 of its size, 4.9e-4 of
+/// the largest) and a summation order's last bits. Summing in f16 would be off by ~1e-2 at these K.
+const F16_TOL: f32 = 5.5e-4;
+
+#[test]
+fn f16_kernels_match_f32_on_the_same_values() {
+    use burn::module::Param;
+    use burn::nn::conv::Conv2d;
+    use burn::nn::{Linear, PaddingConfig2d};
+    use visii_models::resident::Layer;
+    let gpu = Device::wgpu(DeviceKind::DefaultDevice);
+    let cpu = Device::ndarray();
+    if !gpu.supports_dtype(DType::F16) {
+        // SwiftShader natively: no `shader-f16`, and the models refuse f16 activations there.
+        eprintln!("this wgpu adapter has no f16: nothing to compare");
+        return;
+    }
+    let check = |case: String, ours: Vec<f32>, reference: Vec<f32>| {
+        let e = rel(&ours, &reference);
+        println!("f16 {case}: vs ndarray f32 {e:.2e}");
+        assert!(e < F16_TOL, "f16 {case}: {e:.2e}");
+        assert!(reference.iter().any(|v| v.abs() > 0.1), "{case}");
+    };
+    // Convs: tiled 3x3 at the real width, stride 2 on odd sizes, the VAE's asymmetric pad, 1x1,
+    // and one pixel (the skinny kernel); weights in f32 (kept f32 under f16 activations) and f16.
+    let convs: &[(usize, usize, usize, usize, usize, usize, usize, (usize, usize), (usize, usize), bool)] = &[
+        (1, 320, 320, 8, 8, 3, 1, (1, 1), (1, 1), false),
+        (3, 64, 96, 9, 11, 3, 2, (1, 1), (1, 1), false),
+        (1, 32, 32, 10, 10, 3, 2, (0, 1), (0, 1), false),
+        (2, 96, 160, 7, 7, 1, 1, (0, 0), (0, 0), false),
+        (1, 1280, 1280, 1, 1, 3, 1, (1, 1), (1, 1), true),
+        (2, 640, 64, 2, 2, 3, 1, (1, 1), (1, 1), true),
+    ];
+    for &(b, ci, co, h, wd, k, s, ph, pw, skinny) in convs {
+        let x = Tensor::<4>::random([b, ci, h, wd], Distribution::Normal(0.0, 1.0), &gpu);
+        let wt = Tensor::<4>::random([co, ci, k, k], Distribution::Normal(0.0, 0.1), &gpu);
+        let bias = Tensor::<1>::random([co], Distribution::Normal(0.0, 0.5), &gpu);
+        let opts = ConvOptions::new_with_padding([s, s], [ph, pw], [1, 1], 1);
+        let (x16, xf) = half(&x, &cpu);
+        for weights16 in [false, true] {
+            let (w, wf) = if weights16 { half(&wt, &cpu) } else { (wt.clone(), on(&wt, &cpu)) };
+            let (bb, bf) = if weights16 { half(&bias, &cpu) } else { (bias.clone(), on(&bias, &cpu)) };
+            let ours = kernels::conv2d_on(x16.clone(), &w, Some(&bb), &opts, skinny).unwrap_or_else(|_| panic!("our f16 conv applies"));
+            let reference = burn::tensor::module::conv2d(xf.clone(), wf, Some(bf), opts.clone());
+            check(format!("conv {b}x{ci}x{h}x{wd} -> {co} k{k} s{s} (f16 weights {weights16}, skinny {skinny})"), values16(ours), values(reference));
+        }
+    }
+    // Linear layers: tiled (cross-attention k / v) and over a few tokens (skinny).
+    for (lead, k, n, skinny) in [([2, 77], 768, 320, false), ([1, 4], 5120, 1280, true), ([3, 64], 320, 640, true)] {
+        let x = Tensor::<3>::random([lead[0], lead[1], k], Distribution::Normal(0.0, 1.0), &gpu);
+        let wt = Tensor::<2>::random([k, n], Distribution::Normal(0.0, 0.05), &gpu);
+        let bias = Tensor::<1>::random([n], Distribution::Normal(0.0, 0.5), &gpu);
+        let (x16, xf) = half(&x, &cpu);
+        for weights16 in [false, true] {
+            let (w, wf) = if weights16 { half(&wt, &cpu) } else { (wt.clone(), on(&wt, &cpu)) };
+            let ours = kernels::linear_on(x16.clone(), &w, Some(&bias), skinny).expect("our f16 linear applies");
+            let reference = burn::tensor::module::linear(xf.clone(), wf, Some(on(&bias, &cpu)));
+            check(format!("linear {lead:?}x{k} -> {n} (f16 weights {weights16}, skinny {skinny})"), values16(ours), values(reference));
+        }
+    }
+    // Input gradients through the frozen layers (f32 weights, f16 activations and gradients).
+    for (b, ci, co, hw, k, s, p) in [(2, 24, 40, 10, 3, 1, 1), (1, 64, 48, 7, 1, 1, 0)] {
+        let w = Tensor::<4>::random([co, ci, k, k], Distribution::Normal(0.0, 0.1), &gpu);
+        let bias = Tensor::<1>::random([co], Distribution::Normal(0.0, 0.5), &gpu);
+        let conv = |dev: &Device| Conv2d {
+            weight: Param::from_tensor(on(&w, dev)),
+            bias: Some(Param::from_tensor(on(&bias, dev))),
+            stride: [s, s],
+            kernel_size: [k, k],
+            dilation: [1, 1],
+            groups: 1,
+            padding: PaddingConfig2d::Explicit(p, p, p, p),
+        };
+        let out = (hw + 2 * p - k) / s + 1;
+        let (x16, xf) = half(&Tensor::<4>::random([b, ci, hw, hw], Distribution::Normal(0.0, 1.0), &gpu), &cpu);
+        let (r16, rf) = half(&Tensor::<4>::random([b, co, out, out], Distribution::Normal(0.0, 1.0), &gpu), &cpu);
+        let (lg, lc) = (conv(&gpu), conv(&cpu));
+        let xa = x16.clone().autodiff().require_grad();
+        let y = lg.run(xa.clone());
+        assert_eq!(y.dtype(), DType::F16);
+        let ours = xa.grad(&(y * r16.autodiff()).sum().backward()).expect("x has a gradient");
+        let reference = input_grad(&xf, &rf, |x| lc.forward(x));
+        check(format!("conv {b}x{ci}x{hw}x{hw} -> {co} k{k}: input gradient"), values16(ours), reference);
+    }
+    let w = Tensor::<2>::random([96, 72], Distribution::Normal(0.0, 0.1), &gpu);
+    let linear = |dev: &Device| Linear { weight: Param::from_tensor(on(&w, dev)), bias: None };
+    let (lg, lc) = (linear(&gpu), linear(&cpu));
+    for lead in [[2, 33], [1, 4]] {
+        let (x16, xf) = half(&Tensor::<3>::random([lead[0], lead[1], 96], Distribution::Normal(0.0, 1.0), &gpu), &cpu);
+        let (r16, rf) = half(&Tensor::<3>::random([lead[0], lead[1], 72], Distribution::Normal(0.0, 1.0), &gpu), &cpu);
+        let xa = x16.autodiff().require_grad();
+        let ours = xa.grad(&(lg.run(xa.clone()) * r16.autodiff()).sum().backward()).expect("x has a gradient");
+        let reference = input_grad(&xf, &rf, |x| lc.forward(x));
+        check(format!("linear {lead:?} x 96 -> 72: input gradient"), values16(ours), reference);
+    }
+    // GroupNorm (+ SiLU) with f32 scale and shift, LayerNorm, softmax (with a causal mask's -inf).
+    for (shape, groups) in [([1, 320, 8, 8], 32), ([2, 48, 9, 7], 4), ([3, 64, 1, 2], 64)] {
+        let (x16, xf) = half(&Tensor::<4>::random(shape, Distribution::Normal(1.0, 2.0), &gpu), &cpu);
+        let gamma = Tensor::<1>::random([shape[1]], Distribution::Normal(1.0, 0.3), &gpu);
+        let beta = Tensor::<1>::random([shape[1]], Distribution::Normal(0.0, 0.3), &gpu);
+        let gn = visii_models::nn::GroupNorm {
+            gamma: Param::from_tensor(on(&gamma, &cpu)),
+            beta: Param::from_tensor(on(&beta, &cpu)),
+            num_groups: groups,
+            epsilon: 1e-6,
+        };
+        for silu in [false, true] {
+            let ours = kernels::group_norm(x16.clone(), &gamma, &beta, groups, 1e-6, silu).expect("our f16 group norm applies");
+            let reference = if silu { gn.forward_silu(xf.clone()) } else { gn.forward(xf.clone()) };
+            check(format!("group norm {shape:?} / {groups}, silu {silu}"), values16(ours), values(reference));
+        }
+    }
+    for [b, n, c] in [[2, 77, 320], [1, 3001, 32]] {
+        let (x16, xf) = half(&Tensor::<3>::random([b, n, c], Distribution::Normal(0.5, 1.5), &gpu), &cpu);
+        let gamma = Tensor::<1>::random([c], Distribution::Normal(1.0, 0.3), &gpu);
+        let beta = Tensor::<1>::random([c], Distribution::Normal(0.0, 0.3), &gpu);
+        let ours = kernels::layer_norm(x16, &gamma, &beta, 1e-5).expect("our f16 layer norm applies");
+        let reference = burn::tensor::module::layer_norm(xf, on(&gamma, &cpu), Some(on(&beta, &cpu)), 1e-5);
+        check(format!("layer norm [{b}, {n}, {c}]"), values16(ours), values(reference));
+    }
+    // An odd number of f16 values (1155): a buffer whose size is not a multiple of 4 bytes.
+    for (shape, scale) in [([2, 8, 64, 64], 1.0), ([1, 8, 40, 77], 8.0), ([3, 7, 11, 5], 8.0)] {
+        let x = Tensor::<4>::random(shape, Distribution::Normal(0.0, scale), &gpu);
+        let x = if shape[3] == 64 {
+            x.mask_fill(Tensor::<2, burn::tensor::Bool>::tril_mask([64, 64], 0, &gpu).unsqueeze::<4>().expand(shape), f32::NEG_INFINITY)
+        } else {
+            x
+        };
+        let (x16, xf) = half(&x, &cpu);
+        let ours = kernels::softmax(x16).expect("our f16 softmax applies");
+        check(format!("softmax {shape:?} (scale {scale})"), values16(ours), values(burn::tensor::activation::softmax(xf, 3)));
+    }
+    // Fused attention: self-attention (8 heads of 40), CLIP's causal attention, sharp scores.
+    for (b, n, m, heads, d, causal, spread) in [(2, 64, 64, 8, 40, false, 1.0), (1, 77, 77, 12, 64, true, 1.0), (1, 129, 50, 4, 40, false, 4.0)] {
+        let t = |rows: usize, sd: f64| half(&Tensor::<3>::random([b, rows, heads * d], Distribution::Normal(0.0, sd), &gpu), &cpu);
+        let ((q16, qf), (k16, kf), (v16, vf)) = (t(n, spread), t(m, 1.0), t(m, 1.0));
+        let ours = kernels::attention(q16, k16, v16, heads, causal).unwrap_or_else(|_| panic!("our f16 attention applies"));
+        let reference = visii_models::nn::attention(qf, kf, vf, heads, causal);
+        check(format!("attention {b}x{n}x{m}, {heads} heads of {d}, causal {causal}, q spread {spread}"), values16(ours), values(reference));
+    }
 }

@@ -15,6 +15,7 @@
 //! deepest level at 160, the VAE's single 512-wide head) stay on burn's ops. `causal` masks the keys
 //! after the query's own position (CLIP's text encoder).
 
+use super::Elem;
 use std::fmt::Write;
 
 /// Invocations (query rows) per workgroup.
@@ -29,6 +30,8 @@ pub struct FlashConfig {
     /// The head dim.
     pub d: u32,
     pub causal: bool,
+    /// The element type of `q`, `k`, `v` and the output (read into f32; the softmax and sums in f32).
+    pub elem: Elem,
 }
 
 impl FlashConfig {
@@ -52,11 +55,19 @@ impl FlashConfig {
         let d4 = d / 4;
         let mut s = String::new();
         let w = &mut s;
+        let e = self.elem;
+        let ty = e.wgsl();
+        // Four consecutive values of `buf` from `at` as a vec4<f32>.
+        let vec4 = |buf: &str, at: &str| match e {
+            Elem::F32 => format!("vec4<f32>({buf}[{at}], {buf}[{at} + 1u], {buf}[{at} + 2u], {buf}[{at} + 3u])"),
+            Elem::F16 => format!("vec4<f32>(vec4<f16>({buf}[{at}], {buf}[{at} + 1u], {buf}[{at} + 2u], {buf}[{at} + 3u]))"),
+        };
+        Elem::enable(w, &[e]);
         let _ = writeln!(w, "struct Params {{ n: u32, m: u32, qs: u32, ks: u32, heads: u32, scale: u32, u0: u32, u1: u32 }}");
-        let _ = writeln!(w, "@group(0) @binding(0) var<storage, read_write> q: array<f32>;");
-        let _ = writeln!(w, "@group(0) @binding(1) var<storage, read_write> k: array<f32>;");
-        let _ = writeln!(w, "@group(0) @binding(2) var<storage, read_write> v: array<f32>;");
-        let _ = writeln!(w, "@group(0) @binding(3) var<storage, read_write> o: array<f32>;");
+        let _ = writeln!(w, "@group(0) @binding(0) var<storage, read_write> q: array<{ty}>;");
+        let _ = writeln!(w, "@group(0) @binding(1) var<storage, read_write> k: array<{ty}>;");
+        let _ = writeln!(w, "@group(0) @binding(2) var<storage, read_write> v: array<{ty}>;");
+        let _ = writeln!(w, "@group(0) @binding(3) var<storage, read_write> o: array<{ty}>;");
         let _ = writeln!(w, "@group(0) @binding(4) var<uniform> p: Params;");
         let _ = writeln!(w, "var<workgroup> kt: array<vec4<f32>, {}>;", bc * d4);
         let _ = writeln!(w, "var<workgroup> vt: array<vec4<f32>, {}>;", bc * d4);
@@ -68,13 +79,7 @@ impl FlashConfig {
         let _ = writeln!(w, "  let qb = (bi * p.n + row) * p.qs + h * {d}u;");
         for c in 0..d4 {
             let b = 4 * c;
-            let _ = writeln!(
-                w,
-                "  let q{c} = vec4<f32>(q[qb + {b}u], q[qb + {}u], q[qb + {}u], q[qb + {}u]) * scale; var o{c} = vec4<f32>(0.0);",
-                b + 1,
-                b + 2,
-                b + 3
-            );
+            let _ = writeln!(w, "  let q{c} = {} * scale; var o{c} = vec4<f32>(0.0);", vec4("q", &format!("(qb + {b}u)")));
         }
         let _ = writeln!(w, "  var mx = -3.0e38; var l = 0.0;");
         let _ = writeln!(w, "  let kb = bi * p.m * p.ks + h * {d}u;");
@@ -86,10 +91,7 @@ impl FlashConfig {
         let _ = writeln!(w, "  for (var j0 = 0u; j0 < kend; j0 = j0 + {bc}u) {{");
         let _ = writeln!(w, "    for (var e = t; e < {}u; e = e + {t}u) {{", bc * d4);
         let _ = writeln!(w, "      let j = j0 + e / {d4}u; let c = (e % {d4}u) * 4u; var kv = vec4<f32>(0.0); var vv = vec4<f32>(0.0);");
-        let _ = writeln!(
-            w,
-            "      if (j < p.m) {{ let a = kb + j * p.ks + c; kv = vec4<f32>(k[a], k[a + 1u], k[a + 2u], k[a + 3u]);              vv = vec4<f32>(v[a], v[a + 1u], v[a + 2u], v[a + 3u]); }}"
-        );
+        let _ = writeln!(w, "      if (j < p.m) {{ let a = kb + j * p.ks + c; kv = {}; vv = {}; }}", vec4("k", "a"), vec4("v", "a"));
         let _ = writeln!(w, "      kt[e] = kv; vt[e] = vv;");
         let _ = writeln!(w, "    }}");
         let _ = writeln!(w, "    workgroupBarrier();");
@@ -123,10 +125,14 @@ impl FlashConfig {
             let b = 4 * c;
             let _ = writeln!(
                 w,
-                "    {{ let y = o{c} * r; o[ob + {b}u] = y.x; o[ob + {}u] = y.y; o[ob + {}u] = y.z; o[ob + {}u] = y.w; }}",
+                "    {{ let y = o{c} * r; o[ob + {b}u] = {}; o[ob + {}u] = {}; o[ob + {}u] = {}; o[ob + {}u] = {}; }}",
+                e.store("y.x"),
                 b + 1,
+                e.store("y.y"),
                 b + 2,
-                b + 3
+                e.store("y.z"),
+                b + 3,
+                e.store("y.w")
             );
         }
         let _ = writeln!(w, "  }}");
@@ -142,12 +148,12 @@ mod tests {
     #[test]
     fn key_blocks_fit_workgroup_memory() {
         for d in [4, 8, 40, 64, 80, 128] {
-            let c = FlashConfig { d, causal: false };
+            let c = FlashConfig { d, causal: false, elem: Elem::F32 };
             let b = c.block();
             assert!(b.is_power_of_two() && b * d * 4 * 2 <= 16384 && b <= 32, "d {d}: block {b}");
             assert!(c.wgsl().contains("@workgroup_size(64)"));
         }
-        assert_eq!(FlashConfig { d: 40, causal: false }.block(), 32);
-        assert_eq!(FlashConfig { d: 128, causal: true }.block(), 16);
+        assert_eq!(FlashConfig { d: 40, causal: false, elem: Elem::F32 }.block(), 32);
+        assert_eq!(FlashConfig { d: 128, causal: true, elem: Elem::F16 }.block(), 16);
     }
 }

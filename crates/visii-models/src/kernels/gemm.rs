@@ -22,6 +22,7 @@
 //! divisors of the im2col index) and handed to cubecl as a precompiled kernel, so it runs on
 //! wgpu natively (Vulkan, lavapipe) and on WebGPU in a browser alike.
 
+use super::{Elem, Elems};
 use std::fmt::Write;
 
 /// How `B` is read.
@@ -70,6 +71,8 @@ pub struct GemmConfig {
     pub a: ALayout,
     pub b: BLayout,
     pub bias: Bias,
+    /// The operands' element types (f32, or f16 for f16 activations; see [`Elem`]).
+    pub elems: Elems,
 }
 
 /// The step along `K`.
@@ -126,7 +129,7 @@ impl GemmConfig {
             }
         }
         let (wg_x, wg_y, hm, hn) = best;
-        GemmConfig { wg_x, wg_y, hm, hn, a, b, bias }
+        GemmConfig { wg_x, wg_y, hm, hn, a, b, bias, elems: Elems::F32 }
     }
 
     /// The tile for lavapipe: the least padded work over the rate a workgroup of that many
@@ -153,7 +156,12 @@ impl GemmConfig {
             }
         }
         let (wg_x, wg_y, hm, hn) = best;
-        GemmConfig { wg_x, wg_y, hm, hn, a, b, bias }
+        GemmConfig { wg_x, wg_y, hm, hn, a, b, bias, elems: Elems::F32 }
+    }
+
+    /// This variant with the operands' element types `elems`.
+    pub fn with(self, elems: Elems) -> Self {
+        GemmConfig { elems, ..self }
     }
 
     /// [`Self::pick_from`] the GPU variants.
@@ -184,13 +192,17 @@ impl GemmConfig {
         // Params: m, n, k, ohw (output pixels per image), ow, h, w, img (input values per image).
         // Every buffer is declared read_write: natively cubecl carves tensors out of shared buffers,
         // and one buffer bound read-only and read-write in the same dispatch is invalid.
+        // Values are read into f32 (the tiles and sums are f32) and written in `c`'s type.
+        let e = self.elems;
+        let bias_elem = if self.bias == Bias::None { Elem::F32 } else { e.bias };
+        Elem::enable(w, &[e.a, e.b, bias_elem, e.c]);
         let _ = writeln!(w, "struct Params {{ m: u32, n: u32, k: u32, ohw: u32, ow: u32, h: u32, w: u32, img: u32 }}");
-        let _ = writeln!(w, "@group(0) @binding(0) var<storage, read_write> a: array<f32>;");
-        let _ = writeln!(w, "@group(0) @binding(1) var<storage, read_write> b: array<f32>;");
+        let _ = writeln!(w, "@group(0) @binding(0) var<storage, read_write> a: array<{}>;", e.a.wgsl());
+        let _ = writeln!(w, "@group(0) @binding(1) var<storage, read_write> b: array<{}>;", e.b.wgsl());
         if self.bias != Bias::None {
-            let _ = writeln!(w, "@group(0) @binding(2) var<storage, read_write> bias: array<f32>;");
+            let _ = writeln!(w, "@group(0) @binding(2) var<storage, read_write> bias: array<{}>;", e.bias.wgsl());
         }
-        let _ = writeln!(w, "@group(0) @binding({out}) var<storage, read_write> c: array<f32>;");
+        let _ = writeln!(w, "@group(0) @binding({out}) var<storage, read_write> c: array<{}>;", e.c.wgsl());
         let _ = writeln!(w, "@group(0) @binding({}) var<uniform> p: Params;", out + 1);
         let _ = writeln!(w, "var<workgroup> sa: array<vec4<f32>, {}>;", BK * bm / 4);
         let _ = writeln!(w, "var<workgroup> sb: array<vec4<f32>, {}>;", BK * bn / 4);
@@ -221,8 +233,8 @@ impl GemmConfig {
         for pass in 0..a_elems.div_ceil(t) {
             let guard = if (pass + 1) * t > a_elems { format!("if (e < {a_elems}u) ") } else { String::new() };
             let load = match self.a {
-                ALayout::RowMajor => "a[gm * p.k + gk]".to_string(),
-                ALayout::ConvFlipped { kk } => format!("a[(gk / {kk}u) * p.m * {kk}u + gm * {kk}u + {}u - gk % {kk}u]", kk - 1),
+                ALayout::RowMajor => e.a.load("a[gm * p.k + gk]"),
+                ALayout::ConvFlipped { kk } => e.a.load(&format!("a[(gk / {kk}u) * p.m * {kk}u + gm * {kk}u + {}u - gk % {kk}u]", kk - 1)),
             };
             let _ =
                 writeln!(w, "    {{ let e = t + {}u; {guard}{{ let m = e / {BK}u; let kk = e % {BK}u; let gm = m0 + m; let gk = k0 + kk;", pass * t);
@@ -242,10 +254,10 @@ impl GemmConfig {
             }
             match self.b {
                 BLayout::Pointwise => {
-                    let _ = writeln!(w, "      if (pvalid && gk < p.k) {{ v = b[xbase + gk * p.ohw + ppix]; }}");
+                    let _ = writeln!(w, "      if (pvalid && gk < p.k) {{ v = {}; }}", e.b.load("b[xbase + gk * p.ohw + ppix]"));
                 }
                 BLayout::PointwiseT => {
-                    let _ = writeln!(w, "      if (pvalid && gk < p.k) {{ v = b[ppix * p.k + gk]; }}");
+                    let _ = writeln!(w, "      if (pvalid && gk < p.k) {{ v = {}; }}", e.b.load("b[ppix * p.k + gk]"));
                 }
                 BLayout::Conv { kh, kw, .. } => {
                     let kk = kh * kw;
@@ -254,7 +266,8 @@ impl GemmConfig {
                         writeln!(w, "        let ci = gk / {kk}u; let r = gk % {kk}u; let iy = iy0 + i32(r / {kw}u); let ix = ix0 + i32(r % {kw}u);");
                     let _ = writeln!(
                         w,
-                        "        if (iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w)) {{ v = b[xbase + ci * hw + u32(iy) * p.w + u32(ix)]; }}"
+                        "        if (iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w)) {{ v = {}; }}",
+                        e.b.load("b[xbase + ci * hw + u32(iy) * p.w + u32(ix)]")
                     );
                     let _ = writeln!(w, "      }}");
                 }
@@ -292,16 +305,16 @@ impl GemmConfig {
             let row = if i < 4 { format!("ty * 4u + {i}u") } else { format!("{}u + ty * 4u + {}u", bm / 2, i - 4) };
             let _ = writeln!(w, "  {{ let m = m0 + {row}; if (m < p.m) {{ let ro = m * p.ohw;");
             if self.bias == Bias::Row {
-                let _ = writeln!(w, "    let bv = bias[m];");
+                let _ = writeln!(w, "    let bv = {};", e.bias.load("bias[m]"));
             }
             for j in 0..4 * hn {
                 let reg = format!("c{}[{}]", i * hn + j / 4, j % 4);
                 let v = match self.bias {
                     Bias::None => reg,
                     Bias::Row => format!("{reg} + bv"),
-                    Bias::Col => format!("{reg} + bias[q{j}]"),
+                    Bias::Col => format!("{reg} + {}", e.bias.load(&format!("bias[q{j}]"))),
                 };
-                let _ = writeln!(w, "    if (q{j} < p.n) {{ c[o{j} + ro] = {v}; }}");
+                let _ = writeln!(w, "    if (q{j} < p.n) {{ c[o{j} + ro] = {}; }}", e.c.store(&v));
             }
             let _ = writeln!(w, "  }} }}");
         }
@@ -326,11 +339,24 @@ mod tests {
                 a: ALayout::RowMajor,
                 b: BLayout::Conv { kh: 3, kw: 3, sh: 2, sw: 2, ph: 0, pw: 0 },
                 bias: Bias::Row,
+                elems: Elems::F32,
             };
             assert!(c.bm() % 4 == 0 && c.bn() % 4 == 0 && c.bm() / 4 / hm == wg_y && c.bn() / 4 / hn == wg_x);
             let src = c.wgsl();
             assert!(src.contains("@workgroup_size") && src.contains("bias[m]"));
         }
+    }
+
+    #[test]
+    fn f16_operands_are_declared_and_converted_at_the_edges() {
+        let f32s = GemmConfig::pick(64, 64, ALayout::RowMajor, BLayout::Pointwise, Bias::Col);
+        assert!(!f32s.wgsl().contains("f16"), "an f32 GEMM needs no shader-f16");
+        let mixed = f32s.with(Elems { a: Elem::F16, b: Elem::F32, bias: Elem::F32, c: Elem::F16 });
+        let src = mixed.wgsl();
+        assert!(src.starts_with("enable f16;"), "{src}");
+        assert!(src.contains("a: array<f16>") && src.contains("b: array<f32>") && src.contains("c: array<f16>"));
+        // Loads of A widen to f32, the tiles and sums stay f32, the store narrows.
+        assert!(src.contains("v = f32(a[gm * p.k + gk])") && src.contains("array<vec4<f32>") && src.contains("= f16(c0[0]"));
     }
 
     #[test]

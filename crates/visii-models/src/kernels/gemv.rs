@@ -23,6 +23,7 @@
 //! - `C`: NCHW `[n, M, oh, ow]` (`q = (image, pixel)`); for rows, `ohw = 1`, so `C` is `[P, M]`.
 
 use super::gemm::Bias;
+use super::{Elem, Elems};
 use std::fmt::Write;
 
 /// Invocations per workgroup (split along `K`).
@@ -61,6 +62,8 @@ pub struct SkinnyConfig {
     pub a: SkinnyA,
     pub b: SkinnyB,
     pub bias: Bias,
+    /// The operands' element types (see [`Elem`]).
+    pub elems: Elems,
 }
 
 impl SkinnyConfig {
@@ -70,7 +73,12 @@ impl SkinnyConfig {
         assert!((1..=MAX_COLS).contains(&n), "the skinny GEMM takes 1 to {MAX_COLS} columns, not {n}");
         let cols = n.next_power_of_two() as u32;
         let rows = (32 / cols).clamp(2, 8);
-        SkinnyConfig { cols, rows, a, b, bias }
+        SkinnyConfig { cols, rows, a, b, bias, elems: Elems::F32 }
+    }
+
+    /// This variant with the operands' element types `elems`.
+    pub fn with(self, elems: Elems) -> Self {
+        SkinnyConfig { elems, ..self }
     }
 
     pub fn threads(&self) -> u32 {
@@ -153,10 +161,11 @@ impl SkinnyConfig {
                 let _ = writeln!(w, "    let k = j;");
             }
         }
+        let e = self.elems;
         for r in 0..rows {
             let load = match self.a {
-                SkinnyA::RowMajor => format!("a[row{r} * p.k + k]"),
-                SkinnyA::Transposed => format!("a[k * p.m + row{r}]"),
+                SkinnyA::RowMajor => e.a.load(&format!("a[row{r} * p.k + k]")),
+                SkinnyA::Transposed => e.a.load(&format!("a[k * p.m + row{r}]")),
             };
             let _ = writeln!(w, "    let a{r} = {load};");
         }
@@ -166,12 +175,13 @@ impl SkinnyConfig {
                     let _ = writeln!(
                         w,
                         "    var b{q} = 0.0; {{ let y = iy{q} + i32(ky); let x = ix{q} + i32(kx); \
-                         if (ok{q} && y >= 0 && y < i32(p.h) && x >= 0 && x < i32(p.w)) {{ b{q} = b[xb{q} + cb + u32(y) * p.w + u32(x)]; }} }}"
+                         if (ok{q} && y >= 0 && y < i32(p.h) && x >= 0 && x < i32(p.w)) {{ b{q} = {}; }} }}",
+                        e.b.load(&format!("b[xb{q} + cb + u32(y) * p.w + u32(x)]"))
                     );
                 }
                 SkinnyB::Rows => {
                     // Columns past n read the last row (their sums are never written).
-                    let _ = writeln!(w, "    let b{q} = b[xb{q} + k];");
+                    let _ = writeln!(w, "    let b{q} = {};", e.b.load(&format!("b[xb{q} + k]")));
                 }
             }
         }
@@ -202,8 +212,8 @@ impl SkinnyConfig {
         let _ = writeln!(w, "  if (t < {parts}u) {{");
         let _ = writeln!(w, "    let r = t / {cols}u; let q = t % {cols}u; let m = m0 + r;");
         let _ = writeln!(w, "    if (m < p.m && q < p.n) {{");
-        let bias = if self.bias == Bias::Row { " + bias[m]" } else { "" };
-        let _ = writeln!(w, "      c[(q / p.ohw) * p.m * p.ohw + m * p.ohw + q % p.ohw] = red[t * {t}u]{bias};");
+        let bias = if self.bias == Bias::Row { format!(" + {}", e.bias.load("bias[m]")) } else { String::new() };
+        let _ = writeln!(w, "      c[(q / p.ohw) * p.m * p.ohw + m * p.ohw + q % p.ohw] = {};", e.c.store(&format!("red[t * {t}u]{bias}")));
         let _ = writeln!(w, "    }}");
         let _ = writeln!(w, "  }}");
         let _ = writeln!(w, "}}");
@@ -216,16 +226,19 @@ impl SkinnyConfig {
     /// read_write, as in gemm.rs (cubecl may bind one buffer twice natively).
     fn header(&self, w: &mut String) {
         let out = if self.bias == Bias::None { 2 } else { 3 };
+        let e = self.elems;
+        let bias_elem = if self.bias == Bias::None { Elem::F32 } else { e.bias };
+        Elem::enable(w, &[e.a, e.b, bias_elem, e.c]);
         let _ = writeln!(
             w,
             "struct Params {{ m: u32, n: u32, k: u32, steps: u32, ohw: u32, ow: u32, h: u32, w: u32, img: u32, gx: u32, u0: u32, u1: u32 }}"
         );
-        let _ = writeln!(w, "@group(0) @binding(0) var<storage, read_write> a: array<f32>;");
-        let _ = writeln!(w, "@group(0) @binding(1) var<storage, read_write> b: array<f32>;");
+        let _ = writeln!(w, "@group(0) @binding(0) var<storage, read_write> a: array<{}>;", e.a.wgsl());
+        let _ = writeln!(w, "@group(0) @binding(1) var<storage, read_write> b: array<{}>;", e.b.wgsl());
         if self.bias != Bias::None {
-            let _ = writeln!(w, "@group(0) @binding(2) var<storage, read_write> bias: array<f32>;");
+            let _ = writeln!(w, "@group(0) @binding(2) var<storage, read_write> bias: array<{}>;", e.bias.wgsl());
         }
-        let _ = writeln!(w, "@group(0) @binding({out}) var<storage, read_write> c: array<f32>;");
+        let _ = writeln!(w, "@group(0) @binding({out}) var<storage, read_write> c: array<{}>;", e.c.wgsl());
         let _ = writeln!(w, "@group(0) @binding({}) var<uniform> p: Params;", out + 1);
     }
 
@@ -233,6 +246,8 @@ impl SkinnyConfig {
     fn wgsl_columns(&self) -> String {
         assert!(self.b == SkinnyB::Rows, "a transposed A goes with rows of B");
         let (cols, t) = (self.cols, THREADS);
+        let e = self.elems;
+        let (la, lb) = (|x: &str| e.a.load(x), |x: &str| e.b.load(x));
         let mut s = String::new();
         let w = &mut s;
         self.header(w);
@@ -250,23 +265,36 @@ impl SkinnyConfig {
         let _ = writeln!(w, "  let k4 = p.k / 4u * 4u; var k = 0u;");
         let _ = writeln!(w, "  for (; k < k4; k = k + 4u) {{");
         let _ = writeln!(w, "    let ao = k * p.m + row;");
-        let _ = writeln!(w, "    let v0 = a[ao]; let v1 = a[ao + p.m]; let v2 = a[ao + 2u * p.m]; let v3 = a[ao + 3u * p.m];");
+        let _ = writeln!(
+            w,
+            "    let v0 = {}; let v1 = {}; let v2 = {}; let v3 = {};",
+            la("a[ao]"),
+            la("a[ao + p.m]"),
+            la("a[ao + 2u * p.m]"),
+            la("a[ao + 3u * p.m]")
+        );
         for q in 0..cols {
-            let _ =
-                writeln!(w, "    {{ let o = xb{q} + k; s{q} = fma(v3, b[o + 3u], fma(v2, b[o + 2u], fma(v1, b[o + 1u], fma(v0, b[o], s{q})))); }}");
+            let _ = writeln!(
+                w,
+                "    {{ let o = xb{q} + k; s{q} = fma(v3, {}, fma(v2, {}, fma(v1, {}, fma(v0, {}, s{q})))); }}",
+                lb("b[o + 3u]"),
+                lb("b[o + 2u]"),
+                lb("b[o + 1u]"),
+                lb("b[o]")
+            );
         }
         let _ = writeln!(w, "  }}");
         let _ = writeln!(w, "  for (; k < p.k; k = k + 1u) {{");
-        let _ = write!(w, "    let v = a[k * p.m + row];");
+        let _ = write!(w, "    let v = {};", la("a[k * p.m + row]"));
         for q in 0..cols {
-            let _ = write!(w, " s{q} = fma(v, b[xb{q} + k], s{q});");
+            let _ = write!(w, " s{q} = fma(v, {}, s{q});", lb(&format!("b[xb{q} + k]")));
         }
         let _ = writeln!(w);
         let _ = writeln!(w, "  }}");
         let _ = writeln!(w, "  if (m < p.m) {{");
-        let bias = if self.bias == Bias::Row { " + bias[m]" } else { "" };
+        let bias = if self.bias == Bias::Row { format!(" + {}", e.bias.load("bias[m]")) } else { String::new() };
         for q in 0..cols {
-            let _ = writeln!(w, "    if ({q}u < p.n) {{ c[{q}u * p.m + m] = s{q}{bias}; }}");
+            let _ = writeln!(w, "    if ({q}u < p.n) {{ c[{q}u * p.m + m] = {}; }}", e.c.store(&format!("s{q}{bias}")));
         }
         let _ = writeln!(w, "  }}");
         let _ = writeln!(w, "}}");

@@ -7,7 +7,7 @@
 //!   [`softmax`] in one (`norm.rs`).
 //!
 //! Each entry point takes burn tensors and returns `Err` with its input untouched where the kernel
-//! does not apply (another backend, a non-f32 type, autodiff, grouped or dilated convs), so the
+//! does not apply (another backend, a type other than f32 / f16, autodiff, grouped or dilated convs), so the
 //! caller falls back to burn's own op. Set `VISII_KERNELS=burn` (or [`set_enabled`]) to run burn's
 //! ops everywhere, for comparisons. The parity tests against burn's ops are in
 //! `tests/kernels.rs`, the speed in `visii bench --what conv|linear`.
@@ -72,6 +72,83 @@ pub fn enabled() -> bool {
 /// Turns our kernels on or off for this process (benchmarks and parity tests compare both).
 pub fn set_enabled(on: bool) {
     ENABLED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+/// A buffer's element type in our kernels: f32, or f16 on adapters with `shader-f16` (f16
+/// activations). Every kernel reads its values into f32, computes in f32 and converts on the store,
+/// so an f16 kernel differs from the f32 one only in the memory it reads and writes (and in the
+/// output's rounding to f16); weights may stay f32 under f16 activations (no per-layer cast).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Elem {
+    #[default]
+    F32,
+    F16,
+}
+
+impl Elem {
+    /// The element type of a tensor of `dtype`, where our kernels take it.
+    pub fn of(dtype: DType) -> Option<Elem> {
+        match dtype {
+            DType::F32 => Some(Elem::F32),
+            DType::F16 => Some(Elem::F16),
+            _ => None,
+        }
+    }
+
+    pub fn dtype(self) -> DType {
+        match self {
+            Elem::F32 => DType::F32,
+            Elem::F16 => DType::F16,
+        }
+    }
+
+    /// The WGSL scalar type.
+    pub fn wgsl(self) -> &'static str {
+        match self {
+            Elem::F32 => "f32",
+            Elem::F16 => "f16",
+        }
+    }
+
+    /// The WGSL expression `e` (a value of this type) as an f32.
+    pub fn load(self, e: &str) -> String {
+        match self {
+            Elem::F32 => e.to_string(),
+            Elem::F16 => format!("f32({e})"),
+        }
+    }
+
+    /// The WGSL expression `e` (an f32) as a value of this type.
+    pub fn store(self, e: &str) -> String {
+        match self {
+            Elem::F32 => e.to_string(),
+            Elem::F16 => format!("f16({e})"),
+        }
+    }
+
+    /// Writes WGSL's `enable f16;` where any of `elems` is f16 (it must open the module).
+    pub fn enable(w: &mut String, elems: &[Elem]) {
+        if elems.contains(&Elem::F16) {
+            w.push_str("enable f16;\n");
+        }
+    }
+}
+
+/// The element types of a GEMM's operands: `a`, `b`, `bias` read, `c` written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Elems {
+    pub a: Elem,
+    pub b: Elem,
+    pub bias: Elem,
+    pub c: Elem,
+}
+
+impl Elems {
+    pub const F32: Elems = Elems { a: Elem::F32, b: Elem::F32, bias: Elem::F32, c: Elem::F32 };
+
+    fn all(&self) -> [Elem; 4] {
+        [self.a, self.b, self.bias, self.c]
+    }
 }
 
 /// One of our generated kernels as cubecl sees it: an id covering its configuration (so every
@@ -234,10 +311,10 @@ struct Problem {
     img: usize,
 }
 
-/// A new contiguous f32 `out_shape` tensor and the bindings `a`, `b`, (`bias`), `out` of both GEMM
-/// kernels (the caller adds the parameters).
-fn gemm_operands(a: &CubeTensor, b: &CubeTensor, bias: Option<&CubeTensor>, out_shape: Vec<usize>) -> (CubeTensor, KernelArguments) {
-    let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(a.client.clone(), a.device.clone(), out_shape.into(), DType::F32);
+/// A new contiguous `out_shape` tensor of `out` elements and the bindings `a`, `b`, (`bias`), `out`
+/// of both GEMM kernels (the caller adds the parameters).
+fn gemm_operands(a: &CubeTensor, b: &CubeTensor, bias: Option<&CubeTensor>, out_shape: Vec<usize>, out: Elem) -> (CubeTensor, KernelArguments) {
+    let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(a.client.clone(), a.device.clone(), out_shape.into(), out.dtype());
     let mut args = KernelArguments::new()
         .with_buffer_io(a.handle.clone().binding(), BufferIOAttr::ReadOnly)
         .with_buffer_io(b.handle.clone().binding(), BufferIOAttr::ReadOnly);
@@ -248,9 +325,9 @@ fn gemm_operands(a: &CubeTensor, b: &CubeTensor, bias: Option<&CubeTensor>, out_
     (out, args)
 }
 
-/// Launches `cfg` with `a`, `b`, `bias` (contiguous f32) into a new contiguous `out_shape` tensor.
+/// Launches `cfg` with `a`, `b`, `bias` (contiguous, of `cfg.elems`' types) into a new contiguous `out_shape` tensor.
 fn launch(cfg: GemmConfig, a: &CubeTensor, b: &CubeTensor, bias: Option<&CubeTensor>, p: Problem, out_shape: Vec<usize>) -> CubeTensor {
-    let (out, args) = gemm_operands(a, b, bias, out_shape);
+    let (out, args) = gemm_operands(a, b, bias, out_shape, cfg.elems.c);
     let args = args.with_info(params([p.m, p.n, p.k, p.ohw, p.ow, p.h, p.w, p.img]));
     let count = CubeCount::Static(p.n.div_ceil(cfg.bn() as usize) as u32, p.m.div_ceil(cfg.bm() as usize) as u32, 1);
     a.client.launch(Box::new(Wgsl::Gemm(cfg)), count, args);
@@ -288,10 +365,10 @@ pub fn set_skinny_grad(on: bool) {
     SKINNY_GRAD.store(if on { 1 } else { 2 }, Ordering::Relaxed);
 }
 
-/// Launches the skinny kernel `cfg` (see `gemv.rs`) with `a`, `b`, `bias` (contiguous f32) into a
-/// new contiguous `out_shape` tensor.
+/// Launches the skinny kernel `cfg` (see `gemv.rs`) with `a`, `b`, `bias` (contiguous, of
+/// `cfg.elems`' types) into a new contiguous `out_shape` tensor.
 fn launch_skinny(cfg: SkinnyConfig, a: &CubeTensor, b: &CubeTensor, bias: Option<&CubeTensor>, p: Problem, out_shape: Vec<usize>) -> CubeTensor {
-    let (out, args) = gemm_operands(a, b, bias, out_shape);
+    let (out, args) = gemm_operands(a, b, bias, out_shape, cfg.elems.c);
     let (gx, gy) = spread(p.m.div_ceil(cfg.rows_per_group() as usize));
     let args = args.with_info(params([p.m, p.n, p.k, cfg.steps(p.k), p.ohw, p.ow, p.h, p.w, p.img, gx as usize, 0, 0]));
     a.client.launch(Box::new(Wgsl::Skinny(cfg)), CubeCount::Static(gx, gy, 1), args);
@@ -305,6 +382,20 @@ fn skinny_dispatchable(cfg: &SkinnyConfig, m: usize) -> bool {
 
 fn contiguous(t: CubeTensor) -> CubeTensor {
     burn_cubecl::kernel::into_contiguous(t)
+}
+
+/// The element types of a GEMM reading `a`, `b` (and `bias`) and writing in `out`'s type, where
+/// every one is f32 or f16 (f16 activations: the weights may stay f32).
+fn elems(a: &CubeTensor, b: &CubeTensor, bias: Option<&CubeTensor>, out: &CubeTensor) -> Option<Elems> {
+    Some(Elems {
+        a: Elem::of(a.dtype)?,
+        b: Elem::of(b.dtype)?,
+        bias: match bias {
+            Some(t) => Elem::of(t.dtype)?,
+            None => Elem::F32,
+        },
+        c: Elem::of(out.dtype)?,
+    })
 }
 
 /// Largest dispatch along one axis (WebGPU's default `maxComputeWorkgroupsPerDimension`).
@@ -340,11 +431,12 @@ pub fn conv2d_cube_on(
     options: &ConvOptions<2>,
     skinny: bool,
 ) -> Result<CubeTensor, (CubeTensor, CubeTensor, Option<CubeTensor>)> {
-    let f32s = x.dtype == DType::F32 && w.dtype == DType::F32 && bias.as_ref().is_none_or(|b| b.dtype == DType::F32);
+    // The weight is A, the image B; the output in the image's type.
+    let Some(types) = elems(&w, &x, bias.as_ref(), &x) else { return Err((x, w, bias)) };
     let [nb, c_in, h, wd] = x.shape().dims::<4>();
     let [c_out, c_in_w, kh, kw] = w.shape().dims::<4>();
     let [(pt, pb), (pl, pr)] = options.padding;
-    let ok = f32s && options.groups == 1 && options.dilation == [1, 1] && c_in == c_in_w && h + pt + pb >= kh && wd + pl + pr >= kw;
+    let ok = options.groups == 1 && options.dilation == [1, 1] && c_in == c_in_w && h + pt + pb >= kh && wd + pl + pr >= kw;
     if !ok || nb == 0 || c_out == 0 {
         return Err((x, w, bias));
     }
@@ -367,13 +459,13 @@ pub fn conv2d_cube_on(
         let (ky0, nky) = gemv::taps(kh, sh, pt, h, oh);
         let (kx0, nkx) = gemv::taps(kw, sw, pl, wd, ow);
         let (kh, kw, sh, sw, ph, pw) = (kh as u32, kw as u32, sh as u32, sw as u32, pt as u32, pl as u32);
-        let cfg = SkinnyConfig::new(n, SkinnyA::RowMajor, SkinnyB::Conv { kh, kw, sh, sw, ph, pw, ky0, nky, kx0, nkx }, bias_kind);
+        let cfg = SkinnyConfig::new(n, SkinnyA::RowMajor, SkinnyB::Conv { kh, kw, sh, sw, ph, pw, ky0, nky, kx0, nkx }, bias_kind).with(types);
         if skinny_dispatchable(&cfg, m) {
             let (x, w, bias) = (contiguous(x), contiguous(w), bias.map(contiguous));
             return Ok(launch_skinny(cfg, &w, &x, bias.as_ref(), p, vec![nb, c_out, oh, ow]));
         }
     }
-    let cfg = pick(&x.client, m, n, ALayout::RowMajor, layout, bias_kind);
+    let cfg = pick(&x.client, m, n, ALayout::RowMajor, layout, bias_kind).with(types);
     if !dispatchable(&cfg, m, n) {
         return Err((x, w, bias));
     }
@@ -393,11 +485,12 @@ pub fn linear_cube_on(
     bias: Option<CubeTensor>,
     skinny: bool,
 ) -> Result<CubeTensor, (CubeTensor, CubeTensor, Option<CubeTensor>)> {
-    let f32s = x.dtype == DType::F32 && w.dtype == DType::F32 && bias.as_ref().is_none_or(|b| b.dtype == DType::F32);
+    // The tiled GEMM reads the input as A and the weight as B; the skinny one the other way round.
+    let Some(types) = elems(&x, &w, bias.as_ref(), &x) else { return Err((x, w, bias)) };
     let dims = x.shape().to_vec();
     let wdims = w.shape().to_vec();
     let k = *dims.last().unwrap_or(&0);
-    if !f32s || wdims.len() != 2 || wdims[0] != k || k == 0 {
+    if wdims.len() != 2 || wdims[0] != k || k == 0 {
         return Err((x, w, bias));
     }
     let n = wdims[1];
@@ -409,14 +502,15 @@ pub fn linear_cube_on(
     *out.last_mut().unwrap() = n;
     if m <= skinny_limits().1 && skinny {
         // A few rows: `outᵀ = wᵀ xᵀ` on the skinny kernel (output features as its rows).
-        let cfg = SkinnyConfig::new(m, SkinnyA::Transposed, SkinnyB::Rows, if bias.is_some() { Bias::Row } else { Bias::None });
+        let cfg = SkinnyConfig::new(m, SkinnyA::Transposed, SkinnyB::Rows, if bias.is_some() { Bias::Row } else { Bias::None })
+            .with(Elems { a: types.b, b: types.a, ..types });
         if skinny_dispatchable(&cfg, n) {
             let (x, w, bias) = (contiguous(x), contiguous(w), bias.map(contiguous));
             let p = Problem { m: n, n: m, k, ohw: 1, ow: 1, h: 1, w: 1, img: 0 };
             return Ok(launch_skinny(cfg, &w, &x, bias.as_ref(), p, out));
         }
     }
-    let cfg = pick(&x.client, m, n, ALayout::RowMajor, BLayout::Pointwise, if bias.is_some() { Bias::Col } else { Bias::None });
+    let cfg = pick(&x.client, m, n, ALayout::RowMajor, BLayout::Pointwise, if bias.is_some() { Bias::Col } else { Bias::None }).with(types);
     if !dispatchable(&cfg, m, n) {
         return Err((x, w, bias));
     }
@@ -438,7 +532,8 @@ pub fn conv2d_input_grad_cube(
     let [nb, c_out, oh, ow] = grad.shape().dims::<4>();
     let [c_out_w, c_in, kh, kw] = w.shape().dims::<4>();
     let [(pt, _), (pl, _)] = options.padding;
-    let ok = grad.dtype == DType::F32 && w.dtype == DType::F32 && options.groups == 1 && options.dilation == [1, 1] && options.stride == [1, 1];
+    let types = elems(&w, &grad, None, &grad);
+    let ok = types.is_some() && options.groups == 1 && options.dilation == [1, 1] && options.stride == [1, 1];
     if !ok
         || c_out != c_out_w
         || pt + 1 > kh
@@ -457,7 +552,8 @@ pub fn conv2d_input_grad_cube(
     } else {
         BLayout::Conv { kh: kh as u32, kw: kw as u32, sh: 1, sw: 1, ph: ph as u32, pw: pw as u32 }
     };
-    let cfg = pick(&grad.client, m, n, ALayout::ConvFlipped { kk: (kh * kw) as u32 }, layout, Bias::None);
+    let types = types.unwrap_or_default();
+    let cfg = pick(&grad.client, m, n, ALayout::ConvFlipped { kk: (kh * kw) as u32 }, layout, Bias::None).with(types);
     if !dispatchable(&cfg, m, n) || !fits_u32(&[&[nb, c_out, oh, ow], &[c_out, c_in, kh, kw], &[nb, c_in, h, wd]]) {
         return Err((grad, w));
     }
@@ -471,7 +567,9 @@ pub fn linear_input_grad_cube(grad: CubeTensor, w: CubeTensor) -> Result<CubeTen
     let dims = grad.shape().to_vec();
     let wdims = w.shape().to_vec();
     let n = *dims.last().unwrap_or(&0);
-    if grad.dtype != DType::F32 || w.dtype != DType::F32 || wdims.len() != 2 || wdims[1] != n || n == 0 {
+    // The tiled GEMM reads the gradient as A and the weight as B; the skinny one the other way round.
+    let Some(types) = elems(&grad, &w, None, &grad) else { return Err((grad, w)) };
+    if wdims.len() != 2 || wdims[1] != n || n == 0 {
         return Err((grad, w));
     }
     let k_in = wdims[0];
@@ -483,14 +581,14 @@ pub fn linear_input_grad_cube(grad: CubeTensor, w: CubeTensor) -> Result<CubeTen
     *out.last_mut().unwrap() = k_in;
     if m <= skinny_limits().2 && skinny_grad_enabled() {
         // A few rows: `outᵀ = w gradᵀ`, `w` `[K_in, N]` row-major as stored.
-        let cfg = SkinnyConfig::new(m, SkinnyA::RowMajor, SkinnyB::Rows, Bias::None);
+        let cfg = SkinnyConfig::new(m, SkinnyA::RowMajor, SkinnyB::Rows, Bias::None).with(Elems { a: types.b, b: types.a, ..types });
         if skinny_dispatchable(&cfg, k_in) {
             let (grad, w) = (contiguous(grad), contiguous(w));
             let p = Problem { m: k_in, n: m, k: n, ohw: 1, ow: 1, h: 1, w: 1, img: 0 };
             return Ok(launch_skinny(cfg, &w, &grad, None, p, out));
         }
     }
-    let cfg = pick(&grad.client, m, k_in, ALayout::RowMajor, BLayout::PointwiseT, Bias::None);
+    let cfg = pick(&grad.client, m, k_in, ALayout::RowMajor, BLayout::PointwiseT, Bias::None).with(types);
     if !dispatchable(&cfg, m, k_in) {
         return Err((grad, w));
     }
@@ -512,7 +610,8 @@ pub fn group_norm_cube(
     layer_norm: bool,
 ) -> Result<CubeTensor, CubeTensor> {
     let dims = x.shape().to_vec();
-    let ok = x.dtype == DType::F32 && gamma.dtype == DType::F32 && beta.dtype == DType::F32 && dims.len() >= 2 && groups > 0;
+    let (Some(ex), Some(affine), Some(eb)) = (Elem::of(x.dtype), Elem::of(gamma.dtype), Elem::of(beta.dtype)) else { return Err(x) };
+    let ok = affine == eb && dims.len() >= 2 && groups > 0;
     if !ok || !fits_u32(&[&dims]) || dims[1] % groups != 0 || (layer_norm && groups != 1) {
         return Err(x);
     }
@@ -540,8 +639,8 @@ pub fn group_norm_cube(
         .with_buffer_io(x.handle.clone().binding(), BufferIOAttr::ReadOnly)
         .with_buffer_io(stats.handle.clone().binding(), BufferIOAttr::WriteOnly)
         .with_info(params([rows, len, s, c, eps_bits, gx as usize, 0, 0]));
-    client.launch(Box::new(Wgsl::Norm(norm::NormKernel::Stats { lanes })), CubeCount::Static(gx, gy, 1), args);
-    let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(client.clone(), device, dims.into(), DType::F32);
+    client.launch(Box::new(Wgsl::Norm(norm::NormKernel::Stats { lanes, x: ex })), CubeCount::Static(gx, gy, 1), args);
+    let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(client.clone(), device, dims.into(), ex.dtype());
     let (ax, ay) = spread(total.div_ceil(norm::THREADS as usize));
     let args = KernelArguments::new()
         .with_buffer_io(x.handle.clone().binding(), BufferIOAttr::ReadOnly)
@@ -550,7 +649,7 @@ pub fn group_norm_cube(
         .with_buffer_io(beta.handle.clone().binding(), BufferIOAttr::ReadOnly)
         .with_buffer_io(out.handle.clone().binding(), BufferIOAttr::WriteOnly)
         .with_info(params([rows, len, s, c, eps_bits, ax as usize, 0, 0]));
-    client.launch(Box::new(Wgsl::Norm(norm::NormKernel::Apply { silu })), CubeCount::Static(ax, ay, 1), args);
+    client.launch(Box::new(Wgsl::Norm(norm::NormKernel::Apply { silu, x: ex, affine })), CubeCount::Static(ax, ay, 1), args);
     Ok(out)
 }
 
@@ -570,7 +669,7 @@ pub fn set_flash(on: bool) {
 }
 
 /// Whether the fused attention takes `q` `[b, n, heads * d]`, `k` and `v` `[b, m, heads * d]` of
-/// these shapes (f32 is checked apart): head dims a multiple of 4 up to [`flash::MAX_HEAD_DIM`],
+/// these shapes (the element type is checked apart): head dims a multiple of 4 up to [`flash::MAX_HEAD_DIM`],
 /// a grid within WebGPU's limits, sizes that fit u32.
 pub fn attention_applies(qd: &[usize], kd: &[usize], vd: &[usize], heads: usize) -> bool {
     if qd.len() != 3 || kd.len() != 3 || kd != vd || heads == 0 {
@@ -594,15 +693,13 @@ pub fn attention_cube(
     causal: bool,
 ) -> Result<CubeTensor, (CubeTensor, CubeTensor, CubeTensor)> {
     let (qd, kd, vd) = (q.shape().to_vec(), k.shape().to_vec(), v.shape().to_vec());
-    let f32s = q.dtype == DType::F32 && k.dtype == DType::F32 && v.dtype == DType::F32;
-    if !f32s || !attention_applies(&qd, &kd, &vd, heads) {
-        return Err((q, k, v));
-    }
+    let elem = Elem::of(q.dtype).filter(|&e| k.dtype == e.dtype() && v.dtype == e.dtype());
+    let Some(elem) = elem.filter(|_| attention_applies(&qd, &kd, &vd, heads)) else { return Err((q, k, v)) };
     let ([b, n, inner], m) = ([qd[0], qd[1], qd[2]], kd[1]);
     let d = inner / heads;
     let (q, k, v) = (contiguous(q), contiguous(k), contiguous(v));
     let (client, device) = (q.client.clone(), q.device.clone());
-    let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(client.clone(), device, qd.into(), DType::F32);
+    let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(client.clone(), device, qd.into(), elem.dtype());
     let scale = ((d as f32).powf(-0.5)).to_bits() as usize;
     let args = KernelArguments::new()
         .with_buffer_io(q.handle.clone().binding(), BufferIOAttr::ReadOnly)
@@ -610,7 +707,7 @@ pub fn attention_cube(
         .with_buffer_io(v.handle.clone().binding(), BufferIOAttr::ReadOnly)
         .with_buffer_io(out.handle.clone().binding(), BufferIOAttr::WriteOnly)
         .with_info(params([n, m, inner, inner, heads, scale, 0, 0]));
-    let cfg = flash::FlashConfig { d: d as u32, causal };
+    let cfg = flash::FlashConfig { d: d as u32, causal, elem };
     let count = CubeCount::Static(n.div_ceil(flash::THREADS as usize) as u32, (b * heads) as u32, 1);
     client.launch(Box::new(Wgsl::Flash(cfg)), count, args);
     Ok(out)
@@ -631,7 +728,8 @@ pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, causal:
 pub fn softmax_cube(x: CubeTensor) -> Result<CubeTensor, CubeTensor> {
     let dims = x.shape().to_vec();
     let len = *dims.last().unwrap_or(&0);
-    if x.dtype != DType::F32 || dims.is_empty() || len == 0 || !fits_u32(&[&dims]) {
+    let Some(ex) = Elem::of(x.dtype) else { return Err(x) };
+    if dims.is_empty() || len == 0 || !fits_u32(&[&dims]) {
         return Err(x);
     }
     let rows: usize = dims[..dims.len() - 1].iter().product();
@@ -640,14 +738,14 @@ pub fn softmax_cube(x: CubeTensor) -> Result<CubeTensor, CubeTensor> {
     }
     let x = contiguous(x);
     let (client, device) = (x.client.clone(), x.device.clone());
-    let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(client.clone(), device, dims.into(), DType::F32);
+    let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(client.clone(), device, dims.into(), ex.dtype());
     let lanes = norm::lanes(len);
     let (gx, gy) = spread(rows.div_ceil((norm::THREADS / lanes) as usize));
     let args = KernelArguments::new()
         .with_buffer_io(x.handle.clone().binding(), BufferIOAttr::ReadOnly)
         .with_buffer_io(out.handle.clone().binding(), BufferIOAttr::WriteOnly)
         .with_info(params([rows, len, 1, 1, 0, gx as usize, 0, 0]));
-    client.launch(Box::new(Wgsl::Norm(norm::NormKernel::Softmax { lanes })), CubeCount::Static(gx, gy, 1), args);
+    client.launch(Box::new(Wgsl::Norm(norm::NormKernel::Softmax { lanes, x: ex })), CubeCount::Static(gx, gy, 1), args);
     Ok(out)
 }
 

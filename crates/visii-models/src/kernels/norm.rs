@@ -21,20 +21,23 @@
 //! left 7 of 8 invocations idle through eight barriers each, and took 60% of reading an
 //! instruction's words on lavapipe.
 
+use super::Elem;
 use std::fmt::Write;
 
 /// Invocations per workgroup of both kernels.
 pub const THREADS: u32 = 256;
 
-/// Which kernel; `lanes`: invocations per row (a power of two, at most [`THREADS`]).
+/// Which kernel; `lanes`: invocations per row (a power of two, at most [`THREADS`]); `x`: the
+/// element type of the input and output (f16 activations: read into f32, statistics and sums in
+/// f32, written back in f16); `affine`: that of `gamma` and `beta`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum NormKernel {
-    /// Per-row mean and reciprocal standard deviation.
-    Stats { lanes: u32 },
+    /// Per-row mean and reciprocal standard deviation (always f32).
+    Stats { lanes: u32, x: Elem },
     /// Normalise, scale and shift (and SiLU).
-    Apply { silu: bool },
+    Apply { silu: bool, x: Elem, affine: Elem },
     /// Softmax of each row.
-    Softmax { lanes: u32 },
+    Softmax { lanes: u32, x: Elem },
 }
 
 /// Invocations per row for rows of `len` values: about four values each, a power of two from 1 to
@@ -71,10 +74,15 @@ impl NormKernel {
     pub fn wgsl(&self) -> String {
         let mut s = String::new();
         let w = &mut s;
+        match *self {
+            NormKernel::Stats { x, .. } | NormKernel::Softmax { x, .. } => Elem::enable(w, &[x]),
+            NormKernel::Apply { x, affine, .. } => Elem::enable(w, &[x, affine]),
+        }
         let _ = writeln!(w, "struct Params {{ rows: u32, len: u32, s: u32, c: u32, eps: u32, gx: u32, u0: u32, u1: u32 }}");
-        match self {
-            &NormKernel::Stats { lanes } => {
-                let _ = writeln!(w, "@group(0) @binding(0) var<storage, read_write> x: array<f32>;");
+        match *self {
+            NormKernel::Stats { lanes, x: ex } => {
+                let xi = ex.load("x[base + i]");
+                let _ = writeln!(w, "@group(0) @binding(0) var<storage, read_write> x: array<{}>;", ex.wgsl());
                 let _ = writeln!(w, "@group(0) @binding(1) var<storage, read_write> stats: array<f32>;");
                 let _ = writeln!(w, "@group(0) @binding(2) var<uniform> p: Params;");
                 let _ = writeln!(w, "var<workgroup> part: array<f32, {THREADS}>;");
@@ -83,10 +91,10 @@ impl NormKernel {
                 let _ = writeln!(w, "fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {{");
                 // Every invocation of the workgroup runs the reductions (uniform control flow).
                 row_of(w, lanes);
-                let _ = writeln!(w, "  var acc = 0.0; for (var i = lane; i < p.len; i = i + {lanes}u) {{ acc = acc + x[base + i]; }}");
+                let _ = writeln!(w, "  var acc = 0.0; for (var i = lane; i < p.len; i = i + {lanes}u) {{ acc = acc + {xi}; }}");
                 let _ = writeln!(w, "  let mean = reduce(t, acc) / f32(p.len);");
                 let _ =
-                    writeln!(w, "  var sq = 0.0; for (var i = lane; i < p.len; i = i + {lanes}u) {{ let d = x[base + i] - mean; sq = sq + d * d; }}");
+                    writeln!(w, "  var sq = 0.0; for (var i = lane; i < p.len; i = i + {lanes}u) {{ let d = {xi} - mean; sq = sq + d * d; }}");
                 let _ = writeln!(w, "  let var_ = reduce(t, sq) / f32(p.len);");
                 let _ = writeln!(
                     w,
@@ -94,9 +102,10 @@ impl NormKernel {
                 );
                 let _ = writeln!(w, "}}");
             }
-            &NormKernel::Softmax { lanes } => {
-                let _ = writeln!(w, "@group(0) @binding(0) var<storage, read_write> x: array<f32>;");
-                let _ = writeln!(w, "@group(0) @binding(1) var<storage, read_write> y: array<f32>;");
+            NormKernel::Softmax { lanes, x: ex } => {
+                let xi = ex.load("x[base + i]");
+                let _ = writeln!(w, "@group(0) @binding(0) var<storage, read_write> x: array<{}>;", ex.wgsl());
+                let _ = writeln!(w, "@group(0) @binding(1) var<storage, read_write> y: array<{}>;", ex.wgsl());
                 let _ = writeln!(w, "@group(0) @binding(2) var<uniform> p: Params;");
                 let _ = writeln!(w, "var<workgroup> part: array<f32, {THREADS}>;");
                 reduction(w, "reduce_max", "max(part[t], part[t + {h}u])", lanes);
@@ -107,31 +116,40 @@ impl NormKernel {
                 // -inf entries (masked positions) give exp(-inf) = 0; a row of only -inf gives NaN,
                 // as PyTorch's softmax does.
                 let _ =
-                    writeln!(w, "  var m = -3.4028234663852886e38; for (var i = lane; i < p.len; i = i + {lanes}u) {{ m = max(m, x[base + i]); }}");
+                    writeln!(w, "  var m = -3.4028234663852886e38; for (var i = lane; i < p.len; i = i + {lanes}u) {{ m = max(m, {xi}); }}");
                 let _ = writeln!(w, "  let mx = reduce_max(t, m);");
-                let _ = writeln!(w, "  var acc = 0.0; for (var i = lane; i < p.len; i = i + {lanes}u) {{ acc = acc + exp(x[base + i] - mx); }}");
+                let _ = writeln!(w, "  var acc = 0.0; for (var i = lane; i < p.len; i = i + {lanes}u) {{ acc = acc + exp({xi} - mx); }}");
                 let _ = writeln!(w, "  let inv = 1.0 / reduce_sum(t, acc);");
-                let _ =
-                    writeln!(w, "  if (live) {{ for (var i = lane; i < p.len; i = i + {lanes}u) {{ y[base + i] = exp(x[base + i] - mx) * inv; }} }}");
+                let _ = writeln!(
+                    w,
+                    "  if (live) {{ for (var i = lane; i < p.len; i = i + {lanes}u) {{ y[base + i] = {}; }} }}",
+                    ex.store(&format!("exp({xi} - mx) * inv"))
+                );
                 let _ = writeln!(w, "}}");
             }
-            NormKernel::Apply { silu } => {
-                let _ = writeln!(w, "@group(0) @binding(0) var<storage, read_write> x: array<f32>;");
+            NormKernel::Apply { silu, x: ex, affine } => {
+                let _ = writeln!(w, "@group(0) @binding(0) var<storage, read_write> x: array<{}>;", ex.wgsl());
                 let _ = writeln!(w, "@group(0) @binding(1) var<storage, read_write> stats: array<f32>;");
-                let _ = writeln!(w, "@group(0) @binding(2) var<storage, read_write> gamma: array<f32>;");
-                let _ = writeln!(w, "@group(0) @binding(3) var<storage, read_write> beta: array<f32>;");
-                let _ = writeln!(w, "@group(0) @binding(4) var<storage, read_write> y: array<f32>;");
+                let _ = writeln!(w, "@group(0) @binding(2) var<storage, read_write> gamma: array<{}>;", affine.wgsl());
+                let _ = writeln!(w, "@group(0) @binding(3) var<storage, read_write> beta: array<{}>;", affine.wgsl());
+                let _ = writeln!(w, "@group(0) @binding(4) var<storage, read_write> y: array<{}>;", ex.wgsl());
                 let _ = writeln!(w, "@group(0) @binding(5) var<uniform> p: Params;");
                 let _ = writeln!(w, "@compute @workgroup_size({THREADS})");
                 let _ = writeln!(w, "fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {{");
                 let _ = writeln!(w, "  let i = (wid.x + wid.y * p.gx) * {THREADS}u + t;");
                 let _ = writeln!(w, "  if (i >= p.rows * p.len) {{ return; }}");
                 let _ = writeln!(w, "  let row = i / p.len; let ch = (i / p.s) % p.c;");
-                let _ = writeln!(w, "  var v = (x[i] - stats[row * 2u]) * stats[row * 2u + 1u] * gamma[ch] + beta[ch];");
-                if *silu {
+                let _ = writeln!(
+                    w,
+                    "  var v = ({} - stats[row * 2u]) * stats[row * 2u + 1u] * {} + {};",
+                    ex.load("x[i]"),
+                    affine.load("gamma[ch]"),
+                    affine.load("beta[ch]")
+                );
+                if silu {
                     let _ = writeln!(w, "  v = v / (1.0 + exp(-v));");
                 }
-                let _ = writeln!(w, "  y[i] = v;");
+                let _ = writeln!(w, "  y[i] = {};", ex.store("v"));
                 let _ = writeln!(w, "}}");
             }
         }
