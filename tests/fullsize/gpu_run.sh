@@ -56,6 +56,10 @@ B="$V --gpu-limits spec --resident ${RESIDENT:-f32} bench --backends wgpu --torc
 phase vae-decode-512 40 $B --what vae-decode --latent 64
 phase sample-step-512 60 $B --what sample-step --latent 64
 phase learn-step-256 60 $B --what learn-step --latent 32
+# f16 activations on our kernels (f16 storage, f32 sums; the issue wants 1.6x over f32, no more memory).
+B16="$V --gpu-limits spec --activations f16 --resident ${RESIDENT:-f32} bench --backends wgpu --runs 1"
+phase sample-step-512-f16 40 $B16 --what sample-step --latent 64
+phase learn-step-256-f16 40 $B16 --what learn-step --latent 32
 # The fused attention as one autodiff step (off by default until a GPU measures it).
 phase learn-step-256-flash-grad 60 env VISII_FLASH_GRAD=on $B --what learn-step --latent 32
 fi
