@@ -329,6 +329,9 @@ enum BenchWhat {
     Linear,
     /// One GroupNorm + SiLU of `--shape batch,c,h,w,groups`.
     Groupnorm,
+    /// One scaled dot-product attention of `--shape batch,queries,keys,heads,head_dim` (the fused
+    /// kernel on `wgpu` where it applies; burn's chain on `wgpu-burn`).
+    Attention,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Debug)]
@@ -1136,7 +1139,7 @@ fn bench(
 ) -> Result<(), Box<dyn std::error::Error>> {
     let cfg = bench_config(config)?;
     let full = config == BenchConfig::Full;
-    if matches!(what, BenchWhat::Conv | BenchWhat::Linear) {
+    if matches!(what, BenchWhat::Conv | BenchWhat::Linear | BenchWhat::Attention) {
         println!("{what:?} {shape:?}: {:.1} GFLOP per call", op_flop(what, shape) / 1e9);
     } else if what == BenchWhat::Groupnorm {
         println!("{what:?} {shape:?}: {:.1} M values", shape[..4].iter().product::<usize>() as f64 / 1e6);
@@ -1205,7 +1208,7 @@ fn bench(
         }
         runners.push((arg(&b), c));
     }
-    if let Some((py, torch_device)) = torch.filter(|_| !matches!(what, BenchWhat::Conv | BenchWhat::Linear | BenchWhat::Groupnorm)) {
+    if let Some((py, torch_device)) = torch.filter(|_| !matches!(what, BenchWhat::Conv | BenchWhat::Linear | BenchWhat::Groupnorm | BenchWhat::Attention)) {
         let mut c = std::process::Command::new(py);
         c.arg(&script).args(["--latent", &latent.to_string(), "--what", &arg(&what), "--config", &arg(&config), "--runs", &runs.to_string()]);
         c.args(["--device", torch_device]);
@@ -1238,7 +1241,7 @@ fn bench(
         }
         let run_s = r["run_s"].as_f64().unwrap_or(f64::NAN);
         match what {
-            BenchWhat::Conv | BenchWhat::Linear => println!("  {name}: {:.1} GFLOP/s", op_flop(what, shape) / run_s / 1e9),
+            BenchWhat::Conv | BenchWhat::Linear | BenchWhat::Attention => println!("  {name}: {:.1} GFLOP/s", op_flop(what, shape) / run_s / 1e9),
             // What a norm cannot do with less: read the input once, write the output once.
             BenchWhat::Groupnorm => {
                 println!("  {name}: {:.1} GB/s (one read + one write)", 8.0 * shape[..4].iter().product::<usize>() as f64 / run_s / 1e9)
@@ -1325,17 +1328,30 @@ fn op_shape(what: BenchWhat, shape: Vec<usize>) -> Result<Vec<usize>, Box<dyn st
         (BenchWhat::Conv, true) => vec![1, 320, 32, 32, 320, 3, 1],
         (BenchWhat::Linear, true) => vec![1024, 320, 2560],
         (BenchWhat::Groupnorm, true) => vec![1, 128, 256, 256, 32],
-        (BenchWhat::Conv | BenchWhat::Linear | BenchWhat::Groupnorm, false) => shape,
+        // The UNet's first-level self-attention at 512 px (64 x 64 latents, 8 heads of 40).
+        (BenchWhat::Attention, true) => vec![1, 4096, 4096, 8, 40],
+        (BenchWhat::Conv | BenchWhat::Linear | BenchWhat::Groupnorm | BenchWhat::Attention, false) => shape,
         (_, true) => return Ok(shape),
-        (_, false) => return Err("--shape is for --what conv, linear or groupnorm".into()),
+        (_, false) => return Err("--shape is for --what conv, linear, groupnorm or attention".into()),
     };
     let want = match what {
         BenchWhat::Conv => 7,
-        BenchWhat::Groupnorm => 5,
+        BenchWhat::Groupnorm | BenchWhat::Attention => 5,
         _ => 3,
     };
     if shape.len() != want || shape.contains(&0) || shape.iter().any(|&v| v > 1 << 20) {
-        return Err(format!("--shape takes {want} positive sizes for --what {what:?} (conv: batch,c_in,h,w,c_out,k,stride; linear: rows,in,out; groupnorm: batch,c,h,w,groups)").into());
+        return Err(format!("--shape takes {want} positive sizes for --what {what:?} (conv: batch,c_in,h,w,c_out,k,stride; linear: rows,in,out; groupnorm: batch,c,h,w,groups; attention: batch,queries,keys,heads,head_dim)").into());
+    }
+    // Every tensor the op makes (inputs, output; attention's q, k, v) within 2^28 values (1 GiB of f32).
+    let p = |idx: &[usize]| idx.iter().map(|&i| shape[i] as u128).product::<u128>();
+    let values: u128 = match what {
+        BenchWhat::Conv => p(&[0, 1, 2, 3]).max(p(&[0, 4, 2, 3])).max(p(&[4, 1, 5, 5])),
+        BenchWhat::Attention => p(&[0, 1, 3, 4]).max(p(&[0, 2, 3, 4])),
+        BenchWhat::Groupnorm => p(&[0, 1, 2, 3]),
+        _ => p(&[0, 1]).max(p(&[1, 2])).max(p(&[0, 2])),
+    };
+    if values > 1 << 28 {
+        return Err(format!("--shape {shape:?}: a tensor of {values} values; at most 2^28 (1 GiB of f32) here").into());
     }
     if what == BenchWhat::Groupnorm && shape[1] % shape[4] != 0 {
         return Err(format!("--shape: {} channels do not split into {} groups", shape[1], shape[4]).into());
@@ -1350,6 +1366,8 @@ fn op_flop(what: BenchWhat, s: &[usize]) -> f64 {
             let (oh, ow) = ((s[2] + 2 * (s[5] / 2) - s[5]) / s[6] + 1, (s[3] + 2 * (s[5] / 2) - s[5]) / s[6] + 1);
             2.0 * (s[0] * s[4] * oh * ow * s[1] * s[5] * s[5]) as f64
         }
+        // q kᵀ and the weights times v: two multiply-adds per query, key, head and head dim.
+        BenchWhat::Attention => 4.0 * (s[0] * s[1] * s[2] * s[3] * s[4]) as f64,
         _ => 2.0 * (s[0] * s[1] * s[2]) as f64,
     }
 }
@@ -1379,6 +1397,15 @@ fn bench_op(what: BenchWhat, s: &[usize], backend: Backend, runs: usize, dev: &D
             let build_s = t0.elapsed().as_secs_f64();
             timed(backend, s[1] * s[4] * k * k, build_s, runs, dev, || {
                 let _ = conv.run(x.clone()).slice([0..1, 0..1, 0..1, 0..1]).into_data();
+            });
+        }
+        BenchWhat::Attention => {
+            let (b, n, m, heads, d) = (s[0], s[1], s[2], s[3], s[4]);
+            let t = |rows: usize| normal(vec![b, rows, heads * d], 1.0).reshape([b, rows, heads * d]).cast(act);
+            let (q, k, v) = (t(n), t(m), t(m));
+            let build_s = t0.elapsed().as_secs_f64();
+            timed(backend, 0, build_s, runs, dev, || {
+                let _ = visii_models::nn::attention(q.clone(), k.clone(), v.clone(), heads, false).slice([0..1, 0..1, 0..1]).into_data();
             });
         }
         BenchWhat::Groupnorm => {
@@ -1420,7 +1447,7 @@ fn bench_one(
     use visii_pipeline::block_on;
     use visii_pipeline::probe::UnetProbe;
     let dev = device(backend);
-    if matches!(what, BenchWhat::Conv | BenchWhat::Linear | BenchWhat::Groupnorm) {
+    if matches!(what, BenchWhat::Conv | BenchWhat::Linear | BenchWhat::Groupnorm | BenchWhat::Attention) {
         return bench_op(what, &op_shape(what, shape.to_vec())?, backend, runs, &dev);
     }
     if matches!(what, BenchWhat::VaeDecode | BenchWhat::VaeEncode) {
@@ -1440,7 +1467,7 @@ fn bench_one(
             BenchWhat::LearnStep => block_on(probe.learn_step(&unet)),
             BenchWhat::SampleStep => block_on(probe.sample_step(&unet)),
             BenchWhat::VaeDecode | BenchWhat::VaeEncode => unreachable!("bench_vae"),
-            BenchWhat::Conv | BenchWhat::Linear | BenchWhat::Groupnorm => unreachable!("bench_op"),
+            BenchWhat::Conv | BenchWhat::Linear | BenchWhat::Groupnorm | BenchWhat::Attention => unreachable!("bench_op"),
         };
         failed = failed.take().or(r.err());
     });

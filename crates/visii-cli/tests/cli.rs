@@ -716,3 +716,19 @@ fn diffusers_applies_an_instruction_file() {
     assert!(moved > 5.0, "mean change from the input {moved} levels");
     let _ = std::fs::remove_file(png);
 }
+
+#[test]
+fn bench_times_one_attention_and_checks_its_shape() {
+    // The fused attention on wgpu (lavapipe here): GFLOP per call (4 x 1 x 64 x 48 x 2 x 8) and the rate.
+    let out = visii(&["bench", "--what", "attention", "--shape", "1,64,48,2,8", "--backends", "wgpu", "--runs", "1"]);
+    let (text, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{err}");
+    assert!(text.contains("Attention [1, 64, 48, 2, 8]: 0.0 GFLOP per call") && text.contains("  wgpu: ") && text.contains("GFLOP/s"), "{text}");
+    // A shape of the wrong length, and one whose tensors would not fit: refused before anything runs.
+    let out = visii(&["bench", "--what", "attention", "--shape", "1,2,3", "--backends", "wgpu"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("5 positive sizes") && err.contains("attention: batch,queries,keys,heads,head_dim"), "{err}");
+    let out = visii(&["bench", "--what", "attention", "--shape", "1048576,1048576,1048576,8,40", "--backends", "wgpu"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("at most 2^28") && !err.contains("panicked"), "{err}");
+}
