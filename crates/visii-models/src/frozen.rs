@@ -79,6 +79,15 @@ fn same_type(w: Float, dtype: FloatDType) -> Float {
     }
 }
 
+/// The int8 weight for our kernels to read in place (dequantised in their tile loads, no float
+/// copy of it: `kernels::q8_enabled`), where they run this step and can.
+fn in_place(w: &Frozen, dtype: FloatDType) -> Option<crate::kernels::Q8> {
+    match w {
+        Frozen::Quant(q) if ours(dtype) && crate::kernels::q8_enabled() => crate::kernels::Q8::of(q),
+        _ => None,
+    }
+}
+
 /// Whether our kernels run this step (f32 or f16 activations; see `crate::kernels`).
 fn ours(dtype: FloatDType) -> bool {
     matches!(dtype, FloatDType::F32 | FloatDType::F16) && crate::kernels::enabled()
@@ -103,6 +112,13 @@ impl Backward<Cube, 1> for FrozenMatmul {
         tidy(&q);
         unary::<Cube, _>(ops.parents, ops.node, grads, |grad| {
             let dtype: FloatDType = grad.dtype().into();
+            let grad = match in_place(&q, dtype) {
+                Some(q8) => match crate::kernels::linear_input_grad_weight(grad, crate::kernels::Weight::Q8(q8), shape.dims::<2>()) {
+                    Ok(g) => return g,
+                    Err((g, _)) => g,
+                },
+                None => grad,
+            };
             let w = weight(&q, &shape, dtype);
             let (grad, w) = if ours(dtype) {
                 match crate::kernels::linear_input_grad_cube(grad, w) {
@@ -139,6 +155,13 @@ impl Backward<Cube, 1> for FrozenConv2d {
                 (size_in[i] + 2 * pad[i]).saturating_sub(covered)
             };
             let dtype: FloatDType = grad.dtype().into();
+            let grad = match in_place(&q, dtype) {
+                Some(q8) => match crate::kernels::conv2d_input_grad_weight(grad, crate::kernels::Weight::Q8(q8), shape.dims::<4>(), &o, size_in) {
+                    Ok(g) => return g,
+                    Err((g, _)) => g,
+                },
+                None => grad,
+            };
             let w = weight(&q, &shape, dtype);
             let (grad, w) = if ours(dtype) {
                 match crate::kernels::conv2d_input_grad_cube(grad, w, &o, size_in) {
@@ -161,11 +184,20 @@ enum Op {
 
 fn record<C: CheckpointStrategy>(x: AutodiffTensor, q: Frozen, shape: Shape, op: Op) -> AutodiffTensor {
     let dtype: FloatDType = x.dtype().into();
-    let w = weight(&q, &shape, dtype);
     match op {
         Op::Matmul => {
             let batched_shape = batched(&shape, x.shape().num_dims());
             let y = |x: Float| {
+                let x = match in_place(&q, dtype) {
+                    Some(q8) => {
+                        match crate::kernels::linear_weight(x, crate::kernels::Weight::Q8(q8), shape.dims::<2>(), None, crate::kernels::skinny_enabled()) {
+                            Ok(y) => return y,
+                            Err((x, _, _)) => x,
+                        }
+                    }
+                    None => x,
+                };
+                let w = weight(&q, &shape, dtype);
                 let (x, w) = if ours(dtype) {
                     match crate::kernels::linear_cube(x, w, None) {
                         Ok(y) => return y,
@@ -176,14 +208,27 @@ fn record<C: CheckpointStrategy>(x: AutodiffTensor, q: Frozen, shape: Shape, op:
                 };
                 Cube::float_matmul(x, Cube::float_reshape(same_type(w, dtype), batched_shape))
             };
-            match FrozenMatmul.prepare::<C>([x.node()]).compute_bound().stateful() {
-                OpsKind::Tracked(prep) => prep.finish((q, shape), y(x.into_primitive())),
-                OpsKind::UnTracked(prep) => prep.finish(y(x.into_primitive())),
+            let kind = FrozenMatmul.prepare::<C>([x.node()]).compute_bound().stateful();
+            let out = y(x.into_primitive());
+            match kind {
+                OpsKind::Tracked(prep) => prep.finish((q, shape), out),
+                OpsKind::UnTracked(prep) => prep.finish(out),
             }
         }
         Op::Conv(options) => {
             let [_, _, h, wd] = x.shape().dims();
             let y = |x: Float| {
+                let x = match in_place(&q, dtype) {
+                    Some(q8) => {
+                        let q8 = crate::kernels::Weight::Q8(q8);
+                        match crate::kernels::conv2d_weight(x, q8, shape.dims::<4>(), None, &options, crate::kernels::skinny_enabled()) {
+                            Ok(y) => return y,
+                            Err((x, _, _)) => x,
+                        }
+                    }
+                    None => x,
+                };
+                let w = weight(&q, &shape, dtype);
                 let (x, w) = if ours(dtype) {
                     match crate::kernels::conv2d_cube(x, w, None, &options) {
                         Ok(y) => return y,
@@ -194,9 +239,11 @@ fn record<C: CheckpointStrategy>(x: AutodiffTensor, q: Frozen, shape: Shape, op:
                 };
                 Cube::conv2d(x, same_type(w, dtype), None, options.clone())
             };
-            match FrozenConv2d.prepare::<C>([x.node()]).compute_bound().stateful() {
-                OpsKind::Tracked(prep) => prep.finish((q, shape, options.clone(), [h, wd]), y(x.into_primitive())),
-                OpsKind::UnTracked(prep) => prep.finish(y(x.into_primitive())),
+            let kind = FrozenConv2d.prepare::<C>([x.node()]).compute_bound().stateful();
+            let out = y(x.into_primitive());
+            match kind {
+                OpsKind::Tracked(prep) => prep.finish((q, shape, options.clone(), [h, wd]), out),
+                OpsKind::UnTracked(prep) => prep.finish(out),
             }
         }
     }

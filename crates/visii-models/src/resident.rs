@@ -138,6 +138,17 @@ impl<const D: usize> Layer<Tensor<D>> for Linear {
             },
             None => x,
         };
+        // An int8-resident weight read in place by our GEMM (no float copy of it).
+        #[cfg(feature = "frozen")]
+        let x = match self.weight.reparameterization::<Dequantized>() {
+            Some(r) if r.shape.len() == 2 && !x.is_autodiff() => {
+                match crate::kernels::linear_q8(x, &self.weight.base(), [r.shape[0], r.shape[1]], self.bias.as_ref().map(|b| b.val()).as_ref()) {
+                    Ok(y) => return y,
+                    Err(x) => x,
+                }
+            }
+            _ => x,
+        };
         #[cfg(feature = "frozen")]
         let x = if matches!(x.dtype(), DType::F32 | DType::F16) && !x.is_autodiff() {
             match crate::kernels::linear(x, &self.weight.val(), self.bias.as_ref().map(|b| b.val()).as_ref()) {
@@ -179,7 +190,18 @@ impl Layer<Tensor<4>> for Conv2d {
             &burn::nn::PaddingConfig2d::Explicit(top, left, bottom, right) if matches!(x.dtype(), DType::F32 | DType::F16) && !x.is_autodiff() => {
                 let options =
                     burn::tensor::ops::ConvOptions::new_with_padding(self.stride, [(top, bottom), (left, right)], self.dilation, self.groups);
-                match crate::kernels::conv2d(x, &self.weight.val(), self.bias.as_ref().map(|b| b.val()).as_ref(), &options) {
+                let bias = self.bias.as_ref().map(|b| b.val());
+                // An int8-resident weight read in place by our GEMM (no float copy of it).
+                let x = match self.weight.reparameterization::<Dequantized>() {
+                    Some(r) if r.shape.len() == 4 => {
+                        match crate::kernels::conv2d_q8(x, &self.weight.base(), [r.shape[0], r.shape[1], r.shape[2], r.shape[3]], bias.as_ref(), &options) {
+                            Ok(y) => return y,
+                            Err(x) => x,
+                        }
+                    }
+                    _ => x,
+                };
+                match crate::kernels::conv2d(x, &self.weight.val(), bias.as_ref(), &options) {
                     Ok(y) => return y,
                     Err(x) => x,
                 }

@@ -572,3 +572,97 @@ fn f16_kernels_match_f32_on_the_same_values() {
         check(format!("attention {b}x{n}x{m}, {heads} heads of {d}, causal {causal}, q spread {spread}"), values16(ours), values(reference));
     }
 }
+
+#[test]
+fn int8_weights_read_in_place_match_their_dequantised_copy() {
+    use burn::module::Param;
+    use burn::nn::conv::Conv2d;
+    use burn::nn::{Linear, PaddingConfig2d};
+    use visii_models::resident::{resident_q8, Layer};
+    let gpu = Device::wgpu(DeviceKind::DefaultDevice);
+    let cpu = Device::ndarray();
+    // The same layer with its weight int8 on the device, read in place by our GEMMs (dequantised in
+    // the tile loads) and as a dequantised f32 copy (`VISII_Q8=off`), forward and input gradient,
+    // and ndarray on the dequantised values. Only this test of the binary keeps weights int8.
+    let both = |f: &dyn Fn() -> Vec<f32>| {
+        kernels::set_q8(true);
+        let a = f();
+        kernels::set_q8(false);
+        let b = f();
+        kernels::set_q8(true);
+        (a, b)
+    };
+    // (batch, c_in, c_out, size, k, stride, pad): a 3x3 conv (tiled), one pixel (skinny, centre
+    // tap), stride 2 on an odd size, 1x1.
+    for (b, ci, co, hw, k, s, p) in [(1, 64, 96, 8, 3, 1, 1), (1, 128, 64, 1, 3, 1, 1), (2, 32, 48, 9, 3, 2, 1), (1, 96, 160, 6, 1, 1, 0)] {
+        let conv = Conv2d {
+            weight: Param::from_tensor(Tensor::<4>::random([co, ci, k, k], Distribution::Normal(0.0, 0.1), &gpu)),
+            bias: Some(Param::from_tensor(Tensor::<1>::random([co], Distribution::Normal(0.0, 0.5), &gpu))),
+            stride: [s, s],
+            kernel_size: [k, k],
+            dilation: [1, 1],
+            groups: 1,
+            padding: PaddingConfig2d::Explicit(p, p, p, p),
+        };
+        let (conv, quantised) = resident_q8(conv);
+        assert_eq!(quantised, co * ci * k * k, "the weight is int8 on the device");
+        let x = Tensor::<4>::random([b, ci, hw, hw], Distribution::Normal(0.0, 1.0), &gpu);
+        let out = (hw + 2 * p - k) / s + 1;
+        let r = Tensor::<4>::random([b, co, out, out], Distribution::Normal(0.0, 1.0), &gpu);
+        // The in-place path applies (not the copy twice).
+        let opts = ConvOptions::new([s, s], [p, p], [1, 1], 1);
+        let bias = conv.bias.as_ref().map(|b| b.val());
+        let direct = kernels::conv2d_q8(x.clone(), &conv.weight.base(), [co, ci, k, k], bias.as_ref(), &opts);
+        assert!(direct.is_ok(), "int8 read in place for {b}x{ci}x{hw}x{hw} -> {co} k{k}");
+        let (fwd, fwd_copy) = both(&|| values(conv.run(x.clone())));
+        assert_eq!(values(direct.unwrap()), fwd);
+        let (grad, grad_copy) = both(&|| input_grad(&x, &r, |x| conv.run(x)));
+        // ndarray on the dequantised weight.
+        let reference = Conv2d {
+            weight: Param::from_tensor(on(&conv.weight.val(), &cpu)),
+            bias: conv.bias.as_ref().map(|b| Param::from_tensor(on(&b.val(), &cpu))),
+            stride: [s, s],
+            kernel_size: [k, k],
+            dilation: [1, 1],
+            groups: 1,
+            padding: PaddingConfig2d::Explicit(p, p, p, p),
+        };
+        let (e_copy, e_cpu) = (rel(&fwd, &fwd_copy), rel(&fwd, &values(reference.forward(on(&x, &cpu)))));
+        let e_grad = rel(&grad, &grad_copy);
+        println!("int8 conv {b}x{ci}x{hw}x{hw} -> {co} k{k} s{s}: in place vs copy {e_copy:.2e}, vs ndarray {e_cpu:.2e}; input gradient vs copy {e_grad:.2e}");
+        assert!(e_copy < 1e-6 && e_cpu < 2.0 * order_tolerance(ci * k * k) && e_grad < 1e-6, "int8 conv k{k} s{s}");
+        assert!(fwd.iter().any(|v| v.abs() > 0.1));
+    }
+    // Linear layers: 66 rows (tiled) and 4 (skinny), and f16 activations over int8 (tiled).
+    let lin = Linear {
+        weight: Param::from_tensor(Tensor::<2>::random([256, 96], Distribution::Normal(0.0, 0.1), &gpu)),
+        bias: Some(Param::from_tensor(Tensor::<1>::random([96], Distribution::Normal(0.0, 0.5), &gpu))),
+    };
+    let (lin, quantised) = resident_q8(lin);
+    assert_eq!(quantised, 256 * 96);
+    let reference = Linear { weight: Param::from_tensor(on(&lin.weight.val(), &cpu)), bias: lin.bias.as_ref().map(|b| Param::from_tensor(on(&b.val(), &cpu))) };
+    for lead in [[2, 33], [1, 4]] {
+        let x = Tensor::<3>::random([lead[0], lead[1], 256], Distribution::Normal(0.0, 1.0), &gpu);
+        let r = Tensor::<3>::random([lead[0], lead[1], 96], Distribution::Normal(0.0, 1.0), &gpu);
+        let direct = kernels::linear_q8(x.clone(), &lin.weight.base(), [256, 96], lin.bias.as_ref().map(|b| b.val()).as_ref());
+        assert!(direct.is_ok(), "int8 read in place for {lead:?}");
+        let (fwd, fwd_copy) = both(&|| values(lin.run(x.clone())));
+        assert_eq!(values(direct.unwrap()), fwd);
+        let (grad, grad_copy) = both(&|| input_grad(&x, &r, |x| lin.run(x)));
+        let (e_copy, e_cpu, e_grad) = (rel(&fwd, &fwd_copy), rel(&fwd, &values(reference.forward(on(&x, &cpu)))), rel(&grad, &grad_copy));
+        println!("int8 linear {lead:?} x 256 -> 96: in place vs copy {e_copy:.2e}, vs ndarray {e_cpu:.2e}; input gradient vs copy {e_grad:.2e}");
+        assert!(e_copy < 1e-6 && e_cpu < 2.0 * order_tolerance(256) && e_grad < 1e-6, "int8 linear {lead:?}");
+    }
+    if gpu.supports_dtype(DType::F16) {
+        let (x16, xf) = half(&Tensor::<3>::random([2, 33, 256], Distribution::Normal(0.0, 1.0), &gpu), &cpu);
+        kernels::set_q8(true);
+        let ours = values16(lin.run(x16));
+        check_f16_int8(ours, values(reference.forward(xf)));
+    }
+}
+
+fn check_f16_int8(ours: Vec<f32>, reference: Vec<f32>) {
+    let e = rel(&ours, &reference);
+    println!("int8 linear, f16 activations: vs ndarray f32 {e:.2e}");
+    assert!(e < F16_TOL, "{e}");
+}

@@ -61,6 +61,7 @@ impl FlashConfig {
         let vec4 = |buf: &str, at: &str| match e {
             Elem::F32 => format!("vec4<f32>({buf}[{at}], {buf}[{at} + 1u], {buf}[{at} + 2u], {buf}[{at} + 3u])"),
             Elem::F16 => format!("vec4<f32>(vec4<f16>({buf}[{at}], {buf}[{at} + 1u], {buf}[{at} + 2u], {buf}[{at} + 3u]))"),
+            Elem::Q8 { .. } => unreachable!("attention reads floats"),
         };
         Elem::enable(w, &[e]);
         let _ = writeln!(w, "struct Params {{ n: u32, m: u32, qs: u32, ks: u32, heads: u32, scale: u32, u0: u32, u1: u32 }}");

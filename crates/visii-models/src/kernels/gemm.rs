@@ -169,15 +169,6 @@ impl GemmConfig {
         Self::pick_from(&VARIANTS, m, n, a, b, bias)
     }
 
-    /// The binding index of `C` and of the parameters.
-    fn out_binding(&self) -> u32 {
-        if self.bias == Bias::None {
-            2
-        } else {
-            3
-        }
-    }
-
     /// The WGSL source of this variant; entry point `main`.
     pub fn wgsl(&self) -> String {
         let (wg_x, wg_y, t, hm, hn) = (self.wg_x, self.wg_y, self.threads(), self.hm, self.hn);
@@ -186,7 +177,6 @@ impl GemmConfig {
         assert!(VARIANTS.contains(&shape) || CPU_VARIANTS.contains(&shape), "unsupported GEMM variant {shape:?}");
         // Whether each invocation loads one fixed column of the B tile (else columns vary per pass).
         let fixed_col = t % bn == 0;
-        let out = self.out_binding();
         let mut s = String::new();
         let w = &mut s;
         // Params: m, n, k, ohw (output pixels per image), ow, h, w, img (input values per image).
@@ -197,13 +187,15 @@ impl GemmConfig {
         let bias_elem = if self.bias == Bias::None { Elem::F32 } else { e.bias };
         Elem::enable(w, &[e.a, e.b, bias_elem, e.c]);
         let _ = writeln!(w, "struct Params {{ m: u32, n: u32, k: u32, ohw: u32, ow: u32, h: u32, w: u32, img: u32 }}");
-        let _ = writeln!(w, "@group(0) @binding(0) var<storage, read_write> a: array<{}>;", e.a.wgsl());
-        let _ = writeln!(w, "@group(0) @binding(1) var<storage, read_write> b: array<{}>;", e.b.wgsl());
+        // Bindings in order: a (and its scales), b (and its scales), bias, c, the parameters.
+        let mut next = 0;
+        e.a.declare(w, "a", &mut next);
+        e.b.declare(w, "b", &mut next);
         if self.bias != Bias::None {
-            let _ = writeln!(w, "@group(0) @binding(2) var<storage, read_write> bias: array<{}>;", e.bias.wgsl());
+            e.bias.declare(w, "bias", &mut next);
         }
-        let _ = writeln!(w, "@group(0) @binding({out}) var<storage, read_write> c: array<{}>;", e.c.wgsl());
-        let _ = writeln!(w, "@group(0) @binding({}) var<uniform> p: Params;", out + 1);
+        e.c.declare(w, "c", &mut next);
+        let _ = writeln!(w, "@group(0) @binding({next}) var<uniform> p: Params;");
         let _ = writeln!(w, "var<workgroup> sa: array<vec4<f32>, {}>;", BK * bm / 4);
         let _ = writeln!(w, "var<workgroup> sb: array<vec4<f32>, {}>;", BK * bn / 4);
         let _ = writeln!(w, "@compute @workgroup_size({t})");
@@ -233,8 +225,8 @@ impl GemmConfig {
         for pass in 0..a_elems.div_ceil(t) {
             let guard = if (pass + 1) * t > a_elems { format!("if (e < {a_elems}u) ") } else { String::new() };
             let load = match self.a {
-                ALayout::RowMajor => e.a.load("a[gm * p.k + gk]"),
-                ALayout::ConvFlipped { kk } => e.a.load(&format!("a[(gk / {kk}u) * p.m * {kk}u + gm * {kk}u + {}u - gk % {kk}u]", kk - 1)),
+                ALayout::RowMajor => e.a.read("a", "gm * p.k + gk"),
+                ALayout::ConvFlipped { kk } => e.a.read("a", &format!("(gk / {kk}u) * p.m * {kk}u + gm * {kk}u + {}u - gk % {kk}u", kk - 1)),
             };
             let _ =
                 writeln!(w, "    {{ let e = t + {}u; {guard}{{ let m = e / {BK}u; let kk = e % {BK}u; let gm = m0 + m; let gk = k0 + kk;", pass * t);
@@ -254,10 +246,10 @@ impl GemmConfig {
             }
             match self.b {
                 BLayout::Pointwise => {
-                    let _ = writeln!(w, "      if (pvalid && gk < p.k) {{ v = {}; }}", e.b.load("b[xbase + gk * p.ohw + ppix]"));
+                    let _ = writeln!(w, "      if (pvalid && gk < p.k) {{ v = {}; }}", e.b.read("b", "xbase + gk * p.ohw + ppix"));
                 }
                 BLayout::PointwiseT => {
-                    let _ = writeln!(w, "      if (pvalid && gk < p.k) {{ v = {}; }}", e.b.load("b[ppix * p.k + gk]"));
+                    let _ = writeln!(w, "      if (pvalid && gk < p.k) {{ v = {}; }}", e.b.read("b", "ppix * p.k + gk"));
                 }
                 BLayout::Conv { kh, kw, .. } => {
                     let kk = kh * kw;
@@ -267,7 +259,7 @@ impl GemmConfig {
                     let _ = writeln!(
                         w,
                         "        if (iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w)) {{ v = {}; }}",
-                        e.b.load("b[xbase + ci * hw + u32(iy) * p.w + u32(ix)]")
+                        e.b.read("b", "xbase + ci * hw + u32(iy) * p.w + u32(ix)")
                     );
                     let _ = writeln!(w, "      }}");
                 }
@@ -305,14 +297,14 @@ impl GemmConfig {
             let row = if i < 4 { format!("ty * 4u + {i}u") } else { format!("{}u + ty * 4u + {}u", bm / 2, i - 4) };
             let _ = writeln!(w, "  {{ let m = m0 + {row}; if (m < p.m) {{ let ro = m * p.ohw;");
             if self.bias == Bias::Row {
-                let _ = writeln!(w, "    let bv = {};", e.bias.load("bias[m]"));
+                let _ = writeln!(w, "    let bv = {};", e.bias.read("bias", "m"));
             }
             for j in 0..4 * hn {
                 let reg = format!("c{}[{}]", i * hn + j / 4, j % 4);
                 let v = match self.bias {
                     Bias::None => reg,
                     Bias::Row => format!("{reg} + bv"),
-                    Bias::Col => format!("{reg} + {}", e.bias.load(&format!("bias[q{j}]"))),
+                    Bias::Col => format!("{reg} + {}", e.bias.read("bias", &format!("q{j}"))),
                 };
                 let _ = writeln!(w, "    if (q{j} < p.n) {{ c[o{j} + ro] = {}; }}", e.c.store(&v));
             }

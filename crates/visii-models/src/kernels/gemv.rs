@@ -164,8 +164,8 @@ impl SkinnyConfig {
         let e = self.elems;
         for r in 0..rows {
             let load = match self.a {
-                SkinnyA::RowMajor => e.a.load(&format!("a[row{r} * p.k + k]")),
-                SkinnyA::Transposed => e.a.load(&format!("a[k * p.m + row{r}]")),
+                SkinnyA::RowMajor => e.a.read("a", &format!("row{r} * p.k + k")),
+                SkinnyA::Transposed => e.a.read("a", &format!("k * p.m + row{r}")),
             };
             let _ = writeln!(w, "    let a{r} = {load};");
         }
@@ -176,12 +176,12 @@ impl SkinnyConfig {
                         w,
                         "    var b{q} = 0.0; {{ let y = iy{q} + i32(ky); let x = ix{q} + i32(kx); \
                          if (ok{q} && y >= 0 && y < i32(p.h) && x >= 0 && x < i32(p.w)) {{ b{q} = {}; }} }}",
-                        e.b.load(&format!("b[xb{q} + cb + u32(y) * p.w + u32(x)]"))
+                        e.b.read("b", &format!("xb{q} + cb + u32(y) * p.w + u32(x)"))
                     );
                 }
                 SkinnyB::Rows => {
                     // Columns past n read the last row (their sums are never written).
-                    let _ = writeln!(w, "    let b{q} = {};", e.b.load(&format!("b[xb{q} + k]")));
+                    let _ = writeln!(w, "    let b{q} = {};", e.b.read("b", &format!("xb{q} + k")));
                 }
             }
         }
@@ -212,7 +212,7 @@ impl SkinnyConfig {
         let _ = writeln!(w, "  if (t < {parts}u) {{");
         let _ = writeln!(w, "    let r = t / {cols}u; let q = t % {cols}u; let m = m0 + r;");
         let _ = writeln!(w, "    if (m < p.m && q < p.n) {{");
-        let bias = if self.bias == Bias::Row { format!(" + {}", e.bias.load("bias[m]")) } else { String::new() };
+        let bias = if self.bias == Bias::Row { format!(" + {}", e.bias.read("bias", "m")) } else { String::new() };
         let _ = writeln!(w, "      c[(q / p.ohw) * p.m * p.ohw + m * p.ohw + q % p.ohw] = {};", e.c.store(&format!("red[t * {t}u]{bias}")));
         let _ = writeln!(w, "    }}");
         let _ = writeln!(w, "  }}");
@@ -225,7 +225,6 @@ impl SkinnyConfig {
     /// The parameters and bindings of both forms: `a`, `b`, (`bias`), `c`, `p`. Every buffer
     /// read_write, as in gemm.rs (cubecl may bind one buffer twice natively).
     fn header(&self, w: &mut String) {
-        let out = if self.bias == Bias::None { 2 } else { 3 };
         let e = self.elems;
         let bias_elem = if self.bias == Bias::None { Elem::F32 } else { e.bias };
         Elem::enable(w, &[e.a, e.b, bias_elem, e.c]);
@@ -233,13 +232,15 @@ impl SkinnyConfig {
             w,
             "struct Params {{ m: u32, n: u32, k: u32, steps: u32, ohw: u32, ow: u32, h: u32, w: u32, img: u32, gx: u32, u0: u32, u1: u32 }}"
         );
-        let _ = writeln!(w, "@group(0) @binding(0) var<storage, read_write> a: array<{}>;", e.a.wgsl());
-        let _ = writeln!(w, "@group(0) @binding(1) var<storage, read_write> b: array<{}>;", e.b.wgsl());
+        // Bindings in order: a (and its scales), b (and its scales), bias, c, the parameters.
+        let mut next = 0;
+        e.a.declare(w, "a", &mut next);
+        e.b.declare(w, "b", &mut next);
         if self.bias != Bias::None {
-            let _ = writeln!(w, "@group(0) @binding(2) var<storage, read_write> bias: array<{}>;", e.bias.wgsl());
+            e.bias.declare(w, "bias", &mut next);
         }
-        let _ = writeln!(w, "@group(0) @binding({out}) var<storage, read_write> c: array<{}>;", e.c.wgsl());
-        let _ = writeln!(w, "@group(0) @binding({}) var<uniform> p: Params;", out + 1);
+        e.c.declare(w, "c", &mut next);
+        let _ = writeln!(w, "@group(0) @binding({next}) var<uniform> p: Params;");
     }
 
     /// [`Self::wgsl`] for a transposed `A` with rows of `B` (a Linear over a few tokens).
@@ -247,7 +248,7 @@ impl SkinnyConfig {
         assert!(self.b == SkinnyB::Rows, "a transposed A goes with rows of B");
         let (cols, t) = (self.cols, THREADS);
         let e = self.elems;
-        let (la, lb) = (|x: &str| e.a.load(x), |x: &str| e.b.load(x));
+        let (la, lb) = (|i: &str| e.a.read("a", i), |i: &str| e.b.read("b", i));
         let mut s = String::new();
         let w = &mut s;
         self.header(w);
@@ -268,31 +269,31 @@ impl SkinnyConfig {
         let _ = writeln!(
             w,
             "    let v0 = {}; let v1 = {}; let v2 = {}; let v3 = {};",
-            la("a[ao]"),
-            la("a[ao + p.m]"),
-            la("a[ao + 2u * p.m]"),
-            la("a[ao + 3u * p.m]")
+            la("ao"),
+            la("ao + p.m"),
+            la("ao + 2u * p.m"),
+            la("ao + 3u * p.m")
         );
         for q in 0..cols {
             let _ = writeln!(
                 w,
                 "    {{ let o = xb{q} + k; s{q} = fma(v3, {}, fma(v2, {}, fma(v1, {}, fma(v0, {}, s{q})))); }}",
-                lb("b[o + 3u]"),
-                lb("b[o + 2u]"),
-                lb("b[o + 1u]"),
-                lb("b[o]")
+                lb("o + 3u"),
+                lb("o + 2u"),
+                lb("o + 1u"),
+                lb("o")
             );
         }
         let _ = writeln!(w, "  }}");
         let _ = writeln!(w, "  for (; k < p.k; k = k + 1u) {{");
-        let _ = write!(w, "    let v = {};", la("a[k * p.m + row]"));
+        let _ = write!(w, "    let v = {};", la("k * p.m + row"));
         for q in 0..cols {
-            let _ = write!(w, " s{q} = fma(v, {}, s{q});", lb(&format!("b[xb{q} + k]")));
+            let _ = write!(w, " s{q} = fma(v, {}, s{q});", lb(&format!("xb{q} + k")));
         }
         let _ = writeln!(w);
         let _ = writeln!(w, "  }}");
         let _ = writeln!(w, "  if (m < p.m) {{");
-        let bias = if self.bias == Bias::Row { format!(" + {}", e.bias.load("bias[m]")) } else { String::new() };
+        let bias = if self.bias == Bias::Row { format!(" + {}", e.bias.read("bias", "m")) } else { String::new() };
         for q in 0..cols {
             let _ = writeln!(w, "    if ({q}u < p.n) {{ c[{q}u * p.m + m] = {}; }}", e.c.store(&format!("s{q}{bias}")));
         }

@@ -78,11 +78,17 @@ pub fn set_enabled(on: bool) {
 /// activations). Every kernel reads its values into f32, computes in f32 and converts on the store,
 /// so an f16 kernel differs from the f32 one only in the memory it reads and writes (and in the
 /// output's rounding to f16); weights may stay f32 under f16 activations (no per-layer cast).
+///
+/// `Q8` is an int8 weight as the models keep it on the device (`resident.rs`): symmetric int8 packed
+/// four to a `u32` along the last axis, one f32 scale per `block` values; an operand of that type is
+/// bound as its packed values and, at the next binding, its scales (`{name}_s`), and each value is
+/// dequantised as it is read (no f32 copy of the weight).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Elem {
     #[default]
     F32,
     F16,
+    Q8 { block: u32 },
 }
 
 impl Elem {
@@ -95,26 +101,55 @@ impl Elem {
         }
     }
 
+    /// The type of a tensor written in this element type (never int8: kernels write floats).
     pub fn dtype(self) -> DType {
         match self {
             Elem::F32 => DType::F32,
             Elem::F16 => DType::F16,
+            Elem::Q8 { .. } => unreachable!("our kernels write f32 or f16"),
         }
     }
 
-    /// The WGSL scalar type.
+    /// The WGSL type of the bound array's elements.
     pub fn wgsl(self) -> &'static str {
         match self {
             Elem::F32 => "f32",
             Elem::F16 => "f16",
+            Elem::Q8 { .. } => "u32",
         }
     }
 
-    /// The WGSL expression `e` (a value of this type) as an f32.
+    /// The WGSL expression `e` (a value of this type) as an f32 (f32 and f16 only; int8 is read by
+    /// index, [`Self::read`]).
     pub fn load(self, e: &str) -> String {
         match self {
             Elem::F32 => e.to_string(),
             Elem::F16 => format!("f32({e})"),
+            Elem::Q8 { .. } => unreachable!("an int8 operand is read by index"),
+        }
+    }
+
+    /// The value at index `idx` of the array `buf` as an f32 (for int8: the byte `idx % 4` of word
+    /// `idx / 4`, sign-extended, times the scale of its block).
+    pub fn read(self, buf: &str, idx: &str) -> String {
+        match self {
+            Elem::F32 => format!("{buf}[{idx}]"),
+            Elem::F16 => format!("f32({buf}[{idx}])"),
+            Elem::Q8 { block } => {
+                format!("(f32(extractBits(bitcast<i32>({buf}[({idx}) >> 2u]), (({idx}) & 3u) * 8u, 8u)) * {buf}_s[({idx}) / {block}u])")
+            }
+        }
+    }
+
+    /// Declares the array `name` at binding `*next` (and an int8 operand's scales `{name}_s` at
+    /// the one after), advancing `*next`.
+    pub fn declare(self, w: &mut String, name: &str, next: &mut u32) {
+        use std::fmt::Write as _;
+        let _ = writeln!(w, "@group(0) @binding({}) var<storage, read_write> {name}: array<{}>;", *next, self.wgsl());
+        *next += 1;
+        if let Elem::Q8 { .. } = self {
+            let _ = writeln!(w, "@group(0) @binding({}) var<storage, read_write> {name}_s: array<f32>;", *next);
+            *next += 1;
         }
     }
 
@@ -123,6 +158,7 @@ impl Elem {
         match self {
             Elem::F32 => e.to_string(),
             Elem::F16 => format!("f16({e})"),
+            Elem::Q8 { .. } => unreachable!("our kernels write f32 or f16"),
         }
     }
 
@@ -145,10 +181,6 @@ pub struct Elems {
 
 impl Elems {
     pub const F32: Elems = Elems { a: Elem::F32, b: Elem::F32, bias: Elem::F32, c: Elem::F32 };
-
-    fn all(&self) -> [Elem; 4] {
-        [self.a, self.b, self.bias, self.c]
-    }
 }
 
 /// One of our generated kernels as cubecl sees it: an id covering its configuration (so every
@@ -311,13 +343,15 @@ struct Problem {
     img: usize,
 }
 
-/// A new contiguous `out_shape` tensor of `out` elements and the bindings `a`, `b`, (`bias`), `out`
-/// of both GEMM kernels (the caller adds the parameters).
-fn gemm_operands(a: &CubeTensor, b: &CubeTensor, bias: Option<&CubeTensor>, out_shape: Vec<usize>, out: Elem) -> (CubeTensor, KernelArguments) {
-    let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(a.client.clone(), a.device.clone(), out_shape.into(), out.dtype());
-    let mut args = KernelArguments::new()
-        .with_buffer_io(a.handle.clone().binding(), BufferIOAttr::ReadOnly)
-        .with_buffer_io(b.handle.clone().binding(), BufferIOAttr::ReadOnly);
+/// A new contiguous `out_shape` tensor of `out` elements and the bindings `a` (with an int8
+/// operand's scales), `b` (likewise), (`bias`), `out` of both GEMM kernels (the caller adds the
+/// parameters).
+fn gemm_operands(a: &[CubeTensor], b: &[CubeTensor], bias: Option<&CubeTensor>, out_shape: Vec<usize>, out: Elem) -> (CubeTensor, KernelArguments) {
+    let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(a[0].client.clone(), a[0].device.clone(), out_shape.into(), out.dtype());
+    let mut args = KernelArguments::new();
+    for t in a.iter().chain(b) {
+        args = args.with_buffer_io(t.handle.clone().binding(), BufferIOAttr::ReadOnly);
+    }
     if let Some(bias) = bias {
         args = args.with_buffer_io(bias.handle.clone().binding(), BufferIOAttr::ReadOnly);
     }
@@ -326,11 +360,11 @@ fn gemm_operands(a: &CubeTensor, b: &CubeTensor, bias: Option<&CubeTensor>, out_
 }
 
 /// Launches `cfg` with `a`, `b`, `bias` (contiguous, of `cfg.elems`' types) into a new contiguous `out_shape` tensor.
-fn launch(cfg: GemmConfig, a: &CubeTensor, b: &CubeTensor, bias: Option<&CubeTensor>, p: Problem, out_shape: Vec<usize>) -> CubeTensor {
+fn launch(cfg: GemmConfig, a: &[CubeTensor], b: &[CubeTensor], bias: Option<&CubeTensor>, p: Problem, out_shape: Vec<usize>) -> CubeTensor {
     let (out, args) = gemm_operands(a, b, bias, out_shape, cfg.elems.c);
     let args = args.with_info(params([p.m, p.n, p.k, p.ohw, p.ow, p.h, p.w, p.img]));
     let count = CubeCount::Static(p.n.div_ceil(cfg.bn() as usize) as u32, p.m.div_ceil(cfg.bm() as usize) as u32, 1);
-    a.client.launch(Box::new(Wgsl::Gemm(cfg)), count, args);
+    a[0].client.launch(Box::new(Wgsl::Gemm(cfg)), count, args);
     out
 }
 
@@ -365,13 +399,29 @@ pub fn set_skinny_grad(on: bool) {
     SKINNY_GRAD.store(if on { 1 } else { 2 }, Ordering::Relaxed);
 }
 
+/// 0: not yet read from the environment, 1: on, 2: off.
+static Q8_IN_PLACE: AtomicU8 = AtomicU8::new(0);
+
+/// Whether our GEMMs read int8-resident weights in place, dequantising each value as a tile loads
+/// it ([`Elem::Q8`]), instead of a float copy of the whole weight made per layer first: natively by
+/// default (`VISII_Q8=off`: the copy, for comparisons). Off in a browser until a tab has run it
+/// (the scales are a second binding into the weight's buffer).
+pub fn q8_enabled() -> bool {
+    switch(&Q8_IN_PLACE, "VISII_Q8", "off", false)
+}
+
+/// Turns reading int8 weights in place on or off for this process (see [`q8_enabled`]).
+pub fn set_q8(on: bool) {
+    Q8_IN_PLACE.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+}
+
 /// Launches the skinny kernel `cfg` (see `gemv.rs`) with `a`, `b`, `bias` (contiguous, of
 /// `cfg.elems`' types) into a new contiguous `out_shape` tensor.
-fn launch_skinny(cfg: SkinnyConfig, a: &CubeTensor, b: &CubeTensor, bias: Option<&CubeTensor>, p: Problem, out_shape: Vec<usize>) -> CubeTensor {
+fn launch_skinny(cfg: SkinnyConfig, a: &[CubeTensor], b: &[CubeTensor], bias: Option<&CubeTensor>, p: Problem, out_shape: Vec<usize>) -> CubeTensor {
     let (out, args) = gemm_operands(a, b, bias, out_shape, cfg.elems.c);
     let (gx, gy) = spread(p.m.div_ceil(cfg.rows_per_group() as usize));
     let args = args.with_info(params([p.m, p.n, p.k, cfg.steps(p.k), p.ohw, p.ow, p.h, p.w, p.img, gx as usize, 0, 0]));
-    a.client.launch(Box::new(Wgsl::Skinny(cfg)), CubeCount::Static(gx, gy, 1), args);
+    a[0].client.launch(Box::new(Wgsl::Skinny(cfg)), CubeCount::Static(gx, gy, 1), args);
     out
 }
 
@@ -384,18 +434,94 @@ fn contiguous(t: CubeTensor) -> CubeTensor {
     burn_cubecl::kernel::into_contiguous(t)
 }
 
-/// The element types of a GEMM reading `a`, `b` (and `bias`) and writing in `out`'s type, where
-/// every one is f32 or f16 (f16 activations: the weights may stay f32).
-fn elems(a: &CubeTensor, b: &CubeTensor, bias: Option<&CubeTensor>, out: &CubeTensor) -> Option<Elems> {
+/// The element types of a GEMM reading `a`, `b` (and `bias`) and writing `out`, where every float
+/// one is f32 or f16 (f16 activations: the weights may stay f32, or int8).
+fn elems(a: Option<Elem>, b: Option<Elem>, bias: Option<&CubeTensor>, out: &CubeTensor) -> Option<Elems> {
     Some(Elems {
-        a: Elem::of(a.dtype)?,
-        b: Elem::of(b.dtype)?,
+        a: a?,
+        b: b?,
         bias: match bias {
             Some(t) => Elem::of(t.dtype)?,
             None => Elem::F32,
         },
         c: Elem::of(out.dtype)?,
     })
+}
+
+/// A frozen weight as our GEMMs read it: a float tensor (f32 or f16), or int8 as the models keep it
+/// on the device (see [`Elem::Q8`] and [`Q8::of`]).
+pub enum Weight {
+    Float(CubeTensor),
+    Q8(Q8),
+}
+
+/// An int8-resident weight (`resident.rs`) read in place: its packed values (`u32`), its f32
+/// scales, one per `block` values along the last axis.
+#[derive(Clone)]
+pub struct Q8 {
+    values: CubeTensor,
+    scales: CubeTensor,
+    block: u32,
+}
+
+impl Q8 {
+    /// The parts of the quantised tensor `q` where our kernels can read it in place: symmetric
+    /// int8 packed four to a `u32` along the last axis, one f32 scale per block of a multiple of 4
+    /// values along it and no other level, values and scales contiguous (not storage-tiled);
+    /// `None` for any other scheme.
+    pub fn of(q: &CubeTensor) -> Option<Q8> {
+        use burn::tensor::quantization::{QuantStore, QuantValue, ScaleDtype};
+        let DType::QFloat(scheme) = q.dtype else { return None };
+        let level = scheme.block_scale()?;
+        let dims = level.size.as_slice();
+        let (&block, outer) = dims.split_last()?;
+        let ok = scheme.value == QuantValue::Q8S
+            && scheme.store == QuantStore::PackedU32(0)
+            && scheme.tensor_scale().is_none()
+            && level.dtype == ScaleDtype::F32
+            && outer.iter().all(|&d| d == 1)
+            && block > 0
+            && block % 4 == 0
+            && !q.meta.is_tiled()
+            && q.shape().to_vec().last().is_some_and(|&n| n % block as usize == 0);
+        if !ok {
+            return None;
+        }
+        let (values, scales) = q.quantized_handles()?;
+        (values.dtype == DType::U32 && values.is_contiguous() && scales.dtype == DType::F32 && scales.is_contiguous())
+            .then_some(Q8 { values, scales, block: block as u32 })
+    }
+}
+
+impl Weight {
+    fn elem(&self) -> Option<Elem> {
+        match self {
+            Weight::Float(t) => Elem::of(t.dtype),
+            Weight::Q8(q) => Some(Elem::Q8 { block: q.block }),
+        }
+    }
+
+    fn client(&self) -> &Client {
+        match self {
+            Weight::Float(t) => &t.client,
+            Weight::Q8(q) => &q.values.client,
+        }
+    }
+
+    /// The buffers the kernel binds for it (a float weight made contiguous).
+    fn bindings(self) -> Vec<CubeTensor> {
+        match self {
+            Weight::Float(t) => vec![contiguous(t)],
+            Weight::Q8(q) => vec![q.values, q.scales],
+        }
+    }
+
+    fn float(self) -> CubeTensor {
+        match self {
+            Weight::Float(t) => t,
+            Weight::Q8(_) => unreachable!("only a float weight is handed back to burn"),
+        }
+    }
 }
 
 /// Largest dispatch along one axis (WebGPU's default `maxComputeWorkgroupsPerDimension`).
@@ -431,10 +557,25 @@ pub fn conv2d_cube_on(
     options: &ConvOptions<2>,
     skinny: bool,
 ) -> Result<CubeTensor, (CubeTensor, CubeTensor, Option<CubeTensor>)> {
+    let wdims = w.shape().dims::<4>();
+    conv2d_weight(x, Weight::Float(w), wdims, bias, options, skinny).map_err(|(x, w, b)| (x, w.float(), b))
+}
+
+/// The conv of `x` with a weight of real shape `wdims` `[c_out, c_in, kh, kw]`, float or int8
+/// (read in place: an int8 one as `[c_out, .., c_in * kh * kw]`, the same values in the same order).
+#[allow(clippy::type_complexity)]
+pub fn conv2d_weight(
+    x: CubeTensor,
+    w: Weight,
+    wdims: [usize; 4],
+    bias: Option<CubeTensor>,
+    options: &ConvOptions<2>,
+    skinny: bool,
+) -> Result<CubeTensor, (CubeTensor, Weight, Option<CubeTensor>)> {
     // The weight is A, the image B; the output in the image's type.
-    let Some(types) = elems(&w, &x, bias.as_ref(), &x) else { return Err((x, w, bias)) };
+    let Some(types) = elems(w.elem(), Elem::of(x.dtype), bias.as_ref(), &x) else { return Err((x, w, bias)) };
     let [nb, c_in, h, wd] = x.shape().dims::<4>();
-    let [c_out, c_in_w, kh, kw] = w.shape().dims::<4>();
+    let [c_out, c_in_w, kh, kw] = wdims;
     let [(pt, pb), (pl, pr)] = options.padding;
     let ok = options.groups == 1 && options.dilation == [1, 1] && c_in == c_in_w && h + pt + pb >= kh && wd + pl + pr >= kw;
     if !ok || nb == 0 || c_out == 0 {
@@ -461,16 +602,16 @@ pub fn conv2d_cube_on(
         let (kh, kw, sh, sw, ph, pw) = (kh as u32, kw as u32, sh as u32, sw as u32, pt as u32, pl as u32);
         let cfg = SkinnyConfig::new(n, SkinnyA::RowMajor, SkinnyB::Conv { kh, kw, sh, sw, ph, pw, ky0, nky, kx0, nkx }, bias_kind).with(types);
         if skinny_dispatchable(&cfg, m) {
-            let (x, w, bias) = (contiguous(x), contiguous(w), bias.map(contiguous));
-            return Ok(launch_skinny(cfg, &w, &x, bias.as_ref(), p, vec![nb, c_out, oh, ow]));
+            let (x, bias) = (contiguous(x), bias.map(contiguous));
+            return Ok(launch_skinny(cfg, &w.bindings(), &[x], bias.as_ref(), p, vec![nb, c_out, oh, ow]));
         }
     }
-    let cfg = pick(&x.client, m, n, ALayout::RowMajor, layout, bias_kind).with(types);
+    let cfg = pick(w.client(), m, n, ALayout::RowMajor, layout, bias_kind).with(types);
     if !dispatchable(&cfg, m, n) {
         return Err((x, w, bias));
     }
-    let (x, w, bias) = (contiguous(x), contiguous(w), bias.map(contiguous));
-    Ok(launch(cfg, &w, &x, bias.as_ref(), p, vec![nb, c_out, oh, ow]))
+    let (x, bias) = (contiguous(x), bias.map(contiguous));
+    Ok(launch(cfg, &w.bindings(), &[x], bias.as_ref(), p, vec![nb, c_out, oh, ow]))
 }
 
 /// `x · w + bias` on cubecl primitives: `x` `[.., K]`, `w` `[K, N]`, `bias` `[N]`.
@@ -485,12 +626,27 @@ pub fn linear_cube_on(
     bias: Option<CubeTensor>,
     skinny: bool,
 ) -> Result<CubeTensor, (CubeTensor, CubeTensor, Option<CubeTensor>)> {
-    // The tiled GEMM reads the input as A and the weight as B; the skinny one the other way round.
-    let Some(types) = elems(&x, &w, bias.as_ref(), &x) else { return Err((x, w, bias)) };
-    let dims = x.shape().to_vec();
     let wdims = w.shape().to_vec();
+    if wdims.len() != 2 {
+        return Err((x, w, bias));
+    }
+    linear_weight(x, Weight::Float(w), [wdims[0], wdims[1]], bias, skinny).map_err(|(x, w, b)| (x, w.float(), b))
+}
+
+/// `x · w + bias` for a weight of real shape `wdims` `[K, N]`, float or int8 (read in place).
+#[allow(clippy::type_complexity)]
+pub fn linear_weight(
+    x: CubeTensor,
+    w: Weight,
+    wdims: [usize; 2],
+    bias: Option<CubeTensor>,
+    skinny: bool,
+) -> Result<CubeTensor, (CubeTensor, Weight, Option<CubeTensor>)> {
+    // The tiled GEMM reads the input as A and the weight as B; the skinny one the other way round.
+    let Some(types) = elems(Elem::of(x.dtype), w.elem(), bias.as_ref(), &x) else { return Err((x, w, bias)) };
+    let dims = x.shape().to_vec();
     let k = *dims.last().unwrap_or(&0);
-    if wdims.len() != 2 || wdims[0] != k || k == 0 {
+    if wdims[0] != k || k == 0 {
         return Err((x, w, bias));
     }
     let n = wdims[1];
@@ -505,19 +661,19 @@ pub fn linear_cube_on(
         let cfg = SkinnyConfig::new(m, SkinnyA::Transposed, SkinnyB::Rows, if bias.is_some() { Bias::Row } else { Bias::None })
             .with(Elems { a: types.b, b: types.a, ..types });
         if skinny_dispatchable(&cfg, n) {
-            let (x, w, bias) = (contiguous(x), contiguous(w), bias.map(contiguous));
+            let (x, bias) = (contiguous(x), bias.map(contiguous));
             let p = Problem { m: n, n: m, k, ohw: 1, ow: 1, h: 1, w: 1, img: 0 };
-            return Ok(launch_skinny(cfg, &w, &x, bias.as_ref(), p, out));
+            return Ok(launch_skinny(cfg, &w.bindings(), &[x], bias.as_ref(), p, out));
         }
     }
-    let cfg = pick(&x.client, m, n, ALayout::RowMajor, BLayout::Pointwise, if bias.is_some() { Bias::Col } else { Bias::None }).with(types);
+    let cfg = pick(w.client(), m, n, ALayout::RowMajor, BLayout::Pointwise, if bias.is_some() { Bias::Col } else { Bias::None }).with(types);
     if !dispatchable(&cfg, m, n) {
         return Err((x, w, bias));
     }
-    let (x, w, bias) = (contiguous(x), contiguous(w), bias.map(contiguous));
+    let (x, bias) = (contiguous(x), bias.map(contiguous));
     // B = w as a one-image pointwise input: c_in = K rows of N "pixels".
     let p = Problem { m, n, k, ohw: n, ow: n, h: 1, w: n, img: k * n };
-    Ok(launch(cfg, &x, &w, bias.as_ref(), p, out))
+    Ok(launch(cfg, &[x], &w.bindings(), bias.as_ref(), p, out))
 }
 
 /// The input gradient of a conv (weights frozen): `grad` `[n, c_out, oh, ow]`, `w` `[c_out, c_in,
@@ -529,10 +685,22 @@ pub fn conv2d_input_grad_cube(
     options: &ConvOptions<2>,
     size_in: [usize; 2],
 ) -> Result<CubeTensor, (CubeTensor, CubeTensor)> {
+    let wdims = w.shape().dims::<4>();
+    conv2d_input_grad_weight(grad, Weight::Float(w), wdims, options, size_in).map_err(|(g, w)| (g, w.float()))
+}
+
+/// [`conv2d_input_grad_cube`] for a weight of real shape `wdims`, float or int8 (read in place).
+pub fn conv2d_input_grad_weight(
+    grad: CubeTensor,
+    w: Weight,
+    wdims: [usize; 4],
+    options: &ConvOptions<2>,
+    size_in: [usize; 2],
+) -> Result<CubeTensor, (CubeTensor, Weight)> {
     let [nb, c_out, oh, ow] = grad.shape().dims::<4>();
-    let [c_out_w, c_in, kh, kw] = w.shape().dims::<4>();
+    let [c_out_w, c_in, kh, kw] = wdims;
     let [(pt, _), (pl, _)] = options.padding;
-    let types = elems(&w, &grad, None, &grad);
+    let types = elems(w.elem(), Elem::of(grad.dtype), None, &grad);
     let ok = types.is_some() && options.groups == 1 && options.dilation == [1, 1] && options.stride == [1, 1];
     if !ok
         || c_out != c_out_w
@@ -553,23 +721,32 @@ pub fn conv2d_input_grad_cube(
         BLayout::Conv { kh: kh as u32, kw: kw as u32, sh: 1, sw: 1, ph: ph as u32, pw: pw as u32 }
     };
     let types = types.unwrap_or_default();
-    let cfg = pick(&grad.client, m, n, ALayout::ConvFlipped { kk: (kh * kw) as u32 }, layout, Bias::None).with(types);
+    let cfg = pick(w.client(), m, n, ALayout::ConvFlipped { kk: (kh * kw) as u32 }, layout, Bias::None).with(types);
     if !dispatchable(&cfg, m, n) || !fits_u32(&[&[nb, c_out, oh, ow], &[c_out, c_in, kh, kw], &[nb, c_in, h, wd]]) {
         return Err((grad, w));
     }
-    let (grad, w) = (contiguous(grad), contiguous(w));
+    let grad = contiguous(grad);
     let p = Problem { m, n, k, ohw: h * wd, ow: wd, h: oh, w: ow, img: c_out * oh * ow };
-    Ok(launch(cfg, &w, &grad, None, p, vec![nb, c_in, h, wd]))
+    Ok(launch(cfg, &w.bindings(), &[grad], None, p, vec![nb, c_in, h, wd]))
 }
 
 /// The input gradient of `x · w` (weights frozen): `grad` `[.., N]`, `w` `[K, N]`, giving `[.., K]`.
 pub fn linear_input_grad_cube(grad: CubeTensor, w: CubeTensor) -> Result<CubeTensor, (CubeTensor, CubeTensor)> {
-    let dims = grad.shape().to_vec();
     let wdims = w.shape().to_vec();
+    if wdims.len() != 2 {
+        return Err((grad, w));
+    }
+    linear_input_grad_weight(grad, Weight::Float(w), [wdims[0], wdims[1]]).map_err(|(g, w)| (g, w.float()))
+}
+
+/// [`linear_input_grad_cube`] for a weight of real shape `wdims` `[K, N]`, float or int8 (read in
+/// place).
+pub fn linear_input_grad_weight(grad: CubeTensor, w: Weight, wdims: [usize; 2]) -> Result<CubeTensor, (CubeTensor, Weight)> {
+    let dims = grad.shape().to_vec();
     let n = *dims.last().unwrap_or(&0);
     // The tiled GEMM reads the gradient as A and the weight as B; the skinny one the other way round.
-    let Some(types) = elems(&grad, &w, None, &grad) else { return Err((grad, w)) };
-    if wdims.len() != 2 || wdims[1] != n || n == 0 {
+    let Some(types) = elems(Elem::of(grad.dtype), w.elem(), None, &grad) else { return Err((grad, w)) };
+    if wdims[1] != n || n == 0 {
         return Err((grad, w));
     }
     let k_in = wdims[0];
@@ -583,18 +760,18 @@ pub fn linear_input_grad_cube(grad: CubeTensor, w: CubeTensor) -> Result<CubeTen
         // A few rows: `outᵀ = w gradᵀ`, `w` `[K_in, N]` row-major as stored.
         let cfg = SkinnyConfig::new(m, SkinnyA::RowMajor, SkinnyB::Rows, Bias::None).with(Elems { a: types.b, b: types.a, ..types });
         if skinny_dispatchable(&cfg, k_in) {
-            let (grad, w) = (contiguous(grad), contiguous(w));
+            let grad = contiguous(grad);
             let p = Problem { m: k_in, n: m, k: n, ohw: 1, ow: 1, h: 1, w: 1, img: 0 };
-            return Ok(launch_skinny(cfg, &w, &grad, None, p, out));
+            return Ok(launch_skinny(cfg, &w.bindings(), &[grad], None, p, out));
         }
     }
-    let cfg = pick(&grad.client, m, k_in, ALayout::RowMajor, BLayout::PointwiseT, Bias::None).with(types);
+    let cfg = pick(w.client(), m, k_in, ALayout::RowMajor, BLayout::PointwiseT, Bias::None).with(types);
     if !dispatchable(&cfg, m, k_in) {
         return Err((grad, w));
     }
-    let (grad, w) = (contiguous(grad), contiguous(w));
+    let grad = contiguous(grad);
     let p = Problem { m, n: k_in, k: n, ohw: k_in, ow: k_in, h: 1, w: k_in, img: 0 };
-    Ok(launch(cfg, &grad, &w, None, p, out))
+    Ok(launch(cfg, &[grad], &w.bindings(), None, p, out))
 }
 
 /// GroupNorm of `x` `[b, c, ..]` over `groups` groups with per-channel `gamma`, `beta`, then SiLU
@@ -791,6 +968,40 @@ fn norm_with<const D: usize>(
     }
     let (Some(xc), Some(g), Some(b)) = (primitive(&x), primitive(gamma), primitive(beta)) else { return Err(x) };
     group_norm_cube(xc, &g, &b, groups, eps, silu, layer).map(wrap).map_err(|_| x)
+}
+
+/// The int8 weight `base` (a quantised tensor on a cubecl device) where our kernels read it in place
+/// ([`q8_enabled`], [`Q8::of`]).
+pub(crate) fn q8_base<const W: usize>(base: &Tensor<W>) -> Option<Q8> {
+    if !enabled() || !q8_enabled() {
+        return None;
+    }
+    match base.clone().into_dispatch() {
+        DispatchTensor { kind: DispatchTensorKind::Cube(BackendTensor::Quantized(q)), .. } => Q8::of(&q),
+        _ => None,
+    }
+}
+
+/// `x · W + bias` outside autodiff for an int8-resident weight `base` of real shape `wdims`
+/// `[K, N]`, read in place; `Err(x)` where it cannot be.
+pub fn linear_q8<const D: usize, const W: usize>(x: Tensor<D>, base: &Tensor<W>, wdims: [usize; 2], bias: Option<&Tensor<1>>) -> Result<Tensor<D>, Tensor<D>> {
+    let Some(q8) = q8_base(base) else { return Err(x) };
+    let Some((xc, _, bc)) = layer_primitives(&x, &x, bias) else { return Err(x) };
+    linear_weight(xc, Weight::Q8(q8), wdims, bc, skinny_enabled()).map(wrap).map_err(|_| x)
+}
+
+/// A conv outside autodiff for an int8-resident weight `base` of real shape `wdims`, read in place;
+/// `Err(x)` where it cannot be.
+pub fn conv2d_q8<const W: usize>(
+    x: Tensor<4>,
+    base: &Tensor<W>,
+    wdims: [usize; 4],
+    bias: Option<&Tensor<1>>,
+    options: &ConvOptions<2>,
+) -> Result<Tensor<4>, Tensor<4>> {
+    let Some(q8) = q8_base(base) else { return Err(x) };
+    let Some((xc, _, bc)) = layer_primitives(&x, &x, bias) else { return Err(x) };
+    conv2d_weight(xc, Weight::Q8(q8), wdims, bc, options, skinny_enabled()).map(wrap).map_err(|_| x)
 }
 
 /// The cubecl primitive of a float tensor outside autodiff, if it is one.
