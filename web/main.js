@@ -256,6 +256,8 @@ async function modelJob(msg) {
     $('model-stop').hidden = true;
     $('download').hidden = true;
     updateButtons();
+    // A model this job loaded is timed now that the job has ended (see autoEstimate).
+    if (state.estimatePending) setTimeout(autoEstimate, 0);
   }
 }
 $('model-load').onclick = () => modelJob({ type: 'prepare', source: $('model-source').value });
@@ -269,7 +271,8 @@ function showDownload(d) {
 function modelLoaded(d) {
   state.model = d;
   state.timing = {};
-  // Timed after the job that loaded it has ended (the busy flag is cleared then); said at once.
+  // Timed once the job that loaded it has ended (its `finally` starts the timing: the worker's
+  // "loaded" and "done" messages are two tasks, and a timer may run between them); said at once.
   state.estimatePending = params.get('estimate') !== 'off';
   showEstimates();
   setTimeout(autoEstimate, 0);
@@ -696,6 +699,8 @@ function showEstimates() {
 // buttons stay usable, and starting anything stops it first (between its steps).
 let estimateJob = null;
 function autoEstimate() {
+  // Not while the job that loaded the model still runs: its end starts this again.
+  if (state.busy === 'download') return;
   const pending = state.estimatePending;
   state.estimatePending = false;
   if (state.busy || !state.model || !pending) return showEstimates();
