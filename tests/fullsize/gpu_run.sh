@@ -60,6 +60,10 @@ phase learn-step-256 60 $B --what learn-step --latent 32
 B16="$V --gpu-limits spec --activations f16 --resident ${RESIDENT:-f32} bench --backends wgpu --runs 1"
 phase sample-step-512-f16 40 $B16 --what sample-step --latent 64
 phase learn-step-256-f16 40 $B16 --what learn-step --latent 32
+# int8 on the device, read in place by our GEMMs (the default natively) and as a float copy per layer.
+BQ8="$V --gpu-limits spec --resident q8 bench --backends wgpu --runs 1"
+phase learn-step-256-q8 40 $BQ8 --what learn-step --latent 32
+phase learn-step-256-q8-copy 40 env VISII_Q8=off $BQ8 --what learn-step --latent 32
 # The fused attention as one autodiff step (off by default until a GPU measures it).
 phase learn-step-256-flash-grad 60 env VISII_FLASH_GRAD=on $B --what learn-step --latent 32
 fi
