@@ -26,6 +26,8 @@ use burn_backend::{Backend, BackendTypes, FloatDType, Shape, TensorMetadata};
 use burn_dispatch::backends::{Autodiff, Cube};
 use burn_dispatch::{BackendTensor, DispatchAutodiffContext, DispatchTensor, DispatchTensorKind, GradientCheckpointingStrategy};
 
+use crate::kernels::Weight;
+
 type Float = <Cube as BackendTypes>::FloatTensorPrimitive;
 type Quant = <Cube as BackendTypes>::QuantizedTensorPrimitive;
 /// burn-autodiff's tensor (a cubecl primitive and its graph node).
@@ -58,33 +60,49 @@ fn tidy(w: &Frozen) {
 }
 
 /// The weight for activations of `dtype` (f32, or f16), in its real shape: a quantised base
-/// dequantised into `dtype`, an f32 one as it is where our kernels run (they read f32 weights
-/// under f16 activations), else cast to `dtype` (burn's ops want one type).
+/// dequantised into `dtype`, an f32 one as it is (our kernels read f32 weights under f16
+/// activations; [`float_weight`] casts it for burn's ops).
 fn weight(w: &Frozen, shape: &Shape, dtype: FloatDType) -> Float {
     let w = match w {
         Frozen::Quant(q) if crate::memory::in_browser() => Cube::memory_persistent_allocations(&q.device, q.clone(), |q| Cube::dequantize(q, dtype)),
         Frozen::Quant(q) => Cube::dequantize(q.clone(), dtype),
-        Frozen::Float(f) if ours(dtype) || FloatDType::from(f.dtype) == dtype => f.clone(),
-        Frozen::Float(f) => Cube::float_cast(f.clone(), dtype),
+        Frozen::Float(f) => f.clone(),
     };
     Cube::float_reshape(w, shape.clone())
 }
 
-/// `w` in `dtype` for burn's ops, where our kernel handed it back (a no-op where it already is).
-fn same_type(w: Float, dtype: FloatDType) -> Float {
-    if FloatDType::from(w.dtype) == dtype {
-        w
+/// `f` in `dtype` (burn's ops want one type; a no-op where it already is).
+fn in_type(f: Float, dtype: FloatDType) -> Float {
+    if FloatDType::from(f.dtype) == dtype {
+        f
     } else {
-        Cube::float_cast(w, dtype)
+        Cube::float_cast(f, dtype)
     }
 }
 
-/// The int8 weight for our kernels to read in place (dequantised in their tile loads, no float
-/// copy of it: `kernels::q8_enabled`), where they run this step and can.
-fn in_place(w: &Frozen, dtype: FloatDType) -> Option<crate::kernels::Q8> {
+/// The weight in `dtype` for burn's ops.
+fn float_weight(w: &Frozen, shape: &Shape, dtype: FloatDType) -> Float {
+    in_type(weight(w, shape, dtype), dtype)
+}
+
+/// The weight as our kernels take it: an int8 one read in place where they can (dequantised in
+/// their tile loads, no float copy: `kernels::q8_enabled`), else [`weight`].
+fn kernel_weight(w: &Frozen, shape: &Shape, dtype: FloatDType) -> Weight {
     match w {
-        Frozen::Quant(q) if ours(dtype) && crate::kernels::q8_enabled() => crate::kernels::Q8::of(q),
-        _ => None,
+        Frozen::Quant(q) if crate::kernels::q8_enabled() => match crate::kernels::Q8::of(q) {
+            Some(q8) => Weight::Q8(q8),
+            None => Weight::Float(weight(w, shape, dtype)),
+        },
+        _ => Weight::Float(weight(w, shape, dtype)),
+    }
+}
+
+/// The weight in `dtype` for burn's ops, from what our kernel handed back (an int8 one it would
+/// have read in place is dequantised now).
+fn burn_weight(back: Weight, w: &Frozen, shape: &Shape, dtype: FloatDType) -> Float {
+    match back {
+        Weight::Float(f) => in_type(f, dtype),
+        Weight::Q8(_) => float_weight(w, shape, dtype),
     }
 }
 
@@ -112,23 +130,15 @@ impl Backward<Cube, 1> for FrozenMatmul {
         tidy(&q);
         unary::<Cube, _>(ops.parents, ops.node, grads, |grad| {
             let dtype: FloatDType = grad.dtype().into();
-            let grad = match in_place(&q, dtype) {
-                Some(q8) => match crate::kernels::linear_input_grad_weight(grad, crate::kernels::Weight::Q8(q8), shape.dims::<2>()) {
-                    Ok(g) => return g,
-                    Err((g, _)) => g,
-                },
-                None => grad,
-            };
-            let w = weight(&q, &shape, dtype);
             let (grad, w) = if ours(dtype) {
-                match crate::kernels::linear_input_grad_cube(grad, w) {
+                match crate::kernels::linear_input_grad_weight(grad, kernel_weight(&q, &shape, dtype), shape.dims::<2>()) {
                     Ok(g) => return g,
-                    Err(back) => back,
+                    Err((grad, back)) => (grad, burn_weight(back, &q, &shape, dtype)),
                 }
             } else {
-                (grad, w)
+                (grad, float_weight(&q, &shape, dtype))
             };
-            let w = Cube::float_reshape(same_type(w, dtype), batched(&shape, grad.shape().num_dims()));
+            let w = Cube::float_reshape(w, batched(&shape, grad.shape().num_dims()));
             Cube::float_matmul(grad, Cube::float_transpose(w))
         });
     }
@@ -155,24 +165,16 @@ impl Backward<Cube, 1> for FrozenConv2d {
                 (size_in[i] + 2 * pad[i]).saturating_sub(covered)
             };
             let dtype: FloatDType = grad.dtype().into();
-            let grad = match in_place(&q, dtype) {
-                Some(q8) => match crate::kernels::conv2d_input_grad_weight(grad, crate::kernels::Weight::Q8(q8), shape.dims::<4>(), &o, size_in) {
-                    Ok(g) => return g,
-                    Err((g, _)) => g,
-                },
-                None => grad,
-            };
-            let w = weight(&q, &shape, dtype);
             let (grad, w) = if ours(dtype) {
-                match crate::kernels::conv2d_input_grad_cube(grad, w, &o, size_in) {
+                match crate::kernels::conv2d_input_grad_weight(grad, kernel_weight(&q, &shape, dtype), shape.dims::<4>(), &o, size_in) {
                     Ok(g) => return g,
-                    Err(back) => back,
+                    Err((grad, back)) => (grad, burn_weight(back, &q, &shape, dtype)),
                 }
             } else {
-                (grad, w)
+                (grad, float_weight(&q, &shape, dtype))
             };
             let options = ConvTransposeOptions::new(o.stride, pad, [out(0, kh, ho), out(1, kw, wo)], o.dilation, o.groups);
-            Cube::conv_transpose2d(grad, same_type(w, dtype), None, options)
+            Cube::conv_transpose2d(grad, w, None, options)
         });
     }
 }
@@ -188,25 +190,15 @@ fn record<C: CheckpointStrategy>(x: AutodiffTensor, q: Frozen, shape: Shape, op:
         Op::Matmul => {
             let batched_shape = batched(&shape, x.shape().num_dims());
             let y = |x: Float| {
-                let x = match in_place(&q, dtype) {
-                    Some(q8) => {
-                        match crate::kernels::linear_weight(x, crate::kernels::Weight::Q8(q8), shape.dims::<2>(), None, crate::kernels::skinny_enabled()) {
-                            Ok(y) => return y,
-                            Err((x, _, _)) => x,
-                        }
-                    }
-                    None => x,
-                };
-                let w = weight(&q, &shape, dtype);
                 let (x, w) = if ours(dtype) {
-                    match crate::kernels::linear_cube(x, w, None) {
+                    match crate::kernels::linear_weight(x, kernel_weight(&q, &shape, dtype), shape.dims::<2>(), None, crate::kernels::skinny_enabled()) {
                         Ok(y) => return y,
-                        Err((x, w, _)) => (x, w),
+                        Err((x, back, _)) => (x, burn_weight(back, &q, &shape, dtype)),
                     }
                 } else {
-                    (x, w)
+                    (x, float_weight(&q, &shape, dtype))
                 };
-                Cube::float_matmul(x, Cube::float_reshape(same_type(w, dtype), batched_shape))
+                Cube::float_matmul(x, Cube::float_reshape(w, batched_shape))
             };
             let kind = FrozenMatmul.prepare::<C>([x.node()]).compute_bound().stateful();
             let out = y(x.into_primitive());
@@ -218,26 +210,15 @@ fn record<C: CheckpointStrategy>(x: AutodiffTensor, q: Frozen, shape: Shape, op:
         Op::Conv(options) => {
             let [_, _, h, wd] = x.shape().dims();
             let y = |x: Float| {
-                let x = match in_place(&q, dtype) {
-                    Some(q8) => {
-                        let q8 = crate::kernels::Weight::Q8(q8);
-                        match crate::kernels::conv2d_weight(x, q8, shape.dims::<4>(), None, &options, crate::kernels::skinny_enabled()) {
-                            Ok(y) => return y,
-                            Err((x, _, _)) => x,
-                        }
-                    }
-                    None => x,
-                };
-                let w = weight(&q, &shape, dtype);
                 let (x, w) = if ours(dtype) {
-                    match crate::kernels::conv2d_cube(x, w, None, &options) {
+                    match crate::kernels::conv2d_weight(x, kernel_weight(&q, &shape, dtype), shape.dims::<4>(), None, &options, crate::kernels::skinny_enabled()) {
                         Ok(y) => return y,
-                        Err((x, w, _)) => (x, w),
+                        Err((x, back, _)) => (x, burn_weight(back, &q, &shape, dtype)),
                     }
                 } else {
-                    (x, w)
+                    (x, float_weight(&q, &shape, dtype))
                 };
-                Cube::conv2d(x, same_type(w, dtype), None, options.clone())
+                Cube::conv2d(x, w, None, options.clone())
             };
             let kind = FrozenConv2d.prepare::<C>([x.node()]).compute_bound().stateful();
             let out = y(x.into_primitive());

@@ -119,16 +119,6 @@ impl Elem {
         }
     }
 
-    /// The WGSL expression `e` (a value of this type) as an f32 (f32 and f16 only; int8 is read by
-    /// index, [`Self::read`]).
-    pub fn load(self, e: &str) -> String {
-        match self {
-            Elem::F32 => e.to_string(),
-            Elem::F16 => format!("f32({e})"),
-            Elem::Q8 { .. } => unreachable!("an int8 operand is read by index"),
-        }
-    }
-
     /// The value at index `idx` of the array `buf` as an f32 (for int8: the byte `idx % 4` of word
     /// `idx / 4`, sign-extended, times the scale of its block).
     pub fn read(self, buf: &str, idx: &str) -> String {
@@ -986,7 +976,7 @@ pub(crate) fn q8_base<const W: usize>(base: &Tensor<W>) -> Option<Q8> {
 /// `[K, N]`, read in place; `Err(x)` where it cannot be.
 pub fn linear_q8<const D: usize, const W: usize>(x: Tensor<D>, base: &Tensor<W>, wdims: [usize; 2], bias: Option<&Tensor<1>>) -> Result<Tensor<D>, Tensor<D>> {
     let Some(q8) = q8_base(base) else { return Err(x) };
-    let Some((xc, _, bc)) = layer_primitives(&x, &x, bias) else { return Err(x) };
+    let Some((xc, bc)) = input_primitives(&x, bias) else { return Err(x) };
     linear_weight(xc, Weight::Q8(q8), wdims, bc, skinny_enabled()).map(wrap).map_err(|_| x)
 }
 
@@ -1000,7 +990,7 @@ pub fn conv2d_q8<const W: usize>(
     options: &ConvOptions<2>,
 ) -> Result<Tensor<4>, Tensor<4>> {
     let Some(q8) = q8_base(base) else { return Err(x) };
-    let Some((xc, _, bc)) = layer_primitives(&x, &x, bias) else { return Err(x) };
+    let Some((xc, bc)) = input_primitives(&x, bias) else { return Err(x) };
     conv2d_weight(xc, Weight::Q8(q8), wdims, bc, options, skinny_enabled()).map(wrap).map_err(|_| x)
 }
 
@@ -1023,6 +1013,13 @@ fn layer_primitives<const D: usize, const W: usize>(
     weight: &Tensor<W>,
     bias: Option<&Tensor<1>>,
 ) -> Option<(CubeTensor, CubeTensor, Option<CubeTensor>)> {
+    let (x, bias) = input_primitives(x, bias)?;
+    Some((x, primitive(weight)?, bias))
+}
+
+/// The primitives of `x` and `bias` where our kernels may run (enabled, both cubecl float tensors
+/// outside autodiff).
+fn input_primitives<const D: usize>(x: &Tensor<D>, bias: Option<&Tensor<1>>) -> Option<(CubeTensor, Option<CubeTensor>)> {
     if !enabled() {
         return None;
     }
@@ -1031,7 +1028,7 @@ fn layer_primitives<const D: usize, const W: usize>(
         Some(b) => b,
         None => None,
     };
-    Some((primitive(x)?, primitive(weight)?, bias))
+    Some((primitive(x)?, bias))
 }
 
 /// Our conv2d for a tensor outside autodiff on a cubecl device; `Err(x)` where burn's must run.

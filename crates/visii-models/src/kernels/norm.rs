@@ -81,7 +81,7 @@ impl NormKernel {
         let _ = writeln!(w, "struct Params {{ rows: u32, len: u32, s: u32, c: u32, eps: u32, gx: u32, u0: u32, u1: u32 }}");
         match *self {
             NormKernel::Stats { lanes, x: ex } => {
-                let xi = ex.load("x[base + i]");
+                let xi = ex.read("x", "base + i");
                 let _ = writeln!(w, "@group(0) @binding(0) var<storage, read_write> x: array<{}>;", ex.wgsl());
                 let _ = writeln!(w, "@group(0) @binding(1) var<storage, read_write> stats: array<f32>;");
                 let _ = writeln!(w, "@group(0) @binding(2) var<uniform> p: Params;");
@@ -103,7 +103,7 @@ impl NormKernel {
                 let _ = writeln!(w, "}}");
             }
             NormKernel::Softmax { lanes, x: ex } => {
-                let xi = ex.load("x[base + i]");
+                let xi = ex.read("x", "base + i");
                 let _ = writeln!(w, "@group(0) @binding(0) var<storage, read_write> x: array<{}>;", ex.wgsl());
                 let _ = writeln!(w, "@group(0) @binding(1) var<storage, read_write> y: array<{}>;", ex.wgsl());
                 let _ = writeln!(w, "@group(0) @binding(2) var<uniform> p: Params;");
@@ -142,9 +142,9 @@ impl NormKernel {
                 let _ = writeln!(
                     w,
                     "  var v = ({} - stats[row * 2u]) * stats[row * 2u + 1u] * {} + {};",
-                    ex.load("x[i]"),
-                    affine.load("gamma[ch]"),
-                    affine.load("beta[ch]")
+                    ex.read("x", "i"),
+                    affine.read("gamma", "ch"),
+                    affine.read("beta", "ch")
                 );
                 if silu {
                     let _ = writeln!(w, "  v = v / (1.0 + exp(-v));");
