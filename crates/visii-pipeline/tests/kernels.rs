@@ -61,6 +61,11 @@ fn conv2d_matches_burn_and_ndarray() {
         (1, 96, 40, 2, 2, 3, 2, (1, 1), (1, 1), true),
         (3, 2560, 24, 1, 1, 3, 1, (1, 1), (1, 1), true),
         (1, 100, 36, 3, 5, 1, 1, (0, 0), (0, 0), true),
+        // Four k per step (`vec4` weight reads: every tap visited, K a multiple of 4) and not: a
+        // 2 x 2 conv over 3 channels (K 27), 1x1 over 2 x 1 pixels with K 64 and with K 30.
+        (1, 3, 16, 2, 2, 3, 1, (1, 1), (1, 1), true),
+        (2, 64, 40, 2, 1, 1, 1, (0, 0), (0, 0), true),
+        (1, 30, 20, 2, 1, 1, 1, (0, 0), (0, 0), false),
     ];
     for (&(b, ci, co, h, w, k, s, ph, pw, with_bias), skinny) in cases.iter().flat_map(|c| [(c, true), (c, false)]) {
         let x = Tensor::<4>::random([b, ci, h, w], Distribution::Normal(0.0, 1.0), &gpu);
@@ -187,19 +192,20 @@ fn frozen_f32_layers_backpropagate_through_our_kernels_like_ndarray() {
         assert!(e < 5e-6, "conv k{k} s{s}: {e}");
         assert!(reference.iter().any(|v| v.abs() > 0.1));
     }
-    let w = Tensor::<2>::random([96, 72], Distribution::Normal(0.0, 0.1), &gpu);
-    let bias = Tensor::<1>::random([72], Distribution::Normal(0.0, 0.5), &gpu);
-    let linear = |dev: &Device| Linear { weight: Param::from_tensor(on(&w, dev)), bias: Some(Param::from_tensor(on(&bias, dev))) };
-    let (lg, lc) = (linear(&gpu), linear(&cpu));
-    // 66 rows (the tiled GEMM) and 4 (the skinny kernel).
-    for lead in [[2, 33], [1, 4]] {
+    // 66 rows (the tiled GEMM) and 4 (the skinny kernel); 72 outputs (the skinny kernel reads
+    // four at a time) and 70 (one at a time).
+    for (lead, n) in [([2, 33], 72), ([1, 4], 72), ([1, 4], 70)] {
+        let w = Tensor::<2>::random([96, n], Distribution::Normal(0.0, 0.1), &gpu);
+        let bias = Tensor::<1>::random([n], Distribution::Normal(0.0, 0.5), &gpu);
+        let linear = |dev: &Device| Linear { weight: Param::from_tensor(on(&w, dev)), bias: Some(Param::from_tensor(on(&bias, dev))) };
+        let (lg, lc) = (linear(&gpu), linear(&cpu));
         let x = Tensor::<3>::random([lead[0], lead[1], 96], Distribution::Normal(0.0, 1.0), &gpu);
-        let r = Tensor::<3>::random([lead[0], lead[1], 72], Distribution::Normal(0.0, 1.0), &gpu);
+        let r = Tensor::<3>::random([lead[0], lead[1], n], Distribution::Normal(0.0, 1.0), &gpu);
         let ours = input_grad(&x, &r, |x| lg.run(x));
         let reference = input_grad(&on(&x, &cpu), &on(&r, &cpu), |x| lc.forward(x));
         let e = rel(&ours, &reference);
-        println!("linear {lead:?} x 96 -> 72: input gradient vs ndarray {e:.2e}");
-        assert!(e < 5e-6, "linear {lead:?}: {e}");
+        println!("linear {lead:?} x 96 -> {n}: input gradient vs ndarray {e:.2e}");
+        assert!(e < 5e-6, "linear {lead:?} -> {n}: {e}");
     }
 }
 
@@ -640,7 +646,8 @@ fn int8_weights_read_in_place_match_their_dequantised_copy() {
     };
     let (lin, quantised) = resident_q8(lin);
     assert_eq!(quantised, 256 * 96);
-    let reference = Linear { weight: Param::from_tensor(on(&lin.weight.val(), &cpu)), bias: lin.bias.as_ref().map(|b| Param::from_tensor(on(&b.val(), &cpu))) };
+    let reference =
+        Linear { weight: Param::from_tensor(on(&lin.weight.val(), &cpu)), bias: lin.bias.as_ref().map(|b| Param::from_tensor(on(&b.val(), &cpu))) };
     for lead in [[2, 33], [1, 4]] {
         let x = Tensor::<3>::random([lead[0], lead[1], 256], Distribution::Normal(0.0, 1.0), &gpu);
         let r = Tensor::<3>::random([lead[0], lead[1], 96], Distribution::Normal(0.0, 1.0), &gpu);

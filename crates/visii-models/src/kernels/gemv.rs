@@ -64,6 +64,8 @@ pub struct SkinnyConfig {
     pub bias: Bias,
     /// The operands' element types (see [`Elem`]).
     pub elems: Elems,
+    /// Operands read four values at a time (see [`Self::vectorised`]).
+    pub vec4: bool,
 }
 
 impl SkinnyConfig {
@@ -73,7 +75,24 @@ impl SkinnyConfig {
         assert!((1..=MAX_COLS).contains(&n), "the skinny GEMM takes 1 to {MAX_COLS} columns, not {n}");
         let cols = n.next_power_of_two() as u32;
         let rows = (32 / cols).clamp(2, 8);
-        SkinnyConfig { cols, rows, a, b, bias, elems: Elems::F32 }
+        SkinnyConfig { cols, rows, a, b, bias, elems: Elems::F32, vec4: false }
+    }
+
+    /// This variant reading its operands four values at a time where it can (for `m` rows of `C` and
+    /// `k` values along `K`; the types readable so, [`Elem::reads4`]):
+    /// - `A` transposed, `m` a multiple of 4: each invocation owns four consecutive rows of `C`
+    ///   and reads `A` as `vec4`s; the same products added in the same order (equal to the last bit).
+    /// - `A` row-major, `k` a multiple of 4, every tap of a conv visited (or rows of `B`): each
+    ///   invocation takes four consecutive `k` per step, `A` (and rows of `B`) read as `vec4`s; the
+    ///   partial sums split `K` differently (equal within the summation-order tolerance).
+    pub fn vectorised(self, m: usize, k: usize) -> Self {
+        let e = self.elems;
+        let vec4 = match (self.a, self.b) {
+            (SkinnyA::Transposed, _) => m % 4 == 0 && e.a.reads4(),
+            (SkinnyA::RowMajor, SkinnyB::Conv { kh, kw, nky, nkx, .. }) => k % 4 == 0 && nky == kh && nkx == kw && e.a.reads4(),
+            (SkinnyA::RowMajor, SkinnyB::Rows) => k % 4 == 0 && e.a.reads4() && e.b.reads4(),
+        };
+        SkinnyConfig { vec4, ..self }
     }
 
     /// This variant with the operands' element types `elems`.
@@ -98,6 +117,7 @@ impl SkinnyConfig {
     pub fn rows_per_group(&self) -> u32 {
         match self.a {
             SkinnyA::RowMajor => self.rows,
+            SkinnyA::Transposed if self.vec4 => 4 * THREADS,
             SkinnyA::Transposed => THREADS,
         }
     }
@@ -110,13 +130,15 @@ impl SkinnyConfig {
     /// few input values are the same for all of them. Otherwise the invocations split `K`, as above.
     pub fn wgsl(&self) -> String {
         if self.a == SkinnyA::Transposed {
-            return self.wgsl_columns();
+            return if self.vec4 { self.wgsl_columns4() } else { self.wgsl_columns() };
         }
         let (cols, rows, t) = (self.cols, self.rows, THREADS);
         let parts = cols * rows;
+        let v4 = self.vec4;
+        let b4 = v4 && self.b == SkinnyB::Rows;
         let mut s = String::new();
         let w = &mut s;
-        self.header(w);
+        self.header_with(w, v4, b4);
         let _ = writeln!(w, "var<workgroup> red: array<f32, {}>;", parts * t);
         let _ = writeln!(w, "@compute @workgroup_size({t})");
         let _ = writeln!(w, "fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {{");
@@ -146,52 +168,39 @@ impl SkinnyConfig {
         for i in 0..parts {
             let _ = writeln!(w, "  var s{i} = 0.0;");
         }
-        let _ = writeln!(w, "  for (var j = t; j < p.steps; j = j + {t}u) {{");
-        // This step's k (and for a conv its channel and tap).
-        match self.b {
-            SkinnyB::Conv { kh, kw, ky0, nky, kx0, nkx, .. } => {
-                let (kk, nt) = (kh * kw, nky * nkx);
-                let _ = writeln!(
-                    w,
-                    "    let ci = j / {nt}u; let tt = j % {nt}u; let ky = {ky0}u + tt / {nkx}u; let kx = {kx0}u + tt % {nkx}u; \
-                     let k = ci * {kk}u + ky * {kw}u + kx; let cb = ci * hw;"
-                );
-            }
-            SkinnyB::Rows => {
-                let _ = writeln!(w, "    let k = j;");
-            }
-        }
         let e = self.elems;
-        for r in 0..rows {
-            let load = match self.a {
-                SkinnyA::RowMajor => e.a.read("a", &format!("row{r} * p.k + k")),
-                SkinnyA::Transposed => e.a.read("a", &format!("k * p.m + row{r}")),
-            };
-            let _ = writeln!(w, "    let a{r} = {load};");
-        }
-        for q in 0..cols {
+        if v4 {
+            self.steps4(w);
+        } else {
+            let _ = writeln!(w, "  for (var j = t; j < p.steps; j = j + {t}u) {{");
+            // This step's k (and for a conv its channel and tap).
             match self.b {
-                SkinnyB::Conv { .. } => {
+                SkinnyB::Conv { kh, kw, ky0, nky, kx0, nkx, .. } => {
+                    let (kk, nt) = (kh * kw, nky * nkx);
                     let _ = writeln!(
                         w,
-                        "    var b{q} = 0.0; {{ let y = iy{q} + i32(ky); let x = ix{q} + i32(kx); \
-                         if (ok{q} && y >= 0 && y < i32(p.h) && x >= 0 && x < i32(p.w)) {{ b{q} = {}; }} }}",
-                        e.b.read("b", &format!("xb{q} + cb + u32(y) * p.w + u32(x)"))
+                        "    let ci = j / {nt}u; let tt = j % {nt}u; let ky = {ky0}u + tt / {nkx}u; let kx = {kx0}u + tt % {nkx}u; \
+                         let k = ci * {kk}u + ky * {kw}u + kx; let cb = ci * hw;"
                     );
                 }
                 SkinnyB::Rows => {
-                    // Columns past n read the last row (their sums are never written).
-                    let _ = writeln!(w, "    let b{q} = {};", e.b.read("b", &format!("xb{q} + k")));
+                    let _ = writeln!(w, "    let k = j;");
                 }
             }
-        }
-        for r in 0..rows {
-            let _ = write!(w, "   ");
-            for q in 0..cols {
-                let i = r * cols + q;
-                let _ = write!(w, " s{i} = fma(a{r}, b{q}, s{i});");
+            for r in 0..rows {
+                let _ = writeln!(w, "    let a{r} = {};", e.a.read("a", &format!("row{r} * p.k + k")));
             }
-            let _ = writeln!(w);
+            for q in 0..cols {
+                let _ = writeln!(w, "    {}", self.load_b(&format!("b{q}"), q, "ky", "kx", "cb", "k"));
+            }
+            for r in 0..rows {
+                let _ = write!(w, "   ");
+                for q in 0..cols {
+                    let i = r * cols + q;
+                    let _ = write!(w, " s{i} = fma(a{r}, b{q}, s{i});");
+                }
+                let _ = writeln!(w);
+            }
         }
         let _ = writeln!(w, "  }}");
         // Tree over the invocations: red[i * T + t] holds invocation t's sum i.
@@ -225,6 +234,11 @@ impl SkinnyConfig {
     /// The parameters and bindings of both forms: `a`, `b`, (`bias`), `c`, `p`. Every buffer
     /// read_write, as in gemm.rs (cubecl may bind one buffer twice natively).
     fn header(&self, w: &mut String) {
+        self.header_with(w, false, false)
+    }
+
+    /// [`Self::header`], with `a` (`b`) declared in groups of four values where `a4` (`b4`).
+    fn header_with(&self, w: &mut String, a4: bool, b4: bool) {
         let e = self.elems;
         let bias_elem = if self.bias == Bias::None { Elem::F32 } else { e.bias };
         Elem::enable(w, &[e.a, e.b, bias_elem, e.c]);
@@ -234,8 +248,16 @@ impl SkinnyConfig {
         );
         // Bindings in order: a (and its scales), b (and its scales), bias, c, the parameters.
         let mut next = 0;
-        e.a.declare(w, "a", &mut next);
-        e.b.declare(w, "b", &mut next);
+        if a4 {
+            e.a.declare4(w, "a", &mut next);
+        } else {
+            e.a.declare(w, "a", &mut next);
+        }
+        if b4 {
+            e.b.declare4(w, "b", &mut next);
+        } else {
+            e.b.declare(w, "b", &mut next);
+        }
         if self.bias != Bias::None {
             e.bias.declare(w, "bias", &mut next);
         }
@@ -303,6 +325,133 @@ impl SkinnyConfig {
     }
 }
 
+impl SkinnyConfig {
+    /// `var {name} = ..;`: column `q`'s value of `B` at `k` (for a conv: tap `ky`, `kx` of channel
+    /// offset `cb`; zero outside the image).
+    fn load_b(&self, name: &str, q: u32, ky: &str, kx: &str, cb: &str, k: &str) -> String {
+        let e = self.elems;
+        match self.b {
+            SkinnyB::Conv { .. } => format!(
+                "var {name} = 0.0; {{ let y = iy{q} + i32({ky}); let x = ix{q} + i32({kx}); \
+                 if (ok{q} && y >= 0 && y < i32(p.h) && x >= 0 && x < i32(p.w)) {{ {name} = {}; }} }}",
+                e.b.read("b", &format!("xb{q} + {cb} + u32(y) * p.w + u32(x)"))
+            ),
+            // Columns past n read the last row (their sums are never written).
+            SkinnyB::Rows => format!("let {name} = {};", e.b.read("b", &format!("xb{q} + {k}"))),
+        }
+    }
+
+    /// The main loop of the row-major form four `k` at a time (see [`Self::vectorised`]): step `j`
+    /// covers `k = 4j .. 4j + 3`, `A`'s four values (and rows of `B`'s) one `vec4` read each.
+    fn steps4(&self, w: &mut String) {
+        let (cols, rows, t, e) = (self.cols, self.rows, THREADS, self.elems);
+        let _ = writeln!(w, "  let k4 = p.k / 4u;");
+        let _ = writeln!(w, "  for (var j = t; j < k4; j = j + {t}u) {{");
+        for r in 0..rows {
+            let _ = writeln!(w, "    let a{r} = {};", e.a.read4("a", &format!("row{r} * k4 + j")));
+        }
+        match self.b {
+            SkinnyB::Conv { kh, kw, .. } => {
+                // Every tap is visited, so k is the weight's own index: channel k / (kh kw).
+                for i in 0..4 {
+                    let _ = writeln!(
+                        w,
+                        "    let k{i} = 4u * j + {i}u; let ci{i} = k{i} / {kk}u; let tt{i} = k{i} % {kk}u; \
+                         let ky{i} = tt{i} / {kw}u; let kx{i} = tt{i} % {kw}u; let cb{i} = ci{i} * hw;",
+                        kk = kh * kw
+                    );
+                    for q in 0..cols {
+                        let _ =
+                            writeln!(w, "    {}", self.load_b(&format!("b{q}_{i}"), q, &format!("ky{i}"), &format!("kx{i}"), &format!("cb{i}"), ""));
+                    }
+                }
+            }
+            SkinnyB::Rows => {
+                for q in 0..cols {
+                    let _ = writeln!(w, "    let b{q} = {};", e.b.read4("b", &format!("xb{q} / 4u + j")));
+                    for i in 0..4 {
+                        let _ = writeln!(w, "    let b{q}_{i} = b{q}[{i}];");
+                    }
+                }
+            }
+        }
+        for r in 0..rows {
+            for q in 0..cols {
+                let i = r * cols + q;
+                let _ = writeln!(w, "    s{i} = fma(a{r}[3], b{q}_3, fma(a{r}[2], b{q}_2, fma(a{r}[1], b{q}_1, fma(a{r}[0], b{q}_0, s{i}))));");
+            }
+        }
+    }
+
+    /// [`Self::wgsl_columns`] four rows of `C` per invocation: `A`'s row `k` read as `vec4`s (`M / 4`
+    /// of them), each sum a `vec4` of the four rows' sums. The same products added in the same
+    /// order as the scalar form, so the results are equal to the last bit; a quarter of the loads
+    /// of `A` (on a CPU adapter every load is a loop over the lanes; on a GPU a 16-byte read).
+    fn wgsl_columns4(&self) -> String {
+        assert!(self.b == SkinnyB::Rows && self.vec4, "the vec4 form is for a transposed A over rows of B");
+        let (cols, t) = (self.cols, THREADS);
+        let e = self.elems;
+        let (la, lb) = (|i: &str| e.a.read4("a", i), |i: &str| e.b.read("b", i));
+        let mut s = String::new();
+        let w = &mut s;
+        self.header_with(w, true, false);
+        let _ = writeln!(w, "@compute @workgroup_size({t})");
+        let _ = writeln!(w, "fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {{");
+        // g: this invocation's group of four rows (rows 4g .. 4g + 3 of C); m4 groups per row of A.
+        let _ = writeln!(w, "  let m4 = p.m / 4u; let g = (wid.y * p.gx + wid.x) * {t}u + t;");
+        let _ = writeln!(w, "  let row = min(g, m4 - 1u);");
+        for q in 0..cols {
+            let _ = writeln!(w, "  let xb{q} = min({q}u, p.n - 1u) * p.k; var s{q} = vec4<f32>(0.0);");
+        }
+        let _ = writeln!(w, "  let k4 = p.k / 4u * 4u; var k = 0u;");
+        let _ = writeln!(w, "  for (; k < k4; k = k + 4u) {{");
+        let _ = writeln!(w, "    let ao = k * m4 + row;");
+        let _ =
+            writeln!(w, "    let v0 = {}; let v1 = {}; let v2 = {}; let v3 = {};", la("ao"), la("ao + m4"), la("ao + 2u * m4"), la("ao + 3u * m4"));
+        for q in 0..cols {
+            let _ = writeln!(
+                w,
+                "    {{ let o = xb{q} + k; s{q} = fma(v3, vec4<f32>({}), fma(v2, vec4<f32>({}), fma(v1, vec4<f32>({}), fma(v0, vec4<f32>({}), s{q})))); }}",
+                lb("o + 3u"),
+                lb("o + 2u"),
+                lb("o + 1u"),
+                lb("o")
+            );
+        }
+        let _ = writeln!(w, "  }}");
+        let _ = writeln!(w, "  for (; k < p.k; k = k + 1u) {{");
+        let _ = write!(w, "    let v = {};", la("k * m4 + row"));
+        for q in 0..cols {
+            let _ = write!(w, " s{q} = fma(v, vec4<f32>({}), s{q});", lb(&format!("xb{q} + k")));
+        }
+        let _ = writeln!(w);
+        let _ = writeln!(w, "  }}");
+        let _ = writeln!(w, "  if (g < m4) {{");
+        let _ = writeln!(w, "    let m = 4u * g;");
+        let bias = if self.bias == Bias::Row {
+            format!(
+                " + vec4<f32>({}, {}, {}, {})",
+                e.bias.read("bias", "m"),
+                e.bias.read("bias", "m + 1u"),
+                e.bias.read("bias", "m + 2u"),
+                e.bias.read("bias", "m + 3u")
+            )
+        } else {
+            String::new()
+        };
+        for q in 0..cols {
+            let _ = writeln!(w, "    if ({q}u < p.n) {{ let v = s{q}{bias};");
+            for i in 0..4 {
+                let _ = writeln!(w, "      c[{q}u * p.m + m + {i}u] = {};", e.c.store(&format!("v[{i}]")));
+            }
+            let _ = writeln!(w, "    }}");
+        }
+        let _ = writeln!(w, "  }}");
+        let _ = writeln!(w, "}}");
+        s
+    }
+}
+
 /// The taps of a `k`-long kernel axis (stride `s`, leading padding `pad`, input length `len`,
 /// output length `out`) that reach an input value for some output position: `(first, count)`.
 pub fn taps(k: usize, s: usize, pad: usize, len: usize, out: usize) -> (u32, u32) {
@@ -330,6 +479,27 @@ mod tests {
         assert_eq!(taps(3, 2, 1, 2, 1), (1, 2));
         // 1x1 pointwise.
         assert_eq!(taps(1, 1, 0, 4, 4), (0, 1));
+    }
+
+    #[test]
+    fn four_at_a_time_only_where_the_values_line_up() {
+        let conv = |nky, nkx| SkinnyB::Conv { kh: 3, kw: 3, sh: 1, sw: 1, ph: 1, pw: 1, ky0: 0, nky, kx0: 0, nkx };
+        let new = |a, b| SkinnyConfig::new(4, a, b, Bias::Row);
+        // Transposed A (a Linear's forward): M a multiple of 4.
+        assert!(new(SkinnyA::Transposed, SkinnyB::Rows).vectorised(1280, 77).vec4);
+        assert!(!new(SkinnyA::Transposed, SkinnyB::Rows).vectorised(77, 1280).vec4);
+        // Row-major A: K a multiple of 4 and every tap visited (K is then the weight's own index).
+        assert!(new(SkinnyA::RowMajor, conv(3, 3)).vectorised(1280, 11520).vec4);
+        assert!(!new(SkinnyA::RowMajor, conv(3, 3)).vectorised(16, 27).vec4);
+        assert!(!new(SkinnyA::RowMajor, conv(1, 1)).vectorised(1280, 11520).vec4);
+        assert!(new(SkinnyA::RowMajor, SkinnyB::Rows).vectorised(96, 72).vec4);
+        assert!(!new(SkinnyA::RowMajor, SkinnyB::Rows).vectorised(96, 70).vec4);
+        // int8 weights in blocks of 4 or more read four at a time; their words hold four values.
+        let q8 = Elems { a: Elem::Q8 { block: 8 }, ..Elems::F32 };
+        let cfg = new(SkinnyA::Transposed, SkinnyB::Rows).with(q8).vectorised(1280, 77);
+        assert!(cfg.vec4 && cfg.wgsl().contains("array<u32>") && cfg.wgsl().contains("a_s[(ao) * 4u / 8u]"));
+        let f32 = new(SkinnyA::RowMajor, SkinnyB::Rows).vectorised(96, 72).wgsl();
+        assert!(f32.contains("a: array<vec4<f32>>") && f32.contains("b: array<vec4<f32>>"));
     }
 
     #[test]

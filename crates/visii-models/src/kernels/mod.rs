@@ -88,7 +88,9 @@ pub enum Elem {
     #[default]
     F32,
     F16,
-    Q8 { block: u32 },
+    Q8 {
+        block: u32,
+    },
 }
 
 impl Elem {
@@ -149,6 +151,40 @@ impl Elem {
             Elem::F32 => e.to_string(),
             Elem::F16 => format!("f16({e})"),
             Elem::Q8 { .. } => unreachable!("our kernels write f32 or f16"),
+        }
+    }
+
+    /// Declares `name` as an array of 4-value groups at binding `*next` (see [`Self::read4`]; an
+    /// int8 operand's packed words already are: four values to a `u32`), advancing `*next`.
+    pub fn declare4(self, w: &mut String, name: &str, next: &mut u32) {
+        use std::fmt::Write as _;
+        match self {
+            Elem::F32 | Elem::F16 => {
+                let _ = writeln!(w, "@group(0) @binding({}) var<storage, read_write> {name}: array<vec4<{}>>;", *next, self.wgsl());
+                *next += 1;
+            }
+            Elem::Q8 { .. } => self.declare(w, name, next),
+        }
+    }
+
+    /// Values `4 * idx .. 4 * idx + 4` of the array `buf` declared by [`Self::declare4`], as a
+    /// `vec4<f32>` (int8: the four bytes of word `idx` times their scale; the block is a multiple of
+    /// four, so the four share one).
+    pub fn read4(self, buf: &str, idx: &str) -> String {
+        match self {
+            Elem::F32 => format!("{buf}[{idx}]"),
+            Elem::F16 => format!("vec4<f32>({buf}[{idx}])"),
+            Elem::Q8 { block } => format!(
+                "(vec4<f32>(vec4<i32>(bitcast<i32>({buf}[{idx}])) << vec4<u32>(24u, 16u, 8u, 0u) >> vec4<u32>(24u)) * {buf}_s[({idx}) * 4u / {block}u])"
+            ),
+        }
+    }
+
+    /// Whether [`Self::read4`] can read this type (an int8 block of four or more).
+    pub fn reads4(self) -> bool {
+        match self {
+            Elem::F32 | Elem::F16 => true,
+            Elem::Q8 { block } => block % 4 == 0,
         }
     }
 
@@ -478,8 +514,11 @@ impl Q8 {
             return None;
         }
         let (values, scales) = q.quantized_handles()?;
-        (values.dtype == DType::U32 && values.is_contiguous() && scales.dtype == DType::F32 && scales.is_contiguous())
-            .then_some(Q8 { values, scales, block: block as u32 })
+        (values.dtype == DType::U32 && values.is_contiguous() && scales.dtype == DType::F32 && scales.is_contiguous()).then_some(Q8 {
+            values,
+            scales,
+            block: block as u32,
+        })
     }
 }
 
@@ -590,7 +629,9 @@ pub fn conv2d_weight(
         let (ky0, nky) = gemv::taps(kh, sh, pt, h, oh);
         let (kx0, nkx) = gemv::taps(kw, sw, pl, wd, ow);
         let (kh, kw, sh, sw, ph, pw) = (kh as u32, kw as u32, sh as u32, sw as u32, pt as u32, pl as u32);
-        let cfg = SkinnyConfig::new(n, SkinnyA::RowMajor, SkinnyB::Conv { kh, kw, sh, sw, ph, pw, ky0, nky, kx0, nkx }, bias_kind).with(types);
+        let cfg = SkinnyConfig::new(n, SkinnyA::RowMajor, SkinnyB::Conv { kh, kw, sh, sw, ph, pw, ky0, nky, kx0, nkx }, bias_kind)
+            .with(types)
+            .vectorised(m, k);
         if skinny_dispatchable(&cfg, m) {
             let (x, bias) = (contiguous(x), bias.map(contiguous));
             return Ok(launch_skinny(cfg, &w.bindings(), &[x], bias.as_ref(), p, vec![nb, c_out, oh, ow]));
@@ -649,7 +690,8 @@ pub fn linear_weight(
     if m <= skinny_limits().1 && skinny {
         // A few rows: `outᵀ = wᵀ xᵀ` on the skinny kernel (output features as its rows).
         let cfg = SkinnyConfig::new(m, SkinnyA::Transposed, SkinnyB::Rows, if bias.is_some() { Bias::Row } else { Bias::None })
-            .with(Elems { a: types.b, b: types.a, ..types });
+            .with(Elems { a: types.b, b: types.a, ..types })
+            .vectorised(n, k);
         if skinny_dispatchable(&cfg, n) {
             let (x, bias) = (contiguous(x), bias.map(contiguous));
             let p = Problem { m: n, n: m, k, ohw: 1, ow: 1, h: 1, w: 1, img: 0 };
@@ -749,6 +791,7 @@ pub fn linear_input_grad_weight(grad: CubeTensor, w: Weight, wdims: [usize; 2]) 
     if m <= skinny_limits().2 && skinny_grad_enabled() {
         // A few rows: `outᵀ = w gradᵀ`, `w` `[K_in, N]` row-major as stored.
         let cfg = SkinnyConfig::new(m, SkinnyA::RowMajor, SkinnyB::Rows, Bias::None).with(Elems { a: types.b, b: types.a, ..types });
+        let cfg = cfg.vectorised(k_in, n);
         if skinny_dispatchable(&cfg, k_in) {
             let grad = contiguous(grad);
             let p = Problem { m: k_in, n: m, k: n, ohw: 1, ow: 1, h: 1, w: 1, img: 0 };
@@ -974,7 +1017,12 @@ pub(crate) fn q8_base<const W: usize>(base: &Tensor<W>) -> Option<Q8> {
 
 /// `x · W + bias` outside autodiff for an int8-resident weight `base` of real shape `wdims`
 /// `[K, N]`, read in place; `Err(x)` where it cannot be.
-pub fn linear_q8<const D: usize, const W: usize>(x: Tensor<D>, base: &Tensor<W>, wdims: [usize; 2], bias: Option<&Tensor<1>>) -> Result<Tensor<D>, Tensor<D>> {
+pub fn linear_q8<const D: usize, const W: usize>(
+    x: Tensor<D>,
+    base: &Tensor<W>,
+    wdims: [usize; 2],
+    bias: Option<&Tensor<1>>,
+) -> Result<Tensor<D>, Tensor<D>> {
     let Some(q8) = q8_base(base) else { return Err(x) };
     let Some((xc, bc)) = input_primitives(&x, bias) else { return Err(x) };
     linear_weight(xc, Weight::Q8(q8), wdims, bc, skinny_enabled()).map(wrap).map_err(|_| x)
