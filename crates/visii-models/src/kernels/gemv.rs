@@ -154,14 +154,14 @@ impl SkinnyConfig {
                 for q in 0..cols {
                     let _ = writeln!(
                         w,
-                        "  let ok{q} = {q}u < p.n; let xb{q} = ({q}u / p.ohw) * p.img; let px{q} = {q}u % p.ohw; \
+                        "  let col{q} = min({q}u, p.n - 1u); let xb{q} = (col{q} / p.ohw) * p.img; let px{q} = col{q} % p.ohw; \
                          let iy{q} = i32((px{q} / p.ow) * {sh}u) - {ph}; let ix{q} = i32((px{q} % p.ow) * {sw}u) - {pw};"
                     );
                 }
             }
             SkinnyB::Rows => {
                 for q in 0..cols {
-                    let _ = writeln!(w, "  let ok{q} = {q}u < p.n; let xb{q} = min({q}u, p.n - 1u) * p.k;");
+                    let _ = writeln!(w, "  let xb{q} = min({q}u, p.n - 1u) * p.k;");
                 }
             }
         }
@@ -331,10 +331,14 @@ impl SkinnyConfig {
     fn load_b(&self, name: &str, q: u32, ky: &str, kx: &str, cb: &str, k: &str) -> String {
         let e = self.elems;
         match self.b {
+            // Without a branch: the load from the nearest pixel inside the image, then zero where the
+            // tap is outside it, the test with `&` (`&&` short-circuits: a branch). A branch around
+            // each load made SwiftShader (Chrome's CPU WebGPU) never finish compiling, its memory
+            // growing by gigabytes a minute, once a step held 8 or more of them.
             SkinnyB::Conv { .. } => format!(
-                "var {name} = 0.0; {{ let y = iy{q} + i32({ky}); let x = ix{q} + i32({kx}); \
-                 if (ok{q} && y >= 0 && y < i32(p.h) && x >= 0 && x < i32(p.w)) {{ {name} = {}; }} }}",
-                e.b.read("b", &format!("xb{q} + {cb} + u32(y) * p.w + u32(x)"))
+                "let {name}y = iy{q} + i32({ky}); let {name}x = ix{q} + i32({kx}); \
+                 let {name} = select(0.0, {}, ({name}y >= 0) & ({name}y < i32(p.h)) & ({name}x >= 0) & ({name}x < i32(p.w)));",
+                e.b.read("b", &format!("xb{q} + {cb} + u32(clamp({name}y, 0, i32(p.h) - 1)) * p.w + u32(clamp({name}x, 0, i32(p.w) - 1))"))
             ),
             // Columns past n read the last row (their sums are never written).
             SkinnyB::Rows => format!("let {name} = {};", e.b.read("b", &format!("xb{q} + {k}"))),
@@ -500,6 +504,22 @@ mod tests {
         assert!(cfg.vec4 && cfg.wgsl().contains("array<u32>") && cfg.wgsl().contains("a_s[(ao) * 4u / 8u]"));
         let f32 = new(SkinnyA::RowMajor, SkinnyB::Rows).vectorised(96, 72).wgsl();
         assert!(f32.contains("a: array<vec4<f32>>") && f32.contains("b: array<vec4<f32>>"));
+    }
+
+    #[test]
+    fn conv_loads_have_no_branches() {
+        // A branch per load (an `if`, or `&&`, which short-circuits) in the K loop made SwiftShader's
+        // compiler grow by gigabytes and never finish (the 8-column variants; every vec4 one).
+        for n in [1, 4, 8] {
+            for (kh, nk) in [(3, 3), (3, 2), (1, 1)] {
+                let b = SkinnyB::Conv { kh, kw: kh, sh: 1, sw: 1, ph: kh / 2, pw: kh / 2, ky0: 0, nky: nk, kx0: 0, nkx: nk };
+                for k in [48 * kh as usize * kh as usize, 27] {
+                    let src = SkinnyConfig::new(n, SkinnyA::RowMajor, b, Bias::Row).vectorised(64, k).wgsl();
+                    let main_loop = &src[src.find("for (var j").unwrap()..src.find("red[").unwrap()];
+                    assert!(!main_loop.contains("&&") && !main_loop.contains("if ("), "{n} columns, {kh}x{kh}, K {k}");
+                }
+            }
+        }
     }
 
     #[test]
