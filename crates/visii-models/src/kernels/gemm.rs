@@ -205,7 +205,8 @@ impl GemmConfig {
         // The B loader's column (one output pixel) and its image coordinates: once, where every
         // pass loads the same column, else in each pass.
         let column = |w: &mut String, indent: &str| {
-            let _ = writeln!(w, "{indent}let pc = n0 + bcol; let pvalid = pc < p.n;");
+            // Past the last column: load the last one (valid memory), zeroed by `pvalid`.
+            let _ = writeln!(w, "{indent}let pvalid = n0 + bcol < p.n; let pc = min(n0 + bcol, p.n - 1u);");
             let _ = writeln!(w, "{indent}let pimg = pc / p.ohw; let ppix = pc % p.ohw; let xbase = pimg * p.img;");
             if let BLayout::Conv { sh, sw, ph, pw, .. } = self.b {
                 let _ = writeln!(w, "{indent}let iy0 = i32((ppix / p.ow) * {sh}u) - {ph}; let ix0 = i32((ppix % p.ow) * {sw}u) - {pw};");
@@ -224,13 +225,17 @@ impl GemmConfig {
         let a_elems = BK * bm;
         for pass in 0..a_elems.div_ceil(t) {
             let guard = if (pass + 1) * t > a_elems { format!("if (e < {a_elems}u) ") } else { String::new() };
+            // Every load is from valid memory (indices clamped) and zeroed outside the matrix with a
+            // `select`, without a branch: on SwiftShader and lavapipe (CPU adapters) a branch around a
+            // load costs more than the load, and many of them blew up SwiftShader's compiler.
             let load = match self.a {
-                ALayout::RowMajor => e.a.read("a", "gm * p.k + gk"),
-                ALayout::ConvFlipped { kk } => e.a.read("a", &format!("(gk / {kk}u) * p.m * {kk}u + gm * {kk}u + {}u - gk % {kk}u", kk - 1)),
+                ALayout::RowMajor => e.a.read("a", "am * p.k + ak"),
+                ALayout::ConvFlipped { kk } => e.a.read("a", &format!("(ak / {kk}u) * p.m * {kk}u + am * {kk}u + {}u - ak % {kk}u", kk - 1)),
             };
             let _ =
                 writeln!(w, "    {{ let e = t + {}u; {guard}{{ let m = e / {BK}u; let kk = e % {BK}u; let gm = m0 + m; let gk = k0 + kk;", pass * t);
-            let _ = writeln!(w, "      var v = 0.0; if (gm < p.m && gk < p.k) {{ v = {load}; }}");
+            let _ =
+                writeln!(w, "      let am = min(gm, p.m - 1u); let ak = min(gk, p.k - 1u); let v = select(0.0, {load}, (gm < p.m) & (gk < p.k));");
             let _ = writeln!(w, "      let f = kk * {bm}u + m; sa[f / 4u][f % 4u] = v; }} }}");
         }
         // B: 8 k x BN columns.
@@ -238,30 +243,28 @@ impl GemmConfig {
         for pass in 0..b_elems.div_ceil(t) {
             let guard = if (pass + 1) * t > b_elems { format!("if (t + {}u < {b_elems}u) ", pass * t) } else { String::new() };
             if fixed_col {
-                let _ = writeln!(w, "    {guard}{{ let kr = brow + {}u; let gk = k0 + kr; var v = 0.0;", pass * (t / bn));
+                let _ = writeln!(w, "    {guard}{{ let kr = brow + {}u; let gk = k0 + kr; let bk = min(gk, p.k - 1u); var v = 0.0;", pass * (t / bn));
             } else {
                 let _ =
-                    writeln!(w, "    {guard}{{ let e = t + {}u; let kr = e / {bn}u; let bcol = e % {bn}u; let gk = k0 + kr; var v = 0.0;", pass * t);
+                    writeln!(w, "    {guard}{{ let e = t + {}u; let kr = e / {bn}u; let bcol = e % {bn}u; let gk = k0 + kr; let bk = min(gk, p.k - 1u); var v = 0.0;", pass * t);
                 column(w, "      ");
             }
             match self.b {
                 BLayout::Pointwise => {
-                    let _ = writeln!(w, "      if (pvalid && gk < p.k) {{ v = {}; }}", e.b.read("b", "xbase + gk * p.ohw + ppix"));
+                    let _ = writeln!(w, "      v = select(0.0, {}, pvalid & (gk < p.k));", e.b.read("b", "xbase + bk * p.ohw + ppix"));
                 }
                 BLayout::PointwiseT => {
-                    let _ = writeln!(w, "      if (pvalid && gk < p.k) {{ v = {}; }}", e.b.read("b", "ppix * p.k + gk"));
+                    let _ = writeln!(w, "      v = select(0.0, {}, pvalid & (gk < p.k));", e.b.read("b", "ppix * p.k + bk"));
                 }
                 BLayout::Conv { kh, kw, .. } => {
                     let kk = kh * kw;
-                    let _ = writeln!(w, "      if (pvalid && gk < p.k) {{");
                     let _ =
-                        writeln!(w, "        let ci = gk / {kk}u; let r = gk % {kk}u; let iy = iy0 + i32(r / {kw}u); let ix = ix0 + i32(r % {kw}u);");
+                        writeln!(w, "      let ci = bk / {kk}u; let r = bk % {kk}u; let iy = iy0 + i32(r / {kw}u); let ix = ix0 + i32(r % {kw}u);");
                     let _ = writeln!(
                         w,
-                        "        if (iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w)) {{ v = {}; }}",
-                        e.b.read("b", "xbase + ci * hw + u32(iy) * p.w + u32(ix)")
+                        "      v = select(0.0, {}, pvalid & (gk < p.k) & (iy >= 0) & (iy < i32(p.h)) & (ix >= 0) & (ix < i32(p.w)));",
+                        e.b.read("b", "xbase + ci * hw + u32(clamp(iy, 0, i32(p.h) - 1)) * p.w + u32(clamp(ix, 0, i32(p.w) - 1))")
                     );
-                    let _ = writeln!(w, "      }}");
                 }
             }
             let _ = writeln!(w, "      let f = kr * {bn}u + bcol; sb[f / 4u][f % 4u] = v; }}");
@@ -348,7 +351,7 @@ mod tests {
         assert!(src.starts_with("enable f16;"), "{src}");
         assert!(src.contains("a: array<f16>") && src.contains("b: array<f32>") && src.contains("c: array<f16>"));
         // Loads of A widen to f32, the tiles and sums stay f32, the store narrows.
-        assert!(src.contains("v = f32(a[gm * p.k + gk])") && src.contains("array<vec4<f32>") && src.contains("= f16(c0[0]"));
+        assert!(src.contains("f32(a[am * p.k + ak])") && src.contains("array<vec4<f32>") && src.contains("= f16(c0[0]"));
     }
 
     #[test]
