@@ -399,8 +399,9 @@ static SKINNY: AtomicU8 = AtomicU8::new(0);
 
 /// Whether GEMMs with a few columns (or rows, for a Linear; see [`skinny_limits`]) run on the skinny
 /// kernel (natively by default; `VISII_GEMV=off` keeps them on the tiled one, for comparisons). Off
-/// in a browser for now: on SwiftShader its forward inside a learning step crashed the GPU process
-/// (BENCHMARKS.md; not yet run through Dawn on a GPU).
+/// in a browser for now: not yet run through Dawn on a GPU, and on SwiftShader it wins the sample
+/// step but loses the learning step (BENCHMARKS.md; its learning step there no longer crashes since
+/// its loads are branch-free).
 pub fn skinny_enabled() -> bool {
     switch(&SKINNY, "VISII_GEMV", "off", false)
 }
