@@ -130,7 +130,7 @@ impl SkinnyConfig {
     /// few input values are the same for all of them. Otherwise the invocations split `K`, as above.
     pub fn wgsl(&self) -> String {
         if self.a == SkinnyA::Transposed {
-            return if self.vec4 { self.wgsl_columns4() } else { self.wgsl_columns() };
+            return self.wgsl_columns();
         }
         let (cols, rows, t) = (self.cols, self.rows, THREADS);
         let parts = cols * rows;
@@ -265,37 +265,49 @@ impl SkinnyConfig {
         let _ = writeln!(w, "@group(0) @binding({next}) var<uniform> p: Params;");
     }
 
-    /// [`Self::wgsl`] for a transposed `A` with rows of `B` (a Linear over a few tokens).
+    /// [`Self::wgsl`] for a transposed `A` with rows of `B` (a Linear over a few tokens). Each
+    /// invocation owns one row of `C`, or with [`Self::vec4`] four neighbouring ones: `A`'s row `k` is
+    /// then read as `vec4`s (`M / 4` of them) and each sum is a `vec4` of the four rows' sums, the
+    /// same products added in the same order as one row at a time (equal to the last bit), with a
+    /// quarter of the loads of `A` (on a CPU adapter every load is a loop over the lanes; on a GPU a
+    /// 16-byte read).
     fn wgsl_columns(&self) -> String {
         assert!(self.b == SkinnyB::Rows, "a transposed A goes with rows of B");
-        let (cols, t) = (self.cols, THREADS);
+        let (cols, t, v4) = (self.cols, THREADS, self.vec4);
         let e = self.elems;
-        let (la, lb) = (|i: &str| e.a.read("a", i), |i: &str| e.b.read("b", i));
+        let la = |i: &str| if v4 { e.a.read4("a", i) } else { e.a.read("a", i) };
+        // A value of B as a term of the sums (a vec4 of it for four rows).
+        let lb = |i: &str| if v4 { format!("vec4<f32>({})", e.b.read("b", i)) } else { e.b.read("b", i) };
+        // With four rows per invocation, `g` is its group (rows 4g .. 4g + 3 of C), `m4` groups per
+        // row of A.
+        let (stride, zero) = if v4 { ("m4", "vec4<f32>(0.0)") } else { ("p.m", "0.0") };
         let mut s = String::new();
         let w = &mut s;
-        self.header(w);
+        self.header_with(w, v4, false);
         let _ = writeln!(w, "@compute @workgroup_size({t})");
         let _ = writeln!(w, "fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {{");
-        let _ = writeln!(w, "  let m = (wid.y * p.gx + wid.x) * {t}u + t;");
+        if v4 {
+            let _ = writeln!(w, "  let m4 = p.m / 4u; let g = (wid.y * p.gx + wid.x) * {t}u + t;");
+        } else {
+            let _ = writeln!(w, "  let m = (wid.y * p.gx + wid.x) * {t}u + t;");
+        }
         // Rows past M read the last row (valid memory) and write nothing; no early return, so the
         // control flow stays uniform.
-        let _ = writeln!(w, "  let row = min(m, p.m - 1u);");
+        if v4 {
+            let _ = writeln!(w, "  let row = min(g, m4 - 1u);");
+        } else {
+            let _ = writeln!(w, "  let row = min(m, p.m - 1u);");
+        }
         for q in 0..cols {
-            let _ = writeln!(w, "  let xb{q} = min({q}u, p.n - 1u) * p.k; var s{q} = 0.0;");
+            let _ = writeln!(w, "  let xb{q} = min({q}u, p.n - 1u) * p.k; var s{q} = {zero};");
         }
         // K in steps of 4 (independent loads in flight), then the rest one at a time; each sum
         // still adds its products in k order.
         let _ = writeln!(w, "  let k4 = p.k / 4u * 4u; var k = 0u;");
         let _ = writeln!(w, "  for (; k < k4; k = k + 4u) {{");
-        let _ = writeln!(w, "    let ao = k * p.m + row;");
-        let _ = writeln!(
-            w,
-            "    let v0 = {}; let v1 = {}; let v2 = {}; let v3 = {};",
-            la("ao"),
-            la("ao + p.m"),
-            la("ao + 2u * p.m"),
-            la("ao + 3u * p.m")
-        );
+        let _ = writeln!(w, "    let ao = k * {stride} + row;");
+        let (a1, a2, a3) = (format!("ao + {stride}"), format!("ao + 2u * {stride}"), format!("ao + 3u * {stride}"));
+        let _ = writeln!(w, "    let v0 = {}; let v1 = {}; let v2 = {}; let v3 = {};", la("ao"), la(&a1), la(&a2), la(&a3));
         for q in 0..cols {
             let _ = writeln!(
                 w,
@@ -308,16 +320,34 @@ impl SkinnyConfig {
         }
         let _ = writeln!(w, "  }}");
         let _ = writeln!(w, "  for (; k < p.k; k = k + 1u) {{");
-        let _ = write!(w, "    let v = {};", la("k * p.m + row"));
+        let _ = write!(w, "    let v = {};", la(&format!("k * {stride} + row")));
         for q in 0..cols {
             let _ = write!(w, " s{q} = fma(v, {}, s{q});", lb(&format!("xb{q} + k")));
         }
         let _ = writeln!(w);
         let _ = writeln!(w, "  }}");
-        let _ = writeln!(w, "  if (m < p.m) {{");
-        let bias = if self.bias == Bias::Row { format!(" + {}", e.bias.read("bias", "m")) } else { String::new() };
-        for q in 0..cols {
-            let _ = writeln!(w, "    if ({q}u < p.n) {{ c[{q}u * p.m + m] = {}; }}", e.c.store(&format!("s{q}{bias}")));
+        if v4 {
+            let _ = writeln!(w, "  if (g < m4) {{");
+            let _ = writeln!(w, "    let m = 4u * g;");
+            let bias = if self.bias == Bias::Row {
+                let b = |i: &str| e.bias.read("bias", i);
+                format!(" + vec4<f32>({}, {}, {}, {})", b("m"), b("m + 1u"), b("m + 2u"), b("m + 3u"))
+            } else {
+                String::new()
+            };
+            for q in 0..cols {
+                let _ = writeln!(w, "    if ({q}u < p.n) {{ let v = s{q}{bias};");
+                for i in 0..4 {
+                    let _ = writeln!(w, "      c[{q}u * p.m + m + {i}u] = {};", e.c.store(&format!("v[{i}]")));
+                }
+                let _ = writeln!(w, "    }}");
+            }
+        } else {
+            let _ = writeln!(w, "  if (m < p.m) {{");
+            let bias = if self.bias == Bias::Row { format!(" + {}", e.bias.read("bias", "m")) } else { String::new() };
+            for q in 0..cols {
+                let _ = writeln!(w, "    if ({q}u < p.n) {{ c[{q}u * p.m + m] = {}; }}", e.c.store(&format!("s{q}{bias}")));
+            }
         }
         let _ = writeln!(w, "  }}");
         let _ = writeln!(w, "}}");
@@ -385,74 +415,6 @@ impl SkinnyConfig {
                 let _ = writeln!(w, "    s{i} = fma(a{r}[3], b{q}_3, fma(a{r}[2], b{q}_2, fma(a{r}[1], b{q}_1, fma(a{r}[0], b{q}_0, s{i}))));");
             }
         }
-    }
-
-    /// [`Self::wgsl_columns`] four rows of `C` per invocation: `A`'s row `k` read as `vec4`s (`M / 4`
-    /// of them), each sum a `vec4` of the four rows' sums. The same products added in the same
-    /// order as the scalar form, so the results are equal to the last bit; a quarter of the loads
-    /// of `A` (on a CPU adapter every load is a loop over the lanes; on a GPU a 16-byte read).
-    fn wgsl_columns4(&self) -> String {
-        assert!(self.b == SkinnyB::Rows && self.vec4, "the vec4 form is for a transposed A over rows of B");
-        let (cols, t) = (self.cols, THREADS);
-        let e = self.elems;
-        let (la, lb) = (|i: &str| e.a.read4("a", i), |i: &str| e.b.read("b", i));
-        let mut s = String::new();
-        let w = &mut s;
-        self.header_with(w, true, false);
-        let _ = writeln!(w, "@compute @workgroup_size({t})");
-        let _ = writeln!(w, "fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {{");
-        // g: this invocation's group of four rows (rows 4g .. 4g + 3 of C); m4 groups per row of A.
-        let _ = writeln!(w, "  let m4 = p.m / 4u; let g = (wid.y * p.gx + wid.x) * {t}u + t;");
-        let _ = writeln!(w, "  let row = min(g, m4 - 1u);");
-        for q in 0..cols {
-            let _ = writeln!(w, "  let xb{q} = min({q}u, p.n - 1u) * p.k; var s{q} = vec4<f32>(0.0);");
-        }
-        let _ = writeln!(w, "  let k4 = p.k / 4u * 4u; var k = 0u;");
-        let _ = writeln!(w, "  for (; k < k4; k = k + 4u) {{");
-        let _ = writeln!(w, "    let ao = k * m4 + row;");
-        let _ =
-            writeln!(w, "    let v0 = {}; let v1 = {}; let v2 = {}; let v3 = {};", la("ao"), la("ao + m4"), la("ao + 2u * m4"), la("ao + 3u * m4"));
-        for q in 0..cols {
-            let _ = writeln!(
-                w,
-                "    {{ let o = xb{q} + k; s{q} = fma(v3, vec4<f32>({}), fma(v2, vec4<f32>({}), fma(v1, vec4<f32>({}), fma(v0, vec4<f32>({}), s{q})))); }}",
-                lb("o + 3u"),
-                lb("o + 2u"),
-                lb("o + 1u"),
-                lb("o")
-            );
-        }
-        let _ = writeln!(w, "  }}");
-        let _ = writeln!(w, "  for (; k < p.k; k = k + 1u) {{");
-        let _ = write!(w, "    let v = {};", la("k * m4 + row"));
-        for q in 0..cols {
-            let _ = write!(w, " s{q} = fma(v, vec4<f32>({}), s{q});", lb(&format!("xb{q} + k")));
-        }
-        let _ = writeln!(w);
-        let _ = writeln!(w, "  }}");
-        let _ = writeln!(w, "  if (g < m4) {{");
-        let _ = writeln!(w, "    let m = 4u * g;");
-        let bias = if self.bias == Bias::Row {
-            format!(
-                " + vec4<f32>({}, {}, {}, {})",
-                e.bias.read("bias", "m"),
-                e.bias.read("bias", "m + 1u"),
-                e.bias.read("bias", "m + 2u"),
-                e.bias.read("bias", "m + 3u")
-            )
-        } else {
-            String::new()
-        };
-        for q in 0..cols {
-            let _ = writeln!(w, "    if ({q}u < p.n) {{ let v = s{q}{bias};");
-            for i in 0..4 {
-                let _ = writeln!(w, "      c[{q}u * p.m + m + {i}u] = {};", e.c.store(&format!("v[{i}]")));
-            }
-            let _ = writeln!(w, "    }}");
-        }
-        let _ = writeln!(w, "  }}");
-        let _ = writeln!(w, "}}");
-        s
     }
 }
 
