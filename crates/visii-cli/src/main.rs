@@ -1208,9 +1208,7 @@ fn bench(
         }
         runners.push((arg(&b), c));
     }
-    if let Some((py, torch_device)) =
-        torch.filter(|_| !matches!(what, BenchWhat::Conv | BenchWhat::Linear | BenchWhat::Groupnorm | BenchWhat::Attention))
-    {
+    if let Some((py, torch_device)) = torch.filter(|_| !matches!(what, BenchWhat::Conv | BenchWhat::Linear | BenchWhat::Groupnorm | BenchWhat::Attention)) {
         let mut c = std::process::Command::new(py);
         c.arg(&script).args(["--latent", &latent.to_string(), "--what", &arg(&what), "--config", &arg(&config), "--runs", &runs.to_string()]);
         c.args(["--device", torch_device]);

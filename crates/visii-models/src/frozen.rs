@@ -191,13 +191,7 @@ fn record<C: CheckpointStrategy>(x: AutodiffTensor, q: Frozen, shape: Shape, op:
             let batched_shape = batched(&shape, x.shape().num_dims());
             let y = |x: Float| {
                 let (x, w) = if ours(dtype) {
-                    match crate::kernels::linear_weight(
-                        x,
-                        kernel_weight(&q, &shape, dtype),
-                        shape.dims::<2>(),
-                        None,
-                        crate::kernels::skinny_enabled(),
-                    ) {
+                    match crate::kernels::linear_weight(x, kernel_weight(&q, &shape, dtype), shape.dims::<2>(), None, crate::kernels::skinny_enabled()) {
                         Ok(y) => return y,
                         Err((x, back, _)) => (x, burn_weight(back, &q, &shape, dtype)),
                     }
@@ -217,14 +211,7 @@ fn record<C: CheckpointStrategy>(x: AutodiffTensor, q: Frozen, shape: Shape, op:
             let [_, _, h, wd] = x.shape().dims();
             let y = |x: Float| {
                 let (x, w) = if ours(dtype) {
-                    match crate::kernels::conv2d_weight(
-                        x,
-                        kernel_weight(&q, &shape, dtype),
-                        shape.dims::<4>(),
-                        None,
-                        &options,
-                        crate::kernels::skinny_enabled(),
-                    ) {
+                    match crate::kernels::conv2d_weight(x, kernel_weight(&q, &shape, dtype), shape.dims::<4>(), None, &options, crate::kernels::skinny_enabled()) {
                         Ok(y) => return y,
                         Err((x, back, _)) => (x, burn_weight(back, &q, &shape, dtype)),
                     }

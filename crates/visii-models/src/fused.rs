@@ -64,8 +64,14 @@ impl Backward<Cube, 3> for FusedAttention {
         if pq.is_none() && pk.is_none() && pv.is_none() {
             return;
         }
-        let (dq, dk, dv) =
-            attention_grads(crate::kernels::wrap(q), crate::kernels::wrap(k), crate::kernels::wrap(v), crate::kernels::wrap(grad), heads, causal);
+        let (dq, dk, dv) = attention_grads(
+            crate::kernels::wrap(q),
+            crate::kernels::wrap(k),
+            crate::kernels::wrap(v),
+            crate::kernels::wrap(grad),
+            heads,
+            causal,
+        );
         for (parent, g) in [(pq, dq), (pk, dk), (pv, dv)] {
             if let Some(node) = parent {
                 let g = crate::kernels::primitive(&g).expect("the gradient is a cubecl tensor outside autodiff");
@@ -181,8 +187,7 @@ pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, causal:
         (q, k, v) => return Err((back(q), back(k), back(v))),
     };
     let f32s = [&q, &k, &v].iter().all(|t| t.dtype() == burn_backend::DType::F32);
-    let applies =
-        f32s && strategy == ks && ks == vs && crate::kernels::attention_applies(&q.shape().to_vec(), &k.shape().to_vec(), &v.shape().to_vec(), heads);
+    let applies = f32s && strategy == ks && ks == vs && crate::kernels::attention_applies(&q.shape().to_vec(), &k.shape().to_vec(), &v.shape().to_vec(), heads);
     if !applies {
         return Err((rewrap(q, strategy), rewrap(k, ks), rewrap(v, vs)));
     }

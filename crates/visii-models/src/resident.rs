@@ -194,13 +194,7 @@ impl Layer<Tensor<4>> for Conv2d {
                 // An int8-resident weight read in place by our GEMM (no float copy of it).
                 let x = match self.weight.reparameterization::<Dequantized>() {
                     Some(r) if r.shape.len() == 4 => {
-                        match crate::kernels::conv2d_q8(
-                            x,
-                            &self.weight.base(),
-                            [r.shape[0], r.shape[1], r.shape[2], r.shape[3]],
-                            bias.as_ref(),
-                            &options,
-                        ) {
+                        match crate::kernels::conv2d_q8(x, &self.weight.base(), [r.shape[0], r.shape[1], r.shape[2], r.shape[3]], bias.as_ref(), &options) {
                             Ok(y) => return y,
                             Err(x) => x,
                         }

@@ -260,11 +260,7 @@ impl GemmConfig {
                     let kk = kh * kw;
                     let _ =
                         writeln!(w, "      let ci = bk / {kk}u; let r = bk % {kk}u; let iy = iy0 + i32(r / {kw}u); let ix = ix0 + i32(r % {kw}u);");
-                    let _ = writeln!(
-                        w,
-                        "      v = select(0.0, {}, pvalid & (gk < p.k) & (iy >= 0) & (iy < i32(p.h)) & (ix >= 0) & (ix < i32(p.w)));",
-                        e.b.read("b", "xbase + ci * hw + u32(clamp(iy, 0, i32(p.h) - 1)) * p.w + u32(clamp(ix, 0, i32(p.w) - 1))")
-                    );
+                    let _ = writeln!(w, "      v = {};", super::image_value(e.b, "b", "xbase + ci * hw", "iy", "ix", "pvalid & (gk < p.k) & "));
                 }
             }
             let _ = writeln!(w, "      let f = kr * {bn}u + bcol; sb[f / 4u][f % 4u] = v; }}");

@@ -88,9 +88,9 @@ impl SkinnyConfig {
     pub fn vectorised(self, m: usize, k: usize) -> Self {
         let e = self.elems;
         let vec4 = match (self.a, self.b) {
-            (SkinnyA::Transposed, _) => m % 4 == 0 && e.a.reads4(),
-            (SkinnyA::RowMajor, SkinnyB::Conv { kh, kw, nky, nkx, .. }) => k % 4 == 0 && nky == kh && nkx == kw && e.a.reads4(),
-            (SkinnyA::RowMajor, SkinnyB::Rows) => k % 4 == 0 && e.a.reads4() && e.b.reads4(),
+            (SkinnyA::Transposed, _) => m.is_multiple_of(4) && e.a.reads4(),
+            (SkinnyA::RowMajor, SkinnyB::Conv { kh, kw, nky, nkx, .. }) => k.is_multiple_of(4) && nky == kh && nkx == kw && e.a.reads4(),
+            (SkinnyA::RowMajor, SkinnyB::Rows) => k.is_multiple_of(4) && e.a.reads4() && e.b.reads4(),
         };
         SkinnyConfig { vec4, ..self }
     }
@@ -138,7 +138,7 @@ impl SkinnyConfig {
         let b4 = v4 && self.b == SkinnyB::Rows;
         let mut s = String::new();
         let w = &mut s;
-        self.header_with(w, v4, b4);
+        self.header(w, v4, b4);
         let _ = writeln!(w, "var<workgroup> red: array<f32, {}>;", parts * t);
         let _ = writeln!(w, "@compute @workgroup_size({t})");
         let _ = writeln!(w, "fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {{");
@@ -191,7 +191,12 @@ impl SkinnyConfig {
                 let _ = writeln!(w, "    let a{r} = {};", e.a.read("a", &format!("row{r} * p.k + k")));
             }
             for q in 0..cols {
-                let _ = writeln!(w, "    {}", self.load_b(&format!("b{q}"), q, "ky", "kx", "cb", "k"));
+                let load = match self.b {
+                    SkinnyB::Conv { .. } => self.load_tap(&format!("b{q}"), q, "ky", "kx", "cb"),
+                    // Columns past n read the last row (their sums are never written).
+                    SkinnyB::Rows => format!("let b{q} = {};", e.b.read("b", &format!("xb{q} + k"))),
+                };
+                let _ = writeln!(w, "    {load}");
             }
             for r in 0..rows {
                 let _ = write!(w, "   ");
@@ -232,13 +237,9 @@ impl SkinnyConfig {
 
 impl SkinnyConfig {
     /// The parameters and bindings of both forms: `a`, `b`, (`bias`), `c`, `p`. Every buffer
-    /// read_write, as in gemm.rs (cubecl may bind one buffer twice natively).
-    fn header(&self, w: &mut String) {
-        self.header_with(w, false, false)
-    }
-
-    /// [`Self::header`], with `a` (`b`) declared in groups of four values where `a4` (`b4`).
-    fn header_with(&self, w: &mut String, a4: bool, b4: bool) {
+    /// read_write, as in gemm.rs (cubecl may bind one buffer twice natively); `a` (`b`) declared
+    /// in groups of four values where `a4` (`b4`).
+    fn header(&self, w: &mut String, a4: bool, b4: bool) {
         let e = self.elems;
         let bias_elem = if self.bias == Bias::None { Elem::F32 } else { e.bias };
         Elem::enable(w, &[e.a, e.b, bias_elem, e.c]);
@@ -283,7 +284,7 @@ impl SkinnyConfig {
         let (stride, zero) = if v4 { ("m4", "vec4<f32>(0.0)") } else { ("p.m", "0.0") };
         let mut s = String::new();
         let w = &mut s;
-        self.header_with(w, v4, false);
+        self.header(w, v4, false);
         let _ = writeln!(w, "@compute @workgroup_size({t})");
         let _ = writeln!(w, "fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {{");
         if v4 {
@@ -356,23 +357,12 @@ impl SkinnyConfig {
 }
 
 impl SkinnyConfig {
-    /// `var {name} = ..;`: column `q`'s value of `B` at `k` (for a conv: tap `ky`, `kx` of channel
-    /// offset `cb`; zero outside the image).
-    fn load_b(&self, name: &str, q: u32, ky: &str, kx: &str, cb: &str, k: &str) -> String {
-        let e = self.elems;
-        match self.b {
-            // Without a branch: the load from the nearest pixel inside the image, then zero where the
-            // tap is outside it, the test with `&` (`&&` short-circuits: a branch). A branch around
-            // each load made SwiftShader (Chrome's CPU WebGPU) never finish compiling, its memory
-            // growing by gigabytes a minute, once a step held 8 or more of them.
-            SkinnyB::Conv { .. } => format!(
-                "let {name}y = iy{q} + i32({ky}); let {name}x = ix{q} + i32({kx}); \
-                 let {name} = select(0.0, {}, ({name}y >= 0) & ({name}y < i32(p.h)) & ({name}x >= 0) & ({name}x < i32(p.w)));",
-                e.b.read("b", &format!("xb{q} + {cb} + u32(clamp({name}y, 0, i32(p.h) - 1)) * p.w + u32(clamp({name}x, 0, i32(p.w) - 1))"))
-            ),
-            // Columns past n read the last row (their sums are never written).
-            SkinnyB::Rows => format!("let {name} = {};", e.b.read("b", &format!("xb{q} + {k}"))),
-        }
+    /// `let {name} = ..;`: column `q`'s value of a conv's `B` at tap `ky`, `kx` of the channel at
+    /// offset `cb` (zero outside the image, without a branch: [`super::image_value`]).
+    fn load_tap(&self, name: &str, q: u32, ky: &str, kx: &str, cb: &str) -> String {
+        let (y, x) = (format!("{name}y"), format!("{name}x"));
+        let value = super::image_value(self.elems.b, "b", &format!("xb{q} + {cb}"), &y, &x, "");
+        format!("let {y} = iy{q} + i32({ky}); let {x} = ix{q} + i32({kx}); let {name} = {value};")
     }
 
     /// The main loop of the row-major form four `k` at a time (see [`Self::vectorised`]): step `j`
@@ -396,7 +386,7 @@ impl SkinnyConfig {
                     );
                     for q in 0..cols {
                         let _ =
-                            writeln!(w, "    {}", self.load_b(&format!("b{q}_{i}"), q, &format!("ky{i}"), &format!("kx{i}"), &format!("cb{i}"), ""));
+                            writeln!(w, "    {}", self.load_tap(&format!("b{q}_{i}"), q, &format!("ky{i}"), &format!("kx{i}"), &format!("cb{i}")));
                     }
                 }
             }

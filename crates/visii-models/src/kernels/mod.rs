@@ -88,9 +88,7 @@ pub enum Elem {
     #[default]
     F32,
     F16,
-    Q8 {
-        block: u32,
-    },
+    Q8 { block: u32 },
 }
 
 impl Elem {
@@ -194,6 +192,19 @@ impl Elem {
             w.push_str("enable f16;\n");
         }
     }
+}
+
+/// The value at row `y`, column `x` (i32 expressions) of the `p.h x p.w` image that starts at `base`
+/// in `buf`, as an f32, zero outside the image (and where `also`, a bool expression ending in `&`,
+/// fails), without a branch: the load from the nearest pixel inside, then `select`, the test with
+/// `&` (`&&` short-circuits: a branch). A branch around each load costs more than the load on CPU
+/// adapters (SIMD lanes), and with 8 or more per loop step SwiftShader's compiler never finished,
+/// its memory growing by gigabytes a minute (BENCHMARKS.md).
+pub(crate) fn image_value(e: Elem, buf: &str, base: &str, y: &str, x: &str, also: &str) -> String {
+    format!(
+        "select(0.0, {}, {also}({y} >= 0) & ({y} < i32(p.h)) & ({x} >= 0) & ({x} < i32(p.w)))",
+        e.read(buf, &format!("{base} + u32(clamp({y}, 0, i32(p.h) - 1)) * p.w + u32(clamp({x}, 0, i32(p.w) - 1))"))
+    )
 }
 
 /// The element types of a GEMM's operands: `a`, `b`, `bias` read, `c` written.
@@ -515,11 +526,8 @@ impl Q8 {
             return None;
         }
         let (values, scales) = q.quantized_handles()?;
-        (values.dtype == DType::U32 && values.is_contiguous() && scales.dtype == DType::F32 && scales.is_contiguous()).then_some(Q8 {
-            values,
-            scales,
-            block: block as u32,
-        })
+        (values.dtype == DType::U32 && values.is_contiguous() && scales.dtype == DType::F32 && scales.is_contiguous())
+            .then_some(Q8 { values, scales, block: block as u32 })
     }
 }
 
@@ -1018,12 +1026,7 @@ pub(crate) fn q8_base<const W: usize>(base: &Tensor<W>) -> Option<Q8> {
 
 /// `x · W + bias` outside autodiff for an int8-resident weight `base` of real shape `wdims`
 /// `[K, N]`, read in place; `Err(x)` where it cannot be.
-pub fn linear_q8<const D: usize, const W: usize>(
-    x: Tensor<D>,
-    base: &Tensor<W>,
-    wdims: [usize; 2],
-    bias: Option<&Tensor<1>>,
-) -> Result<Tensor<D>, Tensor<D>> {
+pub fn linear_q8<const D: usize, const W: usize>(x: Tensor<D>, base: &Tensor<W>, wdims: [usize; 2], bias: Option<&Tensor<1>>) -> Result<Tensor<D>, Tensor<D>> {
     let Some(q8) = q8_base(base) else { return Err(x) };
     let Some((xc, bc)) = input_primitives(&x, bias) else { return Err(x) };
     linear_weight(xc, Weight::Q8(q8), wdims, bc, skinny_enabled()).map(wrap).map_err(|_| x)
