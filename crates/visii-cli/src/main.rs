@@ -332,6 +332,10 @@ enum BenchWhat {
     /// One scaled dot-product attention of `--shape batch,queries,keys,heads,head_dim` (the fused
     /// kernel on `wgpu` where it applies; burn's chain on `wgpu-burn`).
     Attention,
+    /// The same attention forward and backward (the gradients of `q`, `k` and `v` for the loss
+    /// `sum(attention * r)`), as learning runs it: on `wgpu` the fused step with
+    /// `VISII_FLASH_GRAD=on` (else burn's chain with our softmax); burn's chain on `wgpu-burn`.
+    AttentionGrad,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Debug)]
@@ -1139,7 +1143,7 @@ fn bench(
 ) -> Result<(), Box<dyn std::error::Error>> {
     let cfg = bench_config(config)?;
     let full = config == BenchConfig::Full;
-    if matches!(what, BenchWhat::Conv | BenchWhat::Linear | BenchWhat::Attention) {
+    if matches!(what, BenchWhat::Conv | BenchWhat::Linear | BenchWhat::Attention | BenchWhat::AttentionGrad) {
         println!("{what:?} {shape:?}: {:.1} GFLOP per call", op_flop(what, shape) / 1e9);
     } else if what == BenchWhat::Groupnorm {
         println!("{what:?} {shape:?}: {:.1} M values", shape[..4].iter().product::<usize>() as f64 / 1e6);
@@ -1208,7 +1212,7 @@ fn bench(
         }
         runners.push((arg(&b), c));
     }
-    if let Some((py, torch_device)) = torch.filter(|_| !matches!(what, BenchWhat::Conv | BenchWhat::Linear | BenchWhat::Groupnorm | BenchWhat::Attention)) {
+    if let Some((py, torch_device)) = torch.filter(|_| !matches!(what, BenchWhat::Conv | BenchWhat::Linear | BenchWhat::Groupnorm | BenchWhat::Attention | BenchWhat::AttentionGrad)) {
         let mut c = std::process::Command::new(py);
         c.arg(&script).args(["--latent", &latent.to_string(), "--what", &arg(&what), "--config", &arg(&config), "--runs", &runs.to_string()]);
         c.args(["--device", torch_device]);
@@ -1241,7 +1245,7 @@ fn bench(
         }
         let run_s = r["run_s"].as_f64().unwrap_or(f64::NAN);
         match what {
-            BenchWhat::Conv | BenchWhat::Linear | BenchWhat::Attention => println!("  {name}: {:.1} GFLOP/s", op_flop(what, shape) / run_s / 1e9),
+            BenchWhat::Conv | BenchWhat::Linear | BenchWhat::Attention | BenchWhat::AttentionGrad => println!("  {name}: {:.1} GFLOP/s", op_flop(what, shape) / run_s / 1e9),
             // What a norm cannot do with less: read the input once, write the output once.
             BenchWhat::Groupnorm => {
                 println!("  {name}: {:.1} GB/s (one read + one write)", 8.0 * shape[..4].iter().product::<usize>() as f64 / run_s / 1e9)
@@ -1330,13 +1334,15 @@ fn op_shape(what: BenchWhat, shape: Vec<usize>) -> Result<Vec<usize>, Box<dyn st
         (BenchWhat::Groupnorm, true) => vec![1, 128, 256, 256, 32],
         // The UNet's first-level self-attention at 512 px (64 x 64 latents, 8 heads of 40).
         (BenchWhat::Attention, true) => vec![1, 4096, 4096, 8, 40],
-        (BenchWhat::Conv | BenchWhat::Linear | BenchWhat::Groupnorm | BenchWhat::Attention, false) => shape,
+        // Learning's first-level self-attention at 256 px (32 x 32 latents).
+        (BenchWhat::AttentionGrad, true) => vec![1, 1024, 1024, 8, 40],
+        (BenchWhat::Conv | BenchWhat::Linear | BenchWhat::Groupnorm | BenchWhat::Attention | BenchWhat::AttentionGrad, false) => shape,
         (_, true) => return Ok(shape),
-        (_, false) => return Err("--shape is for --what conv, linear, groupnorm or attention".into()),
+        (_, false) => return Err("--shape is for --what conv, linear, groupnorm, attention or attention-grad".into()),
     };
     let want = match what {
         BenchWhat::Conv => 7,
-        BenchWhat::Groupnorm | BenchWhat::Attention => 5,
+        BenchWhat::Groupnorm | BenchWhat::Attention | BenchWhat::AttentionGrad => 5,
         _ => 3,
     };
     if shape.len() != want || shape.contains(&0) || shape.iter().any(|&v| v > 1 << 20) {
@@ -1346,7 +1352,7 @@ fn op_shape(what: BenchWhat, shape: Vec<usize>) -> Result<Vec<usize>, Box<dyn st
     let p = |idx: &[usize]| idx.iter().map(|&i| shape[i] as u128).product::<u128>();
     let values: u128 = match what {
         BenchWhat::Conv => p(&[0, 1, 2, 3]).max(p(&[0, 4, 2, 3])).max(p(&[4, 1, 5, 5])),
-        BenchWhat::Attention => p(&[0, 1, 3, 4]).max(p(&[0, 2, 3, 4])),
+        BenchWhat::Attention | BenchWhat::AttentionGrad => p(&[0, 1, 3, 4]).max(p(&[0, 2, 3, 4])),
         BenchWhat::Groupnorm => p(&[0, 1, 2, 3]),
         _ => p(&[0, 1]).max(p(&[1, 2])).max(p(&[0, 2])),
     };
@@ -1368,6 +1374,9 @@ fn op_flop(what: BenchWhat, s: &[usize]) -> f64 {
         }
         // q kᵀ and the weights times v: two multiply-adds per query, key, head and head dim.
         BenchWhat::Attention => 4.0 * (s[0] * s[1] * s[2] * s[3] * s[4]) as f64,
+        // The forward's two and the backward's four (dV = Pᵀ dO, dP = dO vᵀ, dQ = dS k, dK = dSᵀ q);
+        // a fused backward that recomputes the scores does one more.
+        BenchWhat::AttentionGrad => 12.0 * (s[0] * s[1] * s[2] * s[3] * s[4]) as f64,
         _ => 2.0 * (s[0] * s[1] * s[2]) as f64,
     }
 }
@@ -1406,6 +1415,20 @@ fn bench_op(what: BenchWhat, s: &[usize], backend: Backend, runs: usize, dev: &D
             let build_s = t0.elapsed().as_secs_f64();
             timed(backend, 0, build_s, runs, dev, || {
                 let _ = visii_models::nn::attention(q.clone(), k.clone(), v.clone(), heads, false).slice([0..1, 0..1, 0..1]).into_data();
+            });
+        }
+        BenchWhat::AttentionGrad => {
+            let (b, n, m, heads, d) = (s[0], s[1], s[2], s[3], s[4]);
+            let t = |rows: usize| normal(vec![b, rows, heads * d], 1.0).reshape([b, rows, heads * d]).cast(act);
+            let (q, k, v, r) = (t(n), t(m), t(m), t(n));
+            let build_s = t0.elapsed().as_secs_f64();
+            timed(backend, 0, build_s, runs, dev, || {
+                let [qa, ka, va] = [&q, &k, &v].map(|x| x.clone().autodiff().require_grad());
+                let out = visii_models::nn::attention(qa.clone(), ka.clone(), va.clone(), heads, false);
+                let grads = (out * r.clone().autodiff()).sum().backward();
+                for x in [qa, ka, va] {
+                    let _ = x.grad(&grads).map(|g| g.slice([0..1, 0..1, 0..1]).into_data());
+                }
             });
         }
         BenchWhat::Groupnorm => {
@@ -1447,7 +1470,7 @@ fn bench_one(
     use visii_pipeline::block_on;
     use visii_pipeline::probe::UnetProbe;
     let dev = device(backend);
-    if matches!(what, BenchWhat::Conv | BenchWhat::Linear | BenchWhat::Groupnorm | BenchWhat::Attention) {
+    if matches!(what, BenchWhat::Conv | BenchWhat::Linear | BenchWhat::Groupnorm | BenchWhat::Attention | BenchWhat::AttentionGrad) {
         return bench_op(what, &op_shape(what, shape.to_vec())?, backend, runs, &dev);
     }
     if matches!(what, BenchWhat::VaeDecode | BenchWhat::VaeEncode) {
@@ -1467,7 +1490,7 @@ fn bench_one(
             BenchWhat::LearnStep => block_on(probe.learn_step(&unet)),
             BenchWhat::SampleStep => block_on(probe.sample_step(&unet)),
             BenchWhat::VaeDecode | BenchWhat::VaeEncode => unreachable!("bench_vae"),
-            BenchWhat::Conv | BenchWhat::Linear | BenchWhat::Groupnorm | BenchWhat::Attention => unreachable!("bench_op"),
+            BenchWhat::Conv | BenchWhat::Linear | BenchWhat::Groupnorm | BenchWhat::Attention | BenchWhat::AttentionGrad => unreachable!("bench_op"),
         };
         failed = failed.take().or(r.err());
     });

@@ -55,30 +55,45 @@ pub fn set_enabled(on: bool) {
 struct FusedAttention;
 
 impl Backward<Cube, 3> for FusedAttention {
-    type State = (Float, Float, Float, usize, bool);
+    type State = (Float, Float, Float, Float, Float, usize, bool);
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let (q, k, v, heads, causal) = ops.state;
+        let (q, k, v, o, lse, heads, causal) = ops.state;
         let grad = grads.consume::<Cube>(&ops.node);
         let [pq, pk, pv] = ops.parents;
         if pq.is_none() && pk.is_none() && pv.is_none() {
             return;
         }
-        let (dq, dk, dv) = attention_grads(
-            crate::kernels::wrap(q),
-            crate::kernels::wrap(k),
-            crate::kernels::wrap(v),
-            crate::kernels::wrap(grad),
-            heads,
-            causal,
-        );
+        let fused = if recompute() {
+            Err(())
+        } else {
+            crate::kernels::attention_grads_cube(q.clone(), k.clone(), v.clone(), o, lse, grad.clone(), heads, causal)
+        };
+        let (dq, dk, dv) = match fused {
+            Ok(g) => g,
+            Err(()) => {
+                let w = crate::kernels::wrap::<3>;
+                let (dq, dk, dv) = attention_grads(w(q), w(k), w(v), w(grad), heads, causal);
+                let p = |t: Tensor<3>| crate::kernels::primitive(&t).expect("the gradient is a cubecl tensor outside autodiff");
+                (p(dq), p(dk), p(dv))
+            }
+        };
         for (parent, g) in [(pq, dq), (pk, dk), (pv, dv)] {
             if let Some(node) = parent {
-                let g = crate::kernels::primitive(&g).expect("the gradient is a cubecl tensor outside autodiff");
                 grads.register::<Cube>(node.id, g);
             }
         }
     }
+}
+
+/// 0: not yet read, 1: recompute the weights with burn's ops in the backward, 2: the fused
+/// backward kernels.
+static RECOMPUTE: AtomicU8 = AtomicU8::new(0);
+
+/// Whether the backward recomputes the weights per slice with burn's ops
+/// (`VISII_FLASH_GRAD_KERNEL=off`, for comparisons) instead of the fused backward kernels.
+fn recompute() -> bool {
+    crate::kernels::switch_with(&RECOMPUTE, "VISII_FLASH_GRAD_KERNEL", |v| v == Some("off"), false)
 }
 
 /// The gradients of `q`, `k`, `v` (`[b, n | m, heads · d]`) for the output gradient `grad`
@@ -136,10 +151,11 @@ pub fn attention_grads(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, grad: Tensor<3>
 fn record<C: CheckpointStrategy>(q: AutodiffTensor, k: AutodiffTensor, v: AutodiffTensor, heads: usize, causal: bool) -> AutodiffTensor {
     let nodes = [q.node(), k.node(), v.node()];
     let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
-    let out = crate::kernels::attention_cube(q.clone(), k.clone(), v.clone(), heads, causal)
+    let (out, lse) = crate::kernels::attention_cube_lse(q.clone(), k.clone(), v.clone(), heads, causal, true)
         .unwrap_or_else(|_| unreachable!("checked by kernels::attention_applies"));
+    let lse = lse.expect("asked for the log-sum-exp");
     match FusedAttention.prepare::<C>(nodes).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => prep.finish((q, k, v, heads, causal), out),
+        OpsKind::Tracked(prep) => prep.finish((q, k, v, out.clone(), lse, heads, causal), out),
         OpsKind::UnTracked(prep) => prep.finish(out),
     }
 }

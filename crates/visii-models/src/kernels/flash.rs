@@ -32,6 +32,9 @@ pub struct FlashConfig {
     pub causal: bool,
     /// The element type of `q`, `k`, `v` and the output (read into f32; the softmax and sums in f32).
     pub elem: Elem,
+    /// Also writes each row's log-sum-exp `mx + ln(l)` (f32, `[b, heads, n]`) for the backward
+    /// ([`FlashGradConfig`]).
+    pub lse: bool,
 }
 
 impl FlashConfig {
@@ -57,19 +60,17 @@ impl FlashConfig {
         let w = &mut s;
         let e = self.elem;
         let ty = e.wgsl();
-        // Four consecutive values of `buf` from `at` as a vec4<f32>.
-        let vec4 = |buf: &str, at: &str| match e {
-            Elem::F32 => format!("vec4<f32>({buf}[{at}], {buf}[{at} + 1u], {buf}[{at} + 2u], {buf}[{at} + 3u])"),
-            Elem::F16 => format!("vec4<f32>(vec4<f16>({buf}[{at}], {buf}[{at} + 1u], {buf}[{at} + 2u], {buf}[{at} + 3u]))"),
-            Elem::Q8 { .. } => unreachable!("attention reads floats"),
-        };
+        let vec4 = |buf: &str, at: &str| load4(e, buf, at);
         Elem::enable(w, &[e]);
         let _ = writeln!(w, "struct Params {{ n: u32, m: u32, qs: u32, ks: u32, heads: u32, scale: u32, u0: u32, u1: u32 }}");
         let _ = writeln!(w, "@group(0) @binding(0) var<storage, read_write> q: array<{ty}>;");
         let _ = writeln!(w, "@group(0) @binding(1) var<storage, read_write> k: array<{ty}>;");
         let _ = writeln!(w, "@group(0) @binding(2) var<storage, read_write> v: array<{ty}>;");
         let _ = writeln!(w, "@group(0) @binding(3) var<storage, read_write> o: array<{ty}>;");
-        let _ = writeln!(w, "@group(0) @binding(4) var<uniform> p: Params;");
+        if self.lse {
+            let _ = writeln!(w, "@group(0) @binding(4) var<storage, read_write> lse: array<f32>;");
+        }
+        let _ = writeln!(w, "@group(0) @binding({}) var<uniform> p: Params;", 4 + self.lse as u32);
         let _ = writeln!(w, "var<workgroup> kt: array<vec4<f32>, {}>;", bc * d4);
         let _ = writeln!(w, "var<workgroup> vt: array<vec4<f32>, {}>;", bc * d4);
         let _ = writeln!(w, "@compute @workgroup_size({t})");
@@ -122,6 +123,9 @@ impl FlashConfig {
         let _ = writeln!(w, "  }}");
         let _ = writeln!(w, "  if (i < p.n) {{");
         let _ = writeln!(w, "    let ob = (bi * p.n + i) * p.qs + h * {d}u; let r = 1.0 / l;");
+        if self.lse {
+            let _ = writeln!(w, "    lse[wid.y * p.n + i] = mx + log(l);");
+        }
         for c in 0..d4 {
             let b = 4 * c;
             let _ = writeln!(
@@ -142,6 +146,206 @@ impl FlashConfig {
     }
 }
 
+/// Four consecutive values of `buf` (of element type `e`) from `at` as a `vec4<f32>`.
+fn load4(e: Elem, buf: &str, at: &str) -> String {
+    match e {
+        Elem::F32 => format!("vec4<f32>({buf}[{at}], {buf}[{at} + 1u], {buf}[{at} + 2u], {buf}[{at} + 3u])"),
+        Elem::F16 => format!("vec4<f32>(vec4<f16>({buf}[{at}], {buf}[{at} + 1u], {buf}[{at} + 2u], {buf}[{at} + 3u]))"),
+        Elem::Q8 { .. } => unreachable!("attention reads floats"),
+    }
+}
+
+/// Stores the `vec4<f32>` `y` into four consecutive values of `buf` from `at`.
+fn store4(e: Elem, buf: &str, at: &str, y: &str) -> String {
+    format!(
+        "{buf}[{at}] = {}; {buf}[{at} + 1u] = {}; {buf}[{at} + 2u] = {}; {buf}[{at} + 3u] = {};",
+        e.store(&format!("{y}.x")),
+        e.store(&format!("{y}.y")),
+        e.store(&format!("{y}.z")),
+        e.store(&format!("{y}.w"))
+    )
+}
+
+/// Which gradients a backward kernel computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GradPart {
+    /// `dQ` (one query row per invocation, walking the keys), and `D = rowsum(dO ∘ O)` for [`GradPart::DkDv`].
+    Dq,
+    /// `dK` and `dV` (one key row per invocation, walking the queries).
+    DkDv,
+}
+
+/// The flash-attention backward (FlashAttention-2's): with the forward's log-sum-exp `L` per query
+/// row, the weights are recomputed as `P = exp(s q kᵀ - L)` block by block and never stored:
+///
+/// ```text
+/// D  = rowsum(dO ∘ O)            dP = dO vᵀ         dS = P ∘ (dP - D)
+/// dQ = s dS k                    dK = s dSᵀ q       dV = Pᵀ dO
+/// ```
+///
+/// Two kernels: [`GradPart::Dq`] (an invocation per query row: its `q`, `dO` and `dQ` in registers,
+/// key / value blocks staged in workgroup memory as in the forward; it also writes `D`), then
+/// [`GradPart::DkDv`] (an invocation per key row: its `k`, `v`, `dK`, `dV` in registers, blocks of
+/// `q`, `dO`, `L` and `D` staged). Masked keys (past `m`, or after the query in `causal`) get
+/// `P = 0` through `select`, not a branch (the loop bodies are branch-free: SwiftShader's compiler
+/// and CPU lanes pay for branches, see `kernels::image_value`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlashGradConfig {
+    pub d: u32,
+    pub causal: bool,
+    /// The element type of `q`, `k`, `v`, `O`, `dO` and the gradients (`L`, `D` and all sums f32).
+    pub elem: Elem,
+    pub part: GradPart,
+}
+
+impl FlashGradConfig {
+    /// Rows per block staged in workgroup memory (two `vec4` arrays, as the forward's).
+    pub fn block(&self) -> u32 {
+        FlashConfig { d: self.d, causal: self.causal, elem: self.elem, lse: false }.block()
+    }
+
+    /// The WGSL source; entry point `main`. Params as the forward's: `n, m, qs, ks, heads, scale`.
+    /// Bindings, [`GradPart::Dq`]: `q, k, v, o, g (dO), lse, dd (D, written), dq`; dispatch `x`
+    /// blocks of 64 query rows. [`GradPart::DkDv`]: `q, k, v, g, lse, dd, dk, dv`; `x` blocks of 64
+    /// key rows. `y`: batch x heads.
+    pub fn wgsl(&self) -> String {
+        assert!(self.d % 4 == 0 && self.d as usize <= MAX_HEAD_DIM, "unsupported head dim {}", self.d);
+        let (d, bc, t, e) = (self.d, self.block(), THREADS, self.elem);
+        let d4 = d / 4;
+        let ty = e.wgsl();
+        let mut s = String::new();
+        let w = &mut s;
+        Elem::enable(w, &[e]);
+        let _ = writeln!(w, "struct Params {{ n: u32, m: u32, qs: u32, ks: u32, heads: u32, scale: u32, u0: u32, u1: u32 }}");
+        let names: &[(&str, &str)] = match self.part {
+            GradPart::Dq => &[("q", ty), ("k", ty), ("v", ty), ("o", ty), ("g", ty), ("lse", "f32"), ("dd", "f32"), ("dq", ty)],
+            GradPart::DkDv => &[("q", ty), ("k", ty), ("v", ty), ("g", ty), ("lse", "f32"), ("dd", "f32"), ("dk", ty), ("dv", ty)],
+        };
+        for (i, (name, t)) in names.iter().enumerate() {
+            let _ = writeln!(w, "@group(0) @binding({i}) var<storage, read_write> {name}: array<{t}>;");
+        }
+        let _ = writeln!(w, "@group(0) @binding({}) var<uniform> p: Params;", names.len());
+        // Staged blocks: keys and values (dQ) or queries and output gradients (dK, dV).
+        let _ = writeln!(w, "var<workgroup> at: array<vec4<f32>, {}>;", bc * d4);
+        let _ = writeln!(w, "var<workgroup> bt: array<vec4<f32>, {}>;", bc * d4);
+        if self.part == GradPart::DkDv {
+            let _ = writeln!(w, "var<workgroup> st: array<vec2<f32>, {bc}>;");
+        }
+        let _ = writeln!(w, "@compute @workgroup_size({t})");
+        let _ = writeln!(w, "fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {{");
+        let _ = writeln!(w, "  let bi = wid.y / p.heads; let h = wid.y % p.heads;");
+        let _ = writeln!(w, "  let scale = bitcast<f32>(p.scale);");
+        // A dot product of register rows `x{c}` with a staged row `buf[r + c]`.
+        let dot = |x: &str, buf: &str| {
+            let mut acc = String::from("vec4<f32>(0.0)");
+            for c in 0..d4 {
+                acc = format!("fma({x}{c}, {buf}[r + {c}u], {acc})");
+            }
+            acc
+        };
+        match self.part {
+            GradPart::Dq => {
+                let _ = writeln!(w, "  let i = wid.x * {t}u + t; let row = min(i, p.n - 1u);");
+                let _ = writeln!(w, "  let qb = (bi * p.n + row) * p.qs + h * {d}u;");
+                let _ = writeln!(w, "  var od = vec4<f32>(0.0);");
+                for c in 0..d4 {
+                    let b = 4 * c;
+                    let _ = writeln!(
+                        w,
+                        "  let q{c} = {} * scale; let g{c} = {}; var a{c} = vec4<f32>(0.0); od = fma(g{c}, {}, od);",
+                        load4(e, "q", &format!("(qb + {b}u)")),
+                        load4(e, "g", &format!("(qb + {b}u)")),
+                        load4(e, "o", &format!("(qb + {b}u)"))
+                    );
+                }
+                let _ = writeln!(w, "  let dsum = (od.x + od.y) + (od.z + od.w);");
+                let _ = writeln!(w, "  let lrow = lse[wid.y * p.n + row];");
+                let _ = writeln!(w, "  let kb = bi * p.m * p.ks + h * {d}u;");
+                if self.causal {
+                    let _ = writeln!(w, "  let kend = min(p.m, wid.x * {t}u + {t}u);");
+                } else {
+                    let _ = writeln!(w, "  let kend = p.m;");
+                }
+                let _ = writeln!(w, "  for (var j0 = 0u; j0 < kend; j0 = j0 + {bc}u) {{");
+                let _ = writeln!(w, "    for (var e = t; e < {}u; e = e + {t}u) {{", bc * d4);
+                let _ = writeln!(w, "      let a = kb + min(j0 + e / {d4}u, p.m - 1u) * p.ks + (e % {d4}u) * 4u;");
+                let _ = writeln!(w, "      at[e] = {}; bt[e] = {};", load4(e, "k", "a"), load4(e, "v", "a"));
+                let _ = writeln!(w, "    }}");
+                let _ = writeln!(w, "    workgroupBarrier();");
+                let _ = writeln!(w, "    for (var jj = 0u; jj < {bc}u; jj = jj + 1u) {{");
+                let _ = writeln!(w, "      let j = j0 + jj; let r = jj * {d4}u;");
+                let _ = writeln!(w, "      let sv = {}; let dv = {};", dot("q", "at"), dot("g", "bt"));
+                let _ = writeln!(w, "      let sc = (sv.x + sv.y) + (sv.z + sv.w); let dp = (dv.x + dv.y) + (dv.z + dv.w);");
+                let valid = if self.causal { "(j < p.m) & (j <= i)" } else { "j < p.m" };
+                let _ = writeln!(w, "      let pr = select(0.0, exp(sc - lrow), {valid}); let ds = vec4<f32>(pr * (dp - dsum));");
+                let _ = write!(w, "     ");
+                for c in 0..d4 {
+                    let _ = write!(w, " a{c} = fma(ds, at[r + {c}u], a{c});");
+                }
+                let _ = writeln!(w);
+                let _ = writeln!(w, "    }}");
+                let _ = writeln!(w, "    workgroupBarrier();");
+                let _ = writeln!(w, "  }}");
+                let _ = writeln!(w, "  if (i < p.n) {{");
+                let _ = writeln!(w, "    dd[wid.y * p.n + i] = dsum;");
+                for c in 0..d4 {
+                    let _ = writeln!(w, "    {{ let y = a{c} * scale; {} }}", store4(e, "dq", &format!("(qb + {}u)", 4 * c), "y"));
+                }
+                let _ = writeln!(w, "  }}");
+            }
+            GradPart::DkDv => {
+                let _ = writeln!(w, "  let j = wid.x * {t}u + t; let row = min(j, p.m - 1u);");
+                let _ = writeln!(w, "  let kb = (bi * p.m + row) * p.ks + h * {d}u;");
+                for c in 0..d4 {
+                    let b = 4 * c;
+                    let _ = writeln!(
+                        w,
+                        "  let k{c} = {} * scale; let v{c} = {}; var dk{c} = vec4<f32>(0.0); var dv{c} = vec4<f32>(0.0);",
+                        load4(e, "k", &format!("(kb + {b}u)")),
+                        load4(e, "v", &format!("(kb + {b}u)"))
+                    );
+                }
+                let _ = writeln!(w, "  let qb = bi * p.n * p.qs + h * {d}u; let sb = wid.y * p.n;");
+                // Causal: queries before the workgroup's first key see none of its keys (64 is a
+                // multiple of the block, so the blocks stay aligned).
+                let start = if self.causal { format!("wid.x * {t}u") } else { "0u".into() };
+                let _ = writeln!(w, "  for (var i0 = {start}; i0 < p.n; i0 = i0 + {bc}u) {{");
+                let _ = writeln!(w, "    for (var e = t; e < {}u; e = e + {t}u) {{", bc * d4);
+                let _ = writeln!(w, "      let a = qb + min(i0 + e / {d4}u, p.n - 1u) * p.qs + (e % {d4}u) * 4u;");
+                let _ = writeln!(w, "      at[e] = {}; bt[e] = {};", load4(e, "q", "a"), load4(e, "g", "a"));
+                let _ = writeln!(w, "    }}");
+                let _ = writeln!(w, "    for (var e = t; e < {bc}u; e = e + {t}u) {{");
+                let _ = writeln!(w, "      let i = sb + min(i0 + e, p.n - 1u); st[e] = vec2<f32>(lse[i], dd[i]);");
+                let _ = writeln!(w, "    }}");
+                let _ = writeln!(w, "    workgroupBarrier();");
+                let _ = writeln!(w, "    for (var ii = 0u; ii < {bc}u; ii = ii + 1u) {{");
+                let _ = writeln!(w, "      let i = i0 + ii; let r = ii * {d4}u; let ld = st[ii];");
+                let _ = writeln!(w, "      let sv = {}; let gv = {};", dot("k", "at"), dot("v", "bt"));
+                let _ = writeln!(w, "      let sc = (sv.x + sv.y) + (sv.z + sv.w); let dp = (gv.x + gv.y) + (gv.z + gv.w);");
+                let valid = if self.causal { "(i < p.n) & (j <= i)" } else { "i < p.n" };
+                let _ = writeln!(w, "      let pr = select(0.0, exp(sc - ld.x), {valid}); let pv = vec4<f32>(pr); let ds = vec4<f32>(pr * (dp - ld.y));");
+                let _ = write!(w, "     ");
+                for c in 0..d4 {
+                    let _ = write!(w, " dv{c} = fma(pv, bt[r + {c}u], dv{c}); dk{c} = fma(ds, at[r + {c}u], dk{c});");
+                }
+                let _ = writeln!(w);
+                let _ = writeln!(w, "    }}");
+                let _ = writeln!(w, "    workgroupBarrier();");
+                let _ = writeln!(w, "  }}");
+                let _ = writeln!(w, "  if (j < p.m) {{");
+                for c in 0..d4 {
+                    let at = format!("(kb + {}u)", 4 * c);
+                    let _ = writeln!(w, "    {{ let y = dk{c} * scale; {} }}", store4(e, "dk", &at, "y"));
+                    let _ = writeln!(w, "    {}", store4(e, "dv", &at, &format!("dv{c}")));
+                }
+                let _ = writeln!(w, "  }}");
+            }
+        }
+        let _ = writeln!(w, "}}");
+        s
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,12 +353,12 @@ mod tests {
     #[test]
     fn key_blocks_fit_workgroup_memory() {
         for d in [4, 8, 40, 64, 80, 128] {
-            let c = FlashConfig { d, causal: false, elem: Elem::F32 };
+            let c = FlashConfig { d, causal: false, elem: Elem::F32, lse: false };
             let b = c.block();
             assert!(b.is_power_of_two() && b * d * 4 * 2 <= 16384 && b <= 32, "d {d}: block {b}");
             assert!(c.wgsl().contains("@workgroup_size(64)"));
         }
-        assert_eq!(FlashConfig { d: 40, causal: false, elem: Elem::F32 }.block(), 32);
-        assert_eq!(FlashConfig { d: 128, causal: true, elem: Elem::F16 }.block(), 16);
+        assert_eq!(FlashConfig { d: 40, causal: false, elem: Elem::F32, lse: false }.block(), 32);
+        assert_eq!(FlashConfig { d: 128, causal: true, elem: Elem::F16, lse: true }.block(), 16);
     }
 }

@@ -227,6 +227,7 @@ enum Wgsl {
     Gemm(GemmConfig),
     Skinny(SkinnyConfig),
     Flash(flash::FlashConfig),
+    FlashGrad(flash::FlashGradConfig),
     Norm(norm::NormKernel),
 }
 
@@ -235,7 +236,7 @@ impl Wgsl {
         match self {
             Wgsl::Gemm(c) => c.threads(),
             Wgsl::Skinny(c) => c.threads(),
-            Wgsl::Flash(_) => flash::THREADS,
+            Wgsl::Flash(_) | Wgsl::FlashGrad(_) => flash::THREADS,
             Wgsl::Norm(_) => norm::THREADS,
         }
     }
@@ -253,6 +254,10 @@ impl KernelMetadata for Wgsl {
                 SkinnyB::Conv { .. } => "visii::gemv_conv2d",
             },
             Wgsl::Flash(_) => "visii::flash_attention",
+            Wgsl::FlashGrad(c) => match c.part {
+                flash::GradPart::Dq => "visii::flash_attention_dq",
+                flash::GradPart::DkDv => "visii::flash_attention_dkdv",
+            },
             Wgsl::Norm(norm::NormKernel::Stats { .. }) => "visii::norm_stats",
             Wgsl::Norm(norm::NormKernel::Apply { .. }) => "visii::norm_apply",
             Wgsl::Norm(norm::NormKernel::Softmax { .. }) => "visii::softmax",
@@ -279,6 +284,7 @@ impl CubeKernel for Wgsl {
             Wgsl::Gemm(c) => c.wgsl(),
             Wgsl::Skinny(c) => c.wgsl(),
             Wgsl::Flash(c) => c.wgsl(),
+            Wgsl::FlashGrad(c) => c.wgsl(),
             Wgsl::Norm(k) => k.wgsl(),
         };
         Some(PrecompiledSource { source, entrypoint_name: "main".into(), lang: "wgsl" })
@@ -911,6 +917,20 @@ pub fn attention_cube(
     heads: usize,
     causal: bool,
 ) -> Result<CubeTensor, (CubeTensor, CubeTensor, CubeTensor)> {
+    attention_cube_lse(q, k, v, heads, causal, false).map(|(o, _)| o)
+}
+
+/// [`attention_cube`] that with `lse` also returns each query row's log-sum-exp of its scaled
+/// scores, f32 `[b, heads, n]` (what [`attention_grads_cube`] needs).
+#[allow(clippy::type_complexity)]
+pub fn attention_cube_lse(
+    q: CubeTensor,
+    k: CubeTensor,
+    v: CubeTensor,
+    heads: usize,
+    causal: bool,
+    lse: bool,
+) -> Result<(CubeTensor, Option<CubeTensor>), (CubeTensor, CubeTensor, CubeTensor)> {
     let (qd, kd, vd) = (q.shape().to_vec(), k.shape().to_vec(), v.shape().to_vec());
     let elem = Elem::of(q.dtype).filter(|&e| k.dtype == e.dtype() && v.dtype == e.dtype());
     let Some(elem) = elem.filter(|_| attention_applies(&qd, &kd, &vd, heads)) else { return Err((q, k, v)) };
@@ -918,18 +938,75 @@ pub fn attention_cube(
     let d = inner / heads;
     let (q, k, v) = (contiguous(q), contiguous(k), contiguous(v));
     let (client, device) = (q.client.clone(), q.device.clone());
-    let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(client.clone(), device, qd.into(), elem.dtype());
+    let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(client.clone(), device.clone(), qd.into(), elem.dtype());
+    let stats = lse.then(|| burn_cubecl::ops::numeric::empty_device_contiguous_dtype(client.clone(), device, vec![b, heads, n].into(), DType::F32));
     let scale = ((d as f32).powf(-0.5)).to_bits() as usize;
-    let args = KernelArguments::new()
+    let mut args = KernelArguments::new()
         .with_buffer_io(q.handle.clone().binding(), BufferIOAttr::ReadOnly)
         .with_buffer_io(k.handle.clone().binding(), BufferIOAttr::ReadOnly)
         .with_buffer_io(v.handle.clone().binding(), BufferIOAttr::ReadOnly)
-        .with_buffer_io(out.handle.clone().binding(), BufferIOAttr::WriteOnly)
-        .with_info(params([n, m, inner, inner, heads, scale, 0, 0]));
-    let cfg = flash::FlashConfig { d: d as u32, causal, elem };
+        .with_buffer_io(out.handle.clone().binding(), BufferIOAttr::WriteOnly);
+    if let Some(l) = &stats {
+        args = args.with_buffer_io(l.handle.clone().binding(), BufferIOAttr::WriteOnly);
+    }
+    let args = args.with_info(params([n, m, inner, inner, heads, scale, 0, 0]));
+    let cfg = flash::FlashConfig { d: d as u32, causal, elem, lse };
     let count = CubeCount::Static(n.div_ceil(flash::THREADS as usize) as u32, (b * heads) as u32, 1);
     client.launch(Box::new(Wgsl::Flash(cfg)), count, args);
-    Ok(out)
+    Ok((out, stats))
+}
+
+/// Whether [`attention_grads_cube`] takes these shapes: the forward's, and key blocks within the
+/// dispatch limit.
+pub fn attention_grads_apply(qd: &[usize], kd: &[usize], heads: usize) -> bool {
+    attention_applies(qd, kd, kd, heads) && kd[1].div_ceil(flash::THREADS as usize) <= MAX_GROUPS
+}
+
+/// The gradients `(dq, dk, dv)` of [`attention_cube`]'s output for the output gradient `g` (see
+/// `flash::FlashGradConfig`): `o` and `lse` are what [`attention_cube_lse`] returned for these
+/// `q`, `k`, `v`. `Err` with nothing computed where the kernels do not apply.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_grads_cube(
+    q: CubeTensor,
+    k: CubeTensor,
+    v: CubeTensor,
+    o: CubeTensor,
+    lse: CubeTensor,
+    g: CubeTensor,
+    heads: usize,
+    causal: bool,
+) -> Result<(CubeTensor, CubeTensor, CubeTensor), ()> {
+    let (qd, kd) = (q.shape().to_vec(), k.shape().to_vec());
+    let elem = Elem::of(q.dtype).filter(|&e| [&k, &v, &o, &g].iter().all(|t| t.dtype == e.dtype()));
+    let stats_ok = lse.dtype == DType::F32 && lse.shape().to_vec() == [qd.first().copied().unwrap_or(0), heads, qd.get(1).copied().unwrap_or(0)];
+    let same = v.shape().to_vec() == kd && o.shape().to_vec() == qd && g.shape().to_vec() == qd;
+    let Some(elem) = elem.filter(|_| stats_ok && same && attention_grads_apply(&qd, &kd, heads)) else { return Err(()) };
+    let ([b, n, inner], m) = ([qd[0], qd[1], qd[2]], kd[1]);
+    let d = inner / heads;
+    let [q, k, v, o, lse, g] = [q, k, v, o, lse, g].map(contiguous);
+    let (client, device) = (q.client.clone(), q.device.clone());
+    let empty = |shape: Vec<usize>, dtype: DType| burn_cubecl::ops::numeric::empty_device_contiguous_dtype(client.clone(), device.clone(), shape.into(), dtype);
+    let (dq, dk, dv) = (empty(qd.clone(), elem.dtype()), empty(kd.clone(), elem.dtype()), empty(kd.clone(), elem.dtype()));
+    let dd = empty(vec![b, heads, n], DType::F32);
+    let scale = ((d as f32).powf(-0.5)).to_bits() as usize;
+    let info = || params([n, m, inner, inner, heads, scale, 0, 0]);
+    let io = |args: KernelArguments, t: &CubeTensor, attr: BufferIOAttr| args.with_buffer_io(t.handle.clone().binding(), attr);
+    let (r, wr) = (BufferIOAttr::ReadOnly, BufferIOAttr::WriteOnly);
+    let mut args = KernelArguments::new();
+    for t in [&q, &k, &v, &o, &g, &lse] {
+        args = io(args, t, r);
+    }
+    let args = io(io(args, &dd, wr), &dq, wr).with_info(info());
+    let cfg = |part| flash::FlashGradConfig { d: d as u32, causal, elem, part };
+    let rows = |len: usize| CubeCount::Static(len.div_ceil(flash::THREADS as usize) as u32, (b * heads) as u32, 1);
+    client.launch(Box::new(Wgsl::FlashGrad(cfg(flash::GradPart::Dq))), rows(n), args);
+    let mut args = KernelArguments::new();
+    for t in [&q, &k, &v, &g, &lse, &dd] {
+        args = io(args, t, r);
+    }
+    let args = io(io(args, &dk, wr), &dv, wr).with_info(info());
+    client.launch(Box::new(Wgsl::FlashGrad(cfg(flash::GradPart::DkDv))), rows(m), args);
+    Ok((dq, dk, dv))
 }
 
 /// Our fused attention outside autodiff on a cubecl device; `Err` with the inputs where burn's ops
