@@ -1040,7 +1040,7 @@ if (params.has('gpuExactFit')) tidy.exactFit = params.get('gpuExactFit') !== '0'
 const kernels = params.get('kernels') === 'burn' ? 'burn' : undefined;
 // ?gemv=on|off, ?gemvGrad=on|off, ?flash=on|off, ?flashGrad=on|off: the skinny GEMM (off in a
 // browser by default for now), its use for a Linear's input gradient, the fused attention (on by
-// default) and its step in learning (off by default for now).
+// default) and its fused step in learning (on by default; `off`: burn's chain, to compare).
 const onOff = (k) => (params.get(k) === 'on' ? true : params.get(k) === 'off' ? false : undefined);
 const [gemv, gemvGrad, flash, flashGrad] = [onOff('gemv'), onOff('gemvGrad'), onOff('flash'), onOff('flashGrad')];
 describeAdapter().then((ok) => {

@@ -64,8 +64,10 @@ phase learn-step-256-f16 40 $B16 --what learn-step --latent 32
 BQ8="$V --gpu-limits spec --resident q8 bench --backends wgpu --runs 1"
 phase learn-step-256-q8 40 $BQ8 --what learn-step --latent 32
 phase learn-step-256-q8-copy 40 env VISII_Q8=off $BQ8 --what learn-step --latent 32
-# The fused attention as one autodiff step (off by default until a GPU measures it).
-phase learn-step-256-flash-grad 60 env VISII_FLASH_GRAD=on $B --what learn-step --latent 32
+# Learning's attention as burn's chain instead of the fused step (forward + fused backward kernels, the default).
+phase learn-step-256-chain 60 env VISII_FLASH_GRAD=off $B --what learn-step --latent 32
+phase attention-grad-1024 30 $B --what attention-grad --shape 1,1024,1024,8,40
+phase attention-grad-1024-chain 30 env VISII_FLASH_GRAD=off $B --what attention-grad --shape 1,1024,1024,8,40
 fi
 FS=/tmp/fullsize
 phase make-checkpoints 60 python3 tests/fullsize/make_fullsize.py $FS

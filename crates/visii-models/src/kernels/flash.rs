@@ -35,6 +35,9 @@ pub struct FlashConfig {
     /// Also writes each row's log-sum-exp `mx + ln(l)` (f32, `[b, heads, n]`) for the backward
     /// ([`FlashGradConfig`]).
     pub lse: bool,
+    /// Query rows per invocation (1, 2 or 4): each key and value read from workgroup memory serves
+    /// that many rows (CPU adapters gather every such read lane by lane).
+    pub rows: u32,
 }
 
 impl FlashConfig {
@@ -50,11 +53,14 @@ impl FlashConfig {
     }
 
     /// The WGSL source; entry point `main`. Params: `n, m, qs (q / output row stride), ks (k / v row
-    /// stride), heads, scale (f32 bits)`. Dispatch: `x` blocks of 64 query rows, `y` batch x heads.
-    /// The row, the output and the staged keys / values are `vec4`s (head dims are multiples of 4).
+    /// stride), heads, scale (f32 bits)`. Dispatch: `x` blocks of [`FlashConfig::rows_per_group`]
+    /// query rows, `y` batch x heads. The rows, the outputs and the staged keys / values are `vec4`s
+    /// (head dims are multiples of 4); each staged key and value is read from workgroup memory once
+    /// per key into registers and used for all `rows` rows of the invocation.
     pub fn wgsl(&self) -> String {
         assert!(self.d % 4 == 0 && self.d as usize <= MAX_HEAD_DIM, "unsupported head dim {}", self.d);
-        let (d, bc, t) = (self.d, self.block(), THREADS);
+        assert!(matches!(self.rows, 1 | 2 | 4 | 8), "rows per invocation {}", self.rows);
+        let (d, bc, t, rows) = (self.d, self.block(), THREADS, self.rows);
         let d4 = d / 4;
         let mut s = String::new();
         let w = &mut s;
@@ -76,17 +82,17 @@ impl FlashConfig {
         let _ = writeln!(w, "@compute @workgroup_size({t})");
         let _ = writeln!(w, "fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {{");
         let _ = writeln!(w, "  let bi = wid.y / p.heads; let h = wid.y % p.heads;");
-        let _ = writeln!(w, "  let i = wid.x * {t}u + t; let row = min(i, p.n - 1u);");
-        let _ = writeln!(w, "  let scale = bitcast<f32>(p.scale);");
-        let _ = writeln!(w, "  let qb = (bi * p.n + row) * p.qs + h * {d}u;");
-        for c in 0..d4 {
-            let b = 4 * c;
-            let _ = writeln!(w, "  let q{c} = {} * scale; var o{c} = vec4<f32>(0.0);", vec4("q", &format!("(qb + {b}u)")));
+        let _ = writeln!(w, "  let scale = bitcast<f32>(p.scale); let g0 = wid.x * {}u;", t * rows);
+        for r in 0..rows {
+            let _ = writeln!(w, "  let i{r} = g0 + {}u + t; let qb{r} = (bi * p.n + min(i{r}, p.n - 1u)) * p.qs + h * {d}u;", r * t);
+            for c in 0..d4 {
+                let _ = writeln!(w, "  let q{r}_{c} = {} * scale; var o{r}_{c} = vec4<f32>(0.0);", vec4("q", &format!("(qb{r} + {}u)", 4 * c)));
+            }
+            let _ = writeln!(w, "  var mx{r} = -3.0e38; var l{r} = 0.0;");
         }
-        let _ = writeln!(w, "  var mx = -3.0e38; var l = 0.0;");
         let _ = writeln!(w, "  let kb = bi * p.m * p.ks + h * {d}u;");
         if self.causal {
-            let _ = writeln!(w, "  let kend = min(p.m, wid.x * {t}u + {t}u);");
+            let _ = writeln!(w, "  let kend = min(p.m, g0 + {}u);", t * rows);
         } else {
             let _ = writeln!(w, "  let kend = p.m;");
         }
@@ -99,52 +105,56 @@ impl FlashConfig {
         let _ = writeln!(w, "    workgroupBarrier();");
         let _ = writeln!(w, "    for (var jj = 0u; jj < {bc}u; jj = jj + 1u) {{");
         let _ = writeln!(w, "      let j = j0 + jj; let kr = jj * {d4}u;");
-        let _ = write!(w, "      var acc = vec4<f32>(0.0);");
+        let _ = write!(w, "     ");
         for c in 0..d4 {
-            let _ = write!(w, " acc = fma(q{c}, kt[kr + {c}u], acc);");
+            let _ = write!(w, " let k{c} = kt[kr + {c}u]; let v{c} = vt[kr + {c}u];");
         }
         let _ = writeln!(w);
-        let _ = writeln!(w, "      let sc = (acc.x + acc.y) + (acc.z + acc.w);");
-        let valid = if self.causal { "j < p.m && j <= i" } else { "j < p.m" };
-        let _ = writeln!(w, "      if ({valid}) {{");
-        let _ = write!(w, "        if (sc > mx) {{ let f = exp(mx - sc); l = l * f;");
-        for c in 0..d4 {
-            let _ = write!(w, " o{c} = o{c} * f;");
+        for r in 0..rows {
+            let _ = write!(w, "      {{ var acc = vec4<f32>(0.0);");
+            for c in 0..d4 {
+                let _ = write!(w, " acc = fma(q{r}_{c}, k{c}, acc);");
+            }
+            let _ = writeln!(w);
+            let _ = writeln!(w, "      let sc = (acc.x + acc.y) + (acc.z + acc.w);");
+            let valid = if self.causal { format!("j < p.m && j <= i{r}") } else { "j < p.m".into() };
+            let _ = writeln!(w, "      if ({valid}) {{");
+            let _ = write!(w, "        if (sc > mx{r}) {{ let f = exp(mx{r} - sc); l{r} = l{r} * f;");
+            for c in 0..d4 {
+                let _ = write!(w, " o{r}_{c} = o{r}_{c} * f;");
+            }
+            let _ = writeln!(w, " mx{r} = sc; }}");
+            let _ = write!(w, "        let e = exp(sc - mx{r}); l{r} = l{r} + e; let ev = vec4<f32>(e);");
+            for c in 0..d4 {
+                let _ = write!(w, " o{r}_{c} = fma(ev, v{c}, o{r}_{c});");
+            }
+            let _ = writeln!(w);
+            let _ = writeln!(w, "      }} }}");
         }
-        let _ = writeln!(w, " mx = sc; }}");
-        let _ = write!(w, "        let e = exp(sc - mx); l = l + e; let ev = vec4<f32>(e);");
-        for c in 0..d4 {
-            let _ = write!(w, " o{c} = fma(ev, vt[kr + {c}u], o{c});");
-        }
-        let _ = writeln!(w);
-        let _ = writeln!(w, "      }}");
         let _ = writeln!(w, "    }}");
         let _ = writeln!(w, "    workgroupBarrier();");
         let _ = writeln!(w, "  }}");
-        let _ = writeln!(w, "  if (i < p.n) {{");
-        let _ = writeln!(w, "    let ob = (bi * p.n + i) * p.qs + h * {d}u; let r = 1.0 / l;");
-        if self.lse {
-            let _ = writeln!(w, "    lse[wid.y * p.n + i] = mx + log(l);");
+        for r in 0..rows {
+            let _ = writeln!(w, "  if (i{r} < p.n) {{");
+            let _ = writeln!(w, "    let r = 1.0 / l{r};");
+            if self.lse {
+                let _ = writeln!(w, "    lse[wid.y * p.n + i{r}] = mx{r} + log(l{r});");
+            }
+            for c in 0..d4 {
+                let _ = writeln!(w, "    {{ let y = o{r}_{c} * r; {} }}", store4(e, "o", &format!("(qb{r} + {}u)", 4 * c), "y"));
+            }
+            let _ = writeln!(w, "  }}");
         }
-        for c in 0..d4 {
-            let b = 4 * c;
-            let _ = writeln!(
-                w,
-                "    {{ let y = o{c} * r; o[ob + {b}u] = {}; o[ob + {}u] = {}; o[ob + {}u] = {}; o[ob + {}u] = {}; }}",
-                e.store("y.x"),
-                b + 1,
-                e.store("y.y"),
-                b + 2,
-                e.store("y.z"),
-                b + 3,
-                e.store("y.w")
-            );
-        }
-        let _ = writeln!(w, "  }}");
         let _ = writeln!(w, "}}");
         s
     }
+
+    /// Query rows per workgroup.
+    pub fn rows_per_group(&self) -> u32 {
+        THREADS * self.rows
+    }
 }
+
 
 /// Four consecutive values of `buf` (of element type `e`) from `at` as a `vec4<f32>`.
 fn load4(e: Elem, buf: &str, at: &str) -> String {
@@ -196,21 +206,25 @@ pub struct FlashGradConfig {
     /// The element type of `q`, `k`, `v`, `O`, `dO` and the gradients (`L`, `D` and all sums f32).
     pub elem: Elem,
     pub part: GradPart,
+    /// Rows per invocation (1, 2 or 4), as the forward's [`FlashConfig::rows`].
+    pub rows: u32,
 }
 
 impl FlashGradConfig {
     /// Rows per block staged in workgroup memory (two `vec4` arrays, as the forward's).
     pub fn block(&self) -> u32 {
-        FlashConfig { d: self.d, causal: self.causal, elem: self.elem, lse: false }.block()
+        FlashConfig { d: self.d, causal: self.causal, elem: self.elem, lse: false, rows: 1 }.block()
     }
 
     /// The WGSL source; entry point `main`. Params as the forward's: `n, m, qs, ks, heads, scale`.
     /// Bindings, [`GradPart::Dq`]: `q, k, v, o, g (dO), lse, dd (D, written), dq`; dispatch `x`
-    /// blocks of 64 query rows. [`GradPart::DkDv`]: `q, k, v, g, lse, dd, dk, dv`; `x` blocks of 64
-    /// key rows. `y`: batch x heads.
+    /// blocks of [`FlashGradConfig::rows_per_group`] query rows. [`GradPart::DkDv`]: `q, k, v, g,
+    /// lse, dd, dk, dv`; `x` blocks of as many key rows. `y`: batch x heads. Each staged row is read
+    /// from workgroup memory once per step into registers and used for the invocation's `rows` rows.
     pub fn wgsl(&self) -> String {
         assert!(self.d % 4 == 0 && self.d as usize <= MAX_HEAD_DIM, "unsupported head dim {}", self.d);
-        let (d, bc, t, e) = (self.d, self.block(), THREADS, self.elem);
+        assert!(matches!(self.rows, 1 | 2 | 4), "rows per invocation {}", self.rows);
+        let (d, bc, t, e, rows) = (self.d, self.block(), THREADS, self.elem, self.rows);
         let d4 = d / 4;
         let ty = e.wgsl();
         let mut s = String::new();
@@ -234,35 +248,44 @@ impl FlashGradConfig {
         let _ = writeln!(w, "@compute @workgroup_size({t})");
         let _ = writeln!(w, "fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {{");
         let _ = writeln!(w, "  let bi = wid.y / p.heads; let h = wid.y % p.heads;");
-        let _ = writeln!(w, "  let scale = bitcast<f32>(p.scale);");
-        // A dot product of register rows `x{c}` with a staged row `buf[r + c]`.
-        let dot = |x: &str, buf: &str| {
+        let _ = writeln!(w, "  let scale = bitcast<f32>(p.scale); let g0 = wid.x * {}u;", t * rows);
+        // A dot product of the register row `x{c}` with the staged row held in `y{c}`.
+        let dot = |x: &str, y: &str| {
             let mut acc = String::from("vec4<f32>(0.0)");
             for c in 0..d4 {
-                acc = format!("fma({x}{c}, {buf}[r + {c}u], {acc})");
+                acc = format!("fma({x}{c}, {y}{c}, {acc})");
             }
             acc
         };
+        // The staged row at `kr` into registers `ks{c}`, `vs{c}`.
+        let staged = |w: &mut String| {
+            let _ = write!(w, "     ");
+            for c in 0..d4 {
+                let _ = write!(w, " let ks{c} = at[kr + {c}u]; let vs{c} = bt[kr + {c}u];");
+            }
+            let _ = writeln!(w);
+        };
         match self.part {
             GradPart::Dq => {
-                let _ = writeln!(w, "  let i = wid.x * {t}u + t; let row = min(i, p.n - 1u);");
-                let _ = writeln!(w, "  let qb = (bi * p.n + row) * p.qs + h * {d}u;");
-                let _ = writeln!(w, "  var od = vec4<f32>(0.0);");
-                for c in 0..d4 {
-                    let b = 4 * c;
-                    let _ = writeln!(
-                        w,
-                        "  let q{c} = {} * scale; let g{c} = {}; var a{c} = vec4<f32>(0.0); od = fma(g{c}, {}, od);",
-                        load4(e, "q", &format!("(qb + {b}u)")),
-                        load4(e, "g", &format!("(qb + {b}u)")),
-                        load4(e, "o", &format!("(qb + {b}u)"))
-                    );
+                for r in 0..rows {
+                    let _ = writeln!(w, "  let i{r} = g0 + {}u + t; let qb{r} = (bi * p.n + min(i{r}, p.n - 1u)) * p.qs + h * {d}u;", r * t);
+                    let _ = writeln!(w, "  var od{r} = vec4<f32>(0.0);");
+                    for c in 0..d4 {
+                        let at = format!("(qb{r} + {}u)", 4 * c);
+                        let _ = writeln!(
+                            w,
+                            "  let q{r}_{c} = {} * scale; let g{r}_{c} = {}; var a{r}_{c} = vec4<f32>(0.0); od{r} = fma(g{r}_{c}, {}, od{r});",
+                            load4(e, "q", &at),
+                            load4(e, "g", &at),
+                            load4(e, "o", &at)
+                        );
+                    }
+                    let _ = writeln!(w, "  let dsum{r} = (od{r}.x + od{r}.y) + (od{r}.z + od{r}.w);");
+                    let _ = writeln!(w, "  let lrow{r} = lse[wid.y * p.n + min(i{r}, p.n - 1u)];");
                 }
-                let _ = writeln!(w, "  let dsum = (od.x + od.y) + (od.z + od.w);");
-                let _ = writeln!(w, "  let lrow = lse[wid.y * p.n + row];");
                 let _ = writeln!(w, "  let kb = bi * p.m * p.ks + h * {d}u;");
                 if self.causal {
-                    let _ = writeln!(w, "  let kend = min(p.m, wid.x * {t}u + {t}u);");
+                    let _ = writeln!(w, "  let kend = min(p.m, g0 + {}u);", t * rows);
                 } else {
                     let _ = writeln!(w, "  let kend = p.m;");
                 }
@@ -273,42 +296,48 @@ impl FlashGradConfig {
                 let _ = writeln!(w, "    }}");
                 let _ = writeln!(w, "    workgroupBarrier();");
                 let _ = writeln!(w, "    for (var jj = 0u; jj < {bc}u; jj = jj + 1u) {{");
-                let _ = writeln!(w, "      let j = j0 + jj; let r = jj * {d4}u;");
-                let _ = writeln!(w, "      let sv = {}; let dv = {};", dot("q", "at"), dot("g", "bt"));
-                let _ = writeln!(w, "      let sc = (sv.x + sv.y) + (sv.z + sv.w); let dp = (dv.x + dv.y) + (dv.z + dv.w);");
-                let valid = if self.causal { "(j < p.m) & (j <= i)" } else { "j < p.m" };
-                let _ = writeln!(w, "      let pr = select(0.0, exp(sc - lrow), {valid}); let ds = vec4<f32>(pr * (dp - dsum));");
-                let _ = write!(w, "     ");
-                for c in 0..d4 {
-                    let _ = write!(w, " a{c} = fma(ds, at[r + {c}u], a{c});");
+                let _ = writeln!(w, "      let j = j0 + jj; let kr = jj * {d4}u;");
+                staged(w);
+                for r in 0..rows {
+                    let _ = writeln!(w, "      {{ let sv = {}; let dv = {};", dot(&format!("q{r}_"), "ks"), dot(&format!("g{r}_"), "vs"));
+                    let _ = writeln!(w, "      let sc = (sv.x + sv.y) + (sv.z + sv.w); let dp = (dv.x + dv.y) + (dv.z + dv.w);");
+                    let valid = if self.causal { format!("(j < p.m) & (j <= i{r})") } else { "j < p.m".into() };
+                    let _ = writeln!(w, "      let pr = select(0.0, exp(sc - lrow{r}), {valid}); let ds = vec4<f32>(pr * (dp - dsum{r}));");
+                    let _ = write!(w, "     ");
+                    for c in 0..d4 {
+                        let _ = write!(w, " a{r}_{c} = fma(ds, ks{c}, a{r}_{c});");
+                    }
+                    let _ = writeln!(w, " }}");
                 }
-                let _ = writeln!(w);
                 let _ = writeln!(w, "    }}");
                 let _ = writeln!(w, "    workgroupBarrier();");
                 let _ = writeln!(w, "  }}");
-                let _ = writeln!(w, "  if (i < p.n) {{");
-                let _ = writeln!(w, "    dd[wid.y * p.n + i] = dsum;");
-                for c in 0..d4 {
-                    let _ = writeln!(w, "    {{ let y = a{c} * scale; {} }}", store4(e, "dq", &format!("(qb + {}u)", 4 * c), "y"));
+                for r in 0..rows {
+                    let _ = writeln!(w, "  if (i{r} < p.n) {{");
+                    let _ = writeln!(w, "    dd[wid.y * p.n + i{r}] = dsum{r};");
+                    for c in 0..d4 {
+                        let _ = writeln!(w, "    {{ let y = a{r}_{c} * scale; {} }}", store4(e, "dq", &format!("(qb{r} + {}u)", 4 * c), "y"));
+                    }
+                    let _ = writeln!(w, "  }}");
                 }
-                let _ = writeln!(w, "  }}");
             }
             GradPart::DkDv => {
-                let _ = writeln!(w, "  let j = wid.x * {t}u + t; let row = min(j, p.m - 1u);");
-                let _ = writeln!(w, "  let kb = (bi * p.m + row) * p.ks + h * {d}u;");
-                for c in 0..d4 {
-                    let b = 4 * c;
-                    let _ = writeln!(
-                        w,
-                        "  let k{c} = {} * scale; let v{c} = {}; var dk{c} = vec4<f32>(0.0); var dv{c} = vec4<f32>(0.0);",
-                        load4(e, "k", &format!("(kb + {b}u)")),
-                        load4(e, "v", &format!("(kb + {b}u)"))
-                    );
+                for r in 0..rows {
+                    let _ = writeln!(w, "  let j{r} = g0 + {}u + t; let kb{r} = (bi * p.m + min(j{r}, p.m - 1u)) * p.ks + h * {d}u;", r * t);
+                    for c in 0..d4 {
+                        let at = format!("(kb{r} + {}u)", 4 * c);
+                        let _ = writeln!(
+                            w,
+                            "  let k{r}_{c} = {} * scale; let v{r}_{c} = {}; var dk{r}_{c} = vec4<f32>(0.0); var dv{r}_{c} = vec4<f32>(0.0);",
+                            load4(e, "k", &at),
+                            load4(e, "v", &at)
+                        );
+                    }
                 }
                 let _ = writeln!(w, "  let qb = bi * p.n * p.qs + h * {d}u; let sb = wid.y * p.n;");
-                // Causal: queries before the workgroup's first key see none of its keys (64 is a
-                // multiple of the block, so the blocks stay aligned).
-                let start = if self.causal { format!("wid.x * {t}u") } else { "0u".into() };
+                // Causal: queries before the workgroup's first key see none of its keys (the block
+                // divides the rows per workgroup, so the blocks stay aligned).
+                let start = if self.causal { "g0" } else { "0u" };
                 let _ = writeln!(w, "  for (var i0 = {start}; i0 < p.n; i0 = i0 + {bc}u) {{");
                 let _ = writeln!(w, "    for (var e = t; e < {}u; e = e + {t}u) {{", bc * d4);
                 let _ = writeln!(w, "      let a = qb + min(i0 + e / {d4}u, p.n - 1u) * p.qs + (e % {d4}u) * 4u;");
@@ -319,30 +348,40 @@ impl FlashGradConfig {
                 let _ = writeln!(w, "    }}");
                 let _ = writeln!(w, "    workgroupBarrier();");
                 let _ = writeln!(w, "    for (var ii = 0u; ii < {bc}u; ii = ii + 1u) {{");
-                let _ = writeln!(w, "      let i = i0 + ii; let r = ii * {d4}u; let ld = st[ii];");
-                let _ = writeln!(w, "      let sv = {}; let gv = {};", dot("k", "at"), dot("v", "bt"));
-                let _ = writeln!(w, "      let sc = (sv.x + sv.y) + (sv.z + sv.w); let dp = (gv.x + gv.y) + (gv.z + gv.w);");
-                let valid = if self.causal { "(i < p.n) & (j <= i)" } else { "i < p.n" };
-                let _ = writeln!(w, "      let pr = select(0.0, exp(sc - ld.x), {valid}); let pv = vec4<f32>(pr); let ds = vec4<f32>(pr * (dp - ld.y));");
-                let _ = write!(w, "     ");
-                for c in 0..d4 {
-                    let _ = write!(w, " dv{c} = fma(pv, bt[r + {c}u], dv{c}); dk{c} = fma(ds, at[r + {c}u], dk{c});");
+                let _ = writeln!(w, "      let i = i0 + ii; let kr = ii * {d4}u; let ld = st[ii];");
+                staged(w);
+                for r in 0..rows {
+                    let _ = writeln!(w, "      {{ let sv = {}; let gv = {};", dot(&format!("k{r}_"), "ks"), dot(&format!("v{r}_"), "vs"));
+                    let _ = writeln!(w, "      let sc = (sv.x + sv.y) + (sv.z + sv.w); let dp = (gv.x + gv.y) + (gv.z + gv.w);");
+                    let valid = if self.causal { format!("(i < p.n) & (j{r} <= i)") } else { "i < p.n".into() };
+                    let _ = writeln!(w, "      let pr = select(0.0, exp(sc - ld.x), {valid}); let pv = vec4<f32>(pr); let ds = vec4<f32>(pr * (dp - ld.y));");
+                    let _ = write!(w, "     ");
+                    for c in 0..d4 {
+                        let _ = write!(w, " dv{r}_{c} = fma(pv, vs{c}, dv{r}_{c}); dk{r}_{c} = fma(ds, ks{c}, dk{r}_{c});");
+                    }
+                    let _ = writeln!(w, " }}");
                 }
-                let _ = writeln!(w);
                 let _ = writeln!(w, "    }}");
                 let _ = writeln!(w, "    workgroupBarrier();");
                 let _ = writeln!(w, "  }}");
-                let _ = writeln!(w, "  if (j < p.m) {{");
-                for c in 0..d4 {
-                    let at = format!("(kb + {}u)", 4 * c);
-                    let _ = writeln!(w, "    {{ let y = dk{c} * scale; {} }}", store4(e, "dk", &at, "y"));
-                    let _ = writeln!(w, "    {}", store4(e, "dv", &at, &format!("dv{c}")));
+                for r in 0..rows {
+                    let _ = writeln!(w, "  if (j{r} < p.m) {{");
+                    for c in 0..d4 {
+                        let at = format!("(kb{r} + {}u)", 4 * c);
+                        let _ = writeln!(w, "    {{ let y = dk{r}_{c} * scale; {} }}", store4(e, "dk", &at, "y"));
+                        let _ = writeln!(w, "    {}", store4(e, "dv", &at, &format!("dv{r}_{c}")));
+                    }
+                    let _ = writeln!(w, "  }}");
                 }
-                let _ = writeln!(w, "  }}");
             }
         }
         let _ = writeln!(w, "}}");
         s
+    }
+
+    /// Rows (query rows for [`GradPart::Dq`], key rows for [`GradPart::DkDv`]) per workgroup.
+    pub fn rows_per_group(&self) -> u32 {
+        THREADS * self.rows
     }
 }
 
@@ -353,12 +392,30 @@ mod tests {
     #[test]
     fn key_blocks_fit_workgroup_memory() {
         for d in [4, 8, 40, 64, 80, 128] {
-            let c = FlashConfig { d, causal: false, elem: Elem::F32, lse: false };
+            let c = FlashConfig { d, causal: false, elem: Elem::F32, lse: false, rows: 1 };
             let b = c.block();
             assert!(b.is_power_of_two() && b * d * 4 * 2 <= 16384 && b <= 32, "d {d}: block {b}");
             assert!(c.wgsl().contains("@workgroup_size(64)"));
         }
-        assert_eq!(FlashConfig { d: 40, causal: false, elem: Elem::F32, lse: false }.block(), 32);
-        assert_eq!(FlashConfig { d: 128, causal: true, elem: Elem::F16, lse: true }.block(), 16);
+        assert_eq!(FlashConfig { d: 40, causal: false, elem: Elem::F32, lse: false, rows: 1 }.block(), 32);
+    }
+
+    /// The backward kernels' loops over staged rows have no branch (masks are `select`s): a branch
+    /// per key costs CPU lanes more than the work, and SwiftShader's compiler blew up on such loops.
+    #[test]
+    fn backward_loops_are_branch_free() {
+        for part in [GradPart::Dq, GradPart::DkDv] {
+            for (rows, causal, elem) in [(1, false, Elem::F32), (2, true, Elem::F32), (4, true, Elem::F16)] {
+                let src = FlashGradConfig { d: 40, causal, elem, part, rows }.wgsl();
+                let from = src.find("    for (var ").expect("a staged-row loop");
+                let to = src.rfind("workgroupBarrier();").expect("a barrier");
+                let body = &src[from..to];
+                assert!(!body.contains("if (") && !body.contains("&&"), "{part:?}, {rows} rows, causal {causal}:\n{body}");
+                // After the loops: every value of each gradient row written (40 per row), and `D` per row.
+                let outs = if part == GradPart::Dq { 1 } else { 2 };
+                assert_eq!(src.matches("] = ").count() - body.matches("] = ").count(), outs * 40 * rows as usize + if part == GradPart::Dq { rows as usize } else { 0 }, "{part:?}");
+            }
+        }
+        assert_eq!(FlashConfig { d: 128, causal: true, elem: Elem::F16, lse: true, rows: 1 }.block(), 16);
     }
 }

@@ -32,7 +32,7 @@ pub use gemv::{SkinnyA, SkinnyB, SkinnyConfig};
 
 /// A switch read once from the environment variable `var` natively (on unless it says
 /// `off_value`); in a browser it is `web`. `cell` holds 0 (not read yet), 1 (on) or 2 (off).
-fn switch(cell: &AtomicU8, var: &str, off_value: &str, web: bool) -> bool {
+pub(crate) fn switch(cell: &AtomicU8, var: &str, off_value: &str, web: bool) -> bool {
     switch_with(cell, var, |v| v.is_none_or(|v| v != off_value), web)
 }
 
@@ -950,10 +950,52 @@ pub fn attention_cube_lse(
         args = args.with_buffer_io(l.handle.clone().binding(), BufferIOAttr::WriteOnly);
     }
     let args = args.with_info(params([n, m, inner, inner, heads, scale, 0, 0]));
-    let cfg = flash::FlashConfig { d: d as u32, causal, elem, lse };
-    let count = CubeCount::Static(n.div_ceil(flash::THREADS as usize) as u32, (b * heads) as u32, 1);
+    let cfg = flash::FlashConfig { d: d as u32, causal, elem, lse, rows: flash_rows(&client, d, 2) };
+    let count = CubeCount::Static(n.div_ceil(cfg.rows_per_group() as usize) as u32, (b * heads) as u32, 1);
     client.launch(Box::new(Wgsl::Flash(cfg)), count, args);
     Ok((out, stats))
+}
+
+/// Rows per invocation of a fused attention kernel for head dim `d` that keeps `per_row` values of
+/// `d` per row in registers (the forward 2: `q`, `o`; dQ 3; dK / dV 4). On a GPU 1 (the most
+/// invocations; more rows per invocation is unmeasured there). On CPU adapters, whose lanes load
+/// every workgroup-memory value one by one, as many as keep the registers within 320 floats: one
+/// staged key then serves 2-4 rows (lavapipe, 1024 x 1024, 8 heads of 40: the forward 3-4x and the
+/// backward ~3x faster at 4 rows than at 1; BENCHMARKS.md). Larger footprints compile for too long
+/// (lavapipe's LLVM: 51 s for the backward at 80 x 4 rows, 4.5 s at 1 row). [`set_flash_rows`] or
+/// natively `VISII_FLASH_ROWS=1|2|4|8` forces the count (the backward takes at most 4), for
+/// measurements and tests.
+fn flash_rows(client: &Client, d: usize, per_row: usize) -> u32 {
+    let forced = match FLASH_ROWS.load(Ordering::Relaxed) {
+        0 => {
+            #[cfg(not(target_family = "wasm"))]
+            let env = std::env::var("VISII_FLASH_ROWS").ok().and_then(|v| v.parse::<u8>().ok()).filter(|r| matches!(r, 1 | 2 | 4 | 8));
+            #[cfg(target_family = "wasm")]
+            let env = None;
+            let _ = FLASH_ROWS.compare_exchange(0, env.map_or(1, |r| r + 1), Ordering::Relaxed, Ordering::Relaxed);
+            return flash_rows(client, d, per_row);
+        }
+        1 => None,
+        v => Some(v as u32 - 1),
+    };
+    if let Some(r) = forced {
+        return if per_row > 2 { r.min(4) } else { r };
+    }
+    if tiles(client) == Tiles::Gpu {
+        return 1;
+    }
+    [4, 2].into_iter().find(|&r| r * d * per_row <= 320).unwrap_or(1) as u32
+}
+
+/// 0: not yet read from the environment, 1: by the adapter ([`flash_rows`]), else 1 + the forced count.
+static FLASH_ROWS: AtomicU8 = AtomicU8::new(0);
+
+/// Forces the rows per invocation of the fused attention kernels (1, 2, 4 or 8; the backward
+/// takes at most 4); `None`: by the adapter. The result is the same whatever the count (each row's
+/// sums in the same order); only the speed and the compile time change.
+pub fn set_flash_rows(rows: Option<u32>) {
+    let v = rows.filter(|r| matches!(r, 1 | 2 | 4 | 8)).map_or(1, |r| r as u8 + 1);
+    FLASH_ROWS.store(v, Ordering::Relaxed);
 }
 
 /// Whether [`attention_grads_cube`] takes these shapes: the forward's, and key blocks within the
@@ -997,15 +1039,20 @@ pub fn attention_grads_cube(
         args = io(args, t, r);
     }
     let args = io(io(args, &dd, wr), &dq, wr).with_info(info());
-    let cfg = |part| flash::FlashGradConfig { d: d as u32, causal, elem, part };
-    let rows = |len: usize| CubeCount::Static(len.div_ceil(flash::THREADS as usize) as u32, (b * heads) as u32, 1);
-    client.launch(Box::new(Wgsl::FlashGrad(cfg(flash::GradPart::Dq))), rows(n), args);
+    let cfg = |part| {
+        let per_row = if part == flash::GradPart::Dq { 3 } else { 4 };
+        flash::FlashGradConfig { d: d as u32, causal, elem, part, rows: flash_rows(&client, d, per_row) }
+    };
+    let groups = |c: flash::FlashGradConfig, len: usize| CubeCount::Static(len.div_ceil(c.rows_per_group() as usize) as u32, (b * heads) as u32, 1);
+    let dq_cfg = cfg(flash::GradPart::Dq);
+    client.launch(Box::new(Wgsl::FlashGrad(dq_cfg)), groups(dq_cfg, n), args);
     let mut args = KernelArguments::new();
     for t in [&q, &k, &v, &g, &lse, &dd] {
         args = io(args, t, r);
     }
     let args = io(io(args, &dk, wr), &dv, wr).with_info(info());
-    client.launch(Box::new(Wgsl::FlashGrad(cfg(flash::GradPart::DkDv))), rows(m), args);
+    let dkdv_cfg = cfg(flash::GradPart::DkDv);
+    client.launch(Box::new(Wgsl::FlashGrad(dkdv_cfg)), groups(dkdv_cfg, m), args);
     Ok((dq, dk, dv))
 }
 
