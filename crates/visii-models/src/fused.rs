@@ -53,6 +53,14 @@ impl Backward<Cube, 3> for FusedAttention {
         if pq.is_none() && pk.is_none() && pv.is_none() {
             return;
         }
+        // The output's gradient in the output's type (it arrives so; a cast would only guard a
+        // mixed-precision caller).
+        let grad = if grad.dtype == q.dtype {
+            grad
+        } else {
+            let dtype = if q.dtype == burn_backend::DType::F16 { burn::tensor::FloatDType::F16 } else { burn::tensor::FloatDType::F32 };
+            crate::kernels::primitive(&crate::kernels::wrap::<3>(grad).cast(dtype)).expect("a cubecl tensor outside autodiff")
+        };
         let (dq, dk, dv) = crate::kernels::attention_grads_cube(q, k, v, o, lse, grad, heads, causal)
             .unwrap_or_else(|()| unreachable!("checked by kernels::attention_grads_apply when recorded"));
         for (parent, g) in [(pq, dq), (pk, dk), (pv, dv)] {

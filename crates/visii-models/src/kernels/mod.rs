@@ -971,7 +971,7 @@ fn flash_rows(client: &Client, d: usize, per_row: usize) -> u32 {
             #[cfg(not(target_family = "wasm"))]
             let env = std::env::var("VISII_FLASH_ROWS").ok().and_then(|v| v.parse::<u8>().ok()).filter(|r| matches!(r, 1 | 2 | 4 | 8));
             #[cfg(target_family = "wasm")]
-            let env = None;
+            let env: Option<u8> = None;
             let _ = FLASH_ROWS.compare_exchange(0, env.map_or(1, |r| r + 1), Ordering::Relaxed, Ordering::Relaxed);
             return flash_rows(client, d, per_row);
         }
