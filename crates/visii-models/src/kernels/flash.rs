@@ -5,13 +5,14 @@
 //!
 //! `q` `[b, n, heads * d]`, `k` and `v` `[b, m, heads * d]` are read where the Linear layers wrote
 //! them (no head split), the output `[b, n, heads * d]` is written for `to_out` directly. Each
-//! invocation owns one query row of one head and keeps the row (scaled) and its output in registers;
-//! a workgroup of 64 rows walks the keys in blocks staged in workgroup memory (every invocation reads
-//! the same key: a broadcast), with the online softmax: a running maximum `mx`, the running sum `l`
+//! invocation owns one query row of one head (or 2-8: [`FlashConfig::rows`]) and keeps the row
+//! (scaled) and its output in registers; a workgroup of 64 invocations walks the keys in blocks
+//! staged in workgroup memory (every invocation reads the same key: a broadcast), with the online
+//! softmax: a running maximum `mx`, the running sum `l`
 //! of `exp(s - mx)`, and the output rescaled by `exp(mx_old - mx_new)` when the maximum grows. The
 //! result is `o / l`, softmax(q kᵀ / sqrt(d)) v up to the order of the sums.
 //!
-//! Head dims that are multiples of 4 up to [`MAX_HEAD_DIM`] (registers: `2 d` per invocation); others (the UNet's
+//! Head dims that are multiples of 4 up to [`MAX_HEAD_DIM`] (registers: `2 d` per row); others (the UNet's
 //! deepest level at 160, the VAE's single 512-wide head) stay on burn's ops. `causal` masks the keys
 //! after the query's own position (CLIP's text encoder).
 
@@ -67,22 +68,8 @@ impl FlashConfig {
         let e = self.elem;
         let ty = e.wgsl();
         let vec4 = |buf: &str, at: &str| load4(e, buf, at);
-        Elem::enable(w, &[e]);
-        let _ = writeln!(w, "struct Params {{ n: u32, m: u32, qs: u32, ks: u32, heads: u32, scale: u32, u0: u32, u1: u32 }}");
-        let _ = writeln!(w, "@group(0) @binding(0) var<storage, read_write> q: array<{ty}>;");
-        let _ = writeln!(w, "@group(0) @binding(1) var<storage, read_write> k: array<{ty}>;");
-        let _ = writeln!(w, "@group(0) @binding(2) var<storage, read_write> v: array<{ty}>;");
-        let _ = writeln!(w, "@group(0) @binding(3) var<storage, read_write> o: array<{ty}>;");
-        if self.lse {
-            let _ = writeln!(w, "@group(0) @binding(4) var<storage, read_write> lse: array<f32>;");
-        }
-        let _ = writeln!(w, "@group(0) @binding({}) var<uniform> p: Params;", 4 + self.lse as u32);
-        let _ = writeln!(w, "var<workgroup> kt: array<vec4<f32>, {}>;", bc * d4);
-        let _ = writeln!(w, "var<workgroup> vt: array<vec4<f32>, {}>;", bc * d4);
-        let _ = writeln!(w, "@compute @workgroup_size({t})");
-        let _ = writeln!(w, "fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {{");
-        let _ = writeln!(w, "  let bi = wid.y / p.heads; let h = wid.y % p.heads;");
-        let _ = writeln!(w, "  let scale = bitcast<f32>(p.scale); let g0 = wid.x * {}u;", t * rows);
+        let bufs: &[(&str, &str)] = &[("q", ty), ("k", ty), ("v", ty), ("o", ty), ("lse", "f32")];
+        open_kernel(w, e, &bufs[..4 + self.lse as usize], (bc, d4), false, rows);
         for r in 0..rows {
             let _ = writeln!(w, "  let i{r} = g0 + {}u + t; let qb{r} = (bi * p.n + min(i{r}, p.n - 1u)) * p.qs + h * {d}u;", r * t);
             for c in 0..d4 {
@@ -96,26 +83,13 @@ impl FlashConfig {
         } else {
             let _ = writeln!(w, "  let kend = p.m;");
         }
-        let _ = writeln!(w, "  for (var j0 = 0u; j0 < kend; j0 = j0 + {bc}u) {{");
-        let _ = writeln!(w, "    for (var e = t; e < {}u; e = e + {t}u) {{", bc * d4);
-        let _ = writeln!(w, "      let j = j0 + e / {d4}u; let c = (e % {d4}u) * 4u; var kv = vec4<f32>(0.0); var vv = vec4<f32>(0.0);");
-        let _ = writeln!(w, "      if (j < p.m) {{ let a = kb + j * p.ks + c; kv = {}; vv = {}; }}", vec4("k", "a"), vec4("v", "a"));
-        let _ = writeln!(w, "      kt[e] = kv; vt[e] = vv;");
-        let _ = writeln!(w, "    }}");
+        stage_blocks(w, e, "j0", "0u", "kend", "kb", "p.m - 1u", "p.ks", ("k", "v"), bc, d4);
         let _ = writeln!(w, "    workgroupBarrier();");
         let _ = writeln!(w, "    for (var jj = 0u; jj < {bc}u; jj = jj + 1u) {{");
         let _ = writeln!(w, "      let j = j0 + jj; let kr = jj * {d4}u;");
-        let _ = write!(w, "     ");
-        for c in 0..d4 {
-            let _ = write!(w, " let k{c} = kt[kr + {c}u]; let v{c} = vt[kr + {c}u];");
-        }
-        let _ = writeln!(w);
+        staged_row(w, d4);
         for r in 0..rows {
-            let _ = write!(w, "      {{ var acc = vec4<f32>(0.0);");
-            for c in 0..d4 {
-                let _ = write!(w, " acc = fma(q{r}_{c}, k{c}, acc);");
-            }
-            let _ = writeln!(w);
+            let _ = writeln!(w, "      {{ let acc = {};", dot(&format!("q{r}_"), "ks", d4));
             let _ = writeln!(w, "      let sc = (acc.x + acc.y) + (acc.z + acc.w);");
             let valid = if self.causal { format!("j < p.m && j <= i{r}") } else { "j < p.m".into() };
             let _ = writeln!(w, "      if ({valid}) {{");
@@ -126,7 +100,7 @@ impl FlashConfig {
             let _ = writeln!(w, " mx{r} = sc; }}");
             let _ = write!(w, "        let e = exp(sc - mx{r}); l{r} = l{r} + e; let ev = vec4<f32>(e);");
             for c in 0..d4 {
-                let _ = write!(w, " o{r}_{c} = fma(ev, v{c}, o{r}_{c});");
+                let _ = write!(w, " o{r}_{c} = fma(ev, vs{c}, o{r}_{c});");
             }
             let _ = writeln!(w);
             let _ = writeln!(w, "      }} }}");
@@ -155,6 +129,66 @@ impl FlashConfig {
     }
 }
 
+
+/// The opening every attention kernel shares: the `enable`s, `Params`, the storage buffers `bufs`
+/// (name, element type) in binding order and then the uniform, the workgroup arrays `at` and `bt`
+/// of a block of `bc` staged rows of `d4` `vec4`s (and with `stats` `st`, the block's `(L, D)`
+/// pairs), and `main` up to the batch `bi`, the head `h`, `scale` and `g0`, the workgroup's first
+/// row.
+fn open_kernel(w: &mut String, e: Elem, bufs: &[(&str, &str)], (bc, d4): (u32, u32), stats: bool, rows: u32) {
+    Elem::enable(w, &[e]);
+    let _ = writeln!(w, "struct Params {{ n: u32, m: u32, qs: u32, ks: u32, heads: u32, scale: u32, u0: u32, u1: u32 }}");
+    for (i, (name, ty)) in bufs.iter().enumerate() {
+        let _ = writeln!(w, "@group(0) @binding({i}) var<storage, read_write> {name}: array<{ty}>;");
+    }
+    let _ = writeln!(w, "@group(0) @binding({}) var<uniform> p: Params;", bufs.len());
+    let _ = writeln!(w, "var<workgroup> at: array<vec4<f32>, {}>;", bc * d4);
+    let _ = writeln!(w, "var<workgroup> bt: array<vec4<f32>, {}>;", bc * d4);
+    if stats {
+        let _ = writeln!(w, "var<workgroup> st: array<vec2<f32>, {bc}>;");
+    }
+    let _ = writeln!(w, "@compute @workgroup_size({THREADS})");
+    let _ = writeln!(w, "fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {{");
+    let _ = writeln!(w, "  let bi = wid.y / p.heads; let h = wid.y % p.heads;");
+    let _ = writeln!(w, "  let scale = bitcast<f32>(p.scale); let g0 = wid.x * {}u;", THREADS * rows);
+}
+
+/// Opens the loop over blocks of `bc` rows, `{var}` from `from` while below `end`, and stages each
+/// block's rows of `x` and `y` (element type `e`; row `r` from `{base} + min(r, {last}) * {stride}`:
+/// rows past the end repeat the last one, which the work masks) in `at` and `bt`. Branch-free.
+/// The caller adds a barrier, the block's work, a barrier and the closing brace.
+#[allow(clippy::too_many_arguments)]
+fn stage_blocks(w: &mut String, e: Elem, var: &str, from: &str, end: &str, base: &str, last: &str, stride: &str, (x, y): (&str, &str), bc: u32, d4: u32) {
+    let _ = writeln!(w, "  for (var {var} = {from}; {var} < {end}; {var} = {var} + {bc}u) {{");
+    let _ = writeln!(w, "    for (var e = t; e < {}u; e = e + {THREADS}u) {{", bc * d4);
+    let _ = writeln!(w, "      let a = {base} + min({var} + e / {d4}u, {last}) * {stride} + (e % {d4}u) * 4u;");
+    let _ = writeln!(w, "      at[e] = {}; bt[e] = {};", load4(e, x, "a"), load4(e, y, "a"));
+    let _ = writeln!(w, "    }}");
+}
+
+/// The staged row at `kr` into registers: `ks{c}` from `at`, `vs{c}` from `bt` (read once, used by
+/// every row of the invocation).
+fn staged_row(w: &mut String, d4: u32) {
+    let _ = write!(w, "     ");
+    for c in 0..d4 {
+        let _ = write!(w, " let ks{c} = at[kr + {c}u]; let vs{c} = bt[kr + {c}u];");
+    }
+    let _ = writeln!(w);
+}
+
+/// The `vec4` dot product of the registers `{x}{c}` and `{y}{c}` (fma in order of `c`).
+fn dot(x: &str, y: &str, d4: u32) -> String {
+    (0..d4).fold(String::from("vec4<f32>(0.0)"), |acc, c| format!("fma({x}{c}, {y}{c}, {acc})"))
+}
+
+/// One row's terms in the backward, opening a block the caller closes: its score `sc` against the
+/// staged row (`{x}{c}` with `ks{c}`), `dp` (`{y}{c}` with `vs{c}`), the weight `pr = exp(sc - L)`
+/// (0 where not `valid`) and `ds = pr (dp - D)` as a `vec4`.
+fn grad_terms(w: &mut String, d4: u32, (x, y): (&str, &str), valid: &str, (l, dsum): (&str, &str)) {
+    let _ = writeln!(w, "      {{ let sv = {}; let gv = {};", dot(x, "ks", d4), dot(y, "vs", d4));
+    let _ = writeln!(w, "      let sc = (sv.x + sv.y) + (sv.z + sv.w); let dp = (gv.x + gv.y) + (gv.z + gv.w);");
+    let _ = writeln!(w, "      let pr = select(0.0, exp(sc - {l}), {valid}); let ds = vec4<f32>(pr * (dp - {dsum}));");
+}
 
 /// Four consecutive values of `buf` (of element type `e`) from `at` as a `vec4<f32>`.
 fn load4(e: Elem, buf: &str, at: &str) -> String {
@@ -229,42 +263,12 @@ impl FlashGradConfig {
         let ty = e.wgsl();
         let mut s = String::new();
         let w = &mut s;
-        Elem::enable(w, &[e]);
-        let _ = writeln!(w, "struct Params {{ n: u32, m: u32, qs: u32, ks: u32, heads: u32, scale: u32, u0: u32, u1: u32 }}");
-        let names: &[(&str, &str)] = match self.part {
+        let bufs: &[(&str, &str)] = match self.part {
             GradPart::Dq => &[("q", ty), ("k", ty), ("v", ty), ("o", ty), ("g", ty), ("lse", "f32"), ("dd", "f32"), ("dq", ty)],
             GradPart::DkDv => &[("q", ty), ("k", ty), ("v", ty), ("g", ty), ("lse", "f32"), ("dd", "f32"), ("dk", ty), ("dv", ty)],
         };
-        for (i, (name, t)) in names.iter().enumerate() {
-            let _ = writeln!(w, "@group(0) @binding({i}) var<storage, read_write> {name}: array<{t}>;");
-        }
-        let _ = writeln!(w, "@group(0) @binding({}) var<uniform> p: Params;", names.len());
-        // Staged blocks: keys and values (dQ) or queries and output gradients (dK, dV).
-        let _ = writeln!(w, "var<workgroup> at: array<vec4<f32>, {}>;", bc * d4);
-        let _ = writeln!(w, "var<workgroup> bt: array<vec4<f32>, {}>;", bc * d4);
-        if self.part == GradPart::DkDv {
-            let _ = writeln!(w, "var<workgroup> st: array<vec2<f32>, {bc}>;");
-        }
-        let _ = writeln!(w, "@compute @workgroup_size({t})");
-        let _ = writeln!(w, "fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {{");
-        let _ = writeln!(w, "  let bi = wid.y / p.heads; let h = wid.y % p.heads;");
-        let _ = writeln!(w, "  let scale = bitcast<f32>(p.scale); let g0 = wid.x * {}u;", t * rows);
-        // A dot product of the register row `x{c}` with the staged row held in `y{c}`.
-        let dot = |x: &str, y: &str| {
-            let mut acc = String::from("vec4<f32>(0.0)");
-            for c in 0..d4 {
-                acc = format!("fma({x}{c}, {y}{c}, {acc})");
-            }
-            acc
-        };
-        // The staged row at `kr` into registers `ks{c}`, `vs{c}`.
-        let staged = |w: &mut String| {
-            let _ = write!(w, "     ");
-            for c in 0..d4 {
-                let _ = write!(w, " let ks{c} = at[kr + {c}u]; let vs{c} = bt[kr + {c}u];");
-            }
-            let _ = writeln!(w);
-        };
+        // Staged blocks: keys and values (dQ) or queries, output gradients and (L, D) (dK, dV).
+        open_kernel(w, e, bufs, (bc, d4), self.part == GradPart::DkDv, rows);
         match self.part {
             GradPart::Dq => {
                 for r in 0..rows {
@@ -289,20 +293,14 @@ impl FlashGradConfig {
                 } else {
                     let _ = writeln!(w, "  let kend = p.m;");
                 }
-                let _ = writeln!(w, "  for (var j0 = 0u; j0 < kend; j0 = j0 + {bc}u) {{");
-                let _ = writeln!(w, "    for (var e = t; e < {}u; e = e + {t}u) {{", bc * d4);
-                let _ = writeln!(w, "      let a = kb + min(j0 + e / {d4}u, p.m - 1u) * p.ks + (e % {d4}u) * 4u;");
-                let _ = writeln!(w, "      at[e] = {}; bt[e] = {};", load4(e, "k", "a"), load4(e, "v", "a"));
-                let _ = writeln!(w, "    }}");
+                stage_blocks(w, e, "j0", "0u", "kend", "kb", "p.m - 1u", "p.ks", ("k", "v"), bc, d4);
                 let _ = writeln!(w, "    workgroupBarrier();");
                 let _ = writeln!(w, "    for (var jj = 0u; jj < {bc}u; jj = jj + 1u) {{");
                 let _ = writeln!(w, "      let j = j0 + jj; let kr = jj * {d4}u;");
-                staged(w);
+                staged_row(w, d4);
                 for r in 0..rows {
-                    let _ = writeln!(w, "      {{ let sv = {}; let dv = {};", dot(&format!("q{r}_"), "ks"), dot(&format!("g{r}_"), "vs"));
-                    let _ = writeln!(w, "      let sc = (sv.x + sv.y) + (sv.z + sv.w); let dp = (dv.x + dv.y) + (dv.z + dv.w);");
                     let valid = if self.causal { format!("(j < p.m) & (j <= i{r})") } else { "j < p.m".into() };
-                    let _ = writeln!(w, "      let pr = select(0.0, exp(sc - lrow{r}), {valid}); let ds = vec4<f32>(pr * (dp - dsum{r}));");
+                    grad_terms(w, d4, (&format!("q{r}_"), &format!("g{r}_")), &valid, (&format!("lrow{r}"), &format!("dsum{r}")));
                     let _ = write!(w, "     ");
                     for c in 0..d4 {
                         let _ = write!(w, " a{r}_{c} = fma(ds, ks{c}, a{r}_{c});");
@@ -338,24 +336,18 @@ impl FlashGradConfig {
                 // Causal: queries before the workgroup's first key see none of its keys (the block
                 // divides the rows per workgroup, so the blocks stay aligned).
                 let start = if self.causal { "g0" } else { "0u" };
-                let _ = writeln!(w, "  for (var i0 = {start}; i0 < p.n; i0 = i0 + {bc}u) {{");
-                let _ = writeln!(w, "    for (var e = t; e < {}u; e = e + {t}u) {{", bc * d4);
-                let _ = writeln!(w, "      let a = qb + min(i0 + e / {d4}u, p.n - 1u) * p.qs + (e % {d4}u) * 4u;");
-                let _ = writeln!(w, "      at[e] = {}; bt[e] = {};", load4(e, "q", "a"), load4(e, "g", "a"));
-                let _ = writeln!(w, "    }}");
+                stage_blocks(w, e, "i0", start, "p.n", "qb", "p.n - 1u", "p.qs", ("q", "g"), bc, d4);
                 let _ = writeln!(w, "    for (var e = t; e < {bc}u; e = e + {t}u) {{");
                 let _ = writeln!(w, "      let i = sb + min(i0 + e, p.n - 1u); st[e] = vec2<f32>(lse[i], dd[i]);");
                 let _ = writeln!(w, "    }}");
                 let _ = writeln!(w, "    workgroupBarrier();");
                 let _ = writeln!(w, "    for (var ii = 0u; ii < {bc}u; ii = ii + 1u) {{");
                 let _ = writeln!(w, "      let i = i0 + ii; let kr = ii * {d4}u; let ld = st[ii];");
-                staged(w);
+                staged_row(w, d4);
                 for r in 0..rows {
-                    let _ = writeln!(w, "      {{ let sv = {}; let gv = {};", dot(&format!("k{r}_"), "ks"), dot(&format!("v{r}_"), "vs"));
-                    let _ = writeln!(w, "      let sc = (sv.x + sv.y) + (sv.z + sv.w); let dp = (gv.x + gv.y) + (gv.z + gv.w);");
                     let valid = if self.causal { format!("(i < p.n) & (j{r} <= i)") } else { "i < p.n".into() };
-                    let _ = writeln!(w, "      let pr = select(0.0, exp(sc - ld.x), {valid}); let pv = vec4<f32>(pr); let ds = vec4<f32>(pr * (dp - ld.y));");
-                    let _ = write!(w, "     ");
+                    grad_terms(w, d4, (&format!("k{r}_"), &format!("v{r}_")), &valid, ("ld.x", "ld.y"));
+                    let _ = write!(w, "      let pv = vec4<f32>(pr);");
                     for c in 0..d4 {
                         let _ = write!(w, " dv{r}_{c} = fma(pv, vs{c}, dv{r}_{c}); dk{r}_{c} = fma(ds, ks{c}, dk{r}_{c});");
                     }
