@@ -77,17 +77,7 @@ impl FlashConfig {
             }
             let _ = writeln!(w, "  var mx{r} = -3.0e38; var l{r} = 0.0;");
         }
-        let _ = writeln!(w, "  let kb = bi * p.m * p.ks + h * {d}u;");
-        if self.causal {
-            let _ = writeln!(w, "  let kend = min(p.m, g0 + {}u);", t * rows);
-        } else {
-            let _ = writeln!(w, "  let kend = p.m;");
-        }
-        stage_blocks(w, e, "j0", "0u", "kend", "kb", "p.m - 1u", "p.ks", ("k", "v"), bc, d4);
-        let _ = writeln!(w, "    workgroupBarrier();");
-        let _ = writeln!(w, "    for (var jj = 0u; jj < {bc}u; jj = jj + 1u) {{");
-        let _ = writeln!(w, "      let j = j0 + jj; let kr = jj * {d4}u;");
-        staged_row(w, d4);
+        open_key_loop(w, e, d, self.causal, rows, bc);
         for r in 0..rows {
             let _ = writeln!(w, "      {{ let acc = {};", dot(&format!("q{r}_"), "ks", d4));
             let _ = writeln!(w, "      let sc = (acc.x + acc.y) + (acc.z + acc.w);");
@@ -151,6 +141,24 @@ fn open_kernel(w: &mut String, e: Elem, bufs: &[(&str, &str)], (bc, d4): (u32, u
     let _ = writeln!(w, "fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {{");
     let _ = writeln!(w, "  let bi = wid.y / p.heads; let h = wid.y % p.heads;");
     let _ = writeln!(w, "  let scale = bitcast<f32>(p.scale); let g0 = wid.x * {}u;", THREADS * rows);
+}
+
+/// Opens the walk over the keys of the forward and of dQ: blocks of `bc` keys and values staged
+/// (`causal`: only up to the workgroup's last row), then per key `j` its staged row in `ks{c}` /
+/// `vs{c}`. The caller writes the key's work and closes with a barrier and two braces.
+fn open_key_loop(w: &mut String, e: Elem, d: u32, causal: bool, rows: u32, bc: u32) {
+    let d4 = d / 4;
+    let _ = writeln!(w, "  let kb = bi * p.m * p.ks + h * {d}u;");
+    if causal {
+        let _ = writeln!(w, "  let kend = min(p.m, g0 + {}u);", THREADS * rows);
+    } else {
+        let _ = writeln!(w, "  let kend = p.m;");
+    }
+    stage_blocks(w, e, "j0", "0u", "kend", "kb", "p.m - 1u", "p.ks", ("k", "v"), bc, d4);
+    let _ = writeln!(w, "    workgroupBarrier();");
+    let _ = writeln!(w, "    for (var jj = 0u; jj < {bc}u; jj = jj + 1u) {{");
+    let _ = writeln!(w, "      let j = j0 + jj; let kr = jj * {d4}u;");
+    staged_row(w, d4);
 }
 
 /// Opens the loop over blocks of `bc` rows, `{var}` from `from` while below `end`, and stages each
@@ -287,17 +295,7 @@ impl FlashGradConfig {
                     let _ = writeln!(w, "  let dsum{r} = (od{r}.x + od{r}.y) + (od{r}.z + od{r}.w);");
                     let _ = writeln!(w, "  let lrow{r} = lse[wid.y * p.n + min(i{r}, p.n - 1u)];");
                 }
-                let _ = writeln!(w, "  let kb = bi * p.m * p.ks + h * {d}u;");
-                if self.causal {
-                    let _ = writeln!(w, "  let kend = min(p.m, g0 + {}u);", t * rows);
-                } else {
-                    let _ = writeln!(w, "  let kend = p.m;");
-                }
-                stage_blocks(w, e, "j0", "0u", "kend", "kb", "p.m - 1u", "p.ks", ("k", "v"), bc, d4);
-                let _ = writeln!(w, "    workgroupBarrier();");
-                let _ = writeln!(w, "    for (var jj = 0u; jj < {bc}u; jj = jj + 1u) {{");
-                let _ = writeln!(w, "      let j = j0 + jj; let kr = jj * {d4}u;");
-                staged_row(w, d4);
+                open_key_loop(w, e, d, self.causal, rows, bc);
                 for r in 0..rows {
                     let valid = if self.causal { format!("(j < p.m) & (j <= i{r})") } else { "j < p.m".into() };
                     grad_terms(w, d4, (&format!("q{r}_"), &format!("g{r}_")), &valid, (&format!("lrow{r}"), &format!("dsum{r}")));
