@@ -6,8 +6,8 @@
 //! burn's chain (`q kᵀ`, scale, softmax, `· v`) records four steps and keeps the scores and the
 //! weights (`[b, heads, n, m]` each) of every attention layer until the backward pass; this step
 //! keeps `q`, `k`, `v`, the output (`[b, n, heads · d]` each) and the log-sum-exp (`[b, heads, n]`).
-//! Masked (causal) positions get no gradient. Runs where the fused kernels apply (f32 on a cubecl
-//! device, head dims the kernel takes); anything else hands its inputs back for burn's chain.
+//! Masked (causal) positions get no gradient. Runs where the fused kernels apply (f32 or f16 on a
+//! cubecl device, head dims the kernels take); anything else hands its inputs back for burn's chain.
 
 use burn::tensor::Tensor;
 use burn_autodiff::checkpoint::base::Checkpointer;

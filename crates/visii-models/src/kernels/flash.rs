@@ -36,7 +36,7 @@ pub struct FlashConfig {
     /// Also writes each row's log-sum-exp `mx + ln(l)` (f32, `[b, heads, n]`) for the backward
     /// ([`FlashGradConfig`]).
     pub lse: bool,
-    /// Query rows per invocation (1, 2 or 4): each key and value read from workgroup memory serves
+    /// Query rows per invocation (1, 2, 4 or 8): each key and value read from workgroup memory serves
     /// that many rows (CPU adapters gather every such read lane by lane).
     pub rows: u32,
 }
@@ -45,12 +45,7 @@ impl FlashConfig {
     /// Keys per block staged in workgroup memory: `k` and `v` blocks within 8 KiB each (WebGPU
     /// guarantees 16 KiB of workgroup memory).
     pub fn block(&self) -> u32 {
-        let fit = 2048 / self.d.max(1);
-        let mut b = 1;
-        while b * 2 <= fit.min(32) {
-            b *= 2;
-        }
-        b
+        block_within(8 * self.d)
     }
 
     /// The WGSL source; entry point `main`. Params: `n, m, qs (q / output row stride), ks (k / v row
@@ -119,6 +114,17 @@ impl FlashConfig {
     }
 }
 
+
+/// The largest power-of-two block (at most 32 rows) of `row_bytes` each within WebGPU's guaranteed
+/// 16 KiB of workgroup memory.
+fn block_within(row_bytes: u32) -> u32 {
+    let fit = 16384 / row_bytes.max(1);
+    let mut b = 1;
+    while b * 2 <= fit.min(32) {
+        b *= 2;
+    }
+    b
+}
 
 /// The opening every attention kernel shares: the `enable`s, `Params`, the storage buffers `bufs`
 /// (name, element type) in binding order and then the uniform, the workgroup arrays `at` and `bt`
@@ -253,9 +259,15 @@ pub struct FlashGradConfig {
 }
 
 impl FlashGradConfig {
-    /// Rows per block staged in workgroup memory (two `vec4` arrays, as the forward's).
+    /// Rows per block staged in workgroup memory: two `vec4` arrays of `d` floats per row (as the
+    /// forward's) and, for dK / dV, the row's `(L, D)` pair, all within WebGPU's 16 KiB.
     pub fn block(&self) -> u32 {
-        FlashConfig { d: self.d, causal: self.causal, elem: self.elem, lse: false, rows: 1 }.block()
+        block_within(8 * self.d + if self.part == GradPart::DkDv { 8 } else { 0 })
+    }
+
+    /// Bytes of workgroup memory the kernel declares.
+    pub fn workgroup_bytes(&self) -> u32 {
+        self.block() * (8 * self.d + if self.part == GradPart::DkDv { 8 } else { 0 })
     }
 
     /// The WGSL source; entry point `main`. Params as the forward's: `n, m, qs, ks, heads, scale`.
@@ -407,5 +419,19 @@ mod tests {
             }
         }
         assert_eq!(FlashConfig { d: 128, causal: true, elem: Elem::F16, lse: true, rows: 1 }.block(), 16);
+        // The backward's blocks too, dK / dV with its (L, D) pairs: 64 and 128 wide heads need smaller
+        // blocks there (16 and 8 rows; 32 and 16 would declare 16640 bytes).
+        for d in (4..=MAX_HEAD_DIM as u32).step_by(4) {
+            for part in [GradPart::Dq, GradPart::DkDv] {
+                let c = FlashGradConfig { d, causal: true, elem: Elem::F32, part, rows: 4 };
+                let b = c.block();
+                assert!(b.is_power_of_two() && b <= 32 && 256 % b == 0 && c.workgroup_bytes() <= 16384, "d {d} {part:?}: block {b}, {} bytes", c.workgroup_bytes());
+                let declared = c.wgsl().lines().filter(|l| l.starts_with("var<workgroup>")).count();
+                assert_eq!(declared, if part == GradPart::DkDv { 3 } else { 2 });
+            }
+        }
+        assert_eq!(FlashGradConfig { d: 64, causal: true, elem: Elem::F32, part: GradPart::DkDv, rows: 1 }.block(), 16);
+        assert_eq!(FlashGradConfig { d: 128, causal: false, elem: Elem::F16, part: GradPart::DkDv, rows: 1 }.block(), 8);
+        assert_eq!(FlashGradConfig { d: 64, causal: true, elem: Elem::F32, part: GradPart::Dq, rows: 1 }.block(), 32);
     }
 }
