@@ -338,6 +338,13 @@ enum BenchWhat {
     AttentionGrad,
 }
 
+impl BenchWhat {
+    /// One layer of `--shape` (timed by `bench_op`), not a network.
+    fn is_op(self) -> bool {
+        matches!(self, BenchWhat::Conv | BenchWhat::Linear | BenchWhat::Groupnorm | BenchWhat::Attention | BenchWhat::AttentionGrad)
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum, PartialEq, Debug)]
 enum BenchConfig {
     /// The real InstructPix2Pix UNet (859.5 M parameters), 77 x 768 text states.
@@ -1212,7 +1219,7 @@ fn bench(
         }
         runners.push((arg(&b), c));
     }
-    if let Some((py, torch_device)) = torch.filter(|_| !matches!(what, BenchWhat::Conv | BenchWhat::Linear | BenchWhat::Groupnorm | BenchWhat::Attention | BenchWhat::AttentionGrad)) {
+    if let Some((py, torch_device)) = torch.filter(|_| !what.is_op()) {
         let mut c = std::process::Command::new(py);
         c.arg(&script).args(["--latent", &latent.to_string(), "--what", &arg(&what), "--config", &arg(&config), "--runs", &runs.to_string()]);
         c.args(["--device", torch_device]);
@@ -1336,7 +1343,7 @@ fn op_shape(what: BenchWhat, shape: Vec<usize>) -> Result<Vec<usize>, Box<dyn st
         (BenchWhat::Attention, true) => vec![1, 4096, 4096, 8, 40],
         // Learning's first-level self-attention at 256 px (32 x 32 latents).
         (BenchWhat::AttentionGrad, true) => vec![1, 1024, 1024, 8, 40],
-        (BenchWhat::Conv | BenchWhat::Linear | BenchWhat::Groupnorm | BenchWhat::Attention | BenchWhat::AttentionGrad, false) => shape,
+        (_, false) if what.is_op() => shape,
         (_, true) => return Ok(shape),
         (_, false) => return Err("--shape is for --what conv, linear, groupnorm, attention or attention-grad".into()),
     };
@@ -1470,7 +1477,7 @@ fn bench_one(
     use visii_pipeline::block_on;
     use visii_pipeline::probe::UnetProbe;
     let dev = device(backend);
-    if matches!(what, BenchWhat::Conv | BenchWhat::Linear | BenchWhat::Groupnorm | BenchWhat::Attention | BenchWhat::AttentionGrad) {
+    if what.is_op() {
         return bench_op(what, &op_shape(what, shape.to_vec())?, backend, runs, &dev);
     }
     if matches!(what, BenchWhat::VaeDecode | BenchWhat::VaeEncode) {
@@ -1490,7 +1497,7 @@ fn bench_one(
             BenchWhat::LearnStep => block_on(probe.learn_step(&unet)),
             BenchWhat::SampleStep => block_on(probe.sample_step(&unet)),
             BenchWhat::VaeDecode | BenchWhat::VaeEncode => unreachable!("bench_vae"),
-            BenchWhat::Conv | BenchWhat::Linear | BenchWhat::Groupnorm | BenchWhat::Attention | BenchWhat::AttentionGrad => unreachable!("bench_op"),
+            _ => unreachable!("bench_op (what.is_op())"),
         };
         failed = failed.take().or(r.err());
     });

@@ -362,13 +362,8 @@ fn fused_attention_backward_matches_ndarray() {
     // (batch, query rows, keys, heads, head dim, causal): self-attention (8 heads of 40),
     // cross-attention to 77 text states (heads of 80), CLIP's causal attention over two workgroups
     // of rows, several workgroups of query and key rows with last ones partly empty, odd sizes.
-    let cases: &[(usize, usize, usize, usize, usize, bool)] = &[
-        (2, 64, 64, 8, 40, false),
-        (3, 37, 77, 4, 80, false),
-        (1, 77, 77, 4, 64, true),
-        (1, 300, 290, 2, 40, false),
-        (2, 5, 3, 3, 4, false),
-    ];
+    let cases: &[(usize, usize, usize, usize, usize, bool)] =
+        &[(2, 64, 64, 8, 40, false), (3, 37, 77, 4, 80, false), (1, 77, 77, 4, 64, true), (1, 300, 290, 2, 40, false), (2, 5, 3, 3, 4, false)];
     for &(b, n, m, heads, d, causal) in cases {
         let inner = heads * d;
         let q = Tensor::<3>::random([b, n, inner], Distribution::Normal(0.0, 1.0), &gpu);

@@ -62,13 +62,12 @@ impl FlashConfig {
         let w = &mut s;
         let e = self.elem;
         let ty = e.wgsl();
-        let vec4 = |buf: &str, at: &str| load4(e, buf, at);
         let bufs: &[(&str, &str)] = &[("q", ty), ("k", ty), ("v", ty), ("o", ty), ("lse", "f32")];
         open_kernel(w, e, &bufs[..4 + self.lse as usize], (bc, d4), false, rows);
         for r in 0..rows {
             let _ = writeln!(w, "  let i{r} = g0 + {}u + t; let qb{r} = (bi * p.n + min(i{r}, p.n - 1u)) * p.qs + h * {d}u;", r * t);
             for c in 0..d4 {
-                let _ = writeln!(w, "  let q{r}_{c} = {} * scale; var o{r}_{c} = vec4<f32>(0.0);", vec4("q", &format!("(qb{r} + {}u)", 4 * c)));
+                let _ = writeln!(w, "  let q{r}_{c} = {} * scale; var o{r}_{c} = vec4<f32>(0.0);", load4(e, "q", &format!("(qb{r} + {}u)", 4 * c)));
             }
             let _ = writeln!(w, "  var mx{r} = -3.0e38; var l{r} = 0.0;");
         }
@@ -90,9 +89,7 @@ impl FlashConfig {
             let _ = writeln!(w);
             let _ = writeln!(w, "      }} }}");
         }
-        let _ = writeln!(w, "    }}");
-        let _ = writeln!(w, "    workgroupBarrier();");
-        let _ = writeln!(w, "  }}");
+        close_block_loop(w);
         for r in 0..rows {
             let _ = writeln!(w, "  if (i{r} < p.n) {{");
             let _ = writeln!(w, "    let r = 1.0 / l{r};");
@@ -113,7 +110,6 @@ impl FlashConfig {
         THREADS * self.rows
     }
 }
-
 
 /// The largest power-of-two block (at most 32 rows) of `row_bytes` each within WebGPU's guaranteed
 /// 16 KiB of workgroup memory.
@@ -167,12 +163,32 @@ fn open_key_loop(w: &mut String, e: Elem, d: u32, causal: bool, rows: u32, bc: u
     staged_row(w, d4);
 }
 
+/// Closes the loop over one block's staged rows and the loop over blocks (after a barrier, so the
+/// next block is staged only once every invocation is done with this one).
+fn close_block_loop(w: &mut String) {
+    let _ = writeln!(w, "    }}");
+    let _ = writeln!(w, "    workgroupBarrier();");
+    let _ = writeln!(w, "  }}");
+}
+
 /// Opens the loop over blocks of `bc` rows, `{var}` from `from` while below `end`, and stages each
 /// block's rows of `x` and `y` (element type `e`; row `r` from `{base} + min(r, {last}) * {stride}`:
 /// rows past the end repeat the last one, which the work masks) in `at` and `bt`. Branch-free.
 /// The caller adds a barrier, the block's work, a barrier and the closing brace.
 #[allow(clippy::too_many_arguments)]
-fn stage_blocks(w: &mut String, e: Elem, var: &str, from: &str, end: &str, base: &str, last: &str, stride: &str, (x, y): (&str, &str), bc: u32, d4: u32) {
+fn stage_blocks(
+    w: &mut String,
+    e: Elem,
+    var: &str,
+    from: &str,
+    end: &str,
+    base: &str,
+    last: &str,
+    stride: &str,
+    (x, y): (&str, &str),
+    bc: u32,
+    d4: u32,
+) {
     let _ = writeln!(w, "  for (var {var} = {from}; {var} < {end}; {var} = {var} + {bc}u) {{");
     let _ = writeln!(w, "    for (var e = t; e < {}u; e = e + {THREADS}u) {{", bc * d4);
     let _ = writeln!(w, "      let a = {base} + min({var} + e / {d4}u, {last}) * {stride} + (e % {d4}u) * 4u;");
@@ -262,12 +278,17 @@ impl FlashGradConfig {
     /// Rows per block staged in workgroup memory: two `vec4` arrays of `d` floats per row (as the
     /// forward's) and, for dK / dV, the row's `(L, D)` pair, all within WebGPU's 16 KiB.
     pub fn block(&self) -> u32 {
-        block_within(8 * self.d + if self.part == GradPart::DkDv { 8 } else { 0 })
+        block_within(self.staged_row_bytes())
     }
 
     /// Bytes of workgroup memory the kernel declares.
     pub fn workgroup_bytes(&self) -> u32 {
-        self.block() * (8 * self.d + if self.part == GradPart::DkDv { 8 } else { 0 })
+        self.block() * self.staged_row_bytes()
+    }
+
+    /// Workgroup memory per staged row: two `vec4` rows of `d` floats, and dK / dV's `(L, D)`.
+    fn staged_row_bytes(&self) -> u32 {
+        8 * self.d + if self.part == GradPart::DkDv { 8 } else { 0 }
     }
 
     /// The WGSL source; entry point `main`. Params as the forward's: `n, m, qs, ks, heads, scale`.
@@ -317,9 +338,7 @@ impl FlashGradConfig {
                     }
                     let _ = writeln!(w, " }}");
                 }
-                let _ = writeln!(w, "    }}");
-                let _ = writeln!(w, "    workgroupBarrier();");
-                let _ = writeln!(w, "  }}");
+                close_block_loop(w);
                 for r in 0..rows {
                     let _ = writeln!(w, "  if (i{r} < p.n) {{");
                     let _ = writeln!(w, "    dd[wid.y * p.n + i{r}] = dsum{r};");
@@ -363,9 +382,7 @@ impl FlashGradConfig {
                     }
                     let _ = writeln!(w, " }}");
                 }
-                let _ = writeln!(w, "    }}");
-                let _ = writeln!(w, "    workgroupBarrier();");
-                let _ = writeln!(w, "  }}");
+                close_block_loop(w);
                 for r in 0..rows {
                     let _ = writeln!(w, "  if (j{r} < p.m) {{");
                     for c in 0..d4 {
@@ -415,7 +432,11 @@ mod tests {
                 assert!(!body.contains("if (") && !body.contains("&&"), "{part:?}, {rows} rows, causal {causal}:\n{body}");
                 // After the loops: every value of each gradient row written (40 per row), and `D` per row.
                 let outs = if part == GradPart::Dq { 1 } else { 2 };
-                assert_eq!(src.matches("] = ").count() - body.matches("] = ").count(), outs * 40 * rows as usize + if part == GradPart::Dq { rows as usize } else { 0 }, "{part:?}");
+                assert_eq!(
+                    src.matches("] = ").count() - body.matches("] = ").count(),
+                    outs * 40 * rows as usize + if part == GradPart::Dq { rows as usize } else { 0 },
+                    "{part:?}"
+                );
             }
         }
         assert_eq!(FlashConfig { d: 128, causal: true, elem: Elem::F16, lse: true, rows: 1 }.block(), 16);
@@ -425,7 +446,11 @@ mod tests {
             for part in [GradPart::Dq, GradPart::DkDv] {
                 let c = FlashGradConfig { d, causal: true, elem: Elem::F32, part, rows: 4 };
                 let b = c.block();
-                assert!(b.is_power_of_two() && b <= 32 && 256 % b == 0 && c.workgroup_bytes() <= 16384, "d {d} {part:?}: block {b}, {} bytes", c.workgroup_bytes());
+                assert!(
+                    b.is_power_of_two() && b <= 32 && 256 % b == 0 && c.workgroup_bytes() <= 16384,
+                    "d {d} {part:?}: block {b}, {} bytes",
+                    c.workgroup_bytes()
+                );
                 let declared = c.wgsl().lines().filter(|l| l.starts_with("var<workgroup>")).count();
                 assert_eq!(declared, if part == GradPart::DkDv { 3 } else { 2 });
             }
