@@ -26,7 +26,8 @@ use super::gemm::Bias;
 use super::{Elem, Elems};
 use std::fmt::Write;
 
-/// Invocations per workgroup (split along `K`).
+/// Invocations per workgroup (split along `K`, or rows of `C` where `A` is transposed) on a GPU;
+/// CPU adapters take fewer ([`SkinnyConfig::with_threads`]).
 pub const THREADS: u32 = 64;
 
 /// The most columns of `C` this kernel takes.
@@ -66,6 +67,10 @@ pub struct SkinnyConfig {
     pub elems: Elems,
     /// Operands read four values at a time (see [`Self::vectorised`]).
     pub vec4: bool,
+    /// With `A` transposed: the rows of `B` read four values at a time (`K` a multiple of 4).
+    pub b4: bool,
+    /// Invocations per workgroup (a power of two): [`THREADS`] unless [`Self::with_threads`].
+    pub threads: u32,
 }
 
 impl SkinnyConfig {
@@ -75,7 +80,7 @@ impl SkinnyConfig {
         assert!((1..=MAX_COLS).contains(&n), "the skinny GEMM takes 1 to {MAX_COLS} columns, not {n}");
         let cols = n.next_power_of_two() as u32;
         let rows = (32 / cols).clamp(2, 8);
-        SkinnyConfig { cols, rows, a, b, bias, elems: Elems::F32, vec4: false }
+        SkinnyConfig { cols, rows, a, b, bias, elems: Elems::F32, vec4: false, b4: false, threads: THREADS }
     }
 
     /// This variant reading its operands four values at a time where it can (for `m` rows of `C` and
@@ -85,6 +90,9 @@ impl SkinnyConfig {
     /// - `A` row-major, `k` a multiple of 4, every tap of a conv visited (or rows of `B`): each
     ///   invocation takes four consecutive `k` per step, `A` (and rows of `B`) read as `vec4`s; the
     ///   partial sums split `K` differently (equal within the summation-order tolerance).
+    /// - `A` transposed, `k` a multiple of 4 ([`Self::b4`]): the four values of a row of `B` that a
+    ///   step multiplies are one `vec4` read instead of four (on a CPU adapter each read is a load
+    ///   per lane: four times fewer of them); the same products in the same order.
     pub fn vectorised(self, m: usize, k: usize) -> Self {
         let e = self.elems;
         let vec4 = match (self.a, self.b) {
@@ -92,7 +100,8 @@ impl SkinnyConfig {
             (SkinnyA::RowMajor, SkinnyB::Conv { kh, kw, nky, nkx, .. }) => k.is_multiple_of(4) && nky == kh && nkx == kw && e.a.reads4(),
             (SkinnyA::RowMajor, SkinnyB::Rows) => k.is_multiple_of(4) && e.a.reads4() && e.b.reads4(),
         };
-        SkinnyConfig { vec4, ..self }
+        let b4 = self.a == SkinnyA::Transposed && k.is_multiple_of(4) && e.b.reads4();
+        SkinnyConfig { vec4, b4, ..self }
     }
 
     /// This variant with the operands' element types `elems`.
@@ -100,8 +109,17 @@ impl SkinnyConfig {
         SkinnyConfig { elems, ..self }
     }
 
+    /// This variant with `threads` invocations per workgroup (a power of two, 1 to 256). Each
+    /// invocation's work is the same whatever the count (its rows where `A` is transposed, so the
+    /// values are the same to the last bit); where the invocations split `K` the partial sums split
+    /// it differently (equal within the summation-order tolerance).
+    pub fn with_threads(self, threads: u32) -> Self {
+        assert!(threads.is_power_of_two() && threads <= 256, "{threads} invocations per workgroup");
+        SkinnyConfig { threads, ..self }
+    }
+
     pub fn threads(&self) -> u32 {
-        THREADS
+        self.threads
     }
 
     /// The number of `K` steps the invocations share: `c_in * (visited taps)` for a conv, `K` for
@@ -117,8 +135,8 @@ impl SkinnyConfig {
     pub fn rows_per_group(&self) -> u32 {
         match self.a {
             SkinnyA::RowMajor => self.rows,
-            SkinnyA::Transposed if self.vec4 => 4 * THREADS,
-            SkinnyA::Transposed => THREADS,
+            SkinnyA::Transposed if self.vec4 => 4 * self.threads,
+            SkinnyA::Transposed => self.threads,
         }
     }
 
@@ -132,7 +150,7 @@ impl SkinnyConfig {
         if self.a == SkinnyA::Transposed {
             return self.wgsl_columns();
         }
-        let (cols, rows, t) = (self.cols, self.rows, THREADS);
+        let (cols, rows, t) = (self.cols, self.rows, self.threads);
         let parts = cols * rows;
         let v4 = self.vec4;
         let b4 = v4 && self.b == SkinnyB::Rows;
@@ -223,11 +241,17 @@ impl SkinnyConfig {
             half /= 2;
         }
         let _ = writeln!(w, "  workgroupBarrier();");
-        let _ = writeln!(w, "  if (t < {parts}u) {{");
-        let _ = writeln!(w, "    let r = t / {cols}u; let q = t % {cols}u; let m = m0 + r;");
+        // Sum i = (row r, column q) is written by invocation i (or, with fewer invocations than
+        // sums, i % T in turn).
+        if t >= parts {
+            let _ = writeln!(w, "  if (t < {parts}u) {{ let i = t;");
+        } else {
+            let _ = writeln!(w, "  for (var i = t; i < {parts}u; i = i + {t}u) {{");
+        }
+        let _ = writeln!(w, "    let r = i / {cols}u; let q = i % {cols}u; let m = m0 + r;");
         let _ = writeln!(w, "    if (m < p.m && q < p.n) {{");
         let bias = if self.bias == Bias::Row { format!(" + {}", e.bias.read("bias", "m")) } else { String::new() };
-        let _ = writeln!(w, "      c[(q / p.ohw) * p.m * p.ohw + m * p.ohw + q % p.ohw] = {};", e.c.store(&format!("red[t * {t}u]{bias}")));
+        let _ = writeln!(w, "      c[(q / p.ohw) * p.m * p.ohw + m * p.ohw + q % p.ohw] = {};", e.c.store(&format!("red[i * {t}u]{bias}")));
         let _ = writeln!(w, "    }}");
         let _ = writeln!(w, "  }}");
         let _ = writeln!(w, "}}");
@@ -274,17 +298,18 @@ impl SkinnyConfig {
     /// 16-byte read).
     fn wgsl_columns(&self) -> String {
         assert!(self.b == SkinnyB::Rows, "a transposed A goes with rows of B");
-        let (cols, t, v4) = (self.cols, THREADS, self.vec4);
+        let (cols, t, v4) = (self.cols, self.threads, self.vec4);
         let e = self.elems;
         let la = |i: &str| if v4 { e.a.read4("a", i) } else { e.a.read("a", i) };
         // A value of B as a term of the sums (a vec4 of it for four rows).
-        let lb = |i: &str| if v4 { format!("vec4<f32>({})", e.b.read("b", i)) } else { e.b.read("b", i) };
+        let splat = |v: String| if v4 { format!("vec4<f32>({v})") } else { v };
+        let lb = |i: &str| splat(e.b.read("b", i));
         // With four rows per invocation, `g` is its group (rows 4g .. 4g + 3 of C), `m4` groups per
         // row of A.
         let (stride, zero) = if v4 { ("m4", "vec4<f32>(0.0)") } else { ("p.m", "0.0") };
         let mut s = String::new();
         let w = &mut s;
-        self.header(w, v4, false);
+        self.header(w, v4, self.b4);
         let _ = writeln!(w, "@compute @workgroup_size({t})");
         let _ = writeln!(w, "fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {{");
         if v4 {
@@ -310,23 +335,27 @@ impl SkinnyConfig {
         let (a1, a2, a3) = (format!("ao + {stride}"), format!("ao + 2u * {stride}"), format!("ao + 3u * {stride}"));
         let _ = writeln!(w, "    let v0 = {}; let v1 = {}; let v2 = {}; let v3 = {};", la("ao"), la(&a1), la(&a2), la(&a3));
         for q in 0..cols {
-            let _ = writeln!(
-                w,
-                "    {{ let o = xb{q} + k; s{q} = fma(v3, {}, fma(v2, {}, fma(v1, {}, fma(v0, {}, s{q})))); }}",
-                lb("o + 3u"),
-                lb("o + 2u"),
-                lb("o + 1u"),
-                lb("o")
-            );
+            let terms = if self.b4 {
+                let _ = writeln!(w, "    let b{q} = {};", e.b.read4("b", &format!("(xb{q} + k) / 4u")));
+                [0, 1, 2, 3].map(|i| splat(format!("b{q}[{i}]")))
+            } else {
+                let _ = writeln!(w, "    let o{q} = xb{q} + k;");
+                [0, 1, 2, 3].map(|i| lb(&format!("o{q} + {i}u")))
+            };
+            let [t0, t1, t2, t3] = terms;
+            let _ = writeln!(w, "    s{q} = fma(v3, {t3}, fma(v2, {t2}, fma(v1, {t1}, fma(v0, {t0}, s{q}))));");
         }
         let _ = writeln!(w, "  }}");
-        let _ = writeln!(w, "  for (; k < p.k; k = k + 1u) {{");
-        let _ = write!(w, "    let v = {};", la(&format!("k * {stride} + row")));
-        for q in 0..cols {
-            let _ = write!(w, " s{q} = fma(v, {}, s{q});", lb(&format!("xb{q} + k")));
+        // With b4, K is a multiple of 4 (no rest), and `b` holds groups of four.
+        if !self.b4 {
+            let _ = writeln!(w, "  for (; k < p.k; k = k + 1u) {{");
+            let _ = write!(w, "    let v = {};", la(&format!("k * {stride} + row")));
+            for q in 0..cols {
+                let _ = write!(w, " s{q} = fma(v, {}, s{q});", lb(&format!("xb{q} + k")));
+            }
+            let _ = writeln!(w);
+            let _ = writeln!(w, "  }}");
         }
-        let _ = writeln!(w);
-        let _ = writeln!(w, "  }}");
         if v4 {
             let _ = writeln!(w, "  if (g < m4) {{");
             let _ = writeln!(w, "    let m = 4u * g;");
@@ -368,7 +397,7 @@ impl SkinnyConfig {
     /// The main loop of the row-major form four `k` at a time (see [`Self::vectorised`]): step `j`
     /// covers `k = 4j .. 4j + 3`, `A`'s four values (and rows of `B`'s) one `vec4` read each.
     fn steps4(&self, w: &mut String) {
-        let (cols, rows, t, e) = (self.cols, self.rows, THREADS, self.elems);
+        let (cols, rows, t, e) = (self.cols, self.rows, self.threads, self.elems);
         let _ = writeln!(w, "  let k4 = p.k / 4u;");
         let _ = writeln!(w, "  for (var j = t; j < k4; j = j + {t}u) {{");
         for r in 0..rows {
@@ -472,6 +501,24 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn fewer_invocations_than_sums_write_every_sum() {
+        // 4 columns x 8 rows = 32 sums per workgroup: with 8 invocations (lavapipe's) each writes
+        // four in turn; with 64 (a GPU's) the first 32 write one each.
+        let cfg = SkinnyConfig::new(4, SkinnyA::RowMajor, SkinnyB::Rows, Bias::Row);
+        let few = cfg.with_threads(8).wgsl();
+        assert!(few.contains("@workgroup_size(8)") && few.contains("for (var i = t; i < 32u; i = i + 8u)") && few.contains("red[i * 8u]"));
+        let many = cfg.wgsl();
+        assert!(many.contains("@workgroup_size(64)") && many.contains("if (t < 32u) { let i = t;"));
+        // Rows owned per invocation (A transposed): a workgroup of 4 covers 16 rows with vec4 reads.
+        let cols = SkinnyConfig::new(4, SkinnyA::Transposed, SkinnyB::Rows, Bias::Row).vectorised(1280, 1280).with_threads(4);
+        assert_eq!(cols.rows_per_group(), 16);
+        assert!(cols.b4 && cols.wgsl().contains("b: array<vec4<f32>>"));
+        // K not a multiple of 4: B read by element, with the loop over the rest.
+        let odd = SkinnyConfig::new(4, SkinnyA::Transposed, SkinnyB::Rows, Bias::Row).vectorised(1280, 1278);
+        assert!(!odd.b4 && odd.wgsl().contains("for (; k < p.k; k = k + 1u)"));
     }
 
     #[test]

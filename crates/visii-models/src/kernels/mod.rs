@@ -367,9 +367,15 @@ fn pick(client: &Client, m: usize, n: usize, a: ALayout, b: BLayout, bias: Bias)
 /// The most output pixels of a conv, rows of a Linear and rows of a Linear's input gradient that go
 /// to the skinny kernel (more go to the tiled GEMM). Measured on lavapipe: 3x3 conv 1280 -> 1280 at
 /// 8 columns 4.3 against 3.4 GFLOP/s, at 12 columns 2.1 against 2.5; Linear 640 -> 5120 over 8 rows
-/// 2.7 against 2.3 (the best tile), over 16 rows 2.7 against 4.6.
-fn skinny_limits() -> (usize, usize, usize) {
-    (8, 8, 8)
+/// 2.7 against 2.3 (the best tile), over 16 rows 2.7 against 4.6. With lavapipe's small skinny
+/// workgroups ([`skinny_threads`]) a Linear over 9 to 16 rows is faster skinny there too (640 ->
+/// 5120 over 16 rows 11-13 against 25-37 ms tiled, 2560 -> 640 7-10 against 15-20 ms), while a conv
+/// over 16 pixels stays faster tiled (640 -> 640 at 4 x 4: 29 against 31 ms skinny).
+fn skinny_limits(client: &Client) -> (usize, usize, usize) {
+    match tiles(client) {
+        Tiles::Lavapipe => (8, 16, 8),
+        _ => (8, 8, 8),
+    }
 }
 
 /// The problem a launch solves, in the kernel's terms (see `gemm.rs`).
@@ -467,6 +473,24 @@ fn launch_skinny(cfg: SkinnyConfig, a: &[CubeTensor], b: &[CubeTensor], bias: Op
     let args = args.with_info(params([p.m, p.n, p.k, cfg.steps(p.k), p.ohw, p.ow, p.h, p.w, p.img, gx as usize, 0, 0]));
     a[0].client.launch(Box::new(Wgsl::Skinny(cfg)), CubeCount::Static(gx, gy, 1), args);
     out
+}
+
+/// Invocations per workgroup of the skinny kernel: 64 on a GPU; on lavapipe 8 where they split `K`
+/// and 4 where each owns rows (`A` transposed). lavapipe runs a workgroup's invocations as SIMD
+/// lanes and reads a storage buffer at lane-varying addresses one lane at a time; measured there
+/// (BENCHMARKS.md, "Skinny workgroups on lavapipe"), small workgroups stream the weights 2-3x
+/// faster: Linear 4 x 1280 -> 10240 35 -> 14 ms, 3x3 conv 1280 -> 1280 over 2 x 2 pixels 38 ->
+/// 16-24 ms. `VISII_GEMV_THREADS` (natively) forces a count, for measurements.
+fn skinny_threads(client: &Client, a: SkinnyA) -> u32 {
+    #[cfg(not(target_family = "wasm"))]
+    if let Some(t) = std::env::var("VISII_GEMV_THREADS").ok().and_then(|v| v.parse::<u32>().ok()).filter(|t| t.is_power_of_two() && *t <= 256) {
+        return t;
+    }
+    match (tiles(client), a) {
+        (Tiles::Lavapipe, SkinnyA::Transposed) => 4,
+        (Tiles::Lavapipe, SkinnyA::RowMajor) => 8,
+        _ => gemv::THREADS,
+    }
 }
 
 /// Whether a skinny dispatch for `m` rows fits WebGPU's workgroup counts (a 2-D spread).
@@ -639,14 +663,15 @@ pub fn conv2d_weight(
         return Err((x, w, bias));
     }
     let p = Problem { m, n, k, ohw: oh * ow, ow, h, w: wd, img: c_in * h * wd };
-    if n <= skinny_limits().0 && skinny {
+    if n <= skinny_limits(w.client()).0 && skinny {
         // A few pixels: the skinny kernel, visiting only the taps that reach the image.
         let (ky0, nky) = gemv::taps(kh, sh, pt, h, oh);
         let (kx0, nkx) = gemv::taps(kw, sw, pl, wd, ow);
         let (kh, kw, sh, sw, ph, pw) = (kh as u32, kw as u32, sh as u32, sw as u32, pt as u32, pl as u32);
         let cfg = SkinnyConfig::new(n, SkinnyA::RowMajor, SkinnyB::Conv { kh, kw, sh, sw, ph, pw, ky0, nky, kx0, nkx }, bias_kind)
             .with(types)
-            .vectorised(m, k);
+            .vectorised(m, k)
+            .with_threads(skinny_threads(w.client(), SkinnyA::RowMajor));
         if skinny_dispatchable(&cfg, m) {
             let (x, bias) = (contiguous(x), bias.map(contiguous));
             return Ok(launch_skinny(cfg, &w.bindings(), &[x], bias.as_ref(), p, vec![nb, c_out, oh, ow]));
@@ -702,11 +727,12 @@ pub fn linear_weight(
     }
     let mut out = dims;
     *out.last_mut().unwrap() = n;
-    if m <= skinny_limits().1 && skinny {
+    if m <= skinny_limits(w.client()).1 && skinny {
         // A few rows: `outᵀ = wᵀ xᵀ` on the skinny kernel (output features as its rows).
         let cfg = SkinnyConfig::new(m, SkinnyA::Transposed, SkinnyB::Rows, if bias.is_some() { Bias::Row } else { Bias::None })
             .with(Elems { a: types.b, b: types.a, ..types })
-            .vectorised(n, k);
+            .vectorised(n, k)
+            .with_threads(skinny_threads(w.client(), SkinnyA::Transposed));
         if skinny_dispatchable(&cfg, n) {
             let (x, bias) = (contiguous(x), bias.map(contiguous));
             let p = Problem { m: n, n: m, k, ohw: 1, ow: 1, h: 1, w: 1, img: 0 };
@@ -803,10 +829,10 @@ pub fn linear_input_grad_weight(grad: CubeTensor, w: Weight, wdims: [usize; 2]) 
     }
     let mut out = dims;
     *out.last_mut().unwrap() = k_in;
-    if m <= skinny_limits().2 && skinny_grad_enabled() {
+    if m <= skinny_limits(w.client()).2 && skinny_grad_enabled() {
         // A few rows: `outᵀ = w gradᵀ`, `w` `[K_in, N]` row-major as stored.
         let cfg = SkinnyConfig::new(m, SkinnyA::RowMajor, SkinnyB::Rows, Bias::None).with(Elems { a: types.b, b: types.a, ..types });
-        let cfg = cfg.vectorised(k_in, n);
+        let cfg = cfg.vectorised(k_in, n).with_threads(skinny_threads(w.client(), SkinnyA::RowMajor));
         if skinny_dispatchable(&cfg, k_in) {
             let grad = contiguous(grad);
             let p = Problem { m: k_in, n: m, k: n, ohw: 1, ow: 1, h: 1, w: 1, img: 0 };
