@@ -40,8 +40,44 @@ impl Attention {
 
     pub fn forward(&self, x: Tensor<3>, context: Option<Tensor<3>>) -> Tensor<3> {
         let ctx = context.unwrap_or_else(|| x.clone());
-        let h = attention(self.to_q.run(x), self.to_k.run(ctx.clone()), self.to_v.run(ctx), self.heads, false);
+        let kv = self.project(ctx);
+        self.forward_projected(x, &kv)
+    }
+
+    /// The keys and values of `context`, as [`Self::forward`] computes them.
+    pub fn project(&self, context: Tensor<3>) -> Kv {
+        Kv { k: self.to_k.run(context.clone()), v: self.to_v.run(context) }
+    }
+
+    /// [`Self::forward`] with the context's keys and values already projected ([`Self::project`]):
+    /// the same values.
+    pub fn forward_projected(&self, x: Tensor<3>, kv: &Kv) -> Tensor<3> {
+        let h = attention(self.to_q.run(x), kv.k.clone(), kv.v.clone(), self.heads, false);
         self.to_out[0].run(h)
+    }
+}
+
+/// A context's keys and values for one attention layer ([`Attention::project`]).
+#[derive(Clone, Debug)]
+pub struct Kv {
+    pub k: Tensor<3>,
+    pub v: Tensor<3>,
+}
+
+/// What the cross-attentions of a UNet read: the text states, or the keys and values every
+/// cross-attention layer projects from them, in the order the forward pass visits the layers
+/// (projected once per apply: the text does not change between sampling steps).
+pub enum TextContext<'a> {
+    States(&'a Tensor<3>),
+    Projected(std::slice::Iter<'a, Kv>),
+}
+
+impl TextContext<'_> {
+    fn cross_attention(&mut self, attn: &Attention, x: Tensor<3>) -> Tensor<3> {
+        match self {
+            TextContext::States(c) => attn.forward(x, Some((*c).clone())),
+            TextContext::Projected(kv) => attn.forward_projected(x, kv.next().expect("projected text states for every cross-attention layer")),
+        }
     }
 }
 
@@ -106,8 +142,13 @@ impl BasicTransformerBlock {
     }
 
     pub fn forward(&self, x: Tensor<3>, context: &Tensor<3>) -> Tensor<3> {
+        self.forward_text(x, &mut TextContext::States(context))
+    }
+
+    /// [`Self::forward`] with the text as [`TextContext`].
+    pub fn forward_text(&self, x: Tensor<3>, text: &mut TextContext) -> Tensor<3> {
         let x = x.clone() + self.attn1.forward(layer_norm_run(&self.norm1, x), None);
-        let x = x.clone() + self.attn2.forward(layer_norm_run(&self.norm2, x), Some(context.clone()));
+        let x = x.clone() + text.cross_attention(&self.attn2, layer_norm_run(&self.norm2, x));
         let h = self.ff.geglu_proj.run(layer_norm_run(&self.norm3, x.clone()));
         let half = h.dims()[2] / 2;
         let [b, n, _] = h.dims();
@@ -161,6 +202,17 @@ impl Transformer2DModel {
     }
 
     pub fn forward(&self, x: Tensor<4>, context: &Tensor<3>) -> Tensor<4> {
+        self.forward_text(x, &mut TextContext::States(context))
+    }
+
+    /// The keys and values of `context` for each block's cross-attention, in order.
+    pub fn project_text(&self, context: &Tensor<3>) -> impl Iterator<Item = Kv> + '_ {
+        let context = context.clone();
+        self.transformer_blocks.iter().map(move |b| b.attn2.project(context.clone()))
+    }
+
+    /// [`Self::forward`] with the text as [`TextContext`].
+    pub fn forward_text(&self, x: Tensor<4>, text: &mut TextContext) -> Tensor<4> {
         let [b, c, h, w] = x.dims();
         let residual = x.clone();
         let mut y = self.norm.forward(x);
@@ -174,7 +226,7 @@ impl Transformer2DModel {
             _ => unreachable!("projection has a conv or a linear layer"),
         };
         for block in &self.transformer_blocks {
-            s = block.forward(s, context);
+            s = block.forward_text(s, text);
         }
         let out = match (&self.proj_out.conv, &self.proj_out.linear) {
             (Some(conv), _) => conv.run(s.swap_dims(1, 2).reshape([b, c, h, w])),

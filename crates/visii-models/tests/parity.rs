@@ -111,9 +111,13 @@ fn check_unet(device: &Device) {
     let g = goldens();
     let unet = ip2p().unet(device).unwrap();
     let m = meta();
+    // Sampling projects the text once for all its steps: the same values as projecting per pass.
+    let text = unet.model.project_text(golden(&g, "unet.encoder_hidden_states", device));
     for (name, t) in m["unet_timesteps"].as_object().unwrap() {
         let t = t.as_f64().unwrap() as f32;
         let out = unet.model.forward(golden(&g, "unet.sample", device), &[t, t, t], golden(&g, "unet.encoder_hidden_states", device));
+        let projected = unet.model.forward_projected(golden(&g, "unet.sample", device), &[t, t, t], &text);
+        assert_eq!(values(projected), values(out.clone()), "unet t={t}: forward on projected text states");
         close(&format!("unet t={t}"), out, golden(&g, &format!("unet.{name}"), device), TOL_UNET);
     }
 }
@@ -146,6 +150,9 @@ fn check_unet_linear(device: &Device) {
     assert!(unet.config.use_linear_projection);
     assert_eq!((unet.config.heads(0), unet.config.heads(2)), (2, 4));
     let out = unet.model.forward(golden(&g, "unet_linear.sample", device), &[999.0], golden(&g, "unet_linear.encoder_hidden_states", device));
+    let text = unet.model.project_text(golden(&g, "unet_linear.encoder_hidden_states", device));
+    let projected = unet.model.forward_projected(golden(&g, "unet_linear.sample", device), &[999.0], &text);
+    assert_eq!(values(projected), values(out.clone()), "unet (linear projections): forward on projected text states");
     close("unet (linear projections, head list) t=999", out, golden(&g, "unet_linear.t999", device), TOL_UNET);
 }
 

@@ -300,7 +300,8 @@ impl Ip2p {
         let mut latents = noise_tensor(init)?.mul_scalar(sched.init_noise_sigma(&self.scheduler));
         // Rows: A = instruction + image, B = empty text + image, C = empty text + no image.
         let uncond = self.encode_text("")?;
-        let context = Tensor::cat(vec![cond, uncond.clone(), uncond], 0);
+        // The text's keys and values once for every step (they do not change while sampling).
+        let text = self.unet.project_text(Tensor::cat(vec![cond, uncond.clone(), uncond], 0));
         let image_rows = Tensor::cat(vec![z_img.clone(), z_img, Tensor::zeros([1, c, h, w], dev)], 0);
         let steps = sched.timesteps.len();
         for (i, &t) in sched.timesteps.iter().enumerate() {
@@ -318,7 +319,7 @@ impl Ip2p {
             // browser allocator: held at most 2.10 GiB in buckets, 2.71 GiB in exact sizes).
             let x = sched.scale_model_input(latents.clone(), i);
             let input = Tensor::cat(vec![Tensor::cat(vec![x.clone(), x.clone(), x], 0), image_rows.clone()], 1);
-            let e = self.unet.forward(input, &[t, t, t], context.clone());
+            let e = self.unet.forward_projected(input, &[t, t, t], &text);
             let row = |r: usize| e.clone().slice([r..r + 1, 0..lat_c, 0..h, 0..w]);
             let (ea, eb, ec) = (row(0), row(1), row(2));
             let guided = ec.clone() + (ea - eb.clone()).mul_scalar(opts.guidance) + (eb - ec).mul_scalar(opts.image_guidance);

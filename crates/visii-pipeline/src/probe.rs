@@ -5,6 +5,7 @@
 
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Device, Distribution, Tensor};
+use visii_models::unet::ProjectedText;
 use visii_models::UNet2DConditionModel;
 
 use crate::learn::{AdamWConfig, Inversion, PairLatents};
@@ -18,6 +19,8 @@ pub struct UnetProbe {
     out_channels: usize,
     device: Device,
     context: Tensor<3>,
+    /// `context` projected for the sampling step, as `apply` does once before its steps.
+    text: ProjectedText,
     inversion: Inversion,
     projection: Linear,
     pair: PairLatents,
@@ -32,12 +35,14 @@ impl UnetProbe {
         let ctx = || Tensor::<3>::random([1, 77, hidden], Distribution::Normal(0.0, 1.0), device);
         let direction = Tensor::<1>::random([hidden], Distribution::Normal(0.0, 1.0), device);
         let normal = |c: usize| Tensor::<4>::random([1, c, latent, latent], Distribution::Normal(0.0, 1.0), device);
+        let context = Tensor::cat(vec![ctx(), ctx(), ctx()], 0);
         Ok(Self {
+            text: unet.project_text(context.clone()),
             latent,
             in_channels,
             out_channels,
             device: device.clone(),
-            context: Tensor::cat(vec![ctx(), ctx(), ctx()], 0),
+            context,
             inversion: Inversion::new_async(ctx(), ctx(), direction, 8, AdamWConfig::default()).await?,
             projection: LinearConfig::new(hidden, hidden).init(device),
             pair: PairLatents { z_after: normal(out_channels), z_before: normal(in_channels - out_channels) },
@@ -72,7 +77,7 @@ impl UnetProbe {
         let x = self.normal(1, lc);
         let rows = Tensor::cat(vec![x.clone(), x.clone(), x.clone()], 0);
         let input = Tensor::cat(vec![self.scheduler.scale_model_input(rows, 0), self.normal(3, ic)], 1);
-        let e = unet.forward(input, &[500.0; 3], self.context.clone());
+        let e = unet.forward_projected(input, &[500.0; 3], &self.text);
         let l = self.latent;
         let row = |r: usize| e.clone().slice([r..r + 1, 0..lc, 0..l, 0..l]);
         let g = row(2) + (row(0) - row(1)).mul_scalar(7.5) + (row(1) - row(2)).mul_scalar(1.5);
