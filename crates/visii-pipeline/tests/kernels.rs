@@ -177,8 +177,18 @@ fn frozen_f32_layers_backpropagate_through_our_kernels_like_ndarray() {
     let gpu = Device::wgpu(DeviceKind::DefaultDevice);
     let cpu = Device::ndarray();
     // 3x3 stride 1 (our transposed-conv GEMM), 1x1 (the pointwise one), 3x3 stride 2 on an odd
-    // size (burn's conv_transpose2d behind our forward).
-    for (b, ci, co, hw, k, s, p) in [(2, 24, 40, 10, 3, 1, 1), (1, 64, 48, 7, 1, 1, 0), (1, 16, 24, 9, 3, 2, 1)] {
+    // size (burn's conv_transpose2d behind our forward); the deepest levels' few pixels (the
+    // skinny kernel with the flipped weight): one pixel (the centre tap only), two images of
+    // 2 x 2 (8 columns, every tap), a 1x1 conv over 4 pixels.
+    let cases = [
+        (2, 24, 40, 10, 3, 1, 1),
+        (1, 64, 48, 7, 1, 1, 0),
+        (1, 16, 24, 9, 3, 2, 1),
+        (1, 96, 80, 1, 3, 1, 1),
+        (2, 40, 72, 2, 3, 1, 1),
+        (1, 48, 40, 2, 1, 1, 0),
+    ];
+    for (b, ci, co, hw, k, s, p) in cases {
         let conv = |dev: &Device, w: &Tensor<4>, bias: &Tensor<1>| Conv2d {
             weight: Param::from_tensor(on(w, dev)),
             bias: Some(Param::from_tensor(on(bias, dev))),

@@ -40,6 +40,10 @@ pub enum SkinnyA {
     RowMajor,
     /// `A[m, k] = a[k * M + m]`.
     Transposed,
+    /// A conv weight `[c_out, c_in, kh, kw]` read as the weight of the transposed conv (the input
+    /// gradient of a stride-1 conv, with a conv `B` of the output gradient): `A[ci, (co, r)] =
+    /// W[co, ci, kk - 1 - r]` with `kk = kh * kw`, as the tiled GEMM's `ALayout::ConvFlipped`.
+    ConvFlipped { kk: u32 },
 }
 
 /// How `B` is read.
@@ -99,6 +103,8 @@ impl SkinnyConfig {
             (SkinnyA::Transposed, _) => m.is_multiple_of(4) && e.a.reads4(),
             (SkinnyA::RowMajor, SkinnyB::Conv { kh, kw, nky, nkx, .. }) => k.is_multiple_of(4) && nky == kh && nkx == kw && e.a.reads4(),
             (SkinnyA::RowMajor, SkinnyB::Rows) => k.is_multiple_of(4) && e.a.reads4() && e.b.reads4(),
+            // Consecutive k of a flipped weight run backwards: one at a time.
+            (SkinnyA::ConvFlipped { .. }, _) => false,
         };
         let b4 = self.a == SkinnyA::Transposed && k.is_multiple_of(4) && e.b.reads4();
         SkinnyConfig { vec4, b4, ..self }
@@ -134,7 +140,7 @@ impl SkinnyConfig {
     /// Rows of `C` per workgroup: one per invocation where `A` is transposed (see [`Self::wgsl`]).
     pub fn rows_per_group(&self) -> u32 {
         match self.a {
-            SkinnyA::RowMajor => self.rows,
+            SkinnyA::RowMajor | SkinnyA::ConvFlipped { .. } => self.rows,
             SkinnyA::Transposed if self.vec4 => 4 * self.threads,
             SkinnyA::Transposed => self.threads,
         }
@@ -206,7 +212,16 @@ impl SkinnyConfig {
                 }
             }
             for r in 0..rows {
-                let _ = writeln!(w, "    let a{r} = {};", e.a.read("a", &format!("row{r} * p.k + k")));
+                let idx = match (self.a, self.b) {
+                    // W[ci, row, kk - 1 - (ky kw + kx)]: `ci` is the gradient's channel (a c_out).
+                    (SkinnyA::ConvFlipped { kk }, SkinnyB::Conv { kh, kw, .. }) => {
+                        assert_eq!(kk, kh * kw, "a flipped weight of {kk} taps with a {kh}x{kw} conv");
+                        format!("ci * p.m * {kk}u + row{r} * {kk}u + {}u - ky * {kw}u - kx", kk - 1)
+                    }
+                    (SkinnyA::ConvFlipped { .. }, SkinnyB::Rows) => unreachable!("a flipped conv weight goes with a conv B"),
+                    _ => format!("row{r} * p.k + k"),
+                };
+                let _ = writeln!(w, "    let a{r} = {};", e.a.read("a", &idx));
             }
             for q in 0..cols {
                 let load = match self.b {
@@ -519,6 +534,15 @@ mod tests {
         // K not a multiple of 4: B read by element, with the loop over the rest.
         let odd = SkinnyConfig::new(4, SkinnyA::Transposed, SkinnyB::Rows, Bias::Row).vectorised(1280, 1278);
         assert!(!odd.b4 && odd.wgsl().contains("for (; k < p.k; k = k + 1u)"));
+    }
+
+    #[test]
+    fn flipped_weights_are_read_tap_by_tap() {
+        // The input gradient over one pixel: the centre tap of W[co, ci, 1, 1] (flipped: 8 - 4 = 4).
+        let b = SkinnyB::Conv { kh: 3, kw: 3, sh: 1, sw: 1, ph: 1, pw: 1, ky0: 1, nky: 1, kx0: 1, nkx: 1 };
+        let cfg = SkinnyConfig::new(1, SkinnyA::ConvFlipped { kk: 9 }, b, Bias::None).vectorised(1280, 11520);
+        assert!(!cfg.vec4 && cfg.steps(11520) == 1280 && cfg.rows_per_group() == cfg.rows);
+        assert!(cfg.wgsl().contains("a[ci * p.m * 9u + row0 * 9u + 8u - ky * 3u - kx]"));
     }
 
     #[test]

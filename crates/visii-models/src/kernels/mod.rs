@@ -437,9 +437,9 @@ pub fn set_skinny(on: bool) {
 /// 0: not yet read from the environment, 1: on, 2: off.
 static SKINNY_GRAD: AtomicU8 = AtomicU8::new(0);
 
-/// Whether a Linear's input gradient over a few rows runs on the skinny kernel where the skinny
-/// kernel is on at all (`VISII_GEMV_GRAD=off`, the page's `?gemvGrad=off`: the tiled one; for
-/// diagnosis).
+/// Whether the input gradient of a Linear over a few rows and of a stride-1 conv over a few pixels
+/// runs on the skinny kernel where the skinny kernel is on at all (`VISII_GEMV_GRAD=off`, the
+/// page's `?gemvGrad=off`: the tiled one; for diagnosis).
 pub fn skinny_grad_enabled() -> bool {
     skinny_enabled() && switch(&SKINNY_GRAD, "VISII_GEMV_GRAD", "off", true)
 }
@@ -488,7 +488,7 @@ fn skinny_threads(client: &Client, a: SkinnyA) -> u32 {
     }
     match (tiles(client), a) {
         (Tiles::Lavapipe, SkinnyA::Transposed) => 4,
-        (Tiles::Lavapipe, SkinnyA::RowMajor) => 8,
+        (Tiles::Lavapipe, SkinnyA::RowMajor | SkinnyA::ConvFlipped { .. }) => 8,
         _ => gemv::THREADS,
     }
 }
@@ -794,12 +794,30 @@ pub fn conv2d_input_grad_weight(
         BLayout::Conv { kh: kh as u32, kw: kw as u32, sh: 1, sw: 1, ph: ph as u32, pw: pw as u32 }
     };
     let types = types.unwrap_or_default();
+    if !fits_u32(&[&[nb, c_out, oh, ow], &[c_out, c_in, kh, kw], &[nb, c_in, h, wd]]) {
+        return Err((grad, w));
+    }
+    let p = Problem { m, n, k, ohw: h * wd, ow: wd, h: oh, w: ow, img: c_out * oh * ow };
+    if n <= skinny_limits(w.client()).0 && skinny_grad_enabled() {
+        // A few pixels (the deepest levels): the skinny kernel, visiting only the taps that reach
+        // the gradient (over one pixel the centre), where the tiled one computes a padded tile.
+        let (ky0, nky) = gemv::taps(kh, 1, ph, oh, h);
+        let (kx0, nkx) = gemv::taps(kw, 1, pw, ow, wd);
+        let (kh, kw, ph, pw) = (kh as u32, kw as u32, ph as u32, pw as u32);
+        let b = SkinnyB::Conv { kh, kw, sh: 1, sw: 1, ph, pw, ky0, nky, kx0, nkx };
+        let cfg = SkinnyConfig::new(n, SkinnyA::ConvFlipped { kk: kh * kw }, b, Bias::None)
+            .with(types)
+            .vectorised(m, k)
+            .with_threads(skinny_threads(w.client(), SkinnyA::RowMajor));
+        if skinny_dispatchable(&cfg, m) {
+            return Ok(launch_skinny(cfg, &w.bindings(), &[contiguous(grad)], None, p, vec![nb, c_in, h, wd]));
+        }
+    }
     let cfg = pick(w.client(), m, n, ALayout::ConvFlipped { kk: (kh * kw) as u32 }, layout, Bias::None).with(types);
-    if !dispatchable(&cfg, m, n) || !fits_u32(&[&[nb, c_out, oh, ow], &[c_out, c_in, kh, kw], &[nb, c_in, h, wd]]) {
+    if !dispatchable(&cfg, m, n) {
         return Err((grad, w));
     }
     let grad = contiguous(grad);
-    let p = Problem { m, n, k, ohw: h * wd, ow: wd, h: oh, w: ow, img: c_out * oh * ow };
     Ok(launch(cfg, &w.bindings(), &[grad], None, p, vec![nb, c_in, h, wd]))
 }
 
