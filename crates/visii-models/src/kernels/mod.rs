@@ -478,9 +478,11 @@ fn launch_skinny(cfg: SkinnyConfig, a: &[CubeTensor], b: &[CubeTensor], bias: Op
 /// Invocations per workgroup of the skinny kernel: 64 on a GPU; on lavapipe 8 where they split `K`
 /// and 4 where each owns rows (`A` transposed). lavapipe runs a workgroup's invocations as SIMD
 /// lanes and reads a storage buffer at lane-varying addresses one lane at a time; measured there
-/// (BENCHMARKS.md, "Skinny workgroups on lavapipe"), small workgroups stream the weights 2-3x
-/// faster: Linear 4 x 1280 -> 10240 35 -> 14 ms, 3x3 conv 1280 -> 1280 over 2 x 2 pixels 38 ->
-/// 16-24 ms. `VISII_GEMV_THREADS` (natively) forces a count, for measurements.
+/// (BENCHMARKS.md, "Small skinny workgroups on the CPU adapters"), small workgroups stream the
+/// weights 2-3x faster: Linear 4 x 1280 -> 10240 35 -> 14 ms, 3x3 conv 1280 -> 1280 over 2 x 2
+/// pixels 38 -> 16-24 ms. SwiftShader: 8 where they split `K` (that conv 73-82 -> 45 ms; a Linear's
+/// speed there does not depend on the count). `VISII_GEMV_THREADS` (natively) forces a count, for
+/// measurements.
 fn skinny_threads(client: &Client, a: SkinnyA) -> u32 {
     #[cfg(not(target_family = "wasm"))]
     if let Some(t) = std::env::var("VISII_GEMV_THREADS").ok().and_then(|v| v.parse::<u32>().ok()).filter(|t| t.is_power_of_two() && *t <= 256) {
@@ -488,7 +490,7 @@ fn skinny_threads(client: &Client, a: SkinnyA) -> u32 {
     }
     match (tiles(client), a) {
         (Tiles::Lavapipe, SkinnyA::Transposed) => 4,
-        (Tiles::Lavapipe, SkinnyA::RowMajor | SkinnyA::ConvFlipped { .. }) => 8,
+        (Tiles::Lavapipe | Tiles::SwiftShader, SkinnyA::RowMajor | SkinnyA::ConvFlipped { .. }) => 8,
         _ => gemv::THREADS,
     }
 }
