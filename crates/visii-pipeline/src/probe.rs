@@ -19,8 +19,9 @@ pub struct UnetProbe {
     out_channels: usize,
     device: Device,
     context: Tensor<3>,
-    /// `context` projected for the sampling step, as `apply` does once before its steps.
-    text: ProjectedText,
+    /// `context` projected for the sampling step, as `apply` does once before its steps (on the
+    /// first sampling step: the other measures do not use it).
+    text: std::sync::OnceLock<ProjectedText>,
     inversion: Inversion,
     projection: Linear,
     pair: PairLatents,
@@ -35,14 +36,13 @@ impl UnetProbe {
         let ctx = || Tensor::<3>::random([1, 77, hidden], Distribution::Normal(0.0, 1.0), device);
         let direction = Tensor::<1>::random([hidden], Distribution::Normal(0.0, 1.0), device);
         let normal = |c: usize| Tensor::<4>::random([1, c, latent, latent], Distribution::Normal(0.0, 1.0), device);
-        let context = Tensor::cat(vec![ctx(), ctx(), ctx()], 0);
         Ok(Self {
-            text: unet.project_text(context.clone()),
+            text: std::sync::OnceLock::new(),
             latent,
             in_channels,
             out_channels,
             device: device.clone(),
-            context,
+            context: Tensor::cat(vec![ctx(), ctx(), ctx()], 0),
             inversion: Inversion::new_async(ctx(), ctx(), direction, 8, AdamWConfig::default()).await?,
             projection: LinearConfig::new(hidden, hidden).init(device),
             pair: PairLatents { z_after: normal(out_channels), z_before: normal(in_channels - out_channels) },
@@ -77,7 +77,8 @@ impl UnetProbe {
         let x = self.normal(1, lc);
         let rows = Tensor::cat(vec![x.clone(), x.clone(), x.clone()], 0);
         let input = Tensor::cat(vec![self.scheduler.scale_model_input(rows, 0), self.normal(3, ic)], 1);
-        let e = unet.forward_projected(input, &[500.0; 3], &self.text);
+        let text = self.text.get_or_init(|| unet.project_text(self.context.clone()));
+        let e = unet.forward_projected(input, &[500.0; 3], text);
         let l = self.latent;
         let row = |r: usize| e.clone().slice([r..r + 1, 0..lc, 0..l, 0..l]);
         let g = row(2) + (row(0) - row(1)).mul_scalar(7.5) + (row(1) - row(2)).mul_scalar(1.5);

@@ -495,6 +495,14 @@ fn skinny_threads(client: &Client, a: SkinnyA) -> u32 {
     }
 }
 
+impl SkinnyConfig {
+    /// This variant with the invocations per workgroup that suit the adapter for its form
+    /// ([`skinny_threads`]).
+    fn adapted(self, client: &Client) -> Self {
+        self.with_threads(skinny_threads(client, self.a))
+    }
+}
+
 /// Whether a skinny dispatch for `m` rows fits WebGPU's workgroup counts (a 2-D spread).
 fn skinny_dispatchable(cfg: &SkinnyConfig, m: usize) -> bool {
     m.div_ceil(cfg.rows_per_group() as usize) <= MAX_GROUPS * MAX_GROUPS
@@ -673,7 +681,7 @@ pub fn conv2d_weight(
         let cfg = SkinnyConfig::new(n, SkinnyA::RowMajor, SkinnyB::Conv { kh, kw, sh, sw, ph, pw, ky0, nky, kx0, nkx }, bias_kind)
             .with(types)
             .vectorised(m, k)
-            .with_threads(skinny_threads(w.client(), SkinnyA::RowMajor));
+            .adapted(w.client());
         if skinny_dispatchable(&cfg, m) {
             let (x, bias) = (contiguous(x), bias.map(contiguous));
             return Ok(launch_skinny(cfg, &w.bindings(), &[x], bias.as_ref(), p, vec![nb, c_out, oh, ow]));
@@ -734,7 +742,7 @@ pub fn linear_weight(
         let cfg = SkinnyConfig::new(m, SkinnyA::Transposed, SkinnyB::Rows, if bias.is_some() { Bias::Row } else { Bias::None })
             .with(Elems { a: types.b, b: types.a, ..types })
             .vectorised(n, k)
-            .with_threads(skinny_threads(w.client(), SkinnyA::Transposed));
+            .adapted(w.client());
         if skinny_dispatchable(&cfg, n) {
             let (x, bias) = (contiguous(x), bias.map(contiguous));
             let p = Problem { m: n, n: m, k, ohw: 1, ow: 1, h: 1, w: 1, img: 0 };
@@ -810,7 +818,7 @@ pub fn conv2d_input_grad_weight(
         let cfg = SkinnyConfig::new(n, SkinnyA::ConvFlipped { kk: kh * kw }, b, Bias::None)
             .with(types)
             .vectorised(m, k)
-            .with_threads(skinny_threads(w.client(), SkinnyA::RowMajor));
+            .adapted(w.client());
         if skinny_dispatchable(&cfg, m) {
             return Ok(launch_skinny(cfg, &w.bindings(), &[contiguous(grad)], None, p, vec![nb, c_in, h, wd]));
         }
@@ -852,7 +860,7 @@ pub fn linear_input_grad_weight(grad: CubeTensor, w: Weight, wdims: [usize; 2]) 
     if m <= skinny_limits(w.client()).2 && skinny_grad_enabled() {
         // A few rows: `outᵀ = w gradᵀ`, `w` `[K_in, N]` row-major as stored.
         let cfg = SkinnyConfig::new(m, SkinnyA::RowMajor, SkinnyB::Rows, Bias::None).with(Elems { a: types.b, b: types.a, ..types });
-        let cfg = cfg.vectorised(k_in, n).with_threads(skinny_threads(w.client(), SkinnyA::RowMajor));
+        let cfg = cfg.vectorised(k_in, n).adapted(w.client());
         if skinny_dispatchable(&cfg, k_in) {
             let grad = contiguous(grad);
             let p = Problem { m: k_in, n: m, k: n, ohw: 1, ow: 1, h: 1, w: 1, img: 0 };
