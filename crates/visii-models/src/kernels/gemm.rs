@@ -73,6 +73,14 @@ pub struct GemmConfig {
     pub bias: Bias,
     /// The operands' element types (f32, or f16 for f16 activations; see [`Elem`]).
     pub elems: Elems,
+    /// `C` written four columns at a time (`vec4` stores; the output's pixels per image `ohw` must
+    /// be a multiple of 4, see [`Self::for_problem`]).
+    pub c4: bool,
+    /// `A` (row-major, `K` a multiple of 4) read four `k` at a time and staged row-major (`[m][k]`)
+    /// in workgroup memory (see [`Self::for_problem`]).
+    pub a4: bool,
+    /// `B` (pointwise, `ohw` a multiple of 4) read four columns at a time.
+    pub b4: bool,
 }
 
 /// The step along `K`.
@@ -133,7 +141,7 @@ impl GemmConfig {
             }
         }
         let (wg_x, wg_y, hm, hn) = best;
-        GemmConfig { wg_x, wg_y, hm, hn, a, b, bias, elems: Elems::F32 }
+        GemmConfig { wg_x, wg_y, hm, hn, a, b, bias, elems: Elems::F32, c4: false, a4: false, b4: false }
     }
 
     /// The tile for lavapipe: the least padded work over the rate a workgroup of that many
@@ -160,7 +168,37 @@ impl GemmConfig {
             }
         }
         let (wg_x, wg_y, hm, hn) = best;
-        GemmConfig { wg_x, wg_y, hm, hn, a, b, bias, elems: Elems::F32 }
+        GemmConfig { wg_x, wg_y, hm, hn, a, b, bias, elems: Elems::F32, c4: false, a4: false, b4: false }
+    }
+
+    /// `shape` (one of [`VARIANTS`]) with 16 instead of 8 rows and columns per invocation where its
+    /// workgroup has an even number of invocations along them: the same tile with a quarter (half) of
+    /// the invocations.
+    pub fn widened((wg_x, wg_y, hm, hn): (u32, u32, u32, u32)) -> (u32, u32, u32, u32) {
+        let (wg_x, hn) = if wg_x % 2 == 0 && hn == 2 { (wg_x / 2, 4) } else { (wg_x, hn) };
+        let (wg_y, hm) = if wg_y % 2 == 0 && hm == 2 { (wg_y / 2, 4) } else { (wg_y, hm) };
+        (wg_x, wg_y, hm, hn)
+    }
+
+    /// This variant for a problem with `k` terms per sum and an output of `ohw` pixels per image (a
+    /// Linear: its output features): `C` stored four columns at a time where `ohw` is a multiple of
+    /// 4 ([`Self::c4`]); on lavapipe (`lavapipe`) also 16 x 16 outputs per invocation
+    /// ([`Self::widened`]) and the operands loaded four values at a time where their layout allows
+    /// ([`Self::a4`], [`Self::b4`]).
+    ///
+    /// Lavapipe (Mesa 22.3's llvmpipe, disassembled) runs every load from and store to memory,
+    /// workgroup memory too, as a loop over its SIMD lanes: ~32 instructions per lane for a `vec4`,
+    /// ~20 for one value, against two per 8-lane multiply-add, so an invocation's sums per value
+    /// loaded set its speed, and wide loads its loaders' (BENCHMARKS.md). With scalar stores (256
+    /// guarded ones per invocation) a 16 x 16 variant took LLVM 3.6 s to compile, with `vec4` stores
+    /// ~1.2 s, so it is used only where they are possible.
+    pub fn for_problem(self, k: usize, ohw: usize, lavapipe: bool) -> Self {
+        let c4 = ohw % 4 == 0;
+        let (wg_x, wg_y, hm, hn) =
+            if c4 && lavapipe { Self::widened((self.wg_x, self.wg_y, self.hm, self.hn)) } else { (self.wg_x, self.wg_y, self.hm, self.hn) };
+        let a4 = lavapipe && self.a == ALayout::RowMajor && k % 4 == 0 && self.elems.a.reads4();
+        let b4 = lavapipe && self.b == BLayout::Pointwise && c4 && self.elems.b.reads4();
+        GemmConfig { wg_x, wg_y, hm, hn, c4, a4, b4, ..self }
     }
 
     /// This variant with the operands' element types `elems`.
@@ -178,7 +216,10 @@ impl GemmConfig {
         let (wg_x, wg_y, t, hm, hn) = (self.wg_x, self.wg_y, self.threads(), self.hm, self.hn);
         let (bm, bn) = (self.bm(), self.bn());
         let shape = (wg_x, wg_y, hm, hn);
-        assert!(VARIANTS.contains(&shape) || CPU_VARIANTS.contains(&shape), "unsupported GEMM variant {shape:?}");
+        assert!(
+            VARIANTS.contains(&shape) || CPU_VARIANTS.contains(&shape) || VARIANTS.iter().any(|&v| Self::widened(v) == shape),
+            "unsupported GEMM variant {shape:?}"
+        );
         // Whether each invocation loads one fixed column of the B tile (else columns vary per pass).
         let fixed_col = t % bn == 0;
         let mut s = String::new();
@@ -193,12 +234,24 @@ impl GemmConfig {
         let _ = writeln!(w, "struct Params {{ m: u32, n: u32, k: u32, ohw: u32, ow: u32, h: u32, w: u32, img: u32 }}");
         // Bindings in order: a (and its scales), b (and its scales), bias, c, the parameters.
         let mut next = 0;
-        e.a.declare(w, "a", &mut next);
-        e.b.declare(w, "b", &mut next);
+        if self.a4 {
+            e.a.declare4(w, "a", &mut next);
+        } else {
+            e.a.declare(w, "a", &mut next);
+        }
+        if self.b4 {
+            e.b.declare4(w, "b", &mut next);
+        } else {
+            e.b.declare(w, "b", &mut next);
+        }
         if self.bias != Bias::None {
             e.bias.declare(w, "bias", &mut next);
         }
-        e.c.declare(w, "c", &mut next);
+        if self.c4 {
+            e.c.declare4(w, "c", &mut next);
+        } else {
+            e.c.declare(w, "c", &mut next);
+        }
         let _ = writeln!(w, "@group(0) @binding({next}) var<uniform> p: Params;");
         let _ = writeln!(w, "var<workgroup> sa: array<vec4<f32>, {}>;", BK * bm / 4);
         let _ = writeln!(w, "var<workgroup> sb: array<vec4<f32>, {}>;", BK * bn / 4);
@@ -208,50 +261,104 @@ impl GemmConfig {
         let _ = writeln!(w, "  let m0 = wid.y * {bm}u; let n0 = wid.x * {bn}u;");
         // The B loader's column (one output pixel) and its image coordinates: once, where every
         // pass loads the same column, else in each pass.
-        let column = |w: &mut String, indent: &str| {
+        // Where the tile is a whole number of workgroups wide, each invocation loads `ncol` fixed
+        // columns (`t + j * T`), also once: the divisions by `p.ohw` and `p.ow` are by values only
+        // known at run time, on CPU adapters a scalar `div` per SIMD lane.
+        let ncol = if !fixed_col && bn % t == 0 { bn / t } else { 0 };
+        let column = |w: &mut String, indent: &str, sfx: &str| {
             // Past the last column: load the last one (valid memory), zeroed by `pvalid`.
-            let _ = writeln!(w, "{indent}let pvalid = n0 + bcol < p.n; let pc = min(n0 + bcol, p.n - 1u);");
-            let _ = writeln!(w, "{indent}let pimg = pc / p.ohw; let ppix = pc % p.ohw; let xbase = pimg * p.img;");
+            let _ = writeln!(w, "{indent}let pvalid{sfx} = n0 + bcol{sfx} < p.n; let pc{sfx} = min(n0 + bcol{sfx}, p.n - 1u);");
+            let _ = writeln!(w, "{indent}let ppix{sfx} = pc{sfx} % p.ohw; let xbase{sfx} = (pc{sfx} / p.ohw) * p.img;");
             if let BLayout::Conv { sh, sw, ph, pw, .. } = self.b {
-                let _ = writeln!(w, "{indent}let iy0 = i32((ppix / p.ow) * {sh}u) - {ph}; let ix0 = i32((ppix % p.ow) * {sw}u) - {pw};");
+                let _ = writeln!(
+                    w,
+                    "{indent}let iy0{sfx} = i32((ppix{sfx} / p.ow) * {sh}u) - {ph}; let ix0{sfx} = i32((ppix{sfx} % p.ow) * {sw}u) - {pw};"
+                );
             }
         };
         let _ = writeln!(w, "  let hw = p.h * p.w;");
         if fixed_col {
             let _ = writeln!(w, "  let bcol = t % {bn}u; let brow = t / {bn}u;");
-            column(w, "  ");
+            column(w, "  ", "");
+        }
+        for j in 0..ncol {
+            let _ = writeln!(w, "  let bcol{j} = t + {}u;", j * t);
+            column(w, "  ", &j.to_string());
         }
         for i in 0..4 * hm * hn {
             let _ = writeln!(w, "  var c{i} = vec4<f32>(0.0);");
         }
         let _ = writeln!(w, "  for (var k0 = 0u; k0 < p.k; k0 = k0 + {BK}u) {{");
-        // A: BM rows x 8 k; consecutive invocations take consecutive k of one row.
-        let a_elems = BK * bm;
-        for pass in 0..a_elems.div_ceil(t) {
-            let guard = if (pass + 1) * t > a_elems { format!("if (e < {a_elems}u) ") } else { String::new() };
-            // Every load is from valid memory (indices clamped) and zeroed outside the matrix with a
-            // `select`, without a branch: on SwiftShader and lavapipe (CPU adapters) a branch around a
-            // load costs more than the load, and many of them blew up SwiftShader's compiler.
-            let load = match self.a {
-                ALayout::RowMajor => e.a.read("a", "am * p.k + ak"),
-                ALayout::ConvFlipped { kk } => e.a.read("a", &format!("(ak / {kk}u) * p.m * {kk}u + am * {kk}u + {}u - ak % {kk}u", kk - 1)),
-            };
-            let _ =
-                writeln!(w, "    {{ let e = t + {}u; {guard}{{ let m = e / {BK}u; let kk = e % {BK}u; let gm = m0 + m; let gk = k0 + kk;", pass * t);
-            let _ =
-                writeln!(w, "      let am = min(gm, p.m - 1u); let ak = min(gk, p.k - 1u); let v = select(0.0, {load}, (gm < p.m) & (gk < p.k));");
-            let _ = writeln!(w, "      let f = kk * {bm}u + m; sa[f / 4u][f % 4u] = v; }} }}");
+        if self.a4 {
+            // A: BM rows x two groups of 4 k, staged as `sa[m * 2 + q]` (`K` is a multiple of 4: a
+            // group is inside the matrix or outside it whole).
+            let a_quads = 2 * bm;
+            for pass in 0..a_quads.div_ceil(t) {
+                let guard = if (pass + 1) * t > a_quads { format!("if (e < {a_quads}u) ") } else { String::new() };
+                let _ = writeln!(w, "    {{ let e = t + {}u; {guard}{{ let m = e / 2u; let gm = m0 + m; let gk = k0 + (e % 2u) * 4u;", pass * t);
+                let _ = writeln!(
+                    w,
+                    "      let am = min(gm, p.m - 1u); let ak = min(gk, p.k - 4u); sa[e] = select(vec4<f32>(0.0), {}, (gm < p.m) & (gk < p.k)); }} }}",
+                    e.a.read4("a", "(am * p.k + ak) / 4u")
+                );
+            }
+        } else {
+            // A: BM rows x 8 k; consecutive invocations take consecutive k of one row.
+            let a_elems = BK * bm;
+            for pass in 0..a_elems.div_ceil(t) {
+                let guard = if (pass + 1) * t > a_elems { format!("if (e < {a_elems}u) ") } else { String::new() };
+                // Every load is from valid memory (indices clamped) and zeroed outside the matrix with a
+                // `select`, without a branch: on SwiftShader and lavapipe (CPU adapters) a branch around a
+                // load costs more than the load, and many of them blew up SwiftShader's compiler.
+                let load = match self.a {
+                    ALayout::RowMajor => e.a.read("a", "am * p.k + ak"),
+                    ALayout::ConvFlipped { kk } => e.a.read("a", &format!("(ak / {kk}u) * p.m * {kk}u + am * {kk}u + {}u - ak % {kk}u", kk - 1)),
+                };
+                let _ = writeln!(
+                    w,
+                    "    {{ let e = t + {}u; {guard}{{ let m = e / {BK}u; let kk = e % {BK}u; let gm = m0 + m; let gk = k0 + kk;",
+                    pass * t
+                );
+                let _ = writeln!(
+                    w,
+                    "      let am = min(gm, p.m - 1u); let ak = min(gk, p.k - 1u); let v = select(0.0, {load}, (gm < p.m) & (gk < p.k));"
+                );
+                let _ = writeln!(w, "      let f = kk * {bm}u + m; sa[f / 4u][f % 4u] = v; }} }}");
+            }
         }
         // B: 8 k x BN columns.
         let b_elems = BK * bn;
-        for pass in 0..b_elems.div_ceil(t) {
+        if self.b4 {
+            // Four columns at a time (`ohw` and each image's values are multiples of 4: a group of
+            // columns is one image's, whole where its first column is inside).
+            let quads = bn / 4;
+            let b_quads = BK * quads;
+            for pass in 0..b_quads.div_ceil(t) {
+                let guard = if (pass + 1) * t > b_quads { format!("if (e < {b_quads}u) ") } else { String::new() };
+                let _ = writeln!(w, "    {{ let e = t + {}u; {guard}{{ let kr = e / {quads}u; let cq = e % {quads}u; let gk = k0 + kr;", pass * t);
+                let _ = writeln!(w, "      let pc = min(n0 + cq * 4u, p.n - 4u); let bk = min(gk, p.k - 1u);");
+                let idx = "((pc / p.ohw) * p.img + bk * p.ohw + pc % p.ohw) / 4u";
+                let _ =
+                    writeln!(w, "      sb[e] = select(vec4<f32>(0.0), {}, (n0 + cq * 4u < p.n) & (gk < p.k)); }} }}", e.b.read4("b", idx));
+            }
+        }
+        for pass in 0..if self.b4 { 0 } else { b_elems.div_ceil(t) } {
             let guard = if (pass + 1) * t > b_elems { format!("if (t + {}u < {b_elems}u) ", pass * t) } else { String::new() };
             if fixed_col {
                 let _ = writeln!(w, "    {guard}{{ let kr = brow + {}u; let gk = k0 + kr; let bk = min(gk, p.k - 1u); var v = 0.0;", pass * (t / bn));
+            } else if ncol > 0 {
+                // Pass `i` loads column `t + (i % ncol) * T` at row `i / ncol` of the tile.
+                let j = pass % ncol;
+                let _ = writeln!(w, "    {{ let kr = {}u; let gk = k0 + kr; let bk = min(gk, p.k - 1u); var v = 0.0;", pass / ncol);
+                let _ = write!(w, "      let bcol = bcol{j}; let pvalid = pvalid{j}; let ppix = ppix{j}; let xbase = xbase{j};");
+                if let BLayout::Conv { .. } = self.b {
+                    let _ = write!(w, " let iy0 = iy0{j}; let ix0 = ix0{j};");
+                }
+                let _ = writeln!(w);
             } else {
                 let _ =
                     writeln!(w, "    {guard}{{ let e = t + {}u; let kr = e / {bn}u; let bcol = e % {bn}u; let gk = k0 + kr; let bk = min(gk, p.k - 1u); var v = 0.0;", pass * t);
-                column(w, "      ");
+                column(w, "      ", "");
             }
             match self.b {
                 BLayout::Pointwise => {
@@ -270,18 +377,32 @@ impl GemmConfig {
             let _ = writeln!(w, "      let f = kr * {bn}u + bcol; sb[f / 4u][f % 4u] = v; }}");
         }
         let _ = writeln!(w, "    workgroupBarrier();");
-        // The block: rows ty*4+i (and BM/2+ty*4+i), columns tx*4.. (and BN/2+tx*4..).
-        let rows = ["a0.x", "a0.y", "a0.z", "a0.w", "a1.x", "a1.y", "a1.z", "a1.w"];
+        // The block: rows `h * BM / hm + ty * 4 + i` (h < hm, i < 4), columns likewise.
+        let comps = ["x", "y", "z", "w"];
+        let rows4 = 4 * hm;
         for kk in 0..BK {
-            let _ = write!(w, "    {{ let a0 = sa[{}u + ty]; let b0 = sb[{}u + tx];", kk * bm / 4, kk * bn / 4);
-            if hm == 2 {
-                let _ = write!(w, " let a1 = sa[{}u + ty];", kk * bm / 4 + bm / 8);
+            if self.a4 && kk % 4 == 0 {
+                // Each of the invocation's rows: its 4 k of this group (a vec4 of 4 rows at one k is
+                // then put together from them).
+                for i in 0..rows4 {
+                    let _ = writeln!(w, "    let r{}_{i} = sa[({}u + ty * 4u) * 2u + {}u];", kk / 4, (i / 4) * (bm / hm) + i % 4, kk / 4);
+                }
             }
-            if hn == 2 {
-                let _ = write!(w, " let b1 = sb[{}u + tx];", kk * bn / 4 + bn / 8);
+            let _ = write!(w, "    {{");
+            for h in 0..hm {
+                if self.a4 {
+                    let (c, g) = (comps[(kk % 4) as usize], kk / 4);
+                    let _ = write!(w, " let a{h} = vec4<f32>(r{g}_{}.{c}, r{g}_{}.{c}, r{g}_{}.{c}, r{g}_{}.{c});", 4 * h, 4 * h + 1, 4 * h + 2, 4 * h + 3);
+                } else {
+                    let _ = write!(w, " let a{h} = sa[{}u + ty];", kk * bm / 4 + h * bm / (4 * hm));
+                }
+            }
+            for h in 0..hn {
+                let _ = write!(w, " let b{h} = sb[{}u + tx];", kk * bn / 4 + h * bn / (4 * hn));
             }
             let _ = writeln!(w);
-            for (i, a) in rows.iter().enumerate().take(4 * hm as usize) {
+            for i in 0..4 * hm as usize {
+                let a = format!("a{}.{}", i / 4, comps[i % 4]);
                 for h in 0..hn as usize {
                     let r = i * hn as usize + h;
                     let _ = write!(w, " c{r} = fma(vec4<f32>({a}), b{h}, c{r});");
@@ -291,27 +412,62 @@ impl GemmConfig {
         }
         let _ = writeln!(w, "    workgroupBarrier();");
         let _ = writeln!(w, "  }}");
-        // Store: per column its output offset (image * M * ohw + pixel), then every row.
-        for j in 0..4 * hn {
-            let col = if j < 4 { format!("tx * 4u + {j}u") } else { format!("{}u + tx * 4u + {}u", bn / 2, j - 4) };
-            let _ = writeln!(w, "  let q{j} = n0 + {col}; let o{j} = (q{j} / p.ohw) * p.m * p.ohw + q{j} % p.ohw;");
-        }
-        for i in 0..4 * hm {
-            let row = if i < 4 { format!("ty * 4u + {i}u") } else { format!("{}u + ty * 4u + {}u", bm / 2, i - 4) };
-            let _ = writeln!(w, "  {{ let m = m0 + {row}; if (m < p.m) {{ let ro = m * p.ohw;");
-            if self.bias == Bias::Row {
-                let _ = writeln!(w, "    let bv = {};", e.bias.read("bias", "m"));
+        // Store: per column its output offset (image * M * ohw + pixel) and bias, then every row.
+        let row = |i: u32| format!("{}u + ty * 4u + {}u", (i / 4) * (bm / hm), i % 4);
+        if self.c4 {
+            // Four columns at a time: `ohw` is a multiple of 4, so a group of four never straddles two
+            // images, starts on a multiple of 4 and is whole wherever its first column is inside.
+            for h in 0..hn {
+                let _ = writeln!(w, "  let q{h} = n0 + {}u + tx * 4u; let o{h} = ((q{h} / p.ohw) * p.m * p.ohw + q{h} % p.ohw) / 4u;", h * (bn / hn));
+                if self.bias == Bias::Col {
+                    let reads: Vec<String> = (0..4).map(|j| e.bias.read("bias", &format!("min(q{h} + {j}u, p.n - 1u)"))).collect();
+                    let _ = writeln!(w, "  let bc{h} = vec4<f32>({});", reads.join(", "));
+                }
             }
+            for i in 0..4 * hm {
+                let _ = writeln!(w, "  {{ let m = m0 + {}; if (m < p.m) {{ let ro = m * (p.ohw / 4u);", row(i));
+                if self.bias == Bias::Row {
+                    let _ = writeln!(w, "    let bv = {};", e.bias.read("bias", "m"));
+                }
+                for h in 0..hn {
+                    let reg = format!("c{}", i * hn + h);
+                    let v = match self.bias {
+                        Bias::None => reg,
+                        Bias::Row => format!("{reg} + vec4<f32>(bv)"),
+                        Bias::Col => format!("{reg} + bc{h}"),
+                    };
+                    let _ = writeln!(w, "    if (q{h} < p.n) {{ c[o{h} + ro] = {}; }}", e.c.store4(&v));
+                }
+                let _ = writeln!(w, "  }} }}");
+            }
+        } else {
             for j in 0..4 * hn {
-                let reg = format!("c{}[{}]", i * hn + j / 4, j % 4);
-                let v = match self.bias {
-                    Bias::None => reg,
-                    Bias::Row => format!("{reg} + bv"),
-                    Bias::Col => format!("{reg} + {}", e.bias.read("bias", &format!("q{j}"))),
-                };
-                let _ = writeln!(w, "    if (q{j} < p.n) {{ c[o{j} + ro] = {}; }}", e.c.store(&v));
+                let _ = writeln!(
+                    w,
+                    "  let q{j} = n0 + {}u + tx * 4u + {}u; let o{j} = (q{j} / p.ohw) * p.m * p.ohw + q{j} % p.ohw;",
+                    (j / 4) * (bn / hn),
+                    j % 4
+                );
+                if self.bias == Bias::Col {
+                    let _ = writeln!(w, "  let bc{j} = {};", e.bias.read("bias", &format!("min(q{j}, p.n - 1u)")));
+                }
             }
-            let _ = writeln!(w, "  }} }}");
+            for i in 0..4 * hm {
+                let _ = writeln!(w, "  {{ let m = m0 + {}; if (m < p.m) {{ let ro = m * p.ohw;", row(i));
+                if self.bias == Bias::Row {
+                    let _ = writeln!(w, "    let bv = {};", e.bias.read("bias", "m"));
+                }
+                for j in 0..4 * hn {
+                    let reg = format!("c{}[{}]", i * hn + j / 4, j % 4);
+                    let v = match self.bias {
+                        Bias::None => reg,
+                        Bias::Row => format!("{reg} + bv"),
+                        Bias::Col => format!("{reg} + bc{j}"),
+                    };
+                    let _ = writeln!(w, "    if (q{j} < p.n) {{ c[o{j} + ro] = {}; }}", e.c.store(&v));
+                }
+                let _ = writeln!(w, "  }} }}");
+            }
         }
         let _ = writeln!(w, "}}");
         s

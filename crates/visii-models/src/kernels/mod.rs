@@ -152,6 +152,16 @@ impl Elem {
         }
     }
 
+    /// The WGSL expression `e` (a `vec4<f32>`) as four values of this type (an array declared by
+    /// [`Self::declare4`]).
+    pub fn store4(self, e: &str) -> String {
+        match self {
+            Elem::F32 => e.to_string(),
+            Elem::F16 => format!("vec4<f16>({e})"),
+            Elem::Q8 { .. } => unreachable!("our kernels write f32 or f16"),
+        }
+    }
+
     /// Declares `name` as an array of 4-value groups at binding `*next` (see [`Self::read4`]; an
     /// int8 operand's packed words already are: four values to a `u32`), advancing `*next`.
     pub fn declare4(self, w: &mut String, name: &str, next: &mut u32) {
@@ -410,6 +420,7 @@ fn gemm_operands(a: &[CubeTensor], b: &[CubeTensor], bias: Option<&CubeTensor>, 
 
 /// Launches `cfg` with `a`, `b`, `bias` (contiguous, of `cfg.elems`' types) into a new contiguous `out_shape` tensor.
 fn launch(cfg: GemmConfig, a: &[CubeTensor], b: &[CubeTensor], bias: Option<&CubeTensor>, p: Problem, out_shape: Vec<usize>) -> CubeTensor {
+    let cfg = cfg.for_problem(p.k, p.ohw, tiles(&a[0].client) == Tiles::Lavapipe);
     let (out, args) = gemm_operands(a, b, bias, out_shape, cfg.elems.c);
     let args = args.with_info(params([p.m, p.n, p.k, p.ohw, p.ow, p.h, p.w, p.img]));
     let count = CubeCount::Static(p.n.div_ceil(cfg.bn() as usize) as u32, p.m.div_ceil(cfg.bm() as usize) as u32, 1);
