@@ -191,11 +191,12 @@ impl GemmConfig {
     /// ~20 for one value, against two per 8-lane multiply-add, so an invocation's sums per value
     /// loaded set its speed, and wide loads its loaders' (BENCHMARKS.md). With scalar stores (256
     /// guarded ones per invocation) a 16 x 16 variant took LLVM 3.6 s to compile, with `vec4` stores
-    /// ~1.2 s, so it is used only where they are possible.
+    /// ~1.2 s (f16 operands ~2.4 s: those, not a real use of a CPU adapter but run by the tests, keep
+    /// 8 x 8), so it is used only where they are possible.
     pub fn for_problem(self, k: usize, ohw: usize, lavapipe: bool) -> Self {
         let c4 = ohw % 4 == 0;
         let (wg_x, wg_y, hm, hn) =
-            if c4 && lavapipe { Self::widened((self.wg_x, self.wg_y, self.hm, self.hn)) } else { (self.wg_x, self.wg_y, self.hm, self.hn) };
+            if c4 && lavapipe && self.elems == Elems::F32 { Self::widened((self.wg_x, self.wg_y, self.hm, self.hn)) } else { (self.wg_x, self.wg_y, self.hm, self.hn) };
         let a4 = lavapipe && self.a == ALayout::RowMajor && k % 4 == 0 && self.elems.a.reads4();
         let b4 = lavapipe && self.b == BLayout::Pointwise && c4 && self.elems.b.reads4();
         GemmConfig { wg_x, wg_y, hm, hn, c4, a4, b4, ..self }
@@ -481,20 +482,60 @@ mod tests {
     #[test]
     fn every_variant_is_valid_wgsl_shape() {
         // The generator's arithmetic: loads cover the tiles exactly.
-        for (wg_x, wg_y, hm, hn) in VARIANTS.into_iter().chain(CPU_VARIANTS) {
-            let c = GemmConfig {
-                wg_x,
-                wg_y,
-                hm,
-                hn,
-                a: ALayout::RowMajor,
-                b: BLayout::Conv { kh: 3, kw: 3, sh: 2, sw: 2, ph: 0, pw: 0 },
-                bias: Bias::Row,
-                elems: Elems::F32,
-            };
+        let shapes = VARIANTS.into_iter().chain(CPU_VARIANTS).chain(VARIANTS.map(GemmConfig::widened));
+        for ((wg_x, wg_y, hm, hn), fours) in shapes.flat_map(|s| [(s, false), (s, true)]) {
+            let b = if fours { BLayout::Pointwise } else { BLayout::Conv { kh: 3, kw: 3, sh: 2, sw: 2, ph: 0, pw: 0 } };
+            let (a, c4, a4, b4) = (ALayout::RowMajor, fours, fours, fours);
+            let c = GemmConfig { wg_x, wg_y, hm, hn, a, b, bias: Bias::Row, elems: Elems::F32, c4, a4, b4 };
             assert!(c.bm() % 4 == 0 && c.bn() % 4 == 0 && c.bm() / 4 / hm == wg_y && c.bn() / 4 / hn == wg_x);
             let src = c.wgsl();
             assert!(src.contains("@workgroup_size") && src.contains("bias[m]"));
+            // Every sum is stored: 16 hm hn values per invocation, in fours or one at a time.
+            let stores = src.matches("c[o").count() as u32;
+            assert_eq!(stores, if fours { 4 * hm * hn } else { 16 * hm * hn }, "{src}");
+            // Workgroup memory is written as much as it holds: vec4s (A and B in fours) or values.
+            let (sa, sb) = (src.matches("sa[e] =").count() as u32, src.matches("sb[e] =").count() as u32);
+            if fours {
+                assert_eq!((sa, sb), ((2 * c.bm()).div_ceil(c.threads()), (2 * c.bn()).div_ceil(c.threads())), "{src}");
+            }
+        }
+    }
+
+    #[test]
+    fn lavapipe_variants_widen_and_load_four_values_where_the_layout_allows() {
+        let lp = |m, n, k, ohw, a, b, bias| GemmConfig::pick_lavapipe(m, n, a, b, bias).for_problem(k, ohw, true);
+        // A Linear 77 x 768 -> 1280: the 80-row tile with a quarter of the invocations, every operand
+        // in groups of four, the bias read once per group of columns.
+        let c = lp(77, 1280, 768, 1280, ALayout::RowMajor, BLayout::Pointwise, Bias::Col);
+        assert_eq!((c.bm(), c.bn(), c.hm, c.hn, c.threads()), (80, 128, 4, 4, 40));
+        assert!(c.c4 && c.a4 && c.b4);
+        let src = c.wgsl();
+        assert!(src.contains("a: array<vec4<f32>>") && src.contains("b: array<vec4<f32>>") && src.contains("c: array<vec4<f32>>"), "{src}");
+        assert_eq!(src.matches("bias[").count(), 4 * c.hn as usize, "{src}");
+        // 16 x 16 sums per invocation, 64 vec4 stores.
+        assert!(src.contains("var c63 =") && !src.contains("var c64 ="));
+        assert_eq!(src.matches("c[o").count(), 64);
+        // A 3x3 conv at 8 x 8: A in fours, the image (im2col) one value at a time.
+        let c = lp(320, 64, 2880, 64, ALayout::RowMajor, BLayout::Conv { kh: 3, kw: 3, sh: 1, sw: 1, ph: 1, pw: 1 }, Bias::Row);
+        assert!(c.c4 && c.a4 && !c.b4 && c.hm == 4 && c.hn == 4);
+        // Odd sizes: nothing in fours, the variant as picked (8 x 8 per invocation, scalar stores).
+        let c = lp(40, 30, 63, 5 * 6, ALayout::RowMajor, BLayout::Pointwise, Bias::None);
+        assert!(!c.c4 && !c.a4 && !c.b4 && c.hm == 2 && c.hn == 2);
+        // The flipped conv weight (input gradients) is read one value at a time.
+        let c = lp(320, 64, 2880, 64, ALayout::ConvFlipped { kk: 9 }, BLayout::Conv { kh: 3, kw: 3, sh: 1, sw: 1, ph: 1, pw: 1 }, Bias::None);
+        assert!(!c.a4 && c.c4);
+        // f16 operands (compiled twice as long there): fours, not widened.
+        let f16 = Elems { a: Elem::F16, b: Elem::F16, bias: Elem::F16, c: Elem::F16 };
+        let c = GemmConfig::pick_lavapipe(77, 1280, ALayout::RowMajor, BLayout::Pointwise, Bias::Col).with(f16).for_problem(768, 1280, true);
+        assert!(c.c4 && c.a4 && c.b4 && (c.hm, c.hn) == (2, 2));
+        assert!(c.wgsl().contains("c: array<vec4<f16>>") && c.wgsl().contains("= vec4<f16>(c0 + bc0)"), "{}", c.wgsl());
+        // Other adapters: the same variant, stores in fours only.
+        let g = GemmConfig::pick(77, 1280, ALayout::RowMajor, BLayout::Pointwise, Bias::Col).for_problem(768, 1280, false);
+        assert!(g.c4 && !g.a4 && !g.b4 && (g.hm, g.hn) == (2, 2));
+        // Every widened variant keeps its tile.
+        for v in VARIANTS {
+            let (x, y, hm, hn) = GemmConfig::widened(v);
+            assert_eq!((4 * hm * y, 4 * hn * x), (4 * v.2 * v.1, 4 * v.3 * v.0), "{v:?}");
         }
     }
 
