@@ -18,6 +18,11 @@
 //! measured 30 TFLOP/s of f32 through Dawn on an H200 (issue 19); sizes, strides, padding and the
 //! kernel geometry are parameters, so every conv and Linear of the models runs on it.
 //!
+//! On lavapipe the variants are widened to 16 x 16 outputs per invocation and the operands
+//! loaded four values at a time where their layout allows (`A` then staged row-major, `[m][k]`);
+//! every adapter stores `C` four columns at a time where the output's pixels per image are a
+//! multiple of 4 ([`GemmConfig::for_problem`]).
+//!
 //! The WGSL is generated for each [`GemmConfig`] (the unrolled inner product and the constant
 //! divisors of the im2col index) and handed to cubecl as a precompiled kernel, so it runs on
 //! wgpu natively (Vulkan, lavapipe) and on WebGPU in a browser alike.
@@ -195,8 +200,11 @@ impl GemmConfig {
     /// 8 x 8), so it is used only where they are possible.
     pub fn for_problem(self, k: usize, ohw: usize, lavapipe: bool) -> Self {
         let c4 = ohw % 4 == 0;
-        let (wg_x, wg_y, hm, hn) =
-            if c4 && lavapipe && self.elems == Elems::F32 { Self::widened((self.wg_x, self.wg_y, self.hm, self.hn)) } else { (self.wg_x, self.wg_y, self.hm, self.hn) };
+        let (wg_x, wg_y, hm, hn) = if c4 && lavapipe && self.elems == Elems::F32 {
+            Self::widened((self.wg_x, self.wg_y, self.hm, self.hn))
+        } else {
+            (self.wg_x, self.wg_y, self.hm, self.hn)
+        };
         let a4 = lavapipe && self.a == ALayout::RowMajor && k % 4 == 0 && self.elems.a.reads4();
         let b4 = lavapipe && self.b == BLayout::Pointwise && c4 && self.elems.b.reads4();
         GemmConfig { wg_x, wg_y, hm, hn, c4, a4, b4, ..self }
@@ -339,8 +347,7 @@ impl GemmConfig {
                 let _ = writeln!(w, "    {{ let e = t + {}u; {guard}{{ let kr = e / {quads}u; let cq = e % {quads}u; let gk = k0 + kr;", pass * t);
                 let _ = writeln!(w, "      let pc = min(n0 + cq * 4u, p.n - 4u); let bk = min(gk, p.k - 1u);");
                 let idx = "((pc / p.ohw) * p.img + bk * p.ohw + pc % p.ohw) / 4u";
-                let _ =
-                    writeln!(w, "      sb[e] = select(vec4<f32>(0.0), {}, (n0 + cq * 4u < p.n) & (gk < p.k)); }} }}", e.b.read4("b", idx));
+                let _ = writeln!(w, "      sb[e] = select(vec4<f32>(0.0), {}, (n0 + cq * 4u < p.n) & (gk < p.k)); }} }}", e.b.read4("b", idx));
             }
         }
         for pass in 0..if self.b4 { 0 } else { b_elems.div_ceil(t) } {
@@ -393,7 +400,14 @@ impl GemmConfig {
             for h in 0..hm {
                 if self.a4 {
                     let (c, g) = (comps[(kk % 4) as usize], kk / 4);
-                    let _ = write!(w, " let a{h} = vec4<f32>(r{g}_{}.{c}, r{g}_{}.{c}, r{g}_{}.{c}, r{g}_{}.{c});", 4 * h, 4 * h + 1, 4 * h + 2, 4 * h + 3);
+                    let _ = write!(
+                        w,
+                        " let a{h} = vec4<f32>(r{g}_{}.{c}, r{g}_{}.{c}, r{g}_{}.{c}, r{g}_{}.{c});",
+                        4 * h,
+                        4 * h + 1,
+                        4 * h + 2,
+                        4 * h + 3
+                    );
                 } else {
                     let _ = write!(w, " let a{h} = sa[{}u + ty];", kk * bm / 4 + h * bm / (4 * hm));
                 }
