@@ -10,9 +10,10 @@
 //! - `C` is written NCHW `[n, c_out, oh, ow]` (a Linear: `[M, N]`), bias per row (conv) or per
 //!   column (Linear).
 //!
-//! Each workgroup of `wg_x * wg_y` invocations computes a `BM x BN = 8 wg_y x 8 wg_x` tile of `C`,
-//! every invocation an 8 x 8 block held as 16 `vec4` registers (two 4-row by two 4-column halves, so
-//! its workgroup-memory reads are `vec4`s of consecutive rows / columns). `K` advances in steps of
+//! Each workgroup of `wg_x * wg_y` invocations computes a `BM x BN = 4 hm wg_y x 4 hn wg_x` tile of
+//! `C`; on GPUs every invocation an 8 x 8 block (`hm = hn = 2`) held as 16 `vec4` registers (two
+//! 4-row by two 4-column halves, so its workgroup-memory reads are `vec4`s of consecutive rows /
+//! columns). `K` advances in steps of
 //! 8: the `A` tile is staged transposed (`[k][m]`) and the `B` tile as `[k][p]` in workgroup memory.
 //! The shape of the design (128 x 128 tiles, 8 x 8 per invocation, transposed `A`) is the one that
 //! measured 30 TFLOP/s of f32 through Dawn on an H200 (issue 19); sizes, strides, padding and the
@@ -69,9 +70,9 @@ pub struct GemmConfig {
     pub wg_x: u32,
     /// Invocations along `m` (rows).
     pub wg_y: u32,
-    /// Output rows per invocation in groups of 4 (1 or 2): the tile is `4 * hm * wg_y` high.
+    /// Output rows per invocation in groups of 4 (1, 2, or 4 on lavapipe): the tile is `4 * hm * wg_y` high.
     pub hm: u32,
-    /// Output columns per invocation in groups of 4 (1 or 2): the tile is `4 * hn * wg_x` wide.
+    /// Output columns per invocation in groups of 4 (1, 2, or 4 on lavapipe): the tile is `4 * hn * wg_x` wide.
     pub hn: u32,
     pub a: ALayout,
     pub b: BLayout,
@@ -196,8 +197,9 @@ impl GemmConfig {
     /// ~20 for one value, against two per 8-lane multiply-add, so an invocation's sums per value
     /// loaded set its speed, and wide loads its loaders' (BENCHMARKS.md). With scalar stores (256
     /// guarded ones per invocation) a 16 x 16 variant took LLVM 3.6 s to compile, with `vec4` stores
-    /// ~1.2 s (f16 operands ~2.4 s: those, not a real use of a CPU adapter but run by the tests, keep
-    /// 8 x 8), so it is used only where they are possible.
+    /// ~1.2 s, so it is used only where they are possible, and only with f32 operands (f16 ones took
+    /// ~2.4 s: not a real use of a CPU adapter, but the tests run them; int8 weights read in place,
+    /// `--resident q8`, not measured widened, keep 8 x 8 too).
     pub fn for_problem(self, k: usize, ohw: usize, lavapipe: bool) -> Self {
         let c4 = ohw % 4 == 0;
         let (wg_x, wg_y, hm, hn) = if c4 && lavapipe && self.elems == Elems::F32 {
@@ -230,7 +232,7 @@ impl GemmConfig {
             "unsupported GEMM variant {shape:?}"
         );
         // Whether each invocation loads one fixed column of the B tile (else columns vary per pass).
-        let fixed_col = t % bn == 0;
+        let fixed_col = t % bn == 0 && !self.b4;
         let mut s = String::new();
         let w = &mut s;
         // Params: m, n, k, ohw (output pixels per image), ow, h, w, img (input values per image).
@@ -270,10 +272,10 @@ impl GemmConfig {
         let _ = writeln!(w, "  let m0 = wid.y * {bm}u; let n0 = wid.x * {bn}u;");
         // The B loader's column (one output pixel) and its image coordinates: once, where every
         // pass loads the same column, else in each pass.
-        // Where the tile is a whole number of workgroups wide, each invocation loads `ncol` fixed
+        // Where BN is a multiple of the invocation count T, each invocation loads `ncol` fixed
         // columns (`t + j * T`), also once: the divisions by `p.ohw` and `p.ow` are by values only
         // known at run time, on CPU adapters a scalar `div` per SIMD lane.
-        let ncol = if !fixed_col && bn % t == 0 { bn / t } else { 0 };
+        let ncol = if !fixed_col && !self.b4 && bn % t == 0 { bn / t } else { 0 };
         let column = |w: &mut String, indent: &str, sfx: &str| {
             // Past the last column: load the last one (valid memory), zeroed by `pvalid`.
             let _ = writeln!(w, "{indent}let pvalid{sfx} = n0 + bcol{sfx} < p.n; let pc{sfx} = min(n0 + bcol{sfx}, p.n - 1u);");

@@ -183,7 +183,7 @@ impl Elem {
             Elem::F32 => format!("{buf}[{idx}]"),
             Elem::F16 => format!("vec4<f32>({buf}[{idx}])"),
             Elem::Q8 { block } => format!(
-                "(vec4<f32>(vec4<i32>(bitcast<i32>({buf}[{idx}])) << vec4<u32>(24u, 16u, 8u, 0u) >> vec4<u32>(24u)) * {buf}_s[({idx}) * 4u / {block}u])"
+                "(vec4<f32>((vec4<i32>(bitcast<i32>({buf}[{idx}])) << vec4<u32>(24u, 16u, 8u, 0u)) >> vec4<u32>(24u)) * {buf}_s[({idx}) * 4u / {block}u])"
             ),
         }
     }
