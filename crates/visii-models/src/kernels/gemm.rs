@@ -431,60 +431,35 @@ impl GemmConfig {
         let _ = writeln!(w, "  }}");
         // Store: per column its output offset (image * M * ohw + pixel) and bias, then every row.
         let row = |i: u32| format!("{}u + ty * 4u + {}u", (i / 4) * (bm / hm), i % 4);
-        if self.c4 {
-            // Four columns at a time: `ohw` is a multiple of 4, so a group of four never straddles two
-            // images, starts on a multiple of 4 and is whole wherever its first column is inside.
-            for h in 0..hn {
-                let _ = writeln!(w, "  let q{h} = n0 + {}u + tx * 4u; let o{h} = ((q{h} / p.ohw) * p.m * p.ohw + q{h} % p.ohw) / 4u;", h * (bn / hn));
-                if self.bias == Bias::Col {
-                    let reads: Vec<String> = (0..4).map(|j| e.bias.read("bias", &format!("min(q{h} + {j}u, p.n - 1u)"))).collect();
-                    let _ = writeln!(w, "  let bc{h} = vec4<f32>({});", reads.join(", "));
-                }
+        // With `c4` four columns at a time: `ohw` is a multiple of 4, so a group of four never
+        // straddles two images, starts on a multiple of 4 and is whole wherever its first column is
+        // inside. Group `g` of `width` columns starts at column `first(g)` of the invocation's block.
+        let (groups, width) = if self.c4 { (hn, 4) } else { (4 * hn, 1) };
+        let first = |g: u32| format!("{}u + tx * 4u + {}u", (g * width / 4) * (bn / hn), g * width % 4);
+        let (per4, splat) = if self.c4 { (" / 4u", "vec4<f32>(bv)") } else { ("", "bv") };
+        for g in 0..groups {
+            let _ = writeln!(w, "  let q{g} = n0 + {}; let o{g} = ((q{g} / p.ohw) * p.m * p.ohw + q{g} % p.ohw){per4};", first(g));
+            if self.bias == Bias::Col {
+                let reads: Vec<String> = (0..width).map(|j| e.bias.read("bias", &format!("min(q{g} + {j}u, p.n - 1u)"))).collect();
+                let _ = writeln!(w, "  let bc{g} = {};", if self.c4 { format!("vec4<f32>({})", reads.join(", ")) } else { reads.join("") });
             }
-            for i in 0..4 * hm {
-                let _ = writeln!(w, "  {{ let m = m0 + {}; if (m < p.m) {{ let ro = m * (p.ohw / 4u);", row(i));
-                if self.bias == Bias::Row {
-                    let _ = writeln!(w, "    let bv = {};", e.bias.read("bias", "m"));
-                }
-                for h in 0..hn {
-                    let reg = format!("c{}", i * hn + h);
-                    let v = match self.bias {
-                        Bias::None => reg,
-                        Bias::Row => format!("{reg} + vec4<f32>(bv)"),
-                        Bias::Col => format!("{reg} + bc{h}"),
-                    };
-                    let _ = writeln!(w, "    if (q{h} < p.n) {{ c[o{h} + ro] = {}; }}", e.c.store4(&v));
-                }
-                let _ = writeln!(w, "  }} }}");
+        }
+        for i in 0..4 * hm {
+            let _ = writeln!(w, "  {{ let m = m0 + {}; if (m < p.m) {{ let ro = m * (p.ohw{per4});", row(i));
+            if self.bias == Bias::Row {
+                let _ = writeln!(w, "    let bv = {};", e.bias.read("bias", "m"));
             }
-        } else {
-            for j in 0..4 * hn {
-                let _ = writeln!(
-                    w,
-                    "  let q{j} = n0 + {}u + tx * 4u + {}u; let o{j} = (q{j} / p.ohw) * p.m * p.ohw + q{j} % p.ohw;",
-                    (j / 4) * (bn / hn),
-                    j % 4
-                );
-                if self.bias == Bias::Col {
-                    let _ = writeln!(w, "  let bc{j} = {};", e.bias.read("bias", &format!("min(q{j}, p.n - 1u)")));
-                }
+            for g in 0..groups {
+                let reg = if self.c4 { format!("c{}", i * hn + g) } else { format!("c{}[{}]", i * hn + g / 4, g % 4) };
+                let v = match self.bias {
+                    Bias::None => reg,
+                    Bias::Row => format!("{reg} + {splat}"),
+                    Bias::Col => format!("{reg} + bc{g}"),
+                };
+                let store = if self.c4 { e.c.store4(&v) } else { e.c.store(&v) };
+                let _ = writeln!(w, "    if (q{g} < p.n) {{ c[o{g} + ro] = {store}; }}");
             }
-            for i in 0..4 * hm {
-                let _ = writeln!(w, "  {{ let m = m0 + {}; if (m < p.m) {{ let ro = m * p.ohw;", row(i));
-                if self.bias == Bias::Row {
-                    let _ = writeln!(w, "    let bv = {};", e.bias.read("bias", "m"));
-                }
-                for j in 0..4 * hn {
-                    let reg = format!("c{}[{}]", i * hn + j / 4, j % 4);
-                    let v = match self.bias {
-                        Bias::None => reg,
-                        Bias::Row => format!("{reg} + bv"),
-                        Bias::Col => format!("{reg} + bc{j}"),
-                    };
-                    let _ = writeln!(w, "    if (q{j} < p.n) {{ c[o{j} + ro] = {}; }}", e.c.store(&v));
-                }
-                let _ = writeln!(w, "  }} }}");
-            }
+            let _ = writeln!(w, "  }} }}");
         }
         let _ = writeln!(w, "}}");
         s
