@@ -271,10 +271,10 @@ impl GemmConfig {
         let _ = writeln!(w, "  let tx = t % {wg_x}u; let ty = t / {wg_x}u;");
         let _ = writeln!(w, "  let m0 = wid.y * {bm}u; let n0 = wid.x * {bn}u;");
         // The B loader's column (one output pixel) and its image coordinates: once, where every
-        // pass loads the same column, else in each pass.
-        // Where BN is a multiple of the invocation count T, each invocation loads `ncol` fixed
-        // columns (`t + j * T`), also once: the divisions by `p.ohw` and `p.ow` are by values only
-        // known at run time, on CPU adapters a scalar `div` per SIMD lane.
+        // pass loads the same column or (BN a multiple of the invocation count T) each invocation
+        // the same `ncol` columns `t + j * T`, else in each pass (the divisions by `p.ohw` and
+        // `p.ow` are by values only known at run time: on CPU adapters a scalar `div` per SIMD lane).
+        // With `b4` the loader works on groups of four columns instead (below).
         let ncol = if !fixed_col && !self.b4 && bn % t == 0 { bn / t } else { 0 };
         let column = |w: &mut String, indent: &str, sfx: &str| {
             // Past the last column: load the last one (valid memory), zeroed by `pvalid`.
@@ -351,66 +351,58 @@ impl GemmConfig {
                 let idx = "((pc / p.ohw) * p.img + bk * p.ohw + pc % p.ohw) / 4u";
                 let _ = writeln!(w, "      sb[e] = select(vec4<f32>(0.0), {}, (n0 + cq * 4u < p.n) & (gk < p.k)); }} }}", e.b.read4("b", idx));
             }
-        }
-        for pass in 0..if self.b4 { 0 } else { b_elems.div_ceil(t) } {
-            let guard = if (pass + 1) * t > b_elems { format!("if (t + {}u < {b_elems}u) ", pass * t) } else { String::new() };
-            if fixed_col {
-                let _ = writeln!(w, "    {guard}{{ let kr = brow + {}u; let gk = k0 + kr; let bk = min(gk, p.k - 1u); var v = 0.0;", pass * (t / bn));
-            } else if ncol > 0 {
-                // Pass `i` loads column `t + (i % ncol) * T` at row `i / ncol` of the tile.
-                let j = pass % ncol;
-                let _ = writeln!(w, "    {{ let kr = {}u; let gk = k0 + kr; let bk = min(gk, p.k - 1u); var v = 0.0;", pass / ncol);
-                let _ = write!(w, "      let bcol = bcol{j}; let pvalid = pvalid{j}; let ppix = ppix{j}; let xbase = xbase{j};");
-                if let BLayout::Conv { .. } = self.b {
-                    let _ = write!(w, " let iy0 = iy0{j}; let ix0 = ix0{j};");
-                }
-                let _ = writeln!(w);
-            } else {
-                let _ =
-                    writeln!(w, "    {guard}{{ let e = t + {}u; let kr = e / {bn}u; let bcol = e % {bn}u; let gk = k0 + kr; let bk = min(gk, p.k - 1u); var v = 0.0;", pass * t);
-                column(w, "      ", "");
-            }
-            match self.b {
-                BLayout::Pointwise => {
-                    let _ = writeln!(w, "      v = select(0.0, {}, pvalid & (gk < p.k));", e.b.read("b", "xbase + bk * p.ohw + ppix"));
-                }
-                BLayout::PointwiseT => {
-                    let _ = writeln!(w, "      v = select(0.0, {}, pvalid & (gk < p.k));", e.b.read("b", "ppix * p.k + bk"));
-                }
-                BLayout::Conv { kh, kw, .. } => {
-                    let kk = kh * kw;
+        } else {
+            for pass in 0..b_elems.div_ceil(t) {
+                let guard = if (pass + 1) * t > b_elems { format!("if (t + {}u < {b_elems}u) ", pass * t) } else { String::new() };
+                if fixed_col {
                     let _ =
-                        writeln!(w, "      let ci = bk / {kk}u; let r = bk % {kk}u; let iy = iy0 + i32(r / {kw}u); let ix = ix0 + i32(r % {kw}u);");
-                    let _ = writeln!(w, "      v = {};", super::image_value(e.b, "b", "xbase + ci * hw", "iy", "ix", "pvalid & (gk < p.k) & "));
+                        writeln!(w, "    {guard}{{ let kr = brow + {}u; let gk = k0 + kr; let bk = min(gk, p.k - 1u); var v = 0.0;", pass * (t / bn));
+                } else if ncol > 0 {
+                    // Pass `i` loads column `t + (i % ncol) * T` at row `i / ncol` of the tile.
+                    let j = pass % ncol;
+                    let _ = writeln!(w, "    {{ let kr = {}u; let gk = k0 + kr; let bk = min(gk, p.k - 1u); var v = 0.0;", pass / ncol);
+                    let _ = write!(w, "      let bcol = bcol{j}; let pvalid = pvalid{j}; let ppix = ppix{j}; let xbase = xbase{j};");
+                    if let BLayout::Conv { .. } = self.b {
+                        let _ = write!(w, " let iy0 = iy0{j}; let ix0 = ix0{j};");
+                    }
+                    let _ = writeln!(w);
+                } else {
+                    let _ =
+                    writeln!(w, "    {guard}{{ let e = t + {}u; let kr = e / {bn}u; let bcol = e % {bn}u; let gk = k0 + kr; let bk = min(gk, p.k - 1u); var v = 0.0;", pass * t);
+                    column(w, "      ", "");
                 }
+                match self.b {
+                    BLayout::Pointwise => {
+                        let _ = writeln!(w, "      v = select(0.0, {}, pvalid & (gk < p.k));", e.b.read("b", "xbase + bk * p.ohw + ppix"));
+                    }
+                    BLayout::PointwiseT => {
+                        let _ = writeln!(w, "      v = select(0.0, {}, pvalid & (gk < p.k));", e.b.read("b", "ppix * p.k + bk"));
+                    }
+                    BLayout::Conv { kh, kw, .. } => {
+                        let kk = kh * kw;
+                        let _ = writeln!(
+                            w,
+                            "      let ci = bk / {kk}u; let r = bk % {kk}u; let iy = iy0 + i32(r / {kw}u); let ix = ix0 + i32(r % {kw}u);"
+                        );
+                        let _ = writeln!(w, "      v = {};", super::image_value(e.b, "b", "xbase + ci * hw", "iy", "ix", "pvalid & (gk < p.k) & "));
+                    }
+                }
+                let _ = writeln!(w, "      let f = kr * {bn}u + bcol; sb[f / 4u][f % 4u] = v; }}");
             }
-            let _ = writeln!(w, "      let f = kr * {bn}u + bcol; sb[f / 4u][f % 4u] = v; }}");
         }
         let _ = writeln!(w, "    workgroupBarrier();");
         // The block: rows `h * BM / hm + ty * 4 + i` (h < hm, i < 4), columns likewise.
         let comps = ["x", "y", "z", "w"];
-        let rows4 = 4 * hm;
         for kk in 0..BK {
             if self.a4 && kk % 4 == 0 {
-                // Each of the invocation's rows: its 4 k of this group (a vec4 of 4 rows at one k is
-                // then put together from them).
-                for i in 0..rows4 {
+                // Each of the invocation's rows: its 4 k of this group.
+                for i in 0..4 * hm {
                     let _ = writeln!(w, "    let r{}_{i} = sa[({}u + ty * 4u) * 2u + {}u];", kk / 4, (i / 4) * (bm / hm) + i % 4, kk / 4);
                 }
             }
             let _ = write!(w, "    {{");
-            for h in 0..hm {
-                if self.a4 {
-                    let (c, g) = (comps[(kk % 4) as usize], kk / 4);
-                    let _ = write!(
-                        w,
-                        " let a{h} = vec4<f32>(r{g}_{}.{c}, r{g}_{}.{c}, r{g}_{}.{c}, r{g}_{}.{c});",
-                        4 * h,
-                        4 * h + 1,
-                        4 * h + 2,
-                        4 * h + 3
-                    );
-                } else {
+            if !self.a4 {
+                for h in 0..hm {
                     let _ = write!(w, " let a{h} = sa[{}u + ty];", kk * bm / 4 + h * bm / (4 * hm));
                 }
             }
@@ -419,7 +411,8 @@ impl GemmConfig {
             }
             let _ = writeln!(w);
             for i in 0..4 * hm as usize {
-                let a = format!("a{}.{}", i / 4, comps[i % 4]);
+                // Row i at this k: with `a4` component `kk % 4` of its group's four k.
+                let a = if self.a4 { format!("r{}_{i}.{}", kk / 4, comps[kk as usize % 4]) } else { format!("a{}.{}", i / 4, comps[i % 4]) };
                 for h in 0..hn as usize {
                     let r = i * hn as usize + h;
                     let _ = write!(w, " c{r} = fma(vec4<f32>({a}), b{h}, c{r});");
