@@ -713,6 +713,19 @@ try {
   const resultInt8 = await page.evaluate(() => Array.from(new Uint8Array(window.visii.result)));
   const q = await comparePng(resultInt8, resultF32);
   check(q.max <= 12 && q.mean <= 1, `int8 vs f32 weights, same apply: max ${q.max} levels, mean ${q.mean.toFixed(3)}`);
+  {
+    // The page's GEMMs read the int8 weights in place (dequantised in their tile loads, no float copy
+    // per layer), as the CLI does on wgpu: the same image within a level or two (SwiftShader here,
+    // lavapipe there).
+    const [dli] = await Promise.all([page.waitForEvent('download'), page.click('#instruction-download')]);
+    const pairsIns = join(out, 'e2e-two-pairs.visii.safetensors');
+    await dli.saveAs(pairsIns);
+    const cliInt8 = join(out, 'e2e-cli-int8.png');
+    execFileSync(visiiBin, ['apply', '--model', join(fx, 'tiny-ip2p'), '--image', join(fx, 'images', 'tall.png'), '--instruction', pairsIns,
+      '-o', cliInt8, '--steps', '2', '--size', '64', '--seed', '5', '--backend', 'wgpu', '--resident', 'q8'], { stdio: ['ignore', 'ignore', 'inherit'] });
+    const c8 = await comparePng(resultInt8, Array.from(readFileSync(cliInt8)));
+    check(c8.max <= 2 && c8.mean <= 0.1, `int8 weights read in place, page vs CLI (wgpu, --resident q8): max ${c8.max} levels, mean ${c8.mean.toFixed(4)}`);
+  }
 
   step('measure this GPU (int8 weights: the learning step keeps them int8)');
   await page.click('#measure-panel summary');

@@ -2,6 +2,8 @@
 // skinny GEMM and / or the fused attention switched on (`?gemv=on`, `?flash=on`), then a learning
 // step, an apply step and one UNet pass timed through "Measure this GPU". Prints what each did.
 //   node tests/browser/kernels-diag.mjs "gemv=on" "flash=on" "gemv=on&flash=on"
+// DIAG_INT8=1: the weights int8 on the GPU ("Keep weights as int8"; with `q8=off` each layer's weight
+// is copied to floats first instead of read in place). DIAG_WHAT, DIAG_SIZE: what to time, at what size.
 import { launch } from './chromium.mjs';
 import { serve } from './server.mjs';
 import { dirname, join } from 'node:path';
@@ -21,6 +23,7 @@ for (const variant of process.argv.slice(2)) {
     await page.goto(`${base}/index.html?estimate=off&measureRuns=1&${variant}`);
     await page.waitForFunction(() => document.body.dataset.ready, null, { timeout: 300000 });
     await page.selectOption('#model-source', 'tiny');
+    if (process.env.DIAG_INT8 === '1') await page.check('#model-int8');
     await page.click('#model-load');
     await page.waitForFunction(() => document.body.dataset.model, null, { timeout: 300000 });
     await page.click('#measure-panel summary');

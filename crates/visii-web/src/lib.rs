@@ -313,10 +313,14 @@ struct EngineOpts {
     gemv_grad: Option<bool>,
     flash: Option<bool>,
     flash_grad: Option<bool>,
+    /// Whether our GEMMs read int8-resident weights in place (default on,
+    /// `visii_models::kernels::q8_enabled`); false: a float copy of each layer's weight first, to
+    /// compare.
+    q8: Option<bool>,
 }
 
 /// Create the engine (initialises WebGPU). `options`: `{ limits: "adapter" | "spec", tidyEvery?,
-/// tidyBackwardEvery?, exactFit?, cpuAdapter?, kernels?, gemv?, gemvGrad?, flash?, flashGrad? }` (tidy* and exactFit: how often free GPU buffers are handed back, and
+/// tidyBackwardEvery?, exactFit?, cpuAdapter?, kernels?, gemv?, gemvGrad?, flash?, flashGrad?, q8? }` (tidy* and exactFit: how often free GPU buffers are handed back, and
 /// whether steps run in exact-size buffers; for diagnosis). The models
 /// keep every buffer they create on purpose within 128 MiB either way
 /// (`visii_models::nn::max_buffer_bytes`).
@@ -350,6 +354,9 @@ pub async fn create_engine(options: JsValue) -> Result<Engine, JsValue> {
     }
     if let Some(on) = o.flash_grad {
         visii_models::fused::set_enabled(on);
+    }
+    if let Some(on) = o.q8 {
+        visii_models::kernels::set_q8(on);
     }
     Ok(Engine {
         device: init_device(spec).await?,

@@ -199,7 +199,9 @@ impl GemmConfig {
     /// guarded ones per invocation) a 16 x 16 variant took LLVM 3.6 s to compile, with `vec4` stores
     /// ~1.2 s, so it is used only where they are possible, and only with f32 operands (f16 ones took
     /// ~2.4 s: not a real use of a CPU adapter, but the tests run them; int8 weights read in place,
-    /// `--resident q8`, not measured widened, keep 8 x 8 too).
+    /// `--resident q8`, keep 8 x 8 too: widened, the full UNet's forward at 8 x 8 latents ran 3.1-3.2
+    /// -> 2.6-2.9 s, but its learning step's first run, compiling, 67 -> 110 s and the `resident_q8`
+    /// test's from an empty Mesa cache 140 -> 211 s).
     pub fn for_problem(self, k: usize, ohw: usize, lavapipe: bool) -> Self {
         let c4 = ohw % 4 == 0;
         let (wg_x, wg_y, hm, hn) = if c4 && lavapipe && self.elems == Elems::F32 {

@@ -464,14 +464,15 @@ pub fn set_skinny_grad(on: bool) {
 static Q8_IN_PLACE: AtomicU8 = AtomicU8::new(0);
 
 /// Whether our GEMMs read int8-resident weights in place, dequantising each value as a tile loads
-/// it ([`Elem::Q8`]), instead of a float copy of the whole weight made per layer first: natively by
-/// default (`VISII_Q8=off`: the copy, for comparisons). Off in a browser until a tab has run it
-/// (the scales are a second binding into the weight's buffer).
+/// it ([`Elem::Q8`]), instead of a float copy of the whole weight made per layer first: by default,
+/// natively and in a browser (`VISII_Q8=off`, the page's `?q8=off`: the copy, for comparisons). In
+/// a tab (SwiftShader, the tiny model) the same images as the CLI's and faster than the copy.
 pub fn q8_enabled() -> bool {
-    switch(&Q8_IN_PLACE, "VISII_Q8", "off", false)
+    switch(&Q8_IN_PLACE, "VISII_Q8", "off", true)
 }
 
-/// Turns reading int8 weights in place on or off for this process (see [`q8_enabled`]).
+/// Turns reading int8 weights in place on or off for this process (see [`q8_enabled`]; the
+/// page's `?q8=on|off`).
 pub fn set_q8(on: bool) {
     Q8_IN_PLACE.store(if on { 1 } else { 2 }, Ordering::Relaxed);
 }
