@@ -753,6 +753,12 @@ fn class1_instruction_files() {
         let t = St::f32("instruction", &[p as u64, hd as u64], &rows);
         cases.push((format!("values: {label}"), b.file(t, |_| {}), Some(vec![&["finite"]]), Some(vec![&["finite"]])));
     }
+    // Finite, but far beyond any text conditioning: sampling would overflow.
+    for (label, v) in [("3e38", 3e38f32), ("-2e7", -2e7f32)] {
+        let rows = vec![v; p * hd];
+        let t = St::f32("instruction", &[p as u64, hd as u64], &rows);
+        cases.push((format!("values: all {label}"), b.file(t, |_| {}), Some(vec![&["beyond"]]), Some(vec![&["beyond"]])));
+    }
     cases.push((
         "metadata: format missing".into(),
         b.file(b.tensor(p, hd), |m| drop(m.remove("format"))),
@@ -983,6 +989,8 @@ fn class2_images() {
         ("1x65535 RGB PNG", write(h::png_rgb(1, 65535)), size),
         ("1x1 RGB PNG", write(h::png_rgb(1, 1)), size),
         ("4000x3 RGB PNG", write(h::png_rgb(4000, 3)), size),
+        // A header whose size alone is past what the decoder may allocate: named as such.
+        ("PNG claiming 2147483647x2147483647 RGB", write(h::png(2147483647, 2147483647, 8, 2, None, &h::zlib_stored(&[0u8; 16]))), &["declares"]),
         ("22000x22000 1-bit grayscale PNG (~380 kB)", write(h::png_1bit_bomb(22000, 22000, false)), size),
         ("22000x22000 1-bit palette PNG (~380 kB)", write(h::png_1bit_bomb(22000, 22000, true)), size),
         (
@@ -1103,6 +1111,10 @@ fn class3_config_values() {
         ("model", Edit::Set("scheduler/scheduler_config.json", &["steps_offset"], json!(big)), &["scheduler_config.json"], &["steps_offset"]),
         ("model", Edit::Bytes("unet/config.json", b"null".to_vec()), &["unet"], &["config.json"]),
         ("model", Edit::Bytes("unet/config.json", b"[1, 2, 3]".to_vec()), &["unet"], &["config.json"]),
+        // Two values: serde would read them as the first two fields and default the rest.
+        ("model", Edit::Bytes("unet/config.json", b"[1, 2]".to_vec()), &["unet"], &["object"]),
+        // A token id past the text encoder's embeddings (an index out of the table).
+        ("model", Edit::Set("tokenizer/vocab.json", &["<|endoftext|>"], json!(1_000_000)), &["tokenizer"], &["vocab_size"]),
         ("model", Edit::Bytes("unet/config.json", fifty_mb_json_array()), &["unet"], &["config.json"]),
         (
             "model",
@@ -1880,6 +1892,14 @@ fn class9_pack_integrity() {
             true,
         ),
         ("clip shard: last byte flipped", Box::new(|p: &Path| flip_last_byte(&p.join("clip/model-00000.safetensors"))), true),
+        (
+            "manifest.json cut to `{`, a shard's last byte flipped",
+            Box::new(|p: &Path| {
+                h::replace(&p.join("manifest.json"), b"{");
+                flip_last_byte(&p.join("unet/diffusion_pytorch_model-00000.safetensors"));
+            }),
+            false,
+        ),
     ];
     for (name, make, clip_part) in &cases {
         let d = suite.dir();

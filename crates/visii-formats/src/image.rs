@@ -35,7 +35,14 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<(Vec<u8>, usize, usize)> {
 pub fn decode_rgb_within(bytes: &[u8], limits: &Limits) -> Result<(Vec<u8>, usize, usize)> {
     let unreadable = |e: &dyn std::fmt::Display| FormatError::Image(format!("not a readable PNG or JPEG image ({e})"));
     let reader = || image::ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| unreadable(&e));
-    let (w, h) = reader()?.into_dimensions().map_err(|e| unreadable(&e))?;
+    let (w, h) = reader()?.into_dimensions().map_err(|e| match e {
+        // The header's size alone is beyond what the decoder may allocate (2^31 px wide, say).
+        image::ImageError::Limits(_) => FormatError::Image(format!(
+            "the size its header declares needs more memory to decode than an input image may use (at most {} px a side, {} pixels)",
+            limits.max_side, limits.max_pixels
+        )),
+        e => unreadable(&e),
+    })?;
     check_size(w, h, limits)?;
     let mut r = reader()?;
     let mut l = image::Limits::default();

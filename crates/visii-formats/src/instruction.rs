@@ -14,6 +14,10 @@ pub const MAX_BYTES: usize = 16 << 20;
 /// Bounds on the tensor (CLIP text encoders have 77 positions and widths up to 1280).
 pub const MAX_POSITIONS: usize = 4096;
 pub const MAX_HIDDEN: usize = 16384;
+/// Largest magnitude of an instruction's value. A text conditioning's values stay within tens, and
+/// learning (a learning rate of at most 10 for at most 100,000 steps) moves them by at most about a
+/// million; values beyond this only make sampling overflow.
+pub const MAX_ABS_VALUE: f32 = 1e7;
 
 /// A parsed and validated instruction file.
 #[derive(Clone, Debug)]
@@ -70,6 +74,11 @@ pub fn parse(bytes: &[u8]) -> Result<InstructionFile, String> {
     let rows: Vec<f32> = data[a..b].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
     if rows.iter().any(|v| !v.is_finite()) {
         return Err("the instruction holds non-finite values (NaN or infinity)".into());
+    }
+    if let Some(v) = rows.iter().find(|v| v.abs() > MAX_ABS_VALUE) {
+        return Err(format!(
+            "the instruction holds the value {v:e}, beyond ±{MAX_ABS_VALUE:e}: a text conditioning's values stay within tens and no learning run moves them that far; such values only make sampling overflow"
+        ));
     }
     Ok(InstructionFile { rows, positions, hidden, eos, metadata })
 }

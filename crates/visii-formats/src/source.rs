@@ -60,11 +60,11 @@ impl ByteSource for DiskFile {
         self.len
     }
     fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, String> {
-        let mut f = self.file.lock().map_err(|_| "file lock poisoned".to_string())?;
-        f.seek(SeekFrom::Start(offset)).map_err(|e| e.to_string())?;
         if offset.checked_add(len as u64).is_none_or(|end| end > self.len) {
             return Err(format!("range {offset}+{len} is past the end ({} bytes)", self.len));
         }
+        let mut f = self.file.lock().map_err(|_| "file lock poisoned".to_string())?;
+        f.seek(SeekFrom::Start(offset)).map_err(|e| e.to_string())?;
         let mut buf = vec![0; len];
         f.read_exact(&mut buf).map_err(|e| e.to_string())?;
         Ok(buf)
@@ -92,5 +92,25 @@ impl ReadStats {
     pub fn reset(&self) {
         self.total.store(0, Ordering::Relaxed);
         self.largest.store(0, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_past_the_end_are_refused_before_seeking() {
+        let path = std::env::temp_dir().join(format!("visii-source-{}.bin", std::process::id()));
+        std::fs::write(&path, [1u8, 2, 3, 4, 5]).unwrap();
+        let f = DiskFile::open(&path).unwrap();
+        assert_eq!(f.read_at(1, 3).unwrap(), [2, 3, 4]);
+        // An offset no seek can reach (a zip64 locator's 2^64 - 1) gets the same message as any
+        // other range past the end, not the seek's "Invalid argument".
+        for (offset, len) in [(u64::MAX, 4), (u64::MAX - 1, 0), (3, 3), (6, 0)] {
+            let e = f.read_at(offset, len).unwrap_err();
+            assert!(e.contains("past the end"), "{offset}+{len}: {e}");
+        }
+        std::fs::remove_file(&path).unwrap();
     }
 }

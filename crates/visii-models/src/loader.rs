@@ -101,16 +101,21 @@ pub fn text_encoder_from_parts(config: &str, files: Vec<WeightFile>, device: &De
     text_load(config, files, device, false)
 }
 
-/// The text encoder; with `resident_q8`, its layers but the last int8 on the device (the
-/// embeddings and the last layer stay f32: the model's identity is read from them).
-fn text_load(config: &str, files: Vec<WeightFile>, device: &Device, resident_q8: bool) -> Result<Loaded<ClipTextTransformer, ClipTextConfig>> {
+/// `text_encoder/config.json` (a `CLIPTextConfig`, or a `CLIPConfig`'s `text_config`), validated.
+fn text_config(config: &str) -> Result<ClipTextConfig> {
     let value: serde_json::Value = parse_config("text_encoder/config.json", config)?;
     let cfg: ClipTextConfig = match value.get("text_config") {
         Some(t) => visii_formats::config::from_value(t.clone()),
         None => visii_formats::config::from_value(value),
     }
     .map_err(|message| ModelError::Config { path: "text_encoder/config.json".into(), message })?;
-    let cfg = validated("text_encoder/config.json", cfg, ClipTextConfig::validate)?;
+    validated("text_encoder/config.json", cfg, ClipTextConfig::validate)
+}
+
+/// The text encoder; with `resident_q8`, its layers but the last int8 on the device (the
+/// embeddings and the last layer stay f32: the model's identity is read from them).
+fn text_load(config: &str, files: Vec<WeightFile>, device: &Device, resident_q8: bool) -> Result<Loaded<ClipTextTransformer, ClipTextConfig>> {
+    let cfg = text_config(config)?;
     let w = Weights::new(files, device).with_alias("text_model.", "").with_resident_q8(resident_q8);
     let model = ClipTextTransformer::load(&w, &cfg)?;
     // A CLIPModel file also holds the vision side: not part of the text encoder.
@@ -222,11 +227,21 @@ impl Files {
     }
 
     /// Wrap in [`Files::Checked`] when `manifest` (within these files, or `None` for beside them) is
-    /// a pack manifest.
+    /// a pack manifest. A `manifest.json` that is not even JSON is a damaged pack's: refused, since
+    /// its files could not be checked (JSON with another `format` is some other tool's, ignored).
     fn with_pack_manifest(self, manifest_bytes: Option<Vec<u8>>, prefix: &str) -> Result<Self> {
         match manifest_bytes {
             Some(b) if visii_formats::manifest::is_manifest(&b) => self.checked_by(&b, prefix),
-            _ => Ok(self),
+            Some(b) => match serde_json::from_slice::<serde_json::Value>(&b) {
+                Ok(_) => Ok(self),
+                Err(e) => Err(ModelError::Config {
+                    path: if prefix.is_empty() { self.display("manifest.json") } else { "the pack's manifest.json".into() },
+                    message: format!(
+                        "not JSON ({e}): a damaged weight pack, whose files cannot be checked against it; convert or fetch the pack again"
+                    ),
+                }),
+            },
+            None => Ok(self),
         }
     }
 
@@ -495,8 +510,13 @@ impl Ip2pFolder {
         text_load(&self.files.read_text("text_encoder/config.json")?, weight_files(&self.files, "text_encoder", "model")?, device, self.resident_q8)
     }
 
+    /// The tokenizer, checked against the text encoder's config (its ids and prompt length within
+    /// the encoder's embedding tables: [`ClipTokenizer::check_fits`]).
     pub fn tokenizer(&self) -> Result<ClipTokenizer> {
-        ClipTokenizer::from_files(&self.files, "tokenizer")
+        let tokenizer = ClipTokenizer::from_files(&self.files, "tokenizer")?;
+        let cfg = text_config(&self.files.read_text("text_encoder/config.json")?)?;
+        tokenizer.check_fits(cfg.vocab_size, cfg.max_position_embeddings)?;
+        Ok(tokenizer)
     }
 
     pub fn scheduler_config(&self) -> Result<String> {

@@ -144,6 +144,29 @@ impl ClipTokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// Refuses a tokenizer that does not fit a text encoder with `rows` token embeddings and
+    /// `positions` position embeddings (its `vocab_size` and `max_position_embeddings`): an id at
+    /// or beyond `rows`, or more ids per prompt than there are positions, would index past the
+    /// tables.
+    pub fn check_fits(&self, rows: usize, positions: usize) -> Result<()> {
+        let vocab = self.inner.get_vocab(true);
+        if let Some((token, &id)) = vocab.iter().max_by_key(|(_, &id)| id) {
+            if id as usize >= rows {
+                return Err(tok_err(format!(
+                    "the vocabulary gives `{}` the id {id}, but the text encoder has {rows} token embeddings (vocab_size in text_encoder/config.json): the tokenizer is not this model's",
+                    visii_formats::text::printable_short(token, 40)
+                )));
+            }
+        }
+        if self.max_len > positions {
+            return Err(tok_err(format!(
+                "prompts are {} tokens long, but the text encoder has {positions} positions (max_position_embeddings in text_encoder/config.json)",
+                self.max_len
+            )));
+        }
+        Ok(())
+    }
+
     /// The token string of an id.
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)

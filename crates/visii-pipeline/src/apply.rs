@@ -98,6 +98,15 @@ impl crate::instruction::NoiseReuse {
     }
 }
 
+/// Sampling went non-finite (`when`: at which step, or empty): the guidance, or values in the
+/// model's weights or the instruction too large for f32 arithmetic.
+fn diverged(when: &str) -> PipelineError {
+    let when = if when.is_empty() { String::new() } else { format!(" {when}") };
+    PipelineError::Config(format!(
+        "sampling diverged{when} (non-finite latents): try a lower guidance; if that does not help, the model's weights or the instruction hold values too large to compute with (are they the files you meant?)"
+    ))
+}
+
 pub const INIT_STREAM: u64 = 1 << 32;
 pub const STEP_STREAM: u64 = 2 << 32;
 
@@ -335,13 +344,13 @@ impl Ip2p {
             if wait_each_step {
                 let probe = crate::read_f32(latents.clone().slice([0..1, 0..1, 0..1, 0..1])).await?;
                 if probe.first().is_none_or(|v| !v.is_finite()) {
-                    return Err(PipelineError::Config(format!("sampling diverged at step {i} (non-finite latents)")));
+                    return Err(diverged(&format!("at step {i}")));
                 }
             }
         }
         // Sampling that went non-finite would decode to a black image: stop with an error instead.
         if crate::read_f32(latents.clone()).await?.iter().any(|v| !v.is_finite()) {
-            return Err(PipelineError::Config("sampling diverged (non-finite latents): try a lower guidance".into()));
+            return Err(diverged(""));
         }
         progress(steps, steps);
         let out = self.decode_async(latents).await?;

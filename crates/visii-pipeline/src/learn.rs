@@ -478,8 +478,8 @@ pub async fn learn_async(
         return Err(PipelineError::Config("no learning step ran".into()));
     }
     let rows = crate::read_f32(best_c).await?;
-    if rows.iter().any(|v| !v.is_finite()) {
-        return Err(PipelineError::Config("learning produced non-finite values: try a smaller learning rate".into()));
+    if rows.iter().any(|v| !v.is_finite() || v.abs() > visii_formats::instruction::MAX_ABS_VALUE) {
+        return Err(PipelineError::Config("learning produced non-finite or runaway values: try a smaller learning rate".into()));
     }
     Ok(Learned {
         rows,
