@@ -1109,12 +1109,27 @@ fn class3_config_values() {
         ("model", Edit::Set("scheduler/scheduler_config.json", &["beta_start"], json!("NaN")), &["scheduler_config.json"], &["beta_start"]),
         ("model", Edit::Set("scheduler/scheduler_config.json", &["beta_end"], json!(-1.0)), &["scheduler_config.json"], &["beta_end"]),
         ("model", Edit::Set("scheduler/scheduler_config.json", &["steps_offset"], json!(big)), &["scheduler_config.json"], &["steps_offset"]),
+        // Schedules computed otherwise than from beta_start / beta_end: refused, not ignored.
+        ("model", Edit::Set("scheduler/scheduler_config.json", &["trained_betas"], json!([0.1, 0.2])), &["scheduler_config.json"], &["trained_betas"]),
+        (
+            "model",
+            Edit::Set("scheduler/scheduler_config.json", &["rescale_betas_zero_snr"], json!(true)),
+            &["scheduler_config.json"],
+            &["rescale_betas_zero_snr"],
+        ),
         ("model", Edit::Bytes("unet/config.json", b"null".to_vec()), &["unet"], &["config.json"]),
         ("model", Edit::Bytes("unet/config.json", b"[1, 2, 3]".to_vec()), &["unet"], &["config.json"]),
         // Two values: serde would read them as the first two fields and default the rest.
         ("model", Edit::Bytes("unet/config.json", b"[1, 2]".to_vec()), &["unet"], &["object"]),
         // A token id past the text encoder's embeddings (an index out of the table).
         ("model", Edit::Set("tokenizer/vocab.json", &["<|endoftext|>"], json!(1_000_000)), &["tokenizer"], &["vocab_size"]),
+        // merges.txt names tokens the vocabulary lacks: the message names the files.
+        (
+            "model",
+            Edit::Bytes("tokenizer/vocab.json", br#"{"<|startoftext|>": 0, "<|endoftext|>": 1}"#.to_vec()),
+            &["tokenizer"],
+            &["vocab.json"],
+        ),
         ("model", Edit::Bytes("unet/config.json", fifty_mb_json_array()), &["unet"], &["config.json"]),
         (
             "model",

@@ -91,10 +91,18 @@ impl ClipTokenizer {
             _ => None,
         };
         let max_len = cfg["model_max_length"].as_u64().filter(|&m| m > 0 && m <= 77).unwrap_or(77) as usize;
+        // The tokenizers crate's messages name a line and column, not the file.
+        let in_file = |name: String| {
+            move |e: ModelError| match e {
+                ModelError::Tokenizer(m) => ModelError::Tokenizer(format!("{name}: {m}")),
+                e => e,
+            }
+        };
         if files.exists(&at("tokenizer.json")) {
-            Self::from_tokenizer_json(&read("tokenizer.json")?, pad.as_deref(), max_len)
+            Self::from_tokenizer_json(&read("tokenizer.json")?, pad.as_deref(), max_len).map_err(in_file(files.display(&at("tokenizer.json"))))
         } else if files.exists(&at("vocab.json")) && files.exists(&at("merges.txt")) {
             Self::from_vocab_merges(&read("vocab.json")?, &read("merges.txt")?, pad.as_deref(), max_len)
+                .map_err(in_file(format!("{} with merges.txt", files.display(&at("vocab.json")))))
         } else {
             Err(ModelError::NotAModel {
                 path: files.display(dir),

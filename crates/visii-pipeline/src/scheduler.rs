@@ -18,6 +18,13 @@ pub struct SchedulerConfig {
     pub prediction_type: String,
     pub timestep_spacing: String,
     pub steps_offset: usize,
+    /// diffusers' explicit betas (one per training timestep, in place of the schedule) and its
+    /// zero-terminal-SNR rescaling: read only to refuse them (the schedule here is computed from
+    /// `beta_start`, `beta_end` and `beta_schedule`; a model that needs either would sample wrongly).
+    #[serde(skip_serializing)]
+    pub trained_betas: Option<serde_json::Value>,
+    #[serde(skip_serializing)]
+    pub rescale_betas_zero_snr: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -30,6 +37,8 @@ impl Default for SchedulerConfig {
             prediction_type: "epsilon".into(),
             timestep_spacing: "linspace".into(),
             steps_offset: 1,
+            trained_betas: None,
+            rescale_betas_zero_snr: false,
         }
     }
 }
@@ -65,6 +74,12 @@ impl SchedulerConfig {
                 "`timestep_spacing` {:?} is not supported (linspace, leading, trailing)",
                 visii_formats::text::printable_short(&self.timestep_spacing, 40)
             ));
+        }
+        if self.trained_betas.is_some() {
+            return Err("`trained_betas` (an explicit beta per timestep) is not supported: the betas are computed from beta_start, beta_end and beta_schedule".into());
+        }
+        if self.rescale_betas_zero_snr {
+            return Err("`rescale_betas_zero_snr` true is not supported (the schedule is not rescaled to zero terminal SNR here)".into());
         }
         if !["scaled_linear", "linear"].contains(&self.beta_schedule.as_str()) {
             return Err(format!(
