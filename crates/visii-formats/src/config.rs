@@ -19,14 +19,7 @@ pub fn from_json<C: serde::de::DeserializeOwned>(text: &str) -> Result<C, String
 pub fn from_value<C: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<C, String> {
     // serde reads a struct from an array too (its fields in order): a config is an object.
     if !value.is_object() {
-        let kind = match value {
-            serde_json::Value::Array(_) => "an array",
-            serde_json::Value::String(_) => "a string",
-            serde_json::Value::Number(_) => "a number",
-            serde_json::Value::Bool(_) => "a boolean",
-            _ => "null",
-        };
-        return Err(format!("the config is {kind}, not a JSON object of settings"));
+        return Err("not a JSON object of settings".into());
     }
     let e = match C::deserialize(&value) {
         Ok(c) => return Ok(c),

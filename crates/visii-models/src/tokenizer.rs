@@ -92,17 +92,17 @@ impl ClipTokenizer {
         };
         let max_len = cfg["model_max_length"].as_u64().filter(|&m| m > 0 && m <= 77).unwrap_or(77) as usize;
         // The tokenizers crate's messages name a line and column, not the file.
-        let in_file = |name: String| {
-            move |e: ModelError| match e {
-                ModelError::Tokenizer(m) => ModelError::Tokenizer(format!("{name}: {m}")),
+        let named = |file: String, made: Result<Self>| {
+            made.map_err(|e| match e {
+                ModelError::Tokenizer(m) => ModelError::Tokenizer(format!("{file}: {m}")),
                 e => e,
-            }
+            })
         };
         if files.exists(&at("tokenizer.json")) {
-            Self::from_tokenizer_json(&read("tokenizer.json")?, pad.as_deref(), max_len).map_err(in_file(files.display(&at("tokenizer.json"))))
+            named(files.display(&at("tokenizer.json")), Self::from_tokenizer_json(&read("tokenizer.json")?, pad.as_deref(), max_len))
         } else if files.exists(&at("vocab.json")) && files.exists(&at("merges.txt")) {
-            Self::from_vocab_merges(&read("vocab.json")?, &read("merges.txt")?, pad.as_deref(), max_len)
-                .map_err(in_file(format!("{} with merges.txt", files.display(&at("vocab.json")))))
+            let made = Self::from_vocab_merges(&read("vocab.json")?, &read("merges.txt")?, pad.as_deref(), max_len);
+            named(format!("{} with merges.txt", files.display(&at("vocab.json"))), made)
         } else {
             Err(ModelError::NotAModel {
                 path: files.display(dir),
