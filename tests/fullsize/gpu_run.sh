@@ -7,7 +7,8 @@
 # apply at 512 px with the CLI. GPU memory per phase is sampled with nvidia-smi.
 #
 # Expects: .gl/*.deb (Vulkan loader), .whl/*.whl (diffusers + importlib_metadata), .devbin/visii.xz
-# (the CLI, built elsewhere). Writes $OUT/log.txt and $OUT/*.png. RESIDENT=q8 runs ours with the
+# (the CLI, built elsewhere); for the Dawn phases .devbin/node.xz, .devbin/dawn.node.xz and
+# dist/pkg (all made by `./build.sh gpu-bundle`). Writes $OUT/log.txt and $OUT/*.png. RESIDENT=q8 runs ours with the
 # weights int8 on the device (`visii --resident q8`), learning included.
 set -u
 OUT=${OUT:-/tmp/visii-gpu}
@@ -88,6 +89,30 @@ phase learn-256 60 $V --gpu-limits spec --resident ${RESIDENT:-f32} learn --mode
   --steps 10 --caption-iterations 5 --size 256 --patience 0 --log "$OUT/learn.jsonl"
 phase apply-512 60 $V --gpu-limits spec --resident ${RESIDENT:-f32} apply --model $FS/pack --image $I/tall.png --instruction $FS/edit.visii.safetensors \
   --extra "a husky" --steps 10 --size 512 -o "$OUT/apply512.png"
+# The wasm engine a tab runs, on Dawn (Chrome's WebGPU: Tint, robustness checks) from Node, on the
+# same pack and device limits: compare with the native wgpu phases above (learn-step-256,
+# sample-step-512 and their f16 ones; issue 19 wants Dawn within 1.5x). dawn.node sometimes dies at start: retried.
+if [ -f .devbin/node.xz ] && [ -f .devbin/dawn.node.xz ] && [ -f dist/pkg/visii_web_bg.wasm ]; then
+  for f in node dawn.node; do python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" .devbin/$f.xz /tmp/$f; done
+  chmod +x /tmp/node
+  # (`phase` runs commands under `timeout`, which cannot run a shell function: hence bash -c.)
+  dawn_run() {
+    local try rc
+    for try in 1 2 3; do
+      DAWN_NODE=/tmp/dawn.node /tmp/node tests/fullsize/dawn.mjs "$@"
+      rc=$?
+      [ $rc -lt 128 ] && return $rc
+      echo "dawn.node died (rc=$rc), try $try"
+    done
+    return 1
+  }
+  export -f dawn_run
+  D=(bash -c 'dawn_run "$@"' _ --model $FS/pack --limits spec --resident ${RESIDENT:-f32} --runs 2)
+  phase dawn 120 "${D[@]}" --what learn-step@256,sample-step@512
+  [ "${PHASES:-all}" = all ] && phase dawn-f16 90 "${D[@]}" --what learn-step@256,sample-step@512 --activations f16
+else
+  echo "PHASE dawn skipped: .devbin/node.xz, .devbin/dawn.node.xz or dist/pkg missing (./build.sh gpu-bundle)"
+fi
 [ "${PHASES:-all}" = all ] || exit 0
 phase vae-encode-512 40 $B --what vae-encode --latent 64
 phase sample-step-256 40 $B --what sample-step --latent 32

@@ -63,16 +63,17 @@ enum Timings {
     // (clippy::large_enum_variant).
     Device(Box<QueryProfiler>),
     System(TimestampProfiler),
+    /// On the web without `timestamp-query`: no timer. A system timer has to wait for the GPU,
+    /// which the web cannot block on, so only profiling fails (an error), not the stream.
+    Unavailable,
 }
 
 impl Timings {
     fn system() -> Self {
         if cfg!(target_family = "wasm") {
-            // On WASM, there's not much we can do here anymore. This should be very rare however,
-            // all modern GPU's support timestamp queries.
-            panic!(
-                "Cannot profile on web assembly without timestamp_query feature as it requires blocking."
-            );
+            // Was a panic here, at every stream's creation: a WebGPU adapter without
+            // timestamp queries (compatibility mode, some browsers) could run nothing at all.
+            return Timings::Unavailable;
         }
         Timings::System(TimestampProfiler::default())
     }
@@ -520,6 +521,12 @@ impl WgpuStream {
 
     pub fn start_profile(&mut self, stream_id: StreamId) -> Result<ProfilingToken, ServerError> {
         self.claim_timings();
+        if let Timings::Unavailable = self.timings {
+            return Err(ServerError::Generic {
+                reason: "profiling on the web needs the adapter's timestamp-query feature".to_string(),
+                backtrace: BackTrace::capture(),
+            });
+        }
         match &self.timings {
             Timings::System(_) => cubecl_environment::future::block_on(self.sync(stream_id))?,
             Timings::Device(query) if query.sampling().drains_before_window() => {
@@ -531,10 +538,12 @@ impl WgpuStream {
                 }
             }
             Timings::Device(_) | Timings::Unclaimed { .. } => self.flush(stream_id)?,
+            Timings::Unavailable => unreachable!("refused above"),
         }
 
         match &mut self.timings {
             Timings::Unclaimed { .. } => unreachable!("claimed above"),
+            Timings::Unavailable => unreachable!("refused above"),
             Timings::System(_) => {
                 let profiler = self.system_profiler();
                 Ok(profiler.start())
@@ -549,7 +558,7 @@ impl WgpuStream {
 
     pub fn profile_error(&mut self, error: ProfileError) {
         match &mut self.timings {
-            Timings::Unclaimed { .. } => {}
+            Timings::Unclaimed { .. } | Timings::Unavailable => {}
             Timings::Device(profiler) => {
                 profiler.error(error);
             }
@@ -565,7 +574,7 @@ impl WgpuStream {
         stream_id: StreamId,
     ) -> Result<ProfileDuration, ProfileError> {
         match &mut self.timings {
-            Timings::Unclaimed { .. } => Err(ProfileError::NotRegistered {
+            Timings::Unclaimed { .. } | Timings::Unavailable => Err(ProfileError::NotRegistered {
                 backtrace: BackTrace::capture(),
             }),
             Timings::System(..) => {
@@ -647,7 +656,7 @@ impl WgpuStream {
     /// window carries on as if it had never been bracketed.
     pub fn abandon_profile(&mut self, token: ProfilingToken) {
         match &mut self.timings {
-            Timings::Unclaimed { .. } => {}
+            Timings::Unclaimed { .. } | Timings::Unavailable => {}
             Timings::System(profiler) => profiler.abandon(token),
             Timings::Device(timing) => timing.abandon_profile(token),
         }
@@ -949,7 +958,7 @@ impl WgpuStream {
         compute_pass.get_or_insert_with(|| {
             let writes = match timings {
                 Timings::Device(query_time) => query_time.register_profile_device(device),
-                Timings::Unclaimed { .. } | Timings::System(_) => None,
+                Timings::Unclaimed { .. } | Timings::System(_) | Timings::Unavailable => None,
             };
             encoder
                 .begin_compute_pass(&wgpu::ComputePassDescriptor {
