@@ -1008,6 +1008,8 @@ fn class2_images() {
             write(h::jpeg_claim(65500, 65500)),
             &["too large", "too big", "pixels", "dimension", "size", "truncated", "decode", "jpeg"],
         ),
+        ("JPEG cut in half", write({ let j = h::jpeg_of(&before); j[..j.len() / 2].to_vec() }), &["cut short"]),
+        ("JPEG without its last two bytes (the end marker)", write({ let j = h::jpeg_of(&before); j[..j.len() - 2].to_vec() }), &["cut short"]),
         ("truncated PNG (first 200 bytes)", write(before[..200].to_vec()), decode),
         ("PNG signature only", write(before[..8].to_vec()), decode),
         ("not an image (text)", write(b"hello, I am not an image\n".to_vec()), decode),
@@ -1032,6 +1034,16 @@ fn class2_images() {
             suite.done(&d);
         }
     }
+    // Metadata nothing here reads is not inflated: before.png with a colour profile and a text
+    // chunk of 1 GiB of zeros each (~6 MB on disk) used to cost ~525 MB and seconds to decode.
+    let zeros = h::zlib_zeros(1 << 30);
+    let bomb = h::png_with_chunk(&h::png_with_chunk(&before, b"iCCP", &[b"bomb\0\0".as_slice(), &zeros].concat()), b"zTXt", &[b"Comment\0\0".as_slice(), &zeros].concat());
+    let d = suite.dir();
+    std::fs::write(d.join("bomb.png"), &bomb).expect("write image");
+    let mut lim = Limits::with(Expect::Succeed, &d).timeout(60);
+    lim.max_rss = 400_000_000;
+    suite.run("apply --image: before.png with 1 GiB iCCP and zTXt chunks", &apply_prompt(&fx("tiny-ip2p"), &s(&d.join("bomb.png")), &s(&d.join("o.png")), &[]), &lim);
+    suite.done(&d);
     let d = suite.dir();
     suite.run(
         "control: apply on before.png",

@@ -259,6 +259,10 @@ pub(crate) fn zip_entries(source: &dyn ByteSource) -> Result<HashMap<String, Ent
             }
             extra = &extra[4 + l..];
         }
+        // Two entries of one name: which one an unzip or PyTorch takes is a matter of who wrote it.
+        if entries.contains_key(&name) {
+            return Err(format!("the zip holds two entries named {name:?} (not a file torch.save writes)"));
+        }
         entries.insert(name, Entry { method, size, local });
         p += 46 + n + x + c;
     }
@@ -958,6 +962,14 @@ mod tests {
             assert_eq!((name.as_str(), t.shape.as_slice(), t.strides.is_none(), t.dtype), ("w", &[2usize, 3][..], true, Dtype::F32));
             assert_eq!(&archive[t.start as usize..t.start as usize + 24], &values[..], "zip64 {zip64}");
         }
+    }
+
+    #[test]
+    fn duplicate_entry_names_are_refused() {
+        let pkl = state_dict_pickle(&[2, 3], &[3, 1], 6);
+        let values = [0u8; 24];
+        let e = index(zip(&[("a/data.pkl", &pkl[..]), ("a/data/0", &values[..]), ("a/data/0", &values[..8])], false)).err().expect("refused");
+        assert!(e.contains("two entries named \"a/data/0\""), "{e}");
     }
 
     #[test]

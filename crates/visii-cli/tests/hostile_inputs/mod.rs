@@ -150,6 +150,20 @@ pub fn png_1bit_bomb(width: u32, height: u32, palette: bool) -> Vec<u8> {
     }
 }
 
+/// `png` (a whole PNG) with a chunk inserted right after its IHDR.
+pub fn png_with_chunk(png: &[u8], kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
+    let mut chunk = Vec::new();
+    png_chunk(&mut chunk, kind, data);
+    [&png[..33], &chunk[..], &png[33..]].concat()
+}
+
+/// `image` (PNG bytes) re-encoded as a JPEG.
+pub fn jpeg_of(png: &[u8]) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    image::load_from_memory(png).expect("a PNG").write_to(&mut out, image::ImageFormat::Jpeg).expect("JPEG encoding");
+    out.into_inner()
+}
+
 /// An 8-bit RGB PNG through the `image` crate.
 pub fn png_rgb(width: u32, height: u32) -> Vec<u8> {
     let img = image::RgbImage::from_fn(width, height, |x, y| image::Rgb([(x % 251) as u8, (y % 241) as u8, 128]));
