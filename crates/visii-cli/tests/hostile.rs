@@ -981,6 +981,7 @@ fn class2_images() {
     let decode: &'static [&'static str] = &["png", "jpeg", "image", "decode", "truncated"];
     let not_file: &'static [&'static str] = &["not a regular file", "directory"];
     let before = std::fs::read(fixtures().join("images/before.png")).expect("before.png");
+    let jpeg = h::jpeg_of(&before);
     // (name, how to make it in the case folder, expected words)
     type Make = Box<dyn Fn(&Path)>;
     let write = |bytes: Vec<u8>| -> Make { Box::new(move |p: &Path| std::fs::write(p, &bytes).expect("write image")) };
@@ -1008,8 +1009,8 @@ fn class2_images() {
             write(h::jpeg_claim(65500, 65500)),
             &["too large", "too big", "pixels", "dimension", "size", "truncated", "decode", "jpeg"],
         ),
-        ("JPEG cut in half", write({ let j = h::jpeg_of(&before); j[..j.len() / 2].to_vec() }), &["cut short"]),
-        ("JPEG without its last two bytes (the end marker)", write({ let j = h::jpeg_of(&before); j[..j.len() - 2].to_vec() }), &["cut short"]),
+        ("JPEG cut in half", write(jpeg[..jpeg.len() / 2].to_vec()), &["cut short"]),
+        ("JPEG without its last two bytes (the end marker)", write(jpeg[..jpeg.len() - 2].to_vec()), &["cut short"]),
         ("truncated PNG (first 200 bytes)", write(before[..200].to_vec()), decode),
         ("PNG signature only", write(before[..8].to_vec()), decode),
         ("not an image (text)", write(b"hello, I am not an image\n".to_vec()), decode),
@@ -1037,12 +1038,17 @@ fn class2_images() {
     // Metadata nothing here reads is not inflated: before.png with a colour profile and a text
     // chunk of 1 GiB of zeros each (~6 MB on disk) used to cost ~525 MB and seconds to decode.
     let zeros = h::zlib_zeros(1 << 30);
-    let bomb = h::png_with_chunk(&h::png_with_chunk(&before, b"iCCP", &[b"bomb\0\0".as_slice(), &zeros].concat()), b"zTXt", &[b"Comment\0\0".as_slice(), &zeros].concat());
+    let iccp = h::png_with_chunk(&before, b"iCCP", &[b"bomb\0\0".as_slice(), &zeros].concat());
+    let bomb = h::png_with_chunk(&iccp, b"zTXt", &[b"Comment\0\0".as_slice(), &zeros].concat());
     let d = suite.dir();
     std::fs::write(d.join("bomb.png"), &bomb).expect("write image");
     let mut lim = Limits::with(Expect::Succeed, &d).timeout(60);
     lim.max_rss = 400_000_000;
-    suite.run("apply --image: before.png with 1 GiB iCCP and zTXt chunks", &apply_prompt(&fx("tiny-ip2p"), &s(&d.join("bomb.png")), &s(&d.join("o.png")), &[]), &lim);
+    suite.run(
+        "apply --image: before.png with 1 GiB iCCP and zTXt chunks",
+        &apply_prompt(&fx("tiny-ip2p"), &s(&d.join("bomb.png")), &s(&d.join("o.png")), &[]),
+        &lim,
+    );
     suite.done(&d);
     let d = suite.dir();
     suite.run(
@@ -1122,7 +1128,12 @@ fn class3_config_values() {
         ("model", Edit::Set("scheduler/scheduler_config.json", &["beta_end"], json!(-1.0)), &["scheduler_config.json"], &["beta_end"]),
         ("model", Edit::Set("scheduler/scheduler_config.json", &["steps_offset"], json!(big)), &["scheduler_config.json"], &["steps_offset"]),
         // Schedules computed otherwise than from beta_start / beta_end: refused, not ignored.
-        ("model", Edit::Set("scheduler/scheduler_config.json", &["trained_betas"], json!([0.1, 0.2])), &["scheduler_config.json"], &["trained_betas"]),
+        (
+            "model",
+            Edit::Set("scheduler/scheduler_config.json", &["trained_betas"], json!([0.1, 0.2])),
+            &["scheduler_config.json"],
+            &["trained_betas"],
+        ),
         (
             "model",
             Edit::Set("scheduler/scheduler_config.json", &["rescale_betas_zero_snr"], json!(true)),
@@ -1136,12 +1147,7 @@ fn class3_config_values() {
         // A token id past the text encoder's embeddings (an index out of the table).
         ("model", Edit::Set("tokenizer/vocab.json", &["<|endoftext|>"], json!(1_000_000)), &["tokenizer"], &["vocab_size"]),
         // merges.txt names tokens the vocabulary lacks: the message names the files.
-        (
-            "model",
-            Edit::Bytes("tokenizer/vocab.json", br#"{"<|startoftext|>": 0, "<|endoftext|>": 1}"#.to_vec()),
-            &["tokenizer"],
-            &["vocab.json"],
-        ),
+        ("model", Edit::Bytes("tokenizer/vocab.json", br#"{"<|startoftext|>": 0, "<|endoftext|>": 1}"#.to_vec()), &["tokenizer"], &["vocab.json"]),
         ("model", Edit::Bytes("unet/config.json", fifty_mb_json_array()), &["unet"], &["config.json"]),
         (
             "model",
