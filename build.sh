@@ -257,12 +257,13 @@ gpu_bundle() {
 
 # The wasm engine on Dawn from Node (tests/fullsize/dawn.mjs, what a lent GPU machine runs): here
 # over Mesa's OpenGL in compatibility mode, an adapter without timestamp queries (cubecl used to
-# panic on one: third_party/README.md). The GPU self-test's values and one timed UNet pass.
+# panic on one: third_party/README.md). The GPU self-test's values, one UNet pass and one learning step
+# (the kernels learning runs, through Tint).
 dawn_check() {
   dpkg -s libegl1 libegl-mesa0 libgl1-mesa-dri >/dev/null 2>&1 || apt_install libegl1 libegl-mesa0 libgl1-mesa-dri
   log "the wasm engine on Dawn (Node, OpenGL on llvmpipe, compatibility mode)"
   ln -sfn "$TOOLS/node/node_modules" tests/fullsize/node_modules
-  XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp} node tests/fullsize/dawn.mjs --model tests/fixtures/tiny-ip2p --what forward@64 --runs 0 \
+  XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp} node tests/fullsize/dawn.mjs --model tests/fixtures/tiny-ip2p --what forward@64,learn-step@64 --runs 0 \
     --dawn backend=opengl --compat
 }
 
