@@ -52,8 +52,10 @@ phase sanity 30 $V bench-one --config tiny --what forward --latent 8 --backend w
   ls -la /usr/share/vulkan/icd.d /etc/vulkan/icd.d /usr/local/nvidia/share/vulkan/icd.d 2>&1
   exit 1
 }
-if [ "${PHASES:-all}" = all ]; then
+# PHASES: all (everything), rows (the rows issue 19's "Done when" names: no diagnostics, no
+# inspect), e2e (only the pipeline and Dawn parts below).
 B="$V --gpu-limits spec --resident ${RESIDENT:-f32} bench --backends wgpu --torch python3 --torch-device cuda --runs 1"
+if [ "${PHASES:-all}" != e2e ]; then
 phase vae-decode-512 40 $B --what vae-decode --latent 64
 phase sample-step-512 60 $B --what sample-step --latent 64
 phase learn-step-256 60 $B --what learn-step --latent 32
@@ -61,6 +63,9 @@ phase learn-step-256 60 $B --what learn-step --latent 32
 B16="$V --gpu-limits spec --activations f16 --resident ${RESIDENT:-f32} bench --backends wgpu --runs 1"
 phase sample-step-512-f16 40 $B16 --what sample-step --latent 64
 phase learn-step-256-f16 40 $B16 --what learn-step --latent 32
+phase vae-encode-512 40 $B --what vae-encode --latent 64
+fi
+if [ "${PHASES:-all}" = all ]; then
 # int8 on the device, read in place by our GEMMs (the default natively) and as a float copy per layer.
 BQ8="$V --gpu-limits spec --resident q8 bench --backends wgpu --runs 1"
 phase learn-step-256-q8 40 $BQ8 --what learn-step --latent 32
@@ -114,6 +119,5 @@ else
   echo "PHASE dawn skipped: .devbin/node.xz, .devbin/dawn.node.xz or dist/pkg missing (./build.sh gpu-bundle)"
 fi
 [ "${PHASES:-all}" = all ] || exit 0
-phase vae-encode-512 40 $B --what vae-encode --latent 64
 phase sample-step-256 40 $B --what sample-step --latent 32
 echo "total $(( $(date +%s) - START )) s"
