@@ -64,7 +64,7 @@ class FileBlob extends Blob {
     const out = new Uint8Array(this.size);
     for (let done = 0; done < out.length;) {
       const n = readSync(this.#fd, out, done, out.length - done, this.#start + done);
-      if (n === 0) break;
+      if (n === 0) throw new Error(`a file ended ${out.length - done} bytes early (changed while read?)`);
       done += n;
     }
     return out.buffer;
@@ -98,7 +98,10 @@ function folder(dir, skip = () => false) {
 function installDawn(o) {
   let dawn;
   if (process.env.DAWN_NODE) dawn = createRequire(import.meta.url)(process.env.DAWN_NODE);
-  else dawn = createRequire(import.meta.url)(join(dirname(createRequire(import.meta.url).resolve('webgpu')), 'dist', `${process.platform}-${process.arch}`, 'dawn.node'));
+  else {
+    const platform = process.platform === 'darwin' ? 'darwin-universal' : `${process.platform}-${process.arch}`;
+    dawn = createRequire(import.meta.url)(join(dirname(createRequire(import.meta.url).resolve('webgpu')), 'dist', platform, 'dawn.node'));
+  }
   Object.assign(globalThis, dawn.globals);
   // Dawn's OpenGL backend goes through EGL: without a display, Mesa's needs its surfaceless platform.
   process.env.EGL_PLATFORM ??= 'surfaceless';

@@ -7,8 +7,8 @@
 # apply at 512 px with the CLI. GPU memory per phase is sampled with nvidia-smi.
 #
 # Expects: .gl/*.deb (Vulkan loader), .whl/*.whl (diffusers + importlib_metadata), .devbin/visii.xz
-# (the CLI, built elsewhere); for the Dawn phases .devbin/node.xz, .devbin/dawn.node.xz and
-# dist/pkg (all made by `./build.sh gpu-bundle`). Writes $OUT/log.txt and $OUT/*.png. RESIDENT=q8 runs ours with the
+# (the CLI, built elsewhere); for the Dawn phases dist/dawn/ carried (all made by `./build.sh
+# gpu-bundle [dawn]`). Writes $OUT/log.txt and $OUT/*.png. RESIDENT=q8 runs ours with the
 # weights int8 on the device (`visii --resident q8`), learning included.
 set -u
 OUT=${OUT:-/tmp/visii-gpu}
@@ -96,10 +96,13 @@ phase apply-512 60 $V --gpu-limits spec --resident ${RESIDENT:-f32} apply --mode
   --extra "a husky" --steps 10 --size 512 -o "$OUT/apply512.png"
 # The wasm engine a tab runs, on Dawn (Chrome's WebGPU: Tint, robustness checks) from Node, on the
 # same pack and device limits: compare with the native wgpu phases above (learn-step-256,
-# sample-step-512 and their f16 ones; issue 19 wants Dawn within 1.5x). dawn.node sometimes dies at start: retried.
-if [ -f .devbin/node.xz ] && [ -f .devbin/dawn.node.xz ] && [ -f dist/pkg/visii_web_bg.wasm ]; then
-  for f in node dawn.node; do python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" .devbin/$f.xz /tmp/$f; done
+# sample-step-512, and with PHASES=all their f16 ones; issue 19 wants Dawn within 1.5x). dawn.node sometimes dies at start: retried.
+# It needs dist/dawn carried (`./build.sh gpu-bundle dawn`): Node alone is 26 MB of xz, and with
+# the 46 MB of tracked files it has not fitted the device tool's 64 MiB so far.
+if [ -f dist/dawn/node.xz ] && [ -f dist/dawn/dawn.node.xz ] && [ -f dist/dawn/pkg.tar.xz ]; then
+  for f in node dawn.node; do python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" dist/dawn/$f.xz /tmp/$f; done
   chmod +x /tmp/node
+  tar -C dist -xJf dist/dawn/pkg.tar.xz
   # (`phase` runs commands under `timeout`, which cannot run a shell function: hence bash -c.)
   dawn_run() {
     local try rc
@@ -116,7 +119,7 @@ if [ -f .devbin/node.xz ] && [ -f .devbin/dawn.node.xz ] && [ -f dist/pkg/visii_
   phase dawn 120 "${D[@]}" --what learn-step@256,sample-step@512
   [ "${PHASES:-all}" = all ] && phase dawn-f16 90 "${D[@]}" --what learn-step@256,sample-step@512 --activations f16
 else
-  echo "PHASE dawn skipped: .devbin/node.xz, .devbin/dawn.node.xz or dist/pkg missing (./build.sh gpu-bundle)"
+  echo "PHASE dawn skipped: dist/dawn not carried (./build.sh gpu-bundle dawn)"
 fi
 [ "${PHASES:-all}" = all ] || exit 0
 phase sample-step-256 40 $B --what sample-step --latent 32

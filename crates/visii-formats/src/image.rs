@@ -72,32 +72,34 @@ pub fn decode_rgb_within(bytes: &[u8], limits: &Limits) -> Result<(Vec<u8>, usiz
 /// The decoder inflates those chunks whole, and a few kilobytes of them can inflate to gigabytes:
 /// within the allocation limit, that is still half a gigabyte of memory (which a tab's wasm memory
 /// keeps) and seconds of work for a colour profile or text nothing here reads (pixels are taken as
-/// sRGB). A chunk list that does not parse is left as it is, for the decoder to refuse.
+/// sRGB). The chunks are walked up to IEND or to the first that does not parse; what follows is
+/// kept as it is, for the decoder to read or refuse.
 fn without_compressed_metadata(bytes: &[u8]) -> std::borrow::Cow<'_, [u8]> {
     const SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
-    const DROPPED: [&[u8; 4]; 3] = [b"iCCP", b"zTXt", b"iTXt"];
-    if !bytes.starts_with(SIGNATURE) {
-        return bytes.into();
-    }
-    // (start, end) of every chunk: length, type, data, CRC.
-    let mut chunks = vec![];
-    let mut at = SIGNATURE.len();
-    while at + 8 <= bytes.len() {
-        let len = u32::from_be_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
-        let Some(end) = (at + 12).checked_add(len).filter(|&end| end <= bytes.len()) else { return bytes.into() };
-        chunks.push((at, end));
-        at = end;
-    }
-    if !chunks.iter().any(|&(start, _)| DROPPED.iter().any(|t| &bytes[start + 4..start + 8] == *t)) {
+    // Each whole chunk (length, type, data, CRC) in order: (start, end, whether it is dropped).
+    let chunks = || {
+        let (mut at, mut ended) = (SIGNATURE.len(), false);
+        std::iter::from_fn(move || {
+            let kind = bytes.get(at + 4..at + 8).filter(|_| !ended)?;
+            let len = u32::from_be_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
+            let end = (at + 12).checked_add(len).filter(|&end| end <= bytes.len())?;
+            ended = kind == b"IEND";
+            let start = std::mem::replace(&mut at, end);
+            Some((start, end, [b"iCCP", b"zTXt", b"iTXt"].iter().any(|t| kind == *t)))
+        })
+    };
+    if !bytes.starts_with(SIGNATURE) || !chunks().any(|(_, _, dropped)| dropped) {
         return bytes.into();
     }
     let mut out = SIGNATURE.to_vec();
-    for &(start, end) in &chunks {
-        if !DROPPED.iter().any(|t| &bytes[start + 4..start + 8] == *t) {
+    let mut rest = SIGNATURE.len();
+    for (start, end, dropped) in chunks() {
+        if !dropped {
             out.extend_from_slice(&bytes[start..end]);
         }
+        rest = end;
     }
-    out.extend_from_slice(&bytes[at..]);
+    out.extend_from_slice(&bytes[rest..]);
     out.into()
 }
 
@@ -237,7 +239,13 @@ mod tests {
         let ztxt = with_chunk(&plain, b"zTXt", &[b"Comment\0\0".as_slice(), zlib].concat());
         let itxt = with_chunk(&plain, b"iTXt", &[b"XML:com.adobe.xmp\0\x01\0\0\0".as_slice(), zlib].concat());
         let all = with_chunk(&with_chunk(&iccp, b"zTXt", &[b"Comment\0\0".as_slice(), zlib].concat()), b"tEXt", b"Title\0kept");
-        for bomb in [&iccp, &ztxt, &itxt, &all] {
+        // Bytes after IEND (appended data), and a chunk that does not parse after the bomb.
+        let trailing = [iccp.as_slice(), b"appended data after IEND"].concat();
+        let mut broken = with_chunk(&plain, b"iCCP", &[b"bomb\0\0".as_slice(), zlib].concat());
+        broken.splice(33 + 12 + 6 + zlib.len().., [0xff; 8]);
+        assert_eq!(without_compressed_metadata(&trailing).len(), plain.len() + 24);
+        assert_eq!(&*without_compressed_metadata(&broken), [&plain[..33], &[0xff; 8]].concat());
+        for bomb in [&iccp, &ztxt, &itxt, &all, &trailing] {
             assert_eq!(decode_rgb_within(bomb, &limits).unwrap(), decode_rgb(&plain).unwrap());
             let kept = without_compressed_metadata(bomb);
             assert!(kept.len() < plain.len() + 30, "{} bytes kept of {}", kept.len(), bomb.len());
