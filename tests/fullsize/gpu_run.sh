@@ -96,7 +96,7 @@ phase apply-512 60 $V --gpu-limits spec --resident ${RESIDENT:-f32} apply --mode
   --extra "a husky" --steps 10 --size 512 -o "$OUT/apply512.png"
 # The wasm engine a tab runs, on Dawn (Chrome's WebGPU: Tint, robustness checks) from Node, on the
 # same pack and device limits: compare with the native wgpu phases above (learn-step-256,
-# sample-step-512, and with PHASES=all their f16 ones; issue 19 wants Dawn within 1.5x). dawn.node sometimes dies at start: retried.
+# sample-step-512, and with PHASES=all their f16 ones; issue 19 wants Dawn within 1.5x).
 # It needs dist/dawn carried (`./build.sh gpu-bundle dawn`): Node alone is 26 MB of xz, and with
 # the 46 MB of tracked files it does not fit the device tool's 64 MiB unless `tests/fullsize/slim.sh
 # on` has taken the fixture weights out of the working tree first.
@@ -104,19 +104,7 @@ if [ -f dist/dawn/node.xz ] && [ -f dist/dawn/dawn.node.xz ] && [ -f dist/dawn/p
   for f in node dawn.node; do python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" dist/dawn/$f.xz /tmp/$f; done
   chmod +x /tmp/node
   tar -C dist -xJf dist/dawn/pkg.tar.xz
-  # (`phase` runs commands under `timeout`, which cannot run a shell function: hence bash -c.)
-  dawn_run() {
-    local try rc
-    for try in 1 2 3; do
-      DAWN_NODE=/tmp/dawn.node /tmp/node tests/fullsize/dawn.mjs "$@"
-      rc=$?
-      [ $rc -lt 128 ] && return $rc
-      echo "dawn.node died (rc=$rc), try $try"
-    done
-    return 1
-  }
-  export -f dawn_run
-  D=(bash -c 'dawn_run "$@"' _ --model $FS/pack --limits spec --resident ${RESIDENT:-f32} --runs 2)
+  D=(env NODE=/tmp/node DAWN_NODE=/tmp/dawn.node tests/fullsize/dawn.sh --model $FS/pack --limits spec --resident ${RESIDENT:-f32} --runs 2)
   phase dawn 120 "${D[@]}" --what learn-step@256,sample-step@512
   [ "${PHASES:-all}" = all ] && phase dawn-f16 90 "${D[@]}" --what learn-step@256,sample-step@512 --activations f16
 else

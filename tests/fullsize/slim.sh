@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The device tool sends at most 64 MiB of working tree (tracked files, untracked ones that are not
-# ignored, carried paths). The tracked test fixtures are 46 MB, of which a GPU run needs about 5 MB
+# ignored, carried paths). The tracked test fixtures are 46 MB, of which a GPU run needs about 7.5 MB
 # (tokenizers, configs, images): `slim.sh on` takes the rest out of the working tree with git's
 # sparse checkout (the index and commits are unchanged: nothing can be committed as deleted), so
 # that the CLI, Node, dawn.node and the wasm engine fit beside it; `slim.sh off` brings them back.
