@@ -1,4 +1,6 @@
-//! Attention inside learning's autodiff: the fused forward (`kernels::attention_cube_lse`, no score
+//! Attention and the norms inside learning's autodiff.
+//!
+//! Attention: the fused forward (`kernels::attention_cube_lse`, no score
 //! tensor) as one autodiff step whose backward is the fused backward (`kernels::attention_grads_cube`,
 //! FlashAttention-2's: the weights recomputed block by block from each row's log-sum-exp, never
 //! stored; see `kernels/flash.rs`).
@@ -8,6 +10,12 @@
 //! keeps `q`, `k`, `v`, the output (`[b, n, heads · d]` each) and the log-sum-exp (`[b, heads, n]`).
 //! Masked (causal) positions get no gradient. Runs where the fused kernels apply (f32 or f16 on a
 //! cubecl device, head dims the kernels take); anything else hands its inputs back for burn's chain.
+//!
+//! GroupNorm (+ SiLU) and LayerNorm: our forward kernels as one autodiff step that keeps the input and
+//! each row's statistics, whose backward is two kernels (`kernels/norm.rs`: the row sums, then the
+//! input gradient). burn's chain records about a dozen steps per norm, runs about 30 kernels forward
+//! and backward, and keeps several full-size temporaries. `gamma` and `beta` are frozen (tensors
+//! outside autodiff): where they are not, burn's chain runs.
 
 use burn::tensor::Tensor;
 use burn_autodiff::checkpoint::base::Checkpointer;
@@ -53,14 +61,7 @@ impl Backward<Cube, 3> for FusedAttention {
         if pq.is_none() && pk.is_none() && pv.is_none() {
             return;
         }
-        // The output's gradient in the output's type (it arrives so; a cast would only guard a
-        // mixed-precision caller).
-        let grad = if grad.dtype == q.dtype {
-            grad
-        } else {
-            let dtype = if q.dtype == burn_backend::DType::F16 { burn::tensor::FloatDType::F16 } else { burn::tensor::FloatDType::F32 };
-            crate::kernels::primitive(&crate::kernels::wrap::<3>(grad).cast(dtype)).expect("a cubecl tensor outside autodiff")
-        };
+        let grad = in_type_of(grad, &q);
         let (dq, dk, dv) = crate::kernels::attention_grads_cube(q, k, v, o, lse, grad, heads, causal)
             .unwrap_or_else(|()| unreachable!("checked by kernels::attention_grads_apply when recorded"));
         for (parent, g) in [(pq, dq), (pk, dk), (pv, dv)] {
@@ -69,6 +70,89 @@ impl Backward<Cube, 3> for FusedAttention {
             }
         }
     }
+}
+
+/// 0: not yet read from the environment, 1: on, 2: off.
+static NORM_GRAD: AtomicU8 = AtomicU8::new(0);
+
+/// Whether GroupNorm and LayerNorm inside autodiff run as this module's fused step: on by default
+/// (`VISII_NORM_GRAD=off`: burn's chain, for comparisons).
+pub fn norm_enabled() -> bool {
+    crate::kernels::switch(&NORM_GRAD, "VISII_NORM_GRAD", "off", true) && crate::kernels::enabled()
+}
+
+/// Turns the fused norm step of learning on or off for this process.
+pub fn set_norm_enabled(on: bool) {
+    NORM_GRAD.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+/// The norm step; its state: the contiguous input, its rows' `(mean, 1 / std)`, `gamma`, `beta`,
+/// groups, SiLU, LayerNorm.
+#[derive(Debug)]
+struct FusedNorm;
+
+impl Backward<Cube, 1> for FusedNorm {
+    type State = (Float, Float, Float, Float, usize, bool, bool);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (x, stats, gamma, beta, groups, silu, layer) = ops.state;
+        let grad = grads.consume::<Cube>(&ops.node);
+        let [parent] = ops.parents;
+        let Some(node) = parent else { return };
+        let grad = in_type_of(grad, &x);
+        let dx = crate::kernels::group_norm_grad_cube(&x, &stats, &gamma, &beta, grad, groups, silu, layer)
+            .unwrap_or_else(|_| unreachable!("checked by kernels::group_norm_cube_stats when recorded"));
+        grads.register::<Cube>(node.id, dx);
+    }
+}
+
+/// `grad` in the type of `like` (gradients arrive in their tensor's type; a cast would only guard a
+/// mixed-precision caller).
+fn in_type_of(grad: Float, like: &Float) -> Float {
+    if grad.dtype == like.dtype {
+        return grad;
+    }
+    let dtype = if like.dtype == burn_backend::DType::F16 { burn::tensor::FloatDType::F16 } else { burn::tensor::FloatDType::F32 };
+    crate::kernels::primitive(&crate::kernels::wrap::<3>(grad).cast(dtype)).expect("a cubecl tensor outside autodiff")
+}
+
+fn record_norm<C: CheckpointStrategy>(x: AutodiffTensor, y: Float, kept: (Float, Float, Float, Float), groups: usize, silu: bool, layer: bool) -> AutodiffTensor {
+    let (xc, stats, gamma, beta) = kept;
+    match FusedNorm.prepare::<C>([x.node()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish((xc, stats, gamma, beta, groups, silu, layer), y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    }
+}
+
+/// GroupNorm of the autodiff tensor `x` `[b, c, ..]` over `groups` groups (LayerNorm over the last
+/// axis where `layer`, with `groups = 1`), then SiLU where asked, as one fused step (see the module's
+/// text); `Err(x)` where it does not apply (not enabled, `x` not an f32 / f16 autodiff tensor on a
+/// cubecl device, `gamma` or `beta` inside autodiff, or shapes the kernels do not take).
+pub fn group_norm<const D: usize>(
+    x: Tensor<D>,
+    gamma: &Tensor<1>,
+    beta: &Tensor<1>,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+    layer: bool,
+) -> Result<Tensor<D>, Tensor<D>> {
+    if !norm_enabled() {
+        return Err(x);
+    }
+    let (Some(g), Some(b)) = (crate::kernels::primitive(gamma), crate::kernels::primitive(beta)) else { return Err(x) };
+    let (x, strategy) = unwrap(x)?;
+    let inner = x.clone().into_primitive();
+    let (y, xc, stats) = match crate::kernels::group_norm_cube_stats(inner, &g, &b, groups, eps, silu, layer) {
+        Ok(r) => r,
+        Err(_) => return Err(rewrap(x, strategy)),
+    };
+    let kept = (xc, stats, g, b);
+    let y = match strategy {
+        GradientCheckpointingStrategy::Disabled => record_norm::<NoCheckpointing>(x, y, kept, groups, silu, layer),
+        GradientCheckpointingStrategy::Balanced => record_norm::<BalancedCheckpointing>(x, y, kept, groups, silu, layer),
+    };
+    Ok(rewrap(y, strategy))
 }
 
 fn record<C: CheckpointStrategy>(q: AutodiffTensor, k: AutodiffTensor, v: AutodiffTensor, heads: usize, causal: bool) -> AutodiffTensor {
@@ -83,11 +167,11 @@ fn record<C: CheckpointStrategy>(q: AutodiffTensor, k: AutodiffTensor, v: Autodi
     }
 }
 
-type Unwrapped = Result<(AutodiffTensor, GradientCheckpointingStrategy), Tensor<3>>;
+type Unwrapped<const D: usize> = Result<(AutodiffTensor, GradientCheckpointingStrategy), Tensor<D>>;
 
 /// The autodiff tensor inside `t` and its checkpointing strategy, if `t` is an autodiff tensor on a
 /// cubecl device; `Err` with `t` otherwise.
-fn unwrap(t: Tensor<3>) -> Unwrapped {
+fn unwrap<const D: usize>(t: Tensor<D>) -> Unwrapped<D> {
     match t.into_dispatch() {
         DispatchTensor { kind: DispatchTensorKind::Autodiff(inner), autodiff: DispatchAutodiffContext::Enabled(strategy) }
             if matches!(&*inner, DispatchTensorKind::Cube(BackendTensor::Autodiff(_))) =>
@@ -99,12 +183,12 @@ fn unwrap(t: Tensor<3>) -> Unwrapped {
     }
 }
 
-fn rewrap(a: AutodiffTensor, strategy: GradientCheckpointingStrategy) -> Tensor<3> {
+fn rewrap<const D: usize>(a: AutodiffTensor, strategy: GradientCheckpointingStrategy) -> Tensor<D> {
     let kind = DispatchTensorKind::Autodiff(Box::new(DispatchTensorKind::Cube(BackendTensor::Autodiff(a))));
     Tensor::from_dispatch(DispatchTensor { kind, autodiff: DispatchAutodiffContext::Enabled(strategy) })
 }
 
-fn back(r: Unwrapped) -> Tensor<3> {
+fn back<const D: usize>(r: Unwrapped<D>) -> Tensor<D> {
     match r {
         Ok((a, s)) => rewrap(a, s),
         Err(t) => t,

@@ -99,7 +99,10 @@ impl LayerNorm {
         #[cfg(feature = "frozen")]
         let x = match crate::kernels::layer_norm(x, &self.gamma.val(), &self.beta.val(), self.epsilon) {
             Ok(y) => return y,
-            Err(x) => x,
+            Err(x) => match crate::fused::group_norm(x, &self.gamma.val(), &self.beta.val(), 1, self.epsilon, false, true) {
+                Ok(y) => return y,
+                Err(x) => x,
+            },
         };
         in_f32(x, |x| burn::tensor::module::layer_norm(x, self.gamma.val(), Some(self.beta.val()), self.epsilon))
     }
@@ -130,7 +133,10 @@ impl GroupNorm {
         #[cfg(feature = "frozen")]
         let x = match crate::kernels::group_norm(x, &self.gamma.val(), &self.beta.val(), self.num_groups, self.epsilon, silu) {
             Ok(y) => return y,
-            Err(x) => x,
+            Err(x) => match crate::fused::group_norm(x, &self.gamma.val(), &self.beta.val(), self.num_groups, self.epsilon, silu, false) {
+                Ok(y) => return y,
+                Err(x) => x,
+            },
         };
         let y = in_f32(x, |x| self.forward_f32(x));
         if silu {

@@ -283,6 +283,138 @@ fn group_norm_silu_and_layer_norm_match_ndarray() {
     }
 }
 
+/// The input gradient of a norm (GroupNorm over rows of `len` values, `s` values per channel of `c`;
+/// LayerNorm: `s = 1`, `len = c`) + SiLU where asked, for the loss `sum(out * r)`, in f64 on the host:
+/// the truth both f32 computations are measured against.
+#[allow(clippy::too_many_arguments)]
+fn norm_grad_f64(x: &[f32], r: &[f32], gamma: &[f32], beta: &[f32], len: usize, s: usize, eps: f64, silu: bool) -> Vec<f32> {
+    let c = gamma.len();
+    let mut dx = vec![0f32; x.len()];
+    for (row, xs) in x.chunks(len).enumerate() {
+        let base = row * len;
+        let n = len as f64;
+        let mean = xs.iter().map(|&v| v as f64).sum::<f64>() / n;
+        let var = xs.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+        let rstd = 1.0 / (var + eps).sqrt();
+        let terms: Vec<(f64, f64)> = (0..len)
+            .map(|j| {
+                let i = base + j;
+                let ch = (i / s) % c;
+                let xh = (x[i] as f64 - mean) * rstd;
+                let (gm, bt) = (gamma[ch] as f64, beta[ch] as f64);
+                let y = gm * xh + bt;
+                let sg = 1.0 / (1.0 + (-y).exp());
+                let d = if silu { r[i] as f64 * sg * (1.0 + y * (1.0 - sg)) } else { r[i] as f64 };
+                (d * gm, xh)
+            })
+            .collect();
+        let a = terms.iter().map(|t| t.0).sum::<f64>() / n;
+        let b = terms.iter().map(|t| t.0 * t.1).sum::<f64>() / n;
+        for (j, (g, xh)) in terms.into_iter().enumerate() {
+            dx[base + j] = (rstd * (g - a - xh * b)) as f32;
+        }
+    }
+    dx
+}
+
+/// Held by the tests that switch the fused norm step (a process-wide setting) or rely on it.
+static NORM_STEP: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+#[test]
+fn fused_norm_backward_matches_ndarray() {
+    use visii_models::nn::{GroupNorm, LayerNorm};
+    let _lock = NORM_STEP.lock().unwrap_or_else(|e| e.into_inner());
+    let gpu = Device::wgpu(DeviceKind::DefaultDevice);
+    let cpu = Device::ndarray();
+    visii_models::fused::set_norm_enabled(true);
+    let gn = |dev: &Device, gamma: &Tensor<1>, beta: &Tensor<1>, groups: usize| GroupNorm {
+        gamma: burn::module::Param::from_tensor(on(gamma, dev)),
+        beta: burn::module::Param::from_tensor(on(beta, dev)),
+        num_groups: groups,
+        epsilon: 1e-6,
+    };
+    // (shape, groups, mean): the GroupNorm cases of the forward test (UNet resnets, the VAE's size,
+    // three guidance rows, an offset mean, rows of 1 to 64 values), and a row longer than the
+    // workgroup's lanes cover many times over. Not rows of two values: they normalise to about -1
+    // and 1 whatever the values, and the gradient, `rstd * eps / (var + eps) * (g1 - g2) / 2`, is
+    // ill-conditioned (both f32 computations measured 1e-3 to 2e-2 from the f64 truth).
+    let cases: &[(&[usize], usize, f32)] = &[
+        (&[1, 320, 8, 8], 32, 0.0),
+        (&[2, 128, 24, 20], 32, 0.0),
+        (&[3, 64, 6, 6], 32, 0.0),
+        (&[2, 48, 9, 7], 4, 100.0),
+        (&[3, 96, 1, 1], 96, 0.0),
+        (&[5, 64, 1, 3], 64, 3.0),
+        (&[3, 32, 3, 4], 32, 1.0),
+        (&[1, 64, 40, 40], 2, 0.0),
+    ];
+    for &(shape, groups, offset) in cases {
+        let shape4 = [shape[0], shape[1], shape[2], shape[3]];
+        let c = shape[1];
+        let x = Tensor::<4>::random(shape4, Distribution::Normal(offset as f64, 2.0), &gpu);
+        let r = Tensor::<4>::random(shape4, Distribution::Normal(0.0, 1.0), &gpu);
+        let gamma = Tensor::<1>::random([c], Distribution::Normal(1.0, 0.3), &gpu);
+        let beta = Tensor::<1>::random([c], Distribution::Normal(0.0, 0.3), &gpu);
+        let (ng, nc) = (gn(&gpu, &gamma, &beta, groups), gn(&cpu, &gamma, &beta, groups));
+        for silu in [false, true] {
+            let probe = visii_models::fused::group_norm(x.clone().autodiff(), &gamma, &beta, groups, 1e-6, silu, false);
+            assert!(probe.is_ok(), "the fused norm step applies to {shape:?} / {groups}");
+            let run = |n: &GroupNorm, x: Tensor<4>| if silu { n.forward_silu(x) } else { n.forward(x) };
+            let ours = input_grad(&x, &r, |x| run(&ng, x));
+            let reference = input_grad(&on(&x, &cpu), &on(&r, &cpu), |x| run(&nc, x));
+            let (gv, bv) = (values(gamma.clone()), values(beta.clone()));
+            let truth = norm_grad_f64(&values(x.clone()), &values(r.clone()), &gv, &bv, c / groups * shape[2] * shape[3], shape[2] * shape[3], 1e-6, silu);
+            let (e, e_burn) = (rel(&ours, &truth), rel(&reference, &truth));
+            let case = format!("group norm {shape:?} / {groups} (mean {offset}), silu {silu}: input gradient vs f64 {e:.2e}, burn's on ndarray {e_burn:.2e}");
+            println!("{case}");
+            // As close as burn's own chain, or closer.
+            assert!(e < 2e-5_f32.max(2.0 * e_burn), "{case}");
+            assert!(truth.iter().any(|v| v.abs() > 0.01) || c / groups * shape[2] * shape[3] == 1, "{case}");
+            if c / groups * shape[2] * shape[3] == 1 {
+                // Groups of one value normalise to 0 whatever the value: no gradient at all.
+                assert!(ours.iter().all(|v| *v == 0.0), "{case}");
+            }
+        }
+    }
+    // LayerNorm over the last axis: CLIP's and the transformers' widths, many short rows, 1 channel
+    // (its input gradient is zero: check it is, exactly), 3 channels, a row wider than 256 lanes.
+    for [b, n, c] in [[2, 77, 320], [1, 301, 32], [4, 7, 1], [2, 5, 3], [1, 6, 1100]] {
+        let x = Tensor::<3>::random([b, n, c], Distribution::Normal(0.5, 1.5), &gpu);
+        let r = Tensor::<3>::random([b, n, c], Distribution::Normal(0.0, 1.0), &gpu);
+        let gamma = Tensor::<1>::random([c], Distribution::Normal(1.0, 0.3), &gpu);
+        let beta = Tensor::<1>::random([c], Distribution::Normal(0.0, 0.3), &gpu);
+        assert!(visii_models::fused::group_norm(x.clone().autodiff(), &gamma, &beta, 1, 1e-5, false, true).is_ok());
+        let ln = |dev: &Device| LayerNorm { gamma: burn::module::Param::from_tensor(on(&gamma, dev)), beta: burn::module::Param::from_tensor(on(&beta, dev)), epsilon: 1e-5 };
+        let (lg, lc) = (ln(&gpu), ln(&cpu));
+        let ours = input_grad(&x, &r, |x| lg.forward(x));
+        let reference = input_grad(&on(&x, &cpu), &on(&r, &cpu), |x| lc.forward(x));
+        let truth = norm_grad_f64(&values(x.clone()), &values(r.clone()), &values(gamma.clone()), &values(beta.clone()), c, 1, 1e-5, false);
+        let (e, e_burn) = (rel(&ours, &truth), rel(&reference, &truth));
+        let case = format!("layer norm [{b}, {n}, {c}]: input gradient vs f64 {e:.2e}, burn's on ndarray {e_burn:.2e}");
+        println!("{case}");
+        if c == 1 {
+            assert!(ours.iter().all(|v| *v == 0.0), "{case}: {ours:?}");
+            continue;
+        }
+        assert!(e < 2e-5_f32.max(2.0 * e_burn), "{case}");
+        assert!(truth.iter().any(|v| v.abs() > 0.01), "{case}");
+    }
+    // Not for: tensors outside autodiff, a scale inside autodiff, groups that do not divide the
+    // channels, ndarray, the step switched off.
+    let x = Tensor::<4>::random([1, 8, 3, 3], Distribution::Normal(0.0, 1.0), &gpu);
+    let (g, b) = (Tensor::<1>::ones([8], &gpu), Tensor::<1>::zeros([8], &gpu));
+    let step = |x: Tensor<4>, g: &Tensor<1>, groups: usize| visii_models::fused::group_norm(x, g, &b, groups, 1e-5, true, false);
+    assert!(step(x.clone(), &g, 4).is_err(), "outside autodiff");
+    assert!(step(x.clone().autodiff(), &g.clone().autodiff().require_grad(), 4).is_err(), "gamma being learnt");
+    assert!(step(x.clone().autodiff(), &g, 3).is_err(), "3 groups of 8 channels");
+    assert!(visii_models::fused::group_norm(on(&x, &cpu).autodiff(), &on(&g, &cpu), &on(&b, &cpu), 4, 1e-5, true, false).is_err(), "ndarray");
+    visii_models::fused::set_norm_enabled(false);
+    assert!(step(x.clone().autodiff(), &g, 4).is_err(), "switched off");
+    visii_models::fused::set_norm_enabled(true);
+    let back = step(x.clone().autodiff(), &g, 3).expect_err("3 groups");
+    assert_eq!(values(back), values(x), "handed back as it came");
+}
+
 #[test]
 fn softmax_matches_ndarray_with_masked_positions() {
     let gpu = Device::wgpu(DeviceKind::DefaultDevice);
@@ -590,6 +722,40 @@ fn f16_kernels_match_f32_on_the_same_values() {
             let reference = if silu { gn.forward_silu(xf.clone()) } else { gn.forward(xf.clone()) };
             check(format!("group norm {shape:?} / {groups}, silu {silu}"), values16(ours), values(reference));
         }
+    }
+    // Their input gradients (learning through f16 activations: the fused norm step).
+    {
+        let _lock = NORM_STEP.lock().unwrap_or_else(|e| e.into_inner());
+        visii_models::fused::set_norm_enabled(true);
+        for (shape, groups) in [([1, 320, 8, 8], 32), ([2, 48, 9, 7], 4)] {
+            let (x16, xf) = half(&Tensor::<4>::random(shape, Distribution::Normal(1.0, 2.0), &gpu), &cpu);
+            let (r16, rf) = half(&Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &gpu), &cpu);
+            let gamma = Tensor::<1>::random([shape[1]], Distribution::Normal(1.0, 0.3), &gpu);
+            let beta = Tensor::<1>::random([shape[1]], Distribution::Normal(0.0, 0.3), &gpu);
+            let gn = |dev: &Device| visii_models::nn::GroupNorm {
+                gamma: Param::from_tensor(on(&gamma, dev)),
+                beta: Param::from_tensor(on(&beta, dev)),
+                num_groups: groups,
+                epsilon: 1e-6,
+            };
+            let (ng, nc) = (gn(&gpu), gn(&cpu));
+            let xa = x16.clone().autodiff().require_grad();
+            let y = ng.forward_silu(xa.clone());
+            assert_eq!(y.dtype(), DType::F16);
+            let ours = xa.grad(&(y * r16.autodiff()).sum().backward()).expect("x has a gradient");
+            let reference = input_grad(&xf, &rf, |x| nc.forward_silu(x));
+            check(format!("group norm {shape:?} / {groups} + silu: input gradient"), values16(ours), reference);
+        }
+        let (x16, xf) = half(&Tensor::<3>::random([2, 77, 320], Distribution::Normal(0.5, 1.5), &gpu), &cpu);
+        let (r16, rf) = half(&Tensor::<3>::random([2, 77, 320], Distribution::Normal(0.0, 1.0), &gpu), &cpu);
+        let gamma = Tensor::<1>::random([320], Distribution::Normal(1.0, 0.3), &gpu);
+        let beta = Tensor::<1>::random([320], Distribution::Normal(0.0, 0.3), &gpu);
+        let ln = |dev: &Device| visii_models::nn::LayerNorm { gamma: Param::from_tensor(on(&gamma, dev)), beta: Param::from_tensor(on(&beta, dev)), epsilon: 1e-5 };
+        let (lg, lc) = (ln(&gpu), ln(&cpu));
+        let xa = x16.autodiff().require_grad();
+        let ours = xa.grad(&(lg.forward(xa.clone()) * r16.autodiff()).sum().backward()).expect("x has a gradient");
+        let reference = input_grad(&xf, &rf, |x| lc.forward(x));
+        check("layer norm [2, 77, 320]: input gradient".to_string(), values16(ours), reference);
     }
     for [b, n, c] in [[2, 77, 320], [1, 3001, 32]] {
         let (x16, xf) = half(&Tensor::<3>::random([b, n, c], Distribution::Normal(0.5, 1.5), &gpu), &cpu);

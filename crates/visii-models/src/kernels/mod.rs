@@ -271,6 +271,8 @@ impl KernelMetadata for Wgsl {
             Wgsl::Norm(norm::NormKernel::Stats { .. }) => "visii::norm_stats",
             Wgsl::Norm(norm::NormKernel::Apply { .. }) => "visii::norm_apply",
             Wgsl::Norm(norm::NormKernel::Softmax { .. }) => "visii::softmax",
+            Wgsl::Norm(norm::NormKernel::GradSums { .. }) => "visii::norm_grad_sums",
+            Wgsl::Norm(norm::NormKernel::GradApply { .. }) => "visii::norm_grad_apply",
         }
     }
 
@@ -888,6 +890,32 @@ pub fn linear_input_grad_weight(grad: CubeTensor, w: Weight, wdims: [usize; 2]) 
     Ok(launch(cfg, &[grad], &w.bindings(), None, p, out))
 }
 
+/// How a norm reads its input `[b, c, ..]` (GroupNorm over `groups` groups) or `[.., c]`
+/// (LayerNorm, `groups = 1`): `rows` rows of `len` values, `s` values per channel, `c` channels (the
+/// kernels' first four parameters, see `norm.rs`); `None` where the kernels do not take it.
+fn norm_layout(dims: &[usize], groups: usize, layer_norm: bool) -> Option<(usize, usize, usize, usize)> {
+    if dims.len() < 2 || groups == 0 || dims[1] % groups != 0 || (layer_norm && groups != 1) || !fits_u32(&[dims]) {
+        return None;
+    }
+    let layout = if layer_norm {
+        let c = dims[dims.len() - 1];
+        (dims[..dims.len() - 1].iter().product::<usize>(), c, 1, c)
+    } else {
+        let (b, c) = (dims[0], dims[1]);
+        let s: usize = dims[2..].iter().product();
+        (b * groups, c / groups * s, s, c)
+    };
+    (layout.0 * layout.1 > 0).then_some(layout)
+}
+
+/// The element types of a norm's input and of its `gamma` and `beta` (which must agree and hold one
+/// value per channel); `None` where the kernels do not take them.
+fn norm_elems(x: &CubeTensor, gamma: &CubeTensor, beta: &CubeTensor, c: usize) -> Option<(Elem, Elem)> {
+    let (ex, affine, eb) = (Elem::of(x.dtype)?, Elem::of(gamma.dtype)?, Elem::of(beta.dtype)?);
+    let ok = affine == eb && gamma.shape().num_elements() == c && beta.shape().num_elements() == c;
+    ok.then_some((ex, affine))
+}
+
 /// GroupNorm of `x` `[b, c, ..]` over `groups` groups with per-channel `gamma`, `beta`, then SiLU
 /// where asked; LayerNorm of `[.., c]` is `groups = 1` over a `[rows, c]` view (see `norm.rs`).
 /// `Err` where the kernels do not apply.
@@ -900,25 +928,25 @@ pub fn group_norm_cube(
     silu: bool,
     layer_norm: bool,
 ) -> Result<CubeTensor, CubeTensor> {
+    group_norm_cube_stats(x, gamma, beta, groups, eps, silu, layer_norm).map(|(y, _, _)| y)
+}
+
+/// [`group_norm_cube`] that also returns its (contiguous) input and each row's `(mean, 1 / std)`
+/// (f32 `[rows, 2]`): what [`group_norm_grad_cube`] needs.
+#[allow(clippy::type_complexity)]
+pub fn group_norm_cube_stats(
+    x: CubeTensor,
+    gamma: &CubeTensor,
+    beta: &CubeTensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+    layer_norm: bool,
+) -> Result<(CubeTensor, CubeTensor, CubeTensor), CubeTensor> {
     let dims = x.shape().to_vec();
-    let (Some(ex), Some(affine), Some(eb)) = (Elem::of(x.dtype), Elem::of(gamma.dtype), Elem::of(beta.dtype)) else { return Err(x) };
-    let ok = affine == eb && dims.len() >= 2 && groups > 0;
-    if !ok || !fits_u32(&[&dims]) || dims[1] % groups != 0 || (layer_norm && groups != 1) {
-        return Err(x);
-    }
-    // (rows, values per row, values per channel, channels)
-    let (rows, len, s, c) = if layer_norm {
-        let c = dims[dims.len() - 1];
-        (dims[..dims.len() - 1].iter().product::<usize>(), c, 1, c)
-    } else {
-        let (b, c) = (dims[0], dims[1]);
-        let s: usize = dims[2..].iter().product();
-        (b * groups, c / groups * s, s, c)
-    };
+    let Some((rows, len, s, c)) = norm_layout(&dims, groups, layer_norm) else { return Err(x) };
+    let Some((ex, affine)) = norm_elems(&x, gamma, beta, c) else { return Err(x) };
     let total = rows * len;
-    if total == 0 || gamma.shape().num_elements() != c || beta.shape().num_elements() != c {
-        return Err(x);
-    }
     let x = contiguous(x);
     let (gamma, beta) = (contiguous(gamma.clone()), contiguous(beta.clone()));
     let (client, device) = (x.client.clone(), x.device.clone());
@@ -941,7 +969,54 @@ pub fn group_norm_cube(
         .with_buffer_io(out.handle.clone().binding(), BufferIOAttr::WriteOnly)
         .with_info(params([rows, len, s, c, eps_bits, ax as usize, 0, 0]));
     client.launch(Box::new(Wgsl::Norm(norm::NormKernel::Apply { silu, x: ex, affine })), CubeCount::Static(ax, ay, 1), args);
-    Ok(out)
+    Ok((out, x, stats))
+}
+
+/// The input gradient of [`group_norm_cube`] (with `gamma` and `beta` frozen) for the output's
+/// gradient `dy`, from the forward's contiguous input `x` and `stats` ([`group_norm_cube_stats`]);
+/// `dy` in `x`'s type. `Err(dy)` where the kernels do not apply (checked by the forward).
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_grad_cube(
+    x: &CubeTensor,
+    stats: &CubeTensor,
+    gamma: &CubeTensor,
+    beta: &CubeTensor,
+    dy: CubeTensor,
+    groups: usize,
+    silu: bool,
+    layer_norm: bool,
+) -> Result<CubeTensor, CubeTensor> {
+    let dims = x.shape().to_vec();
+    let Some((rows, len, s, c)) = norm_layout(&dims, groups, layer_norm) else { return Err(dy) };
+    let Some((ex, affine)) = norm_elems(x, gamma, beta, c) else { return Err(dy) };
+    if dy.dtype != x.dtype || dy.shape().to_vec() != dims {
+        return Err(dy);
+    }
+    let dy = contiguous(dy);
+    let (gamma, beta) = (contiguous(gamma.clone()), contiguous(beta.clone()));
+    let (client, device) = (x.client.clone(), x.device.clone());
+    let sums = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(client.clone(), device.clone(), vec![rows, 2].into(), DType::F32);
+    let io = |args: KernelArguments, t: &CubeTensor, attr: BufferIOAttr| args.with_buffer_io(t.handle.clone().binding(), attr);
+    // `beta` only where SiLU reads it (see `norm.rs`).
+    let common = || {
+        let mut args = KernelArguments::new();
+        for t in [x, stats, &gamma] {
+            args = io(args, t, BufferIOAttr::ReadOnly);
+        }
+        if silu {
+            args = io(args, &beta, BufferIOAttr::ReadOnly);
+        }
+        io(args, &dy, BufferIOAttr::ReadOnly)
+    };
+    let lanes = norm::lanes(len);
+    let (gx, gy) = spread(rows.div_ceil((norm::THREADS / lanes) as usize));
+    let args = io(common(), &sums, BufferIOAttr::WriteOnly).with_info(params([rows, len, s, c, 0, gx as usize, 0, 0]));
+    client.launch(Box::new(Wgsl::Norm(norm::NormKernel::GradSums { lanes, silu, x: ex, affine })), CubeCount::Static(gx, gy, 1), args);
+    let dx = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(client.clone(), device, dims.into(), ex.dtype());
+    let (ax, ay) = spread((rows * len).div_ceil(norm::THREADS as usize));
+    let args = io(io(common(), &sums, BufferIOAttr::ReadOnly), &dx, BufferIOAttr::WriteOnly).with_info(params([rows, len, s, c, 0, ax as usize, 0, 0]));
+    client.launch(Box::new(Wgsl::Norm(norm::NormKernel::GradApply { silu, x: ex, affine })), CubeCount::Static(ax, ay, 1), args);
+    Ok(dx)
 }
 
 /// 0: not yet read from the environment, 1: on, 2: off.

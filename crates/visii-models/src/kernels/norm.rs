@@ -16,6 +16,15 @@
 //! its maximum and the sum of exponentials (tree reductions), then write `exp(x - max) / sum`: one
 //! kernel where burn runs five (max, subtract, exp, sum, divide).
 //!
+//! Learning differentiates through the norms (the weights, `gamma` and `beta` included, are frozen, so
+//! only the input's gradient is wanted). With `xh = (x - mean) * rstd`, `y = gamma * xh + beta` and
+//! `g = dL/dy * gamma` (`dL/dy` through SiLU where it follows), the input gradient is
+//! `rstd * (g - mean(g) - xh * mean(g * xh))` over each row:
+//! 3. `grad_sums`: each row's `sum(g)` and `sum(g * xh)` (the same lanes and trees as `stats`);
+//! 4. `grad_apply`: one invocation per value. burn's autodiff of the chain above runs about 30
+//!    kernels per norm (and keeps several full-size temporaries until the backward pass); these two,
+//!    with the forward's statistics kept, read the input, not the output.
+//!
 //! Short rows are the reason for the lanes: LayerNorms over a few dozen channels for thousands of
 //! rows (the text encoder scoring a vocabulary, the tiny models) with one 256-wide workgroup per row
 //! left 7 of 8 invocations idle through eight barriers each, and took 60% of reading an
@@ -38,6 +47,10 @@ pub enum NormKernel {
     Apply { silu: bool, x: Elem, affine: Elem },
     /// Softmax of each row.
     Softmax { lanes: u32, x: Elem },
+    /// Per row `sum(g)` and `sum(g * xh)` (f32) for the input gradient (see the module's text).
+    GradSums { lanes: u32, silu: bool, x: Elem, affine: Elem },
+    /// The input gradient of each value.
+    GradApply { silu: bool, x: Elem, affine: Elem },
 }
 
 /// Invocations per row for rows of `len` values: about four values each, a power of two from 1 to
@@ -68,15 +81,44 @@ fn row_of(w: &mut String, lanes: u32) {
     let _ = writeln!(w, "  let live = row < p.rows; let base = min(row, p.rows - 1u) * p.len;");
 }
 
+/// The gradient kernels' bindings from 0 on: the input `x`, the forward's `stats`, `gamma`, `beta`
+/// (only with SiLU: without, nothing reads it, and WebGPU's layout would leave it out), the output's
+/// gradient `dy` (in `x`'s type); and `fn grad(i, row) -> vec2<f32>`: `(g, xh)` of value `i` (see
+/// the module's text). Returns the next free binding.
+fn grad_common(w: &mut String, silu: bool, ex: Elem, affine: Elem) -> u32 {
+    let _ = writeln!(w, "@group(0) @binding(0) var<storage, read_write> x: array<{}>;", ex.wgsl());
+    let _ = writeln!(w, "@group(0) @binding(1) var<storage, read_write> stats: array<f32>;");
+    let _ = writeln!(w, "@group(0) @binding(2) var<storage, read_write> gamma: array<{}>;", affine.wgsl());
+    if silu {
+        let _ = writeln!(w, "@group(0) @binding(3) var<storage, read_write> beta: array<{}>;", affine.wgsl());
+    }
+    let next = if silu { 4 } else { 3 };
+    let _ = writeln!(w, "@group(0) @binding({next}) var<storage, read_write> dy: array<{}>;", ex.wgsl());
+    let _ = writeln!(w, "fn grad(i: u32, row: u32) -> vec2<f32> {{");
+    let _ = writeln!(w, "  let ch = (i / p.s) % p.c; let gm = {};", affine.read("gamma", "ch"));
+    let _ = writeln!(w, "  let xh = ({} - stats[row * 2u]) * stats[row * 2u + 1u];", ex.read("x", "i"));
+    let _ = writeln!(w, "  var d = {};", ex.read("dy", "i"));
+    if silu {
+        // d silu(y) / dy = s (1 + y (1 - s)), s = sigmoid(y).
+        let _ = writeln!(w, "  let y = xh * gm + {}; let sg = 1.0 / (1.0 + exp(-y));", affine.read("beta", "ch"));
+        let _ = writeln!(w, "  d = d * sg * (1.0 + y * (1.0 - sg));");
+    }
+    let _ = writeln!(w, "  return vec2<f32>(d * gm, xh);");
+    let _ = writeln!(w, "}}");
+    next + 1
+}
+
 impl NormKernel {
-    /// Params of both: rows, len (values per row), s (values per channel), c (channels), eps (f32
+    /// Params of all: rows, len (values per row), s (values per channel), c (channels), eps (f32
     /// bits), groups_x (workgroups along x of a 2-D dispatch), 2 unused.
     pub fn wgsl(&self) -> String {
         let mut s = String::new();
         let w = &mut s;
         match *self {
             NormKernel::Stats { x, .. } | NormKernel::Softmax { x, .. } => Elem::enable(w, &[x]),
-            NormKernel::Apply { x, affine, .. } => Elem::enable(w, &[x, affine]),
+            NormKernel::Apply { x, affine, .. } | NormKernel::GradSums { x, affine, .. } | NormKernel::GradApply { x, affine, .. } => {
+                Elem::enable(w, &[x, affine])
+            }
         }
         let _ = writeln!(w, "struct Params {{ rows: u32, len: u32, s: u32, c: u32, eps: u32, gx: u32, u0: u32, u1: u32 }}");
         match *self {
@@ -150,6 +192,39 @@ impl NormKernel {
                     let _ = writeln!(w, "  v = v / (1.0 + exp(-v));");
                 }
                 let _ = writeln!(w, "  y[i] = {};", ex.store("v"));
+                let _ = writeln!(w, "}}");
+            }
+            NormKernel::GradSums { lanes, silu, x: ex, affine } => {
+                let b = grad_common(w, silu, ex, affine);
+                let _ = writeln!(w, "@group(0) @binding({b}) var<storage, read_write> sums: array<f32>;");
+                let _ = writeln!(w, "@group(0) @binding({}) var<uniform> p: Params;", b + 1);
+                let _ = writeln!(w, "var<workgroup> part: array<f32, {THREADS}>;");
+                reduction(w, "reduce", "part[t] + part[t + {h}u]", lanes);
+                let _ = writeln!(w, "@compute @workgroup_size({THREADS})");
+                let _ = writeln!(w, "fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {{");
+                row_of(w, lanes);
+                let _ = writeln!(w, "  let r = min(row, p.rows - 1u);");
+                let _ = writeln!(w, "  var a = 0.0; var b = 0.0;");
+                let _ = writeln!(w, "  for (var i = lane; i < p.len; i = i + {lanes}u) {{ let gx = grad(base + i, r); a = a + gx.x; b = b + gx.x * gx.y; }}");
+                let _ = writeln!(w, "  let sa = reduce(t, a); let sb = reduce(t, b);");
+                let _ = writeln!(w, "  if (live && lane == 0u) {{ sums[row * 2u] = sa; sums[row * 2u + 1u] = sb; }}");
+                let _ = writeln!(w, "}}");
+            }
+            NormKernel::GradApply { silu, x: ex, affine } => {
+                let b = grad_common(w, silu, ex, affine);
+                let _ = writeln!(w, "@group(0) @binding({b}) var<storage, read_write> sums: array<f32>;");
+                let _ = writeln!(w, "@group(0) @binding({}) var<storage, read_write> dx: array<{}>;", b + 1, ex.wgsl());
+                let _ = writeln!(w, "@group(0) @binding({}) var<uniform> p: Params;", b + 2);
+                let _ = writeln!(w, "@compute @workgroup_size({THREADS})");
+                let _ = writeln!(w, "fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {{");
+                let _ = writeln!(w, "  let i = (wid.x + wid.y * p.gx) * {THREADS}u + t;");
+                let _ = writeln!(w, "  if (i >= p.rows * p.len) {{ return; }}");
+                let _ = writeln!(w, "  let row = i / p.len; let gx = grad(i, row); let n = f32(p.len);");
+                let _ = writeln!(
+                    w,
+                    "  dx[i] = {};",
+                    ex.store("stats[row * 2u + 1u] * (gx.x - sums[row * 2u] / n - gx.y * (sums[row * 2u + 1u] / n))")
+                );
                 let _ = writeln!(w, "}}");
             }
         }
