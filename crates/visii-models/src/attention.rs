@@ -7,7 +7,6 @@ use crate::resident::Layer;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::Linear;
-use burn::tensor::activation::gelu;
 use burn::tensor::Tensor;
 
 use crate::error::{ModelError, Result};
@@ -150,11 +149,7 @@ impl BasicTransformerBlock {
         let x = x.clone() + self.attn1.forward(layer_norm_run(&self.norm1, x), None);
         let x = x.clone() + text.cross_attention(&self.attn2, layer_norm_run(&self.norm2, x));
         let h = self.ff.geglu_proj.run(layer_norm_run(&self.norm3, x.clone()));
-        let half = h.dims()[2] / 2;
-        let [b, n, _] = h.dims();
-        let hidden = h.clone().slice([0..b, 0..n, 0..half]);
-        let gate = h.slice([0..b, 0..n, half..half * 2]);
-        x + self.ff.out.run(hidden * gelu(gate))
+        x + self.ff.out.run(crate::nn::geglu(h))
     }
 }
 

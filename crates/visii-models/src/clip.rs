@@ -5,7 +5,7 @@ use crate::nn::LayerNorm;
 use burn::module::{Module, Param};
 use burn::nn::conv::Conv2d;
 use burn::nn::{Linear, PaddingConfig2d};
-use burn::tensor::activation::{gelu, sigmoid};
+use burn::tensor::activation::sigmoid;
 use burn::tensor::module::embedding;
 use burn::tensor::{Int, Tensor, TensorData};
 
@@ -78,7 +78,7 @@ impl ClipEncoderLayer {
         let h = attention(a.q_proj.run(h.clone()), a.k_proj.run(h.clone()), a.v_proj.run(h), a.heads, causal);
         let x = x + a.out_proj.run(h);
         let h = self.mlp.fc1.run(self.layer_norm2.forward(x.clone()));
-        let h = if self.mlp.quick_gelu { h.clone() * sigmoid(h.mul_scalar(1.702)) } else { gelu(h) };
+        let h = if self.mlp.quick_gelu { h.clone() * sigmoid(h.mul_scalar(1.702)) } else { crate::nn::gelu(h) };
         x + self.mlp.fc2.run(h)
     }
 }
@@ -231,7 +231,7 @@ impl ClipTextTransformer {
             let o = (split(v, p + 1) * weights).sum_dim(1); // [b, 1, heads, d]
             x = x + a.out_proj.run(o.reshape([b, 1, hidden]));
             let h = layer.mlp.fc1.run(layer.layer_norm2.forward(x.clone()));
-            let h = if layer.mlp.quick_gelu { h.clone() * sigmoid(h.mul_scalar(1.702)) } else { gelu(h) };
+            let h = if layer.mlp.quick_gelu { h.clone() * sigmoid(h.mul_scalar(1.702)) } else { crate::nn::gelu(h) };
             x = x + layer.mlp.fc2.run(h);
         }
         self.final_layer_norm.forward(x).reshape([b, hidden])

@@ -16,6 +16,10 @@
 //! input gradient). burn's chain records about a dozen steps per norm, runs about 30 kernels forward
 //! and backward, and keeps several full-size temporaries. `gamma` and `beta` are frozen (tensors
 //! outside autodiff): where they are not, burn's chain runs.
+//!
+//! GEGLU: our forward kernel as one step that keeps its input `h`, whose backward is one kernel
+//! (`kernels/geglu.rs`; with GELU's exact derivative, as PyTorch's autograd, where burn's is that of
+//! the tanh approximation).
 
 use burn::tensor::Tensor;
 use burn_autodiff::checkpoint::base::Checkpointer;
@@ -73,17 +77,17 @@ impl Backward<Cube, 3> for FusedAttention {
 }
 
 /// 0: not yet read from the environment, 1: on, 2: off.
-static NORM_GRAD: AtomicU8 = AtomicU8::new(0);
+static STEPS: AtomicU8 = AtomicU8::new(0);
 
-/// Whether GroupNorm and LayerNorm inside autodiff run as this module's fused step: on by default
-/// (`VISII_NORM_GRAD=off`: burn's chain, for comparisons).
-pub fn norm_enabled() -> bool {
-    crate::kernels::switch(&NORM_GRAD, "VISII_NORM_GRAD", "off", true) && crate::kernels::enabled()
+/// Whether GroupNorm, LayerNorm and GEGLU inside autodiff run as this module's fused steps: on by
+/// default (`VISII_FUSED_STEPS=off`: burn's chains, for comparisons).
+pub fn steps_enabled() -> bool {
+    crate::kernels::switch(&STEPS, "VISII_FUSED_STEPS", "off", true) && crate::kernels::enabled()
 }
 
-/// Turns the fused norm step of learning on or off for this process.
-pub fn set_norm_enabled(on: bool) {
-    NORM_GRAD.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+/// Turns the fused norm and GEGLU steps of learning on or off for this process.
+pub fn set_steps_enabled(on: bool) {
+    STEPS.store(if on { 1 } else { 2 }, Ordering::Relaxed);
 }
 
 /// The norm step; its state: the contiguous input, its rows' `(mean, 1 / std)`, `gamma`, `beta`,
@@ -137,7 +141,7 @@ pub fn group_norm<const D: usize>(
     silu: bool,
     layer: bool,
 ) -> Result<Tensor<D>, Tensor<D>> {
-    if !norm_enabled() {
+    if !steps_enabled() {
         return Err(x);
     }
     let (Some(g), Some(b)) = (crate::kernels::primitive(gamma), crate::kernels::primitive(beta)) else { return Err(x) };
@@ -151,6 +155,51 @@ pub fn group_norm<const D: usize>(
     let y = match strategy {
         GradientCheckpointingStrategy::Disabled => record_norm::<NoCheckpointing>(x, y, kept, groups, silu, layer),
         GradientCheckpointingStrategy::Balanced => record_norm::<BalancedCheckpointing>(x, y, kept, groups, silu, layer),
+    };
+    Ok(rewrap(y, strategy))
+}
+
+/// The GEGLU step; its state: the input `h`.
+#[derive(Debug)]
+struct FusedGeglu;
+
+impl Backward<Cube, 1> for FusedGeglu {
+    type State = Float;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let h = ops.state;
+        let grad = grads.consume::<Cube>(&ops.node);
+        let [parent] = ops.parents;
+        let Some(node) = parent else { return };
+        let grad = in_type_of(grad, &h);
+        let dh = crate::kernels::geglu_grad_cube(&h, grad).unwrap_or_else(|_| unreachable!("checked by kernels::geglu_cube when recorded"));
+        grads.register::<Cube>(node.id, dh);
+    }
+}
+
+fn record_geglu<C: CheckpointStrategy>(h: AutodiffTensor, y: Float) -> AutodiffTensor {
+    let state = h.clone().into_primitive();
+    match FusedGeglu.prepare::<C>([h.node()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish(state, y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    }
+}
+
+/// GEGLU of the autodiff tensor `h` `[.., 2F]` as one fused step (see the module's text); `Err(h)`
+/// where it does not apply (not enabled, not an f32 / f16 autodiff tensor on a cubecl device, an odd
+/// last axis).
+pub fn geglu<const D: usize>(h: Tensor<D>) -> Result<Tensor<D>, Tensor<D>> {
+    if !steps_enabled() {
+        return Err(h);
+    }
+    let (h, strategy) = unwrap(h)?;
+    let y = match crate::kernels::geglu_cube(h.clone().into_primitive()) {
+        Ok(y) => y,
+        Err(_) => return Err(rewrap(h, strategy)),
+    };
+    let y = match strategy {
+        GradientCheckpointingStrategy::Disabled => record_geglu::<NoCheckpointing>(h, y),
+        GradientCheckpointingStrategy::Balanced => record_geglu::<BalancedCheckpointing>(h, y),
     };
     Ok(rewrap(y, strategy))
 }

@@ -85,6 +85,32 @@ pub fn layer_norm_run<const D: usize>(norm: &LayerNorm, x: Tensor<D>) -> Tensor<
     norm.forward(x)
 }
 
+/// diffusers' GEGLU activation of the projection's output `h` `[b, n, 2F]`: `hidden * gelu(gate)`
+/// (the exact GELU) with `hidden, gate = h.chunk(2, -1)`, `[b, n, F]`. One kernel on a cubecl device
+/// (a fused step inside autodiff), burn's ops elsewhere.
+pub fn geglu(h: Tensor<3>) -> Tensor<3> {
+    #[cfg(feature = "frozen")]
+    let h = match crate::kernels::geglu(h) {
+        Ok(y) => return y,
+        Err(h) => match crate::fused::geglu(h) {
+            Ok(y) => return y,
+            Err(h) => h,
+        },
+    };
+    let [b, n, two_f] = h.dims();
+    let half = two_f / 2;
+    let hidden = h.clone().slice([0..b, 0..n, 0..half]);
+    let gate = h.slice([0..b, 0..n, half..half * 2]);
+    hidden * gelu(gate)
+}
+
+/// The exact GELU, `x Φ(x) = x (1 + erf(x / √2)) / 2` (PyTorch's default), written with `erf` so that
+/// autodiff differentiates it exactly: burn's `gelu` computes the same values, but its backward is the
+/// derivative of the tanh approximation (up to ~1e-3 off), where PyTorch's autograd is exact.
+pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    x.clone() * x.div_scalar(std::f64::consts::SQRT_2).erf().add_scalar(1.0).mul_scalar(0.5)
+}
+
 /// `torch.nn.LayerNorm(dim, eps)` over the last axis (burn's, with its epsilon readable: our
 /// kernel needs it).
 #[derive(Module, Debug)]

@@ -326,7 +326,7 @@ fn fused_norm_backward_matches_ndarray() {
     let _lock = NORM_STEP.lock().unwrap_or_else(|e| e.into_inner());
     let gpu = Device::wgpu(DeviceKind::DefaultDevice);
     let cpu = Device::ndarray();
-    visii_models::fused::set_norm_enabled(true);
+    visii_models::fused::set_steps_enabled(true);
     let gn = |dev: &Device, gamma: &Tensor<1>, beta: &Tensor<1>, groups: usize| GroupNorm {
         gamma: burn::module::Param::from_tensor(on(gamma, dev)),
         beta: burn::module::Param::from_tensor(on(beta, dev)),
@@ -408,11 +408,98 @@ fn fused_norm_backward_matches_ndarray() {
     assert!(step(x.clone().autodiff(), &g.clone().autodiff().require_grad(), 4).is_err(), "gamma being learnt");
     assert!(step(x.clone().autodiff(), &g, 3).is_err(), "3 groups of 8 channels");
     assert!(visii_models::fused::group_norm(on(&x, &cpu).autodiff(), &on(&g, &cpu), &on(&b, &cpu), 4, 1e-5, true, false).is_err(), "ndarray");
-    visii_models::fused::set_norm_enabled(false);
+    visii_models::fused::set_steps_enabled(false);
     assert!(step(x.clone().autodiff(), &g, 4).is_err(), "switched off");
-    visii_models::fused::set_norm_enabled(true);
+    visii_models::fused::set_steps_enabled(true);
     let back = step(x.clone().autodiff(), &g, 3).expect_err("3 groups");
     assert_eq!(values(back), values(x), "handed back as it came");
+}
+
+/// GEGLU of `h` `[rows, 2F]` and the gradient of `h` for the loss `sum(out * r)`, in f64 on the host
+/// (exact GELU, [`erf64`]).
+fn geglu_f64(h: &[f32], r: &[f32], f: usize) -> (Vec<f32>, Vec<f32>) {
+    let (mut y, mut dh) = (vec![0f32; h.len() / 2], vec![0f32; h.len()]);
+    for (row, hs) in h.chunks(2 * f).enumerate() {
+        for j in 0..f {
+            let (a, g) = (hs[j] as f64, hs[f + j] as f64);
+            let cdf = 0.5 * (1.0 + erf64(g / std::f64::consts::SQRT_2));
+            let pdf = (-0.5 * g * g).exp() / (2.0 * std::f64::consts::PI).sqrt();
+            let d = r[row * f + j] as f64;
+            y[row * f + j] = (a * g * cdf) as f32;
+            dh[row * 2 * f + j] = (d * g * cdf) as f32;
+            dh[row * 2 * f + f + j] = (d * a * (cdf + g * pdf)) as f32;
+        }
+    }
+    (y, dh)
+}
+
+/// erf in f64: its Maclaurin series below 3, the continued fraction of erfc above (both to ~1e-15).
+fn erf64(x: f64) -> f64 {
+    let a = x.abs();
+    let v = if a < 3.0 {
+        let (mut term, mut sum, mut k) = (a, a, 0.0);
+        while term.abs() > 1e-17 * sum.abs() {
+            k += 1.0;
+            term *= -a * a / k;
+            sum += term / (2.0 * k + 1.0);
+        }
+        2.0 / std::f64::consts::PI.sqrt() * sum
+    } else {
+        // erfc(a) = exp(-a²) / sqrt(π) · 1 / (a + 1/2 / (a + 1 / (a + 3/2 / (a + ...)))).
+        let mut frac = a;
+        for k in (1..60).rev() {
+            frac = a + (k as f64 / 2.0) / frac;
+        }
+        1.0 - (-a * a).exp() / std::f64::consts::PI.sqrt() / frac
+    };
+    v.copysign(x)
+}
+
+#[test]
+fn geglu_and_its_gradient_match_f64_and_burn() {
+    let _lock = NORM_STEP.lock().unwrap_or_else(|e| e.into_inner());
+    let gpu = Device::wgpu(DeviceKind::DefaultDevice);
+    let cpu = Device::ndarray();
+    visii_models::fused::set_steps_enabled(true);
+    assert!((erf64(0.5) - 0.520_499_877_813_046_5).abs() < 1e-14 && (erf64(-3.5) + 0.999_999_256_901_628).abs() < 1e-14);
+    // The UNet's widths (2 x 1280 at 64 tokens, 2 x 5120 over a few), an odd F, one row; gates
+    // spread to +-8 (where the tanh approximation's derivative is furthest off, near +-2, and beyond).
+    for [b, n, f] in [[1, 64, 1280], [2, 4, 5120], [3, 7, 13], [1, 1, 4]] {
+        let h = Tensor::<3>::random([b, n, 2 * f], Distribution::Normal(0.0, 3.0), &gpu);
+        let r = Tensor::<3>::random([b, n, f], Distribution::Normal(0.0, 1.0), &gpu);
+        let (y_truth, dh_truth) = geglu_f64(&values(h.clone()), &values(r.clone()), f);
+        let ours = values(kernels::geglu(h.clone()).expect("our GEGLU applies"));
+        let burn_cpu = {
+            let hc = on(&h, &cpu);
+            values(hc.clone().slice([0..b, 0..n, 0..f]) * burn::tensor::activation::gelu(hc.slice([0..b, 0..n, f..2 * f])))
+        };
+        let (e, e_burn) = (rel(&ours, &y_truth), rel(&burn_cpu, &y_truth));
+        println!("geglu [{b}, {n}, 2 x {f}]: vs f64 {e:.2e}, burn's on ndarray {e_burn:.2e}");
+        assert!(e < 2e-6, "geglu [{b}, {n}, 2 x {f}]: {e:.2e}");
+        assert!(rel(&ours, &burn_cpu) < 2e-6);
+        // Inside autodiff: the fused step (its kernel's exact derivative) on wgpu; on ndarray the
+        // models' fallback (GELU written with erf, differentiated exactly too); burn's own `gelu`
+        // differentiates the tanh approximation.
+        assert!(visii_models::fused::geglu(h.clone().autodiff()).is_ok(), "the fused GEGLU step applies");
+        let ours = input_grad(&h, &r, visii_models::nn::geglu);
+        let fallback = input_grad(&on(&h, &cpu), &on(&r, &cpu), visii_models::nn::geglu);
+        let burn_gelu = input_grad(&on(&h, &cpu), &on(&r, &cpu), |h| {
+            h.clone().slice([0..b, 0..n, 0..f]) * burn::tensor::activation::gelu(h.slice([0..b, 0..n, f..2 * f]))
+        });
+        let (e, e_fallback, e_burn) = (rel(&ours, &dh_truth), rel(&fallback, &dh_truth), rel(&burn_gelu, &dh_truth));
+        println!("geglu [{b}, {n}, 2 x {f}]: input gradient vs f64 {e:.2e}, the fallback on ndarray {e_fallback:.2e}, burn's gelu {e_burn:.2e}");
+        assert!(e < 2e-6, "geglu [{b}, {n}, 2 x {f}]: input gradient {e:.2e}");
+        assert!(e_fallback < 2e-6, "geglu [{b}, {n}, 2 x {f}] on ndarray: input gradient {e_fallback:.2e}");
+        assert!(dh_truth.iter().any(|v| v.abs() > 0.1));
+    }
+    // Not for: an odd last axis, ndarray, the step switched off inside autodiff.
+    let odd = Tensor::<3>::random([1, 2, 7], Distribution::Normal(0.0, 1.0), &gpu);
+    assert!(kernels::geglu(odd.clone()).is_err() && visii_models::fused::geglu(odd.autodiff()).is_err());
+    let h = Tensor::<3>::random([1, 2, 8], Distribution::Normal(0.0, 1.0), &gpu);
+    assert!(kernels::geglu(on(&h, &cpu)).is_err());
+    visii_models::fused::set_steps_enabled(false);
+    assert!(visii_models::fused::geglu(h.clone().autodiff()).is_err());
+    visii_models::fused::set_steps_enabled(true);
 }
 
 #[test]
@@ -726,7 +813,7 @@ fn f16_kernels_match_f32_on_the_same_values() {
     // Their input gradients (learning through f16 activations: the fused norm step).
     {
         let _lock = NORM_STEP.lock().unwrap_or_else(|e| e.into_inner());
-        visii_models::fused::set_norm_enabled(true);
+        visii_models::fused::set_steps_enabled(true);
         for (shape, groups) in [([1, 320, 8, 8], 32), ([2, 48, 9, 7], 4)] {
             let (x16, xf) = half(&Tensor::<4>::random(shape, Distribution::Normal(1.0, 2.0), &gpu), &cpu);
             let (r16, rf) = half(&Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &gpu), &cpu);
@@ -756,6 +843,17 @@ fn f16_kernels_match_f32_on_the_same_values() {
         let ours = xa.grad(&(lg.forward(xa.clone()) * r16.autodiff()).sum().backward()).expect("x has a gradient");
         let reference = input_grad(&xf, &rf, |x| lc.forward(x));
         check("layer norm [2, 77, 320]: input gradient".to_string(), values16(ours), reference);
+        // GEGLU, forward and input gradient.
+        let (h16, hf) = half(&Tensor::<3>::random([2, 9, 2 * 320], Distribution::Normal(0.0, 2.0), &gpu), &cpu);
+        let (r16, rf) = half(&Tensor::<3>::random([2, 9, 320], Distribution::Normal(0.0, 1.0), &gpu), &cpu);
+        let (h_host, r_host) = (values(hf.clone()), values(rf));
+        let (y_truth, dh_truth) = geglu_f64(&h_host, &r_host, 320);
+        check("geglu [2, 9, 2 x 320]".to_string(), values16(kernels::geglu(h16.clone()).expect("our f16 GEGLU applies")), y_truth);
+        let ha = h16.autodiff().require_grad();
+        let y = visii_models::nn::geglu(ha.clone());
+        assert_eq!(y.dtype(), DType::F16);
+        let ours = ha.grad(&(y * r16.autodiff()).sum().backward()).expect("h has a gradient");
+        check("geglu [2, 9, 2 x 320]: input gradient".to_string(), values16(ours), dh_truth);
     }
     for [b, n, c] in [[2, 77, 320], [1, 3001, 32]] {
         let (x16, xf) = half(&Tensor::<3>::random([b, n, c], Distribution::Normal(0.5, 1.5), &gpu), &cpu);

@@ -139,7 +139,9 @@ fn check_first_gradient(dev: &Device) {
     let ours: Vec<f32> = grad.into_data().try_to_vec().unwrap();
     let e = rel(&ours, &g.read_f32("learn.grad0").unwrap());
     println!("first learning gradient: rel err {e:.2e}");
-    assert!(e < 1e-3, "gradient differs from the reference by {e}");
+    // Measured 2.8e-6 (ndarray) and 4.4e-6 (wgpu) with GELU differentiated exactly, as PyTorch does;
+    // burn's `gelu` backward (the tanh approximation's derivative) gave 5.3e-5 and 5.2e-5.
+    assert!(e < 2e-5, "gradient differs from the reference by {e}");
 }
 
 #[test]

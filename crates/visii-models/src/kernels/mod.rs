@@ -5,6 +5,7 @@
 //! - [`linear`]: `x · W + b` on the same GEMM.
 //! - [`group_norm`]: GroupNorm (+ SiLU) and LayerNorm in two kernels with parallel reductions,
 //!   [`softmax`] in one (`norm.rs`).
+//! - [`geglu`]: the transformers' GEGLU activation in one kernel (`geglu.rs`).
 //!
 //! Each entry point takes burn tensors and returns `Err` with its input untouched where the kernel
 //! does not apply (another backend, a type other than f32 / f16, autodiff, grouped or dilated convs), so the
@@ -13,6 +14,7 @@
 //! `tests/kernels.rs`, the speed in `visii bench --what conv|linear`.
 
 pub mod flash;
+pub mod geglu;
 pub mod gemm;
 pub mod gemv;
 pub mod norm;
@@ -239,6 +241,7 @@ enum Wgsl {
     Flash(flash::FlashConfig),
     FlashGrad(flash::FlashGradConfig),
     Norm(norm::NormKernel),
+    Geglu(geglu::GegluKernel),
 }
 
 impl Wgsl {
@@ -248,6 +251,7 @@ impl Wgsl {
             Wgsl::Skinny(c) => c.threads(),
             Wgsl::Flash(_) | Wgsl::FlashGrad(_) => flash::THREADS,
             Wgsl::Norm(_) => norm::THREADS,
+            Wgsl::Geglu(_) => geglu::THREADS,
         }
     }
 }
@@ -273,6 +277,8 @@ impl KernelMetadata for Wgsl {
             Wgsl::Norm(norm::NormKernel::Softmax { .. }) => "visii::softmax",
             Wgsl::Norm(norm::NormKernel::GradSums { .. }) => "visii::norm_grad_sums",
             Wgsl::Norm(norm::NormKernel::GradApply { .. }) => "visii::norm_grad_apply",
+            Wgsl::Geglu(k) if k.grad => "visii::geglu_grad",
+            Wgsl::Geglu(_) => "visii::geglu",
         }
     }
 
@@ -298,6 +304,7 @@ impl CubeKernel for Wgsl {
             Wgsl::Flash(c) => c.wgsl(),
             Wgsl::FlashGrad(c) => c.wgsl(),
             Wgsl::Norm(k) => k.wgsl(),
+            Wgsl::Geglu(k) => k.wgsl(),
         };
         Some(PrecompiledSource { source, entrypoint_name: "main".into(), lang: "wgsl" })
     }
@@ -1017,6 +1024,62 @@ pub fn group_norm_grad_cube(
     let args = io(io(common(), &sums, BufferIOAttr::ReadOnly), &dx, BufferIOAttr::WriteOnly).with_info(params([rows, len, s, c, 0, ax as usize, 0, 0]));
     client.launch(Box::new(Wgsl::Norm(norm::NormKernel::GradApply { silu, x: ex, affine })), CubeCount::Static(ax, ay, 1), args);
     Ok(dx)
+}
+
+/// `(rows, F)` of a GEGLU input `[.., 2F]` the kernels take; `None` otherwise.
+fn geglu_layout(dims: &[usize]) -> Option<(usize, usize)> {
+    let last = *dims.last()?;
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    (last % 2 == 0 && last > 0 && rows > 0 && fits_u32(&[dims])).then_some((rows, last / 2))
+}
+
+/// GEGLU of `h` `[.., 2F]` (see `geglu.rs`): `h[.., :F] * gelu(h[.., F:])`, `[.., F]`; `Err(h)`
+/// where the kernel does not apply (odd last axis, a type other than f32 / f16).
+pub fn geglu_cube(h: CubeTensor) -> Result<CubeTensor, CubeTensor> {
+    let dims = h.shape().to_vec();
+    let (Some((rows, f)), Some(ex)) = (geglu_layout(&dims), Elem::of(h.dtype)) else { return Err(h) };
+    let h = contiguous(h);
+    let mut out = dims;
+    *out.last_mut().unwrap() = f;
+    let y = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(h.client.clone(), h.device.clone(), out.into(), ex.dtype());
+    let (gx, gy) = spread((rows * f).div_ceil(geglu::THREADS as usize));
+    let args = KernelArguments::new()
+        .with_buffer_io(h.handle.clone().binding(), BufferIOAttr::ReadOnly)
+        .with_buffer_io(y.handle.clone().binding(), BufferIOAttr::WriteOnly)
+        .with_info(params([rows, f, gx as usize, 0]));
+    h.client.launch(Box::new(Wgsl::Geglu(geglu::GegluKernel { grad: false, x: ex })), CubeCount::Static(gx, gy, 1), args);
+    Ok(y)
+}
+
+/// The gradient of [`geglu_cube`]'s input `h` for the output's gradient `dy` (in `h`'s type);
+/// `Err(dy)` where the kernel does not apply.
+pub fn geglu_grad_cube(h: &CubeTensor, dy: CubeTensor) -> Result<CubeTensor, CubeTensor> {
+    let dims = h.shape().to_vec();
+    let (Some((rows, f)), Some(ex)) = (geglu_layout(&dims), Elem::of(h.dtype)) else { return Err(dy) };
+    let mut out = dims.clone();
+    *out.last_mut().unwrap() = f;
+    if dy.dtype != h.dtype || dy.shape().to_vec() != out {
+        return Err(dy);
+    }
+    let (h, dy) = (contiguous(h.clone()), contiguous(dy));
+    let dh = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(h.client.clone(), h.device.clone(), dims.into(), ex.dtype());
+    let (gx, gy) = spread((rows * f).div_ceil(geglu::THREADS as usize));
+    let args = KernelArguments::new()
+        .with_buffer_io(h.handle.clone().binding(), BufferIOAttr::ReadOnly)
+        .with_buffer_io(dy.handle.clone().binding(), BufferIOAttr::ReadOnly)
+        .with_buffer_io(dh.handle.clone().binding(), BufferIOAttr::WriteOnly)
+        .with_info(params([rows, f, gx as usize, 0]));
+    h.client.launch(Box::new(Wgsl::Geglu(geglu::GegluKernel { grad: true, x: ex })), CubeCount::Static(gx, gy, 1), args);
+    Ok(dh)
+}
+
+/// Our GEGLU outside autodiff on a cubecl device; `Err(h)` where burn's ops must run.
+pub fn geglu<const D: usize>(h: Tensor<D>) -> Result<Tensor<D>, Tensor<D>> {
+    if !enabled() {
+        return Err(h);
+    }
+    let Some(hc) = primitive(&h) else { return Err(h) };
+    geglu_cube(hc).map(wrap).map_err(|_| h)
 }
 
 /// 0: not yet read from the environment, 1: on, 2: off.
