@@ -120,7 +120,14 @@ fn in_type_of(grad: Float, like: &Float) -> Float {
     crate::kernels::primitive(&crate::kernels::wrap::<3>(grad).cast(dtype)).expect("a cubecl tensor outside autodiff")
 }
 
-fn record_norm<C: CheckpointStrategy>(x: AutodiffTensor, y: Float, kept: (Float, Float, Float, Float), groups: usize, silu: bool, layer: bool) -> AutodiffTensor {
+fn record_norm<C: CheckpointStrategy>(
+    x: AutodiffTensor,
+    y: Float,
+    kept: (Float, Float, Float, Float),
+    groups: usize,
+    silu: bool,
+    layer: bool,
+) -> AutodiffTensor {
     let (xc, stats, gamma, beta) = kept;
     match FusedNorm.prepare::<C>([x.node()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => prep.finish((xc, stats, gamma, beta, groups, silu, layer), y),

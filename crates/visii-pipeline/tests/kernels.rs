@@ -363,9 +363,12 @@ fn fused_norm_backward_matches_ndarray() {
             let ours = input_grad(&x, &r, |x| run(&ng, x));
             let reference = input_grad(&on(&x, &cpu), &on(&r, &cpu), |x| run(&nc, x));
             let (gv, bv) = (values(gamma.clone()), values(beta.clone()));
-            let truth = norm_grad_f64(&values(x.clone()), &values(r.clone()), &gv, &bv, c / groups * shape[2] * shape[3], shape[2] * shape[3], 1e-6, silu);
+            let truth =
+                norm_grad_f64(&values(x.clone()), &values(r.clone()), &gv, &bv, c / groups * shape[2] * shape[3], shape[2] * shape[3], 1e-6, silu);
             let (e, e_burn) = (rel(&ours, &truth), rel(&reference, &truth));
-            let case = format!("group norm {shape:?} / {groups} (mean {offset}), silu {silu}: input gradient vs f64 {e:.2e}, burn's on ndarray {e_burn:.2e}");
+            let case = format!(
+                "group norm {shape:?} / {groups} (mean {offset}), silu {silu}: input gradient vs f64 {e:.2e}, burn's on ndarray {e_burn:.2e}"
+            );
             println!("{case}");
             // As close as burn's own chain, or closer.
             assert!(e < 2e-5_f32.max(2.0 * e_burn), "{case}");
@@ -384,7 +387,11 @@ fn fused_norm_backward_matches_ndarray() {
         let gamma = Tensor::<1>::random([c], Distribution::Normal(1.0, 0.3), &gpu);
         let beta = Tensor::<1>::random([c], Distribution::Normal(0.0, 0.3), &gpu);
         assert!(visii_models::fused::group_norm(x.clone().autodiff(), &gamma, &beta, 1, 1e-5, false, true).is_ok());
-        let ln = |dev: &Device| LayerNorm { gamma: burn::module::Param::from_tensor(on(&gamma, dev)), beta: burn::module::Param::from_tensor(on(&beta, dev)), epsilon: 1e-5 };
+        let ln = |dev: &Device| LayerNorm {
+            gamma: burn::module::Param::from_tensor(on(&gamma, dev)),
+            beta: burn::module::Param::from_tensor(on(&beta, dev)),
+            epsilon: 1e-5,
+        };
         let (lg, lc) = (ln(&gpu), ln(&cpu));
         let ours = input_grad(&x, &r, |x| lg.forward(x));
         let reference = input_grad(&on(&x, &cpu), &on(&r, &cpu), |x| lc.forward(x));
@@ -837,7 +844,11 @@ fn f16_kernels_match_f32_on_the_same_values() {
         let (r16, rf) = half(&Tensor::<3>::random([2, 77, 320], Distribution::Normal(0.0, 1.0), &gpu), &cpu);
         let gamma = Tensor::<1>::random([320], Distribution::Normal(1.0, 0.3), &gpu);
         let beta = Tensor::<1>::random([320], Distribution::Normal(0.0, 0.3), &gpu);
-        let ln = |dev: &Device| visii_models::nn::LayerNorm { gamma: Param::from_tensor(on(&gamma, dev)), beta: Param::from_tensor(on(&beta, dev)), epsilon: 1e-5 };
+        let ln = |dev: &Device| visii_models::nn::LayerNorm {
+            gamma: Param::from_tensor(on(&gamma, dev)),
+            beta: Param::from_tensor(on(&beta, dev)),
+            epsilon: 1e-5,
+        };
         let (lg, lc) = (ln(&gpu), ln(&cpu));
         let xa = x16.autodiff().require_grad();
         let ours = xa.grad(&(lg.forward(xa.clone()) * r16.autodiff()).sum().backward()).expect("x has a gradient");

@@ -46,8 +46,7 @@ impl GegluKernel {
         // erf(x) for x >= 0 (Abramowitz and Stegun 7.1.26), odd.
         let _ = writeln!(w, "fn erf_(x: f32) -> f32 {{");
         let _ = writeln!(w, "  let a = abs(x); let t = 1.0 / (1.0 + 0.3275911 * a);");
-        let _ =
-            writeln!(w, "  let q = ((((1.0614054 * t - 1.453152) * t + 1.4214137) * t - 0.28449674) * t + 0.2548296) * t * exp(-a * a);");
+        let _ = writeln!(w, "  let q = ((((1.0614054 * t - 1.453152) * t + 1.4214137) * t - 0.28449674) * t + 0.2548296) * t * exp(-a * a);");
         let _ = writeln!(w, "  return select(1.0 - q, q - 1.0, x < 0.0);");
         let _ = writeln!(w, "}}");
         let _ = writeln!(w, "@compute @workgroup_size({THREADS})");

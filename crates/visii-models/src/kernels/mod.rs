@@ -90,7 +90,9 @@ pub enum Elem {
     #[default]
     F32,
     F16,
-    Q8 { block: u32 },
+    Q8 {
+        block: u32,
+    },
 }
 
 impl Elem {
@@ -587,8 +589,11 @@ impl Q8 {
             return None;
         }
         let (values, scales) = q.quantized_handles()?;
-        (values.dtype == DType::U32 && values.is_contiguous() && scales.dtype == DType::F32 && scales.is_contiguous())
-            .then_some(Q8 { values, scales, block: block as u32 })
+        (values.dtype == DType::U32 && values.is_contiguous() && scales.dtype == DType::F32 && scales.is_contiguous()).then_some(Q8 {
+            values,
+            scales,
+            block: block as u32,
+        })
     }
 }
 
@@ -836,10 +841,7 @@ pub fn conv2d_input_grad_weight(
         let (kx0, nkx) = gemv::taps(kw, 1, pw, ow, wd);
         let (kh, kw, ph, pw) = (kh as u32, kw as u32, ph as u32, pw as u32);
         let b = SkinnyB::Conv { kh, kw, sh: 1, sw: 1, ph, pw, ky0, nky, kx0, nkx };
-        let cfg = SkinnyConfig::new(n, SkinnyA::ConvFlipped { kk: kh * kw }, b, Bias::None)
-            .with(types)
-            .vectorised(m, k)
-            .adapted(w.client());
+        let cfg = SkinnyConfig::new(n, SkinnyA::ConvFlipped { kk: kh * kw }, b, Bias::None).with(types).vectorised(m, k).adapted(w.client());
         if skinny_dispatchable(&cfg, m) {
             return Ok(launch_skinny(cfg, &w.bindings(), &[contiguous(grad)], None, p, vec![nb, c_in, h, wd]));
         }
@@ -1021,7 +1023,8 @@ pub fn group_norm_grad_cube(
     client.launch(Box::new(Wgsl::Norm(norm::NormKernel::GradSums { lanes, silu, x: ex, affine })), CubeCount::Static(gx, gy, 1), args);
     let dx = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(client.clone(), device, dims.into(), ex.dtype());
     let (ax, ay) = spread((rows * len).div_ceil(norm::THREADS as usize));
-    let args = io(io(common(), &sums, BufferIOAttr::ReadOnly), &dx, BufferIOAttr::WriteOnly).with_info(params([rows, len, s, c, 0, ax as usize, 0, 0]));
+    let args =
+        io(io(common(), &sums, BufferIOAttr::ReadOnly), &dx, BufferIOAttr::WriteOnly).with_info(params([rows, len, s, c, 0, ax as usize, 0, 0]));
     client.launch(Box::new(Wgsl::Norm(norm::NormKernel::GradApply { silu, x: ex, affine })), CubeCount::Static(ax, ay, 1), args);
     Ok(dx)
 }
@@ -1231,7 +1234,9 @@ pub fn attention_grads_cube(
     let d = inner / heads;
     let [q, k, v, o, lse, g] = [q, k, v, o, lse, g].map(contiguous);
     let (client, device) = (q.client.clone(), q.device.clone());
-    let empty = |shape: Vec<usize>, dtype: DType| burn_cubecl::ops::numeric::empty_device_contiguous_dtype(client.clone(), device.clone(), shape.into(), dtype);
+    let empty = |shape: Vec<usize>, dtype: DType| {
+        burn_cubecl::ops::numeric::empty_device_contiguous_dtype(client.clone(), device.clone(), shape.into(), dtype)
+    };
     let (dq, dk, dv) = (empty(qd.clone(), elem.dtype()), empty(kd.clone(), elem.dtype()), empty(kd.clone(), elem.dtype()));
     let dd = empty(vec![b, heads, n], DType::F32);
     let scale = ((d as f32).powf(-0.5)).to_bits() as usize;
@@ -1354,7 +1359,12 @@ pub(crate) fn q8_base<const W: usize>(base: &Tensor<W>) -> Option<Q8> {
 
 /// `x · W + bias` outside autodiff for an int8-resident weight `base` of real shape `wdims`
 /// `[K, N]`, read in place; `Err(x)` where it cannot be.
-pub fn linear_q8<const D: usize, const W: usize>(x: Tensor<D>, base: &Tensor<W>, wdims: [usize; 2], bias: Option<&Tensor<1>>) -> Result<Tensor<D>, Tensor<D>> {
+pub fn linear_q8<const D: usize, const W: usize>(
+    x: Tensor<D>,
+    base: &Tensor<W>,
+    wdims: [usize; 2],
+    bias: Option<&Tensor<1>>,
+) -> Result<Tensor<D>, Tensor<D>> {
     let Some(q8) = q8_base(base) else { return Err(x) };
     let Some((xc, bc)) = input_primitives(&x, bias) else { return Err(x) };
     linear_weight(xc, Weight::Q8(q8), wdims, bc, skinny_enabled()).map(wrap).map_err(|_| x)

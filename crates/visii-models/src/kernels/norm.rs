@@ -135,8 +135,7 @@ impl NormKernel {
                 row_of(w, lanes);
                 let _ = writeln!(w, "  var acc = 0.0; for (var i = lane; i < p.len; i = i + {lanes}u) {{ acc = acc + {xi}; }}");
                 let _ = writeln!(w, "  let mean = reduce(t, acc) / f32(p.len);");
-                let _ =
-                    writeln!(w, "  var sq = 0.0; for (var i = lane; i < p.len; i = i + {lanes}u) {{ let d = {xi} - mean; sq = sq + d * d; }}");
+                let _ = writeln!(w, "  var sq = 0.0; for (var i = lane; i < p.len; i = i + {lanes}u) {{ let d = {xi} - mean; sq = sq + d * d; }}");
                 let _ = writeln!(w, "  let var_ = reduce(t, sq) / f32(p.len);");
                 let _ = writeln!(
                     w,
@@ -157,8 +156,7 @@ impl NormKernel {
                 row_of(w, lanes);
                 // -inf entries (masked positions) give exp(-inf) = 0; a row of only -inf gives NaN,
                 // as PyTorch's softmax does.
-                let _ =
-                    writeln!(w, "  var m = -3.4028234663852886e38; for (var i = lane; i < p.len; i = i + {lanes}u) {{ m = max(m, {xi}); }}");
+                let _ = writeln!(w, "  var m = -3.4028234663852886e38; for (var i = lane; i < p.len; i = i + {lanes}u) {{ m = max(m, {xi}); }}");
                 let _ = writeln!(w, "  let mx = reduce_max(t, m);");
                 let _ = writeln!(w, "  var acc = 0.0; for (var i = lane; i < p.len; i = i + {lanes}u) {{ acc = acc + exp({xi} - mx); }}");
                 let _ = writeln!(w, "  let inv = 1.0 / reduce_sum(t, acc);");
@@ -205,7 +203,10 @@ impl NormKernel {
                 row_of(w, lanes);
                 let _ = writeln!(w, "  let r = min(row, p.rows - 1u);");
                 let _ = writeln!(w, "  var a = 0.0; var b = 0.0;");
-                let _ = writeln!(w, "  for (var i = lane; i < p.len; i = i + {lanes}u) {{ let gx = grad(base + i, r); a = a + gx.x; b = b + gx.x * gx.y; }}");
+                let _ = writeln!(
+                    w,
+                    "  for (var i = lane; i < p.len; i = i + {lanes}u) {{ let gx = grad(base + i, r); a = a + gx.x; b = b + gx.x * gx.y; }}"
+                );
                 let _ = writeln!(w, "  let sa = reduce(t, a); let sb = reduce(t, b);");
                 let _ = writeln!(w, "  if (live && lane == 0u) {{ sums[row * 2u] = sa; sums[row * 2u + 1u] = sb; }}");
                 let _ = writeln!(w, "}}");
@@ -220,11 +221,8 @@ impl NormKernel {
                 let _ = writeln!(w, "  let i = (wid.x + wid.y * p.gx) * {THREADS}u + t;");
                 let _ = writeln!(w, "  if (i >= p.rows * p.len) {{ return; }}");
                 let _ = writeln!(w, "  let row = i / p.len; let gx = grad(i, row); let n = f32(p.len);");
-                let _ = writeln!(
-                    w,
-                    "  dx[i] = {};",
-                    ex.store("stats[row * 2u + 1u] * (gx.x - sums[row * 2u] / n - gx.y * (sums[row * 2u + 1u] / n))")
-                );
+                let _ =
+                    writeln!(w, "  dx[i] = {};", ex.store("stats[row * 2u + 1u] * (gx.x - sums[row * 2u] / n - gx.y * (sums[row * 2u + 1u] / n))"));
                 let _ = writeln!(w, "}}");
             }
         }
