@@ -1,4 +1,4 @@
-//! Attention and the norms inside learning's autodiff.
+//! Attention, the norms and GEGLU inside learning's autodiff, as fused steps.
 //!
 //! Attention: the fused forward (`kernels::attention_cube_lse`, no score
 //! tensor) as one autodiff step whose backward is the fused backward (`kernels::attention_grads_cube`,
@@ -26,7 +26,8 @@ use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::checkpoint::strategy::{BalancedCheckpointing, CheckpointStrategy, NoCheckpointing};
 use burn_autodiff::grads::Gradients;
 use burn_autodiff::ops::{Backward, Ops, OpsKind};
-use burn_backend::{BackendTypes, TensorMetadata};
+use burn_backend::ops::FloatTensorOps;
+use burn_backend::{BackendTypes, FloatDType, TensorMetadata};
 use burn_dispatch::backends::{Autodiff, Cube};
 use burn_dispatch::{BackendTensor, DispatchAutodiffContext, DispatchTensor, DispatchTensorKind, GradientCheckpointingStrategy};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -116,8 +117,8 @@ fn in_type_of(grad: Float, like: &Float) -> Float {
     if grad.dtype == like.dtype {
         return grad;
     }
-    let dtype = if like.dtype == burn_backend::DType::F16 { burn::tensor::FloatDType::F16 } else { burn::tensor::FloatDType::F32 };
-    crate::kernels::primitive(&crate::kernels::wrap::<3>(grad).cast(dtype)).expect("a cubecl tensor outside autodiff")
+    let dtype = if like.dtype == burn_backend::DType::F16 { FloatDType::F16 } else { FloatDType::F32 };
+    Cube::float_cast(grad, dtype)
 }
 
 fn record_norm<C: CheckpointStrategy>(

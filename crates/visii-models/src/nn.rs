@@ -106,7 +106,10 @@ pub fn geglu(h: Tensor<3>) -> Tensor<3> {
 
 /// The exact GELU, `x Φ(x) = x (1 + erf(x / √2)) / 2` (PyTorch's default), written with `erf` so that
 /// autodiff differentiates it exactly: burn's `gelu` computes the same values, but its backward is the
-/// derivative of the tanh approximation (up to ~1e-3 off), where PyTorch's autograd is exact.
+/// derivative of the tanh approximation (up to ~1e-3 off), where PyTorch's autograd is exact. Inside
+/// autodiff it keeps three tensors of `x`'s size where burn's kept one; the UNet's GEGLU takes the
+/// fused step instead ([`geglu`]), so this costs only CLIP models with `hidden_act = "gelu"` (not
+/// InstructPix2Pix's, whose CLIP uses quick_gelu) and backends without our kernels.
 pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     x.clone() * x.div_scalar(std::f64::consts::SQRT_2).erf().add_scalar(1.0).mul_scalar(0.5)
 }

@@ -317,13 +317,13 @@ fn norm_grad_f64(x: &[f32], r: &[f32], gamma: &[f32], beta: &[f32], len: usize, 
     dx
 }
 
-/// Held by the tests that switch the fused norm step (a process-wide setting) or rely on it.
-static NORM_STEP: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// Held by the tests that switch the fused norm and GEGLU steps (a process-wide setting) or rely on them.
+static FUSED_STEPS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 #[test]
 fn fused_norm_backward_matches_ndarray() {
     use visii_models::nn::{GroupNorm, LayerNorm};
-    let _lock = NORM_STEP.lock().unwrap_or_else(|e| e.into_inner());
+    let _lock = FUSED_STEPS.lock().unwrap_or_else(|e| e.into_inner());
     let gpu = Device::wgpu(DeviceKind::DefaultDevice);
     let cpu = Device::ndarray();
     visii_models::fused::set_steps_enabled(true);
@@ -357,7 +357,7 @@ fn fused_norm_backward_matches_ndarray() {
         let beta = Tensor::<1>::random([c], Distribution::Normal(0.0, 0.3), &gpu);
         let (ng, nc) = (gn(&gpu, &gamma, &beta, groups), gn(&cpu, &gamma, &beta, groups));
         for silu in [false, true] {
-            let probe = visii_models::fused::group_norm(x.clone().autodiff(), &gamma, &beta, groups, 1e-6, silu, false);
+            let probe = visii_models::fused::group_norm(x.clone().autodiff(), &ng.gamma.val(), &ng.beta.val(), groups, 1e-6, silu, false);
             assert!(probe.is_ok(), "the fused norm step applies to {shape:?} / {groups}");
             let run = |n: &GroupNorm, x: Tensor<4>| if silu { n.forward_silu(x) } else { n.forward(x) };
             let ours = input_grad(&x, &r, |x| run(&ng, x));
@@ -405,6 +405,30 @@ fn fused_norm_backward_matches_ndarray() {
         }
         assert!(e < 2e-5_f32.max(2.0 * e_burn), "{case}");
         assert!(truth.iter().any(|v| v.abs() > 0.01), "{case}");
+    }
+    // Inputs that are views (a transposed tensor, as attention's reshapes make): the step reads
+    // their values and the gradient reaches the view's source.
+    {
+        let src = Tensor::<4>::random([2, 64, 6, 5], Distribution::Normal(0.0, 1.5), &gpu);
+        let r = Tensor::<4>::random([2, 64, 5, 6], Distribution::Normal(0.0, 1.0), &gpu);
+        let gamma = Tensor::<1>::random([64], Distribution::Normal(1.0, 0.3), &gpu);
+        let beta = Tensor::<1>::random([64], Distribution::Normal(0.0, 0.3), &gpu);
+        let (ng, nc) = (gn(&gpu, &gamma, &beta, 32), gn(&cpu, &gamma, &beta, 32));
+        let grad_of_src = |n: &GroupNorm, src: &Tensor<4>, r: &Tensor<4>| {
+            input_grad(src, &r.clone().swap_dims(2, 3), |s| n.forward_silu(s.swap_dims(2, 3)).swap_dims(2, 3))
+        };
+        let ours = grad_of_src(&ng, &src, &r);
+        let reference = grad_of_src(&nc, &on(&src, &cpu), &on(&r, &cpu));
+        let e = rel(&ours, &reference);
+        println!("group norm + silu of a transposed view: input gradient vs ndarray {e:.2e}");
+        assert!(e < 2e-5, "a transposed view: {e:.2e}");
+        let h = Tensor::<3>::random([2, 6, 2 * 9], Distribution::Normal(0.0, 2.0), &gpu);
+        let r = Tensor::<3>::random([6, 2, 9], Distribution::Normal(0.0, 1.0), &gpu);
+        let geglu_of_view =
+            |h: &Tensor<3>, r: &Tensor<3>| input_grad(h, &r.clone().swap_dims(0, 1), |h| visii_models::nn::geglu(h.swap_dims(0, 1)).swap_dims(0, 1));
+        let e = rel(&geglu_of_view(&h, &r), &geglu_of_view(&on(&h, &cpu), &on(&r, &cpu)));
+        println!("geglu of a transposed view: input gradient vs ndarray {e:.2e}");
+        assert!(e < 2e-6, "geglu of a transposed view: {e:.2e}");
     }
     // Not for: tensors outside autodiff, a scale inside autodiff, groups that do not divide the
     // channels, ndarray, the step switched off.
@@ -464,7 +488,7 @@ fn erf64(x: f64) -> f64 {
 
 #[test]
 fn geglu_and_its_gradient_match_f64_and_burn() {
-    let _lock = NORM_STEP.lock().unwrap_or_else(|e| e.into_inner());
+    let _lock = FUSED_STEPS.lock().unwrap_or_else(|e| e.into_inner());
     let gpu = Device::wgpu(DeviceKind::DefaultDevice);
     let cpu = Device::ndarray();
     visii_models::fused::set_steps_enabled(true);
@@ -819,7 +843,7 @@ fn f16_kernels_match_f32_on_the_same_values() {
     }
     // Their input gradients (learning through f16 activations: the fused norm step).
     {
-        let _lock = NORM_STEP.lock().unwrap_or_else(|e| e.into_inner());
+        let _lock = FUSED_STEPS.lock().unwrap_or_else(|e| e.into_inner());
         visii_models::fused::set_steps_enabled(true);
         for (shape, groups) in [([1, 320, 8, 8], 32), ([2, 48, 9, 7], 4)] {
             let (x16, xf) = half(&Tensor::<4>::random(shape, Distribution::Normal(1.0, 2.0), &gpu), &cpu);
@@ -833,6 +857,8 @@ fn f16_kernels_match_f32_on_the_same_values() {
                 epsilon: 1e-6,
             };
             let (ng, nc) = (gn(&gpu), gn(&cpu));
+            let probe = visii_models::fused::group_norm(x16.clone().autodiff(), &ng.gamma.val(), &ng.beta.val(), groups, 1e-6, true, false);
+            assert!(probe.is_ok(), "the fused f16 norm step applies");
             let xa = x16.clone().autodiff().require_grad();
             let y = ng.forward_silu(xa.clone());
             assert_eq!(y.dtype(), DType::F16);
@@ -850,6 +876,7 @@ fn f16_kernels_match_f32_on_the_same_values() {
             epsilon: 1e-5,
         };
         let (lg, lc) = (ln(&gpu), ln(&cpu));
+        assert!(visii_models::fused::group_norm(x16.clone().autodiff(), &lg.gamma.val(), &lg.beta.val(), 1, 1e-5, false, true).is_ok());
         let xa = x16.autodiff().require_grad();
         let ours = xa.grad(&(lg.forward(xa.clone()) * r16.autodiff()).sum().backward()).expect("x has a gradient");
         let reference = input_grad(&xf, &rf, |x| lc.forward(x));
@@ -860,6 +887,7 @@ fn f16_kernels_match_f32_on_the_same_values() {
         let (h_host, r_host) = (values(hf.clone()), values(rf));
         let (y_truth, dh_truth) = geglu_f64(&h_host, &r_host, 320);
         check("geglu [2, 9, 2 x 320]".to_string(), values16(kernels::geglu(h16.clone()).expect("our f16 GEGLU applies")), y_truth);
+        assert!(visii_models::fused::geglu(h16.clone().autodiff()).is_ok(), "the fused f16 GEGLU step applies");
         let ha = h16.autodiff().require_grad();
         let y = visii_models::nn::geglu(ha.clone());
         assert_eq!(y.dtype(), DType::F16);

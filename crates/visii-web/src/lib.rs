@@ -109,7 +109,8 @@ async fn init_device(spec_limits: bool) -> Result<Device, JsValue> {
 /// Synchronous ranged read of a `Blob` / `File` (OPFS or picked) with `FileReaderSync` (only in
 /// workers): `new FileReaderSync().readAsArrayBuffer(blob.slice(offset, offset + len))`.
 fn read_blob(blob: &web_sys::Blob, offset: f64, len: f64) -> Result<js_sys::Uint8Array, JsValue> {
-    let reader = web_sys::FileReaderSync::new().map_err(|_| error("ModelError", "FileReaderSync is not available here (stored files are read in the worker)"))?;
+    let reader = web_sys::FileReaderSync::new()
+        .map_err(|_| error("ModelError", "FileReaderSync is not available here (stored files are read in the worker)"))?;
     let part = blob.slice_with_f64_and_f64(offset, offset + len)?;
     Ok(js_sys::Uint8Array::new(&reader.read_as_array_buffer(&part)?.into()))
 }
@@ -307,12 +308,14 @@ struct EngineOpts {
     /// `"ours"` (default) or `"burn"`: whose conv / matmul / norm kernels run (for comparisons).
     kernels: Option<String>,
     /// The skinny GEMM (default off in a browser for now: `visii_models::kernels::skinny_enabled`),
-    /// its use for a Linear's input gradient, the fused attention (default on), and its autodiff
-    /// step in learning (default off for now, `visii_models::fused`); for diagnosis and comparisons.
+    /// its use for a Linear's input gradient, the fused attention (default on), its autodiff step in
+    /// learning (default on, `visii_models::fused`), and learning's fused norm and GEGLU steps
+    /// (default on); for diagnosis and comparisons.
     gemv: Option<bool>,
     gemv_grad: Option<bool>,
     flash: Option<bool>,
     flash_grad: Option<bool>,
+    fused_steps: Option<bool>,
     /// Whether our GEMMs read int8-resident weights in place (default on,
     /// `visii_models::kernels::q8_enabled`); false: a float copy of each layer's weight first, to
     /// compare.
@@ -320,7 +323,7 @@ struct EngineOpts {
 }
 
 /// Create the engine (initialises WebGPU). `options`: `{ limits: "adapter" | "spec", tidyEvery?,
-/// tidyBackwardEvery?, exactFit?, cpuAdapter?, kernels?, gemv?, gemvGrad?, flash?, flashGrad?, q8? }` (tidy* and exactFit: how often free GPU buffers are handed back, and
+/// tidyBackwardEvery?, exactFit?, cpuAdapter?, kernels?, gemv?, gemvGrad?, flash?, flashGrad?, fusedSteps?, q8? }` (tidy* and exactFit: how often free GPU buffers are handed back, and
 /// whether steps run in exact-size buffers; for diagnosis). The models
 /// keep every buffer they create on purpose within 128 MiB either way
 /// (`visii_models::nn::max_buffer_bytes`).
@@ -354,6 +357,9 @@ pub async fn create_engine(options: JsValue) -> Result<Engine, JsValue> {
     }
     if let Some(on) = o.flash_grad {
         visii_models::fused::set_enabled(on);
+    }
+    if let Some(on) = o.fused_steps {
+        visii_models::fused::set_steps_enabled(on);
     }
     if let Some(on) = o.q8 {
         visii_models::kernels::set_q8(on);

@@ -4,8 +4,12 @@
 //! - [`conv2d`]: convolution as an implicit GEMM on NCHW tensors (no layout copies; `gemm.rs`).
 //! - [`linear`]: `x · W + b` on the same GEMM.
 //! - [`group_norm`]: GroupNorm (+ SiLU) and LayerNorm in two kernels with parallel reductions,
-//!   [`softmax`] in one (`norm.rs`).
-//! - [`geglu`]: the transformers' GEGLU activation in one kernel (`geglu.rs`).
+//!   [`softmax`] in one (`norm.rs`); their input gradient in two more ([`group_norm_grad_cube`]).
+//! - [`geglu`]: the transformers' GEGLU activation in one kernel, its input gradient in one more
+//!   (`geglu.rs`).
+//!
+//! Inside learning's autodiff, `crate::fused` wires the attention, norm and GEGLU kernels in as
+//! autodiff steps with these backward kernels.
 //!
 //! Each entry point takes burn tensors and returns `Err` with its input untouched where the kernel
 //! does not apply (another backend, a type other than f32 / f16, autodiff, grouped or dilated convs), so the
@@ -982,8 +986,8 @@ pub fn group_norm_cube_stats(
 }
 
 /// The input gradient of [`group_norm_cube`] (with `gamma` and `beta` frozen) for the output's
-/// gradient `dy`, from the forward's contiguous input `x` and `stats` ([`group_norm_cube_stats`]);
-/// `dy` in `x`'s type. `Err(dy)` where the kernels do not apply (checked by the forward).
+/// gradient `dy`, from the forward's input `x` and `stats` ([`group_norm_cube_stats`]); `dy` in
+/// `x`'s type. `Err(dy)` where the kernels do not apply (the forward checked the same).
 #[allow(clippy::too_many_arguments)]
 pub fn group_norm_grad_cube(
     x: &CubeTensor,
@@ -998,10 +1002,10 @@ pub fn group_norm_grad_cube(
     let dims = x.shape().to_vec();
     let Some((rows, len, s, c)) = norm_layout(&dims, groups, layer_norm) else { return Err(dy) };
     let Some((ex, affine)) = norm_elems(x, gamma, beta, c) else { return Err(dy) };
-    if dy.dtype != x.dtype || dy.shape().to_vec() != dims {
+    if dy.dtype != x.dtype || dy.shape().to_vec() != dims || stats.dtype != DType::F32 || stats.shape().to_vec() != [rows, 2] {
         return Err(dy);
     }
-    let dy = contiguous(dy);
+    let (x, dy) = (&contiguous(x.clone()), contiguous(dy));
     let (gamma, beta) = (contiguous(gamma.clone()), contiguous(beta.clone()));
     let (client, device) = (x.client.clone(), x.device.clone());
     let sums = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(client.clone(), device.clone(), vec![rows, 2].into(), DType::F32);

@@ -33,7 +33,7 @@
 use super::Elem;
 use std::fmt::Write;
 
-/// Invocations per workgroup of both kernels.
+/// Invocations per workgroup of every kernel here.
 pub const THREADS: u32 = 256;
 
 /// Which kernel; `lanes`: invocations per row (a power of two, at most [`THREADS`]); `x`: the
