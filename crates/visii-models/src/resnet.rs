@@ -6,7 +6,6 @@ use crate::resident::Layer;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::{Linear, PaddingConfig2d};
-use burn::tensor::activation::silu;
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::Tensor;
@@ -40,11 +39,12 @@ impl ResnetBlock2D {
         })
     }
 
-    /// x: [b, c_in, h, w]; temb: [b, temb] (already computed by the time embedding).
-    pub fn forward(&self, x: Tensor<4>, temb: Option<&Tensor<2>>) -> Tensor<4> {
+    /// x: [b, c_in, h, w]; temb_silu: `silu(temb)` [b, temb], the time embedding after the block's
+    /// nonlinearity (the same for every block of a UNet: its caller applies it once).
+    pub fn forward(&self, x: Tensor<4>, temb_silu: Option<&Tensor<2>>) -> Tensor<4> {
         let mut h = self.conv1.run(self.norm1.forward_silu(x.clone()));
-        if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
-            let t = proj.run(silu(t.clone()));
+        if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb_silu) {
+            let t = proj.run(t.clone());
             let [b, c] = t.dims();
             h = h + t.reshape([b, c, 1, 1]);
         }
