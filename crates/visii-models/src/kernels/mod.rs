@@ -1082,11 +1082,17 @@ pub fn geglu_grad_cube(h: &CubeTensor, dy: CubeTensor) -> Result<CubeTensor, Cub
 
 /// Our GEGLU outside autodiff on a cubecl device; `Err(h)` where burn's ops must run.
 pub fn geglu<const D: usize>(h: Tensor<D>) -> Result<Tensor<D>, Tensor<D>> {
+    on_primitive(h, geglu_cube)
+}
+
+/// `kernel` on `x`'s cubecl primitive where our kernels may run (enabled, a cubecl float tensor
+/// outside autodiff); `Err(x)` otherwise, or where `kernel` declines.
+fn on_primitive<const D: usize>(x: Tensor<D>, kernel: impl FnOnce(CubeTensor) -> Result<CubeTensor, CubeTensor>) -> Result<Tensor<D>, Tensor<D>> {
     if !enabled() {
-        return Err(h);
+        return Err(x);
     }
-    let Some(hc) = primitive(&h) else { return Err(h) };
-    geglu_cube(hc).map(wrap).map_err(|_| h)
+    let Some(c) = primitive(&x) else { return Err(x) };
+    kernel(c).map(wrap).map_err(|_| x)
 }
 
 /// 0: not yet read from the environment, 1: on, 2: off.
@@ -1308,11 +1314,7 @@ pub fn softmax_cube(x: CubeTensor) -> Result<CubeTensor, CubeTensor> {
 /// Our softmax over the last axis outside autodiff on a cubecl device; `Err(x)` where burn's must
 /// run.
 pub fn softmax<const D: usize>(x: Tensor<D>) -> Result<Tensor<D>, Tensor<D>> {
-    if !enabled() {
-        return Err(x);
-    }
-    let Some(xc) = primitive(&x) else { return Err(x) };
-    softmax_cube(xc).map(wrap).map_err(|_| x)
+    on_primitive(x, softmax_cube)
 }
 
 /// Our GroupNorm (+ SiLU) outside autodiff on a cubecl device; `Err(x)` where burn's must run.
