@@ -167,7 +167,7 @@ pub fn group_norm<const D: usize>(
     Ok(rewrap(y, strategy))
 }
 
-/// The GEGLU step; its state: the input `h`.
+/// The GEGLU step; its state: the input `h` (contiguous).
 #[derive(Debug)]
 struct FusedGeglu;
 
@@ -185,10 +185,9 @@ impl Backward<Cube, 1> for FusedGeglu {
     }
 }
 
-fn record_geglu<C: CheckpointStrategy>(h: AutodiffTensor, y: Float) -> AutodiffTensor {
-    let state = h.clone().into_primitive();
+fn record_geglu<C: CheckpointStrategy>(h: AutodiffTensor, y: Float, kept: Float) -> AutodiffTensor {
     match FusedGeglu.prepare::<C>([h.node()]).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => prep.finish(state, y),
+        OpsKind::Tracked(prep) => prep.finish(kept, y),
         OpsKind::UnTracked(prep) => prep.finish(y),
     }
 }
@@ -201,13 +200,14 @@ pub fn geglu<const D: usize>(h: Tensor<D>) -> Result<Tensor<D>, Tensor<D>> {
         return Err(h);
     }
     let (h, strategy) = unwrap(h)?;
-    let y = match crate::kernels::geglu_cube(h.clone().into_primitive()) {
-        Ok(y) => y,
+    // The step keeps the contiguous input the forward read (no second copy of a view backward).
+    let (y, kept) = match crate::kernels::geglu_cube_kept(h.clone().into_primitive()) {
+        Ok(r) => r,
         Err(_) => return Err(rewrap(h, strategy)),
     };
     let y = match strategy {
-        GradientCheckpointingStrategy::Disabled => record_geglu::<NoCheckpointing>(h, y),
-        GradientCheckpointingStrategy::Balanced => record_geglu::<BalancedCheckpointing>(h, y),
+        GradientCheckpointingStrategy::Disabled => record_geglu::<NoCheckpointing>(h, y, kept),
+        GradientCheckpointingStrategy::Balanced => record_geglu::<BalancedCheckpointing>(h, y, kept),
     };
     Ok(rewrap(y, strategy))
 }

@@ -32,6 +32,23 @@ fn on<const D: usize>(t: &Tensor<D>, dev: &Device) -> Tensor<D> {
     Tensor::from_data(t.to_data(), dev)
 }
 
+/// The models' GroupNorm (eps 1e-6, the UNet's) with `gamma` and `beta` copied to `dev`.
+fn group_norm_on(dev: &Device, gamma: &Tensor<1>, beta: &Tensor<1>, groups: usize) -> visii_models::nn::GroupNorm {
+    use burn::module::Param;
+    visii_models::nn::GroupNorm {
+        gamma: Param::from_tensor(on(gamma, dev)),
+        beta: Param::from_tensor(on(beta, dev)),
+        num_groups: groups,
+        epsilon: 1e-6,
+    }
+}
+
+/// The models' LayerNorm (eps 1e-5, the transformers') with `gamma` and `beta` copied to `dev`.
+fn layer_norm_on(dev: &Device, gamma: &Tensor<1>, beta: &Tensor<1>) -> visii_models::nn::LayerNorm {
+    use burn::module::Param;
+    visii_models::nn::LayerNorm { gamma: Param::from_tensor(on(gamma, dev)), beta: Param::from_tensor(on(beta, dev)), epsilon: 1e-5 }
+}
+
 /// Held by every test that runs the fused attention: one of them forces the rows per invocation
 /// (a process-wide setting), which must not reach the others' wide heads (a forced 8 rows of 128
 /// would take minutes to compile on lavapipe).
@@ -230,7 +247,6 @@ fn frozen_f32_layers_backpropagate_through_our_kernels_like_ndarray() {
 
 #[test]
 fn group_norm_silu_and_layer_norm_match_ndarray() {
-    use visii_models::nn::GroupNorm;
     let gpu = Device::wgpu(DeviceKind::DefaultDevice);
     let cpu = Device::ndarray();
     // (shape, groups): UNet resnet norms (32 groups), the VAE's at a larger size, a batch of
@@ -256,12 +272,7 @@ fn group_norm_silu_and_layer_norm_match_ndarray() {
         for silu in [false, true] {
             let ours = values(kernels::group_norm(x.clone(), &gamma, &beta, groups, 1e-6, silu).expect("our group norm applies"));
             // The reference: the models' own GroupNorm (burn's ops) on ndarray.
-            let gn = GroupNorm {
-                gamma: burn::module::Param::from_tensor(on(&gamma, &cpu)),
-                beta: burn::module::Param::from_tensor(on(&beta, &cpu)),
-                num_groups: groups,
-                epsilon: 1e-6,
-            };
+            let gn = group_norm_on(&cpu, &gamma, &beta, groups);
             let reference = if silu { gn.forward_silu(on(&x, &cpu)) } else { gn.forward(on(&x, &cpu)) };
             let e = rel(&ours, &values(reference));
             println!("group norm {shape:?} / {groups} (mean {offset}), silu {silu}: vs ndarray {e:.2e}");
@@ -322,17 +333,11 @@ static FUSED_STEPS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 #[test]
 fn fused_norm_backward_matches_ndarray() {
-    use visii_models::nn::{GroupNorm, LayerNorm};
+    use visii_models::nn::GroupNorm;
     let _lock = FUSED_STEPS.lock().unwrap_or_else(|e| e.into_inner());
     let gpu = Device::wgpu(DeviceKind::DefaultDevice);
     let cpu = Device::ndarray();
     visii_models::fused::set_steps_enabled(true);
-    let gn = |dev: &Device, gamma: &Tensor<1>, beta: &Tensor<1>, groups: usize| GroupNorm {
-        gamma: burn::module::Param::from_tensor(on(gamma, dev)),
-        beta: burn::module::Param::from_tensor(on(beta, dev)),
-        num_groups: groups,
-        epsilon: 1e-6,
-    };
     // (shape, groups, mean): the GroupNorm cases of the forward test (UNet resnets, the VAE's size,
     // three guidance rows, an offset mean, rows of 1 to 64 values), and a row longer than the
     // workgroup's lanes cover many times over. Not rows of two values: they normalise to about -1
@@ -355,7 +360,7 @@ fn fused_norm_backward_matches_ndarray() {
         let r = Tensor::<4>::random(shape4, Distribution::Normal(0.0, 1.0), &gpu);
         let gamma = Tensor::<1>::random([c], Distribution::Normal(1.0, 0.3), &gpu);
         let beta = Tensor::<1>::random([c], Distribution::Normal(0.0, 0.3), &gpu);
-        let (ng, nc) = (gn(&gpu, &gamma, &beta, groups), gn(&cpu, &gamma, &beta, groups));
+        let (ng, nc) = (group_norm_on(&gpu, &gamma, &beta, groups), group_norm_on(&cpu, &gamma, &beta, groups));
         for silu in [false, true] {
             let probe = visii_models::fused::group_norm(x.clone().autodiff(), &ng.gamma.val(), &ng.beta.val(), groups, 1e-6, silu, false);
             assert!(probe.is_ok(), "the fused norm step applies to {shape:?} / {groups}");
@@ -387,12 +392,7 @@ fn fused_norm_backward_matches_ndarray() {
         let gamma = Tensor::<1>::random([c], Distribution::Normal(1.0, 0.3), &gpu);
         let beta = Tensor::<1>::random([c], Distribution::Normal(0.0, 0.3), &gpu);
         assert!(visii_models::fused::group_norm(x.clone().autodiff(), &gamma, &beta, 1, 1e-5, false, true).is_ok());
-        let ln = |dev: &Device| LayerNorm {
-            gamma: burn::module::Param::from_tensor(on(&gamma, dev)),
-            beta: burn::module::Param::from_tensor(on(&beta, dev)),
-            epsilon: 1e-5,
-        };
-        let (lg, lc) = (ln(&gpu), ln(&cpu));
+        let (lg, lc) = (layer_norm_on(&gpu, &gamma, &beta), layer_norm_on(&cpu, &gamma, &beta));
         let ours = input_grad(&x, &r, |x| lg.forward(x));
         let reference = input_grad(&on(&x, &cpu), &on(&r, &cpu), |x| lc.forward(x));
         let truth = norm_grad_f64(&values(x.clone()), &values(r.clone()), &values(gamma.clone()), &values(beta.clone()), c, 1, 1e-5, false);
@@ -413,7 +413,7 @@ fn fused_norm_backward_matches_ndarray() {
         let r = Tensor::<4>::random([2, 64, 5, 6], Distribution::Normal(0.0, 1.0), &gpu);
         let gamma = Tensor::<1>::random([64], Distribution::Normal(1.0, 0.3), &gpu);
         let beta = Tensor::<1>::random([64], Distribution::Normal(0.0, 0.3), &gpu);
-        let (ng, nc) = (gn(&gpu, &gamma, &beta, 32), gn(&cpu, &gamma, &beta, 32));
+        let (ng, nc) = (group_norm_on(&gpu, &gamma, &beta, 32), group_norm_on(&cpu, &gamma, &beta, 32));
         let grad_of_src = |n: &GroupNorm, src: &Tensor<4>, r: &Tensor<4>| {
             input_grad(src, &r.clone().swap_dims(2, 3), |s| n.forward_silu(s.swap_dims(2, 3)).swap_dims(2, 3))
         };
@@ -829,12 +829,7 @@ fn f16_kernels_match_f32_on_the_same_values() {
         let (x16, xf) = half(&Tensor::<4>::random(shape, Distribution::Normal(1.0, 2.0), &gpu), &cpu);
         let gamma = Tensor::<1>::random([shape[1]], Distribution::Normal(1.0, 0.3), &gpu);
         let beta = Tensor::<1>::random([shape[1]], Distribution::Normal(0.0, 0.3), &gpu);
-        let gn = visii_models::nn::GroupNorm {
-            gamma: Param::from_tensor(on(&gamma, &cpu)),
-            beta: Param::from_tensor(on(&beta, &cpu)),
-            num_groups: groups,
-            epsilon: 1e-6,
-        };
+        let gn = group_norm_on(&cpu, &gamma, &beta, groups);
         for silu in [false, true] {
             let ours = kernels::group_norm(x16.clone(), &gamma, &beta, groups, 1e-6, silu).expect("our f16 group norm applies");
             let reference = if silu { gn.forward_silu(xf.clone()) } else { gn.forward(xf.clone()) };
@@ -850,13 +845,7 @@ fn f16_kernels_match_f32_on_the_same_values() {
             let (r16, rf) = half(&Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &gpu), &cpu);
             let gamma = Tensor::<1>::random([shape[1]], Distribution::Normal(1.0, 0.3), &gpu);
             let beta = Tensor::<1>::random([shape[1]], Distribution::Normal(0.0, 0.3), &gpu);
-            let gn = |dev: &Device| visii_models::nn::GroupNorm {
-                gamma: Param::from_tensor(on(&gamma, dev)),
-                beta: Param::from_tensor(on(&beta, dev)),
-                num_groups: groups,
-                epsilon: 1e-6,
-            };
-            let (ng, nc) = (gn(&gpu), gn(&cpu));
+            let (ng, nc) = (group_norm_on(&gpu, &gamma, &beta, groups), group_norm_on(&cpu, &gamma, &beta, groups));
             let probe = visii_models::fused::group_norm(x16.clone().autodiff(), &ng.gamma.val(), &ng.beta.val(), groups, 1e-6, true, false);
             assert!(probe.is_ok(), "the fused f16 norm step applies");
             let xa = x16.clone().autodiff().require_grad();
@@ -870,12 +859,7 @@ fn f16_kernels_match_f32_on_the_same_values() {
         let (r16, rf) = half(&Tensor::<3>::random([2, 77, 320], Distribution::Normal(0.0, 1.0), &gpu), &cpu);
         let gamma = Tensor::<1>::random([320], Distribution::Normal(1.0, 0.3), &gpu);
         let beta = Tensor::<1>::random([320], Distribution::Normal(0.0, 0.3), &gpu);
-        let ln = |dev: &Device| visii_models::nn::LayerNorm {
-            gamma: Param::from_tensor(on(&gamma, dev)),
-            beta: Param::from_tensor(on(&beta, dev)),
-            epsilon: 1e-5,
-        };
-        let (lg, lc) = (ln(&gpu), ln(&cpu));
+        let (lg, lc) = (layer_norm_on(&gpu, &gamma, &beta), layer_norm_on(&cpu, &gamma, &beta));
         assert!(visii_models::fused::group_norm(x16.clone().autodiff(), &lg.gamma.val(), &lg.beta.val(), 1, 1e-5, false, true).is_ok());
         let xa = x16.autodiff().require_grad();
         let ours = xa.grad(&(lg.forward(xa.clone()) * r16.autodiff()).sum().backward()).expect("x has a gradient");

@@ -109,8 +109,7 @@ async fn init_device(spec_limits: bool) -> Result<Device, JsValue> {
 /// Synchronous ranged read of a `Blob` / `File` (OPFS or picked) with `FileReaderSync` (only in
 /// workers): `new FileReaderSync().readAsArrayBuffer(blob.slice(offset, offset + len))`.
 fn read_blob(blob: &web_sys::Blob, offset: f64, len: f64) -> Result<js_sys::Uint8Array, JsValue> {
-    let reader = web_sys::FileReaderSync::new()
-        .map_err(|_| error("ModelError", "FileReaderSync is not available here (stored files are read in the worker)"))?;
+    let reader = web_sys::FileReaderSync::new().map_err(|_| error("ModelError", "FileReaderSync is not available here (stored files are read in the worker)"))?;
     let part = blob.slice_with_f64_and_f64(offset, offset + len)?;
     Ok(js_sys::Uint8Array::new(&reader.read_as_array_buffer(&part)?.into()))
 }

@@ -94,9 +94,7 @@ pub enum Elem {
     #[default]
     F32,
     F16,
-    Q8 {
-        block: u32,
-    },
+    Q8 { block: u32 },
 }
 
 impl Elem {
@@ -593,11 +591,8 @@ impl Q8 {
             return None;
         }
         let (values, scales) = q.quantized_handles()?;
-        (values.dtype == DType::U32 && values.is_contiguous() && scales.dtype == DType::F32 && scales.is_contiguous()).then_some(Q8 {
-            values,
-            scales,
-            block: block as u32,
-        })
+        (values.dtype == DType::U32 && values.is_contiguous() && scales.dtype == DType::F32 && scales.is_contiguous())
+            .then_some(Q8 { values, scales, block: block as u32 })
     }
 }
 
@@ -845,7 +840,10 @@ pub fn conv2d_input_grad_weight(
         let (kx0, nkx) = gemv::taps(kw, 1, pw, ow, wd);
         let (kh, kw, ph, pw) = (kh as u32, kw as u32, ph as u32, pw as u32);
         let b = SkinnyB::Conv { kh, kw, sh: 1, sw: 1, ph, pw, ky0, nky, kx0, nkx };
-        let cfg = SkinnyConfig::new(n, SkinnyA::ConvFlipped { kk: kh * kw }, b, Bias::None).with(types).vectorised(m, k).adapted(w.client());
+        let cfg = SkinnyConfig::new(n, SkinnyA::ConvFlipped { kk: kh * kw }, b, Bias::None)
+            .with(types)
+            .vectorised(m, k)
+            .adapted(w.client());
         if skinny_dispatchable(&cfg, m) {
             return Ok(launch_skinny(cfg, &w.bindings(), &[contiguous(grad)], None, p, vec![nb, c_in, h, wd]));
         }
@@ -1043,6 +1041,11 @@ fn geglu_layout(dims: &[usize]) -> Option<(usize, usize)> {
 /// GEGLU of `h` `[.., 2F]` (see `geglu.rs`): `h[.., :F] * gelu(h[.., F:])`, `[.., F]`; `Err(h)`
 /// where the kernel does not apply (odd last axis, a type other than f32 / f16).
 pub fn geglu_cube(h: CubeTensor) -> Result<CubeTensor, CubeTensor> {
+    geglu_cube_kept(h).map(|(y, _)| y)
+}
+
+/// [`geglu_cube`] that also returns its (contiguous) input: what [`geglu_grad_cube`] reads.
+pub fn geglu_cube_kept(h: CubeTensor) -> Result<(CubeTensor, CubeTensor), CubeTensor> {
     let dims = h.shape().to_vec();
     let (Some((rows, f)), Some(ex)) = (geglu_layout(&dims), Elem::of(h.dtype)) else { return Err(h) };
     let h = contiguous(h);
@@ -1055,7 +1058,7 @@ pub fn geglu_cube(h: CubeTensor) -> Result<CubeTensor, CubeTensor> {
         .with_buffer_io(y.handle.clone().binding(), BufferIOAttr::WriteOnly)
         .with_info(params([rows, f, gx as usize, 0]));
     h.client.launch(Box::new(Wgsl::Geglu(geglu::GegluKernel { grad: false, x: ex })), CubeCount::Static(gx, gy, 1), args);
-    Ok(y)
+    Ok((y, h))
 }
 
 /// The gradient of [`geglu_cube`]'s input `h` for the output's gradient `dy` (in `h`'s type);
@@ -1244,9 +1247,7 @@ pub fn attention_grads_cube(
     let d = inner / heads;
     let [q, k, v, o, lse, g] = [q, k, v, o, lse, g].map(contiguous);
     let (client, device) = (q.client.clone(), q.device.clone());
-    let empty = |shape: Vec<usize>, dtype: DType| {
-        burn_cubecl::ops::numeric::empty_device_contiguous_dtype(client.clone(), device.clone(), shape.into(), dtype)
-    };
+    let empty = |shape: Vec<usize>, dtype: DType| burn_cubecl::ops::numeric::empty_device_contiguous_dtype(client.clone(), device.clone(), shape.into(), dtype);
     let (dq, dk, dv) = (empty(qd.clone(), elem.dtype()), empty(kd.clone(), elem.dtype()), empty(kd.clone(), elem.dtype()));
     let dd = empty(vec![b, heads, n], DType::F32);
     let scale = ((d as f32).powf(-0.5)).to_bits() as usize;
@@ -1365,12 +1366,7 @@ pub(crate) fn q8_base<const W: usize>(base: &Tensor<W>) -> Option<Q8> {
 
 /// `x · W + bias` outside autodiff for an int8-resident weight `base` of real shape `wdims`
 /// `[K, N]`, read in place; `Err(x)` where it cannot be.
-pub fn linear_q8<const D: usize, const W: usize>(
-    x: Tensor<D>,
-    base: &Tensor<W>,
-    wdims: [usize; 2],
-    bias: Option<&Tensor<1>>,
-) -> Result<Tensor<D>, Tensor<D>> {
+pub fn linear_q8<const D: usize, const W: usize>(x: Tensor<D>, base: &Tensor<W>, wdims: [usize; 2], bias: Option<&Tensor<1>>) -> Result<Tensor<D>, Tensor<D>> {
     let Some(q8) = q8_base(base) else { return Err(x) };
     let Some((xc, bc)) = input_primitives(&x, bias) else { return Err(x) };
     linear_weight(xc, Weight::Q8(q8), wdims, bc, skinny_enabled()).map(wrap).map_err(|_| x)

@@ -135,7 +135,8 @@ impl NormKernel {
                 row_of(w, lanes);
                 let _ = writeln!(w, "  var acc = 0.0; for (var i = lane; i < p.len; i = i + {lanes}u) {{ acc = acc + {xi}; }}");
                 let _ = writeln!(w, "  let mean = reduce(t, acc) / f32(p.len);");
-                let _ = writeln!(w, "  var sq = 0.0; for (var i = lane; i < p.len; i = i + {lanes}u) {{ let d = {xi} - mean; sq = sq + d * d; }}");
+                let _ =
+                    writeln!(w, "  var sq = 0.0; for (var i = lane; i < p.len; i = i + {lanes}u) {{ let d = {xi} - mean; sq = sq + d * d; }}");
                 let _ = writeln!(w, "  let var_ = reduce(t, sq) / f32(p.len);");
                 let _ = writeln!(
                     w,
@@ -156,7 +157,8 @@ impl NormKernel {
                 row_of(w, lanes);
                 // -inf entries (masked positions) give exp(-inf) = 0; a row of only -inf gives NaN,
                 // as PyTorch's softmax does.
-                let _ = writeln!(w, "  var m = -3.4028234663852886e38; for (var i = lane; i < p.len; i = i + {lanes}u) {{ m = max(m, {xi}); }}");
+                let _ =
+                    writeln!(w, "  var m = -3.4028234663852886e38; for (var i = lane; i < p.len; i = i + {lanes}u) {{ m = max(m, {xi}); }}");
                 let _ = writeln!(w, "  let mx = reduce_max(t, m);");
                 let _ = writeln!(w, "  var acc = 0.0; for (var i = lane; i < p.len; i = i + {lanes}u) {{ acc = acc + exp({xi} - mx); }}");
                 let _ = writeln!(w, "  let inv = 1.0 / reduce_sum(t, acc);");
