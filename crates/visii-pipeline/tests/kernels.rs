@@ -328,6 +328,24 @@ fn norm_grad_f64(x: &[f32], r: &[f32], gamma: &[f32], beta: &[f32], len: usize, 
     dx
 }
 
+/// How much the normalisation of rows of `len` values magnifies a relative error of `x`: the largest
+/// `max |x| / std` of a row. `x`'s own f32 rounding (relative 6e-8) moves `x̂` by up to 6e-8 times
+/// this, and the gradient with it: large where a row's few values lie close around a mean far from 0.
+/// (Rows of one value normalise to 0 whatever it is: 0.)
+fn norm_condition(x: &[f32], len: usize) -> f32 {
+    if len < 2 {
+        return 0.0;
+    }
+    x.chunks(len)
+        .map(|xs| {
+            let n = len as f64;
+            let mean = xs.iter().map(|&v| v as f64).sum::<f64>() / n;
+            let std = (xs.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
+            (xs.iter().fold(0f64, |m, &v| m.max((v as f64).abs())) / std.max(1e-30)) as f32
+        })
+        .fold(0f32, f32::max)
+}
+
 /// Held by the tests that switch the fused norm and GEGLU steps (a process-wide setting) or rely on them.
 static FUSED_STEPS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -371,12 +389,15 @@ fn fused_norm_backward_matches_ndarray() {
             let truth =
                 norm_grad_f64(&values(x.clone()), &values(r.clone()), &gv, &bv, c / groups * shape[2] * shape[3], shape[2] * shape[3], 1e-6, silu);
             let (e, e_burn) = (rel(&ours, &truth), rel(&reference, &truth));
+            let kappa = norm_condition(&values(x.clone()), c / groups * shape[2] * shape[3]);
             let case = format!(
-                "group norm {shape:?} / {groups} (mean {offset}), silu {silu}: input gradient vs f64 {e:.2e}, burn's on ndarray {e_burn:.2e}"
+                "group norm {shape:?} / {groups} (mean {offset}), silu {silu}: input gradient vs f64 {e:.2e}, burn's on ndarray {e_burn:.2e}, condition {kappa:.0}"
             );
             println!("{case}");
-            // As close as burn's own chain, or closer.
-            assert!(e < 2e-5_f32.max(2.0 * e_burn), "{case}");
+            // As close as burn's own chain, or closer; or within what the rounding of `x` alone allows
+            // (rows of 3 values with a mean of 3 can lie within 0.01 of it: over 150 runs the error
+            // reached 2.8e-4 at a condition of 529, and 6.8e-7 times the condition at most).
+            assert!(e < 2e-5_f32.max(2.0 * e_burn).max(4e-6 * kappa), "{case}");
             assert!(truth.iter().any(|v| v.abs() > 0.01) || c / groups * shape[2] * shape[3] == 1, "{case}");
             if c / groups * shape[2] * shape[3] == 1 {
                 // Groups of one value normalise to 0 whatever the value: no gradient at all.
@@ -397,13 +418,14 @@ fn fused_norm_backward_matches_ndarray() {
         let reference = input_grad(&on(&x, &cpu), &on(&r, &cpu), |x| lc.forward(x));
         let truth = norm_grad_f64(&values(x.clone()), &values(r.clone()), &values(gamma.clone()), &values(beta.clone()), c, 1, 1e-5, false);
         let (e, e_burn) = (rel(&ours, &truth), rel(&reference, &truth));
-        let case = format!("layer norm [{b}, {n}, {c}]: input gradient vs f64 {e:.2e}, burn's on ndarray {e_burn:.2e}");
+        let kappa = norm_condition(&values(x.clone()), c);
+        let case = format!("layer norm [{b}, {n}, {c}]: input gradient vs f64 {e:.2e}, burn's on ndarray {e_burn:.2e}, condition {kappa:.0}");
         println!("{case}");
         if c == 1 {
             assert!(ours.iter().all(|v| *v == 0.0), "{case}: {ours:?}");
             continue;
         }
-        assert!(e < 2e-5_f32.max(2.0 * e_burn), "{case}");
+        assert!(e < 2e-5_f32.max(2.0 * e_burn).max(4e-6 * kappa), "{case}");
         assert!(truth.iter().any(|v| v.abs() > 0.01), "{case}");
     }
     // Inputs that are views (a transposed tensor, as attention's reshapes make): the step reads
