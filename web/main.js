@@ -1038,16 +1038,17 @@ if (params.has('gpuTidyBackwardEvery')) tidy.tidyBackwardEvery = Number(params.g
 if (params.has('gpuExactFit')) tidy.exactFit = params.get('gpuExactFit') !== '0';
 // ?kernels=burn: burn's own conv / matmul / norm kernels instead of ours (to compare them).
 const kernels = params.get('kernels') === 'burn' ? 'burn' : undefined;
-// ?gemv=on|off, ?gemvGrad=on|off, ?flash=on|off, ?flashGrad=on|off, ?fusedSteps=on|off, ?q8=on|off: the
-// skinny GEMM (off in a browser by default for now), its use for a Linear's input gradient, the fused
-// attention (on by default), its fused step in learning (on by default; `off`: burn's chain, to
-// compare), learning's fused norm and GEGLU steps (on by default; `off`: burn's chains) and int8
+// ?gemv=on|off, ?gemvGrad=on|off, ?flash=on|off, ?flashGrad=on|off, ?fusedSteps=on|off, ?epilogue=on|off,
+// ?q8=on|off: the skinny GEMM (off in a browser by default for now), its use for a Linear's input
+// gradient, the fused attention (on by default), its fused step in learning (on by default; `off`:
+// burn's chain, to compare), learning's fused norm and GEGLU steps (on by default; `off`: burn's
+// chains), residuals added in the GEMMs' epilogue (on by default; `off`: separate adds) and int8
 // weights read in place by our GEMMs (on by default; `off`: a float copy of each layer's weight).
 const onOff = (k) => (params.get(k) === 'on' ? true : params.get(k) === 'off' ? false : undefined);
-const [gemv, gemvGrad, flash, flashGrad, fusedSteps, q8] = [onOff('gemv'), onOff('gemvGrad'), onOff('flash'), onOff('flashGrad'), onOff('fusedSteps'), onOff('q8')];
+const [gemv, gemvGrad, flash, flashGrad, fusedSteps, epilogue, q8] = ['gemv', 'gemvGrad', 'flash', 'flashGrad', 'fusedSteps', 'epilogue', 'q8'].map(onOff);
 describeAdapter().then((ok) => {
   if (ok) {
-    initMessage = { type: 'init', hub, limits, tidy, kernels, gemv, gemvGrad, flash, flashGrad, fusedSteps, q8 };
+    initMessage = { type: 'init', hub, limits, tidy, kernels, gemv, gemvGrad, flash, flashGrad, fusedSteps, epilogue, q8 };
     worker.postMessage(initMessage);
   }
   else { $('app-version').textContent = 'visii'; $('gpu-selftest').textContent = 'unavailable'; $('gpu-selftest').className = 'bad'; document.body.dataset.ready = 'no'; }

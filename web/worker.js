@@ -1,7 +1,7 @@
 // The worker owns the wasm module and the GPU: model storage and loading, learning, applying.
 // The page talks to it with messages (see PROTOCOL below) and never freezes.
 //
-// PROTOCOL (page -> worker): {type: 'init', hub?, limits?: 'adapter' | 'spec', tidy?: {tidyEvery?, tidyBackwardEvery?, exactFit?}, kernels?: 'ours' | 'burn', gemv?: bool, gemvGrad?: bool, flash?: bool, flashGrad?: bool, fusedSteps?: bool, q8?: bool} | {type: 'sources'} | {type: 'prepare', source}
+// PROTOCOL (page -> worker): {type: 'init', hub?, limits?: 'adapter' | 'spec', tidy?: {tidyEvery?, tidyBackwardEvery?, exactFit?}, kernels?: 'ours' | 'burn', gemv?: bool, gemvGrad?: bool, flash?: bool, flashGrad?: bool, fusedSteps?: bool, epilogue?: bool, q8?: bool} | {type: 'sources'} | {type: 'prepare', source}
 //   | {type: 'local', ip2p: [{path, file}], clip: [{path, file}]} | {type: 'delete', source}
 //   | {type: 'learn', id, befores, afters, options} | {type: 'apply', id, image, options, instruction?}
 //   | {type: 'inspect', id, bytes} | {type: 'zip', id, files: [{name, bytes}]} | {type: 'words', id, bytes, k} | {type: 'measure', id, what, size, runs} | {type: 'cancel'} | {type: 'loadStored', source} | {type: 'convert', source}
@@ -105,6 +105,7 @@ const handlers = {
       ...(msg.gemv != null ? { gemv: msg.gemv } : {}), ...(msg.gemvGrad != null ? { gemvGrad: msg.gemvGrad } : {}),
       ...(msg.flash != null ? { flash: msg.flash } : {}), ...(msg.flashGrad != null ? { flashGrad: msg.flashGrad } : {}),
       ...(msg.fusedSteps != null ? { fusedSteps: msg.fusedSteps } : {}),
+      ...(msg.epilogue != null ? { epilogue: msg.epilogue } : {}),
       ...(msg.q8 != null ? { q8: msg.q8 } : {}) });
     post({ type: 'ready', version: version(), selftest: await gpuSelftest(), limits: msg.limits || 'adapter' });
   },

@@ -51,8 +51,24 @@ impl Attention {
     /// [`Self::forward`] with the context's keys and values already projected ([`Self::project`]):
     /// the same values.
     pub fn forward_projected(&self, x: Tensor<3>, kv: &Kv) -> Tensor<3> {
-        let h = attention(self.to_q.run(x), kv.k.clone(), kv.v.clone(), self.heads, false);
-        self.to_out[0].run(h)
+        self.to_out[0].run(self.attend(x, kv))
+    }
+
+    /// `residual + self.forward_projected(x, kv)`, the residual added in `to_out`'s kernel.
+    pub fn forward_projected_add(&self, x: Tensor<3>, kv: &Kv, residual: Tensor<3>) -> Tensor<3> {
+        self.to_out[0].run_add(self.attend(x, kv), residual)
+    }
+
+    /// `residual + self.forward(x, context)`, the residual added in `to_out`'s kernel.
+    pub fn forward_add(&self, x: Tensor<3>, context: Option<Tensor<3>>, residual: Tensor<3>) -> Tensor<3> {
+        let ctx = context.unwrap_or_else(|| x.clone());
+        let kv = self.project(ctx);
+        self.forward_projected_add(x, &kv, residual)
+    }
+
+    /// The attention's output before `to_out`.
+    fn attend(&self, x: Tensor<3>, kv: &Kv) -> Tensor<3> {
+        attention(self.to_q.run(x), kv.k.clone(), kv.v.clone(), self.heads, false)
     }
 }
 
@@ -72,10 +88,13 @@ pub enum TextContext<'a> {
 }
 
 impl TextContext<'_> {
-    fn cross_attention(&mut self, attn: &Attention, x: Tensor<3>) -> Tensor<3> {
+    /// `residual + cross-attention(x)` (the residual added in `to_out`'s kernel).
+    fn cross_attention_add(&mut self, attn: &Attention, x: Tensor<3>, residual: Tensor<3>) -> Tensor<3> {
         match self {
-            TextContext::States(c) => attn.forward(x, Some((*c).clone())),
-            TextContext::Projected(kv) => attn.forward_projected(x, kv.next().expect("projected text states for every cross-attention layer")),
+            TextContext::States(c) => attn.forward_add(x, Some((*c).clone()), residual),
+            TextContext::Projected(kv) => {
+                attn.forward_projected_add(x, kv.next().expect("projected text states for every cross-attention layer"), residual)
+            }
         }
     }
 }
@@ -144,12 +163,13 @@ impl BasicTransformerBlock {
         self.forward_text(x, &mut TextContext::States(context))
     }
 
-    /// [`Self::forward`] with the text as [`TextContext`].
+    /// [`Self::forward`] with the text as [`TextContext`]. Each residual is added in the kernel of
+    /// the layer before it (`to_out`, `ff.net.2`).
     pub fn forward_text(&self, x: Tensor<3>, text: &mut TextContext) -> Tensor<3> {
-        let x = x.clone() + self.attn1.forward(layer_norm_run(&self.norm1, x), None);
-        let x = x.clone() + text.cross_attention(&self.attn2, layer_norm_run(&self.norm2, x));
+        let x = self.attn1.forward_add(layer_norm_run(&self.norm1, x.clone()), None, x);
+        let x = text.cross_attention_add(&self.attn2, layer_norm_run(&self.norm2, x.clone()), x);
         let h = self.ff.geglu_proj.run(layer_norm_run(&self.norm3, x.clone()));
-        x + self.ff.out.run(crate::nn::geglu(h))
+        self.ff.out.run_add(crate::nn::geglu(h), x)
     }
 }
 
@@ -223,11 +243,12 @@ impl Transformer2DModel {
         for block in &self.transformer_blocks {
             s = block.forward_text(s, text);
         }
-        let out = match (&self.proj_out.conv, &self.proj_out.linear) {
-            (Some(conv), _) => conv.run(s.swap_dims(1, 2).reshape([b, c, h, w])),
-            (None, Some(lin)) => lin.run(s).swap_dims(1, 2).reshape([b, c, h, w]),
+        match (&self.proj_out.conv, &self.proj_out.linear) {
+            // The residual added in the conv's kernel; after a linear projection it is in the
+            // sequence layout, so added after.
+            (Some(conv), _) => conv.run_add(s.swap_dims(1, 2).reshape([b, c, h, w]), residual),
+            (None, Some(lin)) => lin.run(s).swap_dims(1, 2).reshape([b, c, h, w]) + residual,
             _ => unreachable!("projection has a conv or a linear layer"),
-        };
-        out + residual
+        }
     }
 }

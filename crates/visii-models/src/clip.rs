@@ -76,10 +76,10 @@ impl ClipEncoderLayer {
         let h = self.layer_norm1.forward(x.clone());
         let a = &self.self_attn;
         let h = attention(a.q_proj.run(h.clone()), a.k_proj.run(h.clone()), a.v_proj.run(h), a.heads, causal);
-        let x = x + a.out_proj.run(h);
+        let x = a.out_proj.run_add(h, x);
         let h = self.mlp.fc1.run(self.layer_norm2.forward(x.clone()));
         let h = if self.mlp.quick_gelu { h.clone() * sigmoid(h.mul_scalar(1.702)) } else { crate::nn::gelu(h) };
-        x + self.mlp.fc2.run(h)
+        self.mlp.fc2.run_add(h, x)
     }
 }
 
@@ -229,10 +229,10 @@ impl ClipTextTransformer {
             let scores = (split(k, p + 1) * q).sum_dim(3).div_scalar((d as f64).sqrt()); // [b, p + 1, heads, 1]
             let weights = burn::tensor::activation::softmax(scores, 1);
             let o = (split(v, p + 1) * weights).sum_dim(1); // [b, 1, heads, d]
-            x = x + a.out_proj.run(o.reshape([b, 1, hidden]));
+            x = a.out_proj.run_add(o.reshape([b, 1, hidden]), x);
             let h = layer.mlp.fc1.run(layer.layer_norm2.forward(x.clone()));
             let h = if layer.mlp.quick_gelu { h.clone() * sigmoid(h.mul_scalar(1.702)) } else { crate::nn::gelu(h) };
-            x = x + layer.mlp.fc2.run(h);
+            x = layer.mlp.fc2.run_add(h, x);
         }
         self.final_layer_norm.forward(x).reshape([b, hidden])
     }

@@ -20,7 +20,7 @@ use burn::tensor::Tensor;
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::checkpoint::strategy::{BalancedCheckpointing, CheckpointStrategy, NoCheckpointing};
 use burn_autodiff::grads::Gradients;
-use burn_autodiff::ops::{unary, Backward, Ops, OpsKind};
+use burn_autodiff::ops::{binary, unary, Backward, Ops, OpsKind};
 use burn_backend::ops::{FloatTensorOps, ModuleOps, QTensorOps};
 use burn_backend::{Backend, BackendTypes, FloatDType, Shape, TensorMetadata};
 use burn_dispatch::backends::{Autodiff, Cube};
@@ -118,6 +118,46 @@ fn batched(shape: &Shape, rank: usize) -> Shape {
     Shape::from(dims)
 }
 
+/// The input gradient of `x · W` for a Linear weight `W` `[in, out]` (frozen): `grad · Wᵀ`.
+fn matmul_input_grad(q: &Frozen, shape: &Shape, grad: Float) -> Float {
+    let dtype: FloatDType = grad.dtype().into();
+    let (grad, w) = if ours(dtype) {
+        match crate::kernels::linear_input_grad_weight(grad, kernel_weight(q, shape, dtype), shape.dims::<2>()) {
+            Ok(g) => return g,
+            Err((grad, back)) => (grad, burn_weight(back, q, shape, dtype)),
+        }
+    } else {
+        (grad, float_weight(q, shape, dtype))
+    };
+    let w = Cube::float_reshape(w, batched(shape, grad.shape().num_dims()));
+    Cube::float_matmul(grad, Cube::float_transpose(w))
+}
+
+/// The input gradient of a Conv2d (symmetric padding `o`, frozen weight of `shape`) whose input was
+/// `size_in` `[h, w]`: the transposed conv of `grad`.
+fn conv_input_grad(q: &Frozen, shape: &Shape, o: &ConvOptions<2>, size_in: [usize; 2], grad: Float) -> Float {
+    let [_, _, ho, wo] = grad.shape().dims();
+    let [_, _, kh, kw] = shape.dims();
+    let pad = o.padding_begin();
+    // The rows / columns a strided forward conv dropped at the end: the transposed conv
+    // must give them back (zero gradient) to restore the input size.
+    let out = |i: usize, k: usize, size_out: usize| {
+        let covered = (size_out - 1) * o.stride[i] + o.dilation[i] * (k - 1) + 1;
+        (size_in[i] + 2 * pad[i]).saturating_sub(covered)
+    };
+    let dtype: FloatDType = grad.dtype().into();
+    let (grad, w) = if ours(dtype) {
+        match crate::kernels::conv2d_input_grad_weight(grad, kernel_weight(q, shape, dtype), shape.dims::<4>(), o, size_in) {
+            Ok(g) => return g,
+            Err((grad, back)) => (grad, burn_weight(back, q, shape, dtype)),
+        }
+    } else {
+        (grad, float_weight(q, shape, dtype))
+    };
+    let options = ConvTransposeOptions::new(o.stride, pad, [out(0, kh, ho), out(1, kw, wo)], o.dilation, o.groups);
+    Cube::conv_transpose2d(grad, w, None, options)
+}
+
 /// `x · W` for a Linear weight `W` `[in, out]` (broadcast over `x`'s leading axes).
 #[derive(Debug)]
 struct FrozenMatmul;
@@ -128,19 +168,7 @@ impl Backward<Cube, 1> for FrozenMatmul {
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let (q, shape) = ops.state;
         tidy(&q);
-        unary::<Cube, _>(ops.parents, ops.node, grads, |grad| {
-            let dtype: FloatDType = grad.dtype().into();
-            let (grad, w) = if ours(dtype) {
-                match crate::kernels::linear_input_grad_weight(grad, kernel_weight(&q, &shape, dtype), shape.dims::<2>()) {
-                    Ok(g) => return g,
-                    Err((grad, back)) => (grad, burn_weight(back, &q, &shape, dtype)),
-                }
-            } else {
-                (grad, float_weight(&q, &shape, dtype))
-            };
-            let w = Cube::float_reshape(w, batched(&shape, grad.shape().num_dims()));
-            Cube::float_matmul(grad, Cube::float_transpose(w))
-        });
+        unary::<Cube, _>(ops.parents, ops.node, grads, |grad| matmul_input_grad(&q, &shape, grad));
     }
 }
 
@@ -154,85 +182,172 @@ impl Backward<Cube, 1> for FrozenConv2d {
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let (q, shape, o, size_in) = ops.state;
         tidy(&q);
-        unary::<Cube, _>(ops.parents, ops.node, grads, |grad| {
-            let [_, _, ho, wo] = grad.shape().dims();
-            let [_, _, kh, kw] = shape.dims();
-            let pad = o.padding_begin();
-            // The rows / columns a strided forward conv dropped at the end: the transposed conv
-            // must give them back (zero gradient) to restore the input size.
-            let out = |i: usize, k: usize, size_out: usize| {
-                let covered = (size_out - 1) * o.stride[i] + o.dilation[i] * (k - 1) + 1;
-                (size_in[i] + 2 * pad[i]).saturating_sub(covered)
-            };
-            let dtype: FloatDType = grad.dtype().into();
-            let (grad, w) = if ours(dtype) {
-                match crate::kernels::conv2d_input_grad_weight(grad, kernel_weight(&q, &shape, dtype), shape.dims::<4>(), &o, size_in) {
-                    Ok(g) => return g,
-                    Err((grad, back)) => (grad, burn_weight(back, &q, &shape, dtype)),
-                }
-            } else {
-                (grad, float_weight(&q, &shape, dtype))
-            };
-            let options = ConvTransposeOptions::new(o.stride, pad, [out(0, kh, ho), out(1, kw, wo)], o.dilation, o.groups);
-            Cube::conv_transpose2d(grad, w, None, options)
-        });
+        unary::<Cube, _>(ops.parents, ops.node, grads, |grad| conv_input_grad(&q, &shape, &o, size_in, grad));
     }
 }
 
+/// A frozen Linear or Conv2d with its bias and a residual added in the GEMM's epilogue: `layer(x) +
+/// bias + r`, two parents (`x`, `r`). The state: the layer's (as [`FrozenMatmul`]'s or
+/// [`FrozenConv2d`]'s) and the residual's shape. `r`'s gradient is the output's, summed over the
+/// pixels where `r` is one value per image and channel (`[n, c, 1, 1]`).
+#[derive(Debug)]
+struct FrozenAdd;
+
+#[derive(Debug, Clone)]
+enum Layer {
+    Matmul(Frozen, Shape),
+    Conv(Frozen, Shape, ConvOptions<2>, [usize; 2]),
+}
+
+impl Backward<Cube, 2> for FrozenAdd {
+    type State = (Layer, Shape);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (layer, r_shape) = ops.state;
+        let input_grad = |grad: Float| match &layer {
+            Layer::Matmul(q, shape) => {
+                tidy(q);
+                matmul_input_grad(q, shape, grad)
+            }
+            Layer::Conv(q, shape, o, size_in) => {
+                tidy(q);
+                conv_input_grad(q, shape, o, *size_in, grad)
+            }
+        };
+        let residual_grad = |grad: Float| {
+            if grad.shape() == r_shape {
+                grad
+            } else {
+                // Per image and channel: summed over the pixels (each axis within burn's reduce limit).
+                Cube::float_sum_dim(Cube::float_sum_dim(grad, 3), 2)
+            }
+        };
+        binary::<Cube, _, _>(ops.parents, ops.node, grads, input_grad, residual_grad);
+    }
+}
+
+#[derive(Clone)]
 enum Op {
     Matmul,
     Conv(ConvOptions<2>),
 }
 
-fn record<C: CheckpointStrategy>(x: AutodiffTensor, q: Frozen, shape: Shape, op: Op) -> AutodiffTensor {
+/// `layer(x) + bias + r` as one [`FrozenAdd`] step whose forward is one of our GEMMs (bias and
+/// residual in its epilogue); `x` and `r` handed back where that GEMM does not apply.
+#[allow(clippy::type_complexity)]
+fn record_added<C: CheckpointStrategy>(
+    x: AutodiffTensor,
+    r: AutodiffTensor,
+    q: Frozen,
+    shape: Shape,
+    op: Op,
+    bias: Option<Float>,
+) -> Result<AutodiffTensor, (AutodiffTensor, AutodiffTensor)> {
     let dtype: FloatDType = x.dtype().into();
+    if !ours(dtype) {
+        return Err((x, r));
+    }
+    let (xp, rp) = (x.clone().into_primitive(), r.clone().into_primitive());
+    let r_shape = rp.shape();
+    let skinny = crate::kernels::skinny_enabled();
+    let (y, layer) = match op {
+        Op::Matmul => (crate::kernels::linear_weight(xp, kernel_weight(&q, &shape, dtype), shape.dims::<2>(), bias, Some(rp), skinny), Layer::Matmul(q, shape)),
+        Op::Conv(options) => {
+            let [_, _, h, wd] = x.shape().dims();
+            let y = crate::kernels::conv2d_weight(xp, kernel_weight(&q, &shape, dtype), shape.dims::<4>(), bias, Some(rp), &options, skinny);
+            (y, Layer::Conv(q, shape, options, [h, wd]))
+        }
+    };
+    let Ok(y) = y else { return Err((x, r)) };
+    Ok(match FrozenAdd.prepare::<C>([x.node(), r.node()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish((layer, r_shape), y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    })
+}
+
+/// `layer(x)` as one [`FrozenMatmul`] / [`FrozenConv2d`] step, with `bias` added in our GEMM's
+/// epilogue where it runs (then `true`: burn's op, where it does not, leaves the bias to the caller).
+fn record<C: CheckpointStrategy>(x: AutodiffTensor, q: Frozen, shape: Shape, op: Op, bias: Option<Float>) -> (AutodiffTensor, bool) {
+    let dtype: FloatDType = x.dtype().into();
+    let skinny = crate::kernels::skinny_enabled();
     match op {
         Op::Matmul => {
             let batched_shape = batched(&shape, x.shape().num_dims());
             let y = |x: Float| {
                 let (x, w) = if ours(dtype) {
-                    match crate::kernels::linear_weight(x, kernel_weight(&q, &shape, dtype), shape.dims::<2>(), None, crate::kernels::skinny_enabled()) {
-                        Ok(y) => return y,
-                        Err((x, back, _)) => (x, burn_weight(back, &q, &shape, dtype)),
+                    match crate::kernels::linear_weight(x, kernel_weight(&q, &shape, dtype), shape.dims::<2>(), bias, None, skinny) {
+                        Ok(y) => return (y, true),
+                        Err((x, back, ..)) => (x, burn_weight(back, &q, &shape, dtype)),
                     }
                 } else {
                     (x, float_weight(&q, &shape, dtype))
                 };
-                Cube::float_matmul(x, Cube::float_reshape(w, batched_shape))
+                (Cube::float_matmul(x, Cube::float_reshape(w, batched_shape)), false)
             };
             let kind = FrozenMatmul.prepare::<C>([x.node()]).compute_bound().stateful();
-            let out = y(x.into_primitive());
-            match kind {
+            let (out, biased) = y(x.into_primitive());
+            let out = match kind {
                 OpsKind::Tracked(prep) => prep.finish((q, shape), out),
                 OpsKind::UnTracked(prep) => prep.finish(out),
-            }
+            };
+            (out, biased)
         }
         Op::Conv(options) => {
             let [_, _, h, wd] = x.shape().dims();
             let y = |x: Float| {
                 let (x, w) = if ours(dtype) {
-                    match crate::kernels::conv2d_weight(x, kernel_weight(&q, &shape, dtype), shape.dims::<4>(), None, &options, crate::kernels::skinny_enabled()) {
-                        Ok(y) => return y,
-                        Err((x, back, _)) => (x, burn_weight(back, &q, &shape, dtype)),
+                    match crate::kernels::conv2d_weight(x, kernel_weight(&q, &shape, dtype), shape.dims::<4>(), bias, None, &options, skinny) {
+                        Ok(y) => return (y, true),
+                        Err((x, back, ..)) => (x, burn_weight(back, &q, &shape, dtype)),
                     }
                 } else {
                     (x, float_weight(&q, &shape, dtype))
                 };
-                Cube::conv2d(x, w, None, options.clone())
+                (Cube::conv2d(x, w, None, options.clone()), false)
             };
             let kind = FrozenConv2d.prepare::<C>([x.node()]).compute_bound().stateful();
-            let out = y(x.into_primitive());
-            match kind {
+            let (out, biased) = y(x.into_primitive());
+            let out = match kind {
                 OpsKind::Tracked(prep) => prep.finish((q, shape, options.clone(), [h, wd]), out),
                 OpsKind::UnTracked(prep) => prep.finish(out),
-            }
+            };
+            (out, biased)
         }
     }
 }
 
+/// The autodiff tensor inside `t` where it is one on a cubecl device under `strategy`.
+fn autodiff_cube<const D: usize>(t: Tensor<D>, strategy: &GradientCheckpointingStrategy) -> Result<AutodiffTensor, Tensor<D>> {
+    match t.into_dispatch() {
+        DispatchTensor { kind: DispatchTensorKind::Autodiff(inner), autodiff: DispatchAutodiffContext::Enabled(s) }
+            if s == *strategy && matches!(&*inner, DispatchTensorKind::Cube(BackendTensor::Autodiff(_))) =>
+        {
+            let DispatchTensorKind::Cube(BackendTensor::Autodiff(a)) = *inner else { unreachable!() };
+            Ok(a)
+        }
+        other => Err(Tensor::from_dispatch(other)),
+    }
+}
+
+fn wrap<const D: usize>(y: AutodiffTensor, strategy: GradientCheckpointingStrategy) -> Tensor<D> {
+    let kind = DispatchTensorKind::Autodiff(Box::new(DispatchTensorKind::Cube(BackendTensor::Autodiff(y))));
+    Tensor::from_dispatch(DispatchTensor { kind, autodiff: DispatchAutodiffContext::Enabled(strategy) })
+}
+
 /// Unwraps an autodiff float tensor on a cubecl device and a quantised base on one, runs `op`
-/// as a frozen-weight step, and wraps the result; hands `x` back for any other kind of tensor.
-fn frozen<const D: usize, const W: usize>(x: Tensor<D>, base: Tensor<W>, shape: &[usize], op: Op) -> Result<Tensor<D>, Tensor<D>> {
+/// as a frozen-weight step with `bias` (`[out]`, outside autodiff) and `residual` added, and wraps
+/// the result; hands `x` and `residual` back for any other kind of tensor.
+///
+/// The bias and the residual go into the GEMM's epilogue ([`FrozenAdd`], one kernel) where our
+/// kernels run; otherwise they are added after the step as burn's ops.
+fn frozen<const D: usize, const W: usize>(
+    x: Tensor<D>,
+    base: Tensor<W>,
+    shape: &[usize],
+    op: Op,
+    bias: Option<&Tensor<1>>,
+    residual: Option<Tensor<D>>,
+) -> Result<Tensor<D>, (Tensor<D>, Option<Tensor<D>>)> {
     let xp = x.into_dispatch();
     let fits = matches!(&xp, DispatchTensor { kind: DispatchTensorKind::Autodiff(inner), autodiff: DispatchAutodiffContext::Enabled(_) }
         if matches!(**inner, DispatchTensorKind::Cube(BackendTensor::Autodiff(_))));
@@ -244,28 +359,81 @@ fn frozen<const D: usize, const W: usize>(x: Tensor<D>, base: Tensor<W>, shape: 
         {
             Frozen::Float(f)
         }
-        _ => return Err(Tensor::from_dispatch(xp)),
+        _ => return Err((Tensor::from_dispatch(xp), residual)),
     };
     let DispatchTensor { kind: DispatchTensorKind::Autodiff(inner), autodiff: DispatchAutodiffContext::Enabled(strategy) } = xp else {
         unreachable!()
     };
     let DispatchTensorKind::Cube(BackendTensor::Autodiff(t)) = *inner else { unreachable!() };
+    // The bias runs along a conv's output channels (weight `[c_out, ..]`), a Linear's output
+    // features (weight `[in, out]`).
+    let conv = matches!(op, Op::Conv(_));
+    let out_channels = if conv { shape[0] } else { shape[1] };
     let shape = Shape::from(shape.to_vec());
-    let y = match strategy {
-        GradientCheckpointingStrategy::Disabled => record::<NoCheckpointing>(t, q, shape, op),
-        GradientCheckpointingStrategy::Balanced => record::<BalancedCheckpointing>(t, q, shape, op),
+    // (With the epilogue switched off, burn adds the bias after the step, as before.)
+    let bias_p = bias.filter(|_| crate::kernels::epilogue_enabled()).and_then(crate::kernels::primitive);
+    // Bias and residual in the epilogue: a residual on the same device and strategy, the bias a
+    // frozen tensor (outside autodiff) on it.
+    let (t, residual) = match residual.map(|r| autodiff_cube(r, &strategy)) {
+        Some(Ok(r)) if bias.is_none() || bias_p.is_some() => {
+            let added = match strategy {
+                GradientCheckpointingStrategy::Disabled => record_added::<NoCheckpointing>(t, r, q.clone(), shape.clone(), op.clone(), bias_p.clone()),
+                GradientCheckpointingStrategy::Balanced => record_added::<BalancedCheckpointing>(t, r, q.clone(), shape.clone(), op.clone(), bias_p.clone()),
+            };
+            match added {
+                Ok(y) => return Ok(wrap(y, strategy)),
+                Err((t, r)) => (t, Some(wrap::<D>(r, strategy))),
+            }
+        }
+        Some(Ok(r)) => (t, Some(wrap::<D>(r, strategy))),
+        Some(Err(r)) => (t, Some(r)),
+        None => (t, None),
     };
-    let kind = DispatchTensorKind::Autodiff(Box::new(DispatchTensorKind::Cube(BackendTensor::Autodiff(y))));
-    Ok(Tensor::from_dispatch(DispatchTensor { kind, autodiff: DispatchAutodiffContext::Enabled(strategy) }))
+    let bias_in_kernel = bias_p.is_some();
+    let (y, biased) = match strategy {
+        GradientCheckpointingStrategy::Disabled => record::<NoCheckpointing>(t, q, shape, op, bias_p),
+        GradientCheckpointingStrategy::Balanced => record::<BalancedCheckpointing>(t, q, shape, op, bias_p),
+    };
+    let y: Tensor<D> = wrap(y, strategy);
+    let y = match bias {
+        Some(b) if !(biased && bias_in_kernel) => {
+            let b = b.clone().cast(FloatDType::from(y.dtype()));
+            let mut dims = [1; D];
+            // Per output channel: axis 1 of a conv's NCHW output, the last axis of a Linear's.
+            dims[if conv { 1 } else { D - 1 }] = out_channels;
+            y + b.reshape(dims)
+        }
+        _ => y,
+    };
+    Ok(match residual {
+        Some(r) => y + r,
+        None => y,
+    })
 }
 
-/// `x · W` (no bias) for a Linear whose frozen weight (int8 base, or f32) is `base`, `[in, out]`.
-pub fn linear<const D: usize, const W: usize>(x: Tensor<D>, base: Tensor<W>, shape: &[usize]) -> Result<Tensor<D>, Tensor<D>> {
-    frozen(x, base, shape, Op::Matmul)
+/// `x · W + bias + residual` for a Linear whose frozen weight (int8 base, or f32) is `base`, `[in,
+/// out]`; `bias` and `residual` where given.
+#[allow(clippy::type_complexity)]
+pub fn linear<const D: usize, const W: usize>(
+    x: Tensor<D>,
+    base: Tensor<W>,
+    shape: &[usize],
+    bias: Option<&Tensor<1>>,
+    residual: Option<Tensor<D>>,
+) -> Result<Tensor<D>, (Tensor<D>, Option<Tensor<D>>)> {
+    frozen(x, base, shape, Op::Matmul, bias, residual)
 }
 
-/// A Conv2d (no bias, symmetric padding `options`) whose frozen weight (int8 base, or f32) is
-/// `base`, weight `shape`.
-pub fn conv2d<const W: usize>(x: Tensor<4>, base: Tensor<W>, shape: &[usize], options: ConvOptions<2>) -> Result<Tensor<4>, Tensor<4>> {
-    frozen(x, base, shape, Op::Conv(options))
+/// A Conv2d (symmetric padding `options`) whose frozen weight (int8 base, or f32) is `base`, weight
+/// `shape`, plus `bias` and `residual` (the output's shape, or `[n, c_out, 1, 1]`) where given.
+#[allow(clippy::type_complexity)]
+pub fn conv2d<const W: usize>(
+    x: Tensor<4>,
+    base: Tensor<W>,
+    shape: &[usize],
+    options: ConvOptions<2>,
+    bias: Option<&Tensor<1>>,
+    residual: Option<Tensor<4>>,
+) -> Result<Tensor<4>, (Tensor<4>, Option<Tensor<4>>)> {
+    frozen(x, base, shape, Op::Conv(options), bias, residual)
 }

@@ -120,29 +120,57 @@ fn frozen_weight<const W: usize, const D: usize>(weight: &Param<Tensor<W>>, x: &
 /// wgpu / WebGPU with f32 activations the layer runs on our kernels (`crate::kernels`).
 pub trait Layer<T> {
     fn run(&self, x: T) -> T;
+
+    /// `self.run(x) + r`: on our kernels `r` is added in the layer's own kernel (its GEMM's
+    /// epilogue, a step of its own inside autodiff), saving a pass over the output. `r` has the
+    /// output's shape, or for a conv `[n, c_out, 1, 1]` (one value per image and channel, as a
+    /// resnet's time embedding); anything else broadcastable takes burn's add.
+    fn run_add(&self, x: T, r: T) -> T;
 }
 
 impl<const D: usize> Layer<Tensor<D>> for Linear {
     fn run(&self, x: Tensor<D>) -> Tensor<D> {
+        self.run_with(x, None)
+    }
+
+    fn run_add(&self, x: Tensor<D>, r: Tensor<D>) -> Tensor<D> {
+        self.run_with(x, Some(r))
+    }
+}
+
+/// The shared path of [`Layer::run`] and [`Layer::run_add`] for both layers.
+trait RunWith<const D: usize> {
+    fn run_with(&self, x: Tensor<D>, r: Option<Tensor<D>>) -> Tensor<D>;
+}
+
+/// `y + r` where there is an `r` (what the kernels did not add).
+fn plus<const D: usize>(y: Tensor<D>, r: Option<Tensor<D>>) -> Tensor<D> {
+    match r {
+        Some(r) => y + r,
+        None => y,
+    }
+}
+
+impl<const D: usize> RunWith<D> for Linear {
+    fn run_with(&self, x: Tensor<D>, r: Option<Tensor<D>>) -> Tensor<D> {
+        if r.is_some() && !crate::kernels::epilogue_enabled() {
+            return plus(self.run_with(x, None), r);
+        }
         crate::memory::tidy(&x.device());
+        let bias = self.bias.as_ref().map(|b| b.val());
         #[cfg(feature = "frozen")]
-        let x = match frozen_weight(&self.weight, &x) {
-            Some((w, shape)) => match crate::frozen::linear(x, w, &shape) {
-                Ok(y) => {
-                    return match &self.bias {
-                        Some(b) => y.clone() + b.val().cast(float(&y)).unsqueeze(),
-                        None => y,
-                    }
-                }
-                Err(x) => x,
+        let (x, r) = match frozen_weight(&self.weight, &x) {
+            Some((w, shape)) => match crate::frozen::linear(x, w, &shape, bias.as_ref(), r) {
+                Ok(y) => return y,
+                Err(back) => back,
             },
-            None => x,
+            None => (x, r),
         };
         // An int8-resident weight read in place by our GEMM (no float copy of it).
         #[cfg(feature = "frozen")]
         let x = match self.weight.reparameterization::<Dequantized>() {
-            Some(r) if r.shape.len() == 2 && !x.is_autodiff() => {
-                match crate::kernels::linear_q8(x, &self.weight.base(), [r.shape[0], r.shape[1]], self.bias.as_ref().map(|b| b.val()).as_ref()) {
+            Some(q) if q.shape.len() == 2 && !x.is_autodiff() => {
+                match crate::kernels::linear_q8(x, &self.weight.base(), [q.shape[0], q.shape[1]], bias.as_ref(), r.as_ref()) {
                     Ok(y) => return y,
                     Err(x) => x,
                 }
@@ -151,7 +179,7 @@ impl<const D: usize> Layer<Tensor<D>> for Linear {
         };
         #[cfg(feature = "frozen")]
         let x = if matches!(x.dtype(), DType::F32 | DType::F16) && !x.is_autodiff() {
-            match crate::kernels::linear(x, &self.weight.val(), self.bias.as_ref().map(|b| b.val()).as_ref()) {
+            match crate::kernels::linear(x, &self.weight.val(), bias.as_ref(), r.as_ref()) {
                 Ok(y) => return y,
                 Err(x) => x,
             }
@@ -160,48 +188,57 @@ impl<const D: usize> Layer<Tensor<D>> for Linear {
         };
         if x.dtype() != DType::F32 {
             let dt = float(&x);
-            return burn::tensor::module::linear(x, self.weight.val().cast(dt), self.bias.as_ref().map(|b| b.val().cast(dt)));
+            return plus(burn::tensor::module::linear(x, self.weight.val().cast(dt), bias.map(|b| b.cast(dt))), r);
         }
-        self.forward(x)
+        plus(self.forward(x), r)
     }
 }
 
 impl Layer<Tensor<4>> for Conv2d {
     fn run(&self, x: Tensor<4>) -> Tensor<4> {
+        self.run_with(x, None)
+    }
+
+    fn run_add(&self, x: Tensor<4>, r: Tensor<4>) -> Tensor<4> {
+        self.run_with(x, Some(r))
+    }
+}
+
+impl RunWith<4> for Conv2d {
+    fn run_with(&self, x: Tensor<4>, r: Option<Tensor<4>>) -> Tensor<4> {
+        if r.is_some() && !crate::kernels::epilogue_enabled() {
+            return plus(self.run_with(x, None), r);
+        }
         crate::memory::tidy(&x.device());
+        let bias = self.bias.as_ref().map(|b| b.val());
         #[cfg(feature = "frozen")]
-        let x = match (frozen_weight(&self.weight, &x), &self.padding) {
+        let (x, r) = match (frozen_weight(&self.weight, &x), &self.padding) {
             (Some((w, shape)), &burn::nn::PaddingConfig2d::Explicit(t, l, b, rr)) if t == b && l == rr => {
                 let options = burn::tensor::ops::ConvOptions::new(self.stride, [t, l], self.dilation, self.groups);
-                match crate::frozen::conv2d(x, w, &shape, options) {
-                    Ok(y) => {
-                        return match &self.bias {
-                            Some(b) => y.clone() + b.val().cast(float(&y)).reshape([1, shape[0], 1, 1]),
-                            None => y,
-                        }
-                    }
-                    Err(x) => x,
+                match crate::frozen::conv2d(x, w, &shape, options, bias.as_ref(), r) {
+                    Ok(y) => return y,
+                    Err(back) => back,
                 }
             }
-            _ => x,
+            _ => (x, r),
         };
         #[cfg(feature = "frozen")]
         let x = match &self.padding {
             &burn::nn::PaddingConfig2d::Explicit(top, left, bottom, right) if matches!(x.dtype(), DType::F32 | DType::F16) && !x.is_autodiff() => {
                 let options =
                     burn::tensor::ops::ConvOptions::new_with_padding(self.stride, [(top, bottom), (left, right)], self.dilation, self.groups);
-                let bias = self.bias.as_ref().map(|b| b.val());
                 // An int8-resident weight read in place by our GEMM (no float copy of it).
                 let x = match self.weight.reparameterization::<Dequantized>() {
-                    Some(r) if r.shape.len() == 4 => {
-                        match crate::kernels::conv2d_q8(x, &self.weight.base(), [r.shape[0], r.shape[1], r.shape[2], r.shape[3]], bias.as_ref(), &options) {
+                    Some(q) if q.shape.len() == 4 => {
+                        let wdims = [q.shape[0], q.shape[1], q.shape[2], q.shape[3]];
+                        match crate::kernels::conv2d_q8(x, &self.weight.base(), wdims, bias.as_ref(), r.as_ref(), &options) {
                             Ok(y) => return y,
                             Err(x) => x,
                         }
                     }
                     _ => x,
                 };
-                match crate::kernels::conv2d(x, &self.weight.val(), bias.as_ref(), &options) {
+                match crate::kernels::conv2d(x, &self.weight.val(), bias.as_ref(), r.as_ref(), &options) {
                     Ok(y) => return y,
                     Err(x) => x,
                 }
@@ -215,11 +252,11 @@ impl Layer<Tensor<4>> for Conv2d {
                 &burn::nn::PaddingConfig2d::Explicit(top, left, bottom, right) => [(top, bottom), (left, right)],
                 burn::nn::PaddingConfig2d::Valid => [(0, 0), (0, 0)],
                 // Not loaded by the models ("same" padding): in f32.
-                _ => return crate::nn::in_f32(x, |x| self.forward(x)),
+                _ => return plus(crate::nn::in_f32(x, |x| self.forward(x)), r),
             };
             let options = burn::tensor::ops::ConvOptions::new_with_padding(self.stride, pairs, self.dilation, self.groups);
-            return burn::tensor::module::conv2d(x, self.weight.val().cast(dt), self.bias.as_ref().map(|b| b.val().cast(dt)), options);
+            return plus(burn::tensor::module::conv2d(x, self.weight.val().cast(dt), bias.map(|b| b.cast(dt)), options), r);
         }
-        self.forward(x)
+        plus(self.forward(x), r)
     }
 }

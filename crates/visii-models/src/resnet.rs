@@ -41,19 +41,24 @@ impl ResnetBlock2D {
 
     /// x: [b, c_in, h, w]; temb_silu: `silu(temb)` [b, temb], the time embedding after the block's
     /// nonlinearity (the same for every block of a UNet: its caller applies it once).
+    ///
+    /// The projected time embedding is added in conv1's kernel (one value per image and channel)
+    /// and the skip in conv2's ([`Layer::run_add`]).
     pub fn forward(&self, x: Tensor<4>, temb_silu: Option<&Tensor<2>>) -> Tensor<4> {
-        let mut h = self.conv1.run(self.norm1.forward_silu(x.clone()));
-        if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb_silu) {
-            let t = proj.run(t.clone());
-            let [b, c] = t.dims();
-            h = h + t.reshape([b, c, 1, 1]);
-        }
-        let h = self.conv2.run(self.norm2.forward_silu(h));
+        let h = self.norm1.forward_silu(x.clone());
+        let h = match (&self.time_emb_proj, temb_silu) {
+            (Some(proj), Some(t)) => {
+                let t = proj.run(t.clone());
+                let [b, c] = t.dims();
+                self.conv1.run_add(h, t.reshape([b, c, 1, 1]))
+            }
+            _ => self.conv1.run(h),
+        };
         let skip = match &self.conv_shortcut {
             Some(c) => c.run(x),
             None => x,
         };
-        skip + h
+        self.conv2.run_add(self.norm2.forward_silu(h), skip)
     }
 }
 

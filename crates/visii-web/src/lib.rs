@@ -315,6 +315,9 @@ struct EngineOpts {
     flash: Option<bool>,
     flash_grad: Option<bool>,
     fused_steps: Option<bool>,
+    /// Whether layers add their residual (and in learning their bias) in their GEMM's epilogue
+    /// (default on, `visii_models::kernels::epilogue_enabled`); false: burn's adds, to compare.
+    epilogue: Option<bool>,
     /// Whether our GEMMs read int8-resident weights in place (default on,
     /// `visii_models::kernels::q8_enabled`); false: a float copy of each layer's weight first, to
     /// compare.
@@ -322,7 +325,7 @@ struct EngineOpts {
 }
 
 /// Create the engine (initialises WebGPU). `options`: `{ limits: "adapter" | "spec", tidyEvery?,
-/// tidyBackwardEvery?, exactFit?, cpuAdapter?, kernels?, gemv?, gemvGrad?, flash?, flashGrad?, fusedSteps?, q8? }` (tidy* and exactFit: how often free GPU buffers are handed back, and
+/// tidyBackwardEvery?, exactFit?, cpuAdapter?, kernels?, gemv?, gemvGrad?, flash?, flashGrad?, fusedSteps?, epilogue?, q8? }` (tidy* and exactFit: how often free GPU buffers are handed back, and
 /// whether steps run in exact-size buffers; for diagnosis). The models
 /// keep every buffer they create on purpose within 128 MiB either way
 /// (`visii_models::nn::max_buffer_bytes`).
@@ -359,6 +362,9 @@ pub async fn create_engine(options: JsValue) -> Result<Engine, JsValue> {
     }
     if let Some(on) = o.fused_steps {
         visii_models::fused::set_steps_enabled(on);
+    }
+    if let Some(on) = o.epilogue {
+        visii_models::kernels::set_epilogue(on);
     }
     if let Some(on) = o.q8 {
         visii_models::kernels::set_q8(on);

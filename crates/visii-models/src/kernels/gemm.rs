@@ -63,6 +63,16 @@ pub enum Bias {
     Col,
 }
 
+/// What the epilogue adds to each sum after the bias, read in `C`'s type: nothing, a tensor laid
+/// out as `C` (a residual: a skip connection, an attention's input), or one value per image and row
+/// (`[n, M]`, broadcast over the image's pixels: a resnet's time embedding per image and channel).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Residual {
+    None,
+    Full,
+    PerImage,
+}
+
 /// A compiled variant of the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct GemmConfig {
@@ -77,6 +87,7 @@ pub struct GemmConfig {
     pub a: ALayout,
     pub b: BLayout,
     pub bias: Bias,
+    pub residual: Residual,
     /// The operands' element types (f32, or f16 for f16 activations; see [`Elem`]).
     pub elems: Elems,
     /// `C` written four columns at a time (`vec4` stores; the output's pixels per image `ohw` must
@@ -147,7 +158,7 @@ impl GemmConfig {
             }
         }
         let (wg_x, wg_y, hm, hn) = best;
-        GemmConfig { wg_x, wg_y, hm, hn, a, b, bias, elems: Elems::F32, c4: false, a4: false, b4: false }
+        GemmConfig { wg_x, wg_y, hm, hn, a, b, bias, residual: Residual::None, elems: Elems::F32, c4: false, a4: false, b4: false }
     }
 
     /// The tile for lavapipe: the least padded work over the rate a workgroup of that many
@@ -174,7 +185,7 @@ impl GemmConfig {
             }
         }
         let (wg_x, wg_y, hm, hn) = best;
-        GemmConfig { wg_x, wg_y, hm, hn, a, b, bias, elems: Elems::F32, c4: false, a4: false, b4: false }
+        GemmConfig { wg_x, wg_y, hm, hn, a, b, bias, residual: Residual::None, elems: Elems::F32, c4: false, a4: false, b4: false }
     }
 
     /// `shape` (one of [`VARIANTS`]) with 16 instead of 8 rows and columns per invocation where its
@@ -219,6 +230,11 @@ impl GemmConfig {
         GemmConfig { elems, ..self }
     }
 
+    /// This variant adding `residual` to its sums (after the bias).
+    pub fn with_residual(self, residual: Residual) -> Self {
+        GemmConfig { residual, ..self }
+    }
+
     /// [`Self::pick_from`] the GPU variants.
     pub fn pick(m: usize, n: usize, a: ALayout, b: BLayout, bias: Bias) -> Self {
         Self::pick_from(&VARIANTS, m, n, a, b, bias)
@@ -245,7 +261,7 @@ impl GemmConfig {
         let bias_elem = if self.bias == Bias::None { Elem::F32 } else { e.bias };
         Elem::enable(w, &[e.a, e.b, bias_elem, e.c]);
         let _ = writeln!(w, "struct Params {{ m: u32, n: u32, k: u32, ohw: u32, ow: u32, h: u32, w: u32, img: u32 }}");
-        // Bindings in order: a (and its scales), b (and its scales), bias, c, the parameters.
+        // Bindings in order: a (and its scales), b (and its scales), bias, residual, c, the parameters.
         let mut next = 0;
         if self.a4 {
             e.a.declare4(w, "a", &mut next);
@@ -259,6 +275,12 @@ impl GemmConfig {
         }
         if self.bias != Bias::None {
             e.bias.declare(w, "bias", &mut next);
+        }
+        // A full residual in `C`'s layout (read where `C` is written: four values at a time with `c4`).
+        match self.residual {
+            Residual::None => {}
+            Residual::Full if self.c4 => e.c.declare4(w, "res", &mut next),
+            Residual::Full | Residual::PerImage => e.c.declare(w, "res", &mut next),
         }
         if self.c4 {
             e.c.declare4(w, "c", &mut next);
@@ -438,6 +460,10 @@ impl GemmConfig {
                 let reads: Vec<String> = (0..width).map(|j| e.bias.read("bias", &format!("min(q{g} + {j}u, p.n - 1u)"))).collect();
                 let _ = writeln!(w, "  let bc{g} = {};", if self.c4 { format!("vec4<f32>({})", reads.join(", ")) } else { reads.join("") });
             }
+            if self.residual == Residual::PerImage {
+                // The group's image (its columns are one image's), clamped past the last column.
+                let _ = writeln!(w, "  let ri{g} = (min(q{g}, p.n - 1u) / p.ohw) * p.m;");
+            }
         }
         for i in 0..4 * hm {
             let _ = writeln!(w, "  {{ let m = m0 + {}; if (m < p.m) {{ let ro = m * (p.ohw{per4});", row(i));
@@ -450,6 +476,14 @@ impl GemmConfig {
                     Bias::None => reg,
                     Bias::Row => format!("{reg} + {splat}"),
                     Bias::Col => format!("{reg} + bc{g}"),
+                };
+                // The residual at the output's own index (read inside the column's guard below).
+                let v = match self.residual {
+                    Residual::None => v,
+                    Residual::Full if self.c4 => format!("{v} + {}", e.c.read4("res", &format!("o{g} + ro"))),
+                    Residual::Full => format!("{v} + {}", e.c.read("res", &format!("o{g} + ro"))),
+                    Residual::PerImage if self.c4 => format!("{v} + vec4<f32>({})", e.c.read("res", &format!("ri{g} + m"))),
+                    Residual::PerImage => format!("{v} + {}", e.c.read("res", &format!("ri{g} + m"))),
                 };
                 let store = if self.c4 { e.c.store4(&v) } else { e.c.store(&v) };
                 let _ = writeln!(w, "    if (q{g} < p.n) {{ c[o{g} + ro] = {store}; }}");
@@ -472,7 +506,7 @@ mod tests {
         for ((wg_x, wg_y, hm, hn), fours) in shapes.flat_map(|s| [(s, false), (s, true)]) {
             let b = if fours { BLayout::Pointwise } else { BLayout::Conv { kh: 3, kw: 3, sh: 2, sw: 2, ph: 0, pw: 0 } };
             let (a, c4, a4, b4) = (ALayout::RowMajor, fours, fours, fours);
-            let c = GemmConfig { wg_x, wg_y, hm, hn, a, b, bias: Bias::Row, elems: Elems::F32, c4, a4, b4 };
+            let c = GemmConfig { wg_x, wg_y, hm, hn, a, b, bias: Bias::Row, residual: Residual::None, elems: Elems::F32, c4, a4, b4 };
             assert!(c.bm() % 4 == 0 && c.bn() % 4 == 0 && c.bm() / 4 / hm == wg_y && c.bn() / 4 / hn == wg_x);
             let src = c.wgsl();
             assert!(src.contains("@workgroup_size") && src.contains("bias[m]"));

@@ -22,7 +22,7 @@
 //!   `B[k, q] = X[q, k]` with `X` `[P, K]` (a Linear's input rows).
 //! - `C`: NCHW `[n, M, oh, ow]` (`q = (image, pixel)`); for rows, `ohw = 1`, so `C` is `[P, M]`.
 
-use super::gemm::Bias;
+use super::gemm::{Bias, Residual};
 use super::{Elem, Elems};
 use std::fmt::Write;
 
@@ -67,6 +67,8 @@ pub struct SkinnyConfig {
     pub a: SkinnyA,
     pub b: SkinnyB,
     pub bias: Bias,
+    /// What is added after the bias (as in the tiled GEMM; a per-image residual is `[n, M]`).
+    pub residual: Residual,
     /// The operands' element types (see [`Elem`]).
     pub elems: Elems,
     /// Operands read four values at a time (see [`Self::vectorised`]).
@@ -84,7 +86,7 @@ impl SkinnyConfig {
         assert!((1..=MAX_COLS).contains(&n), "the skinny GEMM takes 1 to {MAX_COLS} columns, not {n}");
         let cols = n.next_power_of_two() as u32;
         let rows = (32 / cols).clamp(2, 8);
-        SkinnyConfig { cols, rows, a, b, bias, elems: Elems::F32, vec4: false, b4: false, threads: THREADS }
+        SkinnyConfig { cols, rows, a, b, bias, residual: Residual::None, elems: Elems::F32, vec4: false, b4: false, threads: THREADS }
     }
 
     /// This variant reading its operands four values at a time where it can (for `m` rows of `C` and
@@ -113,6 +115,20 @@ impl SkinnyConfig {
     /// This variant with the operands' element types `elems`.
     pub fn with(self, elems: Elems) -> Self {
         SkinnyConfig { elems, ..self }
+    }
+
+    /// This variant adding `residual` to its sums (after the bias).
+    pub fn with_residual(self, residual: Residual) -> Self {
+        SkinnyConfig { residual, ..self }
+    }
+
+    /// `+ res[..]` (the residual) for the output value at index `at` of row `m`, column `q` (nothing without a residual).
+    fn residual_term(&self, at: &str, m: &str, q: &str) -> String {
+        match self.residual {
+            Residual::None => String::new(),
+            Residual::Full => format!(" + {}", self.elems.c.read("res", at)),
+            Residual::PerImage => format!(" + {}", self.elems.c.read("res", &format!("(({q}) / p.ohw) * p.m + {m}"))),
+        }
     }
 
     /// This variant with `threads` invocations per workgroup (a power of two, 1 to 256). Each
@@ -266,7 +282,8 @@ impl SkinnyConfig {
         let _ = writeln!(w, "    let r = i / {cols}u; let q = i % {cols}u; let m = m0 + r;");
         let _ = writeln!(w, "    if (m < p.m && q < p.n) {{");
         let bias = if self.bias == Bias::Row { format!(" + {}", e.bias.read("bias", "m")) } else { String::new() };
-        let _ = writeln!(w, "      c[(q / p.ohw) * p.m * p.ohw + m * p.ohw + q % p.ohw] = {};", e.c.store(&format!("red[i * {t}u]{bias}")));
+        let _ = writeln!(w, "      let at = (q / p.ohw) * p.m * p.ohw + m * p.ohw + q % p.ohw;");
+        let _ = writeln!(w, "      c[at] = {};", e.c.store(&format!("red[i * {t}u]{bias}{}", self.residual_term("at", "m", "q"))));
         let _ = writeln!(w, "    }}");
         let _ = writeln!(w, "  }}");
         let _ = writeln!(w, "}}");
@@ -286,7 +303,7 @@ impl SkinnyConfig {
             w,
             "struct Params {{ m: u32, n: u32, k: u32, steps: u32, ohw: u32, ow: u32, h: u32, w: u32, img: u32, gx: u32, u0: u32, u1: u32 }}"
         );
-        // Bindings in order: a (and its scales), b (and its scales), bias, c, the parameters.
+        // Bindings in order: a (and its scales), b (and its scales), bias, residual, c, the parameters.
         let mut next = 0;
         if a4 {
             e.a.declare4(w, "a", &mut next);
@@ -300,6 +317,9 @@ impl SkinnyConfig {
         }
         if self.bias != Bias::None {
             e.bias.declare(w, "bias", &mut next);
+        }
+        if self.residual != Residual::None {
+            e.c.declare(w, "res", &mut next);
         }
         e.c.declare(w, "c", &mut next);
         let _ = writeln!(w, "@group(0) @binding({next}) var<uniform> p: Params;");
@@ -383,7 +403,9 @@ impl SkinnyConfig {
             for q in 0..cols {
                 let _ = writeln!(w, "    if ({q}u < p.n) {{ let v = s{q}{bias};");
                 for i in 0..4 {
-                    let _ = writeln!(w, "      c[{q}u * p.m + m + {i}u] = {};", e.c.store(&format!("v[{i}]")));
+                    let (at, row) = (format!("{q}u * p.m + m + {i}u"), format!("m + {i}u"));
+                    let r = self.residual_term(&at, &row, &format!("{q}u"));
+                    let _ = writeln!(w, "      c[{at}] = {};", e.c.store(&format!("v[{i}]{r}")));
                 }
                 let _ = writeln!(w, "    }}");
             }
@@ -391,7 +413,9 @@ impl SkinnyConfig {
             let _ = writeln!(w, "  if (m < p.m) {{");
             let bias = if self.bias == Bias::Row { format!(" + {}", e.bias.read("bias", "m")) } else { String::new() };
             for q in 0..cols {
-                let _ = writeln!(w, "    if ({q}u < p.n) {{ c[{q}u * p.m + m] = {}; }}", e.c.store(&format!("s{q}{bias}")));
+                let at = format!("{q}u * p.m + m");
+                let r = self.residual_term(&at, "m", &format!("{q}u"));
+                let _ = writeln!(w, "    if ({q}u < p.n) {{ c[{at}] = {}; }}", e.c.store(&format!("s{q}{bias}{r}")));
             }
         }
         let _ = writeln!(w, "  }}");

@@ -33,7 +33,7 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_dispatch::{BackendTensor, DispatchAutodiffContext, DispatchTensor, DispatchTensorKind};
 use std::sync::atomic::{AtomicU8, Ordering};
 
-pub use gemm::{ALayout, BLayout, Bias, GemmConfig};
+pub use gemm::{ALayout, BLayout, Bias, GemmConfig, Residual};
 pub use gemv::{SkinnyA, SkinnyB, SkinnyConfig};
 
 /// A switch read once from the environment variable `var` natively (on unless it says
@@ -78,6 +78,21 @@ pub fn enabled() -> bool {
 /// Turns our kernels on or off for this process (benchmarks and parity tests compare both).
 pub fn set_enabled(on: bool) {
     ENABLED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+/// 0: not yet read from the environment, 1: on, 2: off.
+static EPILOGUE: AtomicU8 = AtomicU8::new(0);
+
+/// Whether a layer adds a residual (`resident::Layer::run_add`) and, inside autodiff, its bias in
+/// its GEMM's epilogue: on by default (`VISII_EPILOGUE=off`, the page's `?epilogue=off`: burn's
+/// adds after the GEMM, for comparisons). Outside autodiff the bias is always in the epilogue.
+pub fn epilogue_enabled() -> bool {
+    switch(&EPILOGUE, "VISII_EPILOGUE", "off", true)
+}
+
+/// Turns the epilogue's residual (and learning's bias) on or off for this process.
+pub fn set_epilogue(on: bool) {
+    EPILOGUE.store(if on { 1 } else { 2 }, Ordering::Relaxed);
 }
 
 /// A buffer's element type in our kernels: f32, or f16 on adapters with `shader-f16` (f16
@@ -415,26 +430,36 @@ struct Problem {
     img: usize,
 }
 
+/// What a GEMM adds to its sums: the layer's bias and a residual (see [`Residual`]; contiguous, in
+/// the output's type), each where present.
+#[derive(Clone, Copy)]
+struct Epilogue<'a> {
+    bias: Option<&'a CubeTensor>,
+    residual: Option<&'a CubeTensor>,
+}
+
+impl Epilogue<'_> {
+    const NONE: Epilogue<'static> = Epilogue { bias: None, residual: None };
+}
+
 /// A new contiguous `out_shape` tensor of `out` elements and the bindings `a` (with an int8
-/// operand's scales), `b` (likewise), (`bias`), `out` of both GEMM kernels (the caller adds the
-/// parameters).
-fn gemm_operands(a: &[CubeTensor], b: &[CubeTensor], bias: Option<&CubeTensor>, out_shape: Vec<usize>, out: Elem) -> (CubeTensor, KernelArguments) {
+/// operand's scales), `b` (likewise), (bias), (residual), `out` of both GEMM kernels (the caller
+/// adds the parameters).
+fn gemm_operands(a: &[CubeTensor], b: &[CubeTensor], add: Epilogue, out_shape: Vec<usize>, out: Elem) -> (CubeTensor, KernelArguments) {
     let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(a[0].client.clone(), a[0].device.clone(), out_shape.into(), out.dtype());
     let mut args = KernelArguments::new();
-    for t in a.iter().chain(b) {
+    for t in a.iter().chain(b).chain(add.bias).chain(add.residual) {
         args = args.with_buffer_io(t.handle.clone().binding(), BufferIOAttr::ReadOnly);
-    }
-    if let Some(bias) = bias {
-        args = args.with_buffer_io(bias.handle.clone().binding(), BufferIOAttr::ReadOnly);
     }
     let args = args.with_buffer_io(out.handle.clone().binding(), BufferIOAttr::WriteOnly);
     (out, args)
 }
 
-/// Launches `cfg` with `a`, `b`, `bias` (contiguous, of `cfg.elems`' types) into a new contiguous `out_shape` tensor.
-fn launch(cfg: GemmConfig, a: &[CubeTensor], b: &[CubeTensor], bias: Option<&CubeTensor>, p: Problem, out_shape: Vec<usize>) -> CubeTensor {
+/// Launches `cfg` with `a`, `b`, the epilogue's tensors (contiguous, of `cfg.elems`' types) into a
+/// new contiguous `out_shape` tensor.
+fn launch(cfg: GemmConfig, a: &[CubeTensor], b: &[CubeTensor], add: Epilogue, p: Problem, out_shape: Vec<usize>) -> CubeTensor {
     let cfg = cfg.for_problem(p.k, p.ohw, tiles(&a[0].client) == Tiles::Lavapipe);
-    let (out, args) = gemm_operands(a, b, bias, out_shape, cfg.elems.c);
+    let (out, args) = gemm_operands(a, b, add, out_shape, cfg.elems.c);
     let args = args.with_info(params([p.m, p.n, p.k, p.ohw, p.ow, p.h, p.w, p.img]));
     let count = CubeCount::Static(p.n.div_ceil(cfg.bn() as usize) as u32, p.m.div_ceil(cfg.bm() as usize) as u32, 1);
     a[0].client.launch(Box::new(Wgsl::Gemm(cfg)), count, args);
@@ -490,10 +515,10 @@ pub fn set_q8(on: bool) {
     Q8_IN_PLACE.store(if on { 1 } else { 2 }, Ordering::Relaxed);
 }
 
-/// Launches the skinny kernel `cfg` (see `gemv.rs`) with `a`, `b`, `bias` (contiguous, of
-/// `cfg.elems`' types) into a new contiguous `out_shape` tensor.
-fn launch_skinny(cfg: SkinnyConfig, a: &[CubeTensor], b: &[CubeTensor], bias: Option<&CubeTensor>, p: Problem, out_shape: Vec<usize>) -> CubeTensor {
-    let (out, args) = gemm_operands(a, b, bias, out_shape, cfg.elems.c);
+/// Launches the skinny kernel `cfg` (see `gemv.rs`) with `a`, `b`, the epilogue's tensors
+/// (contiguous, of `cfg.elems`' types) into a new contiguous `out_shape` tensor.
+fn launch_skinny(cfg: SkinnyConfig, a: &[CubeTensor], b: &[CubeTensor], add: Epilogue, p: Problem, out_shape: Vec<usize>) -> CubeTensor {
+    let (out, args) = gemm_operands(a, b, add, out_shape, cfg.elems.c);
     let (gx, gy) = spread(p.m.div_ceil(cfg.rows_per_group() as usize));
     let args = args.with_info(params([p.m, p.n, p.k, cfg.steps(p.k), p.ohw, p.ow, p.h, p.w, p.img, gx as usize, 0, 0]));
     a[0].client.launch(Box::new(Wgsl::Skinny(cfg)), CubeCount::Static(gx, gy, 1), args);
@@ -661,31 +686,60 @@ pub fn conv2d_cube_on(
     skinny: bool,
 ) -> Result<CubeTensor, (CubeTensor, CubeTensor, Option<CubeTensor>)> {
     let wdims = w.shape().dims::<4>();
-    conv2d_weight(x, Weight::Float(w), wdims, bias, options, skinny).map_err(|(x, w, b)| (x, w.float(), b))
+    conv2d_weight(x, Weight::Float(w), wdims, bias, None, options, skinny).map_err(|(x, w, b, _)| (x, w.float(), b))
+}
+
+/// What a GEMM that does not apply hands back: the input, the weight, the bias, the residual.
+pub type Refused = (CubeTensor, Weight, Option<CubeTensor>, Option<CubeTensor>);
+
+/// How a GEMM writing an output of shape `out` in `types.c` adds `r`: [`Residual::Full`] where `r`
+/// has that shape, [`Residual::PerImage`] where `r` is `[n, M, 1, 1]` for a conv's `out` `[n, M,
+/// oh, ow]`; in the output's type. `None` for anything else.
+fn residual_kind(r: &CubeTensor, out: &[usize], conv: bool, types: Elems) -> Option<Residual> {
+    if Elem::of(r.dtype) != Some(types.c) {
+        return None;
+    }
+    let dims = r.shape().to_vec();
+    if dims == out {
+        Some(Residual::Full)
+    } else if conv && dims == [out[0], out[1], 1, 1] {
+        Some(Residual::PerImage)
+    } else {
+        None
+    }
 }
 
 /// The conv of `x` with a weight of real shape `wdims` `[c_out, c_in, kh, kw]`, float or int8
-/// (read in place: an int8 one as `[c_out, .., c_in * kh * kw]`, the same values in the same order).
-#[allow(clippy::type_complexity)]
+/// (read in place: an int8 one as `[c_out, .., c_in * kh * kw]`, the same values in the same order),
+/// plus `bias` `[c_out]` and `residual` (`[n, c_out, oh, ow]`, or `[n, c_out, 1, 1]` per image; in
+/// `x`'s type), each where given, in the GEMM's epilogue.
 pub fn conv2d_weight(
     x: CubeTensor,
     w: Weight,
     wdims: [usize; 4],
     bias: Option<CubeTensor>,
+    residual: Option<CubeTensor>,
     options: &ConvOptions<2>,
     skinny: bool,
-) -> Result<CubeTensor, (CubeTensor, Weight, Option<CubeTensor>)> {
+) -> Result<CubeTensor, Refused> {
     // The weight is A, the image B; the output in the image's type.
-    let Some(types) = elems(w.elem(), Elem::of(x.dtype), bias.as_ref(), &x) else { return Err((x, w, bias)) };
+    let Some(types) = elems(w.elem(), Elem::of(x.dtype), bias.as_ref(), &x) else { return Err((x, w, bias, residual)) };
     let [nb, c_in, h, wd] = x.shape().dims::<4>();
     let [c_out, c_in_w, kh, kw] = wdims;
     let [(pt, pb), (pl, pr)] = options.padding;
     let ok = options.groups == 1 && options.dilation == [1, 1] && c_in == c_in_w && h + pt + pb >= kh && wd + pl + pr >= kw;
     if !ok || nb == 0 || c_out == 0 {
-        return Err((x, w, bias));
+        return Err((x, w, bias, residual));
     }
     let [sh, sw] = options.stride;
     let (oh, ow) = ((h + pt + pb - kh) / sh + 1, (wd + pl + pr - kw) / sw + 1);
+    let added = match &residual {
+        None => Residual::None,
+        Some(r) => match residual_kind(r, &[nb, c_out, oh, ow], true, types) {
+            Some(kind) => kind,
+            None => return Err((x, w, bias, residual)),
+        },
+    };
     let (m, n, k) = (c_out, nb * oh * ow, c_in * kh * kw);
     let pointwise = kh == 1 && kw == 1 && sh == 1 && sw == 1 && pt + pb + pl + pr == 0;
     let layout = if pointwise {
@@ -695,7 +749,7 @@ pub fn conv2d_weight(
     };
     let bias_kind = if bias.is_some() { Bias::Row } else { Bias::None };
     if !fits_u32(&[&[nb, c_in, h, wd], &[c_out, c_in, kh, kw], &[nb, c_out, oh, ow]]) {
-        return Err((x, w, bias));
+        return Err((x, w, bias, residual));
     }
     let p = Problem { m, n, k, ohw: oh * ow, ow, h, w: wd, img: c_in * h * wd };
     if n <= skinny_limits(w.client()).0 && skinny {
@@ -705,19 +759,22 @@ pub fn conv2d_weight(
         let (kh, kw, sh, sw, ph, pw) = (kh as u32, kw as u32, sh as u32, sw as u32, pt as u32, pl as u32);
         let cfg = SkinnyConfig::new(n, SkinnyA::RowMajor, SkinnyB::Conv { kh, kw, sh, sw, ph, pw, ky0, nky, kx0, nkx }, bias_kind)
             .with(types)
+            .with_residual(added)
             .vectorised(m, k)
             .adapted(w.client());
         if skinny_dispatchable(&cfg, m) {
-            let (x, bias) = (contiguous(x), bias.map(contiguous));
-            return Ok(launch_skinny(cfg, &w.bindings(), &[x], bias.as_ref(), p, vec![nb, c_out, oh, ow]));
+            let (x, bias, residual) = (contiguous(x), bias.map(contiguous), residual.map(contiguous));
+            let add = Epilogue { bias: bias.as_ref(), residual: residual.as_ref() };
+            return Ok(launch_skinny(cfg, &w.bindings(), &[x], add, p, vec![nb, c_out, oh, ow]));
         }
     }
-    let cfg = pick(w.client(), m, n, ALayout::RowMajor, layout, bias_kind).with(types);
+    let cfg = pick(w.client(), m, n, ALayout::RowMajor, layout, bias_kind).with(types).with_residual(added);
     if !dispatchable(&cfg, m, n) {
-        return Err((x, w, bias));
+        return Err((x, w, bias, residual));
     }
-    let (x, bias) = (contiguous(x), bias.map(contiguous));
-    Ok(launch(cfg, &w.bindings(), &[x], bias.as_ref(), p, vec![nb, c_out, oh, ow]))
+    let (x, bias, residual) = (contiguous(x), bias.map(contiguous), residual.map(contiguous));
+    let add = Epilogue { bias: bias.as_ref(), residual: residual.as_ref() };
+    Ok(launch(cfg, &w.bindings(), &[x], add, p, vec![nb, c_out, oh, ow]))
 }
 
 /// `x · w + bias` on cubecl primitives: `x` `[.., K]`, `w` `[K, N]`, `bias` `[N]`.
@@ -736,52 +793,63 @@ pub fn linear_cube_on(
     if wdims.len() != 2 {
         return Err((x, w, bias));
     }
-    linear_weight(x, Weight::Float(w), [wdims[0], wdims[1]], bias, skinny).map_err(|(x, w, b)| (x, w.float(), b))
+    linear_weight(x, Weight::Float(w), [wdims[0], wdims[1]], bias, None, skinny).map_err(|(x, w, b, _)| (x, w.float(), b))
 }
 
-/// `x · w + bias` for a weight of real shape `wdims` `[K, N]`, float or int8 (read in place).
-#[allow(clippy::type_complexity)]
+/// `x · w + bias + residual` for a weight of real shape `wdims` `[K, N]`, float or int8 (read in
+/// place); `bias` `[N]` and `residual` (of the output's shape and `x`'s type) where given.
 pub fn linear_weight(
     x: CubeTensor,
     w: Weight,
     wdims: [usize; 2],
     bias: Option<CubeTensor>,
+    residual: Option<CubeTensor>,
     skinny: bool,
-) -> Result<CubeTensor, (CubeTensor, Weight, Option<CubeTensor>)> {
+) -> Result<CubeTensor, Refused> {
     // The tiled GEMM reads the input as A and the weight as B; the skinny one the other way round.
-    let Some(types) = elems(Elem::of(x.dtype), w.elem(), bias.as_ref(), &x) else { return Err((x, w, bias)) };
+    let Some(types) = elems(Elem::of(x.dtype), w.elem(), bias.as_ref(), &x) else { return Err((x, w, bias, residual)) };
     let dims = x.shape().to_vec();
     let k = *dims.last().unwrap_or(&0);
     if wdims[0] != k || k == 0 {
-        return Err((x, w, bias));
+        return Err((x, w, bias, residual));
     }
     let n = wdims[1];
     let m: usize = dims[..dims.len() - 1].iter().product();
     if m == 0 || n == 0 || !fits_u32(&[&[m, k], &[k, n], &[m, n]]) {
-        return Err((x, w, bias));
+        return Err((x, w, bias, residual));
     }
     let mut out = dims;
     *out.last_mut().unwrap() = n;
+    let added = match &residual {
+        None => Residual::None,
+        Some(r) => match residual_kind(r, &out, false, types) {
+            Some(kind) => kind,
+            None => return Err((x, w, bias, residual)),
+        },
+    };
     if m <= skinny_limits(w.client()).1 && skinny {
         // A few rows: `outᵀ = wᵀ xᵀ` on the skinny kernel (output features as its rows).
         let cfg = SkinnyConfig::new(m, SkinnyA::Transposed, SkinnyB::Rows, if bias.is_some() { Bias::Row } else { Bias::None })
             .with(Elems { a: types.b, b: types.a, ..types })
+            .with_residual(added)
             .vectorised(n, k)
             .adapted(w.client());
         if skinny_dispatchable(&cfg, n) {
-            let (x, bias) = (contiguous(x), bias.map(contiguous));
+            let (x, bias, residual) = (contiguous(x), bias.map(contiguous), residual.map(contiguous));
             let p = Problem { m: n, n: m, k, ohw: 1, ow: 1, h: 1, w: 1, img: 0 };
-            return Ok(launch_skinny(cfg, &w.bindings(), &[x], bias.as_ref(), p, out));
+            let add = Epilogue { bias: bias.as_ref(), residual: residual.as_ref() };
+            return Ok(launch_skinny(cfg, &w.bindings(), &[x], add, p, out));
         }
     }
-    let cfg = pick(w.client(), m, n, ALayout::RowMajor, BLayout::Pointwise, if bias.is_some() { Bias::Col } else { Bias::None }).with(types);
+    let bias_kind = if bias.is_some() { Bias::Col } else { Bias::None };
+    let cfg = pick(w.client(), m, n, ALayout::RowMajor, BLayout::Pointwise, bias_kind).with(types).with_residual(added);
     if !dispatchable(&cfg, m, n) {
-        return Err((x, w, bias));
+        return Err((x, w, bias, residual));
     }
-    let (x, bias) = (contiguous(x), bias.map(contiguous));
+    let (x, bias, residual) = (contiguous(x), bias.map(contiguous), residual.map(contiguous));
     // B = w as a one-image pointwise input: c_in = K rows of N "pixels".
     let p = Problem { m, n, k, ohw: n, ow: n, h: 1, w: n, img: k * n };
-    Ok(launch(cfg, &[x], &w.bindings(), bias.as_ref(), p, out))
+    Ok(launch(cfg, &[x], &w.bindings(), Epilogue { bias: bias.as_ref(), residual: residual.as_ref() }, p, out))
 }
 
 /// The input gradient of a conv (weights frozen): `grad` `[n, c_out, oh, ow]`, `w` `[c_out, c_in,
@@ -845,7 +913,7 @@ pub fn conv2d_input_grad_weight(
             .vectorised(m, k)
             .adapted(w.client());
         if skinny_dispatchable(&cfg, m) {
-            return Ok(launch_skinny(cfg, &w.bindings(), &[contiguous(grad)], None, p, vec![nb, c_in, h, wd]));
+            return Ok(launch_skinny(cfg, &w.bindings(), &[contiguous(grad)], Epilogue::NONE, p, vec![nb, c_in, h, wd]));
         }
     }
     let cfg = pick(w.client(), m, n, ALayout::ConvFlipped { kk: (kh * kw) as u32 }, layout, Bias::None).with(types);
@@ -853,7 +921,7 @@ pub fn conv2d_input_grad_weight(
         return Err((grad, w));
     }
     let grad = contiguous(grad);
-    Ok(launch(cfg, &w.bindings(), &[grad], None, p, vec![nb, c_in, h, wd]))
+    Ok(launch(cfg, &w.bindings(), &[grad], Epilogue::NONE, p, vec![nb, c_in, h, wd]))
 }
 
 /// The input gradient of `x · w` (weights frozen): `grad` `[.., N]`, `w` `[K, N]`, giving `[.., K]`.
@@ -889,7 +957,7 @@ pub fn linear_input_grad_weight(grad: CubeTensor, w: Weight, wdims: [usize; 2]) 
         if skinny_dispatchable(&cfg, k_in) {
             let grad = contiguous(grad);
             let p = Problem { m: k_in, n: m, k: n, ohw: 1, ow: 1, h: 1, w: 1, img: 0 };
-            return Ok(launch_skinny(cfg, &w.bindings(), &[grad], None, p, out));
+            return Ok(launch_skinny(cfg, &w.bindings(), &[grad], Epilogue::NONE, p, out));
         }
     }
     let cfg = pick(w.client(), m, k_in, ALayout::RowMajor, BLayout::PointwiseT, Bias::None).with(types);
@@ -898,7 +966,7 @@ pub fn linear_input_grad_weight(grad: CubeTensor, w: Weight, wdims: [usize; 2]) 
     }
     let grad = contiguous(grad);
     let p = Problem { m, n: k_in, k: n, ohw: k_in, ow: k_in, h: 1, w: k_in, img: 0 };
-    Ok(launch(cfg, &[grad], &w.bindings(), None, p, out))
+    Ok(launch(cfg, &[grad], &w.bindings(), Epilogue::NONE, p, out))
 }
 
 /// How a norm reads its input `[b, c, ..]` (GroupNorm over `groups` groups) or `[.., c]`
@@ -1364,26 +1432,33 @@ pub(crate) fn q8_base<const W: usize>(base: &Tensor<W>) -> Option<Q8> {
     }
 }
 
-/// `x · W + bias` outside autodiff for an int8-resident weight `base` of real shape `wdims`
-/// `[K, N]`, read in place; `Err(x)` where it cannot be.
-pub fn linear_q8<const D: usize, const W: usize>(x: Tensor<D>, base: &Tensor<W>, wdims: [usize; 2], bias: Option<&Tensor<1>>) -> Result<Tensor<D>, Tensor<D>> {
+/// `x · W + bias (+ residual)` outside autodiff for an int8-resident weight `base` of real shape
+/// `wdims` `[K, N]`, read in place; `Err(x)` where it cannot be.
+pub fn linear_q8<const D: usize, const W: usize>(
+    x: Tensor<D>,
+    base: &Tensor<W>,
+    wdims: [usize; 2],
+    bias: Option<&Tensor<1>>,
+    residual: Option<&Tensor<D>>,
+) -> Result<Tensor<D>, Tensor<D>> {
     let Some(q8) = q8_base(base) else { return Err(x) };
-    let Some((xc, bc)) = input_primitives(&x, bias) else { return Err(x) };
-    linear_weight(xc, Weight::Q8(q8), wdims, bc, skinny_enabled()).map(wrap).map_err(|_| x)
+    let Some((xc, bc, rc)) = input_primitives(&x, bias, residual) else { return Err(x) };
+    linear_weight(xc, Weight::Q8(q8), wdims, bc, rc, skinny_enabled()).map(wrap).map_err(|_| x)
 }
 
-/// A conv outside autodiff for an int8-resident weight `base` of real shape `wdims`, read in place;
-/// `Err(x)` where it cannot be.
+/// A conv (`+ residual`, see [`conv2d`]) outside autodiff for an int8-resident weight `base` of real
+/// shape `wdims`, read in place; `Err(x)` where it cannot be.
 pub fn conv2d_q8<const W: usize>(
     x: Tensor<4>,
     base: &Tensor<W>,
     wdims: [usize; 4],
     bias: Option<&Tensor<1>>,
+    residual: Option<&Tensor<4>>,
     options: &ConvOptions<2>,
 ) -> Result<Tensor<4>, Tensor<4>> {
     let Some(q8) = q8_base(base) else { return Err(x) };
-    let Some((xc, bc)) = input_primitives(&x, bias) else { return Err(x) };
-    conv2d_weight(xc, Weight::Q8(q8), wdims, bc, options, skinny_enabled()).map(wrap).map_err(|_| x)
+    let Some((xc, bc, rc)) = input_primitives(&x, bias, residual) else { return Err(x) };
+    conv2d_weight(xc, Weight::Q8(q8), wdims, bc, rc, options, skinny_enabled()).map(wrap).map_err(|_| x)
 }
 
 /// The cubecl primitive of a float tensor outside autodiff, if it is one.
@@ -1398,20 +1473,14 @@ pub(crate) fn wrap<const D: usize>(c: CubeTensor) -> Tensor<D> {
     Tensor::from_dispatch(DispatchTensor { kind: DispatchTensorKind::Cube(BackendTensor::Float(c)), autodiff: DispatchAutodiffContext::Disabled })
 }
 
-/// The primitives of `x`, `weight` and `bias` where our kernels may run (enabled, all three
-/// cubecl float tensors outside autodiff).
-fn layer_primitives<const D: usize, const W: usize>(
+/// The primitives of `x`, `bias` and `residual` where our kernels may run (enabled, all cubecl float
+/// tensors outside autodiff).
+#[allow(clippy::type_complexity)]
+fn input_primitives<const D: usize, const R: usize>(
     x: &Tensor<D>,
-    weight: &Tensor<W>,
     bias: Option<&Tensor<1>>,
-) -> Option<(CubeTensor, CubeTensor, Option<CubeTensor>)> {
-    let (x, bias) = input_primitives(x, bias)?;
-    Some((x, primitive(weight)?, bias))
-}
-
-/// The primitives of `x` and `bias` where our kernels may run (enabled, both cubecl float tensors
-/// outside autodiff).
-fn input_primitives<const D: usize>(x: &Tensor<D>, bias: Option<&Tensor<1>>) -> Option<(CubeTensor, Option<CubeTensor>)> {
+    residual: Option<&Tensor<R>>,
+) -> Option<(CubeTensor, Option<CubeTensor>, Option<CubeTensor>)> {
     if !enabled() {
         return None;
     }
@@ -1420,28 +1489,52 @@ fn input_primitives<const D: usize>(x: &Tensor<D>, bias: Option<&Tensor<1>>) -> 
         Some(b) => b,
         None => None,
     };
-    Some((primitive(x)?, bias))
+    let residual = match residual.map(primitive) {
+        Some(None) => return None,
+        Some(r) => r,
+        None => None,
+    };
+    Some((primitive(x)?, bias, residual))
 }
 
-/// Our conv2d for a tensor outside autodiff on a cubecl device; `Err(x)` where burn's must run.
-pub fn conv2d(x: Tensor<4>, weight: &Tensor<4>, bias: Option<&Tensor<1>>, options: &ConvOptions<2>) -> Result<Tensor<4>, Tensor<4>> {
-    conv2d_on(x, weight, bias, options, skinny_enabled())
+/// Our conv2d for a tensor outside autodiff on a cubecl device, `+ residual` where given (of the
+/// output's shape, or `[n, c_out, 1, 1]`: one value per image and channel; in `x`'s type) in the same
+/// kernel; `Err(x)` where burn's must run.
+pub fn conv2d(x: Tensor<4>, weight: &Tensor<4>, bias: Option<&Tensor<1>>, residual: Option<&Tensor<4>>, options: &ConvOptions<2>) -> Result<Tensor<4>, Tensor<4>> {
+    conv2d_on(x, weight, bias, residual, options, skinny_enabled())
 }
 
 /// [`conv2d`] with the skinny kernel allowed or not (parity tests run both paths).
-pub fn conv2d_on(x: Tensor<4>, weight: &Tensor<4>, bias: Option<&Tensor<1>>, options: &ConvOptions<2>, skinny: bool) -> Result<Tensor<4>, Tensor<4>> {
-    let Some((xc, wc, bc)) = layer_primitives(&x, weight, bias) else { return Err(x) };
-    conv2d_cube_on(xc, wc, bc, options, skinny).map(wrap).map_err(|_| x)
+pub fn conv2d_on(
+    x: Tensor<4>,
+    weight: &Tensor<4>,
+    bias: Option<&Tensor<1>>,
+    residual: Option<&Tensor<4>>,
+    options: &ConvOptions<2>,
+    skinny: bool,
+) -> Result<Tensor<4>, Tensor<4>> {
+    let Some((xc, bc, rc)) = input_primitives(&x, bias, residual) else { return Err(x) };
+    let Some(wc) = primitive(weight) else { return Err(x) };
+    let wdims = wc.shape().dims::<4>();
+    conv2d_weight(xc, Weight::Float(wc), wdims, bc, rc, options, skinny).map(wrap).map_err(|_| x)
 }
 
-/// Our `x · weight + bias` (weight `[K, N]`) outside autodiff on a cubecl device; `Err(x)` where
-/// burn's must run.
-pub fn linear<const D: usize>(x: Tensor<D>, weight: &Tensor<2>, bias: Option<&Tensor<1>>) -> Result<Tensor<D>, Tensor<D>> {
-    linear_on(x, weight, bias, skinny_enabled())
+/// Our `x · weight + bias` (weight `[K, N]`) outside autodiff on a cubecl device, `+ residual` (of the
+/// output's shape and `x`'s type) where given, in the same kernel; `Err(x)` where burn's must run.
+pub fn linear<const D: usize>(x: Tensor<D>, weight: &Tensor<2>, bias: Option<&Tensor<1>>, residual: Option<&Tensor<D>>) -> Result<Tensor<D>, Tensor<D>> {
+    linear_on(x, weight, bias, residual, skinny_enabled())
 }
 
 /// [`linear`] with the skinny kernel allowed or not (parity tests run both paths).
-pub fn linear_on<const D: usize>(x: Tensor<D>, weight: &Tensor<2>, bias: Option<&Tensor<1>>, skinny: bool) -> Result<Tensor<D>, Tensor<D>> {
-    let Some((xc, wc, bc)) = layer_primitives(&x, weight, bias) else { return Err(x) };
-    linear_cube_on(xc, wc, bc, skinny).map(wrap).map_err(|_| x)
+pub fn linear_on<const D: usize>(
+    x: Tensor<D>,
+    weight: &Tensor<2>,
+    bias: Option<&Tensor<1>>,
+    residual: Option<&Tensor<D>>,
+    skinny: bool,
+) -> Result<Tensor<D>, Tensor<D>> {
+    let Some((xc, bc, rc)) = input_primitives(&x, bias, residual) else { return Err(x) };
+    let Some(wc) = primitive(weight) else { return Err(x) };
+    let wdims = wc.shape().dims::<2>();
+    linear_weight(xc, Weight::Float(wc), wdims, bc, rc, skinny).map(wrap).map_err(|_| x)
 }
