@@ -231,7 +231,9 @@ impl Transformer2DModel {
         let [b, c, h, w] = x.dims();
         let residual = x.clone();
         let mut y = self.norm.forward(x);
-        let to_seq = |t: Tensor<4>| t.reshape([b, c, h * w]).swap_dims(1, 2);
+        // The sequence is read by the first block's norm and, as its residual, by `to_out`'s GEMM:
+        // made contiguous once, not copied by each.
+        let to_seq = |t: Tensor<4>| crate::fused::contiguous(t.reshape([b, c, h * w]).swap_dims(1, 2));
         let mut s = match (&self.proj_in.conv, &self.proj_in.linear) {
             (Some(conv), _) => {
                 y = conv.run(y);

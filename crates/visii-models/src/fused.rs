@@ -224,6 +224,46 @@ fn record<C: CheckpointStrategy>(q: AutodiffTensor, k: AutodiffTensor, v: Autodi
     }
 }
 
+/// Makes a view contiguous inside autodiff; the gradient passes through unchanged.
+#[derive(Debug)]
+struct Contiguous;
+
+impl Backward<Cube, 1> for Contiguous {
+    type State = ();
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        burn_autodiff::ops::unary::<Cube, _>(ops.parents, ops.node, grads, |grad| grad);
+    }
+}
+
+fn record_contiguous<C: CheckpointStrategy>(t: AutodiffTensor) -> AutodiffTensor {
+    let y = crate::kernels::contiguous(t.clone().into_primitive());
+    Contiguous.prepare::<C>([t.node()]).compute_bound().stateless(y)
+}
+
+/// `t` laid out contiguously (the same values; a copy where `t` is a view, e.g. after
+/// `swap_dims`), inside autodiff or not, on a cubecl device; any other tensor as it is. For a tensor
+/// several of our kernels read (each would copy a view again), or that one of them takes as a
+/// residual (which it reads contiguous only).
+pub fn contiguous<const D: usize>(t: Tensor<D>) -> Tensor<D> {
+    if let Some(p) = crate::kernels::primitive(&t) {
+        return if p.is_contiguous() { t } else { crate::kernels::wrap(crate::kernels::contiguous(p)) };
+    }
+    match unwrap(t) {
+        Ok((a, strategy)) => {
+            if a.primitive().is_contiguous() {
+                return rewrap(a, strategy);
+            }
+            let y = match strategy {
+                GradientCheckpointingStrategy::Disabled => record_contiguous::<NoCheckpointing>(a),
+                GradientCheckpointingStrategy::Balanced => record_contiguous::<BalancedCheckpointing>(a),
+            };
+            rewrap(y, strategy)
+        }
+        Err(t) => t,
+    }
+}
+
 type Unwrapped<const D: usize> = Result<(AutodiffTensor, GradientCheckpointingStrategy), Tensor<D>>;
 
 /// The autodiff tensor inside `t` and its checkpointing strategy, if `t` is an autodiff tensor on a

@@ -309,6 +309,16 @@ fn layers_with_a_residual_backpropagate_like_ndarray() {
             println!("linear {lead:?} x 96 -> 72 + residual (epilogue {epilogue}): output, x and r gradients vs ndarray {:.2e} {:.2e} {:.2e}", e[0], e[1], e[2]);
             assert!(e[0] < 4.0 * order_tolerance(96) && e[1] < 5e-6 && e[2] < 1e-6, "linear {lead:?} (epilogue {epilogue}): {e:?}");
         }
+        // A residual that is a view (a transformer's sequence, `swap_dims` of the NCHW image), made
+        // contiguous inside autodiff (`fused::contiguous`): the same values, its gradient passed on.
+        let rt = r.clone().swap_dims(1, 2).into_data();
+        let rt = Tensor::<3>::from_data(rt, &gpu);
+        let view = |t: Tensor<3>| visii_models::fused::contiguous(t.swap_dims(1, 2));
+        let ours = run(&|x, r| lg.run_add(x, view(r)), &x, &rt, &g);
+        let reference_t = run(&|x, r| lc.forward(x) + r.swap_dims(1, 2), &on(&x, &cpu), &on(&rt, &cpu), &on(&g, &cpu));
+        let e = [rel(&ours.0, &reference_t.0), rel(&ours.1, &reference_t.1), rel(&ours.2, &reference_t.2)];
+        println!("linear {lead:?} x 96 -> 72 + a transposed residual: output, x and r gradients vs ndarray {:.2e} {:.2e} {:.2e}", e[0], e[1], e[2]);
+        assert!(e[0] < 4.0 * order_tolerance(96) && e[1] < 5e-6 && e[2] < 1e-6, "linear {lead:?} + a view: {e:?}");
     }
     kernels::set_epilogue(true);
 }

@@ -558,7 +558,7 @@ fn skinny_dispatchable(cfg: &SkinnyConfig, m: usize) -> bool {
     m.div_ceil(cfg.rows_per_group() as usize) <= MAX_GROUPS * MAX_GROUPS
 }
 
-fn contiguous(t: CubeTensor) -> CubeTensor {
+pub(crate) fn contiguous(t: CubeTensor) -> CubeTensor {
     burn_cubecl::kernel::into_contiguous(t)
 }
 
