@@ -12,6 +12,11 @@
 //! kernels (`crate::kernels`: the implicit-GEMM conv, and for a stride-1 conv's gradient the same
 //! GEMM reading the weight flipped in place) instead of burn's direct conv and conv_transpose2d.
 //!
+//! The layer's bias and a residual (`resident::Layer::run_add`: a skip, a transformer's residual, a
+//! resnet's time embedding) go into the GEMM's epilogue, the whole `layer(x) + bias + r` one step
+//! ([`FrozenAdd`]: `x`'s gradient as above, `r`'s the output's, summed over the pixels where `r` is
+//! one value per image and channel), where burn would record a step and run a kernel for each add.
+//!
 //! Runs on burn's cubecl backend (wgpu / WebGPU); any other tensor takes the ordinary path
 //! ([`linear`] / [`conv2d`] hand the input back).
 

@@ -1,5 +1,10 @@
 //! One tiled GEMM in plain WGSL (no subgroups, no cooperative matrices) that is also an implicit-GEMM
-//! convolution: `C[m, p] = sum_k A[m, k] * B[k, p] (+ bias)`.
+//! convolution: `C[m, p] = sum_k A[m, k] * B[k, p] (+ bias) (+ residual)`, the residual ([`Residual`])
+//! read as `C` is written: a skip connection added in the layer's own kernel rather than by a pass of
+//! its own over the output. Whether there is one and how it is laid out are parameters (its strides),
+//! not part of the compiled variant, so a layer with a residual runs the same pipeline as one without
+//! (each variant costs a shader compilation on the first run: 31 more in a learning step when the
+//! residual's kind was compiled in).
 //!
 //! - `A` is row-major `[M, K]`: a conv weight `[c_out, c_in, kh, kw]` as it is stored (no per-call
 //!   layout copy), or a Linear's input rows.
@@ -66,11 +71,24 @@ pub enum Bias {
 /// What the epilogue adds to each sum after the bias, read in `C`'s type: nothing, a tensor laid
 /// out as `C` (a residual: a skip connection, an attention's input), or one value per image and row
 /// (`[n, M]`, broadcast over the image's pixels: a resnet's time embedding per image and channel).
+/// Every variant reads it at `image * rimg + m * rm + pixel * rpix` ([`Residual::strides`]; `rm = 0`:
+/// none), from a binding `res` after the bias.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Residual {
     None,
     Full,
     PerImage,
+}
+
+impl Residual {
+    /// `(rimg, rm, rpix)` for a problem of `m` rows and `ohw` columns per image (the kernels' terms).
+    pub fn strides(self, m: usize, ohw: usize) -> [usize; 3] {
+        match self {
+            Residual::None => [0, 0, 0],
+            Residual::Full => [m * ohw, ohw, 1],
+            Residual::PerImage => [m, 1, 0],
+        }
+    }
 }
 
 /// A compiled variant of the kernel.
@@ -87,7 +105,6 @@ pub struct GemmConfig {
     pub a: ALayout,
     pub b: BLayout,
     pub bias: Bias,
-    pub residual: Residual,
     /// The operands' element types (f32, or f16 for f16 activations; see [`Elem`]).
     pub elems: Elems,
     /// `C` written four columns at a time (`vec4` stores; the output's pixels per image `ohw` must
@@ -158,7 +175,7 @@ impl GemmConfig {
             }
         }
         let (wg_x, wg_y, hm, hn) = best;
-        GemmConfig { wg_x, wg_y, hm, hn, a, b, bias, residual: Residual::None, elems: Elems::F32, c4: false, a4: false, b4: false }
+        GemmConfig { wg_x, wg_y, hm, hn, a, b, bias, elems: Elems::F32, c4: false, a4: false, b4: false }
     }
 
     /// The tile for lavapipe: the least padded work over the rate a workgroup of that many
@@ -185,7 +202,7 @@ impl GemmConfig {
             }
         }
         let (wg_x, wg_y, hm, hn) = best;
-        GemmConfig { wg_x, wg_y, hm, hn, a, b, bias, residual: Residual::None, elems: Elems::F32, c4: false, a4: false, b4: false }
+        GemmConfig { wg_x, wg_y, hm, hn, a, b, bias, elems: Elems::F32, c4: false, a4: false, b4: false }
     }
 
     /// `shape` (one of [`VARIANTS`]) with 16 instead of 8 rows and columns per invocation where its
@@ -230,11 +247,6 @@ impl GemmConfig {
         GemmConfig { elems, ..self }
     }
 
-    /// This variant adding `residual` to its sums (after the bias).
-    pub fn with_residual(self, residual: Residual) -> Self {
-        GemmConfig { residual, ..self }
-    }
-
     /// [`Self::pick_from`] the GPU variants.
     pub fn pick(m: usize, n: usize, a: ALayout, b: BLayout, bias: Bias) -> Self {
         Self::pick_from(&VARIANTS, m, n, a, b, bias)
@@ -260,7 +272,7 @@ impl GemmConfig {
         let e = self.elems;
         let bias_elem = if self.bias == Bias::None { Elem::F32 } else { e.bias };
         Elem::enable(w, &[e.a, e.b, bias_elem, e.c]);
-        let _ = writeln!(w, "struct Params {{ m: u32, n: u32, k: u32, ohw: u32, ow: u32, h: u32, w: u32, img: u32 }}");
+        let _ = writeln!(w, "struct Params {{ m: u32, n: u32, k: u32, ohw: u32, ow: u32, h: u32, w: u32, img: u32, rimg: u32, rm: u32, rpix: u32, u0: u32 }}");
         // Bindings in order: a (and its scales), b (and its scales), bias, residual, c, the parameters.
         let mut next = 0;
         if self.a4 {
@@ -276,12 +288,8 @@ impl GemmConfig {
         if self.bias != Bias::None {
             e.bias.declare(w, "bias", &mut next);
         }
-        // A full residual in `C`'s layout (read where `C` is written: four values at a time with `c4`).
-        match self.residual {
-            Residual::None => {}
-            Residual::Full if self.c4 => e.c.declare4(w, "res", &mut next),
-            Residual::Full | Residual::PerImage => e.c.declare(w, "res", &mut next),
-        }
+        // The residual (a placeholder buffer where there is none: `p.rm == 0`).
+        e.c.declare(w, "res", &mut next);
         if self.c4 {
             e.c.declare4(w, "c", &mut next);
         } else {
@@ -460,10 +468,8 @@ impl GemmConfig {
                 let reads: Vec<String> = (0..width).map(|j| e.bias.read("bias", &format!("min(q{g} + {j}u, p.n - 1u)"))).collect();
                 let _ = writeln!(w, "  let bc{g} = {};", if self.c4 { format!("vec4<f32>({})", reads.join(", ")) } else { reads.join("") });
             }
-            if self.residual == Residual::PerImage {
-                // The group's image (its columns are one image's), clamped past the last column.
-                let _ = writeln!(w, "  let ri{g} = (min(q{g}, p.n - 1u) / p.ohw) * p.m;");
-            }
+            // The residual's offset for the group's first column (its image, its pixel).
+            let _ = writeln!(w, "  let rq{g} = (q{g} / p.ohw) * p.rimg + (q{g} % p.ohw) * p.rpix;");
         }
         for i in 0..4 * hm {
             let _ = writeln!(w, "  {{ let m = m0 + {}; if (m < p.m) {{ let ro = m * (p.ohw{per4});", row(i));
@@ -477,16 +483,11 @@ impl GemmConfig {
                     Bias::Row => format!("{reg} + {splat}"),
                     Bias::Col => format!("{reg} + bc{g}"),
                 };
-                // The residual at the output's own index (read inside the column's guard below).
-                let v = match self.residual {
-                    Residual::None => v,
-                    Residual::Full if self.c4 => format!("{v} + {}", e.c.read4("res", &format!("o{g} + ro"))),
-                    Residual::Full => format!("{v} + {}", e.c.read("res", &format!("o{g} + ro"))),
-                    Residual::PerImage if self.c4 => format!("{v} + vec4<f32>({})", e.c.read("res", &format!("ri{g} + m"))),
-                    Residual::PerImage => format!("{v} + {}", e.c.read("res", &format!("ri{g} + m"))),
-                };
-                let store = if self.c4 { e.c.store4(&v) } else { e.c.store(&v) };
-                let _ = writeln!(w, "    if (q{g} < p.n) {{ c[o{g} + ro] = {store}; }}");
+                // The residual, read inside the column's guard (a uniform branch: none where `p.rm` is 0).
+                let at = |j: u32| e.c.read("res", &format!("rq{g} + m * p.rm + {j}u * p.rpix"));
+                let res = if self.c4 { format!("vec4<f32>({}, {}, {}, {})", at(0), at(1), at(2), at(3)) } else { at(0) };
+                let store = if self.c4 { e.c.store4("v") } else { e.c.store("v") };
+                let _ = writeln!(w, "    if (q{g} < p.n) {{ var v = {v}; if (p.rm != 0u) {{ v = v + {res}; }} c[o{g} + ro] = {store}; }}");
             }
             let _ = writeln!(w, "  }} }}");
         }
@@ -506,7 +507,7 @@ mod tests {
         for ((wg_x, wg_y, hm, hn), fours) in shapes.flat_map(|s| [(s, false), (s, true)]) {
             let b = if fours { BLayout::Pointwise } else { BLayout::Conv { kh: 3, kw: 3, sh: 2, sw: 2, ph: 0, pw: 0 } };
             let (a, c4, a4, b4) = (ALayout::RowMajor, fours, fours, fours);
-            let c = GemmConfig { wg_x, wg_y, hm, hn, a, b, bias: Bias::Row, residual: Residual::None, elems: Elems::F32, c4, a4, b4 };
+            let c = GemmConfig { wg_x, wg_y, hm, hn, a, b, bias: Bias::Row, elems: Elems::F32, c4, a4, b4 };
             assert!(c.bm() % 4 == 0 && c.bn() % 4 == 0 && c.bm() / 4 / hm == wg_y && c.bn() / 4 / hn == wg_x);
             let src = c.wgsl();
             assert!(src.contains("@workgroup_size") && src.contains("bias[m]"));
@@ -548,7 +549,7 @@ mod tests {
         let f16 = Elems { a: Elem::F16, b: Elem::F16, bias: Elem::F16, c: Elem::F16 };
         let c = GemmConfig::pick_lavapipe(77, 1280, ALayout::RowMajor, BLayout::Pointwise, Bias::Col).with(f16).for_problem(768, 1280, true);
         assert!(c.c4 && c.a4 && c.b4 && (c.hm, c.hn) == (2, 2));
-        assert!(c.wgsl().contains("c: array<vec4<f16>>") && c.wgsl().contains("= vec4<f16>(c0 + bc0)"), "{}", c.wgsl());
+        assert!(c.wgsl().contains("c: array<vec4<f16>>") && c.wgsl().contains("var v = c0 + bc0;") && c.wgsl().contains("= vec4<f16>(v)"), "{}", c.wgsl());
         // Other adapters: the same variant, stores in fours only.
         let g = GemmConfig::pick(77, 1280, ALayout::RowMajor, BLayout::Pointwise, Bias::Col).for_problem(768, 1280, false);
         assert!(g.c4 && !g.a4 && !g.b4 && (g.hm, g.hn) == (2, 2));
@@ -568,7 +569,27 @@ mod tests {
         assert!(src.starts_with("enable f16;"), "{src}");
         assert!(src.contains("a: array<f16>") && src.contains("b: array<f32>") && src.contains("c: array<f16>"));
         // Loads of A widen to f32, the tiles and sums stay f32, the store narrows.
-        assert!(src.contains("f32(a[am * p.k + ak])") && src.contains("array<vec4<f32>") && src.contains("= f16(c0[0]"));
+        assert!(src.contains("f32(a[am * p.k + ak])") && src.contains("array<vec4<f32>") && src.contains("var v = c0[0] + bc0;") && src.contains("= f16(v)"));
+    }
+
+    #[test]
+    fn every_variant_takes_a_residual_by_its_strides() {
+        // One pipeline with or without a residual: every variant binds `res` (after the bias, before
+        // `c`) and adds it only where `p.rm` is not 0, at `image * rimg + m * rm + pixel * rpix`.
+        for (c4, elems) in [(false, Elems::F32), (true, Elems::F32), (true, Elems { a: Elem::F16, b: Elem::F16, bias: Elem::F16, c: Elem::F16 })] {
+            let c = GemmConfig::pick(64, 64, ALayout::RowMajor, BLayout::Pointwise, Bias::Row).with(elems).for_problem(64, if c4 { 64 } else { 63 }, false);
+            let src = c.wgsl();
+            let (res, out) = (src.find("var<storage, read_write> res:").expect("declared"), src.find("var<storage, read_write> c:").expect("declared"));
+            assert!(src.find("bias:").is_some_and(|b| b < res) && res < out, "{src}");
+            let stores = src.matches("c[o").count();
+            assert_eq!(src.matches("if (p.rm != 0u)").count(), stores, "{src}");
+            assert!(src.contains("res[rq0 + m * p.rm + 0u * p.rpix]") && src.contains("let rq0 = (q0 / p.ohw) * p.rimg + (q0 % p.ohw) * p.rpix;"), "{src}");
+            assert_eq!(src.contains("res[rq0 + m * p.rm + 3u * p.rpix]"), c4, "four columns per store read four values");
+        }
+        // A skip laid out as the output (NCHW, or a Linear's rows), one value per image and row, none.
+        assert_eq!(Residual::Full.strides(320, 64), [320 * 64, 64, 1]);
+        assert_eq!(Residual::PerImage.strides(320, 64), [320, 1, 0]);
+        assert_eq!(Residual::None.strides(320, 64)[1], 0);
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! The skinny side of the GEMM: `C[m, q] = sum_k A[m, k] * B[k, q] (+ bias[m])` where `C` has at
-//! most 16 columns `q`, in plain WGSL (no subgroups, no cooperative matrices).
+//! The skinny side of the GEMM: `C[m, q] = sum_k A[m, k] * B[k, q] (+ bias[m]) (+ residual)` where
+//! `C` has at most 16 columns `q`, in plain WGSL (no subgroups, no cooperative matrices); the residual
+//! as in the tiled GEMM (`gemm::Residual`).
 //!
 //! Where it runs: the deepest UNet levels (a conv over 1 to 16 pixels: `m` output channels, `q`
 //! pixels) and Linear layers over 1 to 16 tokens (there `m` is the output feature and `q` the token:
@@ -22,7 +23,7 @@
 //!   `B[k, q] = X[q, k]` with `X` `[P, K]` (a Linear's input rows).
 //! - `C`: NCHW `[n, M, oh, ow]` (`q = (image, pixel)`); for rows, `ohw = 1`, so `C` is `[P, M]`.
 
-use super::gemm::{Bias, Residual};
+use super::gemm::Bias;
 use super::{Elem, Elems};
 use std::fmt::Write;
 
@@ -67,8 +68,6 @@ pub struct SkinnyConfig {
     pub a: SkinnyA,
     pub b: SkinnyB,
     pub bias: Bias,
-    /// What is added after the bias (as in the tiled GEMM; a per-image residual is `[n, M]`).
-    pub residual: Residual,
     /// The operands' element types (see [`Elem`]).
     pub elems: Elems,
     /// Operands read four values at a time (see [`Self::vectorised`]).
@@ -86,7 +85,7 @@ impl SkinnyConfig {
         assert!((1..=MAX_COLS).contains(&n), "the skinny GEMM takes 1 to {MAX_COLS} columns, not {n}");
         let cols = n.next_power_of_two() as u32;
         let rows = (32 / cols).clamp(2, 8);
-        SkinnyConfig { cols, rows, a, b, bias, residual: Residual::None, elems: Elems::F32, vec4: false, b4: false, threads: THREADS }
+        SkinnyConfig { cols, rows, a, b, bias, elems: Elems::F32, vec4: false, b4: false, threads: THREADS }
     }
 
     /// This variant reading its operands four values at a time where it can (for `m` rows of `C` and
@@ -117,18 +116,13 @@ impl SkinnyConfig {
         SkinnyConfig { elems, ..self }
     }
 
-    /// This variant adding `residual` to its sums (after the bias).
-    pub fn with_residual(self, residual: Residual) -> Self {
-        SkinnyConfig { residual, ..self }
-    }
-
-    /// `+ res[..]` (the residual) for the output value at index `at` of row `m`, column `q` (nothing without a residual).
-    fn residual_term(&self, at: &str, m: &str, q: &str) -> String {
-        match self.residual {
-            Residual::None => String::new(),
-            Residual::Full => format!(" + {}", self.elems.c.read("res", at)),
-            Residual::PerImage => format!(" + {}", self.elems.c.read("res", &format!("(({q}) / p.ohw) * p.m + {m}"))),
-        }
+    /// The store of `v` (an f32 expression) to `c[at]` for row `m`, column `q`, with the residual
+    /// added where there is one (a uniform branch on `p.rm`; strides as in the tiled GEMM's
+    /// `gemm::Residual`).
+    fn store_with_residual(&self, at: &str, m: &str, q: &str, v: &str) -> String {
+        let e = self.elems;
+        let res = e.c.read("res", &format!("(({q}) / p.ohw) * p.rimg + ({m}) * p.rm + (({q}) % p.ohw) * p.rpix"));
+        format!("{{ var v = {v}; if (p.rm != 0u) {{ v = v + {res}; }} c[{at}] = {}; }}", e.c.store("v"))
     }
 
     /// This variant with `threads` invocations per workgroup (a power of two, 1 to 256). Each
@@ -283,7 +277,7 @@ impl SkinnyConfig {
         let _ = writeln!(w, "    if (m < p.m && q < p.n) {{");
         let bias = if self.bias == Bias::Row { format!(" + {}", e.bias.read("bias", "m")) } else { String::new() };
         let _ = writeln!(w, "      let at = (q / p.ohw) * p.m * p.ohw + m * p.ohw + q % p.ohw;");
-        let _ = writeln!(w, "      c[at] = {};", e.c.store(&format!("red[i * {t}u]{bias}{}", self.residual_term("at", "m", "q"))));
+        let _ = writeln!(w, "      {}", self.store_with_residual("at", "m", "q", &format!("red[i * {t}u]{bias}")));
         let _ = writeln!(w, "    }}");
         let _ = writeln!(w, "  }}");
         let _ = writeln!(w, "}}");
@@ -301,7 +295,7 @@ impl SkinnyConfig {
         Elem::enable(w, &[e.a, e.b, bias_elem, e.c]);
         let _ = writeln!(
             w,
-            "struct Params {{ m: u32, n: u32, k: u32, steps: u32, ohw: u32, ow: u32, h: u32, w: u32, img: u32, gx: u32, u0: u32, u1: u32 }}"
+            "struct Params {{ m: u32, n: u32, k: u32, steps: u32, ohw: u32, ow: u32, h: u32, w: u32, img: u32, gx: u32, rimg: u32, rm: u32, rpix: u32, u0: u32 }}"
         );
         // Bindings in order: a (and its scales), b (and its scales), bias, residual, c, the parameters.
         let mut next = 0;
@@ -318,9 +312,8 @@ impl SkinnyConfig {
         if self.bias != Bias::None {
             e.bias.declare(w, "bias", &mut next);
         }
-        if self.residual != Residual::None {
-            e.c.declare(w, "res", &mut next);
-        }
+        // The residual (a placeholder buffer where there is none: `p.rm == 0`).
+        e.c.declare(w, "res", &mut next);
         e.c.declare(w, "c", &mut next);
         let _ = writeln!(w, "@group(0) @binding({next}) var<uniform> p: Params;");
     }
@@ -401,11 +394,10 @@ impl SkinnyConfig {
                 String::new()
             };
             for q in 0..cols {
-                let _ = writeln!(w, "    if ({q}u < p.n) {{ let v = s{q}{bias};");
+                let _ = writeln!(w, "    if ({q}u < p.n) {{ let sv = s{q}{bias};");
                 for i in 0..4 {
                     let (at, row) = (format!("{q}u * p.m + m + {i}u"), format!("m + {i}u"));
-                    let r = self.residual_term(&at, &row, &format!("{q}u"));
-                    let _ = writeln!(w, "      c[{at}] = {};", e.c.store(&format!("v[{i}]{r}")));
+                    let _ = writeln!(w, "      {}", self.store_with_residual(&at, &row, &format!("{q}u"), &format!("sv[{i}]")));
                 }
                 let _ = writeln!(w, "    }}");
             }
@@ -414,8 +406,7 @@ impl SkinnyConfig {
             let bias = if self.bias == Bias::Row { format!(" + {}", e.bias.read("bias", "m")) } else { String::new() };
             for q in 0..cols {
                 let at = format!("{q}u * p.m + m");
-                let r = self.residual_term(&at, "m", &format!("{q}u"));
-                let _ = writeln!(w, "    if ({q}u < p.n) {{ c[{at}] = {}; }}", e.c.store(&format!("s{q}{bias}{r}")));
+                let _ = writeln!(w, "    if ({q}u < p.n) {}", self.store_with_residual(&at, "m", &format!("{q}u"), &format!("s{q}{bias}")));
             }
         }
         let _ = writeln!(w, "  }}");

@@ -3,6 +3,7 @@
 //!
 //! - [`conv2d`]: convolution as an implicit GEMM on NCHW tensors (no layout copies; `gemm.rs`).
 //! - [`linear`]: `x · W + b` on the same GEMM.
+//! - Both add a residual where given, in the GEMM's epilogue ([`Residual`]; `resident::Layer::run_add`).
 //! - [`group_norm`]: GroupNorm (+ SiLU) and LayerNorm in two kernels with parallel reductions,
 //!   [`softmax`] in one (`norm.rs`); their input gradient in two more ([`group_norm_grad_cube`]).
 //! - [`geglu`]: the transformers' GEGLU activation in one kernel, its input gradient in one more
@@ -430,25 +431,38 @@ struct Problem {
     img: usize,
 }
 
-/// What a GEMM adds to its sums: the layer's bias and a residual (see [`Residual`]; contiguous, in
-/// the output's type), each where present.
+/// What a GEMM adds to its sums: the layer's bias and a residual of `kind` (see [`Residual`];
+/// contiguous, in the output's type), each where present.
 #[derive(Clone, Copy)]
 struct Epilogue<'a> {
     bias: Option<&'a CubeTensor>,
-    residual: Option<&'a CubeTensor>,
+    residual: Option<(&'a CubeTensor, Residual)>,
 }
 
 impl Epilogue<'_> {
     const NONE: Epilogue<'static> = Epilogue { bias: None, residual: None };
+
+    /// The residual's strides for `p` (`rm = 0`: none).
+    fn strides(&self, p: &Problem) -> [usize; 3] {
+        self.residual.map_or(Residual::None, |(_, kind)| kind).strides(p.m, p.ohw)
+    }
 }
 
 /// A new contiguous `out_shape` tensor of `out` elements and the bindings `a` (with an int8
-/// operand's scales), `b` (likewise), (bias), (residual), `out` of both GEMM kernels (the caller
-/// adds the parameters).
+/// operand's scales), `b` (likewise), (bias), the residual, `out` of both GEMM kernels (the caller
+/// adds the parameters). Without a residual its binding is a small placeholder (never read:
+/// every variant declares it, so that a layer with a residual runs the same pipeline).
 fn gemm_operands(a: &[CubeTensor], b: &[CubeTensor], add: Epilogue, out_shape: Vec<usize>, out: Elem) -> (CubeTensor, KernelArguments) {
-    let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(a[0].client.clone(), a[0].device.clone(), out_shape.into(), out.dtype());
+    let (client, device) = (a[0].client.clone(), a[0].device.clone());
+    let placeholder = match add.residual {
+        Some(_) => None,
+        // (Four values: a whole multiple of 4 bytes in f16 too, as a storage binding must be.)
+        None => Some(burn_cubecl::ops::numeric::empty_device_contiguous_dtype(client.clone(), device.clone(), vec![4].into(), out.dtype())),
+    };
+    let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(client, device, out_shape.into(), out.dtype());
     let mut args = KernelArguments::new();
-    for t in a.iter().chain(b).chain(add.bias).chain(add.residual) {
+    let residual = add.residual.map(|(r, _)| r).or(placeholder.as_ref());
+    for t in a.iter().chain(b).chain(add.bias).chain(residual) {
         args = args.with_buffer_io(t.handle.clone().binding(), BufferIOAttr::ReadOnly);
     }
     let args = args.with_buffer_io(out.handle.clone().binding(), BufferIOAttr::WriteOnly);
@@ -460,7 +474,8 @@ fn gemm_operands(a: &[CubeTensor], b: &[CubeTensor], add: Epilogue, out_shape: V
 fn launch(cfg: GemmConfig, a: &[CubeTensor], b: &[CubeTensor], add: Epilogue, p: Problem, out_shape: Vec<usize>) -> CubeTensor {
     let cfg = cfg.for_problem(p.k, p.ohw, tiles(&a[0].client) == Tiles::Lavapipe);
     let (out, args) = gemm_operands(a, b, add, out_shape, cfg.elems.c);
-    let args = args.with_info(params([p.m, p.n, p.k, p.ohw, p.ow, p.h, p.w, p.img]));
+    let [rimg, rm, rpix] = add.strides(&p);
+    let args = args.with_info(params([p.m, p.n, p.k, p.ohw, p.ow, p.h, p.w, p.img, rimg, rm, rpix, 0]));
     let count = CubeCount::Static(p.n.div_ceil(cfg.bn() as usize) as u32, p.m.div_ceil(cfg.bm() as usize) as u32, 1);
     a[0].client.launch(Box::new(Wgsl::Gemm(cfg)), count, args);
     out
@@ -520,7 +535,8 @@ pub fn set_q8(on: bool) {
 fn launch_skinny(cfg: SkinnyConfig, a: &[CubeTensor], b: &[CubeTensor], add: Epilogue, p: Problem, out_shape: Vec<usize>) -> CubeTensor {
     let (out, args) = gemm_operands(a, b, add, out_shape, cfg.elems.c);
     let (gx, gy) = spread(p.m.div_ceil(cfg.rows_per_group() as usize));
-    let args = args.with_info(params([p.m, p.n, p.k, cfg.steps(p.k), p.ohw, p.ow, p.h, p.w, p.img, gx as usize, 0, 0]));
+    let [rimg, rm, rpix] = add.strides(&p);
+    let args = args.with_info(params([p.m, p.n, p.k, cfg.steps(p.k), p.ohw, p.ow, p.h, p.w, p.img, gx as usize, rimg, rm, rpix, 0]));
     a[0].client.launch(Box::new(Wgsl::Skinny(cfg)), CubeCount::Static(gx, gy, 1), args);
     out
 }
@@ -759,21 +775,20 @@ pub fn conv2d_weight(
         let (kh, kw, sh, sw, ph, pw) = (kh as u32, kw as u32, sh as u32, sw as u32, pt as u32, pl as u32);
         let cfg = SkinnyConfig::new(n, SkinnyA::RowMajor, SkinnyB::Conv { kh, kw, sh, sw, ph, pw, ky0, nky, kx0, nkx }, bias_kind)
             .with(types)
-            .with_residual(added)
             .vectorised(m, k)
             .adapted(w.client());
         if skinny_dispatchable(&cfg, m) {
             let (x, bias, residual) = (contiguous(x), bias.map(contiguous), residual.map(contiguous));
-            let add = Epilogue { bias: bias.as_ref(), residual: residual.as_ref() };
+            let add = Epilogue { bias: bias.as_ref(), residual: residual.as_ref().map(|r| (r, added)) };
             return Ok(launch_skinny(cfg, &w.bindings(), &[x], add, p, vec![nb, c_out, oh, ow]));
         }
     }
-    let cfg = pick(w.client(), m, n, ALayout::RowMajor, layout, bias_kind).with(types).with_residual(added);
+    let cfg = pick(w.client(), m, n, ALayout::RowMajor, layout, bias_kind).with(types);
     if !dispatchable(&cfg, m, n) {
         return Err((x, w, bias, residual));
     }
     let (x, bias, residual) = (contiguous(x), bias.map(contiguous), residual.map(contiguous));
-    let add = Epilogue { bias: bias.as_ref(), residual: residual.as_ref() };
+    let add = Epilogue { bias: bias.as_ref(), residual: residual.as_ref().map(|r| (r, added)) };
     Ok(launch(cfg, &w.bindings(), &[x], add, p, vec![nb, c_out, oh, ow]))
 }
 
@@ -831,25 +846,24 @@ pub fn linear_weight(
         // A few rows: `outᵀ = wᵀ xᵀ` on the skinny kernel (output features as its rows).
         let cfg = SkinnyConfig::new(m, SkinnyA::Transposed, SkinnyB::Rows, if bias.is_some() { Bias::Row } else { Bias::None })
             .with(Elems { a: types.b, b: types.a, ..types })
-            .with_residual(added)
             .vectorised(n, k)
             .adapted(w.client());
         if skinny_dispatchable(&cfg, n) {
             let (x, bias, residual) = (contiguous(x), bias.map(contiguous), residual.map(contiguous));
             let p = Problem { m: n, n: m, k, ohw: 1, ow: 1, h: 1, w: 1, img: 0 };
-            let add = Epilogue { bias: bias.as_ref(), residual: residual.as_ref() };
+            let add = Epilogue { bias: bias.as_ref(), residual: residual.as_ref().map(|r| (r, added)) };
             return Ok(launch_skinny(cfg, &w.bindings(), &[x], add, p, out));
         }
     }
     let bias_kind = if bias.is_some() { Bias::Col } else { Bias::None };
-    let cfg = pick(w.client(), m, n, ALayout::RowMajor, BLayout::Pointwise, bias_kind).with(types).with_residual(added);
+    let cfg = pick(w.client(), m, n, ALayout::RowMajor, BLayout::Pointwise, bias_kind).with(types);
     if !dispatchable(&cfg, m, n) {
         return Err((x, w, bias, residual));
     }
     let (x, bias, residual) = (contiguous(x), bias.map(contiguous), residual.map(contiguous));
     // B = w as a one-image pointwise input: c_in = K rows of N "pixels".
     let p = Problem { m, n, k, ohw: n, ow: n, h: 1, w: n, img: k * n };
-    Ok(launch(cfg, &[x], &w.bindings(), Epilogue { bias: bias.as_ref(), residual: residual.as_ref() }, p, out))
+    Ok(launch(cfg, &[x], &w.bindings(), Epilogue { bias: bias.as_ref(), residual: residual.as_ref().map(|r| (r, added)) }, p, out))
 }
 
 /// The input gradient of a conv (weights frozen): `grad` `[n, c_out, oh, ow]`, `w` `[c_out, c_in,
