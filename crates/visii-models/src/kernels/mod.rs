@@ -448,16 +448,35 @@ impl Epilogue<'_> {
     }
 }
 
+thread_local! {
+    /// Per device, the buffer bound as the residual of the GEMMs without one (never read): four f32
+    /// values, made once and kept. A new one per launch held more memory in exact-size mode (each
+    /// its own buffer: `browser_allocator` test), and no buffer of the launch can stand in for it:
+    /// every binding is read_write, and WebGPU forbids two writable bindings of one range.
+    static PLACEHOLDERS: std::cell::RefCell<Vec<CubeTensor>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn placeholder(like: &CubeTensor) -> CubeTensor {
+    PLACEHOLDERS.with(|cell| {
+        let mut kept = cell.borrow_mut();
+        if let Some(t) = kept.iter().find(|t| t.device == like.device) {
+            return t.clone();
+        }
+        let t = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), vec![4].into(), DType::F32);
+        kept.push(t.clone());
+        t
+    })
+}
+
 /// A new contiguous `out_shape` tensor of `out` elements and the bindings `a` (with an int8
 /// operand's scales), `b` (likewise), (bias), the residual, `out` of both GEMM kernels (the caller
-/// adds the parameters). Without a residual its binding is a small placeholder (never read:
-/// every variant declares it, so that a layer with a residual runs the same pipeline).
+/// adds the parameters). Without a residual its binding is [`placeholder`] (never read: every
+/// variant declares it, so that a layer with a residual runs the same pipeline).
 fn gemm_operands(a: &[CubeTensor], b: &[CubeTensor], add: Epilogue, out_shape: Vec<usize>, out: Elem) -> (CubeTensor, KernelArguments) {
     let (client, device) = (a[0].client.clone(), a[0].device.clone());
     let placeholder = match add.residual {
         Some(_) => None,
-        // (Four values: a whole multiple of 4 bytes in f16 too, as a storage binding must be.)
-        None => Some(burn_cubecl::ops::numeric::empty_device_contiguous_dtype(client.clone(), device.clone(), vec![4].into(), out.dtype())),
+        None => Some(placeholder(&a[0])),
     };
     let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(client, device, out_shape.into(), out.dtype());
     let mut args = KernelArguments::new();
