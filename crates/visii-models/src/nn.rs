@@ -242,7 +242,7 @@ fn softmax_last(s: Tensor<4>) -> Tensor<4> {
 /// Scaled dot-product attention over `[b, n, heads * d]` inputs; `causal` masks future positions.
 /// Long sequences are computed in slices of query rows ([`attention_rows`]).
 pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, causal: bool) -> Tensor<3> {
-    // Our fused kernel where it applies (cubecl, f32 or f16, head dim <= 128): outside autodiff, and in
+    // Our fused kernel where it applies (cubecl, f32 or f16, head dim <= 160): outside autodiff, and in
     // learning as one autodiff step whose backward recomputes the weights (`fused.rs`).
     #[cfg(feature = "frozen")]
     let (q, k, v) = match crate::kernels::attention(q, k, v, heads, causal) {

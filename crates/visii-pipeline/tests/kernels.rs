@@ -778,6 +778,9 @@ fn fused_attention_matches_ndarray() {
         (1, 77, 77, 12, 64, true, 1.0),
         (1, 70, 70, 2, 8, true, 1.0),
         (1, 300, 257, 2, 128, false, 1.0),
+        // The UNet's 1280-channel levels: 8 heads of 160, self-attention and to the text.
+        (1, 64, 64, 8, 160, false, 1.0),
+        (2, 16, 77, 8, 160, false, 1.0),
         (2, 5, 3, 3, 4, false, 1.0),
         (1, 129, 50, 4, 40, false, 12.0),
     ];
@@ -800,10 +803,12 @@ fn fused_attention_matches_ndarray() {
         assert!(e < tol, "{case} (tolerance {tol:.1e})");
         assert!(reference.iter().any(|x| x.abs() > 0.1), "{case}");
     }
-    // Heads wider than the kernel takes (the UNet's deepest level, the VAE's 512), head dims that
-    // are not multiples of 4, and f32 only.
+    // Heads wider than the kernel takes (the VAE's 512; here 320 and 164), head dims that are not
+    // multiples of 4, and f32 only.
     let q = Tensor::<3>::random([1, 4, 320], Distribution::Normal(0.0, 1.0), &gpu);
-    assert!(kernels::attention(q.clone(), q.clone(), q.clone(), 2, false).is_err());
+    assert!(kernels::attention(q.clone(), q.clone(), q.clone(), 1, false).is_err());
+    let q164 = Tensor::<3>::random([1, 4, 328], Distribution::Normal(0.0, 1.0), &gpu);
+    assert!(kernels::attention(q164.clone(), q164.clone(), q164.clone(), 2, false).is_err());
     let q7 = Tensor::<3>::random([1, 4, 21], Distribution::Normal(0.0, 1.0), &gpu);
     assert!(kernels::attention(q7.clone(), q7.clone(), q7.clone(), 3, false).is_err());
     assert!(kernels::attention(on(&q, &cpu), on(&q, &cpu), on(&q, &cpu), 8, false).is_err());
@@ -827,8 +832,16 @@ fn fused_attention_backward_matches_ndarray() {
     // (batch, query rows, keys, heads, head dim, causal): self-attention (8 heads of 40),
     // cross-attention to 77 text states (heads of 80), CLIP's causal attention over two workgroups
     // of rows, several workgroups of query and key rows with last ones partly empty, odd sizes.
-    let cases: &[(usize, usize, usize, usize, usize, bool)] =
-        &[(2, 64, 64, 8, 40, false), (3, 37, 77, 4, 80, false), (1, 77, 77, 4, 64, true), (1, 300, 290, 2, 40, false), (2, 5, 3, 3, 4, false)];
+    // Heads of 160 (the UNet's 1280-channel levels), self-attention and to the text.
+    let cases: &[(usize, usize, usize, usize, usize, bool)] = &[
+        (2, 64, 64, 8, 40, false),
+        (3, 37, 77, 4, 80, false),
+        (1, 77, 77, 4, 64, true),
+        (1, 300, 290, 2, 40, false),
+        (2, 5, 3, 3, 4, false),
+        (1, 64, 64, 4, 160, false),
+        (2, 16, 77, 8, 160, false),
+    ];
     for &(b, n, m, heads, d, causal) in cases {
         let inner = heads * d;
         let q = Tensor::<3>::random([b, n, inner], Distribution::Normal(0.0, 1.0), &gpu);

@@ -12,8 +12,9 @@
 //! of `exp(s - mx)`, and the output rescaled by `exp(mx_old - mx_new)` when the maximum grows. The
 //! result is `o / l`, softmax(q kᵀ / sqrt(d)) v up to the order of the sums.
 //!
-//! Head dims that are multiples of 4 up to [`MAX_HEAD_DIM`] (registers: `2 d` per row); others (the UNet's
-//! deepest level at 160, the VAE's single 512-wide head) stay on burn's ops. `causal` masks the keys
+//! Head dims that are multiples of 4 up to [`MAX_HEAD_DIM`] (registers: `2 d` per row), which takes the
+//! UNet's 1280-channel levels (8 heads of 160); wider ones (the VAE's single 512-wide head) stay on
+//! burn's ops. `causal` masks the keys
 //! after the query's own position (CLIP's text encoder).
 
 use super::Elem;
@@ -22,8 +23,11 @@ use std::fmt::Write;
 /// Invocations (query rows) per workgroup.
 pub const THREADS: u32 = 64;
 
-/// The largest head dim compiled.
-pub const MAX_HEAD_DIM: usize = 128;
+/// The largest head dim compiled: InstructPix2Pix's (SD 1.5's) widest, 1280 channels in 8 heads.
+/// (Until session 28 it was 128, and those six transformers' attentions ran burn's chain, in learning
+/// its backward too: about 250 more kernel launches per learning step.) On a GPU a row of 160 keeps
+/// 320 floats in registers forward and 640 for dK / dV; unmeasured there.
+pub const MAX_HEAD_DIM: usize = 160;
 
 /// A compiled variant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
