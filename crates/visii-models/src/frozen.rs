@@ -256,7 +256,9 @@ fn record_added<C: CheckpointStrategy>(
     let r_shape = rp.shape();
     let skinny = crate::kernels::skinny_enabled();
     let (y, layer) = match op {
-        Op::Matmul => (crate::kernels::linear_weight(xp, kernel_weight(&q, &shape, dtype), shape.dims::<2>(), bias, Some(rp), skinny), Layer::Matmul(q, shape)),
+        Op::Matmul => {
+            (crate::kernels::linear_weight(xp, kernel_weight(&q, &shape, dtype), shape.dims::<2>(), bias, Some(rp), skinny), Layer::Matmul(q, shape))
+        }
         Op::Conv(options) => {
             let [_, _, h, wd] = x.shape().dims();
             let y = crate::kernels::conv2d_weight(xp, kernel_weight(&q, &shape, dtype), shape.dims::<4>(), bias, Some(rp), &options, skinny);
@@ -382,8 +384,12 @@ fn frozen<const D: usize, const W: usize>(
     let (t, residual) = match residual.map(|r| autodiff_cube(r, &strategy)) {
         Some(Ok(r)) if bias.is_none() || bias_p.is_some() => {
             let added = match strategy {
-                GradientCheckpointingStrategy::Disabled => record_added::<NoCheckpointing>(t, r, q.clone(), shape.clone(), op.clone(), bias_p.clone()),
-                GradientCheckpointingStrategy::Balanced => record_added::<BalancedCheckpointing>(t, r, q.clone(), shape.clone(), op.clone(), bias_p.clone()),
+                GradientCheckpointingStrategy::Disabled => {
+                    record_added::<NoCheckpointing>(t, r, q.clone(), shape.clone(), op.clone(), bias_p.clone())
+                }
+                GradientCheckpointingStrategy::Balanced => {
+                    record_added::<BalancedCheckpointing>(t, r, q.clone(), shape.clone(), op.clone(), bias_p.clone())
+                }
             };
             match added {
                 Ok(y) => return Ok(wrap(y, strategy)),

@@ -193,7 +193,14 @@ fn residuals_added_in_the_epilogue_match_burn() {
     // (batch, c_in, size, c_out, k, stride, padding): a resnet's 3x3 conv at 8 x 8 (stores in fours),
     // 5 x 5 (one at a time), the deepest levels' 2 x 2 and 1 x 1 (the skinny kernel where allowed),
     // a pointwise conv, a stride-2 one.
-    let convs = [(2, 16, 8, 64, 3, 1, 1), (2, 8, 5, 12, 3, 1, 1), (2, 32, 2, 48, 3, 1, 1), (3, 40, 1, 24, 3, 1, 1), (2, 16, 8, 24, 1, 1, 0), (2, 8, 9, 16, 3, 2, 1)];
+    let convs = [
+        (2, 16, 8, 64, 3, 1, 1),
+        (2, 8, 5, 12, 3, 1, 1),
+        (2, 32, 2, 48, 3, 1, 1),
+        (3, 40, 1, 24, 3, 1, 1),
+        (2, 16, 8, 24, 1, 1, 0),
+        (2, 8, 9, 16, 3, 2, 1),
+    ];
     for (&(b, ci, hw, co, k, s, p), skinny) in convs.iter().flat_map(|c| [(c, true), (c, false)]) {
         let x = Tensor::<4>::random([b, ci, hw, hw], Distribution::Normal(0.0, 1.0), &gpu);
         let w = Tensor::<4>::random([co, ci, k, k], Distribution::Normal(0.0, 0.1), &gpu);
@@ -211,7 +218,8 @@ fn residuals_added_in_the_epilogue_match_burn() {
             let plain = |dev: &Device| burn::tensor::module::conv2d(on(&x, dev), on(&w, dev), Some(on(&bias, dev)), opts.clone()) + on(&r, dev);
             let (ours, reference, burn_gpu) = (values(ours), values(plain(&cpu)), values(plain(&gpu)));
             let (e_cpu, e_gpu) = (rel(&ours, &reference), rel(&ours, &burn_gpu));
-            let case = format!("conv {b}x{ci}x{hw}x{hw} -> {co} k{k} s{s} + {what} (skinny {skinny}): vs ndarray {e_cpu:.2e}, vs burn wgpu {e_gpu:.2e}");
+            let case =
+                format!("conv {b}x{ci}x{hw}x{hw} -> {co} k{k} s{s} + {what} (skinny {skinny}): vs ndarray {e_cpu:.2e}, vs burn wgpu {e_gpu:.2e}");
             println!("{case}");
             let tol = order_tolerance(ci * k * k);
             assert!(e_cpu < 2.0 * tol && e_gpu < 10.0 * tol, "{case}");
@@ -231,7 +239,9 @@ fn residuals_added_in_the_epilogue_match_burn() {
     }
     // Linear: 66 rows (the tiled GEMM, stores in fours), 130 rows of 136 outputs, 3 and 1 rows (the
     // skinny kernel where allowed; 96 outputs read four at a time, 70 one at a time).
-    for (&(lead, k, n), skinny) in [([2, 33], 40, 72), ([1, 130], 40, 136), ([1, 3], 64, 96), ([1, 1], 128, 70)].iter().flat_map(|c| [(c, true), (c, false)]) {
+    for (&(lead, k, n), skinny) in
+        [([2, 33], 40, 72), ([1, 130], 40, 136), ([1, 3], 64, 96), ([1, 1], 128, 70)].iter().flat_map(|c| [(c, true), (c, false)])
+    {
         let x = Tensor::<3>::random([lead[0], lead[1], k], Distribution::Normal(0.0, 1.0), &gpu);
         let w = Tensor::<2>::random([k, n], Distribution::Normal(0.0, 0.1), &gpu);
         let bias = Tensor::<1>::random([n], Distribution::Normal(0.0, 0.5), &gpu);
@@ -274,7 +284,10 @@ fn layers_with_a_residual_backpropagate_like_ndarray() {
         let bias = Tensor::<1>::random([co], Distribution::Normal(0.0, 0.5), &gpu);
         let g = Tensor::<4>::random([b, co, hw, hw], Distribution::Normal(0.0, 1.0), &gpu);
         let (lg, lc) = (conv_layer(&gpu, &w, &bias, 1, p), conv_layer(&cpu, &w, &bias, 1, p));
-        for r in [Tensor::<4>::random([b, co, hw, hw], Distribution::Normal(0.0, 2.0), &gpu), Tensor::<4>::random([b, co, 1, 1], Distribution::Normal(0.0, 2.0), &gpu)] {
+        for r in [
+            Tensor::<4>::random([b, co, hw, hw], Distribution::Normal(0.0, 2.0), &gpu),
+            Tensor::<4>::random([b, co, 1, 1], Distribution::Normal(0.0, 2.0), &gpu),
+        ] {
             let what = format!("conv {b}x{ci}x{hw}x{hw} -> {co} k{k} + {:?}", r.dims());
             let reference = grads(&|x, r| lc.forward(x) + r, &on(&x, &cpu), &on(&r, &cpu), &on(&g, &cpu));
             for epilogue in [true, false] {
@@ -306,7 +319,10 @@ fn layers_with_a_residual_backpropagate_like_ndarray() {
             kernels::set_epilogue(epilogue);
             let ours = run(&|x, r| lg.run_add(x, r), &x, &r, &g);
             let e = [rel(&ours.0, &reference.0), rel(&ours.1, &reference.1), rel(&ours.2, &reference.2)];
-            println!("linear {lead:?} x 96 -> 72 + residual (epilogue {epilogue}): output, x and r gradients vs ndarray {:.2e} {:.2e} {:.2e}", e[0], e[1], e[2]);
+            println!(
+                "linear {lead:?} x 96 -> 72 + residual (epilogue {epilogue}): output, x and r gradients vs ndarray {:.2e} {:.2e} {:.2e}",
+                e[0], e[1], e[2]
+            );
             assert!(e[0] < 4.0 * order_tolerance(96) && e[1] < 5e-6 && e[2] < 1e-6, "linear {lead:?} (epilogue {epilogue}): {e:?}");
         }
         // A residual that is a view (a transformer's sequence, `swap_dims` of the NCHW image), made
@@ -997,7 +1013,8 @@ fn f16_kernels_match_f32_on_the_same_values() {
         let (oh, ow) = ((h + ph.0 + ph.1 - k) / s + 1, (wd + pw.0 + pw.1 - k) / s + 1);
         for rdims in [[b, co, oh, ow], [b, co, 1, 1]] {
             let (r16, rf) = half(&Tensor::<4>::random(rdims, Distribution::Normal(0.0, 1.0), &gpu), &cpu);
-            let ours = kernels::conv2d_on(x16.clone(), &wt, Some(&bias), Some(&r16), &opts, skinny).unwrap_or_else(|_| panic!("our f16 conv + residual applies"));
+            let ours = kernels::conv2d_on(x16.clone(), &wt, Some(&bias), Some(&r16), &opts, skinny)
+                .unwrap_or_else(|_| panic!("our f16 conv + residual applies"));
             let reference = burn::tensor::module::conv2d(xf.clone(), on(&wt, &cpu), Some(on(&bias, &cpu)), opts.clone()) + rf;
             check(format!("conv {b}x{ci}x{h}x{wd} -> {co} k{k} s{s} + {rdims:?} (skinny {skinny})"), values16(ours), values(reference));
         }

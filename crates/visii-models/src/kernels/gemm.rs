@@ -272,7 +272,10 @@ impl GemmConfig {
         let e = self.elems;
         let bias_elem = if self.bias == Bias::None { Elem::F32 } else { e.bias };
         Elem::enable(w, &[e.a, e.b, bias_elem, e.c]);
-        let _ = writeln!(w, "struct Params {{ m: u32, n: u32, k: u32, ohw: u32, ow: u32, h: u32, w: u32, img: u32, rimg: u32, rm: u32, rpix: u32, u0: u32 }}");
+        let _ = writeln!(
+            w,
+            "struct Params {{ m: u32, n: u32, k: u32, ohw: u32, ow: u32, h: u32, w: u32, img: u32, rimg: u32, rm: u32, rpix: u32, u0: u32 }}"
+        );
         // Bindings in order: a (and its scales), b (and its scales), bias, residual, c, the parameters.
         let mut next = 0;
         if self.a4 {
@@ -549,7 +552,11 @@ mod tests {
         let f16 = Elems { a: Elem::F16, b: Elem::F16, bias: Elem::F16, c: Elem::F16 };
         let c = GemmConfig::pick_lavapipe(77, 1280, ALayout::RowMajor, BLayout::Pointwise, Bias::Col).with(f16).for_problem(768, 1280, true);
         assert!(c.c4 && c.a4 && c.b4 && (c.hm, c.hn) == (2, 2));
-        assert!(c.wgsl().contains("c: array<vec4<f16>>") && c.wgsl().contains("var v = c0 + bc0;") && c.wgsl().contains("= vec4<f16>(v)"), "{}", c.wgsl());
+        assert!(
+            c.wgsl().contains("c: array<vec4<f16>>") && c.wgsl().contains("var v = c0 + bc0;") && c.wgsl().contains("= vec4<f16>(v)"),
+            "{}",
+            c.wgsl()
+        );
         // Other adapters: the same variant, stores in fours only.
         let g = GemmConfig::pick(77, 1280, ALayout::RowMajor, BLayout::Pointwise, Bias::Col).for_problem(768, 1280, false);
         assert!(g.c4 && !g.a4 && !g.b4 && (g.hm, g.hn) == (2, 2));
@@ -569,7 +576,12 @@ mod tests {
         assert!(src.starts_with("enable f16;"), "{src}");
         assert!(src.contains("a: array<f16>") && src.contains("b: array<f32>") && src.contains("c: array<f16>"));
         // Loads of A widen to f32, the tiles and sums stay f32, the store narrows.
-        assert!(src.contains("f32(a[am * p.k + ak])") && src.contains("array<vec4<f32>") && src.contains("var v = c0[0] + bc0;") && src.contains("= f16(v)"));
+        assert!(
+            src.contains("f32(a[am * p.k + ak])")
+                && src.contains("array<vec4<f32>")
+                && src.contains("var v = c0[0] + bc0;")
+                && src.contains("= f16(v)")
+        );
     }
 
     #[test]
@@ -577,13 +589,21 @@ mod tests {
         // One pipeline with or without a residual: every variant binds `res` (after the bias, before
         // `c`) and adds it only where `p.rm` is not 0, at `image * rimg + m * rm + pixel * rpix`.
         for (c4, elems) in [(false, Elems::F32), (true, Elems::F32), (true, Elems { a: Elem::F16, b: Elem::F16, bias: Elem::F16, c: Elem::F16 })] {
-            let c = GemmConfig::pick(64, 64, ALayout::RowMajor, BLayout::Pointwise, Bias::Row).with(elems).for_problem(64, if c4 { 64 } else { 63 }, false);
+            let c = GemmConfig::pick(64, 64, ALayout::RowMajor, BLayout::Pointwise, Bias::Row).with(elems).for_problem(
+                64,
+                if c4 { 64 } else { 63 },
+                false,
+            );
             let src = c.wgsl();
-            let (res, out) = (src.find("var<storage, read_write> res:").expect("declared"), src.find("var<storage, read_write> c:").expect("declared"));
+            let (res, out) =
+                (src.find("var<storage, read_write> res:").expect("declared"), src.find("var<storage, read_write> c:").expect("declared"));
             assert!(src.find("bias:").is_some_and(|b| b < res) && res < out, "{src}");
             let stores = src.matches("c[o").count();
             assert_eq!(src.matches("if (p.rm != 0u)").count(), stores, "{src}");
-            assert!(src.contains("res[rq0 + m * p.rm + 0u * p.rpix]") && src.contains("let rq0 = (q0 / p.ohw) * p.rimg + (q0 % p.ohw) * p.rpix;"), "{src}");
+            assert!(
+                src.contains("res[rq0 + m * p.rm + 0u * p.rpix]") && src.contains("let rq0 = (q0 / p.ohw) * p.rimg + (q0 % p.ohw) * p.rpix;"),
+                "{src}"
+            );
             assert_eq!(src.contains("res[rq0 + m * p.rm + 3u * p.rpix]"), c4, "four columns per store read four values");
         }
         // A skip laid out as the output (NCHW, or a Linear's rows), one value per image and row, none.
