@@ -365,9 +365,6 @@ fn input_grad<const D: usize>(x: &Tensor<D>, r: &Tensor<D>, f: impl Fn(Tensor<D>
 
 #[test]
 fn frozen_f32_layers_backpropagate_through_our_kernels_like_ndarray() {
-    use burn::module::Param;
-    use burn::nn::conv::Conv2d;
-    use burn::nn::{Linear, PaddingConfig2d};
     use visii_models::resident::Layer;
     let gpu = Device::wgpu(DeviceKind::DefaultDevice);
     let cpu = Device::ndarray();
@@ -384,15 +381,7 @@ fn frozen_f32_layers_backpropagate_through_our_kernels_like_ndarray() {
         (1, 48, 40, 2, 1, 1, 0),
     ];
     for (b, ci, co, hw, k, s, p) in cases {
-        let conv = |dev: &Device, w: &Tensor<4>, bias: &Tensor<1>| Conv2d {
-            weight: Param::from_tensor(on(w, dev)),
-            bias: Some(Param::from_tensor(on(bias, dev))),
-            stride: [s, s],
-            kernel_size: [k, k],
-            dilation: [1, 1],
-            groups: 1,
-            padding: PaddingConfig2d::Explicit(p, p, p, p),
-        };
+        let conv = |dev: &Device, w: &Tensor<4>, bias: &Tensor<1>| conv_layer(dev, w, bias, s, p);
         let w = Tensor::<4>::random([co, ci, k, k], Distribution::Normal(0.0, 0.1), &gpu);
         let bias = Tensor::<1>::random([co], Distribution::Normal(0.0, 0.5), &gpu);
         let x = Tensor::<4>::random([b, ci, hw, hw], Distribution::Normal(0.0, 1.0), &gpu);
@@ -411,8 +400,7 @@ fn frozen_f32_layers_backpropagate_through_our_kernels_like_ndarray() {
     for (lead, n) in [([2, 33], 72), ([1, 4], 72), ([1, 4], 70)] {
         let w = Tensor::<2>::random([96, n], Distribution::Normal(0.0, 0.1), &gpu);
         let bias = Tensor::<1>::random([n], Distribution::Normal(0.0, 0.5), &gpu);
-        let linear = |dev: &Device| Linear { weight: Param::from_tensor(on(&w, dev)), bias: Some(Param::from_tensor(on(&bias, dev))) };
-        let (lg, lc) = (linear(&gpu), linear(&cpu));
+        let (lg, lc) = (linear_layer(&gpu, &w, &bias), linear_layer(&cpu, &w, &bias));
         let x = Tensor::<3>::random([lead[0], lead[1], 96], Distribution::Normal(0.0, 1.0), &gpu);
         let r = Tensor::<3>::random([lead[0], lead[1], n], Distribution::Normal(0.0, 1.0), &gpu);
         let ours = input_grad(&x, &r, |x| lg.run(x));
