@@ -151,6 +151,21 @@ fn plus<const D: usize>(y: Tensor<D>, r: Option<Tensor<D>>) -> Tensor<D> {
     }
 }
 
+/// `kernel(x, r)`; where the kernel takes the layer but not the residual (another shape or type),
+/// `kernel(x, None) + r`: our GEMM still runs. `Err(x)` where it does not take the layer.
+#[cfg(feature = "frozen")]
+fn with_residual<const D: usize>(
+    x: Tensor<D>,
+    r: &Option<Tensor<D>>,
+    kernel: impl Fn(Tensor<D>, Option<&Tensor<D>>) -> Result<Tensor<D>, Tensor<D>>,
+) -> Result<Tensor<D>, Tensor<D>> {
+    match (kernel(x, r.as_ref()), r) {
+        (Ok(y), _) => Ok(y),
+        (Err(x), Some(r)) => kernel(x, None).map(|y| y + r.clone()),
+        (Err(x), None) => Err(x),
+    }
+}
+
 impl<const D: usize> RunWith<D> for Linear {
     fn run_with(&self, x: Tensor<D>, r: Option<Tensor<D>>) -> Tensor<D> {
         if r.is_some() && !crate::kernels::epilogue_enabled() {
@@ -170,7 +185,8 @@ impl<const D: usize> RunWith<D> for Linear {
         #[cfg(feature = "frozen")]
         let x = match self.weight.reparameterization::<Dequantized>() {
             Some(q) if q.shape.len() == 2 && !x.is_autodiff() => {
-                match crate::kernels::linear_q8(x, &self.weight.base(), [q.shape[0], q.shape[1]], bias.as_ref(), r.as_ref()) {
+                let base = self.weight.base();
+                match with_residual(x, &r, |x, r| crate::kernels::linear_q8(x, &base, [q.shape[0], q.shape[1]], bias.as_ref(), r)) {
                     Ok(y) => return y,
                     Err(x) => x,
                 }
@@ -179,7 +195,8 @@ impl<const D: usize> RunWith<D> for Linear {
         };
         #[cfg(feature = "frozen")]
         let x = if matches!(x.dtype(), DType::F32 | DType::F16) && !x.is_autodiff() {
-            match crate::kernels::linear(x, &self.weight.val(), bias.as_ref(), r.as_ref()) {
+            let weight = self.weight.val();
+            match with_residual(x, &r, |x, r| crate::kernels::linear(x, &weight, bias.as_ref(), r)) {
                 Ok(y) => return y,
                 Err(x) => x,
             }
@@ -230,15 +247,16 @@ impl RunWith<4> for Conv2d {
                 // An int8-resident weight read in place by our GEMM (no float copy of it).
                 let x = match self.weight.reparameterization::<Dequantized>() {
                     Some(q) if q.shape.len() == 4 => {
-                        let wdims = [q.shape[0], q.shape[1], q.shape[2], q.shape[3]];
-                        match crate::kernels::conv2d_q8(x, &self.weight.base(), wdims, bias.as_ref(), r.as_ref(), &options) {
+                        let (wdims, base) = ([q.shape[0], q.shape[1], q.shape[2], q.shape[3]], self.weight.base());
+                        match with_residual(x, &r, |x, r| crate::kernels::conv2d_q8(x, &base, wdims, bias.as_ref(), r, &options)) {
                             Ok(y) => return y,
                             Err(x) => x,
                         }
                     }
                     _ => x,
                 };
-                match crate::kernels::conv2d(x, &self.weight.val(), bias.as_ref(), r.as_ref(), &options) {
+                let weight = self.weight.val();
+                match with_residual(x, &r, |x, r| crate::kernels::conv2d(x, &weight, bias.as_ref(), r, &options)) {
                     Ok(y) => return y,
                     Err(x) => x,
                 }

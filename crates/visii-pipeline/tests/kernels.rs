@@ -228,7 +228,7 @@ fn residuals_added_in_the_epilogue_match_burn() {
             assert!(rel(&values(layer.run_add(x.clone(), r.clone())), &reference) < 2.0 * tol, "{case}: Layer::run_add");
         }
         // What the epilogue does not take is handed back: a residual broadcast over the batch, or of
-        // another type; the layer adds it after its kernel.
+        // another type; the layer adds it after its kernel (our GEMM still runs the layer).
         let shared = Tensor::<4>::random([1, co, out, out], Distribution::Normal(0.0, 2.0), &gpu);
         assert!(kernels::conv2d_on(x.clone(), &w, Some(&bias), Some(&shared), &opts, skinny).is_err());
         let half = shared.clone().expand([b, co, out, out]).cast(FloatDType::F16);
