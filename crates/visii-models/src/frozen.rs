@@ -325,21 +325,14 @@ fn record<C: CheckpointStrategy>(x: AutodiffTensor, q: Frozen, shape: Shape, op:
 
 /// The autodiff tensor inside `t` where it is one on a cubecl device under `strategy`.
 fn autodiff_cube<const D: usize>(t: Tensor<D>, strategy: &GradientCheckpointingStrategy) -> Result<AutodiffTensor, Tensor<D>> {
-    match t.into_dispatch() {
-        DispatchTensor { kind: DispatchTensorKind::Autodiff(inner), autodiff: DispatchAutodiffContext::Enabled(s) }
-            if s == *strategy && matches!(&*inner, DispatchTensorKind::Cube(BackendTensor::Autodiff(_))) =>
-        {
-            let DispatchTensorKind::Cube(BackendTensor::Autodiff(a)) = *inner else { unreachable!() };
-            Ok(a)
-        }
-        other => Err(Tensor::from_dispatch(other)),
+    match crate::fused::unwrap(t) {
+        Ok((a, s)) if s == *strategy => Ok(a),
+        Ok((a, s)) => Err(wrap(a, s)),
+        Err(t) => Err(t),
     }
 }
 
-fn wrap<const D: usize>(y: AutodiffTensor, strategy: GradientCheckpointingStrategy) -> Tensor<D> {
-    let kind = DispatchTensorKind::Autodiff(Box::new(DispatchTensorKind::Cube(BackendTensor::Autodiff(y))));
-    Tensor::from_dispatch(DispatchTensor { kind, autodiff: DispatchAutodiffContext::Enabled(strategy) })
-}
+use crate::fused::rewrap as wrap;
 
 /// Unwraps an autodiff float tensor on a cubecl device and a quantised base on one, runs `op`
 /// as a frozen-weight step with `bias` (`[out]`, outside autodiff) and `residual` added, and wraps

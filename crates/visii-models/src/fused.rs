@@ -264,11 +264,11 @@ pub fn contiguous<const D: usize>(t: Tensor<D>) -> Tensor<D> {
     }
 }
 
-type Unwrapped<const D: usize> = Result<(AutodiffTensor, GradientCheckpointingStrategy), Tensor<D>>;
+pub(crate) type Unwrapped<const D: usize> = Result<(AutodiffTensor, GradientCheckpointingStrategy), Tensor<D>>;
 
 /// The autodiff tensor inside `t` and its checkpointing strategy, if `t` is an autodiff tensor on a
 /// cubecl device; `Err` with `t` otherwise.
-fn unwrap<const D: usize>(t: Tensor<D>) -> Unwrapped<D> {
+pub(crate) fn unwrap<const D: usize>(t: Tensor<D>) -> Unwrapped<D> {
     match t.into_dispatch() {
         DispatchTensor { kind: DispatchTensorKind::Autodiff(inner), autodiff: DispatchAutodiffContext::Enabled(strategy) }
             if matches!(&*inner, DispatchTensorKind::Cube(BackendTensor::Autodiff(_))) =>
@@ -280,7 +280,7 @@ fn unwrap<const D: usize>(t: Tensor<D>) -> Unwrapped<D> {
     }
 }
 
-fn rewrap<const D: usize>(a: AutodiffTensor, strategy: GradientCheckpointingStrategy) -> Tensor<D> {
+pub(crate) fn rewrap<const D: usize>(a: AutodiffTensor, strategy: GradientCheckpointingStrategy) -> Tensor<D> {
     let kind = DispatchTensorKind::Autodiff(Box::new(DispatchTensorKind::Cube(BackendTensor::Autodiff(a))));
     Tensor::from_dispatch(DispatchTensor { kind, autodiff: DispatchAutodiffContext::Enabled(strategy) })
 }

@@ -262,6 +262,19 @@ fn residuals_added_in_the_epilogue_match_burn() {
     }
 }
 
+/// `f(x, r)` and the gradients of `x` and `r` for the loss `sum(f(x, r) * g)`.
+fn output_and_grads<const D: usize>(
+    f: &dyn Fn(Tensor<D>, Tensor<D>) -> Tensor<D>,
+    x: &Tensor<D>,
+    r: &Tensor<D>,
+    g: &Tensor<D>,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (xa, ra) = (x.clone().autodiff().require_grad(), r.clone().autodiff().require_grad());
+    let y = f(xa.clone(), ra.clone());
+    let grads = (y.clone() * g.clone().autodiff()).sum().backward();
+    (values(y.inner()), values(xa.grad(&grads).expect("x has a gradient")), values(ra.grad(&grads).expect("r has a gradient")))
+}
+
 #[test]
 fn layers_with_a_residual_backpropagate_like_ndarray() {
     use visii_models::resident::Layer;
@@ -270,12 +283,7 @@ fn layers_with_a_residual_backpropagate_like_ndarray() {
     let cpu = Device::ndarray();
     // `sum((layer(x) + r) * g)`: the gradients of `x` and of `r` (the output's gradient, summed over
     // the pixels for a per-image `r`), with the epilogue's step and with burn's add after the layer.
-    let grads = |f: &dyn Fn(Tensor<4>, Tensor<4>) -> Tensor<4>, x: &Tensor<4>, r: &Tensor<4>, g: &Tensor<4>| {
-        let (xa, ra) = (x.clone().autodiff().require_grad(), r.clone().autodiff().require_grad());
-        let y = f(xa.clone(), ra.clone());
-        let grads = (y.clone() * g.clone().autodiff()).sum().backward();
-        (values(y.inner()), values(xa.grad(&grads).expect("x has a gradient")), values(ra.grad(&grads).expect("r has a gradient")))
-    };
+    let grads = output_and_grads::<4>;
     // A 3x3 conv at 8 x 8 (the transposed-conv GEMM backward), over 2 x 2 (the skinny kernels), a
     // 1x1 conv; each with a skip and with a per-image time embedding.
     for (b, ci, hw, co, k, p) in [(2, 24, 8, 40, 3, 1), (2, 40, 2, 72, 3, 1), (1, 48, 4, 40, 1, 0)] {
@@ -308,12 +316,7 @@ fn layers_with_a_residual_backpropagate_like_ndarray() {
         let r = Tensor::<3>::random([lead[0], lead[1], 72], Distribution::Normal(0.0, 2.0), &gpu);
         let g = Tensor::<3>::random([lead[0], lead[1], 72], Distribution::Normal(0.0, 1.0), &gpu);
         let (lg, lc) = (linear_layer(&gpu, &w, &bias), linear_layer(&cpu, &w, &bias));
-        let run = |f: &dyn Fn(Tensor<3>, Tensor<3>) -> Tensor<3>, x: &Tensor<3>, r: &Tensor<3>, g: &Tensor<3>| {
-            let (xa, ra) = (x.clone().autodiff().require_grad(), r.clone().autodiff().require_grad());
-            let y = f(xa.clone(), ra.clone());
-            let grads = (y.clone() * g.clone().autodiff()).sum().backward();
-            (values(y.inner()), values(xa.grad(&grads).expect("x has a gradient")), values(ra.grad(&grads).expect("r has a gradient")))
-        };
+        let run = output_and_grads::<3>;
         let reference = run(&|x, r| lc.forward(x) + r, &on(&x, &cpu), &on(&r, &cpu), &on(&g, &cpu));
         for epilogue in [true, false] {
             kernels::set_epilogue(epilogue);
