@@ -1212,8 +1212,12 @@ fn bench(
             // cubecl reads its settings from `cubecl.toml` in the working directory.
             let dir = std::env::temp_dir().join(format!("visii-profile-{}-{}", std::process::id(), arg(&b)));
             std::fs::create_dir_all(&dir)?;
-            std::fs::write(dir.join("cubecl.toml"), "[profiling.logger]\nlevel = \"basic\"\nfile = \"prof.log\"\n")?;
+            // Each kernel's compilation logged too (a pipeline made: what a first run pays for).
+            let toml =
+                "[profiling.logger]\nlevel = \"basic\"\nfile = \"prof.log\"\n[compilation.logger]\nlevel = \"basic\"\nfile = \"compile.log\"\n";
+            std::fs::write(dir.join("cubecl.toml"), toml)?;
             let _ = std::fs::remove_file(dir.join("prof.log"));
+            let _ = std::fs::remove_file(dir.join("compile.log"));
             c.current_dir(&dir);
             profiles.push((arg(&b), dir.join("prof.log")));
         }
@@ -1271,7 +1275,8 @@ fn bench(
     }
     for (name, log) in profiles {
         let text = std::fs::read_to_string(&log).map_err(|e| format!("the {name} profile {}: {e}", log.display()))?;
-        print_profile(&name, &text);
+        let compiled = std::fs::read_to_string(log.with_file_name("compile.log")).unwrap_or_default();
+        print_profile(&name, &text, &compiled);
     }
     Ok(())
 }
@@ -1294,16 +1299,15 @@ fn debug_duration_s(text: &str) -> Option<f64> {
 /// The time cubecl's profiler logged (`| <duration> | <kernel>` lines) per kernel (its name without
 /// type parameters): the sum over all runs, and the median launch times the launches, which leaves
 /// out the first launch's shader compilation (it lands in that launch's time); sorted by the latter.
-fn print_profile(backend: &str, log: &str) {
+/// Then the kernels compiled (`[Compiling kernel] <name>` lines of cubecl's compilation log), per
+/// class, and what their first launches took over the class's median.
+fn print_profile(backend: &str, log: &str, compiled: &str) {
     let mut per: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
     for line in log.lines() {
         let mut cols = line.trim_start_matches('|').splitn(2, '|');
         let (Some(d), Some(name)) = (cols.next(), cols.next()) else { continue };
         let Some(s) = debug_duration_s(d) else { continue };
-        let name = name.trim();
-        let class = name.split(['<', '{', ' ']).next().unwrap_or(name).rsplit("::").next().unwrap_or(name);
-        let class = if name.starts_with("visii::") { name.to_string() } else { class.to_string() };
-        per.entry(class).or_default().push(s);
+        per.entry(kernel_class(name)).or_default().push(s);
     }
     let mut rows: Vec<(String, f64, f64, usize)> = per
         .into_iter()
@@ -1324,6 +1328,30 @@ fn print_profile(backend: &str, log: &str) {
     for (name, sum, est, n) in rows.iter().take(15) {
         println!("  {:>5.1}%  {:>8.3} s  {:>7.3} s  {:>6}x  {}", 100.0 * est / steady.max(1e-12), est, sum, n, name);
     }
+    let mut made: std::collections::BTreeMap<String, usize> = Default::default();
+    for name in compiled.lines().filter_map(|l| l.trim().strip_prefix("[Compiling kernel]")) {
+        *made.entry(kernel_class(name)).or_default() += 1;
+    }
+    let ours: usize = made.iter().filter(|(k, _)| k.starts_with("visii::")).map(|(_, n)| n).sum();
+    let mut made: Vec<_> = made.into_iter().collect();
+    made.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    println!(
+        "  kernels compiled: {} ({ours} ours); launches over their class's median (first launches: compilation): {:.3} s",
+        made.iter().map(|r| r.1).sum::<usize>(),
+        total - steady
+    );
+    for (name, n) in made.iter().take(15) {
+        println!("  {n:>6}  {name}");
+    }
+}
+
+/// A kernel's class in cubecl's logs: ours by name, burn's without its module path and type parameters.
+fn kernel_class(name: &str) -> String {
+    let name = name.trim();
+    if name.starts_with("visii::") {
+        return name.to_string();
+    }
+    name.split(['<', '{', ' ']).next().unwrap_or(name).rsplit("::").next().unwrap_or(name).to_string()
 }
 
 fn bench_config(config: BenchConfig) -> Result<visii_models::UNetConfig, Box<dyn std::error::Error>> {

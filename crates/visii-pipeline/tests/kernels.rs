@@ -163,6 +163,42 @@ fn linear_matches_burn_and_ndarray() {
     }
 }
 
+/// Layers with and without a bias of one shape run one pipeline (the bias is a launch parameter,
+/// per row for a conv, per column for a tiled Linear): run in turn, each matches burn's op on
+/// ndarray with its own bias or none, never the one launched before.
+#[test]
+fn a_bias_is_added_only_where_the_launch_has_one() {
+    let gpu = Device::wgpu(DeviceKind::DefaultDevice);
+    let cpu = Device::ndarray();
+    for skinny in [false, true] {
+        // A conv: 3x3 at 8 x 8 (tiled) and over 2 x 2 pixels (skinny where allowed).
+        for hw in [8, 2] {
+            let x = Tensor::<4>::random([2, 24, hw, hw], Distribution::Normal(0.0, 1.0), &gpu);
+            let w = Tensor::<4>::random([40, 24, 3, 3], Distribution::Normal(0.0, 0.1), &gpu);
+            let opts = ConvOptions::new([1, 1], [1, 1], [1, 1], 1);
+            for with_bias in [true, false, true, false] {
+                let bias = with_bias.then(|| Tensor::<1>::random([40], Distribution::Normal(0.0, 1.0), &gpu));
+                let ours = kernels::conv2d_on(x.clone(), &w, bias.as_ref(), None, &opts, skinny).expect("our conv applies");
+                let reference = burn::tensor::module::conv2d(on(&x, &cpu), on(&w, &cpu), bias.as_ref().map(|b| on(b, &cpu)), opts.clone());
+                let e = rel(&values(ours), &values(reference));
+                assert!(e < 4.0 * order_tolerance(24 * 9), "conv at {hw} x {hw}, bias {with_bias}, skinny {skinny}: {e:.2e}");
+            }
+        }
+        // A Linear over 30 rows (tiled) and over 3 (skinny where allowed).
+        for rows in [30, 3] {
+            let x = Tensor::<2>::random([rows, 40], Distribution::Normal(0.0, 1.0), &gpu);
+            let w = Tensor::<2>::random([40, 300], Distribution::Normal(0.0, 0.1), &gpu);
+            for with_bias in [true, false, true, false] {
+                let bias = with_bias.then(|| Tensor::<1>::random([300], Distribution::Normal(0.0, 1.0), &gpu));
+                let ours = kernels::linear_on(x.clone(), &w, bias.as_ref(), None, skinny).expect("our linear applies");
+                let reference = burn::tensor::module::linear(on(&x, &cpu), on(&w, &cpu), bias.as_ref().map(|b| on(b, &cpu)));
+                let e = rel(&values(ours), &values(reference));
+                assert!(e < 4.0 * order_tolerance(40), "linear over {rows} rows, bias {with_bias}, skinny {skinny}: {e:.2e}");
+            }
+        }
+    }
+}
+
 /// Held by the tests that switch the epilogue's residual (a process-wide setting).
 static EPILOGUE: std::sync::Mutex<()> = std::sync::Mutex::new(());
 

@@ -13,7 +13,8 @@
 //!   stride 1, no padding) conv it is the image itself, and a Linear's weight `[K, N]` is a
 //!   one-image pointwise case (`c_in = K`, `h * w = N`).
 //! - `C` is written NCHW `[n, c_out, oh, ow]` (a Linear: `[M, N]`), bias per row (conv) or per
-//!   column (Linear).
+//!   column (Linear). The bias too is a parameter ([`Bias::mode`]), not part of the variant: a
+//!   Linear with a bias and one without (an attention's `to_out` and `to_q`) run one pipeline.
 //!
 //! Each workgroup of `wg_x * wg_y` invocations computes a `BM x BN = 4 hm wg_y x 4 hn wg_x` tile of
 //! `C`; on GPUs every invocation an 8 x 8 block (`hm = hn = 2`) held as 16 `vec4` registers (two
@@ -58,7 +59,9 @@ pub enum ALayout {
     ConvFlipped { kk: u32 },
 }
 
-/// Which axis of `C` the bias runs along.
+/// Which axis of `C` the bias runs along. Every variant declares a binding `bias` (after `b`) and
+/// reads it as the launch parameter [`Self::mode`] says (a uniform branch; a placeholder buffer is
+/// bound where there is none).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Bias {
     None,
@@ -66,6 +69,17 @@ pub enum Bias {
     Row,
     /// One value per column `p` (a Linear's output feature).
     Col,
+}
+
+impl Bias {
+    /// The kernels' parameter `p.bias`: 0 none, 1 per row, 2 per column.
+    pub fn mode(self) -> usize {
+        match self {
+            Bias::None => 0,
+            Bias::Row => 1,
+            Bias::Col => 2,
+        }
+    }
 }
 
 /// What the epilogue adds to each sum after the bias, read in `C`'s type: nothing, a tensor laid
@@ -104,7 +118,6 @@ pub struct GemmConfig {
     pub hn: u32,
     pub a: ALayout,
     pub b: BLayout,
-    pub bias: Bias,
     /// The operands' element types (f32, or f16 for f16 activations; see [`Elem`]).
     pub elems: Elems,
     /// `C` written four columns at a time (`vec4` stores; the output's pixels per image `ohw` must
@@ -161,7 +174,7 @@ impl GemmConfig {
     /// The tile for an `m x n` output among `variants`: the one that wastes the least work on
     /// padding, the earlier (larger) on a tie. (Small problems on a large GPU would want more
     /// workgroups: a split along K is not done yet.)
-    pub fn pick_from(variants: &[(u32, u32, u32, u32)], m: usize, n: usize, a: ALayout, b: BLayout, bias: Bias) -> Self {
+    pub fn pick_from(variants: &[(u32, u32, u32, u32)], m: usize, n: usize, a: ALayout, b: BLayout) -> Self {
         let work = |&(x, y, hm, hn): &(u32, u32, u32, u32)| {
             let (bm, bn) = ((4 * hm * y) as usize, (4 * hn * x) as usize);
             m.div_ceil(bm) * n.div_ceil(bn) * bm * bn
@@ -175,7 +188,7 @@ impl GemmConfig {
             }
         }
         let (wg_x, wg_y, hm, hn) = best;
-        GemmConfig { wg_x, wg_y, hm, hn, a, b, bias, elems: Elems::F32, c4: false, a4: false, b4: false }
+        GemmConfig { wg_x, wg_y, hm, hn, a, b, elems: Elems::F32, c4: false, a4: false, b4: false }
     }
 
     /// The tile for lavapipe: the least padded work over the rate a workgroup of that many
@@ -183,7 +196,7 @@ impl GemmConfig {
     /// 3x3 conv 320 -> 320 at 8 x 8: 16 invocations ~3.0 GFLOP/s of padded work, 32 ~4.6, 64 ~6.5,
     /// 128 ~7.8, 256 ~9.0: each invocation is a SIMD lane and a workgroup runs on one core, so a small
     /// one pays its per-step overhead on few lanes).
-    pub fn pick_lavapipe(m: usize, n: usize, a: ALayout, b: BLayout, bias: Bias) -> Self {
+    pub fn pick_lavapipe(m: usize, n: usize, a: ALayout, b: BLayout) -> Self {
         let rate = |threads: u32| match threads {
             0..=16 => 3.0,
             17..=32 => 4.6,
@@ -202,7 +215,7 @@ impl GemmConfig {
             }
         }
         let (wg_x, wg_y, hm, hn) = best;
-        GemmConfig { wg_x, wg_y, hm, hn, a, b, bias, elems: Elems::F32, c4: false, a4: false, b4: false }
+        GemmConfig { wg_x, wg_y, hm, hn, a, b, elems: Elems::F32, c4: false, a4: false, b4: false }
     }
 
     /// `shape` (one of [`VARIANTS`]) with 16 instead of 8 rows and columns per invocation where its
@@ -248,8 +261,8 @@ impl GemmConfig {
     }
 
     /// [`Self::pick_from`] the GPU variants.
-    pub fn pick(m: usize, n: usize, a: ALayout, b: BLayout, bias: Bias) -> Self {
-        Self::pick_from(&VARIANTS, m, n, a, b, bias)
+    pub fn pick(m: usize, n: usize, a: ALayout, b: BLayout) -> Self {
+        Self::pick_from(&VARIANTS, m, n, a, b)
     }
 
     /// The WGSL source of this variant; entry point `main`.
@@ -270,11 +283,10 @@ impl GemmConfig {
         // and one buffer bound read-only and read-write in the same dispatch is invalid.
         // Values are read into f32 (the tiles and sums are f32) and written in `c`'s type.
         let e = self.elems;
-        let bias_elem = if self.bias == Bias::None { Elem::F32 } else { e.bias };
-        Elem::enable(w, &[e.a, e.b, bias_elem, e.c]);
+        Elem::enable(w, &[e.a, e.b, e.bias, e.c]);
         let _ = writeln!(
             w,
-            "struct Params {{ m: u32, n: u32, k: u32, ohw: u32, ow: u32, h: u32, w: u32, img: u32, rimg: u32, rm: u32, rpix: u32, u0: u32 }}"
+            "struct Params {{ m: u32, n: u32, k: u32, ohw: u32, ow: u32, h: u32, w: u32, img: u32, rimg: u32, rm: u32, rpix: u32, bias: u32 }}"
         );
         // Bindings in order: a (and its scales), b (and its scales), bias, residual, c, the parameters.
         let mut next = 0;
@@ -288,10 +300,9 @@ impl GemmConfig {
         } else {
             e.b.declare(w, "b", &mut next);
         }
-        if self.bias != Bias::None {
-            e.bias.declare(w, "bias", &mut next);
-        }
-        // The residual (a placeholder buffer where there is none: `p.rm == 0`).
+        // The bias (a placeholder buffer where there is none: `p.bias == 0`) and the residual (one
+        // where there is none: `p.rm == 0`).
+        e.bias.declare(w, "bias", &mut next);
         e.c.declare(w, "res", &mut next);
         if self.c4 {
             e.c.declare4(w, "c", &mut next);
@@ -464,28 +475,24 @@ impl GemmConfig {
         // inside. Group `g` of `width` columns starts at column `first(g)` of the invocation's block.
         let (groups, width) = if self.c4 { (hn, 4) } else { (4 * hn, 1) };
         let first = |g: u32| format!("{}u + tx * 4u + {}u", (g * width / 4) * (bn / hn), g * width % 4);
-        let (per4, splat) = if self.c4 { (" / 4u", "vec4<f32>(bv)") } else { ("", "bv") };
+        let (per4, splat, zero) = if self.c4 { (" / 4u", "vec4<f32>(bv)", "vec4<f32>(0.0)") } else { ("", "bv", "0.0") };
         for g in 0..groups {
             let _ = writeln!(w, "  let q{g} = n0 + {}; let o{g} = ((q{g} / p.ohw) * p.m * p.ohw + q{g} % p.ohw){per4};", first(g));
-            if self.bias == Bias::Col {
-                let reads: Vec<String> = (0..width).map(|j| e.bias.read("bias", &format!("min(q{g} + {j}u, p.n - 1u)"))).collect();
-                let _ = writeln!(w, "  let bc{g} = {};", if self.c4 { format!("vec4<f32>({})", reads.join(", ")) } else { reads.join("") });
-            }
+            // A bias per column (`p.bias == 2`): read once per group of columns (a uniform branch).
+            let reads: Vec<String> = (0..width).map(|j| e.bias.read("bias", &format!("min(q{g} + {j}u, p.n - 1u)"))).collect();
+            let reads = if self.c4 { format!("vec4<f32>({})", reads.join(", ")) } else { reads.join("") };
+            let _ = writeln!(w, "  var bc{g} = {zero}; if (p.bias == 2u) {{ bc{g} = {reads}; }}");
             // The residual's offset for the group's first column (its image, its pixel).
             let _ = writeln!(w, "  let rq{g} = (q{g} / p.ohw) * p.rimg + (q{g} % p.ohw) * p.rpix;");
         }
         for i in 0..4 * hm {
             let _ = writeln!(w, "  {{ let m = m0 + {}; if (m < p.m) {{ let ro = m * (p.ohw{per4});", row(i));
-            if self.bias == Bias::Row {
-                let _ = writeln!(w, "    let bv = {};", e.bias.read("bias", "m"));
-            }
+            // A bias per row (`p.bias == 1`). With none, or one per column, `bv` is 0: the sum plus
+            // `bv + bc` is the sum plus the one bias there is, to the last bit.
+            let _ = writeln!(w, "    var bv = 0.0; if (p.bias == 1u) {{ bv = {}; }}", e.bias.read("bias", "m"));
             for g in 0..groups {
                 let reg = if self.c4 { format!("c{}", i * hn + g) } else { format!("c{}[{}]", i * hn + g / 4, g % 4) };
-                let v = match self.bias {
-                    Bias::None => reg,
-                    Bias::Row => format!("{reg} + {splat}"),
-                    Bias::Col => format!("{reg} + bc{g}"),
-                };
+                let v = format!("{reg} + ({splat} + bc{g})");
                 // The residual, read inside the column's guard (a uniform branch: none where `p.rm` is 0).
                 let at = |j: u32| e.c.read("res", &format!("rq{g} + m * p.rm + {j}u * p.rpix"));
                 let res = if self.c4 { format!("vec4<f32>({}, {}, {}, {})", at(0), at(1), at(2), at(3)) } else { at(0) };
@@ -510,7 +517,7 @@ mod tests {
         for ((wg_x, wg_y, hm, hn), fours) in shapes.flat_map(|s| [(s, false), (s, true)]) {
             let b = if fours { BLayout::Pointwise } else { BLayout::Conv { kh: 3, kw: 3, sh: 2, sw: 2, ph: 0, pw: 0 } };
             let (a, c4, a4, b4) = (ALayout::RowMajor, fours, fours, fours);
-            let c = GemmConfig { wg_x, wg_y, hm, hn, a, b, bias: Bias::Row, elems: Elems::F32, c4, a4, b4 };
+            let c = GemmConfig { wg_x, wg_y, hm, hn, a, b, elems: Elems::F32, c4, a4, b4 };
             assert!(c.bm() % 4 == 0 && c.bn() % 4 == 0 && c.bm() / 4 / hm == wg_y && c.bn() / 4 / hn == wg_x);
             let src = c.wgsl();
             assert!(src.contains("@workgroup_size") && src.contains("bias[m]"));
@@ -527,38 +534,42 @@ mod tests {
 
     #[test]
     fn lavapipe_variants_widen_and_load_four_values_where_the_layout_allows() {
-        let lp = |m, n, k, ohw, a, b, bias| GemmConfig::pick_lavapipe(m, n, a, b, bias).for_problem(k, ohw, true);
+        let lp = |m, n, k, ohw, a, b| GemmConfig::pick_lavapipe(m, n, a, b).for_problem(k, ohw, true);
         // A Linear 77 x 768 -> 1280: the 80-row tile with a quarter of the invocations, every operand
-        // in groups of four, the bias read once per group of columns.
-        let c = lp(77, 1280, 768, 1280, ALayout::RowMajor, BLayout::Pointwise, Bias::Col);
+        // in groups of four, a bias per column read once per group of columns (per row: once per row).
+        let c = lp(77, 1280, 768, 1280, ALayout::RowMajor, BLayout::Pointwise);
         assert_eq!((c.bm(), c.bn(), c.hm, c.hn, c.threads()), (80, 128, 4, 4, 40));
         assert!(c.c4 && c.a4 && c.b4);
         let src = c.wgsl();
         assert!(src.contains("a: array<vec4<f32>>") && src.contains("b: array<vec4<f32>>") && src.contains("c: array<vec4<f32>>"), "{src}");
-        assert_eq!(src.matches("bias[").count(), 4 * c.hn as usize, "{src}");
+        assert_eq!(src.matches("bias[").count(), 4 * (c.hn + c.hm) as usize, "{src}");
+        assert_eq!(src.matches("if (p.bias == 2u) { bc").count(), c.hn as usize, "{src}");
+        assert_eq!(src.matches("if (p.bias == 1u) { bv = bias[m]; }").count(), 4 * c.hm as usize, "{src}");
         // 16 x 16 sums per invocation, 64 vec4 stores.
         assert!(src.contains("var c63 =") && !src.contains("var c64 ="));
         assert_eq!(src.matches("c[o").count(), 64);
         // A 3x3 conv at 8 x 8: A in fours, the image (im2col) one value at a time.
-        let c = lp(320, 64, 2880, 64, ALayout::RowMajor, BLayout::Conv { kh: 3, kw: 3, sh: 1, sw: 1, ph: 1, pw: 1 }, Bias::Row);
+        let c = lp(320, 64, 2880, 64, ALayout::RowMajor, BLayout::Conv { kh: 3, kw: 3, sh: 1, sw: 1, ph: 1, pw: 1 });
         assert!(c.c4 && c.a4 && !c.b4 && c.hm == 4 && c.hn == 4);
         // Odd sizes: nothing in fours, the variant as picked (8 x 8 per invocation, scalar stores).
-        let c = lp(40, 30, 63, 5 * 6, ALayout::RowMajor, BLayout::Pointwise, Bias::None);
+        let c = lp(40, 30, 63, 5 * 6, ALayout::RowMajor, BLayout::Pointwise);
         assert!(!c.c4 && !c.a4 && !c.b4 && c.hm == 2 && c.hn == 2);
         // The flipped conv weight (input gradients) is read one value at a time.
-        let c = lp(320, 64, 2880, 64, ALayout::ConvFlipped { kk: 9 }, BLayout::Conv { kh: 3, kw: 3, sh: 1, sw: 1, ph: 1, pw: 1 }, Bias::None);
+        let c = lp(320, 64, 2880, 64, ALayout::ConvFlipped { kk: 9 }, BLayout::Conv { kh: 3, kw: 3, sh: 1, sw: 1, ph: 1, pw: 1 });
         assert!(!c.a4 && c.c4);
         // f16 operands (compiled twice as long there): fours, not widened.
         let f16 = Elems { a: Elem::F16, b: Elem::F16, bias: Elem::F16, c: Elem::F16 };
-        let c = GemmConfig::pick_lavapipe(77, 1280, ALayout::RowMajor, BLayout::Pointwise, Bias::Col).with(f16).for_problem(768, 1280, true);
+        let c = GemmConfig::pick_lavapipe(77, 1280, ALayout::RowMajor, BLayout::Pointwise).with(f16).for_problem(768, 1280, true);
         assert!(c.c4 && c.a4 && c.b4 && (c.hm, c.hn) == (2, 2));
         assert!(
-            c.wgsl().contains("c: array<vec4<f16>>") && c.wgsl().contains("var v = c0 + bc0;") && c.wgsl().contains("= vec4<f16>(v)"),
+            c.wgsl().contains("c: array<vec4<f16>>")
+                && c.wgsl().contains("var v = c0 + (vec4<f32>(bv) + bc0);")
+                && c.wgsl().contains("= vec4<f16>(v)"),
             "{}",
             c.wgsl()
         );
         // Other adapters: the same variant, stores in fours only.
-        let g = GemmConfig::pick(77, 1280, ALayout::RowMajor, BLayout::Pointwise, Bias::Col).for_problem(768, 1280, false);
+        let g = GemmConfig::pick(77, 1280, ALayout::RowMajor, BLayout::Pointwise).for_problem(768, 1280, false);
         assert!(g.c4 && !g.a4 && !g.b4 && (g.hm, g.hn) == (2, 2));
         // Every widened variant keeps its tile.
         for v in VARIANTS {
@@ -569,7 +580,7 @@ mod tests {
 
     #[test]
     fn f16_operands_are_declared_and_converted_at_the_edges() {
-        let f32s = GemmConfig::pick(64, 64, ALayout::RowMajor, BLayout::Pointwise, Bias::Col);
+        let f32s = GemmConfig::pick(64, 64, ALayout::RowMajor, BLayout::Pointwise);
         assert!(!f32s.wgsl().contains("f16"), "an f32 GEMM needs no shader-f16");
         let mixed = f32s.with(Elems { a: Elem::F16, b: Elem::F32, bias: Elem::F32, c: Elem::F16 });
         let src = mixed.wgsl();
@@ -579,21 +590,18 @@ mod tests {
         assert!(
             src.contains("f32(a[am * p.k + ak])")
                 && src.contains("array<vec4<f32>")
-                && src.contains("var v = c0[0] + bc0;")
+                && src.contains("var v = c0[0] + (bv + bc0);")
                 && src.contains("= f16(v)")
         );
     }
 
     #[test]
-    fn every_variant_takes_a_residual_by_its_strides() {
-        // One pipeline with or without a residual: every variant binds `res` (after the bias, before
-        // `c`) and adds it only where `p.rm` is not 0, at `image * rimg + m * rm + pixel * rpix`.
+    fn every_variant_takes_a_bias_and_a_residual_as_parameters() {
+        // One pipeline with or without a bias and a residual: every variant binds `bias` (after `b`)
+        // and `res` (after the bias, before `c`), reads the bias per row or per column as `p.bias`
+        // says, and adds the residual only where `p.rm` is not 0, at `image * rimg + m * rm + pixel * rpix`.
         for (c4, elems) in [(false, Elems::F32), (true, Elems::F32), (true, Elems { a: Elem::F16, b: Elem::F16, bias: Elem::F16, c: Elem::F16 })] {
-            let c = GemmConfig::pick(64, 64, ALayout::RowMajor, BLayout::Pointwise, Bias::Row).with(elems).for_problem(
-                64,
-                if c4 { 64 } else { 63 },
-                false,
-            );
+            let c = GemmConfig::pick(64, 64, ALayout::RowMajor, BLayout::Pointwise).with(elems).for_problem(64, if c4 { 64 } else { 63 }, false);
             let src = c.wgsl();
             let (res, out) =
                 (src.find("var<storage, read_write> res:").expect("declared"), src.find("var<storage, read_write> c:").expect("declared"));
@@ -605,7 +613,9 @@ mod tests {
                 "{src}"
             );
             assert_eq!(src.contains("res[rq0 + m * p.rm + 3u * p.rpix]"), c4, "four columns per store read four values");
+            assert!(src.contains("bias: u32 }") && src.contains("if (p.bias == 1u) { bv = ") && src.contains("if (p.bias == 2u) { bc0 = "), "{src}");
         }
+        assert_eq!([Bias::None, Bias::Row, Bias::Col].map(Bias::mode), [0, 1, 2]);
         // A skip laid out as the output (NCHW, or a Linear's rows), one value per image and row, none.
         assert_eq!(Residual::Full.strides(320, 64), [320 * 64, 64, 1]);
         assert_eq!(Residual::PerImage.strides(320, 64), [320, 1, 0]);
@@ -615,7 +625,7 @@ mod tests {
     #[test]
     fn the_pick_fills_small_problems_and_wastes_little_on_large_ones() {
         let p = |m, n| {
-            let c = GemmConfig::pick(m, n, ALayout::RowMajor, BLayout::Pointwise, Bias::None);
+            let c = GemmConfig::pick(m, n, ALayout::RowMajor, BLayout::Pointwise);
             (c.bm(), c.bn())
         };
         assert_eq!(p(1280, 4096 * 3), (128, 128));
@@ -628,6 +638,6 @@ mod tests {
         assert_eq!(p(4, 1280), (8, 128));
         // CLIP's 77 text states (cross-attention k / v): 80-row tiles, not 128 (40% padding).
         assert_eq!(p(77, 1280), (80, 128));
-        assert_eq!(GemmConfig::pick_lavapipe(77, 640, ALayout::RowMajor, BLayout::Pointwise, Bias::None).bm(), 80);
+        assert_eq!(GemmConfig::pick_lavapipe(77, 640, ALayout::RowMajor, BLayout::Pointwise).bm(), 80);
     }
 }

@@ -1,6 +1,7 @@
 //! The skinny side of the GEMM: `C[m, q] = sum_k A[m, k] * B[k, q] (+ bias[m]) (+ residual)` where
-//! `C` has at most 16 columns `q`, in plain WGSL (no subgroups, no cooperative matrices); the residual
-//! as in the tiled GEMM (`gemm::Residual`).
+//! `C` has at most 16 columns `q`, in plain WGSL (no subgroups, no cooperative matrices); the bias
+//! and the residual are launch parameters as in the tiled GEMM (`gemm::Bias`, `gemm::Residual`): only
+//! a bias per row (`p.bias == 1`) is read here.
 //!
 //! Where it runs: the deepest UNet levels (a conv over 1 to 16 pixels: `m` output channels, `q`
 //! pixels) and Linear layers over 1 to 16 tokens (there `m` is the output feature and `q` the token:
@@ -23,7 +24,6 @@
 //!   `B[k, q] = X[q, k]` with `X` `[P, K]` (a Linear's input rows).
 //! - `C`: NCHW `[n, M, oh, ow]` (`q = (image, pixel)`); for rows, `ohw = 1`, so `C` is `[P, M]`.
 
-use super::gemm::Bias;
 use super::{Elem, Elems};
 use std::fmt::Write;
 
@@ -67,7 +67,6 @@ pub struct SkinnyConfig {
     pub rows: u32,
     pub a: SkinnyA,
     pub b: SkinnyB,
-    pub bias: Bias,
     /// The operands' element types (see [`Elem`]).
     pub elems: Elems,
     /// Operands read four values at a time (see [`Self::vectorised`]).
@@ -81,11 +80,11 @@ pub struct SkinnyConfig {
 impl SkinnyConfig {
     /// The variant for `n` columns (`1..=MAX_COLS`): columns rounded up to a power of two, rows per
     /// workgroup so that each invocation keeps at most 32 partial sums.
-    pub fn new(n: usize, a: SkinnyA, b: SkinnyB, bias: Bias) -> Self {
+    pub fn new(n: usize, a: SkinnyA, b: SkinnyB) -> Self {
         assert!((1..=MAX_COLS).contains(&n), "the skinny GEMM takes 1 to {MAX_COLS} columns, not {n}");
         let cols = n.next_power_of_two() as u32;
         let rows = (32 / cols).clamp(2, 8);
-        SkinnyConfig { cols, rows, a, b, bias, elems: Elems::F32, vec4: false, b4: false, threads: THREADS }
+        SkinnyConfig { cols, rows, a, b, elems: Elems::F32, vec4: false, b4: false, threads: THREADS }
     }
 
     /// This variant reading its operands four values at a time where it can (for `m` rows of `C` and
@@ -119,6 +118,16 @@ impl SkinnyConfig {
     /// The store of `v` (an f32 expression) to `c[at]` for row `m`, column `q`, with the residual
     /// added where there is one (a uniform branch on `p.rm`; strides as in the tiled GEMM's
     /// `gemm::Residual`).
+    /// `var {name} = ..;`: the bias of a row (`reads`: one value) or of four (a `vec4`), 0 where
+    /// the launch has none (`p.bias == 0`: a uniform branch; a sum plus 0 is the sum).
+    fn row_bias(name: &str, reads: &[String]) -> String {
+        let (zero, value) = match reads {
+            [one] => ("0.0".to_string(), one.clone()),
+            _ => (format!("vec{}<f32>(0.0)", reads.len()), format!("vec{}<f32>({})", reads.len(), reads.join(", "))),
+        };
+        format!("var {name} = {zero}; if (p.bias != 0u) {{ {name} = {value}; }}")
+    }
+
     fn store_with_residual(&self, at: &str, m: &str, q: &str, v: &str) -> String {
         let e = self.elems;
         let res = e.c.read("res", &format!("(({q}) / p.ohw) * p.rimg + ({m}) * p.rm + (({q}) % p.ohw) * p.rpix"));
@@ -275,9 +284,9 @@ impl SkinnyConfig {
         }
         let _ = writeln!(w, "    let r = i / {cols}u; let q = i % {cols}u; let m = m0 + r;");
         let _ = writeln!(w, "    if (m < p.m && q < p.n) {{");
-        let bias = if self.bias == Bias::Row { format!(" + {}", e.bias.read("bias", "m")) } else { String::new() };
+        let _ = writeln!(w, "      {}", Self::row_bias("bv", &[e.bias.read("bias", "m")]));
         let _ = writeln!(w, "      let at = (q / p.ohw) * p.m * p.ohw + m * p.ohw + q % p.ohw;");
-        let _ = writeln!(w, "      {}", self.store_with_residual("at", "m", "q", &format!("red[i * {t}u]{bias}")));
+        let _ = writeln!(w, "      {}", self.store_with_residual("at", "m", "q", &format!("red[i * {t}u] + bv")));
         let _ = writeln!(w, "    }}");
         let _ = writeln!(w, "  }}");
         let _ = writeln!(w, "}}");
@@ -286,16 +295,15 @@ impl SkinnyConfig {
 }
 
 impl SkinnyConfig {
-    /// The parameters and bindings of both forms: `a`, `b`, (`bias`), `c`, `p`. Every buffer
+    /// The parameters and bindings of both forms: `a`, `b`, `bias`, `res`, `c`, `p`. Every buffer
     /// read_write, as in gemm.rs (cubecl may bind one buffer twice natively); `a` (`b`) declared
     /// in groups of four values where `a4` (`b4`).
     fn header(&self, w: &mut String, a4: bool, b4: bool) {
         let e = self.elems;
-        let bias_elem = if self.bias == Bias::None { Elem::F32 } else { e.bias };
-        Elem::enable(w, &[e.a, e.b, bias_elem, e.c]);
+        Elem::enable(w, &[e.a, e.b, e.bias, e.c]);
         let _ = writeln!(
             w,
-            "struct Params {{ m: u32, n: u32, k: u32, steps: u32, ohw: u32, ow: u32, h: u32, w: u32, img: u32, gx: u32, rimg: u32, rm: u32, rpix: u32, u0: u32 }}"
+            "struct Params {{ m: u32, n: u32, k: u32, steps: u32, ohw: u32, ow: u32, h: u32, w: u32, img: u32, gx: u32, rimg: u32, rm: u32, rpix: u32, bias: u32 }}"
         );
         // Bindings in order: a (and its scales), b (and its scales), bias, residual, c, the parameters.
         let mut next = 0;
@@ -309,10 +317,9 @@ impl SkinnyConfig {
         } else {
             e.b.declare(w, "b", &mut next);
         }
-        if self.bias != Bias::None {
-            e.bias.declare(w, "bias", &mut next);
-        }
-        // The residual (a placeholder buffer where there is none: `p.rm == 0`).
+        // The bias (a placeholder buffer where there is none: `p.bias == 0`) and the residual (one
+        // where there is none: `p.rm == 0`).
+        e.bias.declare(w, "bias", &mut next);
         e.c.declare(w, "res", &mut next);
         e.c.declare(w, "c", &mut next);
         let _ = writeln!(w, "@group(0) @binding({next}) var<uniform> p: Params;");
@@ -387,14 +394,10 @@ impl SkinnyConfig {
         if v4 {
             let _ = writeln!(w, "  if (g < m4) {{");
             let _ = writeln!(w, "    let m = 4u * g;");
-            let bias = if self.bias == Bias::Row {
-                let b = |i: &str| e.bias.read("bias", i);
-                format!(" + vec4<f32>({}, {}, {}, {})", b("m"), b("m + 1u"), b("m + 2u"), b("m + 3u"))
-            } else {
-                String::new()
-            };
+            let b = |i: &str| e.bias.read("bias", i);
+            let _ = writeln!(w, "    {}", Self::row_bias("bv", &[b("m"), b("m + 1u"), b("m + 2u"), b("m + 3u")]));
             for q in 0..cols {
-                let _ = writeln!(w, "    if ({q}u < p.n) {{ let sv = s{q}{bias};");
+                let _ = writeln!(w, "    if ({q}u < p.n) {{ let sv = s{q} + bv;");
                 for i in 0..4 {
                     let (at, row) = (format!("{q}u * p.m + m + {i}u"), format!("m + {i}u"));
                     let _ = writeln!(w, "      {}", self.store_with_residual(&at, &row, &format!("{q}u"), &format!("sv[{i}]")));
@@ -403,10 +406,10 @@ impl SkinnyConfig {
             }
         } else {
             let _ = writeln!(w, "  if (m < p.m) {{");
-            let bias = if self.bias == Bias::Row { format!(" + {}", e.bias.read("bias", "m")) } else { String::new() };
+            let _ = writeln!(w, "    {}", Self::row_bias("bv", &[e.bias.read("bias", "m")]));
             for q in 0..cols {
                 let at = format!("{q}u * p.m + m");
-                let _ = writeln!(w, "    if ({q}u < p.n) {}", self.store_with_residual(&at, "m", &format!("{q}u"), &format!("s{q}{bias}")));
+                let _ = writeln!(w, "    if ({q}u < p.n) {}", self.store_with_residual(&at, "m", &format!("{q}u"), &format!("s{q} + bv")));
             }
         }
         let _ = writeln!(w, "  }}");
@@ -499,7 +502,7 @@ mod tests {
     #[test]
     fn four_at_a_time_only_where_the_values_line_up() {
         let conv = |nky, nkx| SkinnyB::Conv { kh: 3, kw: 3, sh: 1, sw: 1, ph: 1, pw: 1, ky0: 0, nky, kx0: 0, nkx };
-        let new = |a, b| SkinnyConfig::new(4, a, b, Bias::Row);
+        let new = |a, b| SkinnyConfig::new(4, a, b);
         // Transposed A (a Linear's forward): M a multiple of 4.
         assert!(new(SkinnyA::Transposed, SkinnyB::Rows).vectorised(1280, 77).vec4);
         assert!(!new(SkinnyA::Transposed, SkinnyB::Rows).vectorised(77, 1280).vec4);
@@ -525,7 +528,7 @@ mod tests {
             for (kh, nk) in [(3, 3), (3, 2), (1, 1)] {
                 let b = SkinnyB::Conv { kh, kw: kh, sh: 1, sw: 1, ph: kh / 2, pw: kh / 2, ky0: 0, nky: nk, kx0: 0, nkx: nk };
                 for k in [48 * kh as usize * kh as usize, 27] {
-                    let src = SkinnyConfig::new(n, SkinnyA::RowMajor, b, Bias::Row).vectorised(64, k).wgsl();
+                    let src = SkinnyConfig::new(n, SkinnyA::RowMajor, b).vectorised(64, k).wgsl();
                     let main_loop = &src[src.find("for (var j").unwrap()..src.find("red[").unwrap()];
                     assert!(!main_loop.contains("&&") && !main_loop.contains("if ("), "{n} columns, {kh}x{kh}, K {k}");
                 }
@@ -537,17 +540,17 @@ mod tests {
     fn fewer_invocations_than_sums_write_every_sum() {
         // 4 columns x 8 rows = 32 sums per workgroup: with 8 invocations (lavapipe's) each writes
         // four in turn; with 64 (a GPU's) the first 32 write one each.
-        let cfg = SkinnyConfig::new(4, SkinnyA::RowMajor, SkinnyB::Rows, Bias::Row);
+        let cfg = SkinnyConfig::new(4, SkinnyA::RowMajor, SkinnyB::Rows);
         let few = cfg.with_threads(8).wgsl();
         assert!(few.contains("@workgroup_size(8)") && few.contains("for (var i = t; i < 32u; i = i + 8u)") && few.contains("red[i * 8u]"));
         let many = cfg.wgsl();
         assert!(many.contains("@workgroup_size(64)") && many.contains("if (t < 32u) { let i = t;"));
         // Rows owned per invocation (A transposed): a workgroup of 4 covers 16 rows with vec4 reads.
-        let cols = SkinnyConfig::new(4, SkinnyA::Transposed, SkinnyB::Rows, Bias::Row).vectorised(1280, 1280).with_threads(4);
+        let cols = SkinnyConfig::new(4, SkinnyA::Transposed, SkinnyB::Rows).vectorised(1280, 1280).with_threads(4);
         assert_eq!(cols.rows_per_group(), 16);
         assert!(cols.b4 && cols.wgsl().contains("b: array<vec4<f32>>"));
         // K not a multiple of 4: B read by element, with the loop over the rest.
-        let odd = SkinnyConfig::new(4, SkinnyA::Transposed, SkinnyB::Rows, Bias::Row).vectorised(1280, 1278);
+        let odd = SkinnyConfig::new(4, SkinnyA::Transposed, SkinnyB::Rows).vectorised(1280, 1278);
         assert!(!odd.b4 && odd.wgsl().contains("for (; k < p.k; k = k + 1u)"));
     }
 
@@ -555,7 +558,7 @@ mod tests {
     fn flipped_weights_are_read_tap_by_tap() {
         // The input gradient over one pixel: the centre tap of W[co, ci, 1, 1] (flipped: 8 - 4 = 4).
         let b = SkinnyB::Conv { kh: 3, kw: 3, sh: 1, sw: 1, ph: 1, pw: 1, ky0: 1, nky: 1, kx0: 1, nkx: 1 };
-        let cfg = SkinnyConfig::new(1, SkinnyA::ConvFlipped { kk: 9 }, b, Bias::None).vectorised(1280, 11520);
+        let cfg = SkinnyConfig::new(1, SkinnyA::ConvFlipped { kk: 9 }, b).vectorised(1280, 11520);
         assert!(!cfg.vec4 && cfg.steps(11520) == 1280 && cfg.rows_per_group() == cfg.rows);
         assert!(cfg.wgsl().contains("a[ci * p.m * 9u + row0 * 9u + 8u - ky * 3u - kx]"));
     }
@@ -563,7 +566,7 @@ mod tests {
     #[test]
     fn variants_keep_at_most_32_sums() {
         for n in 1..=MAX_COLS {
-            let c = SkinnyConfig::new(n, SkinnyA::RowMajor, SkinnyB::Rows, Bias::Row);
+            let c = SkinnyConfig::new(n, SkinnyA::RowMajor, SkinnyB::Rows);
             assert!(c.cols as usize >= n && c.cols * c.rows <= 32 && c.rows >= 2);
             assert!(c.wgsl().contains("@workgroup_size(64)"));
         }

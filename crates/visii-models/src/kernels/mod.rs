@@ -395,11 +395,11 @@ pub fn set_cpu_adapter(cpu: bool) {
     TILES.store(if cpu { 2 } else { 1 }, Ordering::Relaxed);
 }
 
-fn pick(client: &Client, m: usize, n: usize, a: ALayout, b: BLayout, bias: Bias) -> GemmConfig {
+fn pick(client: &Client, m: usize, n: usize, a: ALayout, b: BLayout) -> GemmConfig {
     match tiles(client) {
-        Tiles::Gpu => GemmConfig::pick_from(&gemm::VARIANTS, m, n, a, b, bias),
-        Tiles::SwiftShader => GemmConfig::pick_from(&gemm::CPU_VARIANTS, m, n, a, b, bias),
-        Tiles::Lavapipe => GemmConfig::pick_lavapipe(m, n, a, b, bias),
+        Tiles::Gpu => GemmConfig::pick_from(&gemm::VARIANTS, m, n, a, b),
+        Tiles::SwiftShader => GemmConfig::pick_from(&gemm::CPU_VARIANTS, m, n, a, b),
+        Tiles::Lavapipe => GemmConfig::pick_lavapipe(m, n, a, b),
     }
 }
 
@@ -431,11 +431,12 @@ struct Problem {
     img: usize,
 }
 
-/// What a GEMM adds to its sums: the layer's bias and a residual of `kind` (see [`Residual`];
-/// contiguous, in the output's type), each where present.
+/// What a GEMM adds to its sums: the layer's bias along `C`'s rows or columns (see [`Bias`]) and a
+/// residual of `kind` (see [`Residual`]; contiguous, in the output's type), each where present.
+/// Both are launch parameters, not part of the compiled variant.
 #[derive(Clone, Copy)]
 struct Epilogue<'a> {
-    bias: Option<&'a CubeTensor>,
+    bias: Option<(&'a CubeTensor, Bias)>,
     residual: Option<(&'a CubeTensor, Residual)>,
 }
 
@@ -446,42 +447,54 @@ impl Epilogue<'_> {
     fn strides(&self, p: &Problem) -> [usize; 3] {
         self.residual.map_or(Residual::None, |(_, kind)| kind).strides(p.m, p.ohw)
     }
+
+    /// The kernels' `p.bias` ([`Bias::mode`]).
+    fn bias_mode(&self) -> usize {
+        self.bias.map_or(Bias::None, |(_, along)| along).mode()
+    }
+}
+
+/// The placeholder buffers' uses: a GEMM without a bias binds one, without a residual the other.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Unused {
+    Bias,
+    Residual,
 }
 
 thread_local! {
-    /// Per device, the buffer bound as the residual of the GEMMs without one (never read): four f32
-    /// values, made once and kept. A new one per launch held more memory in exact-size mode (each
-    /// its own buffer: `browser_allocator` test), and no buffer of the launch can stand in for it:
-    /// every binding is read_write, and WebGPU forbids two writable bindings of one range.
-    static PLACEHOLDERS: std::cell::RefCell<Vec<CubeTensor>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Per device, the buffers bound as the bias and the residual of the GEMMs without them (never
+    /// read): four f32 values each, made once and kept. A new one per launch held more memory in
+    /// exact-size mode (each its own buffer: `browser_allocator` test), and no buffer of the launch
+    /// can stand in for one, nor one for both: every binding is read_write, and WebGPU forbids two
+    /// writable bindings of one range.
+    static PLACEHOLDERS: std::cell::RefCell<Vec<(Unused, CubeTensor)>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-fn placeholder(like: &CubeTensor) -> CubeTensor {
+fn placeholder(like: &CubeTensor, usage: Unused) -> CubeTensor {
     PLACEHOLDERS.with(|cell| {
         let mut kept = cell.borrow_mut();
-        if let Some(t) = kept.iter().find(|t| t.device == like.device) {
+        if let Some((_, t)) = kept.iter().find(|(u, t)| *u == usage && t.device == like.device) {
             return t.clone();
         }
         let t = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), vec![4].into(), DType::F32);
-        kept.push(t.clone());
+        kept.push((usage, t.clone()));
         t
     })
 }
 
 /// A new contiguous `out_shape` tensor of `out` elements and the bindings `a` (with an int8
-/// operand's scales), `b` (likewise), (bias), the residual, `out` of both GEMM kernels (the caller
-/// adds the parameters). Without a residual its binding is [`placeholder`] (never read: every
-/// variant declares it, so that a layer with a residual runs the same pipeline).
+/// operand's scales), `b` (likewise), the bias, the residual, `out` of both GEMM kernels (the caller
+/// adds the parameters). Without a bias or a residual its binding is a [`placeholder`] (never read:
+/// every variant declares both, so that layers with and without them run the same pipeline).
 fn gemm_operands(a: &[CubeTensor], b: &[CubeTensor], add: Epilogue, out_shape: Vec<usize>, out: Elem) -> (CubeTensor, KernelArguments) {
     let (client, device) = (a[0].client.clone(), a[0].device.clone());
-    let placeholder = match add.residual {
-        Some(_) => None,
-        None => Some(placeholder(&a[0])),
-    };
+    let unused = |present: bool, usage: Unused| if present { None } else { Some(placeholder(&a[0], usage)) };
+    let (no_bias, no_residual) = (unused(add.bias.is_some(), Unused::Bias), unused(add.residual.is_some(), Unused::Residual));
     let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(client, device, out_shape.into(), out.dtype());
     let mut args = KernelArguments::new();
-    let residual = add.residual.map(|(r, _)| r).or(placeholder.as_ref());
-    for t in a.iter().chain(b).chain(add.bias).chain(residual) {
+    let bias = add.bias.map(|(t, _)| t).or(no_bias.as_ref());
+    let residual = add.residual.map(|(r, _)| r).or(no_residual.as_ref());
+    for t in a.iter().chain(b).chain(bias).chain(residual) {
         args = args.with_buffer_io(t.handle.clone().binding(), BufferIOAttr::ReadOnly);
     }
     let args = args.with_buffer_io(out.handle.clone().binding(), BufferIOAttr::WriteOnly);
@@ -494,7 +507,7 @@ fn launch(cfg: GemmConfig, a: &[CubeTensor], b: &[CubeTensor], add: Epilogue, p:
     let cfg = cfg.for_problem(p.k, p.ohw, tiles(&a[0].client) == Tiles::Lavapipe);
     let (out, args) = gemm_operands(a, b, add, out_shape, cfg.elems.c);
     let [rimg, rm, rpix] = add.strides(&p);
-    let args = args.with_info(params([p.m, p.n, p.k, p.ohw, p.ow, p.h, p.w, p.img, rimg, rm, rpix, 0]));
+    let args = args.with_info(params([p.m, p.n, p.k, p.ohw, p.ow, p.h, p.w, p.img, rimg, rm, rpix, add.bias_mode()]));
     let count = CubeCount::Static(p.n.div_ceil(cfg.bn() as usize) as u32, p.m.div_ceil(cfg.bm() as usize) as u32, 1);
     a[0].client.launch(Box::new(Wgsl::Gemm(cfg)), count, args);
     out
@@ -555,7 +568,7 @@ fn launch_skinny(cfg: SkinnyConfig, a: &[CubeTensor], b: &[CubeTensor], add: Epi
     let (out, args) = gemm_operands(a, b, add, out_shape, cfg.elems.c);
     let (gx, gy) = spread(p.m.div_ceil(cfg.rows_per_group() as usize));
     let [rimg, rm, rpix] = add.strides(&p);
-    let args = args.with_info(params([p.m, p.n, p.k, cfg.steps(p.k), p.ohw, p.ow, p.h, p.w, p.img, gx as usize, rimg, rm, rpix, 0]));
+    let args = args.with_info(params([p.m, p.n, p.k, cfg.steps(p.k), p.ohw, p.ow, p.h, p.w, p.img, gx as usize, rimg, rm, rpix, add.bias_mode()]));
     a[0].client.launch(Box::new(Wgsl::Skinny(cfg)), CubeCount::Static(gx, gy, 1), args);
     out
 }
@@ -782,7 +795,6 @@ pub fn conv2d_weight(
     } else {
         BLayout::Conv { kh: kh as u32, kw: kw as u32, sh: sh as u32, sw: sw as u32, ph: pt as u32, pw: pl as u32 }
     };
-    let bias_kind = if bias.is_some() { Bias::Row } else { Bias::None };
     if !fits_u32(&[&[nb, c_in, h, wd], &[c_out, c_in, kh, kw], &[nb, c_out, oh, ow]]) {
         return Err((x, w, bias, residual));
     }
@@ -792,22 +804,22 @@ pub fn conv2d_weight(
         let (ky0, nky) = gemv::taps(kh, sh, pt, h, oh);
         let (kx0, nkx) = gemv::taps(kw, sw, pl, wd, ow);
         let (kh, kw, sh, sw, ph, pw) = (kh as u32, kw as u32, sh as u32, sw as u32, pt as u32, pl as u32);
-        let cfg = SkinnyConfig::new(n, SkinnyA::RowMajor, SkinnyB::Conv { kh, kw, sh, sw, ph, pw, ky0, nky, kx0, nkx }, bias_kind)
+        let cfg = SkinnyConfig::new(n, SkinnyA::RowMajor, SkinnyB::Conv { kh, kw, sh, sw, ph, pw, ky0, nky, kx0, nkx })
             .with(types)
             .vectorised(m, k)
             .adapted(w.client());
         if skinny_dispatchable(&cfg, m) {
             let (x, bias, residual) = (contiguous(x), bias.map(contiguous), residual.map(contiguous));
-            let add = Epilogue { bias: bias.as_ref(), residual: residual.as_ref().map(|r| (r, added)) };
+            let add = Epilogue { bias: bias.as_ref().map(|b| (b, Bias::Row)), residual: residual.as_ref().map(|r| (r, added)) };
             return Ok(launch_skinny(cfg, &w.bindings(), &[x], add, p, vec![nb, c_out, oh, ow]));
         }
     }
-    let cfg = pick(w.client(), m, n, ALayout::RowMajor, layout, bias_kind).with(types);
+    let cfg = pick(w.client(), m, n, ALayout::RowMajor, layout).with(types);
     if !dispatchable(&cfg, m, n) {
         return Err((x, w, bias, residual));
     }
     let (x, bias, residual) = (contiguous(x), bias.map(contiguous), residual.map(contiguous));
-    let add = Epilogue { bias: bias.as_ref(), residual: residual.as_ref().map(|r| (r, added)) };
+    let add = Epilogue { bias: bias.as_ref().map(|b| (b, Bias::Row)), residual: residual.as_ref().map(|r| (r, added)) };
     Ok(launch(cfg, &w.bindings(), &[x], add, p, vec![nb, c_out, oh, ow]))
 }
 
@@ -863,26 +875,26 @@ pub fn linear_weight(
     };
     if m <= skinny_limits(w.client()).1 && skinny {
         // A few rows: `outᵀ = wᵀ xᵀ` on the skinny kernel (output features as its rows).
-        let cfg = SkinnyConfig::new(m, SkinnyA::Transposed, SkinnyB::Rows, if bias.is_some() { Bias::Row } else { Bias::None })
+        let cfg = SkinnyConfig::new(m, SkinnyA::Transposed, SkinnyB::Rows)
             .with(Elems { a: types.b, b: types.a, ..types })
             .vectorised(n, k)
             .adapted(w.client());
         if skinny_dispatchable(&cfg, n) {
             let (x, bias, residual) = (contiguous(x), bias.map(contiguous), residual.map(contiguous));
             let p = Problem { m: n, n: m, k, ohw: 1, ow: 1, h: 1, w: 1, img: 0 };
-            let add = Epilogue { bias: bias.as_ref(), residual: residual.as_ref().map(|r| (r, added)) };
+            let add = Epilogue { bias: bias.as_ref().map(|b| (b, Bias::Row)), residual: residual.as_ref().map(|r| (r, added)) };
             return Ok(launch_skinny(cfg, &w.bindings(), &[x], add, p, out));
         }
     }
-    let bias_kind = if bias.is_some() { Bias::Col } else { Bias::None };
-    let cfg = pick(w.client(), m, n, ALayout::RowMajor, BLayout::Pointwise, bias_kind).with(types);
+    let cfg = pick(w.client(), m, n, ALayout::RowMajor, BLayout::Pointwise).with(types);
     if !dispatchable(&cfg, m, n) {
         return Err((x, w, bias, residual));
     }
     let (x, bias, residual) = (contiguous(x), bias.map(contiguous), residual.map(contiguous));
     // B = w as a one-image pointwise input: c_in = K rows of N "pixels".
     let p = Problem { m, n, k, ohw: n, ow: n, h: 1, w: n, img: k * n };
-    Ok(launch(cfg, &[x], &w.bindings(), Epilogue { bias: bias.as_ref(), residual: residual.as_ref().map(|r| (r, added)) }, p, out))
+    let add = Epilogue { bias: bias.as_ref().map(|b| (b, Bias::Col)), residual: residual.as_ref().map(|r| (r, added)) };
+    Ok(launch(cfg, &[x], &w.bindings(), add, p, out))
 }
 
 /// The input gradient of a conv (weights frozen): `grad` `[n, c_out, oh, ow]`, `w` `[c_out, c_in,
@@ -941,7 +953,7 @@ pub fn conv2d_input_grad_weight(
         let (kx0, nkx) = gemv::taps(kw, 1, pw, ow, wd);
         let (kh, kw, ph, pw) = (kh as u32, kw as u32, ph as u32, pw as u32);
         let b = SkinnyB::Conv { kh, kw, sh: 1, sw: 1, ph, pw, ky0, nky, kx0, nkx };
-        let cfg = SkinnyConfig::new(n, SkinnyA::ConvFlipped { kk: kh * kw }, b, Bias::None)
+        let cfg = SkinnyConfig::new(n, SkinnyA::ConvFlipped { kk: kh * kw }, b)
             .with(types)
             .vectorised(m, k)
             .adapted(w.client());
@@ -949,7 +961,7 @@ pub fn conv2d_input_grad_weight(
             return Ok(launch_skinny(cfg, &w.bindings(), &[contiguous(grad)], Epilogue::NONE, p, vec![nb, c_in, h, wd]));
         }
     }
-    let cfg = pick(w.client(), m, n, ALayout::ConvFlipped { kk: (kh * kw) as u32 }, layout, Bias::None).with(types);
+    let cfg = pick(w.client(), m, n, ALayout::ConvFlipped { kk: (kh * kw) as u32 }, layout).with(types);
     if !dispatchable(&cfg, m, n) {
         return Err((grad, w));
     }
@@ -985,7 +997,7 @@ pub fn linear_input_grad_weight(grad: CubeTensor, w: Weight, wdims: [usize; 2]) 
     *out.last_mut().unwrap() = k_in;
     if m <= skinny_limits(w.client()).2 && skinny_grad_enabled() {
         // A few rows: `outᵀ = w gradᵀ`, `w` `[K_in, N]` row-major as stored.
-        let cfg = SkinnyConfig::new(m, SkinnyA::RowMajor, SkinnyB::Rows, Bias::None).with(Elems { a: types.b, b: types.a, ..types });
+        let cfg = SkinnyConfig::new(m, SkinnyA::RowMajor, SkinnyB::Rows).with(Elems { a: types.b, b: types.a, ..types });
         let cfg = cfg.vectorised(k_in, n).adapted(w.client());
         if skinny_dispatchable(&cfg, k_in) {
             let grad = contiguous(grad);
@@ -993,7 +1005,7 @@ pub fn linear_input_grad_weight(grad: CubeTensor, w: Weight, wdims: [usize; 2]) 
             return Ok(launch_skinny(cfg, &w.bindings(), &[grad], Epilogue::NONE, p, out));
         }
     }
-    let cfg = pick(w.client(), m, k_in, ALayout::RowMajor, BLayout::PointwiseT, Bias::None).with(types);
+    let cfg = pick(w.client(), m, k_in, ALayout::RowMajor, BLayout::PointwiseT).with(types);
     if !dispatchable(&cfg, m, k_in) {
         return Err((grad, w));
     }
