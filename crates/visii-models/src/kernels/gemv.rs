@@ -115,9 +115,6 @@ impl SkinnyConfig {
         SkinnyConfig { elems, ..self }
     }
 
-    /// The store of `v` (an f32 expression) to `c[at]` for row `m`, column `q`, with the residual
-    /// added where there is one (a uniform branch on `p.rm`; strides as in the tiled GEMM's
-    /// `gemm::Residual`).
     /// `var {name} = ..;`: the bias of a row (`reads`: one value) or of four (a `vec4`), 0 where
     /// the launch has none (`p.bias == 0`: a uniform branch; a sum plus 0 is the sum).
     fn row_bias(name: &str, reads: &[String]) -> String {
@@ -128,6 +125,9 @@ impl SkinnyConfig {
         format!("var {name} = {zero}; if (p.bias != 0u) {{ {name} = {value}; }}")
     }
 
+    /// The store of `v` (an f32 expression) to `c[at]` for row `m`, column `q`, with the residual
+    /// added where there is one (a uniform branch on `p.rm`; strides as in the tiled GEMM's
+    /// `gemm::Residual`).
     fn store_with_residual(&self, at: &str, m: &str, q: &str, v: &str) -> String {
         let e = self.elems;
         let res = e.c.read("res", &format!("(({q}) / p.ohw) * p.rimg + ({m}) * p.rm + (({q}) % p.ohw) * p.rpix"));
